@@ -1,0 +1,513 @@
+//! Guest side of a virtio-net device over vhost-user, in-process.
+//!
+//! [`Frontend`] plays the role of QEMU or DPDK's virtio-user: it owns a
+//! memfd-backed "guest memory" region, lays out split virtqueues and packet
+//! buffers in it, negotiates with a vhost-user backend over a Unix socket
+//! (client or server mode) and then moves Ethernet frames through the rings.
+//!
+//! * Queue pair `k` uses vring `2k` for RX and `2k + 1` for TX.
+//! * The fast path ([`Frontend::enqueue_tx`], [`Frontend::flush_tx`],
+//!   [`Frontend::poll_rx`]) does not allocate; publishing is batched (one
+//!   Release store of `avail.idx` per flush/poll) and kicks honour
+//!   `VRING_USED_F_NO_NOTIFY` or `avail_event` (EVENT_IDX).
+//! * Every blocking operation is bounded: control-socket I/O by
+//!   [`FrontendConfig::control_timeout`], connects and receives by the
+//!   caller's timeout.
+//! * Backend misbehaviour seen in the used rings (unknown ids, bad lengths)
+//!   is counted in [`QueueStats`] rather than trusted.
+//!
+//! ```no_run
+//! use std::{path::Path, time::Duration};
+//! use vswitch_bench::frame::{build_frame, frame_seq};
+//! use vswitch_bench::frontend::{Frontend, FrontendConfig};
+//!
+//! let t = Duration::from_secs(5);
+//! let mut a = Frontend::connect(Path::new("/tmp/a.sock"), FrontendConfig::default(), t)?;
+//! let mut b = Frontend::connect(Path::new("/tmp/b.sock"), FrontendConfig::default(), t)?;
+//! let f = build_frame([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], None, 100, 1);
+//! assert!(a.send(0, &f));
+//! let got = b.recv_frames(0, 1, t);
+//! assert_eq!(frame_seq(&got[0]), Some(1));
+//! # Ok::<(), vswitch_bench::frontend::Error>(())
+//! ```
+
+mod config;
+mod device;
+mod error;
+mod memory;
+mod ring;
+mod rx;
+mod tx;
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::slice;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::Frontend as VhostConn;
+
+pub use config::FrontendConfig;
+pub use device::{
+    feature_names, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
+pub use error::{Error, Result};
+pub use ring::{
+    VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_USED_F_NO_NOTIFY,
+};
+
+use device::{Negotiated, VringAddrs};
+use memory::{GuestMemory, Layout};
+use ring::{RingPtrs, SplitRing};
+use rx::RxQueue;
+use tx::{TxLayout, TxQueue};
+
+/// Longest single wait in [`Frontend::recv_frames`] before re-polling the
+/// ring, so backends that never signal the call eventfd still work.
+const RX_POLL_FALLBACK: Duration = Duration::from_millis(5);
+
+/// Where a [`RawDesc`]'s `next` field points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawNext {
+    /// Index into the slice passed to [`Frontend::push_raw_tx_chain`]; written
+    /// as `head + i` (wrapping `u16`, not reduced modulo the ring size, so a
+    /// large `i` yields an out-of-range index).
+    Slot(u16),
+    /// Written verbatim into the descriptor table.
+    Absolute(u16),
+}
+
+/// One descriptor of a hand-crafted TX chain, written verbatim (apart from
+/// `next`, see [`RawNext`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawDesc {
+    /// Guest-physical buffer address.
+    pub addr: u64,
+    /// Buffer length.
+    pub len: u32,
+    /// `VIRTQ_DESC_F_*` flags.
+    pub flags: u16,
+    /// Next descriptor (meaningful with `VIRTQ_DESC_F_NEXT`).
+    pub next: RawNext,
+}
+
+impl RawDesc {
+    /// A descriptor that ends its chain.
+    pub fn last(addr: u64, len: u32) -> RawDesc {
+        RawDesc {
+            addr,
+            len,
+            flags: 0,
+            next: RawNext::Slot(0),
+        }
+    }
+
+    /// A descriptor continued by slot `next` of the same chain.
+    pub fn chained(addr: u64, len: u32, next: u16) -> RawDesc {
+        RawDesc {
+            addr,
+            len,
+            flags: VIRTQ_DESC_F_NEXT,
+            next: RawNext::Slot(next),
+        }
+    }
+}
+
+/// Counters of one queue pair.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Chains placed on the TX ring (frames and raw chains).
+    pub tx_enqueued: u64,
+    /// TX chains the backend returned (including not yet reclaimed ones).
+    pub tx_completed: u64,
+    /// TX notifications sent to the backend.
+    pub tx_kicks: u64,
+    /// TX used entries that did not name an in-flight chain.
+    pub tx_errors: u64,
+    /// Frames received.
+    pub rx_frames: u64,
+    /// Frame bytes received (virtio-net headers excluded).
+    pub rx_bytes: u64,
+    /// RX notifications (buffer refills) sent to the backend.
+    pub rx_kicks: u64,
+    /// Malformed RX used entries (unknown id, bad length, bad num_buffers).
+    pub rx_errors: u64,
+}
+
+struct QueuePair {
+    rx: RxQueue,
+    tx: TxQueue,
+}
+
+/// A virtio-net device driven from this process over vhost-user.
+///
+/// Queue indices `q` in the methods are queue-pair indices
+/// (`0..queue_pairs`); passing a larger one panics.
+pub struct Frontend {
+    // Declared before `mem`: rings point into it and are dropped first.
+    pairs: Vec<QueuePair>,
+    conn: VhostConn,
+    neg: Negotiated,
+    hdr_len: usize,
+    ring_size: u16,
+    scratch: (usize, usize),
+    mem: GuestMemory,
+    listen_path: Option<PathBuf>,
+    stopped: bool,
+}
+
+// SAFETY: the raw pointers inside the queues point into `mem`, which the
+// Frontend owns and which moves with it; nothing is shared with other threads
+// of this process (all mutation goes through `&mut self`).
+unsafe impl Send for Frontend {}
+
+impl Frontend {
+    /// Connects as vhost-user client to a backend listening on `path`,
+    /// retrying until `timeout`, and sets up the device.
+    pub fn connect(path: &Path, cfg: FrontendConfig, timeout: Duration) -> Result<Frontend> {
+        let stream = device::connect(path, timeout)?;
+        Self::from_stream(stream, cfg)
+    }
+
+    /// Listens on `path` (server mode, like QEMU's `server=on` or virtio-user
+    /// `server=1`), accepts one backend connection within `timeout`, then
+    /// sets up the device. The socket file is removed when the Frontend is
+    /// dropped.
+    pub fn listen_accept(path: &Path, cfg: FrontendConfig, timeout: Duration) -> Result<Frontend> {
+        let stream = device::listen_accept(path, timeout)?;
+        let mut fe = Self::from_stream(stream, cfg);
+        match &mut fe {
+            Ok(fe) => fe.listen_path = Some(path.to_owned()),
+            Err(_) => {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        fe
+    }
+
+    /// Sets up the device over an already connected vhost-user socket.
+    pub fn from_stream(stream: UnixStream, cfg: FrontendConfig) -> Result<Frontend> {
+        validate(&cfg)?;
+        let layout = Layout::new(&cfg);
+        if layout.total > cfg.mem_size {
+            return Err(Error::MemoryTooSmall {
+                needed: layout.total,
+                have: cfg.mem_size,
+            });
+        }
+        let mem = GuestMemory::new(cfg.mem_size, cfg.hugepages, cfg.gpa_base)?;
+        let (mut conn, neg) = device::negotiate(stream, &cfg)?;
+        let hdr_len = neg.hdr_len();
+        let event_idx = neg.has(VIRTIO_RING_F_EVENT_IDX);
+        let mrg = neg.has(VIRTIO_NET_F_MRG_RXBUF);
+        let any_layout = neg.has(VIRTIO_F_VERSION_1) || neg.has(VIRTIO_F_ANY_LAYOUT);
+        let tx_layout = if cfg.indirect && neg.has(VIRTIO_RING_F_INDIRECT_DESC) {
+            TxLayout::Indirect
+        } else if cfg.split_header || !any_layout {
+            TxLayout::SplitHeader
+        } else {
+            TxLayout::Contiguous
+        };
+
+        let base = mem.host_ptr(0);
+        let make_ring = |i: usize| -> Result<SplitRing> {
+            let v = &layout.vrings[i];
+            let p = RingPtrs {
+                desc: mem.host_ptr(v.desc),
+                avail: mem.host_ptr(v.avail),
+                used: mem.host_ptr(v.used),
+            };
+            // SAFETY: the layout places the three areas, suitably aligned and
+            // sized for `ring_size` entries, inside `mem` (checked against
+            // mem_size above), disjoint from every other vring and buffer
+            // area; `mem` outlives the ring (field order of `Frontend`).
+            unsafe { SplitRing::new(p, cfg.ring_size, event_idx) }
+        };
+        let mut pairs = Vec::with_capacity(cfg.queue_pairs as usize);
+        for k in 0..cfg.queue_pairs as usize {
+            let (ri, ti) = (2 * k, 2 * k + 1);
+            // SAFETY: `base`/gpa_base describe `mem`; the vring's buffer area
+            // lies inside it, is reserved for this queue and outlives it.
+            let rx = unsafe {
+                RxQueue::new(
+                    make_ring(ri)?,
+                    &layout.vrings[ri],
+                    base,
+                    mem.gpa_base(),
+                    hdr_len,
+                    mrg,
+                )
+            };
+            // SAFETY: as above, for the TX buffer and indirect areas.
+            let tx = unsafe {
+                TxQueue::new(
+                    make_ring(ti)?,
+                    &layout.vrings[ti],
+                    base,
+                    mem.gpa_base(),
+                    tx_layout,
+                    hdr_len,
+                )
+            };
+            pairs.push(QueuePair { rx, tx });
+        }
+
+        device::register_memory(&mut conn, &neg, &mem)?;
+        for (k, pair) in pairs.iter().enumerate() {
+            for (i, ring) in [(2 * k, &pair.rx.ring), (2 * k + 1, &pair.tx.ring)] {
+                let v = &layout.vrings[i];
+                let addrs = VringAddrs {
+                    desc: mem.uva(v.desc),
+                    avail: mem.uva(v.avail),
+                    used: mem.uva(v.used),
+                };
+                device::setup_vring(&mut conn, i, ring, &addrs)?;
+            }
+        }
+        device::enable_vrings(&mut conn, &neg, 2 * pairs.len())?;
+        // RX buffers were posted before the rings existed for the backend.
+        for pair in &mut pairs {
+            pair.rx.ring.kick();
+        }
+        tracing::debug!(
+            "frontend ready: features {}, header {hdr_len} bytes, TX {tx_layout:?}, hugepages {}",
+            feature_names(neg.features),
+            mem.hugepages()
+        );
+
+        Ok(Frontend {
+            pairs,
+            conn,
+            neg,
+            hdr_len,
+            ring_size: cfg.ring_size,
+            scratch: (layout.scratch, layout.scratch_len),
+            mem,
+            listen_path: None,
+            stopped: false,
+        })
+    }
+
+    /// Virtio feature bits acked with `SET_FEATURES` (including
+    /// `VHOST_USER_F_PROTOCOL_FEATURES` when used).
+    pub fn negotiated_features(&self) -> u64 {
+        self.neg.features
+    }
+
+    /// vhost-user protocol feature bits acked with `SET_PROTOCOL_FEATURES`.
+    pub fn protocol_features(&self) -> u64 {
+        self.neg.protocol.bits()
+    }
+
+    /// Device MAC read with `GET_CONFIG` at setup, when the `CONFIG` protocol
+    /// feature and `VIRTIO_NET_F_MAC` were both negotiated and the read worked.
+    pub fn mac(&self) -> Option<[u8; 6]> {
+        self.neg.mac
+    }
+
+    /// virtio-net header length in use (10 or 12 bytes).
+    pub fn hdr_len(&self) -> usize {
+        self.hdr_len
+    }
+
+    /// Number of queue pairs.
+    pub fn queue_pairs(&self) -> u16 {
+        self.pairs.len() as u16
+    }
+
+    /// Entries per vring.
+    pub fn ring_size(&self) -> u16 {
+        self.ring_size
+    }
+
+    /// Largest frame [`enqueue_tx`](Self::enqueue_tx) accepts.
+    pub fn max_tx_frame(&self) -> usize {
+        self.pairs[0].tx.max_frame()
+    }
+
+    /// Whether the shared memory got huge pages.
+    pub fn hugepages(&self) -> bool {
+        self.mem.hugepages()
+    }
+
+    /// Queues one Ethernet frame (without virtio-net header) on TX queue `q`
+    /// without publishing it. Returns false if the ring is full even after
+    /// reclaiming completed buffers.
+    ///
+    /// # Panics
+    /// If `q` is out of range or `frame` is longer than
+    /// [`max_tx_frame`](Self::max_tx_frame).
+    pub fn enqueue_tx(&mut self, q: u16, frame: &[u8]) -> bool {
+        self.pairs[q as usize].tx.enqueue(frame)
+    }
+
+    /// Publishes queued TX buffers (one Release store of `avail.idx`) and
+    /// kicks the backend if it asked to be notified.
+    pub fn flush_tx(&mut self, q: u16) {
+        self.pairs[q as usize].tx.ring.publish(true);
+    }
+
+    /// [`enqueue_tx`](Self::enqueue_tx) followed by [`flush_tx`](Self::flush_tx).
+    pub fn send(&mut self, q: u16, frame: &[u8]) -> bool {
+        let ok = self.enqueue_tx(q, frame);
+        if ok {
+            self.flush_tx(q);
+        }
+        ok
+    }
+
+    /// Pops every frame the backend has written to RX queue `q`, calls
+    /// `f(frame)` (virtio-net header stripped; frames spanning several
+    /// buffers with MRG_RXBUF are concatenated), re-posts the buffers and
+    /// returns the number of frames. Never blocks.
+    pub fn poll_rx(&mut self, q: u16, mut f: impl FnMut(&[u8])) -> usize {
+        self.poll_rx_with_header(q, |frame, _hdr| f(frame))
+    }
+
+    /// Like [`poll_rx`](Self::poll_rx) but also passes the raw virtio-net
+    /// header bytes: `f(frame, header)`.
+    pub fn poll_rx_with_header(&mut self, q: u16, mut f: impl FnMut(&[u8], &[u8])) -> usize {
+        self.pairs[q as usize].rx.poll(usize::MAX, &mut f)
+    }
+
+    /// Receives on queue `q` until `n` frames arrived in this call or
+    /// `timeout` passed, and returns them (at most `n`; frames beyond `n`
+    /// stay in the ring).
+    ///
+    /// Between polls it sleeps in `poll(2)` on the call eventfd with
+    /// notifications enabled, waking at least every few milliseconds, so it
+    /// works whether or not the backend signals.
+    pub fn recv_frames(&mut self, q: u16, n: usize, timeout: Duration) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(n);
+        let rx = &mut self.pairs[q as usize].rx;
+        loop {
+            let want = n - out.len();
+            rx.poll(want, &mut |frame, _| out.push(frame.to_vec()));
+            let now = Instant::now();
+            if out.len() >= n || now >= deadline {
+                break;
+            }
+            rx.ring.set_interrupts(true);
+            if !rx.has_pending() {
+                let wait = (deadline - now).min(RX_POLL_FALLBACK);
+                if let Err(e) = rx.ring.wait_call(wait) {
+                    tracing::warn!("poll on RX call eventfd failed: {e}");
+                    thread::sleep(wait);
+                }
+            }
+            rx.ring.set_interrupts(false);
+        }
+        out
+    }
+
+    /// TX buffers the backend has returned on queue `q` so far (reclaimed
+    /// or not). Dropped frames must be returned too, so tests can compare
+    /// this with the number sent.
+    pub fn tx_completed(&self, q: u16) -> u64 {
+        self.pairs[q as usize].tx.completed_total()
+    }
+
+    /// Frees TX buffers the backend has returned on queue `q`; returns how
+    /// many chains were completed.
+    pub fn reclaim_tx(&mut self, q: u16) -> usize {
+        self.pairs[q as usize].tx.reclaim()
+    }
+
+    /// TX descriptors currently free on queue `q` (after the last reclaim).
+    pub fn tx_free_descs(&self, q: u16) -> usize {
+        self.pairs[q as usize].tx.free_descs()
+    }
+
+    /// Counters of queue pair `q`.
+    pub fn stats(&self, q: u16) -> QueueStats {
+        let p = &self.pairs[q as usize];
+        QueueStats {
+            tx_enqueued: p.tx.enqueued,
+            tx_completed: p.tx.completed_total(),
+            tx_kicks: p.tx.ring.kicks(),
+            tx_errors: p.tx.errors,
+            rx_frames: p.rx.frames,
+            rx_bytes: p.rx.bytes,
+            rx_kicks: p.rx.ring.kicks(),
+            rx_errors: p.rx.errors,
+        }
+    }
+
+    /// Sends `GET_VRING_BASE` for every vring, which makes the backend stop
+    /// them, and returns the bases (vring order: RX0, TX0, RX1, ...).
+    pub fn stop(&mut self) -> Result<Vec<u32>> {
+        let bases = device::stop_vrings(&mut self.conn, 2 * self.pairs.len())?;
+        self.stopped = true;
+        Ok(bases)
+    }
+
+    /// Whether [`stop`](Self::stop) has completed.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Writes `descs` verbatim (see [`RawDesc`]) into consecutive free
+    /// descriptors of TX queue `q`, publishes the chain and kicks as
+    /// needed. Returns the head index, or `None` if `descs` is empty or no
+    /// run of enough free descriptors exists.
+    ///
+    /// For hostile-input tests: combine with [`guest_mem`](Self::guest_mem)
+    /// to point descriptors at crafted data, or at addresses outside
+    /// [`guest_region`](Self::guest_region). Whatever head the backend
+    /// returns for it is reclaimed like a normal frame.
+    pub fn push_raw_tx_chain(&mut self, q: u16, descs: &[RawDesc]) -> Option<u16> {
+        let tx = &mut self.pairs[q as usize].tx;
+        let head = tx.push_raw(descs)?;
+        tx.ring.publish(true);
+        Some(head)
+    }
+
+    /// Scratch part of guest memory reserved for tests: returns the
+    /// guest-physical address of its first byte and the bytes themselves.
+    ///
+    /// The backend reads (or, with a device-writable descriptor, writes)
+    /// this memory only through descriptors the caller points at it.
+    pub fn guest_mem(&mut self) -> (u64, &mut [u8]) {
+        let (off, len) = self.scratch;
+        // SAFETY: the scratch area lies inside `mem` (layout checked against
+        // mem_size) and no ring or buffer overlaps it; the returned borrow is
+        // tied to `&mut self`, so this process has no other access meanwhile.
+        let s = unsafe { slice::from_raw_parts_mut(self.mem.host_ptr(off), len) };
+        (self.mem.gpa(off), s)
+    }
+
+    /// Guest-physical start and length of the whole shared region (addresses
+    /// outside it are invalid for the backend).
+    pub fn guest_region(&self) -> (u64, u64) {
+        (self.mem.gpa_base(), self.mem.len() as u64)
+    }
+}
+
+impl Drop for Frontend {
+    fn drop(&mut self) {
+        if let Some(p) = self.listen_path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn validate(cfg: &FrontendConfig) -> Result<()> {
+    let bad = |m: String| Err(Error::Config(m));
+    if cfg.queue_pairs == 0 || cfg.queue_pairs > 128 {
+        return bad(format!("queue_pairs {} not in 1..=128", cfg.queue_pairs));
+    }
+    if !cfg.ring_size.is_power_of_two() || cfg.ring_size < 2 || cfg.ring_size > 32768 {
+        return bad(format!(
+            "ring_size {} is not a power of two in 2..=32768",
+            cfg.ring_size
+        ));
+    }
+    if cfg.rx_buf_size < 64 || cfg.tx_buf_size < 64 {
+        return bad("rx_buf_size and tx_buf_size must be at least 64".into());
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Test driver, demo and benchmark harness for the vhost-user L2 switch.
+//!
+//! * [`frontend`]: the guest side of a virtio-net device over vhost-user.
+//! * [`frame`]: synthetic Ethernet/IPv4/UDP frames with sequence numbers.
+
+pub mod frame;
+pub mod frontend;

@@ -1,0 +1,266 @@
+//! Switch and port configuration: from the command line (`--port NAME=PATH,..`) or TOML.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::l2::vlan::VlanSet;
+use crate::l2::{parse_mac, VlanMode};
+
+/// One port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    /// Name (unique).
+    pub name: String,
+    /// vhost-user socket path.
+    pub socket: PathBuf,
+    /// Connect to the frontend's socket (and keep retrying) instead of listening.
+    #[serde(default)]
+    pub client: bool,
+    /// Access VLAN (1..=4094).
+    #[serde(default)]
+    pub vlan: Option<u16>,
+    /// Trunk VLAN list; empty with no `vlan` means all VLANs.
+    #[serde(default)]
+    pub trunk: Vec<u16>,
+    /// Queue pairs offered (MQ).
+    #[serde(default = "one")]
+    pub queues: u16,
+    /// MAC offered to the guest; derived from the name when absent.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+fn one() -> u16 {
+    1
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// bad port spec
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX])")]
+    PortSpec {
+        /// What the user wrote.
+        spec: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// bad config value
+    #[error("port '{port}': {why}")]
+    Port {
+        /// Port name.
+        port: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// unreadable file
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// bad TOML
+    #[error("config file {path}: {source}")]
+    Toml {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: toml::de::Error,
+    },
+    /// other
+    #[error("{0}")]
+    Other(String),
+}
+
+impl PortConfig {
+    /// Parses `NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=..]`.
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::PortSpec { spec: spec.to_string(), why: why.to_string() };
+        let (name, rest) = spec.split_once('=').ok_or_else(|| bad("missing '='"))?;
+        let mut parts = rest.split(',');
+        let socket = parts.next().filter(|s| !s.is_empty()).ok_or_else(|| bad("missing socket path"))?;
+        let mut pc = PortConfig {
+            name: name.to_string(),
+            socket: socket.into(),
+            client: false,
+            vlan: None,
+            trunk: Vec::new(),
+            queues: 1,
+            mac: None,
+        };
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "client" => pc.client = true,
+                None if opt == "server" => pc.client = false,
+                Some(("vlan", v)) => pc.vlan = Some(v.parse().map_err(|_| bad("vlan must be a number"))?),
+                Some(("trunk", v)) => {
+                    pc.trunk = v
+                        .split(':')
+                        .map(|x| x.parse::<u16>())
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| bad("trunk must be VLAN numbers separated by ':'"))?;
+                }
+                Some(("queues", v)) => pc.queues = v.parse().map_err(|_| bad("queues must be a number"))?,
+                Some(("mac", v)) => pc.mac = Some(v.to_string()),
+                _ => return Err(bad(&format!("unknown option '{opt}'"))),
+            }
+        }
+        pc.validate()?;
+        Ok(pc)
+    }
+
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |why: String| ConfigError::Port { port: self.name.clone(), why };
+        if self.name.is_empty() || self.name.len() > 64 || self.name.contains(char::is_whitespace) {
+            return Err(err("name must be 1-64 characters without spaces".into()));
+        }
+        if self.vlan.is_some() && !self.trunk.is_empty() {
+            return Err(err("a port is either an access port (vlan=) or a trunk (trunk=), not both".into()));
+        }
+        if let Some(v) = self.vlan {
+            if !(1..=4094).contains(&v) {
+                return Err(err(format!("access VLAN {v} is outside 1..4094")));
+            }
+        }
+        if let Some(v) = self.trunk.iter().find(|v| **v > 4094) {
+            return Err(err(format!("trunk VLAN {v} is outside 0..4094")));
+        }
+        if !(1..=16).contains(&self.queues) {
+            return Err(err(format!("queues={} is outside 1..16", self.queues)));
+        }
+        if let Some(m) = &self.mac {
+            parse_mac(m).ok_or_else(|| err(format!("mac '{m}' is not of the form 52:54:00:12:34:56")))?;
+        }
+        Ok(())
+    }
+
+    /// The VLAN rule.
+    pub fn vlan_mode(&self) -> VlanMode {
+        match (self.vlan, self.trunk.is_empty()) {
+            (Some(v), _) => VlanMode::Access(v),
+            (None, true) => VlanMode::Trunk(None),
+            (None, false) => VlanMode::Trunk(Some(Box::new(VlanSet::new(self.trunk.iter().copied())))),
+        }
+    }
+
+    /// The configured MAC, or a locally administered one derived from the name.
+    pub fn mac_bytes(&self) -> [u8; 6] {
+        if let Some(m) = self.mac.as_deref().and_then(parse_mac) {
+            return m;
+        }
+        let h = self.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let b = h.to_be_bytes();
+        [0x52, 0x54, 0x00, b[0], b[1], b[2]]
+    }
+}
+
+/// The whole switch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchConfig {
+    /// CPUs for polling threads, one thread each; empty = one unpinned thread.
+    #[serde(default)]
+    pub pmd_cores: Vec<usize>,
+    /// Never sleep (benchmarks); otherwise sleep on kicks when idle.
+    #[serde(default)]
+    pub busy_poll: bool,
+    /// Control socket path.
+    #[serde(default)]
+    pub control: Option<PathBuf>,
+    /// Seconds before an unseen MAC is forgotten.
+    #[serde(default = "default_aging")]
+    pub fdb_aging_secs: u32,
+    /// Ports.
+    #[serde(default, rename = "port")]
+    pub ports: Vec<PortConfig>,
+}
+
+fn default_aging() -> u32 {
+    300
+}
+
+impl SwitchConfig {
+    /// Reads a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let cfg: SwitchConfig = toml::from_str(&text).map_err(|source| ConfigError::Toml { path: path.into(), source })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ports and their names.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for p in &self.ports {
+            p.validate()?;
+            if !names.insert(&p.name) {
+                return Err(ConfigError::Other(format!("two ports are named '{}'", p.name)));
+            }
+        }
+        if self.fdb_aging_secs == 0 {
+            return Err(ConfigError::Other("fdb_aging_secs must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_port_spec_forms() {
+        let p = PortConfig::parse("vm1=/tmp/vm1.sock,client,vlan=10").unwrap();
+        assert!(p.client);
+        assert_eq!(p.vlan_mode(), VlanMode::Access(10));
+        let t = PortConfig::parse("up=/tmp/u.sock,trunk=10:20:30,queues=2").unwrap();
+        assert_eq!(t.trunk, vec![10, 20, 30]);
+        assert_eq!(t.queues, 2);
+        assert_eq!(PortConfig::parse("a=/s").unwrap().vlan_mode(), VlanMode::Trunk(None));
+    }
+
+    #[test]
+    fn test_port_spec_errors_say_what() {
+        let e = PortConfig::parse("vm1").unwrap_err().to_string();
+        assert!(e.contains("missing '='"), "{e}");
+        let e = PortConfig::parse("vm1=/s,vlan=5000").unwrap_err().to_string();
+        assert!(e.contains("outside 1..4094"), "{e}");
+        let e = PortConfig::parse("vm1=/s,vlan=5,trunk=6").unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
+        let e = PortConfig::parse("vm1=/s,bogus").unwrap_err().to_string();
+        assert!(e.contains("unknown option 'bogus'"), "{e}");
+    }
+
+    #[test]
+    fn test_toml_config() {
+        let cfg: SwitchConfig = toml::from_str(
+            r#"
+            pmd_cores = [0]
+            [[port]]
+            name = "a"
+            socket = "/tmp/a.sock"
+            vlan = 10
+            [[port]]
+            name = "b"
+            socket = "/tmp/b.sock"
+            client = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.ports.len(), 2);
+        assert_eq!(cfg.fdb_aging_secs, 300);
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn test_derived_mac_is_local_unicast_and_stable() {
+        let p = PortConfig::parse("vm1=/s").unwrap();
+        assert_eq!(p.mac_bytes(), p.mac_bytes());
+        assert_eq!(p.mac_bytes()[0] & 1, 0);
+    }
+}

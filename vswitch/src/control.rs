@@ -1,0 +1,175 @@
+//! The control socket: one JSON request per connection, one JSON reply.
+//!
+//! ```text
+//! → {"cmd":"ports"}                     ← {"ok":true,"result":[PortInfo,..]}
+//! → {"cmd":"stats"}                     ← {"ok":true,"result":Stats}
+//! → {"cmd":"fdb"} / {"cmd":"fdb-flush"}
+//! → {"cmd":"port-add","port":{"name":..,"socket":..}}   → {"cmd":"port-del","name":..}
+//! ← {"ok":false,"error":"what went wrong and what to do"}
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::PortConfig;
+use crate::vhost::DeviceInfo;
+use crate::virtio::queue::QueueCounters;
+
+/// A request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// List ports.
+    Ports,
+    /// Counters.
+    Stats,
+    /// Dump the forwarding table.
+    Fdb,
+    /// Empty the forwarding table.
+    FdbFlush,
+    /// Add a port.
+    PortAdd {
+        /// Its configuration.
+        port: PortConfig,
+    },
+    /// Remove a port.
+    PortDel {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// A reply.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// The reason when it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A port as listed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PortInfo {
+    /// Id.
+    pub id: u16,
+    /// Name.
+    pub name: String,
+    /// Socket path.
+    pub socket: String,
+    /// "server" or "client".
+    pub mode: String,
+    /// VLAN rule, human readable.
+    pub vlan: String,
+    /// MAC offered.
+    pub mac: String,
+    /// Queue pairs.
+    pub queue_pairs: u16,
+    /// Whether a frontend is connected.
+    pub connected: bool,
+    /// Connections so far.
+    pub connects: u64,
+    /// Negotiated state.
+    pub device: DeviceInfo,
+}
+
+/// Counters of one queue.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QueueReport {
+    /// Virtqueue index (2k: guest RX of pair k, 2k+1: guest TX).
+    pub queue: usize,
+    /// Counters.
+    #[serde(flatten)]
+    pub counters: QueueCounters,
+}
+
+/// Counters of one port: `rx` = from the guest (its TX queues), `tx` = to the guest.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PortStats {
+    /// Name.
+    pub name: String,
+    /// Id.
+    pub id: u16,
+    /// Received from the guest.
+    pub rx: QueueCounters,
+    /// Delivered to the guest.
+    pub tx: QueueCounters,
+    /// Per queue.
+    pub queues: Vec<QueueReport>,
+}
+
+/// Counters of one polling thread.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PmdReport {
+    /// Index.
+    pub pmd: usize,
+    /// Pinned CPU.
+    pub core: Option<usize>,
+    /// Packets taken from guests.
+    pub packets: u64,
+    /// TSC ticks in bursts that moved packets.
+    pub busy_ticks: u64,
+    /// TSC ticks in empty polls.
+    pub idle_ticks: u64,
+    /// busy_ticks / packets.
+    pub ticks_per_packet: f64,
+    /// Times it slept (adaptive mode).
+    pub sleeps: u64,
+}
+
+/// Everything `stats` returns.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Stats {
+    /// Per port.
+    pub ports: Vec<PortStats>,
+    /// Per polling thread.
+    pub pmds: Vec<PmdReport>,
+}
+
+/// Why a control request failed on the client side.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// cannot connect
+    #[error("cannot reach the switch at {path}: {source} (is `vswitch run --control {path}` running?)")]
+    Connect {
+        /// Socket.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// I/O
+    #[error("control socket I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// bad reply
+    #[error("the switch sent a reply this client does not understand: {0}")]
+    Decode(#[from] serde_json::Error),
+    /// the switch said no
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends one request and returns the result value.
+pub fn request(path: &Path, req: &Request) -> Result<serde_json::Value, ClientError> {
+    let mut s = UnixStream::connect(path)
+        .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply)?;
+    let r: Reply = serde_json::from_str(&reply)?;
+    if r.ok {
+        Ok(r.result.unwrap_or(serde_json::Value::Null))
+    } else {
+        Err(ClientError::Refused(r.error.unwrap_or_else(|| "request failed".into())))
+    }
+}

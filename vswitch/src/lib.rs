@@ -1,0 +1,19 @@
+//! A polling userspace L2 switch for virtio-net guests over vhost-user.
+//!
+//! Layout follows the datapath: [`virtio`] (rings and chains over guest memory), [`l2`]
+//! (forwarding table, VLAN rules), [`pmd`] (the polling threads and the burst: receive →
+//! describe → decide → deliver → complete), [`vhost`] (the vhost-user protocol per port),
+//! [`switch`] (ports, the control thread), [`control`] (the JSON control socket).
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod control;
+pub mod l2;
+pub mod pmd;
+pub mod port;
+pub mod switch;
+pub mod vhost;
+pub mod virtio;
+
+pub use config::{PortConfig, SwitchConfig};
+pub use switch::{Switch, SwitchError};

@@ -1,0 +1,230 @@
+//! `vswitch`: run the switch, or talk to a running one.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vswitch::control::{request, PortInfo, Request, Stats};
+use vswitch::l2::FdbEntry;
+use vswitch::{PortConfig, Switch, SwitchConfig};
+
+const DEFAULT_CONTROL: &str = "/run/vswitch.ctl";
+
+#[derive(Parser)]
+#[command(name = "vswitch", version, about = "Polling vhost-user L2 switch")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the switch until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Query or change a running switch.
+    Ctl {
+        /// Control socket of the running switch.
+        #[arg(long, env = "VSWITCH_CONTROL", default_value = DEFAULT_CONTROL)]
+        control: PathBuf,
+        /// Print raw JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        what: CtlCmd,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML configuration file (command-line options are added to it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=..]; repeatable.
+    #[arg(long = "port", value_name = "SPEC")]
+    ports: Vec<String>,
+    /// CPUs for polling threads, e.g. 0,1 (one thread per CPU).
+    #[arg(long, value_delimiter = ',')]
+    pmd_cores: Vec<usize>,
+    /// Poll without ever sleeping (benchmarks); default is adaptive.
+    #[arg(long)]
+    busy_poll: bool,
+    /// Control socket path.
+    #[arg(long, env = "VSWITCH_CONTROL")]
+    control: Option<PathBuf>,
+    /// Print port rates every N seconds (0 = never).
+    #[arg(long, default_value_t = 0)]
+    stats_interval: u64,
+}
+
+#[derive(Subcommand)]
+enum CtlCmd {
+    /// List ports and what they negotiated.
+    Ports,
+    /// Per-port counters and polling-thread load.
+    Stats,
+    /// Dump the forwarding table.
+    Fdb,
+    /// Empty the forwarding table.
+    FdbFlush,
+    /// Add a port: NAME=SOCKET_PATH[,client][,vlan=N|,trunk=..].
+    PortAdd {
+        /// Port spec.
+        spec: String,
+    },
+    /// Remove a port by name.
+    PortDel {
+        /// Port name.
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Ctl { control, json, what } => ctl(&control, json, what),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vswitch: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(a: RunArgs) -> Result<(), String> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VSWITCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut cfg = match &a.config {
+        Some(p) => SwitchConfig::from_file(p).map_err(|e| e.to_string())?,
+        None => SwitchConfig { fdb_aging_secs: 300, ..Default::default() },
+    };
+    for spec in &a.ports {
+        cfg.ports.push(PortConfig::parse(spec).map_err(|e| e.to_string())?);
+    }
+    if !a.pmd_cores.is_empty() {
+        cfg.pmd_cores = a.pmd_cores.clone();
+    }
+    cfg.busy_poll |= a.busy_poll;
+    if a.control.is_some() || cfg.control.is_none() {
+        cfg.control = Some(a.control.clone().unwrap_or_else(|| DEFAULT_CONTROL.into()));
+    }
+    let signals = block_signals();
+    let sw = Switch::start(cfg.clone()).map_err(|e| e.to_string())?;
+    eprintln!(
+        "vswitch: {} port(s), control socket {}; Ctrl-C to stop",
+        cfg.ports.len(),
+        cfg.control.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+    );
+    wait_for_signal(&signals, a.stats_interval, &sw);
+    drop(sw);
+    Ok(())
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local; blocking SIGINT/SIGTERM before threads start so
+    // every thread inherits the mask and sigtimedwait in main receives them.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t, interval: u64, sw: &Switch) {
+    let mut last: Option<(std::time::Instant, Stats)> = None;
+    loop {
+        let secs = if interval == 0 { 3600 } else { interval as i64 };
+        let ts = libc::timespec { tv_sec: secs, tv_nsec: 0 };
+        // SAFETY: valid sigset and timespec.
+        let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+        if sig > 0 {
+            return;
+        }
+        if interval > 0 {
+            if let Ok(s) = sw.stats() {
+                if let Some((t, prev)) = &last {
+                    print_rates(prev, &s, t.elapsed().as_secs_f64());
+                }
+                last = Some((std::time::Instant::now(), s));
+            }
+        }
+    }
+}
+
+fn print_rates(prev: &Stats, cur: &Stats, dt: f64) {
+    for p in &cur.ports {
+        let Some(o) = prev.ports.iter().find(|o| o.id == p.id) else { continue };
+        println!(
+            "{:<12} rx {:>8.3} Mpps  tx {:>8.3} Mpps  drops(no_buf {} malformed {} filtered {} no_route {})",
+            p.name,
+            (p.rx.packets - o.rx.packets) as f64 / dt / 1e6,
+            (p.tx.packets - o.tx.packets) as f64 / dt / 1e6,
+            p.tx.drop_no_buffer,
+            p.rx.drop_malformed + p.tx.drop_malformed,
+            p.rx.drop_filtered,
+            p.rx.drop_no_route
+        );
+    }
+}
+
+fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
+    let req = match what {
+        CtlCmd::Ports => Request::Ports,
+        CtlCmd::Stats => Request::Stats,
+        CtlCmd::Fdb => Request::Fdb,
+        CtlCmd::FdbFlush => Request::FdbFlush,
+        CtlCmd::PortAdd { spec } => Request::PortAdd { port: PortConfig::parse(&spec).map_err(|e| e.to_string())? },
+        CtlCmd::PortDel { name } => Request::PortDel { name },
+    };
+    let v = request(path, &req).map_err(|e| e.to_string())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    let bad = |e: serde_json::Error| format!("unexpected reply: {e}");
+    match req {
+        Request::Ports => {
+            let ports: Vec<PortInfo> = serde_json::from_value(v).map_err(bad)?;
+            println!("{:<4} {:<12} {:<7} {:<10} {:<18} {:<5} {:<6} socket / features", "id", "name", "mode", "vlan", "mac", "pairs", "conn");
+            for p in ports {
+                println!(
+                    "{:<4} {:<12} {:<7} {:<10} {:<18} {:<5} {:<6} {}\n{:>48} {}  queues running {:?}",
+                    p.id, p.name, p.mode, p.vlan, p.mac, p.queue_pairs, if p.connected { "yes" } else { "no" },
+                    p.socket, "", p.device.features.join(","), p.device.running_queues
+                );
+            }
+        }
+        Request::Stats => {
+            let s: Stats = serde_json::from_value(v).map_err(bad)?;
+            println!("{:<12} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8} {:>12}", "port", "rx_pkts", "rx_bytes", "tx_pkts", "tx_bytes", "no_buf", "malformd", "filtered", "no_route", "copies");
+            for p in &s.ports {
+                println!(
+                    "{:<12} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8} {:>12}",
+                    p.name, p.rx.packets, p.rx.bytes, p.tx.packets, p.tx.bytes, p.tx.drop_no_buffer,
+                    p.rx.drop_malformed + p.tx.drop_malformed, p.rx.drop_filtered, p.rx.drop_no_route, p.tx.copies
+                );
+            }
+            for m in &s.pmds {
+                println!("pmd{} core {:?}: {} packets, {:.1} ticks/packet, {} sleeps", m.pmd, m.core, m.packets, m.ticks_per_packet, m.sleeps);
+            }
+        }
+        Request::Fdb => {
+            let e: Vec<FdbEntry> = serde_json::from_value(v).map_err(bad)?;
+            println!("{:<5} {:<18} {:<5} {}", "vlan", "mac", "port", "age");
+            for x in e {
+                println!("{:<5} {:<18} {:<5} {}", x.vlan, x.mac, x.port, x.age_secs);
+            }
+        }
+        _ => println!("ok"),
+    }
+    Ok(())
+}

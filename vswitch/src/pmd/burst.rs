@@ -1,0 +1,416 @@
+//! One burst from one guest transmit queue: receive → describe → decide → deliver → complete.
+//!
+//! Nothing here allocates, takes a lock other than the destination queue's slot (once per
+//! destination per burst), or makes a syscall other than an interrupt a guest asked for.
+
+use std::sync::Arc;
+
+use crate::l2::{is_group, mac_from_bytes, Fdb, Mac, TagEdit, VlanMode};
+use crate::port::{Port, QueueSlot};
+use crate::virtio::chain::ChainError;
+use crate::virtio::queue::bump;
+use crate::virtio::{walk_chain, QueueStats, Seg, VirtQueue, MAX_SEGS};
+
+use super::copy::{copy_frame, out_len, read_prefix, Frame};
+
+/// Most packets taken from a ring at once.
+pub const BURST: usize = 32;
+/// Largest frame accepted (jumbo 9216 plus a tag), without the virtio-net header.
+pub const MAX_FRAME: u32 = 9220;
+/// Most receive buffers (chains) one packet may fill with MRG_RXBUF.
+const MAX_RX_CHAINS: usize = 32;
+/// Most receive segments one packet may fill.
+const RX_SEGS: usize = 4 * MAX_SEGS;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Action {
+    /// Dropped (already counted).
+    #[default]
+    Drop,
+    /// To one port.
+    Unicast(u16),
+    /// To every other member of the VLAN.
+    Flood,
+}
+
+/// What the describe and decide stages know of a packet: where its bytes are (in the sender's
+/// memory, not copied) and where it goes.
+#[derive(Clone, Copy, Debug, Default)]
+struct PacketRef {
+    head: u16,
+    /// Whether the head is a real descriptor index that must go back to the used ring.
+    give_back: bool,
+    nseg: u8,
+    /// Frame length (after the virtio-net header).
+    len: u32,
+    dst: Mac,
+    src: Mac,
+    tci: Option<u16>,
+    vlan: u16,
+    action: Action,
+    delivered: u16,
+}
+
+/// The per-thread forwarding state and burst scratch space (no allocation per burst).
+pub struct Datapath {
+    /// Polling-thread index (picks which receive queue of a multi-queue port it fills).
+    pub idx: usize,
+    /// Live ports by id.
+    pub ports: Vec<Option<Arc<Port>>>,
+    /// Ids of live ports, for flooding.
+    pub port_ids: Vec<u16>,
+    /// The shared forwarding table.
+    pub fdb: Arc<Fdb>,
+    pkts: [PacketRef; BURST],
+    segs: [[Seg; MAX_SEGS]; BURST],
+    rx_segs: [Seg; RX_SEGS],
+    rx_chains: [(u16, u32); MAX_RX_CHAINS],
+}
+
+// SAFETY: the raw pointers in the scratch arrays are only meaningful during one burst, under
+// the locks of the queues they point into; between bursts they are dead values.
+unsafe impl Send for Datapath {}
+
+#[derive(Default)]
+struct SrcCounts {
+    packets: u64,
+    bytes: u64,
+    malformed: u64,
+    filtered: u64,
+    no_route: u64,
+}
+
+enum RxFail {
+    NoBuffer,
+    Malformed,
+}
+
+impl Datapath {
+    /// An empty datapath for thread `idx`.
+    pub fn new(idx: usize, fdb: Arc<Fdb>) -> Self {
+        Datapath {
+            idx,
+            ports: Vec::new(),
+            port_ids: Vec::new(),
+            fdb,
+            pkts: [PacketRef::default(); BURST],
+            segs: [[Seg::default(); MAX_SEGS]; BURST],
+            rx_segs: [Seg::default(); RX_SEGS],
+            rx_chains: [(0, 0); MAX_RX_CHAINS],
+        }
+    }
+
+    /// Adds or replaces a port in this thread's table.
+    pub fn add_port(&mut self, port: Arc<Port>) {
+        let id = port.id as usize;
+        if self.ports.len() <= id {
+            self.ports.resize(id + 1, None);
+        }
+        self.ports[id] = Some(port);
+        self.port_ids = self.ports.iter().flatten().map(|p| p.id).collect();
+    }
+
+    /// Forgets a port.
+    pub fn del_port(&mut self, id: u16) {
+        if let Some(p) = self.ports.get_mut(id as usize) {
+            *p = None;
+        }
+        self.port_ids = self.ports.iter().flatten().map(|p| p.id).collect();
+    }
+
+    /// Processes one burst from `src`'s transmit queue `pair`. Returns packets taken.
+    #[inline]
+    pub fn poll_queue(&mut self, src: &Port, pair: usize, now: u32) -> usize {
+        let slot: &QueueSlot = &src.txq[pair];
+        let Some(mut guard) = slot.try_lock() else { return 0 };
+        let Some(q) = guard.as_mut() else { return 0 };
+        if q.broken {
+            return 0;
+        }
+        let n = match q.ring.avail_pending() {
+            Ok(0) => return 0,
+            Ok(n) => (n as usize).min(BURST),
+            Err(e) => {
+                // The ring's indices are garbage: stop it rather than guess. The guest gets it
+                // back when it resets the device.
+                q.broken = true;
+                bump(&slot.stats.drop_malformed, 1);
+                tracing::warn!(port = %src.name, pair, "stopping transmit queue: {e}");
+                return 0;
+            }
+        };
+        let mut c = SrcCounts::default();
+        self.describe(q, n, &mut c);
+        self.decide(src, n, now, &mut c);
+        self.deliver(src, q.hdr_len, n, &mut c);
+        complete(q, &self.pkts[..n], &slot.stats);
+        bump(&slot.stats.packets, c.packets);
+        bump(&slot.stats.bytes, c.bytes);
+        bump(&slot.stats.drop_malformed, c.malformed);
+        bump(&slot.stats.drop_filtered, c.filtered);
+        bump(&slot.stats.drop_no_route, c.no_route);
+        n
+    }
+
+    /// Takes `n` heads and turns each into a `PacketRef`: chain walked and checked, header
+    /// fields read in place.
+    #[inline(always)]
+    fn describe(&mut self, q: &mut VirtQueue, n: usize, c: &mut SrcCounts) {
+        let hdr = q.hdr_len as u32;
+        for i in 0..n {
+            let head = q.ring.pop_head();
+            let p = &mut self.pkts[i];
+            *p = PacketRef { head, give_back: true, ..PacketRef::default() };
+            let segs = &mut self.segs[i];
+            let chain = walk_chain(&q.ring, &q.mem, &mut q.hint, head, false, q.indirect, MAX_FRAME + hdr, segs);
+            let chain = match chain {
+                Ok(ch) if ch.len >= hdr + 14 => ch,
+                Ok(_) => {
+                    c.malformed += 1; // runt: no room for an Ethernet header
+                    continue;
+                }
+                Err(e) => {
+                    p.give_back = e != ChainError::BadHead;
+                    c.malformed += 1;
+                    continue;
+                }
+            };
+            p.nseg = chain.nseg;
+            p.len = chain.len - hdr;
+            let f = Frame { segs: &segs[..chain.nseg as usize], skip: hdr, len: p.len };
+            let mut h = [0u8; 18];
+            // SAFETY: the chain walk translated and bounds-checked every segment, and the
+            // queue's lock keeps the memory mapped.
+            let got = unsafe { read_prefix(&f, &mut h) };
+            p.dst = mac_from_bytes([h[0], h[1], h[2], h[3], h[4], h[5]]);
+            p.src = mac_from_bytes([h[6], h[7], h[8], h[9], h[10], h[11]]);
+            if u16::from_be_bytes([h[12], h[13]]) == crate::l2::vlan::TPID_8021Q {
+                if got < 18 {
+                    c.malformed += 1;
+                    continue;
+                }
+                p.tci = Some(u16::from_be_bytes([h[14], h[15]]));
+            }
+            p.action = Action::Flood; // provisional: "forwardable"; decide refines it
+            c.packets += 1;
+            c.bytes += p.len as u64;
+        }
+    }
+
+    /// Learns sources, looks up destinations, applies the ingress VLAN rule. Consecutive
+    /// packets of one flow reuse the previous decision.
+    #[inline(always)]
+    fn decide(&mut self, src: &Port, n: usize, now: u32, c: &mut SrcCounts) {
+        let mut prev: Option<(Option<u16>, Mac, Mac, u16, Action)> = None;
+        for p in &mut self.pkts[..n] {
+            if p.action == Action::Drop {
+                continue;
+            }
+            if let Some((tci, dst, s, vlan, action)) = prev {
+                if tci == p.tci && dst == p.dst && s == p.src {
+                    p.vlan = vlan;
+                    p.action = action;
+                    if action == Action::Drop {
+                        c.no_route += 1;
+                    }
+                    continue;
+                }
+            }
+            let Some(vlan) = src.vlan.ingress(p.tci) else {
+                p.action = Action::Drop;
+                c.filtered += 1;
+                continue; // not cached: the counter must see every one
+            };
+            p.vlan = vlan;
+            if !is_group(p.src) {
+                self.fdb.learn(vlan, p.src, src.id, now);
+            }
+            p.action = if is_group(p.dst) {
+                Action::Flood
+            } else {
+                match self.fdb.lookup(vlan, p.dst, now) {
+                    Some(port) if port == src.id => Action::Drop, // would hairpin
+                    Some(port) if self.ports.get(port as usize).is_some_and(Option::is_some) => {
+                        Action::Unicast(port)
+                    }
+                    _ => Action::Flood,
+                }
+            };
+            if p.action == Action::Drop {
+                c.no_route += 1;
+            }
+            prev = Some((p.tci, p.dst, p.src, vlan, p.action));
+        }
+    }
+
+    /// For each destination port: lock one of its receive queues once, copy every packet bound
+    /// to it straight from the sender's memory, publish, interrupt at most once.
+    fn deliver(&mut self, src: &Port, src_hdr: u8, n: usize, c: &mut SrcCounts) {
+        let mut any_flood = false;
+        let mut any = false;
+        for p in &self.pkts[..n] {
+            any_flood |= p.action == Action::Flood;
+            any |= p.action != Action::Drop;
+        }
+        if !any {
+            return;
+        }
+        for k in 0..self.port_ids.len() {
+            let d = self.port_ids[k];
+            if d == src.id {
+                continue;
+            }
+            let wanted = self.pkts[..n].iter().any(|p| p.action == Action::Unicast(d));
+            if !wanted && !any_flood {
+                continue;
+            }
+            let Some(dport) = self.ports[d as usize].clone() else { continue };
+            self.deliver_to(&dport, src_hdr as u32, n, c);
+        }
+        // Floods that found no member of their VLAN, and unicasts whose port refused the VLAN.
+        for p in &self.pkts[..n] {
+            match p.action {
+                Action::Flood if p.delivered == 0 => c.no_route += 1,
+                _ => {}
+            }
+        }
+    }
+
+    fn deliver_to(&mut self, dport: &Port, src_hdr: u32, n: usize, c: &mut SrcCounts) {
+        let pairs = dport.rxq.len();
+        let pick = self.idx % pairs;
+        let slot: &QueueSlot = &dport.rxq[pick];
+        let mut guard = slot.lock();
+        let Some(rq) = guard.as_mut().filter(|q| !q.broken) else {
+            // Not running (not connected, or stopped): every packet for it has no buffer.
+            let mut lost = 0;
+            for p in &self.pkts[..n] {
+                if p.action == Action::Unicast(dport.id) {
+                    lost += 1;
+                }
+            }
+            bump(&slot.stats.drop_no_buffer, lost);
+            return;
+        };
+        let (mut pk, mut by, mut copied, mut no_buf, mut bad) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        for i in 0..n {
+            let p = self.pkts[i];
+            let out_tagged = match p.action {
+                Action::Unicast(d) if d == dport.id => match dport.vlan.egress(p.vlan) {
+                    Some(t) => t,
+                    None => {
+                        c.filtered += 1;
+                        continue;
+                    }
+                },
+                Action::Flood => match dport.vlan.egress(p.vlan) {
+                    Some(t) => t,
+                    None => continue,
+                },
+                _ => continue,
+            };
+            let edit = VlanMode::edit(p.tci, p.vlan, out_tagged);
+            let hdr_len = rq.hdr_len as u32;
+            let need = hdr_len + out_len(p.len, edit);
+            let (nseg, nch) = match take_rx(rq, need, &mut self.rx_segs, &mut self.rx_chains) {
+                Ok(x) => x,
+                Err(RxFail::NoBuffer) => {
+                    no_buf += 1;
+                    continue;
+                }
+                Err(RxFail::Malformed) => {
+                    bad += 1;
+                    continue;
+                }
+            };
+            let mut hdr = [0u8; 12];
+            hdr[10..12].copy_from_slice(&(nch as u16).to_le_bytes());
+            // The frame starts after the sender's own virtio-net header.
+            let f = Frame { segs: &self.segs[i][..p.nseg as usize], skip: src_hdr, len: p.len };
+            // SAFETY: both chains were walked and bounds-checked; the sender's queue lock (held
+            // by our caller) and this queue's lock keep both memories mapped; `need` bytes of
+            // room were reserved.
+            let wrote = unsafe { copy_frame(&f, edit, &hdr[..hdr_len as usize], &self.rx_segs[..nseg]) };
+            // Each buffer reports what it holds.
+            let mut left = wrote;
+            for &(head, cap) in &self.rx_chains[..nch] {
+                let k = left.min(cap);
+                rq.ring.push_used(head, k);
+                left -= k;
+            }
+            self.pkts[i].delivered += 1;
+            pk += 1;
+            by += out_len(p.len, edit) as u64;
+            copied += (p.len - if edit == TagEdit::Pop { 4 } else { 0 }) as u64;
+        }
+        rq.ring.publish_used();
+        if rq.notify() {
+            bump(&slot.stats.interrupts, 1);
+        }
+        let s: &QueueStats = &slot.stats;
+        bump(&s.packets, pk);
+        bump(&s.bytes, by);
+        bump(&s.copies, pk);
+        bump(&s.bytes_copied, copied);
+        bump(&s.drop_no_buffer, no_buf);
+        bump(&s.drop_malformed, bad);
+    }
+}
+
+/// Reserves receive buffers for `need` bytes: one chain, or several with MRG_RXBUF.
+/// On shortage the chains taken go back to the available ring untouched.
+fn take_rx(
+    rq: &mut VirtQueue,
+    need: u32,
+    segs: &mut [Seg; RX_SEGS],
+    chains: &mut [(u16, u32); MAX_RX_CHAINS],
+) -> Result<(usize, usize), RxFail> {
+    let (mut nseg, mut nch, mut cap) = (0usize, 0usize, 0u32);
+    while cap < need {
+        let limit = if rq.mrg_rxbuf { MAX_RX_CHAINS } else { 1 };
+        let pending = rq.ring.avail_pending().unwrap_or_else(|_| {
+            rq.broken = true;
+            0
+        });
+        if nch == limit || pending == 0 || nseg == RX_SEGS {
+            rq.ring.unpop(nch as u16);
+            return Err(RxFail::NoBuffer);
+        }
+        let head = rq.ring.pop_head();
+        match walk_chain(&rq.ring, &rq.mem, &mut rq.hint, head, true, rq.indirect, u32::MAX >> 1, &mut segs[nseg..]) {
+            Ok(ch) => {
+                chains[nch] = (head, ch.len);
+                nch += 1;
+                nseg += ch.nseg as usize;
+                cap = cap.saturating_add(ch.len);
+            }
+            Err(e) => {
+                // A bad buffer is consumed (returned empty) along with any taken before it:
+                // the guest sees zero-length completions, never our bytes in a bad place.
+                for &(h, _) in &chains[..nch] {
+                    rq.ring.push_used(h, 0);
+                }
+                if e != ChainError::BadHead {
+                    rq.ring.push_used(head, 0);
+                }
+                return Err(RxFail::Malformed);
+            }
+        }
+    }
+    Ok((nseg, nch))
+}
+
+/// Returns every source buffer of the burst (after all copies are done), publishes, and
+/// interrupts the sender if it asked.
+#[inline(always)]
+fn complete(q: &mut VirtQueue, pkts: &[PacketRef], stats: &QueueStats) {
+    for p in pkts {
+        if p.give_back {
+            q.ring.push_used(p.head, 0);
+        }
+    }
+    q.ring.publish_used();
+    if q.notify() {
+        bump(&stats.interrupts, 1);
+    }
+}

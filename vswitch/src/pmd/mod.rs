@@ -1,0 +1,350 @@
+//! Polling threads ("PMDs"): each owns a set of guest transmit queues and runs bursts over them.
+//!
+//! Control changes (ports added or removed) arrive on a channel and land between bursts; the
+//! thread checks one relaxed flag per loop. In adaptive mode an idle thread turns guest kicks
+//! back on and sleeps in epoll on the kick eventfds, so an idle switch costs next to no CPU;
+//! in busy-poll mode it never sleeps and never asks for kicks.
+
+pub mod burst;
+pub mod copy;
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::l2::Fdb;
+use crate::port::Port;
+use burst::Datapath;
+
+/// Empty polls in a row before an adaptive thread goes to sleep (~tens of µs).
+const SPINS_BEFORE_SLEEP: u32 = 2000;
+/// Longest sleep; bounds how stale an unkickable queue can get.
+const MAX_SLEEP_MS: i32 = 100;
+
+/// A change for a polling thread.
+pub enum PmdCmd {
+    /// Learn a port (for delivery) and poll the listed transmit queue pairs of it.
+    AddPort {
+        /// The port.
+        port: Arc<Port>,
+        /// Transmit queue pairs this thread polls.
+        poll_pairs: Vec<u16>,
+        /// Acknowledged once applied.
+        done: Sender<()>,
+    },
+    /// Forget a port; acknowledged once no burst can touch it any more.
+    DelPort {
+        /// Port id.
+        id: u16,
+        /// Acknowledged once applied.
+        done: Sender<()>,
+    },
+    /// Exit the thread.
+    Stop,
+}
+
+/// Counters of one polling thread.
+#[derive(Debug, Default)]
+pub struct PmdStats {
+    /// TSC ticks spent in bursts that moved packets.
+    pub busy_ticks: AtomicU64,
+    /// TSC ticks spent in polls that found nothing.
+    pub idle_ticks: AtomicU64,
+    /// Packets taken from guests.
+    pub packets: AtomicU64,
+    /// Loop iterations.
+    pub iterations: AtomicU64,
+    /// Times the thread went to sleep (adaptive mode).
+    pub sleeps: AtomicU64,
+}
+
+/// The control side's handle on a polling thread.
+pub struct PmdHandle {
+    /// Thread index.
+    pub idx: usize,
+    /// CPU it is pinned to, if any.
+    pub core: Option<usize>,
+    tx: Sender<PmdCmd>,
+    pending: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+    /// Its counters.
+    pub stats: Arc<PmdStats>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PmdHandle {
+    /// Starts a polling thread.
+    pub fn spawn(idx: usize, core: Option<usize>, busy_poll: bool, fdb: Arc<Fdb>) -> std::io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let pending = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let stats = Arc::new(PmdStats::default());
+        let mut pmd = Pmd {
+            dp: Datapath::new(idx, fdb),
+            polls: Vec::new(),
+            rx,
+            pending: pending.clone(),
+            wake: wake.clone(),
+            stats: stats.clone(),
+            busy_poll,
+            sleeper: None,
+        };
+        let thread = std::thread::Builder::new().name(format!("pmd{idx}")).spawn(move || {
+            if let Some(c) = core {
+                pin_to(c);
+            }
+            pmd.run();
+        })?;
+        Ok(PmdHandle { idx, core, tx, pending, wake, stats, thread: Some(thread) })
+    }
+
+    /// Something that wakes this thread from its sleep without a command (a queue started).
+    pub fn waker(&self) -> Arc<EventFd> {
+        self.wake.clone()
+    }
+
+    /// Posts a command and wakes the thread.
+    pub fn send(&self, cmd: PmdCmd) {
+        if self.tx.send(cmd).is_ok() {
+            self.pending.store(true, Ordering::Release);
+            let _ = self.wake.write(1);
+        }
+    }
+
+    /// Posts a command built around an ack channel and waits (bounded) for the ack.
+    pub fn call(&self, make: impl FnOnce(Sender<()>) -> PmdCmd) -> bool {
+        let (done, ack) = crossbeam_channel::bounded(1);
+        self.send(make(done));
+        ack.recv_timeout(Duration::from_secs(5)).is_ok()
+    }
+}
+
+impl Drop for PmdHandle {
+    fn drop(&mut self) {
+        self.send(PmdCmd::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Pmd {
+    dp: Datapath,
+    polls: Vec<(Arc<Port>, u16)>,
+    rx: Receiver<PmdCmd>,
+    pending: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+    stats: Arc<PmdStats>,
+    busy_poll: bool,
+    sleeper: Option<Sleeper>,
+}
+
+impl Pmd {
+    fn run(&mut self) {
+        let start = Instant::now();
+        let (mut busy, mut idle, mut packets, mut iters) = (0u64, 0u64, 0u64, 0u64);
+        let mut empty = 0u32;
+        loop {
+            if self.pending.load(Ordering::Relaxed) && !self.apply_commands() {
+                return;
+            }
+            let now = start.elapsed().as_secs() as u32;
+            let t0 = ticks();
+            let mut moved = 0;
+            for (port, pair) in &self.polls {
+                moved += self.dp.poll_queue(port, *pair as usize, now);
+            }
+            let dt = ticks().wrapping_sub(t0);
+            iters += 1;
+            if moved > 0 {
+                busy += dt;
+                packets += moved as u64;
+                empty = 0;
+            } else {
+                idle += dt;
+                empty += 1;
+            }
+            if iters % 1024 == 0 || empty == SPINS_BEFORE_SLEEP {
+                let s = &self.stats;
+                s.busy_ticks.store(busy, Ordering::Relaxed);
+                s.idle_ticks.store(idle, Ordering::Relaxed);
+                s.packets.store(packets, Ordering::Relaxed);
+                s.iterations.store(iters, Ordering::Relaxed);
+            }
+            if !self.busy_poll && empty >= SPINS_BEFORE_SLEEP {
+                self.sleep();
+                empty = 0;
+            }
+        }
+    }
+
+    /// Applies queued commands; false on Stop.
+    fn apply_commands(&mut self) -> bool {
+        self.pending.store(false, Ordering::Relaxed);
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                PmdCmd::AddPort { port, poll_pairs, done } => {
+                    self.polls.retain(|(p, _)| p.id != port.id);
+                    for pair in poll_pairs {
+                        self.polls.push((port.clone(), pair));
+                    }
+                    self.dp.add_port(port);
+                    let _ = done.send(());
+                }
+                PmdCmd::DelPort { id, done } => {
+                    self.polls.retain(|(p, _)| p.id != id);
+                    self.dp.del_port(id);
+                    if let Some(s) = &mut self.sleeper {
+                        s.forget_port(id);
+                    }
+                    let _ = done.send(());
+                }
+                PmdCmd::Stop => return false,
+            }
+        }
+        true
+    }
+
+    /// Turns kicks on for every queue, re-checks for work, and sleeps until a kick, a command
+    /// or the timeout. Kicks go back off on wake.
+    fn sleep(&mut self) {
+        if self.sleeper.is_none() {
+            match Sleeper::new(&self.wake) {
+                Ok(s) => self.sleeper = Some(s),
+                Err(e) => {
+                    tracing::warn!("cannot sleep (epoll failed: {e}); busy-polling instead");
+                    self.busy_poll = true;
+                    return;
+                }
+            }
+        }
+        let Some(sleeper) = self.sleeper.as_mut() else { return };
+        let mut work = false;
+        let mut blind = false; // a running queue we cannot be woken for
+        for (port, pair) in &self.polls {
+            let mut g = port.txq[*pair as usize].lock();
+            let Some(q) = g.as_mut() else { continue };
+            if q.ring.set_kicks(true) {
+                work = true;
+            }
+            match &q.kick {
+                Some((file, gen)) => sleeper.watch(port.id, *pair, file.as_raw_fd(), *gen),
+                None => blind = true,
+            }
+        }
+        if !work && !self.pending.load(Ordering::Acquire) {
+            self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+            sleeper.wait(if blind { 1 } else { MAX_SLEEP_MS });
+        }
+        for (port, pair) in &self.polls {
+            let mut g = port.txq[*pair as usize].lock();
+            if let Some(q) = g.as_mut() {
+                q.ring.set_kicks(false);
+            }
+        }
+    }
+}
+
+/// epoll set of kick eventfds plus the thread's wake eventfd (level-triggered).
+struct Sleeper {
+    epfd: RawFd,
+    wake: RawFd,
+    watched: HashMap<(u16, u16), (RawFd, u64)>,
+}
+
+impl Sleeper {
+    fn new(wake: &EventFd) -> std::io::Result<Self> {
+        // SAFETY: plain syscall; the fd is owned by Sleeper and closed in Drop.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let s = Sleeper { epfd, wake: wake.as_raw_fd(), watched: HashMap::new() };
+        s.ctl(libc::EPOLL_CTL_ADD, s.wake);
+        Ok(s)
+    }
+
+    fn ctl(&self, op: i32, fd: RawFd) {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
+        // SAFETY: valid epoll fd and event struct; errors (closed fd) are harmless here.
+        unsafe { libc::epoll_ctl(self.epfd, op, fd, &mut ev) };
+    }
+
+    /// Makes sure the queue's current kick fd (by generation) is in the set.
+    fn watch(&mut self, port: u16, pair: u16, fd: RawFd, gen: u64) {
+        match self.watched.get(&(port, pair)) {
+            Some(&(f, g)) if f == fd && g == gen => {}
+            Some(&(f, _)) => {
+                self.ctl(libc::EPOLL_CTL_DEL, f);
+                self.ctl(libc::EPOLL_CTL_ADD, fd);
+                self.watched.insert((port, pair), (fd, gen));
+            }
+            None => {
+                self.ctl(libc::EPOLL_CTL_ADD, fd);
+                self.watched.insert((port, pair), (fd, gen));
+            }
+        }
+    }
+
+    fn forget_port(&mut self, port: u16) {
+        let gone: Vec<_> = self.watched.keys().filter(|(p, _)| *p == port).copied().collect();
+        for k in gone {
+            if let Some((fd, _)) = self.watched.remove(&k) {
+                self.ctl(libc::EPOLL_CTL_DEL, fd);
+            }
+        }
+    }
+
+    /// Sleeps; drains whatever woke us (each ready eventfd is read once, so never blocks).
+    fn wait(&mut self, timeout_ms: i32) {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 32];
+        // SAFETY: evs is a valid buffer of 32 events.
+        let n = unsafe { libc::epoll_wait(self.epfd, evs.as_mut_ptr(), 32, timeout_ms) };
+        for ev in evs.iter().take(n.max(0) as usize) {
+            let mut buf = [0u8; 8];
+            // SAFETY: the fd was reported readable; an 8-byte read of an eventfd resets it.
+            unsafe { libc::read(ev.u64 as RawFd, buf.as_mut_ptr().cast(), 8) };
+        }
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        // SAFETY: we own epfd.
+        unsafe { libc::close(self.epfd) };
+    }
+}
+
+/// Pins the calling thread to one CPU.
+fn pin_to(core: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it; sched_setaffinity(0) targets
+    // the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!(core, "cannot pin polling thread: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+/// TSC ticks (x86-64), nanoseconds elsewhere.
+#[inline(always)]
+pub fn ticks() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: rdtsc has no preconditions.
+    unsafe {
+        core::arch::x86_64::_rdtsc()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        use std::sync::OnceLock;
+        static T0: OnceLock<Instant> = OnceLock::new();
+        T0.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+}

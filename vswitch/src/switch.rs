@@ -1,0 +1,566 @@
+//! The switch: ports, polling threads and the control thread that serves vhost-user
+//! connections, the control socket and API calls.
+//!
+//! ```text
+//!   guests ──vhost-user sockets──▶ control thread (mio) ──queue slots──▶ PMD threads
+//!   vswitch ctl ──control socket──▶ control thread           (bursts, late copy)
+//! ```
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use mio::net::UnixListener;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+
+use crate::config::{PortConfig, SwitchConfig};
+use crate::control::{PmdReport, PortInfo, PortStats, QueueReport, Reply, Request, Stats};
+use crate::l2::{format_mac, mac_from_bytes, Fdb, FdbEntry, VlanMode};
+use crate::pmd::{PmdCmd, PmdHandle};
+use crate::port::{Port, MAX_PORTS};
+use crate::vhost::VhostDevice;
+use crate::virtio::queue::QueueCounters;
+
+const WAKER: Token = Token(usize::MAX - 1);
+const CTL_LISTENER: Token = Token(usize::MAX - 2);
+/// How long a frontend may take to send the rest of a message it started.
+const MSG_TIMEOUT: Duration = Duration::from_secs(2);
+/// Client-mode ports retry this often.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Why the switch refused something.
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchError {
+    /// name taken
+    #[error("a port named '{0}' already exists")]
+    PortExists(String),
+    /// socket taken
+    #[error("socket {0} is already used by port '{1}'")]
+    SocketInUse(String, String),
+    /// unknown port
+    #[error("no port named '{0}' (see `vswitch ctl ports`)")]
+    NoSuchPort(String),
+    /// too many ports
+    #[error("the switch already has {MAX_PORTS} ports")]
+    TooManyPorts,
+    /// socket problems
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// Socket path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// bad config
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// startup failure
+    #[error("cannot start the switch: {0}")]
+    Start(std::io::Error),
+    /// the control thread is gone
+    #[error("the switch's control thread has stopped")]
+    Stopped,
+}
+
+type Handler = BackendReqHandler<Mutex<VhostDevice>>;
+
+struct PortState {
+    cfg: PortConfig,
+    port: Arc<Port>,
+    device: Arc<Mutex<VhostDevice>>,
+    listener: Option<UnixListener>,
+    conn: Option<(Handler, RawFd)>,
+    next_retry: Instant,
+    connects: u64,
+}
+
+enum Call {
+    Req(Request, Sender<Reply>),
+    Shutdown,
+}
+
+/// A running switch. Dropping it stops every thread and closes every socket.
+pub struct Switch {
+    calls: Sender<Call>,
+    waker: Arc<Waker>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Switch {
+    /// Starts polling threads, the control thread and every configured port.
+    pub fn start(cfg: SwitchConfig) -> Result<Switch, SwitchError> {
+        cfg.validate()?;
+        let poll = Poll::new().map_err(SwitchError::Start)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(SwitchError::Start)?);
+        let fdb = Arc::new(Fdb::new(65536, cfg.fdb_aging_secs));
+        let cores: Vec<Option<usize>> =
+            if cfg.pmd_cores.is_empty() { vec![None] } else { cfg.pmd_cores.iter().map(|c| Some(*c)).collect() };
+        let mut pmds = Vec::new();
+        for (i, core) in cores.into_iter().enumerate() {
+            pmds.push(PmdHandle::spawn(i, core, cfg.busy_poll, fdb.clone()).map_err(SwitchError::Start)?);
+        }
+        let wakers: Vec<_> = pmds.iter().map(PmdHandle::waker).collect();
+        let wake_pmds: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            for w in &wakers {
+                let _ = w.write(1);
+            }
+        });
+        let ctl_listener = match &cfg.control {
+            Some(path) => Some(bind(path)?),
+            None => None,
+        };
+        let (calls, rx) = crossbeam_channel::unbounded();
+        let mut ctl = Control {
+            poll,
+            pmds,
+            fdb,
+            start: Instant::now(),
+            ports: HashMap::new(),
+            ctl_listener,
+            control_path: cfg.control.clone(),
+            calls: rx,
+            wake_pmds,
+        };
+        if let Some(l) = &mut ctl.ctl_listener {
+            ctl.poll.registry().register(l, CTL_LISTENER, Interest::READABLE).map_err(SwitchError::Start)?;
+        }
+        for p in &cfg.ports {
+            ctl.add_port(p.clone())?;
+        }
+        let thread = std::thread::Builder::new()
+            .name("vswitch-ctl".into())
+            .spawn(move || ctl.run())
+            .map_err(SwitchError::Start)?;
+        Ok(Switch { calls, waker, thread: Some(thread) })
+    }
+
+    /// Sends a control request (the same ones the control socket takes).
+    pub fn request(&self, req: Request) -> Result<serde_json::Value, SwitchError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.calls.send(Call::Req(req, tx)).map_err(|_| SwitchError::Stopped)?;
+        let _ = self.waker.wake();
+        let reply = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| SwitchError::Stopped)?;
+        match reply {
+            Reply { ok: true, result, .. } => Ok(result.unwrap_or_default()),
+            Reply { error, .. } => Err(SwitchError::Start(std::io::Error::other(error.unwrap_or_default()))),
+        }
+    }
+
+    /// Adds a port.
+    pub fn add_port(&self, cfg: PortConfig) -> Result<(), SwitchError> {
+        self.request(Request::PortAdd { port: cfg }).map(|_| ())
+    }
+
+    /// Removes a port.
+    pub fn del_port(&self, name: &str) -> Result<(), SwitchError> {
+        self.request(Request::PortDel { name: name.into() }).map(|_| ())
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Result<Stats, SwitchError> {
+        let v = self.request(Request::Stats)?;
+        serde_json::from_value(v).map_err(|e| SwitchError::Start(std::io::Error::other(e)))
+    }
+
+    /// Ports.
+    pub fn ports(&self) -> Result<Vec<PortInfo>, SwitchError> {
+        let v = self.request(Request::Ports)?;
+        serde_json::from_value(v).map_err(|e| SwitchError::Start(std::io::Error::other(e)))
+    }
+
+    /// Forwarding table.
+    pub fn fdb(&self) -> Result<Vec<FdbEntry>, SwitchError> {
+        let v = self.request(Request::Fdb)?;
+        serde_json::from_value(v).map_err(|e| SwitchError::Start(std::io::Error::other(e)))
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        let _ = self.calls.send(Call::Shutdown);
+        let _ = self.waker.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn bind(path: &Path) -> Result<UnixListener, SwitchError> {
+    // A socket file left by a previous run that nobody answers on is ours to replace.
+    if path.exists() && UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|source| SwitchError::Listen { path: path.display().to_string(), source })
+}
+
+fn token_of(id: u16, conn: bool) -> Token {
+    Token(id as usize * 2 + conn as usize)
+}
+
+struct Control {
+    poll: Poll,
+    pmds: Vec<PmdHandle>,
+    fdb: Arc<Fdb>,
+    start: Instant,
+    ports: HashMap<u16, PortState>,
+    ctl_listener: Option<UnixListener>,
+    control_path: Option<PathBuf>,
+    calls: Receiver<Call>,
+    wake_pmds: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Control {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(64);
+        loop {
+            let timeout = self.next_timeout();
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::error!("control loop poll failed: {e}");
+                    return;
+                }
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    WAKER => {}
+                    CTL_LISTENER => self.serve_control(),
+                    Token(t) if t % 2 == 0 => self.accept((t / 2) as u16),
+                    Token(t) => self.service_conn((t / 2) as u16),
+                }
+            }
+            while let Ok(call) = self.calls.try_recv() {
+                match call {
+                    Call::Req(req, tx) => {
+                        let _ = tx.send(self.handle(req));
+                    }
+                    Call::Shutdown => {
+                        self.shutdown();
+                        return;
+                    }
+                }
+            }
+            self.retry_clients();
+        }
+    }
+
+    fn next_timeout(&self) -> Duration {
+        let now = Instant::now();
+        self.ports
+            .values()
+            .filter(|p| p.cfg.client && p.conn.is_none())
+            .map(|p| p.next_retry.saturating_duration_since(now))
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(1))
+    }
+
+    fn handle(&mut self, req: Request) -> Reply {
+        let res: Result<serde_json::Value, String> = match req {
+            Request::Ports => Ok(serde_json::to_value(self.port_infos()).unwrap_or_default()),
+            Request::Stats => Ok(serde_json::to_value(self.stats()).unwrap_or_default()),
+            Request::Fdb => Ok(serde_json::to_value(self.fdb.dump(self.now())).unwrap_or_default()),
+            Request::FdbFlush => {
+                self.fdb.flush();
+                Ok(serde_json::Value::Null)
+            }
+            Request::PortAdd { port } => self.add_port(port).map(|_| serde_json::Value::Null).map_err(|e| e.to_string()),
+            Request::PortDel { name } => self.del_port(&name).map(|_| serde_json::Value::Null).map_err(|e| e.to_string()),
+        };
+        match res {
+            Ok(v) => Reply { ok: true, result: Some(v), error: None },
+            Err(e) => Reply { ok: false, result: None, error: Some(e) },
+        }
+    }
+
+    fn now(&self) -> u32 {
+        self.start.elapsed().as_secs() as u32
+    }
+
+    fn add_port(&mut self, cfg: PortConfig) -> Result<(), SwitchError> {
+        cfg.validate()?;
+        for p in self.ports.values() {
+            if p.cfg.name == cfg.name {
+                return Err(SwitchError::PortExists(cfg.name));
+            }
+            if p.cfg.socket == cfg.socket {
+                return Err(SwitchError::SocketInUse(cfg.socket.display().to_string(), p.cfg.name.clone()));
+            }
+        }
+        let id = (0..MAX_PORTS as u16).find(|i| !self.ports.contains_key(i)).ok_or(SwitchError::TooManyPorts)?;
+        let port = Arc::new(Port::new(id, cfg.name.clone(), cfg.vlan_mode(), cfg.mac_bytes(), cfg.queues));
+        let device = Arc::new(Mutex::new(VhostDevice::new(port.clone(), self.wake_pmds.clone())));
+        let mut listener = None;
+        if !cfg.client {
+            let mut l = bind(&cfg.socket)?;
+            self.poll
+                .registry()
+                .register(&mut l, token_of(id, false), Interest::READABLE)
+                .map_err(SwitchError::Start)?;
+            listener = Some(l);
+        }
+        let n = self.pmds.len();
+        for pmd in &self.pmds {
+            let poll_pairs: Vec<u16> = (0..cfg.queues).filter(|k| (id as usize + *k as usize) % n == pmd.idx).collect();
+            let port = port.clone();
+            pmd.call(|done| PmdCmd::AddPort { port, poll_pairs, done });
+        }
+        tracing::info!(port = %cfg.name, id, socket = %cfg.socket.display(), client = cfg.client, "port added");
+        self.ports.insert(id, PortState { cfg, port, device, listener, conn: None, next_retry: Instant::now(), connects: 0 });
+        self.retry_clients();
+        Ok(())
+    }
+
+    fn del_port(&mut self, name: &str) -> Result<(), SwitchError> {
+        let id = self.ports.values().find(|p| p.cfg.name == name).map(|p| p.port.id);
+        let id = id.ok_or_else(|| SwitchError::NoSuchPort(name.into()))?;
+        self.disconnect(id);
+        if let Some(mut st) = self.ports.remove(&id) {
+            if let Some(l) = &mut st.listener {
+                let _ = self.poll.registry().deregister(l);
+                let _ = std::fs::remove_file(&st.cfg.socket);
+            }
+        }
+        for pmd in &self.pmds {
+            pmd.call(|done| PmdCmd::DelPort { id, done });
+        }
+        self.fdb.flush_port(id);
+        tracing::info!(port = name, "port removed");
+        Ok(())
+    }
+
+    fn accept(&mut self, id: u16) {
+        let Some(st) = self.ports.get_mut(&id) else { return };
+        let Some(l) = &st.listener else { return };
+        loop {
+            match l.accept() {
+                Ok((s, _)) => {
+                    if st.conn.is_some() {
+                        tracing::warn!(port = %st.cfg.name, "refusing a second frontend connection while one is active");
+                        continue;
+                    }
+                    // SAFETY: into_raw_fd hands over sole ownership of the descriptor.
+                    let s = unsafe { UnixStream::from_raw_fd(s.into_raw_fd()) };
+                    self.attach(id, s);
+                    return;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!(port = %st.cfg.name, "accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn retry_clients(&mut self) {
+        let now = Instant::now();
+        let due: Vec<u16> = self
+            .ports
+            .values()
+            .filter(|p| p.cfg.client && p.conn.is_none() && p.next_retry <= now)
+            .map(|p| p.port.id)
+            .collect();
+        for id in due {
+            let Some(st) = self.ports.get_mut(&id) else { continue };
+            st.next_retry = now + RETRY;
+            match UnixStream::connect(&st.cfg.socket) {
+                Ok(s) => self.attach(id, s),
+                Err(e) => tracing::debug!(port = %st.cfg.name, "frontend not reachable yet: {e}"),
+            }
+        }
+    }
+
+    fn attach(&mut self, id: u16, s: UnixStream) {
+        let Some(st) = self.ports.get_mut(&id) else { return };
+        if s.set_nonblocking(false).is_err() || s.set_read_timeout(Some(MSG_TIMEOUT)).is_err() {
+            return;
+        }
+        let fd = s.as_raw_fd();
+        let handler = BackendReqHandler::from_stream(s, st.device.clone());
+        if let Err(e) = self.poll.registry().register(&mut SourceFd(&fd), token_of(id, true), Interest::READABLE) {
+            tracing::warn!(port = %st.cfg.name, "cannot watch connection: {e}");
+            return;
+        }
+        st.conn = Some((handler, fd));
+        st.connects += 1;
+        tracing::info!(port = %st.cfg.name, "frontend connected");
+    }
+
+    fn disconnect(&mut self, id: u16) {
+        let Some(st) = self.ports.get_mut(&id) else { return };
+        if let Some((_, fd)) = st.conn.take() {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            // Stops every queue under its lock (bursts finish first); the mapping of the gone
+            // guest's memory is released with the last queue.
+            if let Ok(mut d) = st.device.lock() {
+                d.reset();
+            }
+            self.fdb.flush_port(id);
+            st.next_retry = Instant::now() + RETRY;
+            tracing::info!(port = %st.cfg.name, "frontend disconnected");
+        }
+    }
+
+    /// Handles every message waiting on a port's connection.
+    fn service_conn(&mut self, id: u16) {
+        loop {
+            let Some(st) = self.ports.get_mut(&id) else { return };
+            let Some((h, fd)) = &mut st.conn else { return };
+            let fd = *fd;
+            match h.handle_request() {
+                Ok(()) => {}
+                Err(e) if keeps_connection(&e) => {
+                    // The message was read whole and refused (the frontend got a failure reply
+                    // if it asked for one); the stream is still in step.
+                    if let Ok(mut d) = st.device.lock() {
+                        d.protocol_errors += 1;
+                    }
+                    tracing::warn!(port = %st.cfg.name, "vhost-user request failed: {e}");
+                }
+                Err(e) => {
+                    if !matches!(e, VuError::Disconnected | VuError::PartialMessage) {
+                        tracing::warn!(port = %st.cfg.name, "closing vhost-user connection: {e}");
+                    }
+                    self.disconnect(id);
+                    return;
+                }
+            }
+            if !readable_now(fd) {
+                return;
+            }
+        }
+    }
+
+    fn serve_control(&mut self) {
+        loop {
+            let Some(l) = &self.ctl_listener else { return };
+            let s = match l.accept() {
+                Ok((s, _)) => s,
+                Err(_) => return,
+            };
+            // SAFETY: sole ownership handed over.
+            let s = unsafe { UnixStream::from_raw_fd(s.into_raw_fd()) };
+            let _ = s.set_nonblocking(false);
+            let _ = s.set_read_timeout(Some(MSG_TIMEOUT));
+            let mut line = String::new();
+            let Ok(clone) = s.try_clone() else { continue };
+            let reply = match BufReader::new(clone).read_line(&mut line) {
+                Ok(_) => match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => self.handle(req),
+                    Err(e) => Reply { ok: false, result: None, error: Some(format!("bad request: {e}")) },
+                },
+                Err(e) => Reply { ok: false, result: None, error: Some(format!("cannot read request: {e}")) },
+            };
+            let mut out = serde_json::to_string(&reply).unwrap_or_default();
+            out.push('\n');
+            let mut s = s;
+            let _ = s.write_all(out.as_bytes());
+        }
+    }
+
+    fn port_infos(&self) -> Vec<PortInfo> {
+        let mut v: Vec<PortInfo> = self
+            .ports
+            .values()
+            .map(|st| PortInfo {
+                id: st.port.id,
+                name: st.cfg.name.clone(),
+                socket: st.cfg.socket.display().to_string(),
+                mode: if st.cfg.client { "client" } else { "server" }.into(),
+                vlan: match &st.port.vlan {
+                    VlanMode::Access(n) => format!("access {n}"),
+                    VlanMode::Trunk(None) => "trunk all".into(),
+                    VlanMode::Trunk(Some(s)) => format!("trunk {:?}", s),
+                },
+                mac: format_mac(mac_from_bytes(st.port.mac)),
+                queue_pairs: st.port.pairs(),
+                connected: st.conn.is_some(),
+                connects: st.connects,
+                device: st.device.lock().map(|d| d.info()).unwrap_or_default(),
+            })
+            .collect();
+        v.sort_by_key(|p| p.id);
+        v
+    }
+
+    fn stats(&self) -> Stats {
+        let mut ports: Vec<PortStats> = self
+            .ports
+            .values()
+            .map(|st| {
+                let (mut rx, mut tx) = (QueueCounters::default(), QueueCounters::default());
+                let mut queues = Vec::new();
+                for k in 0..st.port.pairs() as usize {
+                    let r = st.port.rxq[k].stats.snapshot();
+                    let t = st.port.txq[k].stats.snapshot();
+                    tx += r;
+                    rx += t;
+                    queues.push(QueueReport { queue: 2 * k, counters: r });
+                    queues.push(QueueReport { queue: 2 * k + 1, counters: t });
+                }
+                PortStats { name: st.cfg.name.clone(), id: st.port.id, rx, tx, queues }
+            })
+            .collect();
+        ports.sort_by_key(|p| p.id);
+        let pmds = self
+            .pmds
+            .iter()
+            .map(|p| {
+                let s = &p.stats;
+                let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                let (packets, busy) = (ld(&s.packets), ld(&s.busy_ticks));
+                PmdReport {
+                    pmd: p.idx,
+                    core: p.core,
+                    packets,
+                    busy_ticks: busy,
+                    idle_ticks: ld(&s.idle_ticks),
+                    ticks_per_packet: if packets > 0 { busy as f64 / packets as f64 } else { 0.0 },
+                    sleeps: ld(&s.sleeps),
+                }
+            })
+            .collect();
+        Stats { ports, pmds }
+    }
+
+    fn shutdown(&mut self) {
+        let ids: Vec<u16> = self.ports.keys().copied().collect();
+        for id in ids {
+            if let Some(name) = self.ports.get(&id).map(|p| p.cfg.name.clone()) {
+                let _ = self.del_port(&name);
+            }
+        }
+        if let Some(p) = &self.control_path {
+            let _ = std::fs::remove_file(p);
+        }
+        self.pmds.clear();
+    }
+}
+
+/// Errors after which the byte stream is still in step with the frontend.
+fn keeps_connection(e: &VuError) -> bool {
+    matches!(
+        e,
+        VuError::ReqHandlerError(_)
+            | VuError::InvalidParam
+            | VuError::InactiveFeature(_)
+            | VuError::InactiveOperation(_)
+            | VuError::InvalidOperation(_)
+            | VuError::FeatureMismatch
+    )
+}
+
+/// Whether more bytes (or EOF) wait on a socket, without blocking.
+fn readable_now(fd: RawFd) -> bool {
+    let mut b = 0u8;
+    // SAFETY: one-byte peek into a local; MSG_DONTWAIT never blocks.
+    let n = unsafe { libc::recv(fd, (&mut b as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    n >= 0
+}

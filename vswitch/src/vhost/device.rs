@@ -1,0 +1,419 @@
+//! [`VhostDevice`]: the backend request handler of one port's connection.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use iommu::{AddressSpace, MemoryRegionDesc, Region};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserSharedMsg,
+    VhostUserShMemConfig, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
+use vhost::VhostUserMemoryRegionBase;
+
+use crate::port::Port;
+use crate::virtio::features::{self, Negotiated};
+use crate::virtio::queue::QueueSetup;
+use crate::virtio::ring::MAX_RING_SIZE;
+use crate::virtio::{RingAddrs, VirtQueue};
+
+/// Memory slots offered with CONFIGURE_MEM_SLOTS.
+pub const MAX_MEM_SLOTS: u64 = iommu_max_regions();
+
+const fn iommu_max_regions() -> u64 {
+    509
+}
+
+/// Protocol features offered. REPLY_ACK is added by the `vhost` crate itself.
+fn offered_protocol() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::RESET_DEVICE
+}
+
+#[derive(Default)]
+struct Vring {
+    num: u32,
+    addrs: Option<RingAddrs>,
+    base: u16,
+    kick: Option<(Arc<File>, u64)>,
+    call: Option<Arc<File>>,
+    _err: Option<File>,
+    enabled: bool,
+    /// Has a kick fd (or was told to poll): the frontend started it.
+    started: bool,
+}
+
+/// What `vswitch ctl ports` shows of a connection.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct DeviceInfo {
+    /// Acked virtio features by name.
+    pub features: Vec<String>,
+    /// Acked protocol features (raw).
+    pub protocol_features: u64,
+    /// Memory regions mapped.
+    pub mem_regions: usize,
+    /// Bytes of guest memory mapped.
+    pub mem_bytes: u64,
+    /// Virtqueues running.
+    pub running_queues: Vec<usize>,
+    /// Protocol errors seen on this connection.
+    pub protocol_errors: u64,
+}
+
+/// Backend state of one port's vhost-user connection.
+pub struct VhostDevice {
+    port: Arc<Port>,
+    acked: Negotiated,
+    protocol: u64,
+    mem: Arc<AddressSpace>,
+    vrings: Vec<Vring>,
+    kick_gen: u64,
+    wake: Arc<dyn Fn() + Send + Sync>,
+    /// Protocol errors so far (refused requests).
+    pub protocol_errors: u64,
+}
+
+fn refuse(why: String) -> VuError {
+    tracing::warn!("vhost-user request refused: {why}");
+    VuError::ReqHandlerError(std::io::Error::other(why))
+}
+
+impl VhostDevice {
+    /// A fresh device for `port`; `wake` nudges the polling threads after a queue starts.
+    pub fn new(port: Arc<Port>, wake: Arc<dyn Fn() + Send + Sync>) -> Self {
+        let n = 2 * port.pairs() as usize;
+        let vrings = (0..n).map(|_| Vring::default()).collect();
+        VhostDevice { port, acked: Negotiated::default(), protocol: 0, mem: Arc::default(), vrings, kick_gen: 0, wake, protocol_errors: 0 }
+    }
+
+    /// Stops every queue and forgets the connection's state (disconnect, RESET_OWNER).
+    pub fn reset(&mut self) {
+        for i in 0..self.vrings.len() {
+            if let Some(slot) = self.port.slot(i) {
+                slot.lock().take();
+            }
+        }
+        let n = self.vrings.len();
+        self.vrings = (0..n).map(|_| Vring::default()).collect();
+        self.acked = Negotiated::default();
+        self.protocol = 0;
+        self.mem = Arc::default();
+    }
+
+    /// What is negotiated and running.
+    pub fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            features: self.acked.names().into_iter().map(String::from).collect(),
+            protocol_features: self.protocol,
+            mem_regions: self.mem.regions().len(),
+            mem_bytes: self.mem.total_size(),
+            running_queues: (0..self.vrings.len())
+                .filter(|i| self.port.slot(*i).is_some_and(|s| s.is_running()))
+                .collect(),
+            protocol_errors: self.protocol_errors,
+        }
+    }
+
+    fn vring(&mut self, index: u32) -> VuResult<&mut Vring> {
+        let n = self.vrings.len();
+        self.vrings
+            .get_mut(index as usize)
+            .ok_or_else(|| refuse(format!("queue index {index} is beyond the {n} queues of this port")))
+    }
+
+    /// Rebuilds queue `idx` from its configuration, carrying the ring position over.
+    fn refresh(&mut self, idx: usize) {
+        let Some(slot) = self.port.slot(idx) else { return };
+        let mut g = slot.lock();
+        if let Some(q) = g.take() {
+            self.vrings[idx].base = q.ring.state().last_avail;
+        }
+        let v = &self.vrings[idx];
+        let Some(addrs) = v.addrs else { return };
+        if !(v.started && v.enabled && v.num > 0) || self.mem.regions().is_empty() {
+            return;
+        }
+        let setup = QueueSetup {
+            addrs,
+            size: v.num,
+            last_avail: v.base,
+            event_idx: self.acked.has(features::RING_F_EVENT_IDX),
+            hdr_len: self.acked.net_hdr_len(),
+            mrg_rxbuf: self.acked.has(features::NET_F_MRG_RXBUF),
+            indirect: self.acked.has(features::RING_F_INDIRECT_DESC),
+        };
+        match VirtQueue::new(self.mem.clone(), &setup, v.call.clone(), v.kick.clone()) {
+            Ok(q) => {
+                *g = Some(q);
+                drop(g);
+                (self.wake)();
+            }
+            Err(e) => {
+                self.protocol_errors += 1;
+                tracing::warn!(port = %self.port.name, queue = idx, "cannot start queue: {e}");
+            }
+        }
+    }
+
+    fn refresh_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.refresh(i);
+        }
+    }
+
+    fn any_running(&self) -> bool {
+        (0..self.vrings.len()).any(|i| self.port.slot(i).is_some_and(|s| s.is_running()))
+    }
+
+    fn set_mem(&mut self, mem: AddressSpace) {
+        self.mem = Arc::new(mem);
+        // Re-translate every running ring in the new table; the old mappings go away when the
+        // last queue lets go of them.
+        self.refresh_all();
+    }
+
+    fn config_space(&self) -> [u8; 12] {
+        let mut c = [0u8; 12];
+        c[..6].copy_from_slice(&self.port.mac);
+        c[6..8].copy_from_slice(&1u16.to_le_bytes()); // VIRTIO_NET_S_LINK_UP
+        c[8..10].copy_from_slice(&self.port.pairs().to_le_bytes());
+        c[10..12].copy_from_slice(&1500u16.to_le_bytes());
+        c
+    }
+}
+
+fn map_region(r: MemoryRegionDesc, file: File) -> VuResult<Region> {
+    Region::map(r, file).map_err(|e| refuse(e.to_string()))
+}
+
+fn desc_of(r: &VhostUserMemoryRegion) -> MemoryRegionDesc {
+    MemoryRegionDesc {
+        guest_phys_addr: r.guest_phys_addr,
+        memory_size: r.memory_size,
+        userspace_addr: r.user_addr,
+        mmap_offset: r.mmap_offset,
+    }
+}
+
+fn unsupported<T>(what: &str) -> VuResult<T> {
+    Err(refuse(format!("{what} is not supported by this switch")))
+}
+
+impl VhostUserBackendReqHandlerMut for VhostDevice {
+    fn set_owner(&mut self) -> VuResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.reset();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.reset();
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(features::OFFERED)
+    }
+
+    fn set_features(&mut self, bits: u64) -> VuResult<()> {
+        if bits & !features::OFFERED != 0 {
+            return Err(refuse(format!("features {:#x} were not offered", bits & !features::OFFERED)));
+        }
+        if bits != self.acked.bits && self.any_running() {
+            return Err(refuse("features cannot change while queues run".into()));
+        }
+        self.acked = Negotiated { bits };
+        // Without PROTOCOL_FEATURES a ring is enabled as soon as it starts; with it, rings
+        // wait for SET_VRING_ENABLE.
+        let auto_enable = !self.acked.has(features::VHOST_USER_F_PROTOCOL_FEATURES);
+        for v in self.vrings.iter_mut().filter(|v| !v.started) {
+            v.enabled = auto_enable;
+        }
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        regions: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        let mapped = regions
+            .iter()
+            .zip(files)
+            .map(|(r, f)| map_region(desc_of(r), f))
+            .collect::<VuResult<Vec<_>>>()?;
+        let space = AddressSpace::new(mapped).map_err(|e| refuse(e.to_string()))?;
+        self.set_mem(space);
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        if num == 0 || num > MAX_RING_SIZE as u32 || !num.is_power_of_two() {
+            return Err(refuse(format!("ring size {num} of queue {index} is not a power of two in 1..32768")));
+        }
+        self.vring(index)?.num = num;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        self.vring(index)?.addrs = Some(RingAddrs { desc: descriptor, avail: available, used });
+        self.refresh(index as usize);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let v = self.vring(index)?;
+        v.base = base as u16;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        // Stop the ring: once the slot is empty no burst can touch it, and every descriptor a
+        // burst took has been returned.
+        let idx = index as usize;
+        if let Some(slot) = self.port.slot(idx) {
+            if let Some(q) = slot.lock().take() {
+                self.vrings[idx].base = q.ring.state().last_avail;
+            }
+        }
+        let v = self.vring(index)?;
+        v.started = false;
+        v.kick = None;
+        Ok(VhostUserVringState::new(index, v.base as u32))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.kick_gen += 1;
+        let gen = self.kick_gen;
+        let v = self.vring(index as u32)?;
+        v.kick = fd.map(|f| (Arc::new(f), gen));
+        v.started = true;
+        self.refresh(index as usize);
+        Ok(())
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.vring(index as u32)?.call = fd.map(Arc::new);
+        self.refresh(index as usize);
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.vring(index as u32)?._err = fd;
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(offered_protocol())
+    }
+
+    fn set_protocol_features(&mut self, bits: u64) -> VuResult<()> {
+        let extra = bits & !(offered_protocol() | VhostUserProtocolFeatures::REPLY_ACK).bits();
+        if extra != 0 {
+            return Err(refuse(format!("protocol features {extra:#x} were not offered")));
+        }
+        self.protocol = bits;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(self.port.pairs() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        self.vring(index)?.enabled = enable;
+        self.refresh(index as usize);
+        Ok(())
+    }
+
+    fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+        let c = self.config_space();
+        let end = offset.checked_add(size).filter(|e| *e as usize <= c.len());
+        match end {
+            Some(end) => Ok(c[offset as usize..end as usize].to_vec()),
+            None => Err(refuse(format!("config read of {size} bytes at {offset} is outside the 12-byte config space"))),
+        }
+    }
+
+    fn set_config(&mut self, _offset: u32, _buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
+        unsupported("writing the config space")
+    }
+
+    fn set_gpu_socket(&mut self, _gpu: GpuBackend) -> VuResult<()> {
+        unsupported("GPU_SET_SOCKET")
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        unsupported("GET_SHARED_OBJECT")
+    }
+
+    fn get_inflight_fd(&mut self, _i: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        unsupported("GET_INFLIGHT_FD")
+    }
+
+    fn set_inflight_fd(&mut self, _i: &VhostUserInflight, _file: File) -> VuResult<()> {
+        unsupported("SET_INFLIGHT_FD")
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Ok(MAX_MEM_SLOTS)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        let r = map_region(desc_of(region), fd)?;
+        let space = self.mem.with_region(r).map_err(|e| refuse(e.to_string()))?;
+        self.set_mem(space);
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        let space = self
+            .mem
+            .without_region(region.guest_phys_addr, region.memory_size)
+            .map_err(|e| refuse(e.to_string()))?;
+        self.set_mem(space);
+        Ok(())
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _d: VhostTransferStateDirection,
+        _p: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        unsupported("SET_DEVICE_STATE_FD")
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        unsupported("CHECK_DEVICE_STATE")
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        unsupported("GET_SHMEM_CONFIG")
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        unsupported("dirty logging (SET_LOG_BASE)")
+    }
+}

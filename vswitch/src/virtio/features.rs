@@ -1,0 +1,98 @@
+//! Feature bits the switch offers, and what a negotiated set means for the datapath.
+//!
+//! Offered: only what the datapath implements. No checksum or segmentation offloads yet
+//! (a guest that negotiated them would hand us partial checksums and 64 KiB frames).
+
+/// `VIRTIO_NET_F_MAC`: the device has a MAC address in config space.
+pub const NET_F_MAC: u64 = 1 << 5;
+/// `VIRTIO_NET_F_MRG_RXBUF`: a received packet may span several buffers.
+pub const NET_F_MRG_RXBUF: u64 = 1 << 15;
+/// `VIRTIO_NET_F_STATUS`: link status in config space.
+pub const NET_F_STATUS: u64 = 1 << 16;
+/// `VIRTIO_NET_F_CTRL_VQ`: control queue (served by the frontend, as QEMU and virtio-user do).
+pub const NET_F_CTRL_VQ: u64 = 1 << 17;
+/// `VIRTIO_NET_F_MQ`: several queue pairs.
+pub const NET_F_MQ: u64 = 1 << 22;
+/// `VIRTIO_F_ANY_LAYOUT` (legacy): header and frame may share or split buffers freely.
+pub const F_ANY_LAYOUT: u64 = 1 << 27;
+/// `VIRTIO_RING_F_INDIRECT_DESC`.
+pub const RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_RING_F_EVENT_IDX`.
+pub const RING_F_EVENT_IDX: u64 = 1 << 29;
+/// `VHOST_USER_F_PROTOCOL_FEATURES`.
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// `VIRTIO_F_VERSION_1`.
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// Everything the switch offers to a frontend.
+pub const OFFERED: u64 = NET_F_MAC
+    | NET_F_MRG_RXBUF
+    | NET_F_STATUS
+    | NET_F_CTRL_VQ
+    | NET_F_MQ
+    | F_ANY_LAYOUT
+    | RING_F_INDIRECT_DESC
+    | RING_F_EVENT_IDX
+    | VHOST_USER_F_PROTOCOL_FEATURES
+    | F_VERSION_1;
+
+/// What a negotiated feature set means for the datapath.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Raw acked bits.
+    pub bits: u64,
+}
+
+impl Negotiated {
+    /// Whether `bit` was acked.
+    pub fn has(&self, bit: u64) -> bool {
+        self.bits & bit == bit
+    }
+
+    /// Length of the virtio-net header this guest uses: 12 bytes with VERSION_1 or
+    /// MRG_RXBUF (it carries num_buffers), 10 in legacy mode.
+    pub fn net_hdr_len(&self) -> u8 {
+        if self.has(F_VERSION_1) || self.has(NET_F_MRG_RXBUF) {
+            12
+        } else {
+            10
+        }
+    }
+
+    /// Names of the acked bits, for `vswitch ctl ports`.
+    pub fn names(&self) -> Vec<&'static str> {
+        const NAMES: &[(u64, &str)] = &[
+            (NET_F_MAC, "MAC"),
+            (NET_F_MRG_RXBUF, "MRG_RXBUF"),
+            (NET_F_STATUS, "STATUS"),
+            (NET_F_CTRL_VQ, "CTRL_VQ"),
+            (NET_F_MQ, "MQ"),
+            (F_ANY_LAYOUT, "ANY_LAYOUT"),
+            (RING_F_INDIRECT_DESC, "INDIRECT_DESC"),
+            (RING_F_EVENT_IDX, "EVENT_IDX"),
+            (VHOST_USER_F_PROTOCOL_FEATURES, "PROTOCOL_FEATURES"),
+            (F_VERSION_1, "VERSION_1"),
+        ];
+        NAMES.iter().filter(|(b, _)| self.has(*b)).map(|(_, n)| *n).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_header_length_follows_features() {
+        assert_eq!(Negotiated { bits: 0 }.net_hdr_len(), 10);
+        assert_eq!(Negotiated { bits: NET_F_MRG_RXBUF }.net_hdr_len(), 12);
+        assert_eq!(Negotiated { bits: F_VERSION_1 }.net_hdr_len(), 12);
+    }
+
+    #[test]
+    fn test_no_offloads_offered() {
+        // CSUM(0), GUEST_CSUM(1), GUEST_TSO4(7), HOST_TSO4(11): not implemented, not offered.
+        for bit in [0, 1, 7, 8, 10, 11, 12, 14] {
+            assert_eq!(OFFERED & (1 << bit), 0, "bit {bit} offered without an implementation");
+        }
+    }
+}

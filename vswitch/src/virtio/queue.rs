@@ -1,0 +1,178 @@
+//! A running virtqueue: its ring, the memory it lives in, its eventfds and its counters.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use iommu::{AddressSpace, RegionHint};
+
+use super::ring::{RingAddrs, RingError, SplitRing};
+
+/// A queue as a polling thread uses it. Owned by its port's queue slot; a thread touches it
+/// only while holding that slot's lock, so the memory it points into cannot be swapped or
+/// unmapped under it.
+pub struct VirtQueue {
+    /// The ring itself (hot).
+    pub ring: SplitRing,
+    /// Last region hit for buffer translation.
+    pub hint: RegionHint,
+    /// Virtio-net header length of this guest (10 or 12).
+    pub hdr_len: u8,
+    /// Whether a received packet may span several buffers (MRG_RXBUF).
+    pub mrg_rxbuf: bool,
+    /// Whether the guest may use indirect tables.
+    pub indirect: bool,
+    /// Whether the ring was stopped for misbehaving (e.g. avail index overrun).
+    pub broken: bool,
+    /// The guest memory the ring and its buffers live in.
+    pub mem: Arc<AddressSpace>,
+    /// Eventfd that interrupts the guest, if it wants interrupts.
+    pub call: Option<Arc<File>>,
+    /// Eventfd the guest kicks, if it kicks; with its generation so a polling thread can
+    /// tell a new fd from a reused number.
+    pub kick: Option<(Arc<File>, u64)>,
+}
+
+/// Parameters to start a queue.
+pub struct QueueSetup {
+    /// Ring addresses (frontend virtual addresses).
+    pub addrs: RingAddrs,
+    /// Ring size.
+    pub size: u32,
+    /// Where to resume.
+    pub last_avail: u16,
+    /// EVENT_IDX negotiated.
+    pub event_idx: bool,
+    /// Virtio-net header length.
+    pub hdr_len: u8,
+    /// MRG_RXBUF negotiated.
+    pub mrg_rxbuf: bool,
+    /// INDIRECT_DESC negotiated.
+    pub indirect: bool,
+}
+
+impl VirtQueue {
+    /// Builds a running queue in `mem`.
+    pub fn new(
+        mem: Arc<AddressSpace>,
+        s: &QueueSetup,
+        call: Option<Arc<File>>,
+        kick: Option<(Arc<File>, u64)>,
+    ) -> Result<Self, RingError> {
+        let ring = SplitRing::new(&mem, s.addrs, s.size, s.last_avail, s.event_idx)?;
+        Ok(VirtQueue {
+            ring,
+            hint: 0,
+            hdr_len: s.hdr_len,
+            mrg_rxbuf: s.mrg_rxbuf,
+            indirect: s.indirect,
+            broken: false,
+            mem,
+            call,
+            kick,
+        })
+    }
+
+    /// Interrupts the guest if it asked for it; returns whether it did.
+    #[inline]
+    pub fn notify(&mut self) -> bool {
+        if !self.ring.needs_interrupt() {
+            return false;
+        }
+        if let Some(call) = &self.call {
+            // A full eventfd counter (EAGAIN) still means "signalled"; other errors mean the
+            // frontend went away, which the control thread notices on its socket.
+            let _ = (&**call).write(&1u64.to_ne_bytes());
+            return true;
+        }
+        false
+    }
+}
+
+/// Counters of one queue. Written by whichever polling thread holds the queue (one at a time),
+/// with plain load+store rather than locked adds; read by anyone.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Packets moved (received from the guest on its TX queues, delivered to it on RX queues).
+    pub packets: AtomicU64,
+    /// Frame bytes moved (without the virtio-net header).
+    pub bytes: AtomicU64,
+    /// Packets dropped because the destination had no (or too few) buffers.
+    pub drop_no_buffer: AtomicU64,
+    /// Packets or buffers refused as malformed (bad chain, runt frame).
+    pub drop_malformed: AtomicU64,
+    /// Packets dropped by policy (VLAN not allowed on the port).
+    pub drop_filtered: AtomicU64,
+    /// Packets with nowhere to go (only destination was the source, or the VLAN is empty).
+    pub drop_no_route: AtomicU64,
+    /// Packet copies made into this queue's buffers (one per delivered packet).
+    pub copies: AtomicU64,
+    /// Bytes copied into this queue's buffers.
+    pub bytes_copied: AtomicU64,
+    /// Interrupts sent to the guest.
+    pub interrupts: AtomicU64,
+}
+
+/// Single-writer add: a plain load and store, no locked instruction.
+#[inline(always)]
+pub fn bump(c: &AtomicU64, n: u64) {
+    if n != 0 {
+        c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of queue counters, plain numbers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueCounters {
+    /// See [`QueueStats::packets`].
+    pub packets: u64,
+    /// See [`QueueStats::bytes`].
+    pub bytes: u64,
+    /// See [`QueueStats::drop_no_buffer`].
+    pub drop_no_buffer: u64,
+    /// See [`QueueStats::drop_malformed`].
+    pub drop_malformed: u64,
+    /// See [`QueueStats::drop_filtered`].
+    pub drop_filtered: u64,
+    /// See [`QueueStats::drop_no_route`].
+    pub drop_no_route: u64,
+    /// See [`QueueStats::copies`].
+    pub copies: u64,
+    /// See [`QueueStats::bytes_copied`].
+    pub bytes_copied: u64,
+    /// See [`QueueStats::interrupts`].
+    pub interrupts: u64,
+}
+
+impl QueueStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> QueueCounters {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        QueueCounters {
+            packets: r(&self.packets),
+            bytes: r(&self.bytes),
+            drop_no_buffer: r(&self.drop_no_buffer),
+            drop_malformed: r(&self.drop_malformed),
+            drop_filtered: r(&self.drop_filtered),
+            drop_no_route: r(&self.drop_no_route),
+            copies: r(&self.copies),
+            bytes_copied: r(&self.bytes_copied),
+            interrupts: r(&self.interrupts),
+        }
+    }
+}
+
+impl std::ops::AddAssign for QueueCounters {
+    fn add_assign(&mut self, o: Self) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.drop_no_buffer += o.drop_no_buffer;
+        self.drop_malformed += o.drop_malformed;
+        self.drop_filtered += o.drop_filtered;
+        self.drop_no_route += o.drop_no_route;
+        self.copies += o.copies;
+        self.bytes_copied += o.bytes_copied;
+        self.interrupts += o.interrupts;
+    }
+}
