@@ -414,3 +414,328 @@ fn complete(q: &mut VirtQueue, pkts: &[PacketRef], stats: &QueueStats) {
         bump(&stats.interrupts, 1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::undocumented_unsafe_blocks)]
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::l2::vlan::VlanSet;
+    use crate::virtio::mock::{MockGuest, MockRing};
+    use crate::virtio::ring::DESC_F_WRITE;
+
+    const MACS: [[u8; 6]; 4] = [
+        [0x52, 0, 0, 0, 0, 1],
+        [0x52, 0, 0, 0, 0, 2],
+        [0x52, 0, 0, 0, 0, 3],
+        [0x52, 0, 0, 0, 0, 4],
+    ];
+    const BCAST: [u8; 6] = [0xff; 6];
+
+    struct Guest {
+        g: MockGuest,
+        tx: MockRing,
+        rx: MockRing,
+        rx_bufs: HashMap<u32, (u64, u32)>,
+    }
+
+    struct Net {
+        guests: Vec<Guest>,
+        ports: Vec<Arc<Port>>,
+        dp: Datapath,
+    }
+
+    fn net(modes: Vec<VlanMode>, mrg: bool) -> Net {
+        let mut dp = Datapath::new(0, Arc::new(Fdb::new(1024, 300)));
+        let mut guests = Vec::new();
+        let mut ports = Vec::new();
+        for (i, mode) in modes.into_iter().enumerate() {
+            let mut g = MockGuest::new(1 << 20);
+            let tx = g.ring(64);
+            let rx = g.ring(64);
+            let port = Arc::new(Port::new(i as u16, format!("p{i}"), mode, MACS[i], 1));
+            *port.txq[0].lock() = Some(tx.queue(&g, mrg));
+            *port.rxq[0].lock() = Some(rx.queue(&g, mrg));
+            dp.add_port(port.clone());
+            ports.push(port);
+            guests.push(Guest { g, tx, rx, rx_bufs: HashMap::new() });
+        }
+        Net { guests, ports, dp }
+    }
+
+    fn frame(dst: [u8; 6], src: [u8; 6], tci: Option<u16>, len: usize) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend(dst);
+        f.extend(src);
+        if let Some(t) = tci {
+            f.extend([0x81, 0x00]);
+            f.extend(t.to_be_bytes());
+        }
+        f.extend([0x08, 0x00]);
+        while f.len() < len {
+            f.push(f.len() as u8);
+        }
+        f
+    }
+
+    impl Net {
+        fn send(&mut self, p: usize, frame: &[u8]) {
+            let gu = &mut self.guests[p];
+            let gpa = gu.g.alloc(12 + frame.len() as u64, 8);
+            gu.g.write(gpa, &[0u8; 12]);
+            gu.g.write(gpa + 12, frame);
+            gu.tx.add_chain(&gu.g, &[(gpa, 12 + frame.len() as u32, 0)]);
+        }
+
+        fn post_rx(&mut self, p: usize, n: usize, size: u32) {
+            let gu = &mut self.guests[p];
+            for _ in 0..n {
+                let gpa = gu.g.alloc(size as u64, 8);
+                let head = gu.rx.add_chain(&gu.g, &[(gpa, size, DESC_F_WRITE)]);
+                gu.rx_bufs.insert(head as u32, (gpa, size));
+            }
+        }
+
+        fn poll(&mut self, p: usize) -> usize {
+            let port = self.ports[p].clone();
+            self.dp.poll_queue(&port, 0, 1)
+        }
+
+        /// Frames delivered to `p` since last asked (headers checked and stripped).
+        fn received(&mut self, p: usize) -> Vec<Vec<u8>> {
+            let gu = &mut self.guests[p];
+            let used = gu.rx.take_used(&gu.g);
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < used.len() {
+                let (id, len) = used[i];
+                let (gpa, _) = gu.rx_bufs[&id];
+                let first = gu.g.read(gpa, len as usize);
+                let nbuf = u16::from_le_bytes([first[10], first[11]]) as usize;
+                assert_eq!(&first[..10], &[0u8; 10], "clean header");
+                let mut f = first[12..].to_vec();
+                for &(id2, len2) in &used[i + 1..i + nbuf] {
+                    let (gpa2, _) = gu.rx_bufs[&id2];
+                    f.extend(gu.g.read(gpa2, len2 as usize));
+                }
+                out.push(f);
+                i += nbuf.max(1);
+            }
+            out
+        }
+
+        fn tx_returned(&mut self, p: usize) -> Vec<(u32, u32)> {
+            let gu = &mut self.guests[p];
+            gu.tx.take_used(&gu.g)
+        }
+
+        fn rx_stats(&self, p: usize) -> crate::virtio::queue::QueueCounters {
+            self.ports[p].rxq[0].stats.snapshot()
+        }
+
+        fn tx_stats(&self, p: usize) -> crate::virtio::queue::QueueCounters {
+            self.ports[p].txq[0].stats.snapshot()
+        }
+    }
+
+    fn tagged(f: &[u8], tci: u16) -> Vec<u8> {
+        let mut t = f[..12].to_vec();
+        t.extend([0x81, 0x00]);
+        t.extend(tci.to_be_bytes());
+        t.extend(&f[12..]);
+        t
+    }
+
+    fn untagged(f: &[u8]) -> Vec<u8> {
+        let mut t = f[..12].to_vec();
+        t.extend(&f[16..]);
+        t
+    }
+
+    fn trunk(v: &[u16]) -> VlanMode {
+        VlanMode::Trunk(Some(Box::new(VlanSet::new(v.iter().copied()))))
+    }
+
+    #[test]
+    fn test_unknown_unicast_floods_then_learned_goes_to_one_port() {
+        let mut n = net(vec![VlanMode::default(); 3], true);
+        for p in 0..3 {
+            n.post_rx(p, 8, 2048);
+        }
+        let f = frame(MACS[1], MACS[0], None, 60);
+        n.send(0, &f);
+        assert_eq!(n.poll(0), 1);
+        assert_eq!(n.received(1), vec![f.clone()]);
+        assert_eq!(n.received(2), vec![f.clone()], "unknown unicast floods");
+        assert!(n.received(0).is_empty(), "never back to the sender");
+        let r = frame(MACS[0], MACS[1], None, 60);
+        n.send(1, &r);
+        n.poll(1);
+        assert_eq!(n.received(0), vec![r]);
+        assert!(n.received(2).is_empty(), "learned: only the owner gets it");
+        n.send(0, &f);
+        n.poll(0);
+        assert_eq!(n.received(1).len(), 1);
+        assert!(n.received(2).is_empty());
+        assert_eq!(n.tx_returned(0).len(), 2, "source buffers returned");
+    }
+
+    #[test]
+    fn test_broadcast_makes_one_copy_per_receiver() {
+        let mut n = net(vec![VlanMode::default(); 4], false);
+        for p in 0..4 {
+            n.post_rx(p, 4, 2048);
+        }
+        let f = frame(BCAST, MACS[0], None, 1514);
+        n.send(0, &f);
+        n.poll(0);
+        for p in 1..4 {
+            assert_eq!(n.received(p), vec![f.clone()]);
+            let s = n.rx_stats(p);
+            assert_eq!((s.packets, s.copies, s.bytes_copied), (1, 1, 1514));
+        }
+        assert_eq!(n.rx_stats(0).copies, 0);
+        assert_eq!(n.tx_returned(0), vec![(0, 0)]);
+    }
+
+    #[test]
+    fn test_vlan_isolation_and_tag_edits() {
+        // 0: access 10, 1: access 20, 2: trunk 10,20, 3: access 10
+        let mut n = net(vec![VlanMode::Access(10), VlanMode::Access(20), trunk(&[10, 20]), VlanMode::Access(10)], true);
+        for p in 0..4 {
+            n.post_rx(p, 8, 2048);
+        }
+        let f = frame(BCAST, MACS[0], None, 64);
+        n.send(0, &f);
+        n.poll(0);
+        assert!(n.received(1).is_empty(), "VLAN 20 never sees VLAN 10");
+        assert_eq!(n.received(3), vec![f.clone()], "access to access: untouched");
+        assert_eq!(n.received(2), vec![tagged(&f, 10)], "tag pushed on the trunk");
+        // Trunk sends VLAN 20 tagged (priority 5): port 1 gets it untagged.
+        let t = frame(BCAST, MACS[2], Some(0xa014), 68);
+        n.send(2, &t);
+        n.poll(2);
+        assert_eq!(n.received(1), vec![untagged(&t)]);
+        assert!(n.received(0).is_empty() && n.received(3).is_empty());
+        // VLAN 30 is not on the trunk; a tagged frame on an access port is refused.
+        n.send(2, &frame(BCAST, MACS[2], Some(30), 68));
+        n.poll(2);
+        n.send(0, &frame(BCAST, MACS[0], Some(10), 68));
+        n.poll(0);
+        assert_eq!(n.tx_stats(2).drop_filtered, 1);
+        assert_eq!(n.tx_stats(0).drop_filtered, 1);
+        for p in 0..4 {
+            assert!(n.received(p).is_empty());
+        }
+    }
+
+    #[test]
+    fn test_full_destination_drops_without_copying() {
+        let mut n = net(vec![VlanMode::default(); 2], true);
+        n.post_rx(1, 1, 2048);
+        n.send(0, &frame(MACS[1], MACS[0], None, 60));
+        n.send(0, &frame(MACS[1], MACS[0], None, 60));
+        n.poll(0);
+        assert_eq!(n.received(1).len(), 1);
+        let s = n.rx_stats(1);
+        assert_eq!((s.packets, s.copies, s.drop_no_buffer), (1, 1, 1));
+        assert_eq!(n.tx_returned(0).len(), 2, "the dropped packet's buffer is returned too");
+    }
+
+    #[test]
+    fn test_malformed_chain_is_returned_and_counted_and_the_rest_flows() {
+        let mut n = net(vec![VlanMode::default(); 2], true);
+        n.post_rx(1, 4, 2048);
+        {
+            let gu = &mut n.guests[0];
+            gu.tx.add_chain(&gu.g, &[(1 << 40, 100, 0)]); // outside guest memory
+            gu.tx.add_chain(&gu.g, &[(0x2000, 5, 0)]); // runt
+        }
+        let f = frame(MACS[1], MACS[0], None, 60);
+        n.send(0, &f);
+        assert_eq!(n.poll(0), 3);
+        assert_eq!(n.received(1), vec![f]);
+        assert_eq!(n.tx_stats(0).drop_malformed, 2);
+        let back = n.tx_returned(0);
+        assert_eq!(back.len(), 3);
+        assert!(back.iter().all(|&(_, len)| len == 0));
+    }
+
+    #[test]
+    fn test_mergeable_buffers_carry_a_large_frame() {
+        let mut n = net(vec![VlanMode::default(); 2], true);
+        n.post_rx(1, 16, 64);
+        let f = frame(MACS[1], MACS[0], None, 300);
+        n.send(0, &f);
+        n.poll(0);
+        let got = n.received(1);
+        assert_eq!(got, vec![f]);
+        let gu = &n.guests[1];
+        let used_idx = gu.g.read_u16(gu.rx.used + 2);
+        assert_eq!(used_idx, 5, "312 bytes in 64-byte buffers");
+    }
+
+    #[test]
+    fn test_without_mergeable_buffers_a_too_small_buffer_is_not_used() {
+        let mut n = net(vec![VlanMode::default(); 2], false);
+        n.post_rx(1, 4, 64);
+        n.send(0, &frame(MACS[1], MACS[0], None, 300));
+        n.poll(0);
+        assert!(n.received(1).is_empty());
+        assert_eq!(n.rx_stats(1).drop_no_buffer, 1);
+        n.send(0, &frame(MACS[1], MACS[0], None, 40));
+        n.poll(0);
+        assert_eq!(n.received(1).len(), 1, "the buffers were left for the next packet");
+    }
+
+    #[test]
+    fn test_no_hairpin_to_a_mac_on_the_same_port() {
+        let mut n = net(vec![VlanMode::default(); 2], true);
+        n.post_rx(0, 4, 2048);
+        n.post_rx(1, 4, 2048);
+        n.send(0, &frame(BCAST, MACS[2], None, 60)); // learn MACS[2] on port 0
+        n.poll(0);
+        n.received(1);
+        n.send(0, &frame(MACS[2], MACS[0], None, 60));
+        n.poll(0);
+        assert!(n.received(0).is_empty() && n.received(1).is_empty());
+        assert_eq!(n.tx_stats(0).drop_no_route, 1);
+    }
+
+    #[test]
+    fn test_avail_index_overrun_stops_only_that_queue() {
+        let mut n = net(vec![VlanMode::default(); 3], true);
+        n.post_rx(2, 4, 2048);
+        {
+            let gu = &mut n.guests[0];
+            gu.g.write_u16(gu.tx.avail + 2, 300); // claims 300 entries in a 64-entry ring
+        }
+        assert_eq!(n.poll(0), 0);
+        assert_eq!(n.tx_stats(0).drop_malformed, 1);
+        assert_eq!(n.poll(0), 0, "stays stopped");
+        let f = frame(MACS[2], MACS[1], None, 60);
+        n.send(1, &f);
+        n.poll(1);
+        assert_eq!(n.received(2), vec![f], "other ports unaffected");
+    }
+
+    #[test]
+    fn test_split_header_and_frame_descriptors() {
+        let mut n = net(vec![VlanMode::default(); 2], true);
+        n.post_rx(1, 4, 2048);
+        let f = frame(MACS[1], MACS[0], None, 100);
+        {
+            let gu = &mut n.guests[0];
+            let h = gu.g.alloc(12, 8);
+            let a = gu.g.alloc(7, 8);
+            let b = gu.g.alloc(93, 8);
+            gu.g.write(h, &[0u8; 12]);
+            gu.g.write(a, &f[..7]);
+            gu.g.write(b, &f[7..]);
+            gu.tx.add_chain(&gu.g, &[(h, 12, 0), (a, 7, 0), (b, 93, 0)]);
+        }
+        n.poll(0);
+        assert_eq!(n.received(1), vec![f]);
+    }
+}

@@ -6,6 +6,8 @@
 
 pub mod chain;
 pub mod features;
+#[cfg(test)]
+pub mod mock;
 pub mod queue;
 pub mod ring;
 

@@ -1,0 +1,156 @@
+//! A driver-side mock of a guest and its split rings, for the switch's own unit tests.
+//!
+//! Memory is one memfd seen two ways: as an [`AddressSpace`] (what the switch uses) and, for
+//! oracle tests, as a `vm_memory::GuestMemoryMmap` that rust-vmm's virtio-queue can read.
+#![allow(clippy::undocumented_unsafe_blocks, missing_docs)]
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+
+use iommu::{AddressSpace, MemoryRegionDesc, Region};
+
+use super::queue::QueueSetup;
+use super::ring::{Desc, RingAddrs, DESC_F_NEXT};
+use super::VirtQueue;
+
+/// Frontend virtual address of guest-physical 0 (rings are given in these).
+pub const UVA_BASE: u64 = 0x7f00_0000_0000;
+
+pub struct MockGuest {
+    pub mem: Arc<AddressSpace>,
+    pub file: File,
+    host: *mut u8,
+    size: u64,
+    next: u64,
+}
+
+impl MockGuest {
+    pub fn new(size: u64) -> Self {
+        let name = std::ffi::CString::new("mock-guest").unwrap();
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+        assert!(fd >= 0);
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).unwrap();
+        let desc = MemoryRegionDesc { guest_phys_addr: 0, memory_size: size, userspace_addr: UVA_BASE, mmap_offset: 0 };
+        let region = Region::map(desc, file.try_clone().unwrap()).unwrap();
+        let host = region.host();
+        let mem = Arc::new(AddressSpace::new(vec![region]).unwrap());
+        MockGuest { mem, file, host, size, next: 0x1000 }
+    }
+
+    /// Bump-allocates `len` bytes aligned to `align`.
+    pub fn alloc(&mut self, len: u64, align: u64) -> u64 {
+        let a = self.next.div_ceil(align) * align;
+        assert!(a + len <= self.size, "mock guest out of memory");
+        self.next = a + len;
+        a
+    }
+
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        assert!(gpa + data.len() as u64 <= self.size);
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.add(gpa as usize), data.len()) };
+    }
+
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        assert!(gpa + len as u64 <= self.size);
+        let mut v = vec![0u8; len];
+        unsafe { std::ptr::copy_nonoverlapping(self.host.add(gpa as usize), v.as_mut_ptr(), len) };
+        v
+    }
+
+    pub fn write_u16(&self, gpa: u64, v: u16) {
+        self.write(gpa, &v.to_le_bytes());
+    }
+
+    pub fn read_u16(&self, gpa: u64) -> u16 {
+        u16::from_le_bytes(self.read(gpa, 2).try_into().unwrap())
+    }
+
+    pub fn read_u32(&self, gpa: u64) -> u32 {
+        u32::from_le_bytes(self.read(gpa, 4).try_into().unwrap())
+    }
+
+    pub fn ring(&mut self, size: u16) -> MockRing {
+        let desc = self.alloc(16 * size as u64, 16);
+        let avail = self.alloc(6 + 2 * size as u64, 2);
+        let used = self.alloc(6 + 8 * size as u64, 4);
+        MockRing { desc, avail, used, size, free: 0, avail_idx: 0, used_seen: 0 }
+    }
+}
+
+/// A split ring driven from the driver side.
+pub struct MockRing {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub size: u16,
+    /// Next descriptor slot to write (wraps; tests keep chains short).
+    pub free: u16,
+    pub avail_idx: u16,
+    used_seen: u16,
+}
+
+impl MockRing {
+    pub fn addrs(&self) -> RingAddrs {
+        RingAddrs { desc: UVA_BASE + self.desc, avail: UVA_BASE + self.avail, used: UVA_BASE + self.used }
+    }
+
+    pub fn write_desc(&self, g: &MockGuest, i: u16, d: Desc) {
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&d.addr.to_le_bytes());
+        b[8..12].copy_from_slice(&d.len.to_le_bytes());
+        b[12..14].copy_from_slice(&d.flags.to_le_bytes());
+        b[14..16].copy_from_slice(&d.next.to_le_bytes());
+        g.write(self.desc + 16 * i as u64, &b);
+    }
+
+    /// Writes a chain of (addr, len, flags) at consecutive slots, linking with NEXT, and
+    /// publishes it. Returns the head.
+    pub fn add_chain(&mut self, g: &MockGuest, bufs: &[(u64, u32, u16)]) -> u16 {
+        let head = self.free;
+        for (k, &(addr, len, flags)) in bufs.iter().enumerate() {
+            let i = (head + k as u16) % self.size;
+            let last = k + 1 == bufs.len();
+            let next = (i + 1) % self.size;
+            let flags = if last { flags } else { flags | DESC_F_NEXT };
+            self.write_desc(g, i, Desc { addr, len, flags, next: if last { 0 } else { next } });
+        }
+        self.free = (head + bufs.len() as u16) % self.size;
+        self.publish(g, head);
+        head
+    }
+
+    /// Puts `head` in the available ring and moves the index.
+    pub fn publish(&mut self, g: &MockGuest, head: u16) {
+        g.write_u16(self.avail + 4 + 2 * (self.avail_idx % self.size) as u64, head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        g.write_u16(self.avail + 2, self.avail_idx);
+    }
+
+    /// New used entries since the last call.
+    pub fn take_used(&mut self, g: &MockGuest) -> Vec<(u32, u32)> {
+        let idx = g.read_u16(self.used + 2);
+        let mut out = Vec::new();
+        while self.used_seen != idx {
+            let e = self.used + 4 + 8 * (self.used_seen % self.size) as u64;
+            out.push((g.read_u32(e), g.read_u32(e + 4)));
+            self.used_seen = self.used_seen.wrapping_add(1);
+        }
+        out
+    }
+
+    /// A running device-side queue over this ring.
+    pub fn queue(&self, g: &MockGuest, mrg_rxbuf: bool) -> VirtQueue {
+        let s = QueueSetup {
+            addrs: self.addrs(),
+            size: self.size as u32,
+            last_avail: 0,
+            event_idx: false,
+            hdr_len: 12,
+            mrg_rxbuf,
+            indirect: true,
+        };
+        VirtQueue::new(g.mem.clone(), &s, None, None).unwrap()
+    }
+}
