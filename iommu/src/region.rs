@@ -65,13 +65,9 @@ impl Region {
             // Take the page-table faults now, not in the polling loop; cheap for 2 MiB pages.
             flags |= libc::MAP_POPULATE;
         }
-        let map = MmapRegion::build(
-            Some(FileOffset::new(file, 0)),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-        )
-        .map_err(|e| Error::Map { gpa, source: std::io::Error::other(e.to_string()) })?;
+        let map =
+            MmapRegion::build(Some(FileOffset::new(file, 0)), len, libc::PROT_READ | libc::PROT_WRITE, flags)
+                .map_err(|e| Error::Map { gpa, source: std::io::Error::other(e.to_string()) })?;
         // SAFETY: `mmap_offset + memory_size <= len` was checked above, so the offset stays
         // inside the mapping.
         let host = unsafe { map.as_ptr().add(desc.mmap_offset as usize) };

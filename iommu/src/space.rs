@@ -161,8 +161,7 @@ mod tests {
 
     #[test]
     fn test_translate_refuses_range_crossing_adjacent_regions() {
-        let s = AddressSpace::new(vec![anon(0, 0x1000, 0x10_0000), anon(0x1000, 0x1000, 0x20_0000)])
-            .unwrap();
+        let s = AddressSpace::new(vec![anon(0, 0x1000, 0x10_0000), anon(0x1000, 0x1000, 0x20_0000)]).unwrap();
         let mut h = 0;
         assert!(s.translate(0xff0, 0x20, &mut h).is_none());
         assert!(s.translate(0x1ff0, 0x10, &mut h).is_some());
@@ -205,7 +204,8 @@ mod tests {
     fn test_map_refuses_short_file() {
         let mut f = tempfile();
         f.write_all(&[0u8; 4096]).unwrap();
-        let desc = MemoryRegionDesc { guest_phys_addr: 0, memory_size: 8192, userspace_addr: 0, mmap_offset: 0 };
+        let desc =
+            MemoryRegionDesc { guest_phys_addr: 0, memory_size: 8192, userspace_addr: 0, mmap_offset: 0 };
         assert!(matches!(Region::map(desc, f), Err(Error::FileTooSmall { .. })));
     }
 
@@ -215,7 +215,12 @@ mod tests {
         let mut data = vec![0u8; 8192];
         data[4096 + 5] = 0xab;
         f.write_all(&data).unwrap();
-        let desc = MemoryRegionDesc { guest_phys_addr: 0x10000, memory_size: 4096, userspace_addr: 0, mmap_offset: 4096 };
+        let desc = MemoryRegionDesc {
+            guest_phys_addr: 0x10000,
+            memory_size: 4096,
+            userspace_addr: 0,
+            mmap_offset: 4096,
+        };
         let s = AddressSpace::new(vec![Region::map(desc, f).unwrap()]).unwrap();
         let mut h = 0;
         let p = s.translate(0x10005, 1, &mut h).unwrap();

@@ -9,9 +9,19 @@ use vswitch::{PortConfig, Switch, SwitchConfig};
 
 fn testpmd_generator(dir: &Scratch, prefix: &str, args: &[String]) -> Proc {
     let mut cmd = Command::new(testpmd());
-    cmd.args(["--lcores", "0@1,1@1", "--main-lcore", "0", "--no-pci", "--no-huge", "-m", "1024", "--single-file-segments"])
-        .arg(format!("--file-prefix={prefix}"))
-        .args(args);
+    cmd.args([
+        "--lcores",
+        "0@1,1@1",
+        "--main-lcore",
+        "0",
+        "--no-pci",
+        "--no-huge",
+        "-m",
+        "1024",
+        "--single-file-segments",
+    ])
+    .arg(format!("--file-prefix={prefix}"))
+    .args(args);
     Proc::spawn(cmd, &dir.path("testpmd.log")).cleanup_dir(format!("/var/run/dpdk/{prefix}").into())
 }
 
@@ -65,7 +75,9 @@ fn test_testpmd_virtio_user_forwards_both_ways_through_the_switch() {
     let mut args = vdevs(&a, &b, "");
     args.extend(flowgen(64));
     let mut gen = testpmd_generator(&dir, &format!("vsw-e2e-{}", std::process::id()), &args);
-    let up = wait_until(Duration::from_secs(30), || gen.log_text().matches("Rx-pps").count() >= 6 || !gen.running());
+    let up = wait_until(Duration::from_secs(30), || {
+        gen.log_text().matches("Rx-pps").count() >= 6 || !gen.running()
+    });
     let ports = sw.ports().unwrap();
     let log = gen.stop(Duration::from_secs(5));
     assert!(up, "testpmd did not run for 3 s:\n{log}");
@@ -89,7 +101,11 @@ fn test_client_mode_ports_connect_to_virtio_user_servers() {
     args.extend(flowgen(1518));
     let mut gen = testpmd_generator(&dir, &format!("vsw-e2e-c{}", std::process::id()), &args);
     // It listens on the second socket only once the first is connected.
-    assert!(wait_until(Duration::from_secs(30), || a.exists()), "virtio-user did not listen:\n{}", gen.log_text());
+    assert!(
+        wait_until(Duration::from_secs(30), || a.exists()),
+        "virtio-user did not listen:\n{}",
+        gen.log_text()
+    );
     let cfg = SwitchConfig {
         fdb_aging_secs: 300,
         ports: vec![

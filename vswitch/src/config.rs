@@ -153,7 +153,10 @@ impl PortConfig {
         if let Some(m) = self.mac.as_deref().and_then(parse_mac) {
             return m;
         }
-        let h = self.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let h = self
+            .name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
         let b = h.to_be_bytes();
         [0x52, 0x54, 0x00, b[0], b[1], b[2]]
     }
@@ -187,8 +190,10 @@ fn default_aging() -> u32 {
 impl SwitchConfig {
     /// Reads a TOML file.
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let cfg: SwitchConfig = toml::from_str(&text).map_err(|source| ConfigError::Toml { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let cfg: SwitchConfig =
+            toml::from_str(&text).map_err(|source| ConfigError::Toml { path: path.into(), source })?;
         cfg.validate()?;
         Ok(cfg)
     }

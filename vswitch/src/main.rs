@@ -182,7 +182,9 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
         CtlCmd::Stats => Request::Stats,
         CtlCmd::Fdb => Request::Fdb,
         CtlCmd::FdbFlush => Request::FdbFlush,
-        CtlCmd::PortAdd { spec } => Request::PortAdd { port: PortConfig::parse(&spec).map_err(|e| e.to_string())? },
+        CtlCmd::PortAdd { spec } => {
+            Request::PortAdd { port: PortConfig::parse(&spec).map_err(|e| e.to_string())? }
+        }
         CtlCmd::PortDel { name } => Request::PortDel { name },
     };
     let v = request(path, &req).map_err(|e| e.to_string())?;
@@ -194,27 +196,62 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
     match req {
         Request::Ports => {
             let ports: Vec<PortInfo> = serde_json::from_value(v).map_err(bad)?;
-            println!("{:<4} {:<12} {:<7} {:<10} {:<18} {:<5} {:<6} socket / features", "id", "name", "mode", "vlan", "mac", "pairs", "conn");
+            println!(
+                "{:<4} {:<12} {:<7} {:<10} {:<18} {:<5} {:<6} socket / features",
+                "id", "name", "mode", "vlan", "mac", "pairs", "conn"
+            );
             for p in ports {
                 println!(
                     "{:<4} {:<12} {:<7} {:<10} {:<18} {:<5} {:<6} {}\n{:>48} {}  queues running {:?}",
-                    p.id, p.name, p.mode, p.vlan, p.mac, p.queue_pairs, if p.connected { "yes" } else { "no" },
-                    p.socket, "", p.device.features.join(","), p.device.running_queues
+                    p.id,
+                    p.name,
+                    p.mode,
+                    p.vlan,
+                    p.mac,
+                    p.queue_pairs,
+                    if p.connected { "yes" } else { "no" },
+                    p.socket,
+                    "",
+                    p.device.features.join(","),
+                    p.device.running_queues
                 );
             }
         }
         Request::Stats => {
             let s: Stats = serde_json::from_value(v).map_err(bad)?;
-            println!("{:<12} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8} {:>12}", "port", "rx_pkts", "rx_bytes", "tx_pkts", "tx_bytes", "no_buf", "malformd", "filtered", "no_route", "copies");
+            println!(
+                "{:<12} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8} {:>12}",
+                "port",
+                "rx_pkts",
+                "rx_bytes",
+                "tx_pkts",
+                "tx_bytes",
+                "no_buf",
+                "malformd",
+                "filtered",
+                "no_route",
+                "copies"
+            );
             for p in &s.ports {
                 println!(
                     "{:<12} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8} {:>12}",
-                    p.name, p.rx.packets, p.rx.bytes, p.tx.packets, p.tx.bytes, p.tx.drop_no_buffer,
-                    p.rx.drop_malformed + p.tx.drop_malformed, p.rx.drop_filtered, p.rx.drop_no_route, p.tx.copies
+                    p.name,
+                    p.rx.packets,
+                    p.rx.bytes,
+                    p.tx.packets,
+                    p.tx.bytes,
+                    p.tx.drop_no_buffer,
+                    p.rx.drop_malformed + p.tx.drop_malformed,
+                    p.rx.drop_filtered,
+                    p.rx.drop_no_route,
+                    p.tx.copies
                 );
             }
             for m in &s.pmds {
-                println!("pmd{} core {:?}: {} packets, {:.1} ticks/packet, {} sleeps", m.pmd, m.core, m.packets, m.ticks_per_packet, m.sleeps);
+                println!(
+                    "pmd{} core {:?}: {} packets, {:.1} ticks/packet, {} sleeps",
+                    m.pmd, m.core, m.packets, m.ticks_per_packet, m.sleeps
+                );
             }
         }
         Request::Fdb => {

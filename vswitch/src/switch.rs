@@ -100,8 +100,11 @@ impl Switch {
         let poll = Poll::new().map_err(SwitchError::Start)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(SwitchError::Start)?);
         let fdb = Arc::new(Fdb::new(65536, cfg.fdb_aging_secs));
-        let cores: Vec<Option<usize>> =
-            if cfg.pmd_cores.is_empty() { vec![None] } else { cfg.pmd_cores.iter().map(|c| Some(*c)).collect() };
+        let cores: Vec<Option<usize>> = if cfg.pmd_cores.is_empty() {
+            vec![None]
+        } else {
+            cfg.pmd_cores.iter().map(|c| Some(*c)).collect()
+        };
         let mut pmds = Vec::new();
         for (i, core) in cores.into_iter().enumerate() {
             pmds.push(PmdHandle::spawn(i, core, cfg.busy_poll, fdb.clone()).map_err(SwitchError::Start)?);
@@ -197,7 +200,8 @@ fn bind(path: &Path) -> Result<UnixListener, SwitchError> {
     if path.exists() && UnixStream::connect(path).is_err() {
         let _ = std::fs::remove_file(path);
     }
-    UnixListener::bind(path).map_err(|source| SwitchError::Listen { path: path.display().to_string(), source })
+    UnixListener::bind(path)
+        .map_err(|source| SwitchError::Listen { path: path.display().to_string(), source })
 }
 
 fn token_of(id: u16, conn: bool) -> Token {
@@ -270,8 +274,12 @@ impl Control {
                 self.fdb.flush();
                 Ok(serde_json::Value::Null)
             }
-            Request::PortAdd { port } => self.add_port(port).map(|_| serde_json::Value::Null).map_err(|e| e.to_string()),
-            Request::PortDel { name } => self.del_port(&name).map(|_| serde_json::Value::Null).map_err(|e| e.to_string()),
+            Request::PortAdd { port } => {
+                self.add_port(port).map(|_| serde_json::Value::Null).map_err(|e| e.to_string())
+            }
+            Request::PortDel { name } => {
+                self.del_port(&name).map(|_| serde_json::Value::Null).map_err(|e| e.to_string())
+            }
         };
         match res {
             Ok(v) => Reply { ok: true, result: Some(v), error: None },
@@ -293,7 +301,8 @@ impl Control {
                 return Err(SwitchError::SocketInUse(cfg.socket.display().to_string(), p.cfg.name.clone()));
             }
         }
-        let id = (0..MAX_PORTS as u16).find(|i| !self.ports.contains_key(i)).ok_or(SwitchError::TooManyPorts)?;
+        let id =
+            (0..MAX_PORTS as u16).find(|i| !self.ports.contains_key(i)).ok_or(SwitchError::TooManyPorts)?;
         let port = Arc::new(Port::new(id, cfg.name.clone(), cfg.vlan_mode(), cfg.mac_bytes(), cfg.queues));
         let device = Arc::new(Mutex::new(VhostDevice::new(port.clone(), self.wake_pmds.clone())));
         let mut listener = None;
@@ -307,12 +316,16 @@ impl Control {
         }
         let n = self.pmds.len();
         for pmd in &self.pmds {
-            let poll_pairs: Vec<u16> = (0..cfg.queues).filter(|k| (id as usize + *k as usize) % n == pmd.idx).collect();
+            let poll_pairs: Vec<u16> =
+                (0..cfg.queues).filter(|k| (id as usize + *k as usize) % n == pmd.idx).collect();
             let port = port.clone();
             pmd.call(|done| PmdCmd::AddPort { port, poll_pairs, done });
         }
         tracing::info!(port = %cfg.name, id, socket = %cfg.socket.display(), client = cfg.client, "port added");
-        self.ports.insert(id, PortState { cfg, port, device, listener, conn: None, next_retry: Instant::now(), connects: 0 });
+        self.ports.insert(
+            id,
+            PortState { cfg, port, device, listener, conn: None, next_retry: Instant::now(), connects: 0 },
+        );
         self.retry_clients();
         Ok(())
     }
@@ -384,7 +397,9 @@ impl Control {
         }
         let fd = s.as_raw_fd();
         let handler = BackendReqHandler::from_stream(s, st.device.clone());
-        if let Err(e) = self.poll.registry().register(&mut SourceFd(&fd), token_of(id, true), Interest::READABLE) {
+        if let Err(e) =
+            self.poll.registry().register(&mut SourceFd(&fd), token_of(id, true), Interest::READABLE)
+        {
             tracing::warn!(port = %st.cfg.name, "cannot watch connection: {e}");
             return;
         }

@@ -162,7 +162,8 @@ impl Datapath {
             let p = &mut self.pkts[i];
             *p = PacketRef { head, give_back: true, ..PacketRef::default() };
             let segs = &mut self.segs[i];
-            let chain = walk_chain(&q.ring, &q.mem, &mut q.hint, head, false, q.indirect, MAX_FRAME + hdr, segs);
+            let chain =
+                walk_chain(&q.ring, &q.mem, &mut q.hint, head, false, q.indirect, MAX_FRAME + hdr, segs);
             let chain = match chain {
                 Ok(ch) if ch.len >= hdr + 14 => ch,
                 Ok(_) => {
@@ -377,7 +378,16 @@ fn take_rx(
             return Err(RxFail::NoBuffer);
         }
         let head = rq.ring.pop_head();
-        match walk_chain(&rq.ring, &rq.mem, &mut rq.hint, head, true, rq.indirect, u32::MAX >> 1, &mut segs[nseg..]) {
+        match walk_chain(
+            &rq.ring,
+            &rq.mem,
+            &mut rq.hint,
+            head,
+            true,
+            rq.indirect,
+            u32::MAX >> 1,
+            &mut segs[nseg..],
+        ) {
             Ok(ch) => {
                 chains[nch] = (head, ch.len);
                 nch += 1;
@@ -425,12 +435,8 @@ mod tests {
     use crate::virtio::mock::{MockGuest, MockRing};
     use crate::virtio::ring::DESC_F_WRITE;
 
-    const MACS: [[u8; 6]; 4] = [
-        [0x52, 0, 0, 0, 0, 1],
-        [0x52, 0, 0, 0, 0, 2],
-        [0x52, 0, 0, 0, 0, 3],
-        [0x52, 0, 0, 0, 0, 4],
-    ];
+    const MACS: [[u8; 6]; 4] =
+        [[0x52, 0, 0, 0, 0, 1], [0x52, 0, 0, 0, 0, 2], [0x52, 0, 0, 0, 0, 3], [0x52, 0, 0, 0, 0, 4]];
     const BCAST: [u8; 6] = [0xff; 6];
 
     struct Guest {
@@ -602,7 +608,10 @@ mod tests {
     #[test]
     fn test_vlan_isolation_and_tag_edits() {
         // 0: access 10, 1: access 20, 2: trunk 10,20, 3: access 10
-        let mut n = net(vec![VlanMode::Access(10), VlanMode::Access(20), trunk(&[10, 20]), VlanMode::Access(10)], true);
+        let mut n = net(
+            vec![VlanMode::Access(10), VlanMode::Access(20), trunk(&[10, 20]), VlanMode::Access(10)],
+            true,
+        );
         for p in 0..4 {
             n.post_rx(p, 8, 2048);
         }

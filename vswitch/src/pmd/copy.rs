@@ -41,7 +41,11 @@ pub unsafe fn copy_frame(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], dst: &[Seg]) 
         // The fast path: one buffer each side; one copy of the frame, then the header.
         // SAFETY: the source holds skip+len bytes, the destination at least total.
         unsafe {
-            ptr::copy_nonoverlapping(f.segs[0].ptr.add(f.skip as usize), d0.ptr.add(hdr.len()), f.len as usize);
+            ptr::copy_nonoverlapping(
+                f.segs[0].ptr.add(f.skip as usize),
+                d0.ptr.add(hdr.len()),
+                f.len as usize,
+            );
             ptr::copy_nonoverlapping(hdr.as_ptr(), d0.ptr, hdr.len());
         }
         return total;

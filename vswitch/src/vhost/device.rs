@@ -6,8 +6,8 @@ use std::sync::Arc;
 use iommu::{AddressSpace, MemoryRegionDesc, Region};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
-    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserSharedMsg,
-    VhostUserShMemConfig, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
@@ -87,7 +87,16 @@ impl VhostDevice {
     pub fn new(port: Arc<Port>, wake: Arc<dyn Fn() + Send + Sync>) -> Self {
         let n = 2 * port.pairs() as usize;
         let vrings = (0..n).map(|_| Vring::default()).collect();
-        VhostDevice { port, acked: Negotiated::default(), protocol: 0, mem: Arc::default(), vrings, kick_gen: 0, wake, protocol_errors: 0 }
+        VhostDevice {
+            port,
+            acked: Negotiated::default(),
+            protocol: 0,
+            mem: Arc::default(),
+            vrings,
+            kick_gen: 0,
+            wake,
+            protocol_errors: 0,
+        }
     }
 
     /// Stops every queue and forgets the connection's state (disconnect, RESET_OWNER).
@@ -257,7 +266,9 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
         if num == 0 || num > MAX_RING_SIZE as u32 || !num.is_power_of_two() {
-            return Err(refuse(format!("ring size {num} of queue {index} is not a power of two in 1..32768")));
+            return Err(refuse(format!(
+                "ring size {num} of queue {index} is not a power of two in 1..32768"
+            )));
         }
         self.vring(index)?.num = num;
         Ok(())
@@ -347,7 +358,9 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
         let end = offset.checked_add(size).filter(|e| *e as usize <= c.len());
         match end {
             Some(end) => Ok(c[offset as usize..end as usize].to_vec()),
-            None => Err(refuse(format!("config read of {size} bytes at {offset} is outside the 12-byte config space"))),
+            None => Err(refuse(format!(
+                "config read of {size} bytes at {offset} is outside the 12-byte config space"
+            ))),
         }
     }
 

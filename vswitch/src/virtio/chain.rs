@@ -190,7 +190,8 @@ fn walk_indirect(
     let read = |i: u32| -> Desc {
         // SAFETY: i < count and the table's count*16 bytes were translated as one range.
         // Unaligned volatile read: nothing obliges the guest to align an indirect table.
-        let raw: [u8; 16] = unsafe { (table.as_ptr().add(i as usize * 16) as *const [u8; 16]).read_volatile() };
+        let raw: [u8; 16] =
+            unsafe { (table.as_ptr().add(i as usize * 16) as *const [u8; 16]).read_volatile() };
         Desc {
             addr: u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default()),
             len: u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default()),
@@ -227,7 +228,12 @@ mod tests {
     use crate::virtio::mock::{MockGuest, MockRing};
     use crate::virtio::ring::{Desc, SplitRing};
 
-    fn walk(q: &mut crate::virtio::VirtQueue, head: u16, write: bool, indirect: bool) -> Result<Vec<(u64, u32)>, ChainError> {
+    fn walk(
+        q: &mut crate::virtio::VirtQueue,
+        head: u16,
+        write: bool,
+        indirect: bool,
+    ) -> Result<Vec<(u64, u32)>, ChainError> {
         let mut segs = [Seg::default(); MAX_SEGS];
         let base = q.mem.regions()[0].host() as u64;
         let c = walk_chain(&q.ring, &q.mem, &mut q.hint, head, write, indirect, 1 << 20, &mut segs)?;
@@ -254,7 +260,11 @@ mod tests {
     fn test_malformed_chains_are_refused() {
         let (g, mut r, mut q) = setup();
         let h = r.add_chain(&g, &[(0x8000, 100, DESC_F_WRITE)]);
-        assert_eq!(walk(&mut q, h, false, false), Err(ChainError::WrongDirection), "device-writable buffer on TX");
+        assert_eq!(
+            walk(&mut q, h, false, false),
+            Err(ChainError::WrongDirection),
+            "device-writable buffer on TX"
+        );
         let h = r.add_chain(&g, &[(0x8000, 0, 0)]);
         assert_eq!(walk(&mut q, h, false, false), Err(ChainError::ZeroLength));
         let h = r.add_chain(&g, &[((1 << 20) - 10, 100, 0)]);
@@ -312,10 +322,14 @@ mod tests {
         let h = r.add_chain(&g, &[(nested, 16, DESC_F_INDIRECT)]);
         assert_eq!(walk(&mut q, h, false, true), Err(ChainError::BadIndirect), "nested table");
         let looping = g.alloc(32, 16);
-        write_table(&g, looping, &[
-            Desc { addr: 0x9000, len: 1, flags: DESC_F_NEXT, next: 1 },
-            Desc { addr: 0x9000, len: 1, flags: DESC_F_NEXT, next: 0 },
-        ]);
+        write_table(
+            &g,
+            looping,
+            &[
+                Desc { addr: 0x9000, len: 1, flags: DESC_F_NEXT, next: 1 },
+                Desc { addr: 0x9000, len: 1, flags: DESC_F_NEXT, next: 0 },
+            ],
+        );
         let h = r.add_chain(&g, &[(looping, 32, DESC_F_INDIRECT)]);
         assert_eq!(walk(&mut q, h, false, true), Err(ChainError::Loop));
     }
@@ -372,7 +386,12 @@ mod tests {
                 let descs: Vec<Desc> = bufs
                     .iter()
                     .enumerate()
-                    .map(|(i, b)| Desc { addr: b.0, len: b.1, flags: b.2 | if i + 1 < k { DESC_F_NEXT } else { 0 }, next: i as u16 + 1 })
+                    .map(|(i, b)| Desc {
+                        addr: b.0,
+                        len: b.1,
+                        flags: b.2 | if i + 1 < k { DESC_F_NEXT } else { 0 },
+                        next: i as u16 + 1,
+                    })
                     .collect();
                 write_table(&g, table, &descs);
                 r.add_chain(&g, &[(table, 16 * k as u32, DESC_F_INDIRECT)])

@@ -32,7 +32,12 @@ impl MockGuest {
         assert!(fd >= 0);
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size).unwrap();
-        let desc = MemoryRegionDesc { guest_phys_addr: 0, memory_size: size, userspace_addr: UVA_BASE, mmap_offset: 0 };
+        let desc = MemoryRegionDesc {
+            guest_phys_addr: 0,
+            memory_size: size,
+            userspace_addr: UVA_BASE,
+            mmap_offset: 0,
+        };
         let region = Region::map(desc, file.try_clone().unwrap()).unwrap();
         let host = region.host();
         let mem = Arc::new(AddressSpace::new(vec![region]).unwrap());
