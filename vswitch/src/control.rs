@@ -121,6 +121,8 @@ pub struct PmdReport {
     pub idle_ticks: u64,
     /// busy_ticks / packets.
     pub ticks_per_packet: f64,
+    /// Mean packets per loop iteration that moved any.
+    pub mean_burst: f64,
     /// Times it slept (adaptive mode).
     pub sleeps: u64,
 }

@@ -77,6 +77,8 @@ struct PortState {
     device: Arc<Mutex<VhostDevice>>,
     listener: Option<UnixListener>,
     conn: Option<(Handler, RawFd)>,
+    /// When an incomplete message started waiting on the connection.
+    partial_since: Option<Instant>,
     next_retry: Instant,
     connects: u64,
 }
@@ -251,6 +253,23 @@ impl Control {
                 }
             }
             self.retry_clients();
+            self.drop_stalled();
+        }
+    }
+
+    /// Closes connections whose frontend started a message and never finished it.
+    fn drop_stalled(&mut self) {
+        let stalled: Vec<u16> = self
+            .ports
+            .values()
+            .filter(|p| p.partial_since.is_some_and(|t| t.elapsed() > MSG_TIMEOUT))
+            .map(|p| p.port.id)
+            .collect();
+        for id in stalled {
+            if let Some(st) = self.ports.get(&id) {
+                tracing::warn!(port = %st.cfg.name, "closing vhost-user connection: incomplete message for {MSG_TIMEOUT:?}");
+            }
+            self.disconnect(id);
         }
     }
 
@@ -324,7 +343,16 @@ impl Control {
         tracing::info!(port = %cfg.name, id, socket = %cfg.socket.display(), client = cfg.client, "port added");
         self.ports.insert(
             id,
-            PortState { cfg, port, device, listener, conn: None, next_retry: Instant::now(), connects: 0 },
+            PortState {
+                cfg,
+                port,
+                device,
+                listener,
+                conn: None,
+                partial_since: None,
+                next_retry: Instant::now(),
+                connects: 0,
+            },
         );
         self.retry_clients();
         Ok(())
@@ -404,12 +432,14 @@ impl Control {
             return;
         }
         st.conn = Some((handler, fd));
+        st.partial_since = None;
         st.connects += 1;
         tracing::info!(port = %st.cfg.name, "frontend connected");
     }
 
     fn disconnect(&mut self, id: u16) {
         let Some(st) = self.ports.get_mut(&id) else { return };
+        st.partial_since = None;
         if let Some((_, fd)) = st.conn.take() {
             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
             // Stops every queue under its lock (bursts finish first); the mapping of the gone
@@ -429,6 +459,20 @@ impl Control {
             let Some(st) = self.ports.get_mut(&id) else { return };
             let Some((h, fd)) = &mut st.conn else { return };
             let fd = *fd;
+            // The vhost crate blocks (and retries EAGAIN forever) on a message that has not
+            // fully arrived; hand it only whole messages so one frontend cannot stall the
+            // control thread. A message left incomplete too long closes the connection.
+            match waiting_message(fd) {
+                Waiting::Nothing => {
+                    st.partial_since = None;
+                    return;
+                }
+                Waiting::Partial => {
+                    st.partial_since.get_or_insert_with(Instant::now);
+                    return;
+                }
+                Waiting::Whole => st.partial_since = None,
+            }
             match h.handle_request() {
                 Ok(()) => {}
                 Err(e) if keeps_connection(&e) => {
@@ -446,9 +490,6 @@ impl Control {
                     self.disconnect(id);
                     return;
                 }
-            }
-            if !readable_now(fd) {
-                return;
             }
         }
     }
@@ -538,6 +579,7 @@ impl Control {
                     busy_ticks: busy,
                     idle_ticks: ld(&s.idle_ticks),
                     ticks_per_packet: if packets > 0 { busy as f64 / packets as f64 } else { 0.0 },
+                    mean_burst: packets as f64 / ld(&s.busy_iterations).max(1) as f64,
                     sleeps: ld(&s.sleeps),
                 }
             })
@@ -572,10 +614,41 @@ fn keeps_connection(e: &VuError) -> bool {
     )
 }
 
-/// Whether more bytes (or EOF) wait on a socket, without blocking.
-fn readable_now(fd: RawFd) -> bool {
-    let mut b = 0u8;
-    // SAFETY: one-byte peek into a local; MSG_DONTWAIT never blocks.
-    let n = unsafe { libc::recv(fd, (&mut b as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-    n >= 0
+enum Waiting {
+    Nothing,
+    Partial,
+    /// A whole message, end of stream, an error, or a header the handler refuses by itself.
+    Whole,
+}
+
+/// What waits on a vhost-user socket, without reading it.
+fn waiting_message(fd: RawFd) -> Waiting {
+    const HDR: usize = 12;
+    let mut hdr = [0u8; HDR];
+    // SAFETY: peek into a local buffer; MSG_DONTWAIT never blocks. Attached fds stay queued.
+    let n = unsafe { libc::recv(fd, hdr.as_mut_ptr().cast(), HDR, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::WouldBlock { Waiting::Nothing } else { Waiting::Whole };
+    }
+    if n == 0 {
+        return Waiting::Whole; // EOF: let the handler see the disconnect
+    }
+    if (n as usize) < HDR {
+        return Waiting::Partial;
+    }
+    let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
+    if size > 0x1000 {
+        return Waiting::Whole; // the handler refuses an oversized header without reading on
+    }
+    let mut avail: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut avail) } < 0 {
+        return Waiting::Whole;
+    }
+    if avail as usize >= HDR + size {
+        Waiting::Whole
+    } else {
+        Waiting::Partial
+    }
 }
