@@ -54,13 +54,7 @@ pub fn frame_len(vlan: bool, payload_len: usize) -> usize {
 /// `vlan` is the 12-bit VLAN id of an optional 802.1Q tag (higher bits are
 /// masked off); `payload_len` is the UDP payload length, raised to
 /// [`MIN_PAYLOAD`] if smaller. The frame is at least [`MIN_FRAME_LEN`] bytes.
-pub fn build_frame(
-    dst: [u8; 6],
-    src: [u8; 6],
-    vlan: Option<u16>,
-    payload_len: usize,
-    seq: u64,
-) -> Vec<u8> {
+pub fn build_frame(dst: [u8; 6], src: [u8; 6], vlan: Option<u16>, payload_len: usize, seq: u64) -> Vec<u8> {
     let mut f = vec![0u8; frame_len(vlan.is_some(), payload_len)];
     write_frame(&mut f, dst, src, vlan, payload_len, seq);
     f
@@ -186,10 +180,8 @@ pub fn verify_frame(frame: &[u8]) -> Option<u64> {
 
 /// Internet checksum of an IPv4 header (0 when verifying a correct header).
 fn ipv4_checksum(hdr: &[u8]) -> u16 {
-    let mut sum: u32 = hdr
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
+    let mut sum: u32 =
+        hdr.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }

@@ -14,7 +14,8 @@ pub struct FrontendConfig {
     pub queue_pairs: u16,
     /// Entries per vring; a power of two in `1..=32768`.
     pub ring_size: u16,
-    /// Size of the single shared-memory region holding rings and buffers.
+    /// Size of the single shared-memory region holding rings and buffers
+    /// (see [`required_mem_size`](Self::required_mem_size)).
     pub mem_size: usize,
     /// Back the region with 2 MiB huge pages (`MFD_HUGETLB`), falling back to
     /// ordinary pages when none are available.
@@ -47,6 +48,14 @@ pub struct FrontendConfig {
     pub scratch_size: usize,
     /// Upper bound for every control-socket send and receive.
     pub control_timeout: Duration,
+}
+
+impl FrontendConfig {
+    /// Smallest `mem_size` that holds the rings, buffers and scratch area
+    /// this configuration asks for.
+    pub fn required_mem_size(&self) -> usize {
+        super::memory::Layout::new(self).total
+    }
 }
 
 impl Default for FrontendConfig {

@@ -49,6 +49,15 @@ pub enum Error {
         /// The error reported by the vhost crate.
         source: vhost::Error,
     },
+    /// The backend did not complete a request within `control_timeout`; the
+    /// control socket has been shut down.
+    #[error("vhost-user {request}: no answer within {timeout_ms} ms")]
+    ControlTimeout {
+        /// The request that timed out.
+        request: &'static str,
+        /// The timeout that elapsed.
+        timeout_ms: u128,
+    },
     /// A vhost-user request sent without the vhost crate failed.
     #[error("vhost-user {request} failed: {source}")]
     RawProtocol {

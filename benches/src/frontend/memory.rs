@@ -33,11 +33,7 @@ impl GuestMemory {
     pub(crate) fn new(size: usize, hugepages: bool, gpa_base: u64) -> Result<Self> {
         if hugepages {
             let huge_size = size.div_ceil(HUGE_2M) * HUGE_2M;
-            match Self::create(
-                huge_size,
-                libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
-                gpa_base,
-            ) {
+            match Self::create(huge_size, libc::MFD_HUGETLB | libc::MFD_HUGE_2MB, gpa_base) {
                 Ok(mut m) => {
                     m.hugepages = true;
                     return Ok(m);
@@ -56,10 +52,7 @@ impl GuestMemory {
         // memfd_create flags. The returned fd is checked below.
         let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | extra_flags) };
         if raw < 0 {
-            return Err(Error::Memory {
-                what: "memfd_create",
-                source: io::Error::last_os_error(),
-            });
+            return Err(Error::Memory { what: "memfd_create", source: io::Error::last_os_error() });
         }
         // SAFETY: `raw` is a freshly created fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -69,10 +62,7 @@ impl GuestMemory {
         })?;
         // SAFETY: plain syscall on a valid fd.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
-            return Err(Error::Memory {
-                what: "ftruncate",
-                source: io::Error::last_os_error(),
-            });
+            return Err(Error::Memory { what: "ftruncate", source: io::Error::last_os_error() });
         }
         // MAP_POPULATE: fault everything in now, so a huge-page shortage shows
         // up here rather than as SIGBUS on first touch, and the datapath does
@@ -90,22 +80,13 @@ impl GuestMemory {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(Error::Memory {
-                what: "mmap",
-                source: io::Error::last_os_error(),
-            });
+            return Err(Error::Memory { what: "mmap", source: io::Error::last_os_error() });
         }
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(Error::Memory {
             what: "mmap",
             source: io::Error::from(io::ErrorKind::AddrNotAvailable),
         })?;
-        Ok(GuestMemory {
-            fd,
-            ptr,
-            len,
-            gpa_base,
-            hugepages: false,
-        })
+        Ok(GuestMemory { fd, ptr, len, gpa_base, hugepages: false })
     }
 
     /// Region length in bytes.
@@ -223,28 +204,12 @@ impl Layout {
             let buf_size = if is_tx { cfg.tx_buf_size } else { cfg.rx_buf_size } as usize;
             let bufs = align(used + 6 + USED_ELEM_SIZE * n, 64);
             let indirect = align(bufs + buf_size * n, 64);
-            off = if is_tx {
-                indirect + INDIRECT_ENTRIES * DESC_SIZE * n
-            } else {
-                indirect
-            };
-            vrings.push(VringLayout {
-                desc,
-                avail,
-                used,
-                bufs,
-                buf_size,
-                indirect,
-            });
+            off = if is_tx { indirect + INDIRECT_ENTRIES * DESC_SIZE * n } else { indirect };
+            vrings.push(VringLayout { desc, avail, used, bufs, buf_size, indirect });
         }
         let scratch = align(off, PAGE);
         let total = scratch + cfg.scratch_size;
-        Layout {
-            vrings,
-            scratch,
-            scratch_len: cfg.scratch_size,
-            total,
-        }
+        Layout { vrings, scratch, scratch_len: cfg.scratch_size, total }
     }
 }
 
@@ -281,11 +246,7 @@ mod tests {
 
     #[test]
     fn layout_does_not_overlap() {
-        let cfg = FrontendConfig {
-            queue_pairs: 2,
-            ring_size: 8,
-            ..FrontendConfig::default()
-        };
+        let cfg = FrontendConfig { queue_pairs: 2, ring_size: 8, ..FrontendConfig::default() };
         let l = Layout::new(&cfg);
         assert_eq!(l.vrings.len(), 4);
         let mut end = 0;
@@ -299,5 +260,9 @@ mod tests {
         }
         assert!(l.scratch >= end);
         assert_eq!(l.total, l.scratch + cfg.scratch_size);
+        assert_eq!(cfg.required_mem_size(), l.total);
+        // The defaults fit the default 16 MiB.
+        let d = FrontendConfig::default();
+        assert!(d.required_mem_size() <= d.mem_size);
     }
 }

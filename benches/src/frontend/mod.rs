@@ -10,9 +10,10 @@
 //!   [`Frontend::poll_rx`]) does not allocate; publishing is batched (one
 //!   Release store of `avail.idx` per flush/poll) and kicks honour
 //!   `VRING_USED_F_NO_NOTIFY` or `avail_event` (EVENT_IDX).
-//! * Every blocking operation is bounded: control-socket I/O by
-//!   [`FrontendConfig::control_timeout`], connects and receives by the
-//!   caller's timeout.
+//! * Every blocking operation is bounded: each control request by
+//!   [`FrontendConfig::control_timeout`] (enforced by a watchdog thread that
+//!   shuts the socket down, since the vhost crate retries on `EAGAIN`),
+//!   connects and receives by the caller's timeout.
 //! * Backend misbehaviour seen in the used rings (unknown ids, bad lengths)
 //!   is counted in [`QueueStats`] rather than trusted.
 //!
@@ -34,24 +35,24 @@
 mod config;
 mod device;
 mod error;
+#[cfg(test)]
+mod fake_device;
 mod memory;
 mod ring;
 mod rx;
 mod tx;
+mod watchdog;
 
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::slice;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::Frontend as VhostConn;
-
 pub use config::FrontendConfig;
 pub use device::{
-    feature_names, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1,
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    feature_names, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 pub use error::{Error, Result};
 pub use ring::{
@@ -59,7 +60,7 @@ pub use ring::{
     VRING_USED_F_NO_NOTIFY,
 };
 
-use device::{Negotiated, VringAddrs};
+use device::{Control, Negotiated, VringAddrs};
 use memory::{GuestMemory, Layout};
 use ring::{RingPtrs, SplitRing};
 use rx::RxQueue;
@@ -97,22 +98,12 @@ pub struct RawDesc {
 impl RawDesc {
     /// A descriptor that ends its chain.
     pub fn last(addr: u64, len: u32) -> RawDesc {
-        RawDesc {
-            addr,
-            len,
-            flags: 0,
-            next: RawNext::Slot(0),
-        }
+        RawDesc { addr, len, flags: 0, next: RawNext::Slot(0) }
     }
 
     /// A descriptor continued by slot `next` of the same chain.
     pub fn chained(addr: u64, len: u32, next: u16) -> RawDesc {
-        RawDesc {
-            addr,
-            len,
-            flags: VIRTQ_DESC_F_NEXT,
-            next: RawNext::Slot(next),
-        }
+        RawDesc { addr, len, flags: VIRTQ_DESC_F_NEXT, next: RawNext::Slot(next) }
     }
 }
 
@@ -131,8 +122,13 @@ pub struct QueueStats {
     pub rx_frames: u64,
     /// Frame bytes received (virtio-net headers excluded).
     pub rx_bytes: u64,
+    /// Frames that arrived in more than one buffer (MRG_RXBUF).
+    pub rx_merged: u64,
     /// RX notifications (buffer refills) sent to the backend.
     pub rx_kicks: u64,
+    /// Times [`Frontend::recv_frames`] was woken by the backend signalling
+    /// the RX call eventfd (rather than by its polling fallback).
+    pub rx_calls: u64,
     /// Malformed RX used entries (unknown id, bad length, bad num_buffers).
     pub rx_errors: u64,
 }
@@ -149,13 +145,12 @@ struct QueuePair {
 pub struct Frontend {
     // Declared before `mem`: rings point into it and are dropped first.
     pairs: Vec<QueuePair>,
-    conn: VhostConn,
+    ctl: Control,
     neg: Negotiated,
     hdr_len: usize,
     ring_size: u16,
     scratch: (usize, usize),
     mem: GuestMemory,
-    listen_path: Option<PathBuf>,
     stopped: bool,
 }
 
@@ -174,18 +169,12 @@ impl Frontend {
 
     /// Listens on `path` (server mode, like QEMU's `server=on` or virtio-user
     /// `server=1`), accepts one backend connection within `timeout`, then
-    /// sets up the device. The socket file is removed when the Frontend is
-    /// dropped.
+    /// sets up the device. The socket file is removed as soon as the
+    /// connection is accepted (or the wait failed): reconnecting is not
+    /// supported.
     pub fn listen_accept(path: &Path, cfg: FrontendConfig, timeout: Duration) -> Result<Frontend> {
         let stream = device::listen_accept(path, timeout)?;
-        let mut fe = Self::from_stream(stream, cfg);
-        match &mut fe {
-            Ok(fe) => fe.listen_path = Some(path.to_owned()),
-            Err(_) => {
-                let _ = std::fs::remove_file(path);
-            }
-        }
-        fe
+        Self::from_stream(stream, cfg)
     }
 
     /// Sets up the device over an already connected vhost-user socket.
@@ -193,13 +182,11 @@ impl Frontend {
         validate(&cfg)?;
         let layout = Layout::new(&cfg);
         if layout.total > cfg.mem_size {
-            return Err(Error::MemoryTooSmall {
-                needed: layout.total,
-                have: cfg.mem_size,
-            });
+            return Err(Error::MemoryTooSmall { needed: layout.total, have: cfg.mem_size });
         }
         let mem = GuestMemory::new(cfg.mem_size, cfg.hugepages, cfg.gpa_base)?;
-        let (mut conn, neg) = device::negotiate(stream, &cfg)?;
+        let mut ctl = Control::new(stream, 2 * u64::from(cfg.queue_pairs), cfg.control_timeout)?;
+        let neg = ctl.negotiate(&cfg)?;
         let hdr_len = neg.hdr_len();
         let event_idx = neg.has(VIRTIO_RING_F_EVENT_IDX);
         let mrg = neg.has(VIRTIO_NET_F_MRG_RXBUF);
@@ -232,42 +219,25 @@ impl Frontend {
             // SAFETY: `base`/gpa_base describe `mem`; the vring's buffer area
             // lies inside it, is reserved for this queue and outlives it.
             let rx = unsafe {
-                RxQueue::new(
-                    make_ring(ri)?,
-                    &layout.vrings[ri],
-                    base,
-                    mem.gpa_base(),
-                    hdr_len,
-                    mrg,
-                )
+                RxQueue::new(make_ring(ri)?, &layout.vrings[ri], base, mem.gpa_base(), hdr_len, mrg)
             };
             // SAFETY: as above, for the TX buffer and indirect areas.
             let tx = unsafe {
-                TxQueue::new(
-                    make_ring(ti)?,
-                    &layout.vrings[ti],
-                    base,
-                    mem.gpa_base(),
-                    tx_layout,
-                    hdr_len,
-                )
+                TxQueue::new(make_ring(ti)?, &layout.vrings[ti], base, mem.gpa_base(), tx_layout, hdr_len)
             };
             pairs.push(QueuePair { rx, tx });
         }
 
-        device::register_memory(&mut conn, &neg, &mem)?;
+        ctl.register_memory(&neg, &mem)?;
         for (k, pair) in pairs.iter().enumerate() {
             for (i, ring) in [(2 * k, &pair.rx.ring), (2 * k + 1, &pair.tx.ring)] {
                 let v = &layout.vrings[i];
-                let addrs = VringAddrs {
-                    desc: mem.uva(v.desc),
-                    avail: mem.uva(v.avail),
-                    used: mem.uva(v.used),
-                };
-                device::setup_vring(&mut conn, i, ring, &addrs)?;
+                let addrs =
+                    VringAddrs { desc: mem.uva(v.desc), avail: mem.uva(v.avail), used: mem.uva(v.used) };
+                ctl.setup_vring(i, ring, &addrs)?;
             }
         }
-        device::enable_vrings(&mut conn, &neg, 2 * pairs.len())?;
+        ctl.enable_vrings(&neg, 2 * pairs.len())?;
         // RX buffers were posted before the rings existed for the backend.
         for pair in &mut pairs {
             pair.rx.ring.kick();
@@ -280,13 +250,12 @@ impl Frontend {
 
         Ok(Frontend {
             pairs,
-            conn,
+            ctl,
             neg,
             hdr_len,
             ring_size: cfg.ring_size,
             scratch: (layout.scratch, layout.scratch_len),
             mem,
-            listen_path: None,
             stopped: false,
         })
     }
@@ -369,8 +338,8 @@ impl Frontend {
 
     /// Like [`poll_rx`](Self::poll_rx) but also passes the raw virtio-net
     /// header bytes: `f(frame, header)`.
-    pub fn poll_rx_with_header(&mut self, q: u16, mut f: impl FnMut(&[u8], &[u8])) -> usize {
-        self.pairs[q as usize].rx.poll(usize::MAX, &mut f)
+    pub fn poll_rx_with_header(&mut self, q: u16, f: impl FnMut(&[u8], &[u8])) -> usize {
+        self.pairs[q as usize].rx.poll(usize::MAX, f)
     }
 
     /// Receives on queue `q` until `n` frames arrived in this call or
@@ -386,7 +355,7 @@ impl Frontend {
         let rx = &mut self.pairs[q as usize].rx;
         loop {
             let want = n - out.len();
-            rx.poll(want, &mut |frame, _| out.push(frame.to_vec()));
+            rx.poll(want, |frame, _| out.push(frame.to_vec()));
             let now = Instant::now();
             if out.len() >= n || now >= deadline {
                 break;
@@ -432,7 +401,9 @@ impl Frontend {
             tx_errors: p.tx.errors,
             rx_frames: p.rx.frames,
             rx_bytes: p.rx.bytes,
+            rx_merged: p.rx.merged,
             rx_kicks: p.rx.ring.kicks(),
+            rx_calls: p.rx.ring.calls(),
             rx_errors: p.rx.errors,
         }
     }
@@ -440,7 +411,7 @@ impl Frontend {
     /// Sends `GET_VRING_BASE` for every vring, which makes the backend stop
     /// them, and returns the bases (vring order: RX0, TX0, RX1, ...).
     pub fn stop(&mut self) -> Result<Vec<u32>> {
-        let bases = device::stop_vrings(&mut self.conn, 2 * self.pairs.len())?;
+        let bases = self.ctl.stop_vrings(2 * self.pairs.len())?;
         self.stopped = true;
         Ok(bases)
     }
@@ -487,24 +458,13 @@ impl Frontend {
     }
 }
 
-impl Drop for Frontend {
-    fn drop(&mut self) {
-        if let Some(p) = self.listen_path.take() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 fn validate(cfg: &FrontendConfig) -> Result<()> {
     let bad = |m: String| Err(Error::Config(m));
     if cfg.queue_pairs == 0 || cfg.queue_pairs > 128 {
         return bad(format!("queue_pairs {} not in 1..=128", cfg.queue_pairs));
     }
     if !cfg.ring_size.is_power_of_two() || cfg.ring_size < 2 || cfg.ring_size > 32768 {
-        return bad(format!(
-            "ring_size {} is not a power of two in 2..=32768",
-            cfg.ring_size
-        ));
+        return bad(format!("ring_size {} is not a power of two in 2..=32768", cfg.ring_size));
     }
     if cfg.rx_buf_size < 64 || cfg.tx_buf_size < 64 {
         return bad("rx_buf_size and tx_buf_size must be at least 64".into());

@@ -60,6 +60,7 @@ pub(crate) struct SplitRing {
     kick: EventFd,
     call: EventFd,
     kicks: u64,
+    calls: u64,
 }
 
 impl SplitRing {
@@ -86,6 +87,7 @@ impl SplitRing {
             kick,
             call,
             kicks: 0,
+            calls: 0,
         };
         ring.set_interrupts(false);
         Ok(ring)
@@ -266,11 +268,7 @@ impl SplitRing {
         self.interrupts = on;
         if self.event_idx {
             // The spec requires avail.flags == 0 with EVENT_IDX.
-            let ev = if on {
-                self.last_used
-            } else {
-                self.last_used.wrapping_add(0x8000)
-            };
+            let ev = if on { self.last_used } else { self.last_used.wrapping_add(0x8000) };
             self.write_used_event(ev);
         } else {
             self.write_avail_flags(if on { 0 } else { VRING_AVAIL_F_NO_INTERRUPT });
@@ -280,26 +278,25 @@ impl SplitRing {
         }
     }
 
+    /// Notifications received from the device through `wait_call`.
+    pub(crate) fn calls(&self) -> u64 {
+        self.calls
+    }
+
     /// Waits up to `timeout` for the device to signal the call eventfd, then
     /// drains it. Returns whether a notification arrived.
-    pub(crate) fn wait_call(&self, timeout: Duration) -> io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.call.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+    pub(crate) fn wait_call(&mut self, timeout: Duration) -> io::Result<bool> {
+        let mut pfd = libc::pollfd { fd: self.call.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
         // SAFETY: `pfd` is a valid pollfd array of length 1 for the call.
         let r = unsafe { libc::poll(&mut pfd, 1, ms) };
         if r < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            };
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(e) };
         }
-        Ok(r > 0 && self.drain_call())
+        let got = r > 0 && self.drain_call();
+        self.calls += u64::from(got);
+        Ok(got)
     }
 
     /// Resets the call eventfd counter; returns whether it was non-zero.
@@ -330,11 +327,7 @@ mod tests {
     fn publish_and_consume() {
         let mem = GuestMemory::new(1 << 16, false, 0).unwrap();
         let n = 4u16;
-        let p = RingPtrs {
-            desc: mem.host_ptr(0),
-            avail: mem.host_ptr(4096),
-            used: mem.host_ptr(8192),
-        };
+        let p = RingPtrs { desc: mem.host_ptr(0), avail: mem.host_ptr(4096), used: mem.host_ptr(8192) };
         // SAFETY: the three areas are inside the fresh mapping, aligned and
         // large enough for 4 entries; nothing else accesses them.
         let mut r = unsafe { SplitRing::new(p, n, false) }.unwrap();
@@ -378,11 +371,7 @@ mod tests {
     fn event_idx_suppression() {
         let mem = GuestMemory::new(1 << 16, false, 0).unwrap();
         let n = 4u16;
-        let p = RingPtrs {
-            desc: mem.host_ptr(0),
-            avail: mem.host_ptr(4096),
-            used: mem.host_ptr(8192),
-        };
+        let p = RingPtrs { desc: mem.host_ptr(0), avail: mem.host_ptr(4096), used: mem.host_ptr(8192) };
         // SAFETY: as in `publish_and_consume`.
         let mut r = unsafe { SplitRing::new(p, n, true) }.unwrap();
         let used_event = || {

@@ -139,16 +139,13 @@ impl TxQueue {
         let frame_len = frame.len() as u32;
         match self.layout {
             TxLayout::Contiguous => {
-                self.ring
-                    .write_desc(head, slot_gpa, hdr_len + frame_len, 0, 0);
+                self.ring.write_desc(head, slot_gpa, hdr_len + frame_len, 0, 0);
                 self.chain_len[head as usize] = 1;
             }
             TxLayout::SplitHeader => {
                 let second = self.pop_free();
-                self.ring
-                    .write_desc(head, slot_gpa, hdr_len, VIRTQ_DESC_F_NEXT, second);
-                self.ring
-                    .write_desc(second, slot_gpa + hdr_len as u64, frame_len, 0, 0);
+                self.ring.write_desc(head, slot_gpa, hdr_len, VIRTQ_DESC_F_NEXT, second);
+                self.ring.write_desc(second, slot_gpa + hdr_len as u64, frame_len, 0, 0);
                 self.next[head as usize] = second;
                 self.chain_len[head as usize] = 2;
             }
@@ -255,5 +252,147 @@ unsafe fn write_raw_desc(p: *mut u8, addr: u64, len: u32, flags: u16, next: u16)
         ptr::write_volatile(p.add(8).cast::<u32>(), len.to_le());
         ptr::write_volatile(p.add(12).cast::<u16>(), flags.to_le());
         ptr::write_volatile(p.add(14).cast::<u16>(), next.to_le());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frontend::config::FrontendConfig;
+    use crate::frontend::fake_device::{Desc, TestMem};
+
+    const HDR: usize = 12;
+
+    fn setup(n: u16, layout: TxLayout) -> (TestMem, TxQueue) {
+        let tm = TestMem::new(FrontendConfig {
+            ring_size: n,
+            gpa_base: 0x4000_0000,
+            scratch_size: 4096,
+            ..FrontendConfig::default()
+        });
+        let ring = tm.ring(1, false);
+        // SAFETY: the layout fits in `tm.mem`, which outlives the queue.
+        let tx = unsafe {
+            TxQueue::new(ring, &tm.layout.vrings[1], tm.mem.host_ptr(0), tm.mem.gpa_base(), layout, HDR)
+        };
+        (tm, tx)
+    }
+
+    fn with_hdr(frame: &[u8]) -> Vec<u8> {
+        let mut v = vec![0u8; HDR];
+        v.extend_from_slice(frame);
+        v
+    }
+
+    #[test]
+    fn layouts_describe_header_and_frame() {
+        for layout in [TxLayout::Contiguous, TxLayout::SplitHeader, TxLayout::Indirect] {
+            let (tm, mut tx) = setup(8, layout);
+            let mut dev = tm.device(1);
+            let frame: Vec<u8> = (0..100u8).collect();
+            assert!(tx.enqueue(&frame));
+            assert_eq!(dev.pop_avail(), None, "{layout:?}: not published yet");
+            tx.ring.publish(true);
+            let head = dev.pop_avail().expect("published");
+            let chain = dev.chain(head);
+            let lens: Vec<u32> = chain.iter().map(|d| d.len).collect();
+            match layout {
+                TxLayout::Contiguous => assert_eq!(lens, [112]),
+                _ => assert_eq!(lens, [12, 100], "{layout:?}"),
+            }
+            assert!(chain.iter().all(|d| d.flags & 2 == 0), "no WRITE flag on TX");
+            if layout == TxLayout::Indirect {
+                assert_eq!(dev.desc(head).flags, VIRTQ_DESC_F_INDIRECT);
+                assert_eq!(dev.desc(head).len, 32);
+            }
+            assert_eq!(dev.read_chain(&chain), with_hdr(&frame), "{layout:?}");
+        }
+    }
+
+    #[test]
+    fn ring_full_then_reclaim() {
+        let (tm, mut tx) = setup(8, TxLayout::SplitHeader);
+        let mut dev = tm.device(1);
+        for i in 0..4 {
+            assert!(tx.enqueue(&[i; 60]), "frame {i}");
+        }
+        assert!(!tx.enqueue(&[9; 60]), "8 descriptors = 4 split frames");
+        tx.ring.publish(true);
+        let heads: Vec<u16> = std::iter::from_fn(|| dev.pop_avail()).collect();
+        assert_eq!(heads.len(), 4);
+        assert_eq!(tx.completed_total(), 0);
+        // Complete out of order.
+        dev.push_used(heads[2] as u32, 0);
+        dev.push_used(heads[0] as u32, 0);
+        dev.publish_used();
+        assert_eq!(tx.completed_total(), 2, "counted before reclaim");
+        assert!(tx.enqueue(&[5; 60]), "enqueue reclaims");
+        assert_eq!(tx.completed, 2);
+        assert_eq!(tx.free_descs(), 2);
+        assert!(tx.enqueue(&[6; 60]));
+        assert!(!tx.enqueue(&[7; 60]));
+        tx.ring.publish(true);
+        let heads: Vec<u16> = std::iter::from_fn(|| dev.pop_avail()).collect();
+        assert_eq!(heads.len(), 2);
+        for h in heads {
+            let chain = dev.chain(h);
+            assert_eq!(chain.len(), 2);
+            assert_eq!(chain[1].len, 60);
+        }
+    }
+
+    #[test]
+    fn bogus_used_ids_are_counted_not_trusted() {
+        let (tm, mut tx) = setup(8, TxLayout::SplitHeader);
+        let mut dev = tm.device(1);
+        assert!(tx.enqueue(&[1; 60]));
+        tx.ring.publish(true);
+        let head = dev.pop_avail().unwrap();
+        let second = dev.desc(head).next;
+        dev.push_used(999, 0); // out of range
+        dev.push_used(second as u32, 0); // not a head
+        dev.push_used(head as u32, 0);
+        dev.push_used(head as u32, 0); // twice
+        dev.publish_used();
+        assert_eq!(tx.reclaim(), 1);
+        assert_eq!(tx.errors, 3);
+        assert_eq!(tx.free_descs(), 8);
+    }
+
+    #[test]
+    fn raw_chains_use_consecutive_slots() {
+        let (tm, mut tx) = setup(8, TxLayout::Contiguous);
+        let mut dev = tm.device(1);
+        assert!(tx.enqueue(&[1; 60])); // takes descriptor 0
+        let descs = [
+            RawDesc::chained(0x10, 12, 1),
+            RawDesc::chained(0x20, 30, 2),
+            RawDesc { addr: u64::MAX, len: 0, flags: VIRTQ_DESC_F_NEXT | 2, next: RawNext::Absolute(77) },
+        ];
+        let head = tx.push_raw(&descs).expect("room");
+        assert_eq!(head, 1);
+        tx.ring.publish(true);
+        assert_eq!(dev.pop_avail(), Some(0));
+        assert_eq!(dev.pop_avail(), Some(1));
+        assert_eq!(dev.desc(1), Desc { addr: 0x10, len: 12, flags: 1, next: 2 });
+        assert_eq!(dev.desc(2), Desc { addr: 0x20, len: 30, flags: 1, next: 3 });
+        assert_eq!(dev.desc(3), Desc { addr: u64::MAX, len: 0, flags: 3, next: 77 });
+        assert_eq!(tx.free_descs(), 4);
+        // Too long for the remaining run 4..8.
+        assert_eq!(tx.push_raw(&[RawDesc::last(0, 1); 5]), None);
+        assert_eq!(tx.push_raw(&[]), None);
+        dev.push_used(1, 0);
+        dev.publish_used();
+        assert_eq!(tx.reclaim(), 1);
+        assert_eq!(tx.free_descs(), 7);
+        assert_eq!(tx.push_raw(&[RawDesc::last(0, 1); 7]), Some(1));
+    }
+
+    #[test]
+    #[should_panic(expected = "exceeds tx_buf_size")]
+    fn oversized_frame_panics() {
+        let (_tm, mut tx) = setup(8, TxLayout::Contiguous);
+        let big = vec![0u8; tx.max_frame() + 1];
+        tx.enqueue(&big);
     }
 }
