@@ -1,7 +1,9 @@
 //! Test driver, demo and benchmark harness for the vhost-user L2 switch.
 //!
 //! * [`frontend`]: the guest side of a virtio-net device over vhost-user.
+//! * [`demo`]: the switch with a built-in topology of frontends, printing live rates.
 //! * [`frame`]: synthetic Ethernet/IPv4/UDP frames with sequence numbers.
 
+pub mod demo;
 pub mod frame;
 pub mod frontend;
