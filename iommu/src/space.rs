@@ -123,12 +123,13 @@ impl AddressSpace {
     }
 }
 
-/// The one bounds check: the whole of `[gpa, gpa + len)` inside `r`. Regions never wrap
-/// (checked when built), and the u128 sum cannot overflow.
+/// The one bounds check: the whole of `[gpa, gpa + len)` inside `r`, `len` ≥ 1. Region sizes
+/// fit in an isize (checked when built), so `off + len` cannot wrap once `off < size`.
 #[inline(always)]
 fn contains(r: &Region, gpa: u64, len: u32) -> Option<NonNull<u8>> {
     let off = gpa.wrapping_sub(r.gpa());
-    if (off as u128) + (len as u128) <= r.size() as u128 && len != 0 {
+    let end = off.wrapping_add(len as u64);
+    if off < r.size() && end <= r.size() && end > off {
         // SAFETY: `off + len <= size` so `host + off` lies inside the region's mapping.
         NonNull::new(unsafe { r.host().add(off as usize) })
     } else {

@@ -249,8 +249,8 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
             }
             for m in &s.pmds {
                 println!(
-                    "pmd{} core {:?}: {} packets, {:.1} ticks/packet, {} sleeps",
-                    m.pmd, m.core, m.packets, m.ticks_per_packet, m.sleeps
+                    "pmd{} core {:?}: {} packets, {:.1} ticks/packet, {:.1} packets/busy loop, {} sleeps",
+                    m.pmd, m.core, m.packets, m.ticks_per_packet, m.mean_burst, m.sleeps
                 );
             }
         }

@@ -61,9 +61,10 @@ impl VlanSet {
 }
 
 /// What to do to a frame's tag on its way from one port to another.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TagEdit {
     /// Copy as is.
+    #[default]
     Keep,
     /// Remove the 4-byte tag after the MAC addresses.
     Pop,

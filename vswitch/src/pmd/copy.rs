@@ -135,9 +135,15 @@ unsafe fn copy_range(f: &Frame<'_>, from: u32, n: u32, w: &mut Writer<'_>) {
 /// # Safety
 /// As for `copy_frame`.
 #[inline(always)]
-pub unsafe fn read_prefix(f: &Frame<'_>, out: &mut [u8]) -> usize {
-    let want = out.len().min(f.len as usize);
+pub unsafe fn read_prefix(f: &Frame<'_>, out: &mut [u8; 18]) -> usize {
     let s0 = f.segs[0];
+    if f.len >= 18 && s0.len >= f.skip + 18 {
+        // Fixed size: two loads, no call.
+        // SAFETY: the first segment holds skip+18 bytes.
+        *out = unsafe { (s0.ptr.add(f.skip as usize) as *const [u8; 18]).read_unaligned() };
+        return 18;
+    }
+    let want = out.len().min(f.len as usize);
     if s0.len as usize >= f.skip as usize + want {
         // SAFETY: the first segment holds skip+want bytes.
         unsafe { ptr::copy_nonoverlapping(s0.ptr.add(f.skip as usize), out.as_mut_ptr(), want) };

@@ -6,7 +6,7 @@
 
 pub mod chain;
 pub mod features;
-#[cfg(test)]
+#[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
 pub mod queue;
 pub mod ring;

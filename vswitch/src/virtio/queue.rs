@@ -60,7 +60,10 @@ impl VirtQueue {
         call: Option<Arc<File>>,
         kick: Option<(Arc<File>, u64)>,
     ) -> Result<Self, RingError> {
-        let ring = SplitRing::new(&mem, s.addrs, s.size, s.last_avail, s.event_idx)?;
+        let mut ring = SplitRing::new(&mem, s.addrs, s.size, s.last_avail, s.event_idx)?;
+        // A polled ring needs no kicks: each one is a syscall on the guest's side. Only a
+        // polling thread about to sleep turns them back on.
+        ring.set_kicks(false);
         Ok(VirtQueue {
             ring,
             hint: 0,

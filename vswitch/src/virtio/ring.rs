@@ -99,6 +99,8 @@ pub struct SplitRing {
     event_idx: bool,
     /// Whether we currently ask the driver not to kick.
     kicks_off: bool,
+    /// Whether the ring's suppression state was written since the ring started.
+    kicks_written: bool,
 }
 
 const _: () = assert!(std::mem::size_of::<SplitRing>() <= 64);
@@ -137,6 +139,7 @@ impl SplitRing {
             signalled: 0,
             event_idx,
             kicks_off: false,
+            kicks_written: false,
         };
         let used_idx = ring.used_idx_atomic().load(Ordering::Acquire);
         ring.used_idx = used_idx;
@@ -196,6 +199,29 @@ impl SplitRing {
         self.last_avail = self.last_avail.wrapping_add(1);
         // SAFETY: slot < size, so avail+2+slot is inside the checked avail ring.
         unsafe { self.avail.as_ptr().add(2 + slot).read_volatile() }
+    }
+
+    /// The head `k` entries past the next one, without taking it; `k` must be below what
+    /// `avail_pending` returned. Used only to prefetch.
+    #[inline(always)]
+    pub fn peek_head(&self, k: u16) -> u16 {
+        let slot = (self.last_avail.wrapping_add(k) & self.mask) as usize;
+        // SAFETY: slot < size, inside the checked avail ring.
+        unsafe { self.avail.as_ptr().add(2 + slot).read_volatile() }
+    }
+
+    /// Starts loading descriptor `i`'s cache line (any `i`; out-of-range ones are ignored).
+    #[inline(always)]
+    pub fn prefetch_desc(&self, i: u16) {
+        #[cfg(target_arch = "x86_64")]
+        if i < self.size {
+            // SAFETY: prefetch never faults; i < size keeps the address inside the table.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                    self.desc.as_ptr().add(i as usize) as *const i8,
+                )
+            };
+        }
     }
 
     /// Gives back the last `n` heads taken (a destination with too few buffers for a packet).
@@ -263,10 +289,11 @@ impl SplitRing {
     /// Tells the driver whether to kick us when it adds buffers. Turning kicks on returns
     /// whether buffers arrived meanwhile (so the caller polls instead of sleeping).
     pub fn set_kicks(&mut self, on: bool) -> bool {
-        if on == !self.kicks_off {
+        if on == !self.kicks_off && self.kicks_written {
             return on && self.has_new_avail();
         }
         self.kicks_off = !on;
+        self.kicks_written = true;
         if self.event_idx {
             if on {
                 // SAFETY: avail_event sits at used+4+8*size, inside the checked used ring.
