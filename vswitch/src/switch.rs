@@ -67,6 +67,9 @@ pub enum SwitchError {
     /// the control thread is gone
     #[error("the switch's control thread has stopped")]
     Stopped,
+    /// a request was refused
+    #[error("{0}")]
+    Refused(String),
 }
 
 type Handler = BackendReqHandler<Mutex<VhostDevice>>;
@@ -118,7 +121,13 @@ impl Switch {
             }
         });
         let ctl_listener = match &cfg.control {
-            Some(path) => Some(bind(path)?),
+            Some(path) => {
+                let l = bind(path)?;
+                // The control socket reconfigures the switch: owner only.
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+                Some(l)
+            }
             None => None,
         };
         let (calls, rx) = crossbeam_channel::unbounded();
@@ -154,7 +163,7 @@ impl Switch {
         let reply = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| SwitchError::Stopped)?;
         match reply {
             Reply { ok: true, result, .. } => Ok(result.unwrap_or_default()),
-            Reply { error, .. } => Err(SwitchError::Start(std::io::Error::other(error.unwrap_or_default()))),
+            Reply { error, .. } => Err(SwitchError::Refused(error.unwrap_or_default())),
         }
     }
 
@@ -171,19 +180,19 @@ impl Switch {
     /// Counters.
     pub fn stats(&self) -> Result<Stats, SwitchError> {
         let v = self.request(Request::Stats)?;
-        serde_json::from_value(v).map_err(|e| SwitchError::Start(std::io::Error::other(e)))
+        serde_json::from_value(v).map_err(|e| SwitchError::Refused(e.to_string()))
     }
 
     /// Ports.
     pub fn ports(&self) -> Result<Vec<PortInfo>, SwitchError> {
         let v = self.request(Request::Ports)?;
-        serde_json::from_value(v).map_err(|e| SwitchError::Start(std::io::Error::other(e)))
+        serde_json::from_value(v).map_err(|e| SwitchError::Refused(e.to_string()))
     }
 
     /// Forwarding table.
     pub fn fdb(&self) -> Result<Vec<FdbEntry>, SwitchError> {
         let v = self.request(Request::Fdb)?;
-        serde_json::from_value(v).map_err(|e| SwitchError::Start(std::io::Error::other(e)))
+        serde_json::from_value(v).map_err(|e| SwitchError::Refused(e.to_string()))
     }
 }
 

@@ -344,10 +344,18 @@ impl Datapath {
     }
 
     fn deliver_to(&mut self, dport: &Port, src_hdr: u32, n: usize, c: &mut SrcCounts) {
+        // Each thread fills its own receive queue of a multi-queue port (no contention between
+        // threads); a guest may run fewer pairs than offered, so fall back to one that runs.
         let pairs = dport.rxq.len();
-        let pick = self.idx % pairs;
+        let mut pick = self.idx % pairs;
+        let mut guard = dport.rxq[pick].lock();
+        if guard.as_ref().is_none_or(|q| q.broken) && pairs > 1 {
+            drop(guard);
+            pick =
+                (0..pairs).find(|k| dport.rxq[*k].lock().as_ref().is_some_and(|q| !q.broken)).unwrap_or(pick);
+            guard = dport.rxq[pick].lock();
+        }
         let slot: &QueueSlot = &dport.rxq[pick];
-        let mut guard = slot.lock();
         let Some(rq) = guard.as_mut().filter(|q| !q.broken) else {
             // Not running (not connected, or stopped): every packet for it has no buffer.
             let mut lost = 0;
@@ -847,6 +855,25 @@ mod tests {
         n.send(1, &f);
         n.poll(1);
         assert_eq!(n.received(2), vec![f], "other ports unaffected");
+    }
+
+    #[test]
+    fn test_multiqueue_receiver_with_fewer_running_pairs_still_gets_packets() {
+        let mut n = net(vec![VlanMode::default(); 2], true);
+        // Port 1 offers two pairs but its guest runs only pair 1 (QEMU enables only the pairs
+        // the guest uses); this thread would prefer pair 0.
+        let old = n.ports[1].clone();
+        let p1 = Arc::new(Port::new(1, "p1".into(), VlanMode::default(), MACS[1], 2));
+        *p1.rxq[1].lock() = old.rxq[0].lock().take();
+        n.dp.add_port(p1.clone());
+        n.ports[1] = p1.clone();
+        n.post_rx(1, 2, 2048);
+        let f = frame(MACS[1], MACS[0], None, 60);
+        n.send(0, &f);
+        n.poll(0);
+        assert_eq!(n.received(1), vec![f]);
+        assert_eq!(p1.rxq[1].stats.snapshot().packets, 1);
+        assert_eq!(p1.rxq[0].stats.snapshot().drop_no_buffer, 0);
     }
 
     #[test]
