@@ -213,3 +213,73 @@ fn test_many_memory_slots_added_and_removed() {
     drop(f);
     assert!(wait_until(Duration::from_secs(5), || regions() == 0), "disconnect unmaps guest memory");
 }
+
+/// QEMU 7.2 enables rings (when the guest driver attaches its queues) before it sends
+/// SET_FEATURES; the rings must still start once the frontend has set them up.
+#[test]
+fn test_ring_enabled_before_set_features_starts_running() {
+    use vhost::vhost_user::message::VhostUserHeaderFlag;
+    use vhost::VringConfigData;
+    use vmm_sys_util::eventfd::EventFd;
+
+    let dir = Scratch::new("proto-enable-early");
+    let sw = switch(&dir, &["a"]);
+    let raw = UnixStream::connect(dir.path("a.sock")).unwrap();
+    let mut f = Frontend::from_stream(raw.try_clone().unwrap(), 2);
+    f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    f.set_owner().unwrap();
+    let feats = f.get_features().unwrap();
+    let pf = f.get_protocol_features().unwrap();
+    f.set_protocol_features(pf).unwrap();
+    // SET_VRING_ENABLE (18) for both rings, before SET_FEATURES, asking for a reply.
+    for q in 0..2u32 {
+        let mut body = q.to_le_bytes().to_vec();
+        body.extend(1u32.to_le_bytes());
+        send_raw(&raw, 18, 1 | 0x8, 8, &body, &[]);
+        let mut reply = [0u8; 20];
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (&raw).read_exact(&mut reply).unwrap();
+        assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 18);
+        assert_eq!(u64::from_le_bytes(reply[12..20].try_into().unwrap()), 0, "enable acked as success");
+    }
+    f.set_features(feats & ((1 << 32) | (1 << 30) | (1 << 15))).unwrap();
+    let mem = memfd(1 << 20);
+    // SAFETY: mapping our own memfd for the frontend's view of guest memory.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            1 << 20,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            mem.as_raw_fd(),
+            0,
+        )
+    } as u64;
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: 1 << 20,
+        userspace_addr: base,
+        mmap_offset: 0,
+        mmap_handle: mem.as_raw_fd(),
+    };
+    f.set_mem_table(&[region]).unwrap();
+    let kicks: Vec<EventFd> = (0..2).map(|_| EventFd::new(0).unwrap()).collect();
+    for q in 0..2usize {
+        let off = base + (q as u64) * 0x10000;
+        f.set_vring_num(q, 256).unwrap();
+        f.set_vring_base(q, 0).unwrap();
+        let cfg = VringConfigData {
+            queue_max_size: 256,
+            queue_size: 256,
+            flags: 0,
+            desc_table_addr: off,
+            used_ring_addr: off + 0x2000,
+            avail_ring_addr: off + 0x1000,
+            log_addr: None,
+        };
+        f.set_vring_addr(q, &cfg).unwrap();
+        f.set_vring_kick(q, &kicks[q]).unwrap();
+    }
+    let running = sw.ports().unwrap()[0].device.running_queues.clone();
+    assert_eq!(running, vec![0, 1], "rings enabled before SET_FEATURES run once set up");
+}

@@ -42,7 +42,9 @@ struct Vring {
     kick: Option<(Arc<File>, u64)>,
     call: Option<Arc<File>>,
     _err: Option<File>,
-    enabled: bool,
+    /// Set by SET_VRING_ENABLE; until then a ring is enabled only if PROTOCOL_FEATURES was not
+    /// negotiated (QEMU may enable rings before it sends SET_FEATURES).
+    enabled: Option<bool>,
     /// Has a kick fd (or was told to poll): the frontend started it.
     started: bool,
 }
@@ -113,6 +115,12 @@ impl VhostDevice {
         self.mem = Arc::default();
     }
 
+    /// Whether the frontend acked REPLY_ACK (it then expects a status reply to requests that
+    /// ask for one).
+    pub fn reply_ack(&self) -> bool {
+        self.protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
+    }
+
     /// What is negotiated and running.
     pub fn info(&self) -> DeviceInfo {
         DeviceInfo {
@@ -143,7 +151,8 @@ impl VhostDevice {
         }
         let v = &self.vrings[idx];
         let Some(addrs) = v.addrs else { return };
-        if !(v.started && v.enabled && v.num > 0) || self.mem.regions().is_empty() {
+        let enabled = v.enabled.unwrap_or(!self.acked.has(features::VHOST_USER_F_PROTOCOL_FEATURES));
+        if !(v.started && enabled && v.num > 0) || self.mem.regions().is_empty() {
             return;
         }
         let setup = QueueSetup {
@@ -232,6 +241,7 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
     }
 
     fn set_features(&mut self, bits: u64) -> VuResult<()> {
+        tracing::debug!(port = %self.port.name, "SET_FEATURES {bits:#x}");
         if bits & !features::OFFERED != 0 {
             return Err(refuse(format!("features {:#x} were not offered", bits & !features::OFFERED)));
         }
@@ -239,12 +249,6 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
             return Err(refuse("features cannot change while queues run".into()));
         }
         self.acked = Negotiated { bits };
-        // Without PROTOCOL_FEATURES a ring is enabled as soon as it starts; with it, rings
-        // wait for SET_VRING_ENABLE.
-        let auto_enable = !self.acked.has(features::VHOST_USER_F_PROTOCOL_FEATURES);
-        for v in self.vrings.iter_mut().filter(|v| !v.started) {
-            v.enabled = auto_enable;
-        }
         Ok(())
     }
 
@@ -254,6 +258,7 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
         files: Vec<File>,
         _postcopy: Option<bool>,
     ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        tracing::debug!(port = %self.port.name, "SET_MEM_TABLE {} regions", regions.len());
         let mapped = regions
             .iter()
             .zip(files)
@@ -265,6 +270,7 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        tracing::debug!(port = %self.port.name, "SET_VRING_NUM {index} {num}");
         if num == 0 || num > MAX_RING_SIZE as u32 || !num.is_power_of_two() {
             return Err(refuse(format!(
                 "ring size {num} of queue {index} is not a power of two in 1..32768"
@@ -283,18 +289,21 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
         available: u64,
         _log: u64,
     ) -> VuResult<()> {
+        tracing::debug!(port = %self.port.name, "SET_VRING_ADDR {index} desc={descriptor:#x} avail={available:#x} used={used:#x}");
         self.vring(index)?.addrs = Some(RingAddrs { desc: descriptor, avail: available, used });
         self.refresh(index as usize);
         Ok(())
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        tracing::debug!(port = %self.port.name, "SET_VRING_BASE {index} {base}");
         let v = self.vring(index)?;
         v.base = base as u16;
         Ok(())
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        tracing::debug!(port = %self.port.name, "GET_VRING_BASE {index}");
         // Stop the ring: once the slot is empty no burst can touch it, and every descriptor a
         // burst took has been returned.
         let idx = index as usize;
@@ -310,6 +319,7 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        tracing::debug!(port = %self.port.name, "SET_VRING_KICK {index} fd={}", fd.is_some());
         self.kick_gen += 1;
         let gen = self.kick_gen;
         let v = self.vring(index as u32)?;
@@ -335,6 +345,7 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
     }
 
     fn set_protocol_features(&mut self, bits: u64) -> VuResult<()> {
+        tracing::debug!(port = %self.port.name, "SET_PROTOCOL_FEATURES {bits:#x}");
         let extra = bits & !(offered_protocol() | VhostUserProtocolFeatures::REPLY_ACK).bits();
         if extra != 0 {
             return Err(refuse(format!("protocol features {extra:#x} were not offered")));
@@ -348,7 +359,8 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
-        self.vring(index)?.enabled = enable;
+        tracing::debug!(port = %self.port.name, "SET_VRING_ENABLE {index} {enable}");
+        self.vring(index)?.enabled = Some(enable);
         self.refresh(index as usize);
         Ok(())
     }
@@ -394,6 +406,7 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
         fd: File,
         _postcopy: Option<bool>,
     ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        tracing::debug!(port = %self.port.name, "ADD_MEM_REG gpa={:#x} size={:#x}", { region.guest_phys_addr }, { region.memory_size });
         let r = map_region(desc_of(region), fd)?;
         let space = self.mem.with_region(r).map_err(|e| refuse(e.to_string()))?;
         self.set_mem(space);
