@@ -691,7 +691,11 @@ fn vring_enable(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(), String> {
     let n = unsafe { libc::recv(fd, msg.as_mut_ptr().cast(), msg.len(), libc::MSG_DONTWAIT) };
     let word = |i: usize| u32::from_le_bytes([msg[i], msg[i + 1], msg[i + 2], msg[i + 3]]);
     if n != 20 || word(8) != 8 || word(4) & 0x3 != FLAG_VERSION || word(4) & FLAG_REPLY != 0 {
-        return Err(format!("malformed SET_VRING_ENABLE ({n} bytes, flags {:#x}, size {})", word(4), word(8)));
+        return Err(format!(
+            "malformed SET_VRING_ENABLE ({n} bytes, flags {:#x}, size {})",
+            word(4),
+            word(8)
+        ));
     }
     let (index, num) = (word(12), word(16));
     let mut d = device.lock().map_err(|_| "device state poisoned".to_string())?;

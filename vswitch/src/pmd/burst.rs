@@ -347,7 +347,7 @@ impl Datapath {
         // Each thread fills its own receive queue of a multi-queue port (no contention between
         // threads); a guest may run fewer pairs than offered, so fall back to one that runs.
         let pairs = dport.rxq.len();
-        let mut pick = self.idx % pairs;
+        let mut pick = if pairs == 1 { 0 } else { self.idx % pairs };
         let mut guard = dport.rxq[pick].lock();
         if guard.as_ref().is_none_or(|q| q.broken) && pairs > 1 {
             drop(guard);
