@@ -70,6 +70,8 @@ pub enum TagEdit {
     Pop,
     /// Insert a tag with this TCI after the MAC addresses.
     Push(u16),
+    /// Replace the existing tag's TCI (a priority-tagged frame, VID 0, joining its VLAN).
+    Retag(u16),
 }
 
 impl VlanMode {
@@ -101,7 +103,7 @@ impl VlanMode {
     pub fn edit(tci: Option<u16>, vlan: u16, out_tagged: bool) -> TagEdit {
         match (tci, out_tagged) {
             (Some(t), true) if t & 0xfff == vlan => TagEdit::Keep,
-            (Some(t), true) => TagEdit::Push((t & 0xf000) | vlan), // retag (priority-tagged in)
+            (Some(t), true) => TagEdit::Retag((t & 0xf000) | vlan), // priority-tagged in
             (Some(_), false) => TagEdit::Pop,
             (None, true) => TagEdit::Push(vlan),
             (None, false) => TagEdit::Keep,
@@ -148,6 +150,6 @@ mod tests {
         assert_eq!(VlanMode::edit(Some(0xa00a), 10, true), TagEdit::Keep);
         assert_eq!(VlanMode::edit(Some(0xa00a), 10, false), TagEdit::Pop);
         assert_eq!(VlanMode::edit(None, 0, false), TagEdit::Keep);
-        assert_eq!(VlanMode::edit(Some(0x6000), 10, true), TagEdit::Push(0x600a));
+        assert_eq!(VlanMode::edit(Some(0x6000), 10, true), TagEdit::Retag(0x600a));
     }
 }

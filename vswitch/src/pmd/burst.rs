@@ -48,7 +48,8 @@ struct PacketRef {
     tci: Option<u16>,
     vlan: u16,
     action: Action,
-    delivered: u16,
+    /// Destination ports that took the packet on (delivered it or counted its drop).
+    targets: u16,
 }
 
 /// The per-thread forwarding state and burst scratch space (no allocation per burst).
@@ -337,7 +338,7 @@ impl Datapath {
         // Floods that found no member of their VLAN, and unicasts whose port refused the VLAN.
         for p in &self.pkts[..n] {
             match p.action {
-                Action::Flood if p.delivered == 0 => c.no_route += 1,
+                Action::Flood if p.targets == 0 => c.no_route += 1,
                 _ => {}
             }
         }
@@ -357,11 +358,14 @@ impl Datapath {
         }
         let slot: &QueueSlot = &dport.rxq[pick];
         let Some(rq) = guard.as_mut().filter(|q| !q.broken) else {
-            // Not running (not connected, or stopped): every packet for it has no buffer.
+            // Not running (not connected, or stopped): every packet for it has no buffer,
+            // floods included (as a down port counts what it could not send).
             let mut lost = 0;
-            for p in &self.pkts[..n] {
-                if p.action == Action::Unicast(dport.id) {
+            for p in &mut self.pkts[..n] {
+                let member = dport.vlan.egress(p.vlan).is_some();
+                if p.action == Action::Unicast(dport.id) || (p.action == Action::Flood && member) {
                     lost += 1;
+                    p.targets += 1;
                 }
             }
             bump(&slot.stats.drop_no_buffer, lost);
@@ -394,6 +398,7 @@ impl Datapath {
             };
             let edit = VlanMode::edit(p.tci, p.vlan, out_tagged);
             let need = hdr_len + out_len(p.len, edit);
+            self.pkts[i].targets += 1;
             let res = match take_one_rx(rq, need) {
                 Some((head, one)) => Ok(Plan { pkt: i as u8, edit, nseg: 1, nch: 1, head, one }),
                 None => {
@@ -450,7 +455,6 @@ impl Datapath {
             pk += 1;
             by += out_len(p.len, edit) as u64;
             copied += (p.len - if edit == TagEdit::Pop { 4 } else { 0 }) as u64;
-            self.pkts[i].delivered += 1;
         }
         rq.ring.publish_used();
         if rq.notify() {

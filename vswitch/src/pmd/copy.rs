@@ -22,7 +22,7 @@ pub struct Frame<'a> {
 #[inline(always)]
 pub fn out_len(len: u32, edit: TagEdit) -> u32 {
     match edit {
-        TagEdit::Keep => len,
+        TagEdit::Keep | TagEdit::Retag(_) => len,
         TagEdit::Pop => len - 4,
         TagEdit::Push(_) => len + 4,
     }
@@ -65,6 +65,11 @@ unsafe fn copy_frame_slow(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], dst: &[Seg])
             TagEdit::Keep => copy_range(f, 0, f.len, &mut w),
             TagEdit::Pop => {
                 copy_range(f, 0, 12, &mut w);
+                copy_range(f, 16, f.len - 16, &mut w);
+            }
+            TagEdit::Retag(tci) => {
+                copy_range(f, 0, 14, &mut w);
+                w.write(tci.to_be_bytes().as_ptr(), 2);
                 copy_range(f, 16, f.len - 16, &mut w);
             }
             TagEdit::Push(tci) => {
@@ -215,6 +220,19 @@ mod tests {
         let n = unsafe { copy_frame(&f2, TagEdit::Pop, &[], &[seg(&mut back)]) };
         assert_eq!(n, 64);
         assert_eq!(&back[..64], &frame_bytes(64)[..]);
+    }
+
+    #[test]
+    fn test_retag_replaces_the_tci_in_place() {
+        let mut src = frame_bytes(64);
+        src[12..16].copy_from_slice(&[0x81, 0x00, 0x60, 0x00]); // priority 3, VID 0
+        let mut dst = vec![0u8; 100];
+        let f = Frame { segs: &[seg(&mut src)], skip: 0, len: 64 };
+        // SAFETY: test buffers.
+        let n = unsafe { copy_frame(&f, TagEdit::Retag(0x600a), &[], &[seg(&mut dst)]) };
+        assert_eq!(n, 64);
+        assert_eq!(&dst[12..16], &[0x81, 0x00, 0x60, 0x0a]);
+        assert_eq!(&dst[16..64], &src[16..64]);
     }
 
     #[test]

@@ -241,7 +241,7 @@ impl Pmd {
                 work = true;
             }
             match &q.kick {
-                Some((file, gen)) => sleeper.watch(port.id, *pair, file.as_raw_fd(), *gen),
+                Some((file, gen)) => sleeper.watch(port.id, *pair, file, *gen),
                 None => blind = true,
             }
         }
@@ -259,10 +259,14 @@ impl Pmd {
 }
 
 /// epoll set of kick eventfds plus the thread's wake eventfd (level-triggered).
+///
+/// Each watched kick file is held open until it has been removed from the set: epoll forgets a
+/// closed fd by itself, and its number may by then belong to another port's kick, which a later
+/// `EPOLL_CTL_DEL` by number would wrongly remove.
 struct Sleeper {
     epfd: RawFd,
     wake: RawFd,
-    watched: HashMap<(u16, u16), (RawFd, u64)>,
+    watched: HashMap<(u16, u16), (Arc<std::fs::File>, u64)>,
 }
 
 impl Sleeper {
@@ -283,27 +287,24 @@ impl Sleeper {
         unsafe { libc::epoll_ctl(self.epfd, op, fd, &mut ev) };
     }
 
-    /// Makes sure the queue's current kick fd (by generation) is in the set.
-    fn watch(&mut self, port: u16, pair: u16, fd: RawFd, gen: u64) {
-        match self.watched.get(&(port, pair)) {
-            Some(&(f, g)) if f == fd && g == gen => {}
-            Some(&(f, _)) => {
-                self.ctl(libc::EPOLL_CTL_DEL, f);
-                self.ctl(libc::EPOLL_CTL_ADD, fd);
-                self.watched.insert((port, pair), (fd, gen));
+    /// Makes sure the queue's current kick file (by generation) is in the set.
+    fn watch(&mut self, port: u16, pair: u16, file: &Arc<std::fs::File>, gen: u64) {
+        if let Some((old, g)) = self.watched.get(&(port, pair)) {
+            if *g == gen {
+                return;
             }
-            None => {
-                self.ctl(libc::EPOLL_CTL_ADD, fd);
-                self.watched.insert((port, pair), (fd, gen));
-            }
+            // Still open (we hold it), so this removes exactly the old kick.
+            self.ctl(libc::EPOLL_CTL_DEL, old.as_raw_fd());
         }
+        self.ctl(libc::EPOLL_CTL_ADD, file.as_raw_fd());
+        self.watched.insert((port, pair), (file.clone(), gen));
     }
 
     fn forget_port(&mut self, port: u16) {
         let gone: Vec<_> = self.watched.keys().filter(|(p, _)| *p == port).copied().collect();
         for k in gone {
-            if let Some((fd, _)) = self.watched.remove(&k) {
-                self.ctl(libc::EPOLL_CTL_DEL, fd);
+            if let Some((file, _)) = self.watched.remove(&k) {
+                self.ctl(libc::EPOLL_CTL_DEL, file.as_raw_fd());
             }
         }
     }
