@@ -1,10 +1,16 @@
 //! Helpers for end-to-end tests: external processes started by PID and always stopped,
-//! bounded waits, scratch directories.
+//! bounded waits, scratch directories, and switches with in-process frontends
+//! ([`vswitch_bench::frontend`]) on their ports.
 #![deny(missing_docs)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use vswitch::control::{PortInfo, PortStats, Stats};
+use vswitch::{PortConfig, Switch, SwitchConfig};
+use vswitch_bench::frame::{build_frame, frame_len};
+use vswitch_bench::frontend::{Frontend, FrontendConfig};
 
 /// A scratch directory removed on drop.
 pub struct Scratch(pub PathBuf);
@@ -85,6 +91,15 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGKILLs it at once (no grace period) and reaps it.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        let c = self.child.as_mut()?;
+        let _ = c.kill(); // SIGKILL on Unix
+        let status = c.wait().ok();
+        self.child = None;
+        status
+    }
+
     /// Its log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -134,4 +149,179 @@ pub fn testpmd_rx_packets(log: &str) -> Vec<u64> {
         }
     }
     out
+}
+
+/// Installs the test log subscriber once (filter from `VSWITCH_LOG`, default off).
+pub fn init_log() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("VSWITCH_LOG").unwrap_or_else(|_| "off".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+/// The broadcast address.
+pub const BCAST: [u8; 6] = [0xff; 6];
+
+/// Locally administered unicast MAC `02:00:00:00:00:n`.
+pub fn mac(n: u8) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0, n]
+}
+
+/// `aa:bb:cc:dd:ee:ff`, as the switch prints MACs.
+pub fn mac_str(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Socket path of port `name` in `dir`.
+pub fn sock(dir: &Scratch, name: &str) -> PathBuf {
+    dir.path(&format!("{name}.sock"))
+}
+
+/// A port from `"name[,options]"` (the options of `PortConfig::parse`), socket in `dir`.
+pub fn port_config(dir: &Scratch, spec: &str) -> PortConfig {
+    let (name, opts) = spec.split_once(',').map_or((spec, None), |(n, o)| (n, Some(o)));
+    let mut full = format!("{name}={}", sock(dir, name).display());
+    if let Some(o) = opts {
+        full.push(',');
+        full.push_str(o);
+    }
+    PortConfig::parse(&full).unwrap_or_else(|e| panic!("port spec {spec:?}: {e}"))
+}
+
+/// A configuration with the given ports (see [`port_config`]), adaptive polling.
+pub fn switch_config(dir: &Scratch, specs: &[&str]) -> SwitchConfig {
+    SwitchConfig {
+        fdb_aging_secs: 300,
+        ports: specs.iter().map(|s| port_config(dir, s)).collect(),
+        ..Default::default()
+    }
+}
+
+/// Starts a switch with the given ports (see [`port_config`]).
+pub fn start_switch(dir: &Scratch, specs: &[&str]) -> Switch {
+    init_log();
+    Switch::start(switch_config(dir, specs)).expect("switch starts")
+}
+
+/// Connects a frontend to port `name` (5 s to connect and negotiate).
+pub fn connect(dir: &Scratch, name: &str, cfg: FrontendConfig) -> Frontend {
+    Frontend::connect(&sock(dir, name), cfg, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("frontend on port {name}: {e}"))
+}
+
+/// [`connect`] with the default frontend configuration.
+pub fn connect_default(dir: &Scratch, name: &str) -> Frontend {
+    connect(dir, name, FrontendConfig::default())
+}
+
+/// A test frame of exactly `size` bytes (at least 60): `build_frame` with the payload that
+/// gives that size.
+pub fn frame_of_size(dst: [u8; 6], src: [u8; 6], vlan: Option<u16>, size: usize, seq: u64) -> Vec<u8> {
+    let tag = if vlan.is_some() { 4 } else { 0 };
+    let payload = size.checked_sub(42 + tag).expect("size covers the headers");
+    let f = build_frame(dst, src, vlan, payload, seq);
+    assert_eq!(f.len(), size.max(frame_len(vlan.is_some(), payload)));
+    f
+}
+
+/// Queues `frame` on TX queue `q` and publishes it, waiting (up to 2 s) for ring space.
+pub fn send(fe: &mut Frontend, q: u16, frame: &[u8]) {
+    let t = Instant::now();
+    while !fe.send(q, frame) {
+        assert!(t.elapsed() < Duration::from_secs(2), "TX ring of queue {q} stayed full for 2 s");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Receives frames on every queue pair until `n` arrived or `timeout` passed.
+pub fn recv_n(fe: &mut Frontend, n: usize, timeout: Duration) -> Vec<Vec<u8>> {
+    if fe.queue_pairs() == 1 {
+        return fe.recv_frames(0, n, timeout);
+    }
+    let t = Instant::now();
+    let mut out = Vec::new();
+    loop {
+        for q in 0..fe.queue_pairs() {
+            fe.poll_rx(q, |f| out.push(f.to_vec()));
+        }
+        if out.len() >= n || t.elapsed() >= timeout {
+            return out;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// Collects whatever arrives on any queue until nothing has come for `quiet` (at most 5 s).
+pub fn drain(fe: &mut Frontend, quiet: Duration) -> Vec<Vec<u8>> {
+    let t = Instant::now();
+    let mut last = Instant::now();
+    let mut out = Vec::new();
+    while last.elapsed() < quiet && t.elapsed() < Duration::from_secs(5) {
+        let before = out.len();
+        for q in 0..fe.queue_pairs() {
+            fe.poll_rx(q, |f| out.push(f.to_vec()));
+        }
+        if out.len() > before {
+            last = Instant::now();
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    out
+}
+
+/// Sends `n` frames (sequence numbers `seq0..seq0 + n`, sizes cycling from 60 to 1514) from
+/// `from` to `to` and checks that exactly those arrive, byte for byte and in order.
+pub fn exchange(from: &mut Frontend, to: &mut Frontend, src: [u8; 6], dst: [u8; 6], n: usize, seq0: u64) {
+    let frames: Vec<Vec<u8>> = (0..n as u64)
+        .map(|i| frame_of_size(dst, src, None, 60 + (i as usize * 97) % 1455, seq0 + i))
+        .collect();
+    for f in &frames {
+        send(from, 0, f);
+    }
+    let got = recv_n(to, n, Duration::from_secs(5));
+    assert_eq!(got.len(), n, "{} of {n} frames {} -> {} arrived", got.len(), mac_str(src), mac_str(dst));
+    for (i, (g, f)) in got.iter().zip(&frames).enumerate() {
+        assert!(g == f, "frame {i} ({} bytes) arrived altered ({} bytes)", f.len(), g.len());
+    }
+    let extra = drain(to, Duration::from_millis(30));
+    assert!(extra.is_empty(), "{} unexpected frames after the exchange", extra.len());
+}
+
+/// Counters of port `name`.
+pub fn port_stats(sw: &Switch, name: &str) -> PortStats {
+    let s = sw.stats().expect("stats");
+    s.ports.into_iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no port {name} in stats"))
+}
+
+/// Listing of port `name`.
+pub fn port_info(sw: &Switch, name: &str) -> PortInfo {
+    let v = sw.ports().expect("ports");
+    v.into_iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no port {name} in ports()"))
+}
+
+/// Polls the switch's counters until `pred` holds or `timeout` passes; returns the last ones.
+/// (Counters are bumped right after a burst's frames are published, so they may trail the
+/// frames a frontend sees by a moment.)
+pub fn wait_stats(sw: &Switch, timeout: Duration, mut pred: impl FnMut(&Stats) -> bool) -> Stats {
+    let t = Instant::now();
+    loop {
+        let s = sw.stats().expect("stats");
+        if pred(&s) || t.elapsed() >= timeout {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Looks up port `name` in a stats snapshot.
+pub fn find<'a>(s: &'a Stats, name: &str) -> &'a PortStats {
+    s.ports.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no port {name} in stats"))
+}
+
+/// Checks the one-copy rule on every port: each delivered packet was copied exactly once.
+pub fn assert_one_copy_each(s: &Stats) {
+    for p in &s.ports {
+        assert_eq!(p.tx.copies, p.tx.packets, "{}: one copy per delivered packet: {:?}", p.name, p.tx);
+        assert_eq!(p.rx.copies, 0, "{}: nothing is copied into a guest's transmit queue", p.name);
+    }
 }
