@@ -188,7 +188,7 @@ fn generate(mut fes: Vec<Frontend>, size: usize, counters: &[Counters]) {
             fes[i].poll_rx(0, |_| *r += 1);
         }
         iter += 1;
-        if iter % 64 == 0 {
+        if iter.is_multiple_of(64) {
             for i in 0..n {
                 counters[i].sent.store(sent[i], Ordering::Relaxed);
                 counters[i].received.store(recv[i], Ordering::Relaxed);

@@ -264,7 +264,7 @@ fn test_ring_enabled_before_set_features_starts_running() {
     };
     f.set_mem_table(&[region]).unwrap();
     let kicks: Vec<EventFd> = (0..2).map(|_| EventFd::new(0).unwrap()).collect();
-    for q in 0..2usize {
+    for (q, kick) in kicks.iter().enumerate() {
         let off = base + (q as u64) * 0x10000;
         f.set_vring_num(q, 256).unwrap();
         f.set_vring_base(q, 0).unwrap();
@@ -278,7 +278,7 @@ fn test_ring_enabled_before_set_features_starts_running() {
             log_addr: None,
         };
         f.set_vring_addr(q, &cfg).unwrap();
-        f.set_vring_kick(q, &kicks[q]).unwrap();
+        f.set_vring_kick(q, kick).unwrap();
     }
     let running = sw.ports().unwrap()[0].device.running_queues.clone();
     assert_eq!(running, vec![0, 1], "rings enabled before SET_FEATURES run once set up");

@@ -256,7 +256,7 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
         }
         Request::Fdb => {
             let e: Vec<FdbEntry> = serde_json::from_value(v).map_err(bad)?;
-            println!("{:<5} {:<18} {:<5} {}", "vlan", "mac", "port", "age");
+            println!("{:<5} {:<18} {:<5} age", "vlan", "mac", "port");
             for x in e {
                 println!("{:<5} {:<18} {:<5} {}", x.vlan, x.mac, x.port, x.age_secs);
             }

@@ -122,6 +122,6 @@ impl Port {
     /// The slot for virtqueue `index` (2k = guest RX of pair k, 2k+1 = guest TX).
     pub fn slot(&self, index: usize) -> Option<&QueueSlot> {
         let pair = index / 2;
-        if index % 2 == 0 { self.rxq.get(pair) } else { self.txq.get(pair) }.map(|s| &**s)
+        if index.is_multiple_of(2) { self.rxq.get(pair) } else { self.txq.get(pair) }.map(|s| &**s)
     }
 }

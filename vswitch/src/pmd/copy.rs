@@ -58,7 +58,7 @@ pub unsafe fn copy_frame(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], dst: &[Seg]) 
 #[inline(never)]
 unsafe fn copy_frame_slow(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], dst: &[Seg]) -> u32 {
     let mut w = Writer { dst, seg: 0, off: 0, written: 0 };
-    // SAFETY (whole block): the writer stays inside `dst`, the reader inside `f.segs`.
+    // SAFETY: (whole block) the writer stays inside `dst`, the reader inside `f.segs`.
     unsafe {
         w.write(hdr.as_ptr(), hdr.len() as u32);
         match edit {

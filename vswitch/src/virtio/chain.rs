@@ -183,7 +183,7 @@ fn walk_indirect(
     acc: &mut Acc<'_>,
 ) -> Result<(), ChainError> {
     let count = ind.len / 16;
-    if ind.len % 16 != 0 || count == 0 || count > MAX_RING_SIZE as u32 {
+    if !ind.len.is_multiple_of(16) || count == 0 || count > MAX_RING_SIZE as u32 {
         return Err(ChainError::BadIndirect);
     }
     let table = mem.translate(ind.addr, ind.len, hint).ok_or(ChainError::BadIndirect)?;

@@ -289,7 +289,7 @@ impl SplitRing {
     /// Tells the driver whether to kick us when it adds buffers. Turning kicks on returns
     /// whether buffers arrived meanwhile (so the caller polls instead of sleeping).
     pub fn set_kicks(&mut self, on: bool) -> bool {
-        if on == !self.kicks_off && self.kicks_written {
+        if on != self.kicks_off && self.kicks_written {
             return on && self.has_new_avail();
         }
         self.kicks_off = !on;
@@ -324,11 +324,11 @@ fn map_part(
     align: u64,
     what: &'static str,
 ) -> Result<NonNull<u8>, RingError> {
-    if uva % align != 0 {
+    if !uva.is_multiple_of(align) {
         return Err(RingError::Misaligned(what));
     }
     let p = mem.translate_uva(uva, len).ok_or(RingError::NotMapped(what))?;
-    if (p.as_ptr() as u64) % align != 0 {
+    if !(p.as_ptr() as u64).is_multiple_of(align) {
         return Err(RingError::Misaligned(what));
     }
     Ok(p)
