@@ -63,7 +63,7 @@ impl Region {
         let mut flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
         if huge {
             // Take the page-table faults now, not in the polling loop; cheap for 2 MiB pages.
-            flags |= libc::MAP_POPULATE;
+            // flags |= libc::MAP_POPULATE;
         }
         let map =
             MmapRegion::build(Some(FileOffset::new(file, 0)), len, libc::PROT_READ | libc::PROT_WRITE, flags)

@@ -76,6 +76,8 @@ struct Plan {
     edit: TagEdit,
     nseg: u8,
     nch: u8,
+    /// Not a delivery: `nch` bad or abandoned buffers to return empty.
+    empty: bool,
     /// The usual case, one buffer: its head and where it is (else `rx` holds them all).
     head: u16,
     one: Seg,
@@ -135,7 +137,9 @@ struct SrcCounts {
 
 enum RxFail {
     NoBuffer,
-    Malformed,
+    /// A bad buffer: it and the chains taken before it (`.0` of them in all, listed in the
+    /// chains array) go back empty, in ring order.
+    Malformed(usize),
 }
 
 impl Datapath {
@@ -400,7 +404,9 @@ impl Datapath {
             let need = hdr_len + out_len(p.len, edit);
             self.pkts[i].targets += 1;
             let res = match take_one_rx(rq, need) {
-                Some((head, one)) => Ok(Plan { pkt: i as u8, edit, nseg: 1, nch: 1, head, one }),
+                Some((head, one)) => {
+                    Ok(Plan { pkt: i as u8, edit, nseg: 1, nch: 1, empty: false, head, one })
+                }
                 None => {
                     let rx = &mut self.rx[planned];
                     take_rx(rq, need, &mut rx.segs, &mut rx.chains).map(|(nseg, nch)| Plan {
@@ -408,6 +414,7 @@ impl Datapath {
                         edit,
                         nseg: nseg as u8,
                         nch: nch as u8,
+                        empty: false,
                         head: rx.chains[0].0,
                         one: rx.segs[0],
                     })
@@ -420,12 +427,25 @@ impl Datapath {
                     planned += 1;
                 }
                 Err(RxFail::NoBuffer) => no_buf += 1,
-                Err(RxFail::Malformed) => bad += 1,
+                Err(RxFail::Malformed(nch)) => {
+                    // Returned in pass 2 with the others, so used entries keep ring order
+                    // (VIRTIO_F_IN_ORDER).
+                    bad += 1;
+                    self.plans[planned] =
+                        Plan { pkt: i as u8, nch: nch as u8, empty: true, ..Plan::default() };
+                    planned += 1;
+                }
             }
         }
         // Pass 2: the late copies, straight from the senders' memory, then the used entries.
         for k in 0..planned {
             let plan = self.plans[k];
+            if plan.empty {
+                for &(head, _) in &self.rx[k].chains[..plan.nch as usize] {
+                    rq.ring.push_used(head, 0);
+                }
+                continue;
+            }
             let i = plan.pkt as usize;
             let p = &self.pkts[i];
             let mut hdr = [0u8; 12];
@@ -529,13 +549,11 @@ fn take_rx(
             Err(e) => {
                 // A bad buffer is consumed (returned empty) along with any taken before it:
                 // the guest sees zero-length completions, never our bytes in a bad place.
-                for &(h, _) in &chains[..nch] {
-                    rq.ring.push_used(h, 0);
-                }
                 if e != ChainError::BadHead {
-                    rq.ring.push_used(head, 0);
+                    chains[nch] = (head, 0);
+                    nch += 1;
                 }
-                return Err(RxFail::Malformed);
+                return Err(RxFail::Malformed(nch));
             }
         }
     }
@@ -878,6 +896,29 @@ mod tests {
         assert_eq!(n.received(1), vec![f]);
         assert_eq!(p1.rxq[1].stats.snapshot().packets, 1);
         assert_eq!(p1.rxq[0].stats.snapshot().drop_no_buffer, 0);
+    }
+
+    #[test]
+    fn test_used_entries_keep_ring_order_around_a_bad_receive_buffer() {
+        let mut n = net(vec![VlanMode::default(); 2], true);
+        n.post_rx(1, 1, 2048);
+        {
+            let gu = &mut n.guests[1];
+            let head = gu.rx.add_chain(&gu.g, &[(1 << 40, 2048, DESC_F_WRITE)]); // outside memory
+            gu.rx_bufs.insert(head as u32, (0, 0));
+        }
+        n.post_rx(1, 1, 2048);
+        for _ in 0..3 {
+            n.send(0, &frame(MACS[1], MACS[0], None, 60));
+        }
+        n.poll(0);
+        let gu = &mut n.guests[1];
+        let used = gu.rx.take_used(&gu.g);
+        let ids: Vec<u32> = used.iter().map(|u| u.0).collect();
+        assert_eq!(ids, vec![0, 1, 2], "in ring order (VIRTIO_F_IN_ORDER)");
+        assert_eq!(used[1].1, 0, "the bad buffer comes back empty");
+        assert_eq!(n.rx_stats(1).packets, 2);
+        assert_eq!(n.rx_stats(1).drop_malformed, 1);
     }
 
     #[test]
