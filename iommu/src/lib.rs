@@ -16,7 +16,7 @@ mod region;
 mod space;
 
 pub use region::{MemoryRegionDesc, Region};
-pub use space::{AddressSpace, RegionHint};
+pub use space::{AddressSpace, RegionHint, MAX_REGIONS};
 
 /// Why a memory table or region was refused.
 #[derive(Debug, thiserror::Error)]

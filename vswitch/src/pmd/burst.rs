@@ -339,13 +339,9 @@ impl Datapath {
             self.deliver_to(dport, src_hdr as u32, n, c);
         }
         self.ports = ports;
-        // Floods that found no member of their VLAN, and unicasts whose port refused the VLAN.
-        for p in &self.pkts[..n] {
-            match p.action {
-                Action::Flood if p.targets == 0 => c.no_route += 1,
-                _ => {}
-            }
-        }
+        // Floods that found no member port of their VLAN.
+        c.no_route +=
+            self.pkts[..n].iter().filter(|p| p.action == Action::Flood && p.targets == 0).count() as u64;
     }
 
     fn deliver_to(&mut self, dport: &Port, src_hdr: u32, n: usize, c: &mut SrcCounts) {

@@ -18,12 +18,8 @@ use crate::virtio::queue::QueueSetup;
 use crate::virtio::ring::MAX_RING_SIZE;
 use crate::virtio::{RingAddrs, VirtQueue};
 
-/// Memory slots offered with CONFIGURE_MEM_SLOTS.
-pub const MAX_MEM_SLOTS: u64 = iommu_max_regions();
-
-const fn iommu_max_regions() -> u64 {
-    509
-}
+/// Memory slots offered with CONFIGURE_MEM_SLOTS: as many regions as an address space holds.
+pub const MAX_MEM_SLOTS: u64 = iommu::MAX_REGIONS as u64;
 
 /// Protocol features offered. REPLY_ACK is added by the `vhost` crate itself.
 fn offered_protocol() -> VhostUserProtocolFeatures {

@@ -6,5 +6,6 @@
 //! or the new one, never half of each, and ring positions carry over.
 
 mod device;
+pub(crate) mod wire;
 
 pub use device::{DeviceInfo, VhostDevice, MAX_MEM_SLOTS};
