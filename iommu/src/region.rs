@@ -59,11 +59,9 @@ impl Region {
         let page = (meta.blksize()).max(4096);
         let len = need.div_ceil(page) * page;
         let len = usize::try_from(len).map_err(|_| Error::Wraps { gpa, size: desc.memory_size })?;
-        // No MAP_POPULATE: it would allocate every page of the guest's file, holes included,
-        // and with DPDK virtio-user on hugetlbfs (EAL memory hotplug: rings disabled, new
-        // table, rings enabled, repeatedly) a populated mapping of a live port was seen to
-        // vanish under a running queue (SIGSEGV in the PMD, about 1 run in 6; none in 24
-        // runs without it). Pages fault in on first touch instead.
+        // No MAP_POPULATE: it would allocate every page of the guest's file, holes included
+        // (DPDK punches holes in its hugetlbfs files as its memory shrinks); pages the guest
+        // uses fault in on first touch.
         let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
         let map =
             MmapRegion::build(Some(FileOffset::new(file, 0)), len, libc::PROT_READ | libc::PROT_WRITE, flags)

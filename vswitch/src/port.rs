@@ -41,10 +41,12 @@ impl QueueSlot {
     /// Takes the lock if it is free.
     #[inline(always)]
     pub fn try_lock(&self) -> Option<SlotGuard<'_>> {
+        // `then`, not `then_some`: a guard built eagerly on a failed attempt would be dropped
+        // at once and release the lock its real holder still has.
         self.locked
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
-            .then_some(SlotGuard { slot: self })
+            .then(|| SlotGuard { slot: self })
     }
 
     /// Takes the lock, waiting for a burst in progress to finish.
@@ -123,5 +125,20 @@ impl Port {
     pub fn slot(&self, index: usize) -> Option<&QueueSlot> {
         let pair = index / 2;
         if index.is_multiple_of(2) { self.rxq.get(pair) } else { self.txq.get(pair) }.map(|s| &**s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_failed_try_lock_leaves_the_holder_locked() {
+        let slot = QueueSlot::default();
+        let held = slot.try_lock().expect("free slot locks");
+        assert!(slot.try_lock().is_none());
+        assert!(slot.try_lock().is_none(), "a failed attempt must not release the holder's lock");
+        drop(held);
+        assert!(slot.try_lock().is_some());
     }
 }
