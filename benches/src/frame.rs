@@ -178,8 +178,9 @@ pub fn verify_frame(frame: &[u8]) -> Option<u64> {
     (pattern_ok && pad_ok).then_some(seq)
 }
 
-/// Internet checksum of an IPv4 header (0 when verifying a correct header).
-fn ipv4_checksum(hdr: &[u8]) -> u16 {
+/// RFC 791 header checksum of `hdr`: compute it over a header whose checksum field is zero;
+/// over a correct header (checksum included) it gives 0.
+pub fn ipv4_checksum(hdr: &[u8]) -> u16 {
     let mut sum: u32 =
         hdr.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
     while sum > 0xffff {

@@ -7,3 +7,4 @@
 pub mod demo;
 pub mod frame;
 pub mod frontend;
+pub mod harness;

@@ -1,9 +1,14 @@
-//! `vswitch-bench`: the demo and (later) the benchmark harness.
+//! `vswitch-bench`: the demo and the packet-rate harness.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use vswitch_bench::demo::{self, DemoConfig};
+use vswitch_bench::harness::report;
+use vswitch_bench::harness::run::{self, RunOptions};
+use vswitch_bench::harness::spec::{FrameSize, PeerKind, Rate, Topology};
 
 #[derive(Parser)]
 #[command(name = "vswitch-bench", version, about = "Demo and packet-rate harness for vhost-user switches")]
@@ -32,6 +37,146 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         pmd_cores: Vec<usize>,
     },
+    /// Measure throughput (and latency) of one or more switches, side by side.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// Frame sizes: nominal sizes including FCS (64..9018) or "imix", comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "64,1518")]
+        sizes: Vec<FrameSize>,
+        /// Offered load: max, N% (of the measured maximum), Nmpps, Nkpps or Npps.
+        #[arg(long, default_value = "max")]
+        rate: Rate,
+        /// Repetitions per peer and size (median and spread are reported).
+        #[arg(long, default_value_t = 3)]
+        reps: u32,
+    },
+    /// Latency percentiles at a fixed offered load.
+    Latency {
+        #[command(flatten)]
+        common: Common,
+        /// Frame size (nominal, including FCS) or "imix".
+        #[arg(long, default_value = "64")]
+        size: FrameSize,
+        /// Offered load: N% of the measured maximum, Nmpps, Nkpps or Npps.
+        #[arg(long, default_value = "50%")]
+        rate: Rate,
+        /// Repetitions per peer.
+        #[arg(long, default_value_t = 1)]
+        reps: u32,
+    },
+    /// RFC 2544-style search for the highest rate with loss at or below a limit.
+    Ndr {
+        #[command(flatten)]
+        common: Common,
+        /// Frame size (nominal, including FCS) or "imix".
+        #[arg(long, default_value = "64")]
+        size: FrameSize,
+        /// Acceptable loss in percent of frames (0 = none).
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// Stop when the search interval is narrower than this percentage of its top.
+        #[arg(long, default_value_t = 2.0)]
+        precision: f64,
+    },
+    /// Table (and plot) from saved results; several files are merged.
+    Report {
+        /// JSON files written by `run --json`.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Write a plot (throughput by frame size, latency CDF).
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Write the merged results.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+/// Options every measuring command takes.
+#[derive(Args)]
+struct Common {
+    /// Topology: p2p (A<->B), p2p-uni (A->B), mesh, flood, vlan.
+    #[arg(long, default_value = "p2p")]
+    topology: Topology,
+    /// Ports (default: 2 for p2p, 4 otherwise).
+    #[arg(long)]
+    ports: Option<usize>,
+    /// Switches to measure, in table order: ours, dpdk (testpmd io forwarding), ovs (OVS-DPDK).
+    #[arg(long, value_delimiter = ',', default_value = "ours,dpdk")]
+    peers: Vec<PeerKind>,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds of traffic discarded before each measurement.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Flows per sending port (distinct MACs, IPs and UDP ports).
+    #[arg(long, default_value_t = 1)]
+    flows: usize,
+    /// CPU the switch under test is pinned to.
+    #[arg(long, default_value_t = 0)]
+    backend_cpu: usize,
+    /// CPU the generator is pinned to.
+    #[arg(long, default_value_t = 1)]
+    generator_cpu: usize,
+    /// Use 4 KiB pages for guest memory even when huge pages are available.
+    #[arg(long)]
+    no_hugepages: bool,
+    /// Do not time frames (saves a histogram update per frame).
+    #[arg(long)]
+    no_latency: bool,
+    /// Our switch's binary (default: next to this program, or target/release/vswitch).
+    #[arg(long, env = "VSWITCH")]
+    vswitch: Option<PathBuf>,
+    /// Entries per vring of the generator's queues.
+    #[arg(long, default_value_t = 256)]
+    ring_size: u16,
+    /// Frames per TX burst.
+    #[arg(long, default_value_t = 32)]
+    burst: usize,
+    /// Write results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write a plot as SVG.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn seconds(name: &str, s: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(s).map_err(|_| format!("--{name} {s} is not a number of seconds"))
+}
+
+impl Common {
+    fn options(self, command: &str) -> Result<RunOptions, String> {
+        let duration = seconds("duration", self.duration)?;
+        if duration < Duration::from_millis(500) {
+            return Err("--duration must be at least 0.5 s".into());
+        }
+        Ok(RunOptions {
+            command: command.into(),
+            peers: self.peers,
+            topology: self.topology,
+            ports: self.ports,
+            flows: self.flows,
+            duration,
+            warmup: seconds("warmup", self.warmup)?,
+            backend_cpu: self.backend_cpu,
+            generator_cpu: self.generator_cpu,
+            hugepages: !self.no_hugepages,
+            latency: !self.no_latency,
+            vswitch_bin: self.vswitch,
+            ring_size: self.ring_size,
+            burst: self.burst,
+            json: self.json,
+            svg: self.svg,
+            progress: !self.quiet,
+            ..RunOptions::default()
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -45,6 +190,32 @@ fn main() -> ExitCode {
             dir: std::env::temp_dir().join(format!("vswitch-demo-{}", std::process::id())),
         })
         .map(|_| ()),
+        Cmd::Run { common, sizes, rate, reps } => {
+            common.options("run").and_then(|o| run::run(&RunOptions { sizes, rate, reps, ..o })).map(|_| ())
+        }
+        Cmd::Latency { common, size, rate, reps } => common
+            .options("latency")
+            .and_then(|o| run::run(&RunOptions { sizes: vec![size], rate, reps, latency: true, ..o }))
+            .map(|_| ()),
+        Cmd::Ndr { common, size, loss, precision } => {
+            if !((0.0..100.0).contains(&loss) && precision > 0.0 && precision < 100.0) {
+                Err("--loss must be in [0, 100) and --precision in (0, 100) percent".into())
+            } else {
+                common
+                    .options("ndr")
+                    .and_then(|o| {
+                        run::run(&RunOptions {
+                            sizes: vec![size],
+                            reps: 1,
+                            ndr_loss: loss / 100.0,
+                            ndr_precision: precision / 100.0,
+                            ..o
+                        })
+                    })
+                    .map(|_| ())
+            }
+        }
+        Cmd::Report { files, svg, json } => report_cmd(&files, svg, json),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -53,4 +224,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn report_cmd(files: &[PathBuf], svg: Option<PathBuf>, json: Option<PathBuf>) -> Result<(), String> {
+    let merged = report::merge(report::load(files)?);
+    let summaries = report::summarize(&merged.runs);
+    let mut out = std::io::stdout().lock();
+    report::print_table(&mut out, &merged.machine, &summaries).map_err(|e| format!("stdout: {e}"))?;
+    for w in report::warnings(&summaries) {
+        use std::io::Write;
+        let _ = writeln!(out, "warning: {w}");
+    }
+    if let Some(p) = svg {
+        report::write_svg(&p, &merged)?;
+        eprintln!("plot written to {}", p.display());
+    }
+    if let Some(p) = json {
+        run::write_json(&p, &merged)?;
+        eprintln!("merged results written to {}", p.display());
+    }
+    Ok(())
 }

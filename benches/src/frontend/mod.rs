@@ -313,6 +313,18 @@ impl Frontend {
         self.pairs[q as usize].tx.enqueue(frame)
     }
 
+    /// Queues a `len`-byte frame that `fill` writes in place into the TX
+    /// buffer (which still holds the frame last sent from that slot, or
+    /// zeros), without publishing it. Returns false, without calling `fill`,
+    /// if the ring is full even after reclaiming completed buffers. This is
+    /// the generator's path: it rewrites headers and stamps, not payloads.
+    ///
+    /// # Panics
+    /// If `q` is out of range or `len` exceeds [`max_tx_frame`](Self::max_tx_frame).
+    pub fn enqueue_tx_with(&mut self, q: u16, len: usize, fill: impl FnOnce(&mut [u8])) -> bool {
+        self.pairs[q as usize].tx.enqueue_with(len, fill)
+    }
+
     /// Publishes queued TX buffers (one Release store of `avail.idx`) and
     /// kicks the backend if it asked to be notified.
     pub fn flush_tx(&mut self, q: u16) {

@@ -111,10 +111,20 @@ impl TxQueue {
     /// # Panics
     /// If `frame` is longer than [`max_frame`](Self::max_frame).
     pub(crate) fn enqueue(&mut self, frame: &[u8]) -> bool {
+        self.enqueue_with(frame.len(), |buf| buf.copy_from_slice(frame))
+    }
+
+    /// Like [`enqueue`](Self::enqueue), but `fill` writes the `len`-byte frame
+    /// in place. The buffer holds whatever the slot held before (the frame
+    /// last sent from it, or zeros), so a generator may rewrite only the
+    /// bytes that change. `fill` is not called when the ring is full.
+    ///
+    /// # Panics
+    /// If `len` is larger than [`max_frame`](Self::max_frame).
+    pub(crate) fn enqueue_with(&mut self, len: usize, fill: impl FnOnce(&mut [u8])) -> bool {
         assert!(
-            frame.len() <= self.max_frame(),
-            "TX frame of {} bytes exceeds tx_buf_size - header ({} bytes)",
-            frame.len(),
+            len <= self.max_frame(),
+            "TX frame of {len} bytes exceeds tx_buf_size - header ({} bytes)",
             self.max_frame()
         );
         let need = self.descs_per_frame();
@@ -129,14 +139,15 @@ impl TxQueue {
         let slot_gpa = self.buf_gpa + off as u64;
         // SAFETY: buffer `head` lies inside this queue's buffer area
         // (head < size, frame fits, see the assertion) and is not owned by
-        // the backend (its descriptor was free), so nobody reads it now.
+        // the backend (its descriptor was free), so nobody reads it now and
+        // the mutable slice is exclusive.
         unsafe {
             let slot = self.buf_ptr.add(off);
             ptr::write_bytes(slot, 0, self.hdr_len);
-            ptr::copy_nonoverlapping(frame.as_ptr(), slot.add(self.hdr_len), frame.len());
+            fill(std::slice::from_raw_parts_mut(slot.add(self.hdr_len), len));
         }
         let hdr_len = self.hdr_len as u32;
-        let frame_len = frame.len() as u32;
+        let frame_len = len as u32;
         match self.layout {
             TxLayout::Contiguous => {
                 self.ring.write_desc(head, slot_gpa, hdr_len + frame_len, 0, 0);

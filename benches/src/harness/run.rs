@@ -1,0 +1,456 @@
+//! Orchestration: for each frame size and repetition, each peer in turn is started, pinned,
+//! driven by the generator, measured and stopped; results go to the terminal, JSON and SVG.
+//!
+//! Peers alternate within a repetition (ours, dpdk, ours, dpdk, ...) rather than running all
+//! repetitions of one peer first, so slow drifts in machine load hit every peer alike.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::clock::Clock;
+use super::gen::{self, Event, GenConfig, GenResult, Plan};
+use super::peer::{self, Peer, PeerOptions};
+use super::report;
+use super::results::{Params, Results, RunResult, SCHEMA_VERSION};
+use super::spec::{FrameSize, PeerKind, Rate, Topology};
+use super::sys;
+use crate::frontend::{Frontend, FrontendConfig};
+
+/// Everything a `run`, `latency` or `ndr` command needs.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// `run`, `latency` or `ndr` (recorded in the results).
+    pub command: String,
+    /// Switches under test, in table order (the first is the ratio's reference).
+    pub peers: Vec<PeerKind>,
+    /// Topology.
+    pub topology: Topology,
+    /// Ports (None = the topology's default).
+    pub ports: Option<usize>,
+    /// Frame sizes.
+    pub sizes: Vec<FrameSize>,
+    /// Flows per sending port.
+    pub flows: usize,
+    /// Measured time per run.
+    pub duration: Duration,
+    /// Discarded time before each measurement.
+    pub warmup: Duration,
+    /// Repetitions per peer and size.
+    pub reps: u32,
+    /// Offered load.
+    pub rate: Rate,
+    /// CPU for the switch under test.
+    pub backend_cpu: usize,
+    /// CPU for the generator thread.
+    pub generator_cpu: usize,
+    /// Try to back guest memory with huge pages (falls back to 4 KiB pages).
+    pub hugepages: bool,
+    /// Time frames (one histogram record per received frame).
+    pub latency: bool,
+    /// Sockets, logs and peer state go here.
+    pub workdir: PathBuf,
+    /// Our switch's binary (None: found next to this program).
+    pub vswitch_bin: Option<PathBuf>,
+    /// Write results here.
+    pub json: Option<PathBuf>,
+    /// Write the plot here.
+    pub svg: Option<PathBuf>,
+    /// Entries per vring of the generator's queues.
+    pub ring_size: u16,
+    /// Frames per TX burst.
+    pub burst: usize,
+    /// NDR: acceptable loss ratio (0.0 = zero loss).
+    pub ndr_loss: f64,
+    /// NDR: stop when the search interval is narrower than this fraction of its top.
+    pub ndr_precision: f64,
+    /// Print progress lines.
+    pub progress: bool,
+    /// Our switch busy-polls (benchmarks); `false` uses its adaptive mode (tests).
+    pub busy_poll: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            command: "run".into(),
+            peers: vec![PeerKind::Ours],
+            topology: Topology::P2p,
+            ports: None,
+            sizes: vec![FrameSize::Fixed(64)],
+            flows: 1,
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            reps: 3,
+            rate: Rate::Max,
+            backend_cpu: 0,
+            generator_cpu: 1,
+            hugepages: true,
+            latency: true,
+            workdir: std::env::temp_dir().join(format!("vswitch-bench-{}", std::process::id())),
+            vswitch_bin: None,
+            json: None,
+            svg: None,
+            ring_size: 256,
+            burst: 32,
+            ndr_loss: 0.0,
+            ndr_precision: 0.02,
+            progress: true,
+            busy_poll: true,
+        }
+    }
+}
+
+/// Runs the benchmark, prints the table and writes the files; returns the results.
+pub fn run(opts: &RunOptions) -> Result<Results, String> {
+    let ports = opts.ports.unwrap_or(opts.topology.default_ports());
+    opts.topology.check_ports(ports)?;
+    if opts.sizes.is_empty() {
+        return Err("no frame sizes given (--sizes 64,1518)".into());
+    }
+    if opts.reps == 0 {
+        return Err("--reps must be at least 1".into());
+    }
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if opts.backend_cpu == opts.generator_cpu && cpus > 1 {
+        eprintln!("warning: switch and generator share CPU {}; figures will be low", opts.backend_cpu);
+    }
+    let clock = Clock::calibrate(Duration::from_millis(100))?;
+    let mut machine = sys::machine(clock.hz());
+    machine.versions.insert("vswitch-bench".into(), env!("CARGO_PKG_VERSION").into());
+
+    // Which peers can run here, and what they are.
+    let mut peers = Vec::new();
+    for &kind in &opts.peers {
+        if peers.contains(&kind) {
+            continue;
+        }
+        let probed = match kind {
+            PeerKind::Ours => peer::probe_vswitch(opts.vswitch_bin.as_deref()),
+            _ => peer::probe(kind),
+        };
+        match probed {
+            Ok(version) => {
+                if let Err(why) = peer::supports(kind, opts.topology, ports) {
+                    eprintln!("skipping peer {kind}: {why}");
+                    continue;
+                }
+                machine.versions.insert(kind.to_string(), version);
+                peers.push(kind);
+            }
+            Err(e) => eprintln!("skipping peer {kind}: {e}"),
+        }
+    }
+    if peers.is_empty() {
+        return Err("none of the requested peers can run here (see the messages above)".into());
+    }
+
+    let hugepages = opts.hugepages
+        && sys::hugepages(1024).unwrap_or_else(|e| {
+            eprintln!("warning: huge pages unavailable ({e}); using 4 KiB pages");
+            false
+        });
+    std::fs::create_dir_all(&opts.workdir)
+        .map_err(|e| format!("cannot create work directory {}: {e}", opts.workdir.display()))?;
+    sys::pin_current_thread(opts.generator_cpu)
+        .map_err(|e| format!("cannot pin the generator to CPU {}: {e}", opts.generator_cpu))?;
+
+    let params = Params {
+        command: opts.command.clone(),
+        topology: opts.topology,
+        ports,
+        flows: opts.flows,
+        duration_s: opts.duration.as_secs_f64(),
+        warmup_s: opts.warmup.as_secs_f64(),
+        reps: opts.reps,
+        rate: opts.rate,
+        backend_cpu: opts.backend_cpu,
+        generator_cpu: opts.generator_cpu,
+        hugepages,
+    };
+    let mut results = Results { schema: SCHEMA_VERSION, machine, params, runs: Vec::new() };
+    let ctx = Ctx { opts, ports, hugepages, clock };
+
+    for &size in &opts.sizes {
+        let plan = Plan::new(opts.topology, ports, opts.flows, size)?;
+        if opts.command == "ndr" {
+            for &kind in &peers {
+                match ndr(&ctx, kind, &plan, size) {
+                    Ok(r) => results.runs.push(r),
+                    Err(e) => eprintln!("{kind} {size}: {e}"),
+                }
+            }
+            continue;
+        }
+        // For a fraction of the maximum rate, measure the maximum first.
+        let mut rate_of = Vec::new();
+        for &kind in &peers {
+            let pps = match opts.rate {
+                Rate::Max => None,
+                Rate::Pps(p) => Some(p),
+                Rate::Fraction(f) => {
+                    let probe = ctx.measure(kind, &plan, size, None, 0, short(opts.duration))?;
+                    eprintln!("{kind} {size}: maximum {:.3} Mpps; offering {:.0} %", probe.mpps, f * 100.0);
+                    Some(probe.mpps * 1e6 * f)
+                }
+            };
+            rate_of.push(pps);
+        }
+        for rep in 1..=opts.reps {
+            for (i, &kind) in peers.iter().enumerate() {
+                match ctx.measure(kind, &plan, size, rate_of[i], rep, opts.duration) {
+                    Ok(r) => results.runs.push(r),
+                    Err(e) => eprintln!("{kind} {size} rep {rep}: {e}"),
+                }
+            }
+        }
+    }
+
+    let summaries = report::summarize(&results.runs);
+    let mut out = std::io::stdout().lock();
+    report::print_table(&mut out, &results.machine, &summaries).map_err(|e| format!("stdout: {e}"))?;
+    for w in report::warnings(&summaries) {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    drop(out);
+    if let Some(path) = &opts.json {
+        write_json(path, &results)?;
+        eprintln!("results written to {}", path.display());
+    }
+    if let Some(path) = &opts.svg {
+        report::write_svg(path, &results)?;
+        eprintln!("plot written to {}", path.display());
+    }
+    let _ = std::fs::remove_dir_all(&opts.workdir);
+    if results.runs.is_empty() {
+        return Err("no run completed (see the messages above)".into());
+    }
+    Ok(results)
+}
+
+/// Writes `results` as pretty JSON.
+pub fn write_json(path: &Path, results: &Results) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(results).map_err(|e| format!("cannot encode results: {e}"))?;
+    std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// A shorter run for probing the maximum rate and for search trials.
+fn short(d: Duration) -> Duration {
+    d.min(Duration::from_secs(3))
+}
+
+struct Ctx<'a> {
+    opts: &'a RunOptions,
+    ports: usize,
+    hugepages: bool,
+    clock: Clock,
+}
+
+impl Ctx<'_> {
+    /// One run: start the peer, connect a frontend per port, drive traffic, stop the peer.
+    fn measure(
+        &self,
+        kind: PeerKind,
+        plan: &Plan,
+        size: FrameSize,
+        rate_pps: Option<f64>,
+        rep: u32,
+        duration: Duration,
+    ) -> Result<RunResult, String> {
+        let o = self.opts;
+        let popts = PeerOptions {
+            kind,
+            topology: o.topology,
+            ports: self.ports,
+            backend_cpu: o.backend_cpu,
+            hugepages: self.hugepages,
+            workdir: o.workdir.join(format!("{kind}")),
+            vswitch_bin: o.vswitch_bin.clone(),
+            busy_poll: o.busy_poll,
+        };
+        let mut peer = Peer::start(&popts).map_err(|e| e.to_string())?;
+        let mut frontends = Vec::with_capacity(self.ports);
+        let fcfg = frontend_config(plan.max_len(), o.ring_size, self.hugepages);
+        for (i, sock) in peer.sockets().iter().enumerate() {
+            let fe = Frontend::connect(sock, fcfg.clone(), Duration::from_secs(15))
+                .map_err(|e| format!("port {i}: cannot connect to {}: {e}", sock.display()))?;
+            frontends.push(fe);
+        }
+        let gcfg = GenConfig { rate_pps, warmup: o.warmup, duration, burst: o.burst, ..GenConfig::default() };
+        let me = std::process::id();
+        let pids: Vec<u32> = peer.pids();
+        let mut all = pids.clone();
+        all.push(me);
+        let (mut snap_a, mut snap_b) = (None, None);
+        let label = if rep == 0 { format!("{kind} {size} max") } else { format!("{kind} {size} rep {rep}") };
+        let progress = o.progress;
+        let result = {
+            let mut on = |ev: Event| match ev {
+                Event::WindowStart => {
+                    peer.begin_window();
+                    snap_a = Some((sys::cpu_snapshot(&pids), sys::cpu_snapshot(&all)));
+                }
+                Event::WindowEnd => snap_b = Some((sys::cpu_snapshot(&pids), sys::cpu_snapshot(&all))),
+                Event::Progress { elapsed_s, total_s, rx_pps } if progress => {
+                    eprint!("\r[{label}] {elapsed_s:4.0}/{total_s:.0} s  {:8.3} Mpps   ", rx_pps / 1e6);
+                    let _ = std::io::stderr().flush();
+                }
+                Event::Progress { .. } => {}
+            };
+            gen::run(&mut frontends, plan, &gcfg, &self.clock, o.latency, &mut on)
+        };
+        drop(frontends);
+        let report = peer.stop().map_err(|e| e.to_string())?;
+        let g = result?;
+        let (a, b) = match (snap_a, snap_b) {
+            (Some(a), Some(b)) => (a, b),
+            _ => return Err("the measurement window never started".into()),
+        };
+        // CPU of the switch's processes; "other" load excludes the generator (this process) too.
+        let switch_secs = sys::pids_cpu_seconds(&a.0, &b.0);
+        let r =
+            self.result(kind, size, rep, rate_pps, &g, switch_secs, sys::other_cpu_pct(&a.1, &b.1), report);
+        if progress {
+            eprint!("\r");
+        }
+        eprintln!("{}", one_line(&label, &r));
+        Ok(r)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn result(
+        &self,
+        kind: PeerKind,
+        size: FrameSize,
+        rep: u32,
+        rate_pps: Option<f64>,
+        g: &GenResult,
+        switch_cpu_s: f64,
+        other_cpu_pct: f64,
+        report: peer::PeerReport,
+    ) -> RunResult {
+        let pps = g.pps();
+        RunResult {
+            peer: kind,
+            topology: self.opts.topology,
+            size,
+            rep,
+            duration_s: g.window_s,
+            offered_pps: rate_pps,
+            tx_frames: g.tx_frames,
+            rx_frames: g.rx_frames,
+            expected_frames: g.expected,
+            lost_frames: g.lost,
+            loss_ratio: if g.expected > 0 { g.lost as f64 / g.expected as f64 } else { 0.0 },
+            reordered: g.reordered,
+            misdelivered: g.misdelivered,
+            mpps: pps / 1e6,
+            gbps: if g.window_s > 0.0 { g.window_rx_bytes as f64 * 8.0 / g.window_s / 1e9 } else { 0.0 },
+            cycles_per_frame: (g.window_rx > 0).then(|| switch_cpu_s * self.clock.hz() / g.window_rx as f64),
+            self_cycles_per_frame: report.self_cycles_per_frame,
+            tx_ring_full: g.tx_ring_full,
+            generator_limited: g.generator_limited(rate_pps.is_some()),
+            other_cpu_pct,
+            latency: g.latency.clone(),
+        }
+    }
+}
+
+/// Frontend settings for frames up to `max_len` bytes.
+fn frontend_config(max_len: usize, ring_size: u16, hugepages: bool) -> FrontendConfig {
+    let mut c = FrontendConfig {
+        ring_size,
+        hugepages,
+        // Room for the largest frame behind a 12-byte header, in whole cache lines.
+        tx_buf_size: ((max_len + 12).max(2048).div_ceil(64) * 64) as u32,
+        rx_buf_size: 2048,
+        scratch_size: 4096,
+        ..FrontendConfig::default()
+    };
+    c.mem_size = c.required_mem_size().div_ceil(2 << 20) * (2 << 20);
+    c
+}
+
+fn one_line(label: &str, r: &RunResult) -> String {
+    let lat = r
+        .latency
+        .as_ref()
+        .map(|l| format!(", latency p50 {:.1} µs p99 {:.1} µs", l.p50_ns as f64 / 1e3, l.p99_ns as f64 / 1e3))
+        .unwrap_or_default();
+    let cyc = r.cycles_per_frame.map(|c| format!(", {c:.0} cycles/frame")).unwrap_or_default();
+    format!(
+        "[{label}] {:.3} Mpps, {:.2} Gbit/s{cyc}, lost {} of {}{lat}{}{}",
+        r.mpps,
+        r.gbps,
+        r.lost_frames,
+        r.expected_frames,
+        if r.busy() {
+            format!(", machine busy ({:.0} % other load)", r.other_cpu_pct)
+        } else {
+            String::new()
+        },
+        if r.generator_limited { ", generator-limited" } else { "" },
+    )
+}
+
+/// Binary search for the highest offered rate with loss at or below the threshold.
+/// Returns the last passing trial (at the NDR rate).
+fn ndr(ctx: &Ctx<'_>, kind: PeerKind, plan: &Plan, size: FrameSize) -> Result<RunResult, String> {
+    let o = ctx.opts;
+    let max = ctx.measure(kind, plan, size, None, 0, short(o.duration))?;
+    let mut hi = max.mpps * 1e6 * 1.05;
+    let mut lo = 0.0;
+    let mut best: Option<RunResult> = None;
+    let mut rate = max.mpps * 1e6;
+    for step in 1..=12u32 {
+        let r = ctx.measure(kind, plan, size, Some(rate), step, o.duration)?;
+        let pass = r.loss_ratio <= o.ndr_loss && !r.generator_limited;
+        eprintln!(
+            "  ndr {kind} {size} step {step}: offered {:.3} Mpps, loss {:.4} % -> {}",
+            rate / 1e6,
+            r.loss_ratio * 100.0,
+            if pass { "pass" } else { "fail" }
+        );
+        if pass {
+            lo = rate;
+            best = Some(r);
+        } else {
+            hi = rate;
+        }
+        if hi - lo <= o.ndr_precision * hi {
+            break;
+        }
+        rate = (lo + hi) / 2.0;
+    }
+    let mut best = best.ok_or_else(|| {
+        format!("no offered rate down to {:.3} Mpps met the loss limit {}", hi / 1e6, o.ndr_loss)
+    })?;
+    best.rep = 1;
+    eprintln!("NDR {kind} {size}: {:.3} Mpps (loss <= {} %)", lo / 1e6, o.ndr_loss * 100.0);
+    Ok(best)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frontend_config_fits_jumbo_frames() {
+        let c = frontend_config(9014, 256, false);
+        assert!(c.tx_buf_size as usize >= 9014 + 12);
+        assert_eq!(c.tx_buf_size % 64, 0);
+        assert!(c.mem_size >= c.required_mem_size());
+        let d = frontend_config(60, 256, false);
+        assert_eq!(d.tx_buf_size, 2048);
+    }
+
+    #[test]
+    fn unknown_sizes_and_reps_are_refused_before_anything_starts() {
+        let o = RunOptions { sizes: vec![], ..RunOptions::default() };
+        assert!(run(&o).unwrap_err().contains("no frame sizes"));
+        let o = RunOptions { reps: 0, ..RunOptions::default() };
+        assert!(run(&o).unwrap_err().contains("--reps"));
+        let o = RunOptions { ports: Some(3), ..RunOptions::default() };
+        assert!(run(&o).unwrap_err().contains("exactly 2"));
+    }
+}
