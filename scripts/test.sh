@@ -3,6 +3,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 ./scripts/install-test-deps.sh
+# The benchmark's optional OVS-DPDK peer, so its peer tests run too (they skip without it).
+./scripts/install-bench-peers.sh || echo "warning: OVS peer not installed; its tests will be skipped" >&2
 cargo fmt --all -- --check || { echo "cargo fmt: run 'cargo fmt --all'" >&2; exit 1; }
 # Tests that start testpmd busy-poll a CPU; the harness keeps them serial within a file.
 cargo test --workspace --all-targets -- --test-threads=2

@@ -390,7 +390,7 @@ pub fn warnings(summaries: &[Summary]) -> Vec<String> {
         let l = label(s, with_topology);
         if s.busy_reps > 0 {
             out.push(format!(
-                "{l}: {} of {} repetitions ran while other processes used >{BUSY_PCT}% of the CPUs; \
+                "{l}: {} of {} repetitions ran while other processes (or the hypervisor, as steal time) took >{BUSY_PCT}% of the CPUs; \
                  figures are unreliable",
                 s.busy_reps, s.reps
             ));
@@ -703,6 +703,7 @@ mod tests {
             tx_frames: 1000,
             rx_frames: 1000,
             expected_frames: 1000,
+            refused_frames: 0,
             lost_frames: 0,
             loss_ratio: 0.0,
             reordered: 0,
@@ -861,7 +862,7 @@ mod tests {
         let w = warnings(&summarize(&runs));
         let has = |needle: &str| w.iter().any(|l| l.contains(needle));
         assert!(
-            has("ours 64: 2 of 3 repetitions ran while other processes used >5% of the CPUs; figures are unreliable"),
+            has("ours 64: 2 of 3 repetitions ran while other processes (or the hypervisor, as steal time) took >5% of the CPUs; figures are unreliable"),
             "{w:#?}"
         );
         assert!(

@@ -117,8 +117,14 @@ pub struct RunResult {
     pub rx_frames: u64,
     /// Frames expected at receivers (tx × receivers per frame) during the measurement.
     pub expected_frames: u64,
-    /// Frames expected but never received (counted after a drain at the end).
+    /// Frames expected but never received (counted after a drain at the end), including
+    /// `refused_frames`.
     pub lost_frames: u64,
+    /// Fixed-rate runs: frames due when the TX ring was full, so never offered (a NIC would
+    /// have dropped them); part of `lost_frames`. Always 0 at the maximum rate, where a full
+    /// ring is back-pressure.
+    #[serde(default)]
+    pub refused_frames: u64,
     /// `lost_frames / expected_frames`.
     pub loss_ratio: f64,
     /// Frames that arrived with a lower sequence number than one already seen on their stream.
@@ -133,11 +139,13 @@ pub struct RunResult {
     pub cycles_per_frame: Option<f64>,
     /// Cycles per frame the switch reports itself (busy cycles only), when it does.
     pub self_cycles_per_frame: Option<f64>,
-    /// Times the generator found a TX ring full (the switch did not keep up).
+    /// Times the generator found a TX ring full (the switch did not keep up), in the window.
     pub tx_ring_full: u64,
-    /// True when the generator, not the switch, limited the rate (TX rings never filled).
+    /// True when the generator, not the switch, limited the rate (see
+    /// [`GenResult::generator_limited`](super::gen::GenResult::generator_limited)).
     pub generator_limited: bool,
-    /// Share of all CPUs used by other processes during the measurement, percent.
+    /// Share of all CPUs used by other processes (or taken by the hypervisor: steal time)
+    /// during the measurement, percent.
     pub other_cpu_pct: f64,
     /// One-way latency, when frames were timed.
     pub latency: Option<Latency>,

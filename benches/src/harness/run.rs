@@ -341,6 +341,7 @@ impl Ctx<'_> {
             rx_frames: g.rx_frames,
             expected_frames: g.expected,
             lost_frames: g.lost,
+            refused_frames: g.refused,
             loss_ratio: if g.expected > 0 { g.lost as f64 / g.expected as f64 } else { 0.0 },
             reordered: g.reordered,
             misdelivered: g.misdelivered,
@@ -379,11 +380,16 @@ fn one_line(label: &str, r: &RunResult) -> String {
         .unwrap_or_default();
     let cyc = r.cycles_per_frame.map(|c| format!(", {c:.0} cycles/frame")).unwrap_or_default();
     format!(
-        "[{label}] {:.3} Mpps, {:.2} Gbit/s{cyc}, lost {} of {}{lat}{}{}",
+        "[{label}] {:.3} Mpps, {:.2} Gbit/s{cyc}, lost {} of {}{}{lat}{}{}",
         r.mpps,
         r.gbps,
         r.lost_frames,
         r.expected_frames,
+        if r.refused_frames > 0 {
+            format!(" ({} refused by a full TX ring)", r.refused_frames)
+        } else {
+            String::new()
+        },
         if r.busy() {
             format!(", machine busy ({:.0} % other load)", r.other_cpu_pct)
         } else {
