@@ -323,12 +323,12 @@ impl GenResult {
     }
 
     /// True when the generator rather than the switch set the rate: at a fixed rate, when it
-    /// could not offer more than 0.1 % of the frames on time; at the maximum rate, when fewer
+    /// could not offer more than 1 % of the frames on time; at the maximum rate, when fewer
     /// than 10 % of its bursts found a TX ring full (a switch that is the bottleneck leaves
     /// its input rings full nearly all the time).
     pub fn generator_limited(&self, fixed_rate: bool) -> bool {
         if fixed_rate {
-            self.generator_lag > self.window_tx / 1000
+            self.generator_lag > self.window_tx / 100
         } else {
             self.tx_ring_full * 10 < self.window_bursts
         }
