@@ -354,6 +354,26 @@ struct Sink {
 }
 
 impl Sink {
+    /// Bookkeeping for `plan`, timing latencies of up to `max_ticks`.
+    fn new(plan: &Plan, max_ticks: u64) -> Result<Sink, String> {
+        Ok(Sink {
+            must: plan.streams.iter().map(|s| s.must).collect(),
+            may: plan.streams.iter().map(|s| s.may).collect(),
+            ports: plan.ports,
+            last: vec![0; plan.streams.len() * plan.ports],
+            received_must: 0,
+            rx: 0,
+            window_rx: 0,
+            window_bytes: 0,
+            reordered: 0,
+            misdelivered: 0,
+            foreign: 0,
+            in_window: false,
+            hist: Histogram::new_with_bounds(1, max_ticks.max(2), 3)
+                .map_err(|e| format!("latency histogram: {e}"))?,
+        })
+    }
+
     #[inline(always)]
     fn on_frame(&mut self, port: usize, frame: &[u8], now: u64) {
         let Some(tag) = Tag::read(frame) else {
@@ -470,22 +490,8 @@ pub fn run(
 
     let n = plan.ports;
     let hz = clock.hz();
-    let mut sink = Sink {
-        must: plan.streams.iter().map(|s| s.must).collect(),
-        may: plan.streams.iter().map(|s| s.may).collect(),
-        ports: n,
-        last: vec![0; plan.streams.len() * n],
-        received_must: 0,
-        rx: 0,
-        window_rx: 0,
-        window_bytes: 0,
-        reordered: 0,
-        misdelivered: 0,
-        foreign: 0,
-        in_window: false,
-        hist: Histogram::new_with_bounds(1, (hz * 10.0) as u64, 3)
-            .map_err(|e| format!("latency histogram: {e}"))?,
-    };
+    // Latencies up to 10 s, 3 significant digits.
+    let mut sink = Sink::new(plan, (hz * 10.0) as u64)?;
     let must_count: Vec<u64> = plan.streams.iter().map(|s| u64::from(s.must.count_ones())).collect();
     let mut seqs = vec![0u64; plan.streams.len()];
     let mut senders = vec![Sender::default(); n];
@@ -739,21 +745,7 @@ mod tests {
     }
 
     fn sink(plan: &Plan) -> Sink {
-        Sink {
-            must: plan.streams.iter().map(|s| s.must).collect(),
-            may: plan.streams.iter().map(|s| s.may).collect(),
-            ports: plan.ports,
-            last: vec![0; plan.streams.len() * plan.ports],
-            received_must: 0,
-            rx: 0,
-            window_rx: 0,
-            window_bytes: 0,
-            reordered: 0,
-            misdelivered: 0,
-            foreign: 0,
-            in_window: true,
-            hist: Histogram::new_with_bounds(1, 1 << 40, 3).unwrap(),
-        }
+        Sink { in_window: true, ..Sink::new(plan, 1 << 40).unwrap() }
     }
 
     fn frame(stream: u16, seq: u64, stamp: u64) -> [u8; 60] {
