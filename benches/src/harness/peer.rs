@@ -260,13 +260,22 @@ pub fn vswitch_binary(explicit: Option<&Path>) -> Result<PathBuf, PeerError> {
     let mut candidates = Vec::new();
     if let Some(dir) = std::env::current_exe().ok().as_deref().and_then(Path::parent) {
         candidates.push(dir.join("vswitch"));
+        // Test executables live in target/<profile>/deps; binaries one level up.
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            if let Some(profile_dir) = dir.parent() {
+                candidates.push(profile_dir.join("vswitch"));
+            }
+        }
+    }
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        candidates.push(Path::new(&t).join("release/vswitch"));
     }
     candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/vswitch"));
     candidates.push(PathBuf::from("target/release/vswitch"));
     candidates.into_iter().find(|p| is_executable(p)).or_else(|| which("vswitch")).ok_or_else(|| {
         PeerError::NotInstalled {
             peer: PeerKind::Ours,
-            hint: "no vswitch binary next to this program, in target/release or on PATH; \
+            hint: "no vswitch binary next to this program, in target/release (or $CARGO_TARGET_DIR/release) or on PATH; \
                    build it with `cargo build --release -p vswitch`"
                 .into(),
         }
