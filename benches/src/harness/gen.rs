@@ -451,23 +451,36 @@ fn learn(ports: &mut [Frontend], plan: &Plan, clock: &Clock, base: u64) -> Resul
         }
         fe.flush_tx(0);
     }
-    // Drain until 50 ms pass without a frame (bounded by 2 s).
+    drain(ports, clock, Duration::from_secs(2), |_, _, _| {});
+    Ok(())
+}
+
+/// Polls every port's RX (handing frames to `on_frame(port, frame, now)`) and reclaims TX
+/// until 50 ms pass without a frame, or `limit` in all. Sleeps between polls: traffic has
+/// stopped, so there is nothing to race for.
+fn drain(
+    ports: &mut [Frontend],
+    clock: &Clock,
+    limit: Duration,
+    mut on_frame: impl FnMut(usize, &[u8], u64),
+) {
     let quiet = clock.ticks(Duration::from_millis(50));
-    let limit = clock.now() + clock.ticks(Duration::from_secs(2));
-    let mut last_rx = clock.now();
+    let start = clock.now();
+    let end = start + clock.ticks(limit);
+    let mut last_rx = start;
     loop {
+        let now = clock.now();
         let mut got = 0;
-        for fe in ports.iter_mut() {
-            got += fe.poll_rx(0, |_| {});
+        for (p, fe) in ports.iter_mut().enumerate() {
+            got += fe.poll_rx(0, |frame| on_frame(p, frame, now));
             fe.reclaim_tx(0);
         }
-        let now = clock.now();
         if got > 0 {
             last_rx = now;
-        } else if now - last_rx > quiet || now > limit {
-            return Ok(());
+        } else if now - last_rx > quiet || now > end {
+            return;
         }
-        std::hint::spin_loop();
+        std::thread::sleep(Duration::from_micros(100));
     }
 }
 
@@ -610,25 +623,8 @@ pub fn run(
     on(Event::WindowEnd);
     res.window_s = if window_started { (t_stop - t_window) as f64 / hz } else { 0.0 };
 
-    // Drain: traffic stopped; wait for frames in flight, until 50 ms pass without one.
-    let quiet = clock.ticks(Duration::from_millis(50));
-    let limit = t_stop + clock.ticks(cfg.drain);
-    let mut last_rx = t_stop;
-    loop {
-        let now = clock.now();
-        let stamp = now.wrapping_sub(base) & MASK48;
-        let mut got = 0;
-        for (p, fe) in ports.iter_mut().enumerate() {
-            got += fe.poll_rx(0, |frame| sink.on_frame(p, frame, stamp));
-            fe.reclaim_tx(0);
-        }
-        if got > 0 {
-            last_rx = now;
-        } else if now - last_rx > quiet || now > limit {
-            break;
-        }
-        std::thread::sleep(Duration::from_micros(100));
-    }
+    // Traffic stopped: wait for frames still in flight.
+    drain(ports, clock, cfg.drain, |p, frame, now| sink.on_frame(p, frame, now.wrapping_sub(base) & MASK48));
 
     res.rx_frames = sink.rx;
     res.window_rx = sink.window_rx;
