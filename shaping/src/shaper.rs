@@ -53,9 +53,16 @@ pub struct Shaper<T> {
 impl<T> Shaper<T> {
     /// A shaper that holds at most `limit_pkts` packets and `limit_bytes` bytes waiting.
     pub fn new(limiter: RateLimiter, limit_pkts: usize, limit_bytes: u64) -> Self {
+        Self::with_capacity(limiter, limit_pkts, limit_pkts, limit_bytes)
+    }
+
+    /// As `new`, with room for `capacity` waiting packets allocated now, so a later `retune`
+    /// may raise the packet limit up to it without allocating.
+    pub fn with_capacity(limiter: RateLimiter, capacity: usize, limit_pkts: usize, limit_bytes: u64) -> Self {
+        let limit_pkts = limit_pkts.min(capacity);
         Shaper {
             limiter,
-            queue: VecDeque::with_capacity(limit_pkts),
+            queue: VecDeque::with_capacity(capacity),
             limit_pkts,
             limit_bytes,
             queued_bytes: 0,

@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::l2::vlan::VlanSet;
 use crate::l2::{parse_mac, VlanMode};
+use crate::policy::spoof::SpoofConfig;
+use crate::policy::{BitRate, PolicerConfig, PolicyConfig, ShaperConfig};
 
 /// One port.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +32,15 @@ pub struct PortConfig {
     /// MAC offered to the guest; derived from the name when absent.
     #[serde(default)]
     pub mac: Option<String>,
+    /// Policer on what the guest sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<PolicerConfig>,
+    /// Shaper on what the guest receives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<ShaperConfig>,
+    /// Source address checks on what the guest sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_spoof: Option<SpoofConfig>,
 }
 
 fn one() -> u16 {
@@ -40,7 +51,7 @@ fn one() -> u16 {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -91,6 +102,9 @@ impl PortConfig {
             trunk: Vec::new(),
             queues: 1,
             mac: None,
+            ingress: None,
+            egress: None,
+            anti_spoof: None,
         };
         for opt in parts {
             match opt.split_once('=') {
@@ -106,6 +120,21 @@ impl PortConfig {
                 }
                 Some(("queues", v)) => pc.queues = v.parse().map_err(|_| bad("queues must be a number"))?,
                 Some(("mac", v)) => pc.mac = Some(v.to_string()),
+                Some(("police", v)) => {
+                    let rate = v.parse::<BitRate>().map_err(|e| bad(&e))?;
+                    pc.ingress = Some(PolicerConfig {
+                        rate,
+                        burst: None,
+                        excess_burst: None,
+                        excess_rate: None,
+                        pps: None,
+                    });
+                }
+                Some(("shape", v)) => {
+                    let rate = v.parse::<BitRate>().map_err(|e| bad(&e))?;
+                    pc.egress = Some(ShaperConfig { rate, burst: None, queue: None, pps: None });
+                }
+                None if opt == "anti-spoof" => pc.anti_spoof = Some(SpoofConfig::default()),
                 _ => return Err(bad(&format!("unknown option '{opt}'"))),
             }
         }
@@ -136,7 +165,24 @@ impl PortConfig {
         if let Some(m) = &self.mac {
             parse_mac(m).ok_or_else(|| err(format!("mac '{m}' is not of the form 52:54:00:12:34:56")))?;
         }
+        self.policy().validate(self.mac_bytes()).map_err(err)?;
         Ok(())
+    }
+
+    /// The port's policy settings.
+    pub fn policy(&self) -> PolicyConfig {
+        PolicyConfig {
+            ingress: self.ingress.clone(),
+            egress: self.egress.clone(),
+            anti_spoof: self.anti_spoof.clone(),
+        }
+    }
+
+    /// Replaces the port's policy settings.
+    pub fn set_policy(&mut self, p: PolicyConfig) {
+        self.ingress = p.ingress;
+        self.egress = p.egress;
+        self.anti_spoof = p.anti_spoof;
     }
 
     /// The VLAN rule.
@@ -239,6 +285,42 @@ mod tests {
         assert!(e.contains("not both"), "{e}");
         let e = PortConfig::parse("vm1=/s,bogus").unwrap_err().to_string();
         assert!(e.contains("unknown option 'bogus'"), "{e}");
+        let e = PortConfig::parse("vm1=/s,police=10 furlongs").unwrap_err().to_string();
+        assert!(e.contains("unknown rate unit"), "{e}");
+        let e = PortConfig::parse("vm1=/s,shape=0").unwrap_err().to_string();
+        assert!(e.contains("above 0"), "{e}");
+    }
+
+    #[test]
+    fn test_port_spec_policy_options() {
+        let p = PortConfig::parse("vm1=/s,police=100M,shape=50Mbit,anti-spoof").unwrap();
+        assert_eq!(p.ingress.unwrap().rate, BitRate(100_000_000));
+        assert_eq!(p.egress.unwrap().rate, BitRate(50_000_000));
+        assert_eq!(p.anti_spoof, Some(SpoofConfig::default()));
+    }
+
+    #[test]
+    fn test_toml_port_policy() {
+        let cfg: SwitchConfig = toml::from_str(
+            r#"
+            [[port]]
+            name = "a"
+            socket = "/tmp/a.sock"
+            ingress = { rate = "100Mbit", excess_burst = "32KiB" }
+            egress = { rate = "1G", burst = "1MiB", queue = 512 }
+            anti_spoof = { macs = ["52:54:00:00:00:0a"], ips = ["10.0.0.10", "fd00::a"] }
+            "#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let p = cfg.ports[0].policy();
+        assert_eq!(p.egress.unwrap().queue, Some(512));
+        let bad: SwitchConfig = toml::from_str(
+            "[[port]]\nname = \"a\"\nsocket = \"/s\"\nanti_spoof = { ips = [\"10.0.0.999\"] }\n",
+        )
+        .unwrap();
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("port 'a'") && e.contains("10.0.0.999"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! → {"cmd":"stats"}                     ← {"ok":true,"result":Stats}
 //! → {"cmd":"fdb"} / {"cmd":"fdb-flush"}
 //! → {"cmd":"port-add","port":{"name":..,"socket":..}}   → {"cmd":"port-del","name":..}
+//! → {"cmd":"policy","name":..}          ← {"ok":true,"result":PolicyReport}
+//! → {"cmd":"policy-set","name":..,"policy":{"ingress":..,"egress":..,"anti_spoof":..}}
 //! ← {"ok":false,"error":"what went wrong and what to do"}
 //! ```
 
@@ -16,6 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::PortConfig;
+use crate::policy::{PolicyConfig, PolicyCounters};
 use crate::vhost::DeviceInfo;
 use crate::virtio::queue::QueueCounters;
 
@@ -41,6 +44,33 @@ pub enum Request {
         /// Its name.
         name: String,
     },
+    /// A port's policy and its counters.
+    Policy {
+        /// Port name.
+        name: String,
+    },
+    /// Replace a port's policy (parts left out are turned off); the guest stays connected.
+    PolicySet {
+        /// Port name.
+        name: String,
+        /// The new policy.
+        policy: PolicyConfig,
+    },
+}
+
+/// A port's policy as `policy` reports it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyReport {
+    /// Port name.
+    pub name: String,
+    /// Settings in force.
+    pub policy: PolicyConfig,
+    /// Drops and holds by reason.
+    pub counters: PolicyCounters,
+    /// Packets the shaper holds back now.
+    pub shaper_queued: u64,
+    /// Their bytes.
+    pub shaper_queued_bytes: u64,
 }
 
 /// A reply.
@@ -104,6 +134,9 @@ pub struct PortStats {
     pub tx: QueueCounters,
     /// Per queue.
     pub queues: Vec<QueueReport>,
+    /// Policy drops and holds by reason.
+    #[serde(default)]
+    pub policy: PolicyCounters,
 }
 
 /// Counters of one polling thread.

@@ -3,15 +3,18 @@
 //! Layout follows the datapath: [`virtio`] (rings and chains over guest memory), [`l2`]
 //! (forwarding table, VLAN rules), [`pmd`] (the polling threads and the burst: receive →
 //! describe → decide → deliver → complete), [`vhost`] (the vhost-user protocol per port),
-//! [`switch`] (ports, the control thread), [`control`] (the JSON control socket).
+//! [`policy`] (policers, shapers, anti-spoofing per port), [`switch`] (ports, the control
+//! thread), [`control`] (the JSON control socket).
 #![deny(missing_docs)]
 
 pub mod config;
 pub mod control;
 pub mod l2;
 pub mod pmd;
+pub mod policy;
 pub mod port;
 pub mod switch;
+pub mod sync;
 pub mod vhost;
 pub mod virtio;
 

@@ -4,8 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vswitch::control::{request, PortInfo, Request, Stats};
+use vswitch::control::{request, PolicyReport, PortInfo, Request, Stats};
 use vswitch::l2::FdbEntry;
+use vswitch::policy::spoof::SpoofConfig;
+use vswitch::policy::{BitRate, ByteSize, PolicerConfig, PolicyConfig, ShaperConfig};
 use vswitch::{PortConfig, Switch, SwitchConfig};
 
 const DEFAULT_CONTROL: &str = "/run/vswitch.ctl";
@@ -39,7 +41,8 @@ struct RunArgs {
     /// TOML configuration file (command-line options are added to it).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=..]; repeatable.
+    /// NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=..][,police=RATE]
+    /// [,shape=RATE][,anti-spoof]; repeatable.
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
     /// CPUs for polling threads, e.g. 0,1 (one thread per CPU).
@@ -76,6 +79,113 @@ enum CtlCmd {
         /// Port name.
         name: String,
     },
+    /// Show a port's policy and drops by reason; with options, change it (the guest stays
+    /// connected; what is not mentioned is kept).
+    Policy(PolicyArgs),
+}
+
+#[derive(clap::Args)]
+struct PolicyArgs {
+    /// Port name.
+    name: String,
+    /// Police what the guest sends at RATE (bits/s: 800k, 100M, 1.5G).
+    #[arg(long, value_name = "RATE")]
+    police: Option<BitRate>,
+    /// Policer burst (bytes: 64KiB).
+    #[arg(long, value_name = "SIZE", requires = "police")]
+    police_burst: Option<ByteSize>,
+    /// Stop policing.
+    #[arg(long, conflicts_with = "police")]
+    no_police: bool,
+    /// Shape what the guest receives to RATE.
+    #[arg(long, value_name = "RATE")]
+    shape: Option<BitRate>,
+    /// Shaper burst.
+    #[arg(long, value_name = "SIZE", requires = "shape")]
+    shape_burst: Option<ByteSize>,
+    /// Packets the shaper may hold back (1..4096).
+    #[arg(long, value_name = "N", requires = "shape")]
+    shape_queue: Option<u32>,
+    /// Stop shaping (held packets are delivered at once).
+    #[arg(long, conflicts_with = "shape")]
+    no_shape: bool,
+    /// Anti-spoofing on or off.
+    #[arg(long, value_name = "on|off")]
+    anti_spoof: Option<OnOff>,
+    /// Allowed source MAC (repeatable; replaces the list; default the port's MAC).
+    #[arg(long = "allow-mac", value_name = "MAC")]
+    allow_macs: Vec<String>,
+    /// Allowed source IP or prefix (repeatable; replaces the list; turns IP checking on).
+    #[arg(long = "allow-ip", value_name = "IP[/LEN]")]
+    allow_ips: Vec<String>,
+    /// Stop checking IP sources (MAC checks stay).
+    #[arg(long, conflicts_with = "allow_ips")]
+    no_ip_check: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+impl PolicyArgs {
+    fn changes_anything(&self) -> bool {
+        self.police.is_some()
+            || self.no_police
+            || self.shape.is_some()
+            || self.no_shape
+            || self.anti_spoof.is_some()
+            || !self.allow_macs.is_empty()
+            || !self.allow_ips.is_empty()
+            || self.no_ip_check
+    }
+
+    /// `cur` with this command's changes.
+    fn apply(&self, mut p: PolicyConfig) -> PolicyConfig {
+        if let Some(rate) = self.police {
+            p.ingress = Some(PolicerConfig {
+                rate,
+                burst: self.police_burst,
+                excess_burst: None,
+                excess_rate: None,
+                pps: None,
+            });
+        }
+        if self.no_police {
+            p.ingress = None;
+        }
+        if let Some(rate) = self.shape {
+            p.egress =
+                Some(ShaperConfig { rate, burst: self.shape_burst, queue: self.shape_queue, pps: None });
+        }
+        if self.no_shape {
+            p.egress = None;
+        }
+        let touches_spoof = !self.allow_macs.is_empty() || !self.allow_ips.is_empty() || self.no_ip_check;
+        match self.anti_spoof {
+            Some(OnOff::Off) => p.anti_spoof = None,
+            Some(OnOff::On) => {
+                p.anti_spoof.get_or_insert_with(SpoofConfig::default);
+            }
+            None if touches_spoof => {
+                p.anti_spoof.get_or_insert_with(SpoofConfig::default);
+            }
+            None => {}
+        }
+        if let Some(sp) = p.anti_spoof.as_mut() {
+            if !self.allow_macs.is_empty() {
+                sp.macs = self.allow_macs.clone();
+            }
+            if !self.allow_ips.is_empty() {
+                sp.ips = Some(self.allow_ips.clone());
+            }
+            if self.no_ip_check {
+                sp.ips = None;
+            }
+        }
+        p
+    }
 }
 
 fn main() -> ExitCode {
@@ -186,6 +296,18 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
             Request::PortAdd { port: PortConfig::parse(&spec).map_err(|e| e.to_string())? }
         }
         CtlCmd::PortDel { name } => Request::PortDel { name },
+        CtlCmd::Policy(a) => {
+            let name = a.name.clone();
+            if a.changes_anything() {
+                let cur =
+                    request(path, &Request::Policy { name: name.clone() }).map_err(|e| e.to_string())?;
+                let cur: PolicyReport =
+                    serde_json::from_value(cur).map_err(|e| format!("unexpected reply: {e}"))?;
+                Request::PolicySet { name, policy: a.apply(cur.policy) }
+            } else {
+                Request::Policy { name }
+            }
+        }
     };
     let v = request(path, &req).map_err(|e| e.to_string())?;
     if json {
@@ -220,7 +342,7 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
         Request::Stats => {
             let s: Stats = serde_json::from_value(v).map_err(bad)?;
             println!(
-                "{:<12} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8} {:>12}",
+                "{:<12} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>12}",
                 "port",
                 "rx_pkts",
                 "rx_bytes",
@@ -230,11 +352,12 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
                 "malformd",
                 "filtered",
                 "no_route",
+                "policy",
                 "copies"
             );
             for p in &s.ports {
                 println!(
-                    "{:<12} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8} {:>12}",
+                    "{:<12} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>12}",
                     p.name,
                     p.rx.packets,
                     p.rx.bytes,
@@ -244,6 +367,7 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
                     p.rx.drop_malformed + p.tx.drop_malformed,
                     p.rx.drop_filtered,
                     p.rx.drop_no_route,
+                    p.rx.drop_policy + p.tx.drop_policy,
                     p.tx.copies
                 );
             }
@@ -261,7 +385,54 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
                 println!("{:<5} {:<18} {:<5} {}", x.vlan, x.mac, x.port, x.age_secs);
             }
         }
+        Request::Policy { .. } | Request::PolicySet { .. } => {
+            let r: PolicyReport = serde_json::from_value(v).map_err(bad)?;
+            print_policy(&r);
+        }
         _ => println!("ok"),
     }
     Ok(())
+}
+
+fn print_policy(r: &PolicyReport) {
+    let p = &r.policy;
+    println!("port {}", r.name);
+    match &p.ingress {
+        Some(i) => println!(
+            "  ingress policer: rate {}{}{}{}",
+            i.rate,
+            i.burst.map(|b| format!(" burst {b}")).unwrap_or_default(),
+            i.excess_burst.map(|b| format!(" excess burst {b}")).unwrap_or_default(),
+            i.excess_rate.map(|b| format!(" excess rate {b}")).unwrap_or_default()
+        ),
+        None => println!("  ingress policer: off"),
+    }
+    match &p.egress {
+        Some(e) => println!(
+            "  egress shaper:   rate {}{} queue {} (holding {} packets, {} bytes)",
+            e.rate,
+            e.burst.map(|b| format!(" burst {b}")).unwrap_or_default(),
+            e.queue.unwrap_or(256),
+            r.shaper_queued,
+            r.shaper_queued_bytes
+        ),
+        None => println!("  egress shaper:   off"),
+    }
+    match &p.anti_spoof {
+        Some(s) => println!(
+            "  anti-spoofing:   macs {} ips {}",
+            if s.macs.is_empty() { "(the port's own)".to_string() } else { s.macs.join(",") },
+            s.ips.as_ref().map_or("(not checked)".to_string(), |l| if l.is_empty() {
+                "(none allowed)".into()
+            } else {
+                l.join(",")
+            })
+        ),
+        None => println!("  anti-spoofing:   off"),
+    }
+    let c = &r.counters;
+    println!(
+        "  drops: policed {} (yellow passed {}), spoofed mac {} ip {} arp {} nd {} ethertype {}, shaper full {}; held by shaper {}",
+        c.policed, c.policed_yellow, c.spoof_mac, c.spoof_ip, c.spoof_arp, c.spoof_nd, c.spoof_ethertype, c.shaped_dropped, c.shaped_held
+    );
 }

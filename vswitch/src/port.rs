@@ -5,13 +5,11 @@
 //! Holding a slot's lock is what keeps the guest memory its queue points into mapped, so a
 //! burst never races a memory-table change or a disconnect.
 
-use std::cell::UnsafeCell;
-use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use crossbeam_utils::CachePadded;
 
 use crate::l2::VlanMode;
+use crate::policy::{PolicyConfig, PortPolicy};
+use crate::sync::{Spin, SpinGuard};
 use crate::virtio::{QueueStats, VirtQueue};
 
 /// Port ids are small integers; this many may exist at once.
@@ -20,76 +18,29 @@ pub const MAX_PORTS: usize = 1024;
 /// A queue slot: the running queue, if any, and its counters (which outlive the queue).
 #[derive(Default)]
 pub struct QueueSlot {
-    locked: AtomicBool,
-    queue: UnsafeCell<Option<VirtQueue>>,
+    queue: Spin<Option<VirtQueue>>,
     /// Counters of whatever queue runs in this slot.
     pub stats: QueueStats,
 }
 
-// SAFETY: `queue` is only reached through a `SlotGuard`, which exists only while `locked` is
-// held by its creator; VirtQueue is Send.
-unsafe impl Sync for QueueSlot {}
-// SAFETY: as above.
-unsafe impl Send for QueueSlot {}
-
 /// Exclusive access to a slot's queue.
-pub struct SlotGuard<'a> {
-    slot: &'a QueueSlot,
-}
+pub type SlotGuard<'a> = SpinGuard<'a, Option<VirtQueue>>;
 
 impl QueueSlot {
     /// Takes the lock if it is free.
     #[inline(always)]
     pub fn try_lock(&self) -> Option<SlotGuard<'_>> {
-        // `then`, not `then_some`: a guard built eagerly on a failed attempt would be dropped
-        // at once and release the lock its real holder still has.
-        self.locked
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-            .then(|| SlotGuard { slot: self })
+        self.queue.try_lock()
     }
 
     /// Takes the lock, waiting for a burst in progress to finish.
     pub fn lock(&self) -> SlotGuard<'_> {
-        let mut spins = 0u32;
-        loop {
-            if let Some(g) = self.try_lock() {
-                return g;
-            }
-            spins += 1;
-            if spins < 64 {
-                std::hint::spin_loop();
-            } else {
-                // The holder may be descheduled on a busy 2-core machine.
-                std::thread::yield_now();
-            }
-        }
+        self.queue.lock()
     }
 
     /// Whether a queue is installed (racy; for display).
     pub fn is_running(&self) -> bool {
         self.lock().is_some()
-    }
-}
-
-impl Deref for SlotGuard<'_> {
-    type Target = Option<VirtQueue>;
-    fn deref(&self) -> &Self::Target {
-        // SAFETY: the guard holds the lock.
-        unsafe { &*self.slot.queue.get() }
-    }
-}
-
-impl DerefMut for SlotGuard<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        // SAFETY: the guard holds the lock, so this is the only reference.
-        unsafe { &mut *self.slot.queue.get() }
-    }
-}
-
-impl Drop for SlotGuard<'_> {
-    fn drop(&mut self) {
-        self.slot.locked.store(false, Ordering::Release);
     }
 }
 
@@ -107,13 +58,15 @@ pub struct Port {
     pub txq: Box<[CachePadded<QueueSlot>]>,
     /// Guest receive queues (the switch delivers into them), one per queue pair.
     pub rxq: Box<[CachePadded<QueueSlot>]>,
+    /// Rate limits and address filters, changeable at run time.
+    pub policy: PortPolicy,
 }
 
 impl Port {
     /// A port with `pairs` queue pairs, none running.
     pub fn new(id: u16, name: String, vlan: VlanMode, mac: [u8; 6], pairs: u16) -> Self {
         let slots = |n: u16| (0..n.max(1)).map(|_| CachePadded::new(QueueSlot::default())).collect();
-        Port { id, name, vlan, mac, txq: slots(pairs), rxq: slots(pairs) }
+        Port { id, name, vlan, mac, txq: slots(pairs), rxq: slots(pairs), policy: PortPolicy::default() }
     }
 
     /// Number of queue pairs.
@@ -121,24 +74,44 @@ impl Port {
         self.txq.len() as u16
     }
 
+    /// Changes the port's policy at run time, without touching its connection. Everything is
+    /// validated first: a refused change leaves the old policy in force.
+    pub fn set_policy(&self, cfg: &PolicyConfig) -> Result<(), String> {
+        cfg.validate(self.mac)?;
+        self.policy.apply_ingress(cfg, self.mac)?;
+        if cfg.egress.is_none() {
+            self.remove_shaper();
+        } else {
+            self.policy.apply_egress(cfg.egress.as_ref())?;
+        }
+        self.policy.set_config(cfg.clone());
+        Ok(())
+    }
+
+    /// Removes the egress shaper, first showing the guest every packet it holds back (they are
+    /// already in the guest's buffers). Takes every receive queue's lock, then the shaper's, the
+    /// order the polling threads use.
+    fn remove_shaper(&self) {
+        let mut queues: Vec<_> = self.rxq.iter().map(|s| s.lock()).collect();
+        let mut eg = self.policy.egress.lock();
+        if let Some(s) = eg.as_mut() {
+            s.drain().for_each(drop);
+        }
+        for q in queues.iter_mut().filter_map(|g| g.as_mut()) {
+            q.held = 0;
+            q.publish();
+            q.notify();
+        }
+        *eg = None;
+        drop(eg);
+        // Cannot fail: removing needs no validation.
+        let _ = self.policy.apply_egress(None);
+        self.policy.held.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The slot for virtqueue `index` (2k = guest RX of pair k, 2k+1 = guest TX).
     pub fn slot(&self, index: usize) -> Option<&QueueSlot> {
         let pair = index / 2;
         if index.is_multiple_of(2) { self.rxq.get(pair) } else { self.txq.get(pair) }.map(|s| &**s)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn test_failed_try_lock_leaves_the_holder_locked() {
-        let slot = QueueSlot::default();
-        let held = slot.try_lock().expect("free slot locks");
-        assert!(slot.try_lock().is_none());
-        assert!(slot.try_lock().is_none(), "a failed attempt must not release the holder's lock");
-        drop(held);
-        assert!(slot.try_lock().is_some());
     }
 }

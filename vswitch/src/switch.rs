@@ -20,10 +20,11 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
-use crate::config::{PortConfig, SwitchConfig};
-use crate::control::{PmdReport, PortInfo, PortStats, QueueReport, Reply, Request, Stats};
+use crate::config::{ConfigError, PortConfig, SwitchConfig};
+use crate::control::{PmdReport, PolicyReport, PortInfo, PortStats, QueueReport, Reply, Request, Stats};
 use crate::l2::{format_mac, mac_from_bytes, Fdb, FdbEntry, VlanMode};
 use crate::pmd::{PmdCmd, PmdHandle};
+use crate::policy::PolicyConfig;
 use crate::port::{Port, MAX_PORTS};
 use crate::vhost::wire::{vring_enable, waiting_message, Waiting};
 use crate::vhost::VhostDevice;
@@ -88,7 +89,7 @@ struct PortState {
 }
 
 enum Call {
-    Req(Request, Sender<Reply>),
+    Req(Box<Request>, Sender<Reply>),
     Shutdown,
 }
 
@@ -159,7 +160,7 @@ impl Switch {
     /// Sends a control request (the same ones the control socket takes).
     pub fn request(&self, req: Request) -> Result<serde_json::Value, SwitchError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.calls.send(Call::Req(req, tx)).map_err(|_| SwitchError::Stopped)?;
+        self.calls.send(Call::Req(Box::new(req), tx)).map_err(|_| SwitchError::Stopped)?;
         let _ = self.waker.wake();
         let reply = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| SwitchError::Stopped)?;
         match reply {
@@ -254,7 +255,7 @@ impl Control {
             while let Ok(call) = self.calls.try_recv() {
                 match call {
                     Call::Req(req, tx) => {
-                        let _ = tx.send(self.handle(req));
+                        let _ = tx.send(self.handle(*req));
                     }
                     Call::Shutdown => {
                         self.shutdown();
@@ -309,6 +310,14 @@ impl Control {
             Request::PortDel { name } => {
                 self.del_port(&name).map(|_| serde_json::Value::Null).map_err(|e| e.to_string())
             }
+            Request::Policy { name } => self
+                .policy_report(&name)
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .map_err(|e| e.to_string()),
+            Request::PolicySet { name, policy } => self
+                .set_policy(&name, policy)
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .map_err(|e| e.to_string()),
         };
         match res {
             Ok(v) => Reply { ok: true, result: Some(v), error: None },
@@ -333,6 +342,7 @@ impl Control {
         let id =
             (0..MAX_PORTS as u16).find(|i| !self.ports.contains_key(i)).ok_or(SwitchError::TooManyPorts)?;
         let port = Arc::new(Port::new(id, cfg.name.clone(), cfg.vlan_mode(), cfg.mac_bytes(), cfg.queues));
+        port.set_policy(&cfg.policy()).map_err(|why| ConfigError::Port { port: cfg.name.clone(), why })?;
         let device = Arc::new(Mutex::new(VhostDevice::new(port.clone(), self.wake_pmds.clone())));
         let mut listener = None;
         if !cfg.client {
@@ -366,6 +376,36 @@ impl Control {
         );
         self.retry_clients();
         Ok(())
+    }
+
+    fn port_named(&mut self, name: &str) -> Result<&mut PortState, SwitchError> {
+        self.ports
+            .values_mut()
+            .find(|p| p.cfg.name == name)
+            .ok_or_else(|| SwitchError::NoSuchPort(name.into()))
+    }
+
+    fn policy_report(&mut self, name: &str) -> Result<PolicyReport, SwitchError> {
+        let st = self.port_named(name)?;
+        let pol = &st.port.policy;
+        let (queued, queued_bytes) =
+            pol.egress.lock().as_ref().map_or((0, 0), |s| (s.len() as u64, s.queued_bytes()));
+        Ok(PolicyReport {
+            name: st.cfg.name.clone(),
+            policy: pol.config(),
+            counters: pol.stats.snapshot(),
+            shaper_queued: queued,
+            shaper_queued_bytes: queued_bytes,
+        })
+    }
+
+    /// Replaces a port's policy while its guest stays connected.
+    fn set_policy(&mut self, name: &str, policy: PolicyConfig) -> Result<PolicyReport, SwitchError> {
+        let st = self.port_named(name)?;
+        st.port.set_policy(&policy).map_err(|why| ConfigError::Port { port: name.into(), why })?;
+        st.cfg.set_policy(policy);
+        tracing::info!(port = %name, "policy changed");
+        self.policy_report(name)
     }
 
     fn del_port(&mut self, name: &str) -> Result<(), SwitchError> {
@@ -580,7 +620,8 @@ impl Control {
                     queues.push(QueueReport { queue: 2 * k, counters: r });
                     queues.push(QueueReport { queue: 2 * k + 1, counters: t });
                 }
-                PortStats { name: st.cfg.name.clone(), id: st.port.id, rx, tx, queues }
+                let policy = st.port.policy.stats.snapshot();
+                PortStats { name: st.cfg.name.clone(), id: st.port.id, rx, tx, queues, policy }
             })
             .collect();
         ports.sort_by_key(|p| p.id);

@@ -5,13 +5,17 @@
 
 use std::sync::Arc;
 
+use shaping::{Colour, Offer, Shaper};
+
 use crate::l2::{is_group, mac_from_bytes, Fdb, Mac, TagEdit, VlanMode};
+use crate::policy::spoof::{self, SpoofReason, Verdict};
+use crate::policy::{now_ns, Held};
 use crate::port::{Port, QueueSlot};
 use crate::virtio::chain::ChainError;
 use crate::virtio::queue::bump;
 use crate::virtio::{walk_chain, QueueStats, Seg, VirtQueue, MAX_SEGS};
 
-use super::copy::{copy_frame, out_len, read_prefix, Frame};
+use super::copy::{copy_frame, out_len, read_bytes, read_prefix, Frame};
 
 /// Most packets taken from a ring at once.
 pub const BURST: usize = 32;
@@ -66,6 +70,8 @@ pub struct Datapath {
     segs: [[Seg; MAX_SEGS]; BURST],
     plans: [Plan; BURST],
     rx: Box<[RxBufs; BURST]>,
+    /// Room to read a whole frame for a policy check that needs more than its first bytes.
+    scratch: Box<[u8]>,
 }
 
 /// A packet's reserved place in one destination: which packet, its tag edit, and how many
@@ -133,6 +139,7 @@ struct SrcCounts {
     malformed: u64,
     filtered: u64,
     no_route: u64,
+    policy: u64,
 }
 
 enum RxFail {
@@ -154,6 +161,7 @@ impl Datapath {
             segs: [[Seg::default(); MAX_SEGS]; BURST],
             plans: [Plan::default(); BURST],
             rx: Box::new(std::array::from_fn(|_| RxBufs::default())),
+            scratch: vec![0u8; MAX_FRAME as usize].into_boxed_slice(),
         }
     }
 
@@ -198,6 +206,9 @@ impl Datapath {
         };
         let mut c = SrcCounts::default();
         self.describe(q, n, &mut c);
+        if src.policy.ingress_on() {
+            self.ingress(src, q.hdr_len as u32, n, &mut c);
+        }
         self.decide(src, n, now, &mut c);
         self.deliver(src, q.hdr_len, n, &mut c);
         complete(q, &self.pkts[..n], &slot.stats);
@@ -206,7 +217,102 @@ impl Datapath {
         bump(&slot.stats.drop_malformed, c.malformed);
         bump(&slot.stats.drop_filtered, c.filtered);
         bump(&slot.stats.drop_no_route, c.no_route);
+        bump(&slot.stats.drop_policy, c.policy);
         n
+    }
+
+    /// The sender's policy, before anything is learned or copied: anti-spoofing on each frame's
+    /// first bytes (read in place), then the policer. One lock and one clock read per burst.
+    #[inline(never)]
+    fn ingress(&mut self, src: &Port, hdr: u32, n: usize, c: &mut SrcCounts) {
+        let pol = &src.policy;
+        let mut g = pol.ingress.lock();
+        let ing = &mut *g;
+        if let Some(p) = &mut ing.policer {
+            p.advance(now_ns());
+        }
+        let (mut red, mut yellow) = (0u64, 0u64);
+        let mut buf = [0u8; spoof::PREFIX];
+        for i in 0..n {
+            let p = &mut self.pkts[i];
+            if p.action == Action::Drop {
+                continue;
+            }
+            if let Some(f) = &ing.spoof {
+                let fr = Frame { segs: &self.segs[i][..p.nseg as usize], skip: hdr, len: p.len };
+                // SAFETY: the chain walk translated and bounds-checked every segment, and the
+                // queue's lock (held by our caller) keeps the memory mapped.
+                let got = unsafe { read_bytes(&fr, &mut buf) };
+                let mut v = f.check(&buf[..got]);
+                if let Verdict::NeedBytes(want) = v {
+                    let big = &mut self.scratch[..want.min(MAX_FRAME as usize)];
+                    // SAFETY: as above.
+                    let got = unsafe { read_bytes(&fr, big) };
+                    v = match f.check(&big[..got]) {
+                        // Shorter than its own headers say.
+                        Verdict::NeedBytes(_) => Verdict::Drop(SpoofReason::Nd),
+                        v => v,
+                    };
+                }
+                if let Verdict::Drop(r) = v {
+                    p.action = Action::Drop;
+                    bump(pol.stats.spoof(r), 1);
+                    c.policy += 1;
+                    continue;
+                }
+            }
+            if let Some(pl) = &mut ing.policer {
+                match pl.colour(p.len) {
+                    Colour::Green => {}
+                    Colour::Yellow => yellow += 1,
+                    Colour::Red => {
+                        p.action = Action::Drop;
+                        red += 1;
+                    }
+                }
+            }
+        }
+        bump(&pol.stats.policed, red);
+        bump(&pol.stats.policed_yellow, yellow);
+        c.policy += red;
+    }
+
+    /// Publishes what a shaped port's shaper lets go now, for every port this thread knows
+    /// that holds packets back. Returns nanoseconds until the next one may go, if any wait.
+    pub fn release_shaped(&self) -> Option<u64> {
+        let mut next: Option<u64> = None;
+        for &id in &self.port_ids {
+            let Some(port) = self.ports[id as usize].as_deref() else { continue };
+            if port.policy.held.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let slot: &QueueSlot = &port.rxq[0];
+            let Some(mut g) = slot.try_lock() else {
+                next = Some(0); // busy: someone is delivering to it; look again soon
+                continue;
+            };
+            let mut eg = port.policy.egress.lock();
+            let Some(s) = eg.as_mut() else { continue };
+            match g.as_mut() {
+                Some(rq) => {
+                    s.advance(now_ns());
+                    if release_held(rq, s) {
+                        rq.publish();
+                        if rq.notify() {
+                            bump(&slot.stats.interrupts, 1);
+                        }
+                    }
+                }
+                // The queue stopped and published everything when it did: what the shaper
+                // still lists is gone.
+                None => s.drain().for_each(drop),
+            }
+            port.policy.held.store(s.len() as u32, std::sync::atomic::Ordering::Relaxed);
+            if let Some(w) = s.next_release_ns() {
+                next = Some(next.map_or(w, |n| n.min(w)));
+            }
+        }
+        next
     }
 
     /// Takes `n` heads and turns each into a `PacketRef`: chain walked and checked, header
@@ -347,10 +453,13 @@ impl Datapath {
     fn deliver_to(&mut self, dport: &Port, src_hdr: u32, n: usize, c: &mut SrcCounts) {
         // Each thread fills its own receive queue of a multi-queue port (no contention between
         // threads); a guest may run fewer pairs than offered, so fall back to one that runs.
+        // A shaped port is filled through its first queue only: the shaper's held packets are a
+        // suffix of one used ring.
+        let shaped = dport.policy.egress_on();
         let pairs = dport.rxq.len();
-        let mut pick = if pairs == 1 { 0 } else { self.idx % pairs };
+        let mut pick = if pairs == 1 || shaped { 0 } else { self.idx % pairs };
         let mut guard = dport.rxq[pick].lock();
-        if guard.as_ref().is_none_or(|q| q.broken) && pairs > 1 {
+        if guard.as_ref().is_none_or(|q| q.broken) && pairs > 1 && !shaped {
             drop(guard);
             pick =
                 (0..pairs).find(|k| dport.rxq[*k].lock().as_ref().is_some_and(|q| !q.broken)).unwrap_or(pick);
@@ -372,6 +481,14 @@ impl Datapath {
             return;
         };
         let (mut pk, mut by, mut copied, mut no_buf, mut bad) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        // The shaper, if any: taken after the queue's lock, released with it.
+        let mut eg = if shaped { Some(dport.policy.egress.lock()) } else { None };
+        let mut shaper: Option<&mut Shaper<Held>> = eg.as_mut().and_then(|g| g.as_mut());
+        let (mut new_held, mut shaped_drop, mut shaped_held) = (0u16, 0u64, 0u64);
+        if let Some(s) = shaper.as_deref_mut() {
+            s.advance(now_ns());
+            release_held(rq, s);
+        }
         let hdr_len = rq.hdr_len as u32;
         let pending = rq.ring.avail_pending().unwrap_or(0) as usize;
         for k in 0..pending.min(n) {
@@ -397,7 +514,8 @@ impl Datapath {
                 _ => continue,
             };
             let edit = VlanMode::edit(p.tci, p.vlan, out_tagged);
-            let need = hdr_len + out_len(p.len, edit);
+            let wire_len = out_len(p.len, edit);
+            let need = hdr_len + wire_len;
             self.pkts[i].targets += 1;
             let res = match take_one_rx(rq, need) {
                 Some((head, one)) => {
@@ -418,6 +536,21 @@ impl Datapath {
             };
             match res {
                 Ok(plan) => {
+                    if let Some(s) = shaper.as_deref_mut() {
+                        // Decided before the copy: a packet the shaper drops is never copied.
+                        match s.offer(wire_len, Held { epoch: rq.epoch, entries: plan.nch as u16 }) {
+                            Offer::Send(_) => {}
+                            Offer::Queued => {
+                                new_held += plan.nch as u16;
+                                shaped_held += 1;
+                            }
+                            Offer::Dropped(_) => {
+                                rq.ring.unpop(plan.nch as u16);
+                                shaped_drop += 1;
+                                continue;
+                            }
+                        }
+                    }
                     prefetch_write(plan.one);
                     self.plans[planned] = plan;
                     planned += 1;
@@ -425,8 +558,14 @@ impl Datapath {
                 Err(RxFail::NoBuffer) => no_buf += 1,
                 Err(RxFail::Malformed(nch)) => {
                     // Returned in pass 2 with the others, so used entries keep ring order
-                    // (VIRTIO_F_IN_ORDER).
+                    // (VIRTIO_F_IN_ORDER). Behind a held packet they are held with it.
                     bad += 1;
+                    if let Some(h) = shaper.as_deref_mut().and_then(|s| s.back_mut()) {
+                        if h.epoch == rq.epoch {
+                            h.entries += nch as u16;
+                            new_held += nch as u16;
+                        }
+                    }
                     self.plans[planned] =
                         Plan { pkt: i as u8, nch: nch as u8, empty: true, ..Plan::default() };
                     planned += 1;
@@ -472,10 +611,17 @@ impl Datapath {
             by += out_len(p.len, edit) as u64;
             copied += (p.len - if edit == TagEdit::Pop { 4 } else { 0 }) as u64;
         }
-        rq.ring.publish_used();
+        rq.held += new_held;
+        rq.publish();
         if rq.notify() {
             bump(&slot.stats.interrupts, 1);
         }
+        if let Some(sh) = shaper {
+            dport.policy.held.store(sh.len() as u32, std::sync::atomic::Ordering::Relaxed);
+            bump(&dport.policy.stats.shaped_held, shaped_held);
+            bump(&dport.policy.stats.shaped_dropped, shaped_drop);
+        }
+        drop(eg);
         let s: &QueueStats = &slot.stats;
         bump(&s.packets, pk);
         bump(&s.bytes, by);
@@ -483,7 +629,22 @@ impl Datapath {
         bump(&s.bytes_copied, copied);
         bump(&s.drop_no_buffer, no_buf);
         bump(&s.drop_malformed, bad);
+        bump(&s.drop_policy, shaped_drop);
     }
+}
+
+/// Takes from the shaper every held packet its tokens allow and un-holds its used entries
+/// (the caller publishes). Entries of an earlier queue in this slot were published when that
+/// queue stopped; they are just forgotten. Returns whether anything was released.
+fn release_held(rq: &mut VirtQueue, s: &mut Shaper<Held>) -> bool {
+    let mut any = false;
+    while let Some(h) = s.release() {
+        if h.epoch == rq.epoch {
+            rq.held = rq.held.saturating_sub(h.entries);
+            any = true;
+        }
+    }
+    any
 }
 
 /// The usual case: the next receive chain is one buffer with room for `need` bytes. Leaves

@@ -148,6 +148,17 @@ pub unsafe fn read_prefix(f: &Frame<'_>, out: &mut [u8; 18]) -> usize {
         *out = unsafe { (s0.ptr.add(f.skip as usize) as *const [u8; 18]).read_unaligned() };
         return 18;
     }
+    // SAFETY: forwarded.
+    unsafe { read_bytes(f, out) }
+}
+
+/// Reads up to `out.len()` frame bytes from the start of the frame, any length (policy checks
+/// that look past the L2 header). Returns how many were read.
+///
+/// # Safety
+/// As for `copy_frame`.
+pub unsafe fn read_bytes(f: &Frame<'_>, out: &mut [u8]) -> usize {
+    let s0 = f.segs[0];
     let want = out.len().min(f.len as usize);
     if s0.len as usize >= f.skip as usize + want {
         // SAFETY: the first segment holds skip+want bytes.

@@ -25,6 +25,8 @@ use burst::Datapath;
 const SPINS_BEFORE_SLEEP: u32 = 2000;
 /// Longest sleep; bounds how stale an unkickable queue can get.
 const MAX_SLEEP_MS: i32 = 100;
+/// Loop iterations between releases of shaped ports' held packets (a few µs when idle).
+const SHAPER_TICK: u64 = 64;
 
 /// A change for a polling thread.
 pub enum PmdCmd {
@@ -176,6 +178,10 @@ impl Pmd {
                 idle += dt;
                 empty += 1;
             }
+            if iters % SHAPER_TICK == 0 {
+                // Held packets of shaped ports go out as tokens come back, traffic or not.
+                self.dp.release_shaped();
+            }
             if iters % 1024 == 0 || empty == SPINS_BEFORE_SLEEP {
                 let s = &self.stats;
                 s.busy_ticks.store(busy, Ordering::Relaxed);
@@ -245,9 +251,13 @@ impl Pmd {
                 None => blind = true,
             }
         }
+        // Packets a shaper holds back must go out on time even if nothing kicks us.
+        let shaped_ms =
+            self.dp.release_shaped().map(|ns| ns.div_ceil(1_000_000).clamp(1, MAX_SLEEP_MS as u64) as i32);
         if !work && !self.pending.load(Ordering::Acquire) {
             self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
-            sleeper.wait(if blind { 1 } else { MAX_SLEEP_MS });
+            let timeout = if blind { 1 } else { MAX_SLEEP_MS };
+            sleeper.wait(shaped_ms.map_or(timeout, |ms| ms.min(timeout)));
         }
         for (port, pair) in &self.polls {
             let mut g = port.txq[*pair as usize].lock();

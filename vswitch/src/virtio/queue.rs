@@ -3,6 +3,9 @@
 use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Source of queue epochs.
+static EPOCHS: AtomicU64 = AtomicU64::new(1);
 use std::sync::Arc;
 
 use iommu::{AddressSpace, RegionHint};
@@ -32,6 +35,11 @@ pub struct VirtQueue {
     /// Eventfd the guest kicks, if it kicks; with its generation so a polling thread can
     /// tell a new fd from a reused number.
     pub kick: Option<(Arc<File>, u64)>,
+    /// Used entries written but held back from the guest (the egress shaper's queue): the
+    /// last `held` pushed entries are not published until released.
+    pub held: u16,
+    /// Unique for the life of the process: tells this queue from a later one in the same slot.
+    pub epoch: u64,
 }
 
 /// Parameters to start a queue.
@@ -74,7 +82,15 @@ impl VirtQueue {
             mem,
             call,
             kick,
+            held: 0,
+            epoch: EPOCHS.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// Publishes every used entry except the held ones.
+    #[inline(always)]
+    pub fn publish(&mut self) {
+        self.ring.publish_used_but(self.held);
     }
 
     /// Interrupts the guest if it asked for it; returns whether it did.
@@ -90,6 +106,16 @@ impl VirtQueue {
             return true;
         }
         false
+    }
+}
+
+impl Drop for VirtQueue {
+    /// A stopping queue shows the guest everything it was given: held packets are already in
+    /// the guest's buffers, and a restarted ring reads its used index back from memory. (The
+    /// memory is still mapped: `mem` is dropped after this.)
+    fn drop(&mut self) {
+        self.held = 0;
+        self.publish();
     }
 }
 
@@ -109,6 +135,10 @@ pub struct QueueStats {
     pub drop_filtered: AtomicU64,
     /// Packets with nowhere to go (only destination was the source, or the VLAN is empty).
     pub drop_no_route: AtomicU64,
+    /// Packets dropped by the port's policy before any copy: anti-spoofing and the policer on
+    /// transmit queues, the shaper's full queue on receive queues (reasons: the port's policy
+    /// counters).
+    pub drop_policy: AtomicU64,
     /// Packet copies made into this queue's buffers (one per delivered packet).
     pub copies: AtomicU64,
     /// Bytes copied into this queue's buffers.
@@ -140,6 +170,9 @@ pub struct QueueCounters {
     pub drop_filtered: u64,
     /// See [`QueueStats::drop_no_route`].
     pub drop_no_route: u64,
+    /// See [`QueueStats::drop_policy`].
+    #[serde(default)]
+    pub drop_policy: u64,
     /// See [`QueueStats::copies`].
     pub copies: u64,
     /// See [`QueueStats::bytes_copied`].
@@ -159,6 +192,7 @@ impl QueueStats {
             drop_malformed: r(&self.drop_malformed),
             drop_filtered: r(&self.drop_filtered),
             drop_no_route: r(&self.drop_no_route),
+            drop_policy: r(&self.drop_policy),
             copies: r(&self.copies),
             bytes_copied: r(&self.bytes_copied),
             interrupts: r(&self.interrupts),
@@ -174,6 +208,7 @@ impl std::ops::AddAssign for QueueCounters {
         self.drop_malformed += o.drop_malformed;
         self.drop_filtered += o.drop_filtered;
         self.drop_no_route += o.drop_no_route;
+        self.drop_policy += o.drop_policy;
         self.copies += o.copies;
         self.bytes_copied += o.bytes_copied;
         self.interrupts += o.interrupts;

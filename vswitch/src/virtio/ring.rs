@@ -256,9 +256,16 @@ impl SplitRing {
     /// Makes queued used entries visible with one Release store of the index.
     #[inline(always)]
     pub fn publish_used(&mut self) {
-        if self.used_idx != self.published {
-            self.used_idx_atomic().store(self.used_idx, Ordering::Release);
-            self.published = self.used_idx;
+        self.publish_used_but(0);
+    }
+
+    /// Publishes all queued used entries but the last `held`.
+    #[inline(always)]
+    pub fn publish_used_but(&mut self, held: u16) {
+        let to = self.used_idx.wrapping_sub(held);
+        if to != self.published {
+            self.used_idx_atomic().store(to, Ordering::Release);
+            self.published = to;
         }
     }
 
