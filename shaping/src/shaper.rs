@@ -283,3 +283,18 @@ mod tests {
         assert!(s.limit_pkts <= cap);
     }
 }
+
+#[cfg(test)]
+mod retune_tests {
+    use super::*;
+
+    #[test]
+    fn test_lowered_limit_bounds_newcomers() {
+        let mut s: Shaper<u32> =
+            Shaper::with_capacity(RateLimiter::bits(30_000_000, 37_500).unwrap(), 4096, 256, u64::MAX);
+        s.retune(RateLimiter::bits(100_000, 18_440).unwrap(), 100, u64::MAX);
+        let queued = (0..300).filter(|&i| s.offer(1000, i) == Offer::Queued).count();
+        assert_eq!(s.len(), 100);
+        assert_eq!(queued, 100);
+    }
+}

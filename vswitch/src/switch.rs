@@ -181,19 +181,31 @@ impl Switch {
 
     /// Counters.
     pub fn stats(&self) -> Result<Stats, SwitchError> {
-        let v = self.request(Request::Stats)?;
-        serde_json::from_value(v).map_err(|e| SwitchError::Refused(e.to_string()))
+        self.typed(Request::Stats)
     }
 
     /// Ports.
     pub fn ports(&self) -> Result<Vec<PortInfo>, SwitchError> {
-        let v = self.request(Request::Ports)?;
-        serde_json::from_value(v).map_err(|e| SwitchError::Refused(e.to_string()))
+        self.typed(Request::Ports)
     }
 
     /// Forwarding table.
     pub fn fdb(&self) -> Result<Vec<FdbEntry>, SwitchError> {
-        let v = self.request(Request::Fdb)?;
+        self.typed(Request::Fdb)
+    }
+
+    /// A port's policy and its counters.
+    pub fn policy(&self, name: &str) -> Result<PolicyReport, SwitchError> {
+        self.typed(Request::Policy { name: name.into() })
+    }
+
+    /// Replaces a port's policy (parts left out are turned off) while its guest stays connected.
+    pub fn set_policy(&self, name: &str, policy: PolicyConfig) -> Result<PolicyReport, SwitchError> {
+        self.typed(Request::PolicySet { name: name.into(), policy })
+    }
+
+    fn typed<T: serde::de::DeserializeOwned>(&self, req: Request) -> Result<T, SwitchError> {
+        let v = self.request(req)?;
         serde_json::from_value(v).map_err(|e| SwitchError::Refused(e.to_string()))
     }
 }
