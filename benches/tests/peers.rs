@@ -116,6 +116,7 @@ fn exercise_with(kind: PeerKind, topology: Topology, ports: usize, huge: bool) -
         workdir: dir.clone(),
         vswitch_bin: None,
         busy_poll: false,
+        flows: 1,
     };
     let t = Instant::now();
     let mut peer = match Peer::start(&opts) {
@@ -235,6 +236,7 @@ fn drop_kills() {
             workdir: dir.clone(),
             vswitch_bin: None,
             busy_poll: false,
+            flows: 1,
         };
         let peer = match Peer::start(&opts) {
             Ok(p) => p,
@@ -272,6 +274,7 @@ fn dpdk_refuses_mesh() {
         workdir: workdir(PeerKind::Dpdk, Topology::Mesh),
         vswitch_bin: None,
         busy_poll: false,
+        flows: 1,
     };
     match Peer::start(&opts) {
         Ok(_) => panic!("dpdk accepted a mesh"),
@@ -293,6 +296,7 @@ fn start_failure_names_the_log() {
         workdir: dir.clone(),
         vswitch_bin: Some(PathBuf::from("/bin/false")),
         busy_poll: false,
+        flows: 1,
     };
     match Peer::start(&opts) {
         Ok(_) => panic!("/bin/false started as a switch"),

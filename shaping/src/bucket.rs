@@ -284,6 +284,13 @@ impl RateLimiter {
     /// Takes a packet of `len` bytes if it conforms; false leaves both buckets as they were.
     #[inline]
     pub fn try_consume(&mut self, len: u32) -> bool {
+        match (&mut self.bits, &mut self.packets) {
+            // The usual cases: one bucket, one pass.
+            (Some(b), None) => return b.try_take(len as u64 * 8),
+            (None, Some(p)) => return p.try_take(1),
+            (None, None) => return true,
+            (Some(_), Some(_)) => {}
+        }
         if !self.conforms(len) {
             return false;
         }

@@ -7,7 +7,13 @@ use e2e_tests::{wait_until, Proc, Scratch};
 use vswitch_bench::harness::peer::vswitch_binary;
 
 fn ctl(bin: &std::path::Path, control: &std::path::Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin).arg("ctl").arg("--control").arg(control).args(args).output().expect("run vswitch ctl");
+    let out = Command::new(bin)
+        .arg("ctl")
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .output()
+        .expect("run vswitch ctl");
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
@@ -33,7 +39,18 @@ fn test_ctl_policy_shows_and_changes_a_running_switch() {
     let (ok, out) = ctl(
         &bin,
         &control,
-        &["policy", "vm1", "--shape", "1G", "--shape-queue", "64", "--allow-ip", "10.0.0.1", "--allow-ip", "fd00::/64"],
+        &[
+            "policy",
+            "vm1",
+            "--shape",
+            "1G",
+            "--shape-queue",
+            "64",
+            "--allow-ip",
+            "10.0.0.1",
+            "--allow-ip",
+            "fd00::/64",
+        ],
     );
     assert!(ok, "{out}");
     assert!(out.contains("ingress policer: rate 50Mbit"), "kept what was not mentioned: {out}");

@@ -103,6 +103,8 @@ pub struct Switch {
 impl Switch {
     /// Starts polling threads, the control thread and every configured port.
     pub fn start(cfg: SwitchConfig) -> Result<Switch, SwitchError> {
+        // Calibrate the policy clock here, not in a polling thread's first burst.
+        crate::policy::now_ns();
         cfg.validate()?;
         let poll = Poll::new().map_err(SwitchError::Start)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(SwitchError::Start)?);

@@ -78,6 +78,8 @@ pub struct PeerOptions {
     /// Ours only: poll without ever sleeping (benchmarks). `false` uses the switch's adaptive
     /// mode, which sleeps on the kick eventfds when idle, so tests do not burn a core.
     pub busy_poll: bool,
+    /// Flows per port the generator will use (ours+policy allows exactly their addresses).
+    pub flows: usize,
 }
 
 /// Why a peer cannot be used, started or stopped.
@@ -154,7 +156,7 @@ pub struct PeerReport {
 /// DPDK, `3.1.0 (DPDK 22.11.11)` for OVS). The error says how to install what is missing.
 pub fn probe(kind: PeerKind) -> Result<String, PeerError> {
     match kind {
-        PeerKind::Ours => probe_vswitch(None),
+        PeerKind::Ours | PeerKind::OursPolicy => probe_vswitch(None),
         PeerKind::Dpdk => {
             let bin = which("dpdk-testpmd").ok_or_else(|| PeerError::NotInstalled {
                 peer: kind,
@@ -229,7 +231,7 @@ pub fn probe_vswitch(bin: Option<&Path>) -> Result<String, PeerError> {
 pub fn supports(kind: PeerKind, topology: Topology, ports: usize) -> Result<(), String> {
     topology.check_ports(ports)?;
     match kind {
-        PeerKind::Ours | PeerKind::Ovs => Ok(()),
+        PeerKind::Ours | PeerKind::OursPolicy | PeerKind::Ovs => Ok(()),
         PeerKind::Dpdk => match topology {
             Topology::P2p | Topology::P2pUni if ports == 2 => Ok(()),
             _ => Err(format!(
@@ -238,6 +240,30 @@ pub fn supports(kind: PeerKind, topology: Topology, ports: usize) -> Result<(), 
             )),
         },
     }
+}
+
+/// The `vswitch` configuration of the ours+policy peer: each port polices what it receives from
+/// the generator and shapes what it sends back at 100 Gbit/s (never reached here, so nothing is
+/// dropped or held but every packet is metered), and allows exactly the generator's source
+/// MACs and IPs of that port.
+fn policy_config(opts: &PeerOptions, sockets: &[PathBuf]) -> String {
+    use std::fmt::Write as _;
+    let mut t = String::from("fdb_aging_secs = 300\n");
+    for (i, s) in sockets.iter().enumerate() {
+        let _ = writeln!(t, "[[port]]\nname = \"p{i}\"\nsocket = {:?}", s.display().to_string());
+        if let Some(v) = opts.topology.access_vlan(i) {
+            let _ = writeln!(t, "vlan = {v}");
+        }
+        let macs: Vec<String> = (0..opts.flows.max(1))
+            .map(|f| {
+                let m = crate::harness::gen::port_mac(i, f);
+                format!("\"{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}\"", m[0], m[1], m[2], m[3], m[4], m[5])
+            })
+            .collect();
+        let _ = writeln!(t, "ingress = {{ rate = \"100G\" }}\negress = {{ rate = \"100G\" }}");
+        let _ = writeln!(t, "anti_spoof = {{ macs = [{}], ips = [\"10.{i}.0.0/16\"] }}", macs.join(", "));
+    }
+    t
 }
 
 /// Finds the `vswitch` binary: `explicit` if given (it must exist), else next to the current
@@ -673,11 +699,11 @@ impl Peer {
             .canonicalize()
             .map_err(PeerError::io(format!("cannot resolve work directory {}", opts.workdir.display())))?;
         let n = INSTANCE.fetch_add(1, Ordering::Relaxed);
-        if opts.kind != PeerKind::Ours {
+        if !opts.kind.is_ours() {
             clean_stale_leftovers();
         }
         match opts.kind {
-            PeerKind::Ours => Self::start_ours(opts, &workdir),
+            PeerKind::Ours | PeerKind::OursPolicy => Self::start_ours(opts, &workdir),
             PeerKind::Dpdk => Self::start_dpdk(opts, &workdir, n),
             PeerKind::Ovs => Self::start_ovs(opts, &workdir, n),
         }
@@ -806,7 +832,7 @@ impl Peer {
                 _ => {
                     let patience = match (patient, kind) {
                         (false, _) => Duration::from_secs(1),
-                        (true, PeerKind::Ours) => Duration::from_secs(5),
+                        (true, k) if k.is_ours() => Duration::from_secs(5),
                         (true, _) => Duration::from_secs(10),
                     };
                     p.terminate(if patient { libc::SIGINT } else { libc::SIGTERM }, patience)
@@ -897,12 +923,19 @@ impl Peer {
         let log = workdir.join("vswitch.log");
         let mut cmd = Command::new(&bin);
         cmd.arg("run");
-        for (i, s) in sockets.iter().enumerate() {
-            let mut spec = format!("p{i}={}", s.display());
-            if let Some(v) = opts.topology.access_vlan(i) {
-                let _ = write!(spec, ",vlan={v}");
+        if opts.kind == PeerKind::OursPolicy {
+            let cfg = workdir.join("policy.toml");
+            fs::write(&cfg, policy_config(opts, &sockets))
+                .map_err(PeerError::io(format!("cannot write {}", cfg.display())))?;
+            cmd.arg("--config").arg(cfg);
+        } else {
+            for (i, s) in sockets.iter().enumerate() {
+                let mut spec = format!("p{i}={}", s.display());
+                if let Some(v) = opts.topology.access_vlan(i) {
+                    let _ = write!(spec, ",vlan={v}");
+                }
+                cmd.arg("--port").arg(spec);
             }
-            cmd.arg("--port").arg(spec);
         }
         cmd.args(["--pmd-cores", &opts.backend_cpu.to_string()]);
         if opts.busy_poll {
@@ -912,7 +945,7 @@ impl Peer {
         cmd.env_remove("VSWITCH_CONTROL");
         let proc = Proc::spawn("vswitch", &mut cmd, opts.backend_cpu, &log)?;
         let mut peer = Peer {
-            kind: PeerKind::Ours,
+            kind: opts.kind,
             sockets: sockets.clone(),
             log,
             procs: vec![proc],

@@ -126,7 +126,7 @@ pub fn run(opts: &RunOptions) -> Result<Results, String> {
             continue;
         }
         let probed = match kind {
-            PeerKind::Ours => peer::probe_vswitch(opts.vswitch_bin.as_deref()),
+            PeerKind::Ours | PeerKind::OursPolicy => peer::probe_vswitch(opts.vswitch_bin.as_deref()),
             _ => peer::probe(kind),
         };
         match probed {
@@ -267,6 +267,7 @@ impl Ctx<'_> {
             workdir: o.workdir.join(format!("{kind}")),
             vswitch_bin: o.vswitch_bin.clone(),
             busy_poll: o.busy_poll,
+            flows: o.flows,
         };
         let mut peer = Peer::start(&popts).map_err(|e| e.to_string())?;
         let mut frontends = Vec::with_capacity(self.ports);

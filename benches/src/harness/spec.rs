@@ -198,16 +198,29 @@ impl FromStr for Topology {
 pub enum PeerKind {
     /// This project's `vswitch`.
     Ours,
+    /// This project's `vswitch` with every policy on each port: policer, shaper (both at rates
+    /// far above what the run reaches, so they cost their work but drop nothing) and
+    /// anti-spoofing that allows exactly the generator's addresses. Run beside `ours` it gives
+    /// the cost of policy.
+    OursPolicy,
     /// `dpdk-testpmd` with `net_vhost` ports in io forwarding mode.
     Dpdk,
     /// `ovs-vswitchd` (DPDK build) with `dpdkvhostuser` ports on a netdev bridge.
     Ovs,
 }
 
+impl PeerKind {
+    /// Whether this is the project's own `vswitch` (with or without policy).
+    pub fn is_ours(self) -> bool {
+        matches!(self, PeerKind::Ours | PeerKind::OursPolicy)
+    }
+}
+
 impl fmt::Display for PeerKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             PeerKind::Ours => "ours",
+            PeerKind::OursPolicy => "ours+policy",
             PeerKind::Dpdk => "dpdk",
             PeerKind::Ovs => "ovs",
         })
@@ -219,9 +232,10 @@ impl FromStr for PeerKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "ours" => Ok(PeerKind::Ours),
+            "ours+policy" => Ok(PeerKind::OursPolicy),
             "dpdk" => Ok(PeerKind::Dpdk),
             "ovs" => Ok(PeerKind::Ovs),
-            _ => Err(format!("unknown peer {s:?}; choose from ours, dpdk, ovs")),
+            _ => Err(format!("unknown peer {s:?}; choose from ours, ours+policy, dpdk, ovs")),
         }
     }
 }

@@ -54,6 +54,9 @@ struct PacketRef {
     action: Action,
     /// Destination ports that took the packet on (delivered it or counted its drop).
     targets: u16,
+    /// Bytes of the frame's snapshot in `Datapath::heads` (what decisions were made on, and
+    /// what is delivered for those bytes).
+    head_len: u8,
 }
 
 /// The per-thread forwarding state and burst scratch space (no allocation per burst).
@@ -70,9 +73,16 @@ pub struct Datapath {
     segs: [[Seg; MAX_SEGS]; BURST],
     plans: [Plan; BURST],
     rx: Box<[RxBufs; BURST]>,
-    /// Room to read a whole frame for a policy check that needs more than its first bytes.
-    scratch: Box<[u8]>,
+    /// Each packet's first bytes, read once from the sender's memory: decisions and policy
+    /// checks use them and the copy delivers them (no double fetch of what was checked).
+    heads: Box<[[u8; HEAD]; BURST]>,
 }
+
+/// Largest snapshot of a frame's first bytes (anti-spoofing's longest look, at neighbour
+/// discovery options).
+const HEAD: usize = spoof::MAX_LOOK;
+/// Snapshot of a frame's L2 header: MACs and one VLAN tag.
+const L2_HEAD: usize = 18;
 
 /// A packet's reserved place in one destination: which packet, its tag edit, and how many
 /// buffers (`rx` at the same index holds them).
@@ -161,7 +171,7 @@ impl Datapath {
             segs: [[Seg::default(); MAX_SEGS]; BURST],
             plans: [Plan::default(); BURST],
             rx: Box::new(std::array::from_fn(|_| RxBufs::default())),
-            scratch: vec![0u8; MAX_FRAME as usize].into_boxed_slice(),
+            heads: Box::new([[0u8; HEAD]; BURST]),
         }
     }
 
@@ -205,7 +215,8 @@ impl Datapath {
             }
         };
         let mut c = SrcCounts::default();
-        self.describe(q, n, &mut c);
+        let spoof_check = src.policy.ingress_on() && src.policy.spoof_on();
+        self.describe(q, n, spoof_check, &mut c);
         if src.policy.ingress_on() {
             self.ingress(src, q.hdr_len as u32, n, &mut c);
         }
@@ -232,35 +243,34 @@ impl Datapath {
             p.advance(now_ns());
         }
         let (mut red, mut yellow) = (0u64, 0u64);
-        let mut buf = [0u8; spoof::PREFIX];
         for i in 0..n {
-            let p = &mut self.pkts[i];
-            if p.action == Action::Drop {
+            if self.pkts[i].action == Action::Drop {
                 continue;
             }
             if let Some(f) = &ing.spoof {
-                let fr = Frame { segs: &self.segs[i][..p.nseg as usize], skip: hdr, len: p.len };
-                // SAFETY: the chain walk translated and bounds-checked every segment, and the
-                // queue's lock (held by our caller) keeps the memory mapped.
-                let got = unsafe { read_bytes(&fr, &mut buf) };
-                let mut v = f.check(&buf[..got]);
-                if let Verdict::NeedBytes(want) = v {
-                    let big = &mut self.scratch[..want.min(MAX_FRAME as usize)];
-                    // SAFETY: as above.
-                    let got = unsafe { read_bytes(&fr, big) };
-                    v = match f.check(&big[..got]) {
-                        // Shorter than its own headers say.
-                        Verdict::NeedBytes(_) => Verdict::Drop(SpoofReason::Nd),
-                        v => v,
+                let p = &self.pkts[i];
+                let mut v = f.check(&self.heads[i][..p.head_len as usize]);
+                let truncated = (p.head_len as u32) < p.len && (p.head_len as usize) < HEAD;
+                if matches!(v, Verdict::NeedBytes(_)) || (matches!(v, Verdict::Drop(_)) && truncated) {
+                    // A longer look (neighbour discovery, IPv4 options): take a longer
+                    // snapshot and decide on it alone.
+                    v = match self.snapshot(i, hdr, HEAD, c) {
+                        true => match f.check(&self.heads[i][..self.pkts[i].head_len as usize]) {
+                            // Longer than any snapshot: cannot be checked atomically, refused.
+                            Verdict::NeedBytes(_) => Verdict::Drop(SpoofReason::Nd),
+                            v => v,
+                        },
+                        false => continue, // malformed now (counted)
                     };
                 }
                 if let Verdict::Drop(r) = v {
-                    p.action = Action::Drop;
+                    self.pkts[i].action = Action::Drop;
                     bump(pol.stats.spoof(r), 1);
                     c.policy += 1;
                     continue;
                 }
             }
+            let p = &mut self.pkts[i];
             if let Some(pl) = &mut ing.policer {
                 match pl.colour(p.len) {
                     Colour::Green => {}
@@ -318,7 +328,7 @@ impl Datapath {
     /// Takes `n` heads and turns each into a `PacketRef`: chain walked and checked, header
     /// fields read in place.
     #[inline(always)]
-    fn describe(&mut self, q: &mut VirtQueue, n: usize, c: &mut SrcCounts) {
+    fn describe(&mut self, q: &mut VirtQueue, n: usize, spoof_check: bool, c: &mut SrcCounts) {
         let hdr = q.hdr_len as u32;
         for k in 0..n {
             q.ring.prefetch_desc(q.ring.peek_head(k as u16));
@@ -346,30 +356,55 @@ impl Datapath {
                 }
             }
         }
-        // Pass 2: read the L2 header of each forwardable packet in place.
+        // Pass 2: snapshot the L2 header of each forwardable packet (the whole head the
+        // anti-spoofing check looks at, if the port has one).
+        let want = if spoof_check { spoof::PREFIX } else { L2_HEAD };
         for i in 0..n {
-            let p = &mut self.pkts[i];
-            if p.action == Action::Drop {
+            if self.pkts[i].action == Action::Drop {
                 continue;
             }
-            let f = Frame { segs: &self.segs[i][..p.nseg as usize], skip: hdr, len: p.len };
-            let mut h = [0u8; 18];
-            // SAFETY: the chain walk translated and bounds-checked every segment, and the
-            // queue's lock keeps the memory mapped.
-            let got = unsafe { read_prefix(&f, &mut h) };
-            p.dst = mac_from_bytes([h[0], h[1], h[2], h[3], h[4], h[5]]);
-            p.src = mac_from_bytes([h[6], h[7], h[8], h[9], h[10], h[11]]);
-            if u16::from_be_bytes([h[12], h[13]]) == crate::l2::vlan::TPID_8021Q {
-                if got < 18 {
-                    p.action = Action::Drop;
-                    c.malformed += 1;
-                    continue;
-                }
-                p.tci = Some(u16::from_be_bytes([h[14], h[15]]));
+            if self.snapshot(i, hdr, want, c) {
+                c.packets += 1;
+                c.bytes += self.pkts[i].len as u64;
             }
-            c.packets += 1;
-            c.bytes += p.len as u64;
         }
+    }
+
+    /// Reads packet `i`'s first `want` bytes into its snapshot and takes its L2 fields from
+    /// there. False (packet dropped, counted) if it is too short for its VLAN tag.
+    #[inline(always)]
+    fn snapshot(&mut self, i: usize, hdr: u32, want: usize, c: &mut SrcCounts) -> bool {
+        let p = &mut self.pkts[i];
+        let f = Frame { segs: &self.segs[i][..p.nseg as usize], skip: hdr, len: p.len, head: &[] };
+        let h = &mut self.heads[i];
+        // SAFETY: the chain walk translated and bounds-checked every segment, and the
+        // queue's lock keeps the memory mapped.
+        let got = unsafe {
+            match want {
+                L2_HEAD => match h.first_chunk_mut::<L2_HEAD>() {
+                    Some(l2) => read_prefix(&f, l2),
+                    None => 0,
+                },
+                spoof::PREFIX => match h.first_chunk_mut::<{ spoof::PREFIX }>() {
+                    Some(pre) => read_prefix(&f, pre),
+                    None => 0,
+                },
+                _ => read_bytes(&f, &mut h[..want]),
+            }
+        };
+        p.head_len = got as u8;
+        p.dst = mac_from_bytes([h[0], h[1], h[2], h[3], h[4], h[5]]);
+        p.src = mac_from_bytes([h[6], h[7], h[8], h[9], h[10], h[11]]);
+        p.tci = None;
+        if u16::from_be_bytes([h[12], h[13]]) == crate::l2::vlan::TPID_8021Q {
+            if got < L2_HEAD {
+                p.action = Action::Drop;
+                c.malformed += 1;
+                return false;
+            }
+            p.tci = Some(u16::from_be_bytes([h[14], h[15]]));
+        }
+        true
     }
 
     /// Learns sources, looks up destinations, applies the ingress VLAN rule. Consecutive
@@ -586,7 +621,12 @@ impl Datapath {
             let mut hdr = [0u8; 12];
             hdr[10..12].copy_from_slice(&(plan.nch as u16).to_le_bytes());
             // The frame starts after the sender's own virtio-net header.
-            let f = Frame { segs: &self.segs[i][..p.nseg as usize], skip: src_hdr, len: p.len };
+            let f = Frame {
+                segs: &self.segs[i][..p.nseg as usize],
+                skip: src_hdr,
+                len: p.len,
+                head: &self.heads[i][..p.head_len as usize],
+            };
             let hdr = &hdr[..hdr_len as usize];
             if plan.nch == 1 && plan.nseg == 1 {
                 // SAFETY: both chains were walked and bounds-checked; the sender's queue lock

@@ -7,7 +7,13 @@ use crate::l2::TagEdit;
 use crate::virtio::Seg;
 
 /// Where a frame lives in the sender's memory: its chain's segments, the sender's header
-/// length to skip, and the frame length.
+/// length to skip, and the frame length; plus the snapshot of its first bytes that the
+/// switch's decisions were made on.
+///
+/// The snapshot closes a double fetch (Xen's XSA-155 class): the sender's memory stays
+/// writable by the sender while the switch works, so a guest racing the switch could change
+/// its MACs, VLAN tag or source IP between the check and the copy. Bytes covered by `head` are
+/// delivered from the snapshot, so what was checked is what arrives.
 #[derive(Clone, Copy)]
 pub struct Frame<'a> {
     /// The sender's chain.
@@ -16,6 +22,8 @@ pub struct Frame<'a> {
     pub skip: u32,
     /// Frame length.
     pub len: u32,
+    /// The frame's first bytes as read for decisions (empty: read everything from `segs`).
+    pub head: &'a [u8],
 }
 
 /// Bytes a frame occupies after `edit`.
@@ -38,20 +46,57 @@ pub unsafe fn copy_frame(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], dst: &[Seg]) 
     let total = hdr.len() as u32 + out_len(f.len, edit);
     let d0 = dst[0];
     if edit == TagEdit::Keep && f.segs.len() == 1 && d0.len >= total {
-        // The fast path: one buffer each side; one copy of the frame, then the header.
-        // SAFETY: the source holds skip+len bytes, the destination at least total.
+        // The fast path: one buffer each side; one copy of the frame past the snapshot, the
+        // snapshot, then the header.
+        let h = f.head.len().min(f.len as usize);
+        // SAFETY: the source holds skip+len bytes, the destination at least total; h <= len.
         unsafe {
-            ptr::copy_nonoverlapping(
-                f.segs[0].ptr.add(f.skip as usize),
-                d0.ptr.add(hdr.len()),
-                f.len as usize,
-            );
-            ptr::copy_nonoverlapping(hdr.as_ptr(), d0.ptr, hdr.len());
+            if h < f.len as usize {
+                ptr::copy_nonoverlapping(
+                    f.segs[0].ptr.add(f.skip as usize + h),
+                    d0.ptr.add(hdr.len() + h),
+                    f.len as usize - h,
+                );
+            }
+            small_copy(d0.ptr.add(hdr.len()), f.head.as_ptr(), h);
+            small_copy(d0.ptr, hdr.as_ptr(), hdr.len());
         }
         return total;
     }
     // SAFETY: forwarded caller contract.
     unsafe { copy_frame_slow(f, edit, hdr, dst) }
+}
+
+/// Copies `n` bytes with a few fixed-size loads and stores instead of a `memcpy` call (the
+/// virtio-net header, a frame's snapshot): two overlapping moves of the largest power of two
+/// not above `n`, for `n` up to 64.
+///
+/// # Safety
+/// `src` has `n` readable bytes, `dst` room for `n`, and they do not overlap.
+#[inline(always)]
+unsafe fn small_copy(dst: *mut u8, src: *const u8, n: usize) {
+    /// Two moves of `W` bytes: `[0, W)` and `[n - W, n)`; needs `W <= n <= 2W`.
+    #[inline(always)]
+    unsafe fn two<const W: usize>(dst: *mut u8, src: *const u8, n: usize) {
+        // SAFETY: both windows lie inside the n bytes (caller's contract, W <= n).
+        unsafe {
+            let a = (src as *const [u8; W]).read_unaligned();
+            let b = (src.add(n - W) as *const [u8; W]).read_unaligned();
+            (dst as *mut [u8; W]).write_unaligned(a);
+            (dst.add(n - W) as *mut [u8; W]).write_unaligned(b);
+        }
+    }
+    // SAFETY: (whole block) each arm's width fits n as `two` requires.
+    unsafe {
+        match n {
+            0 => {}
+            32..=64 => two::<32>(dst, src, n),
+            16..=31 => two::<16>(dst, src, n),
+            8..=15 => two::<8>(dst, src, n),
+            4..=7 => two::<4>(dst, src, n),
+            _ => ptr::copy_nonoverlapping(src, dst, n),
+        }
+    }
 }
 
 #[cold]
@@ -114,8 +159,18 @@ impl Writer<'_> {
     }
 }
 
-/// Copies frame bytes `[from, from + n)` (frame offsets, after the sender's header).
+/// Copies frame bytes `[from, from + n)` (frame offsets, after the sender's header): those the
+/// snapshot covers from it, the rest from the chain.
 unsafe fn copy_range(f: &Frame<'_>, from: u32, n: u32, w: &mut Writer<'_>) {
+    let (mut from, mut n) = (from, n);
+    let h = f.head.len() as u32;
+    if from < h {
+        let k = (h - from).min(n);
+        // SAFETY: `from + k <= head.len()`.
+        unsafe { w.write(f.head.as_ptr().add(from as usize), k) };
+        from += k;
+        n -= k;
+    }
     let mut pos = f.skip + from; // chain offset still to skip to
     let mut left = n;
     for s in f.segs {
@@ -134,19 +189,19 @@ unsafe fn copy_range(f: &Frame<'_>, from: u32, n: u32, w: &mut Writer<'_>) {
     }
 }
 
-/// Reads up to `out.len()` frame bytes from the start of the frame (header parsing).
-/// Returns how many were read.
+/// Reads up to `N` frame bytes from the start of the frame into `out` (the snapshot decisions
+/// are made on). Returns how many were read.
 ///
 /// # Safety
 /// As for `copy_frame`.
 #[inline(always)]
-pub unsafe fn read_prefix(f: &Frame<'_>, out: &mut [u8; 18]) -> usize {
+pub unsafe fn read_prefix<const N: usize>(f: &Frame<'_>, out: &mut [u8; N]) -> usize {
     let s0 = f.segs[0];
-    if f.len >= 18 && s0.len >= f.skip + 18 {
-        // Fixed size: two loads, no call.
-        // SAFETY: the first segment holds skip+18 bytes.
-        *out = unsafe { (s0.ptr.add(f.skip as usize) as *const [u8; 18]).read_unaligned() };
-        return 18;
+    if f.len as usize >= N && s0.len as usize >= f.skip as usize + N {
+        // Fixed size: a few loads, no call.
+        // SAFETY: the first segment holds skip+N bytes.
+        *out = unsafe { (s0.ptr.add(f.skip as usize) as *const [u8; N]).read_unaligned() };
+        return N;
     }
     // SAFETY: forwarded.
     unsafe { read_bytes(f, out) }
@@ -160,6 +215,18 @@ pub unsafe fn read_prefix(f: &Frame<'_>, out: &mut [u8; 18]) -> usize {
 pub unsafe fn read_bytes(f: &Frame<'_>, out: &mut [u8]) -> usize {
     let s0 = f.segs[0];
     let want = out.len().min(f.len as usize);
+    if (32..=64).contains(&want) && s0.len as usize >= f.skip as usize + want {
+        // A short frame's whole head: two fixed 32-byte loads that overlap, no call.
+        // SAFETY: the first segment holds skip+want bytes, and 32 <= want <= out.len().
+        unsafe {
+            let src = s0.ptr.add(f.skip as usize);
+            let a = (src as *const [u8; 32]).read_unaligned();
+            let b = (src.add(want - 32) as *const [u8; 32]).read_unaligned();
+            (out.as_mut_ptr() as *mut [u8; 32]).write_unaligned(a);
+            (out.as_mut_ptr().add(want - 32) as *mut [u8; 32]).write_unaligned(b);
+        }
+        return want;
+    }
     if s0.len as usize >= f.skip as usize + want {
         // SAFETY: the first segment holds skip+want bytes.
         unsafe { ptr::copy_nonoverlapping(s0.ptr.add(f.skip as usize), out.as_mut_ptr(), want) };
@@ -189,7 +256,7 @@ mod tests {
         let mut src = vec![0xee; 12];
         src.extend(frame_bytes(60));
         let mut dst = vec![0u8; 100];
-        let f = Frame { segs: &[seg(&mut src)], skip: 12, len: 60 };
+        let f = Frame { segs: &[seg(&mut src)], skip: 12, len: 60, head: &[] };
         let hdr = [1u8; 12];
         // SAFETY: test buffers are live and large enough.
         let n = unsafe { copy_frame(&f, TagEdit::Keep, &hdr, &[seg(&mut dst)]) };
@@ -203,7 +270,7 @@ mod tests {
         let mut h = vec![0u8; 10];
         let mut a = frame_bytes(70);
         let (a1, a2) = a.split_at_mut(7);
-        let f = Frame { segs: &[seg(&mut h), seg(a1), seg(a2)], skip: 10, len: 70 };
+        let f = Frame { segs: &[seg(&mut h), seg(a1), seg(a2)], skip: 10, len: 70, head: &[] };
         let mut d1 = vec![0u8; 5];
         let mut d2 = vec![0u8; 100];
         // SAFETY: test buffers.
@@ -218,7 +285,7 @@ mod tests {
     fn test_push_and_pop_tag() {
         let mut src = frame_bytes(64);
         let mut dst = vec![0u8; 100];
-        let f = Frame { segs: &[seg(&mut src)], skip: 0, len: 64 };
+        let f = Frame { segs: &[seg(&mut src)], skip: 0, len: 64, head: &[] };
         // SAFETY: test buffers.
         let n = unsafe { copy_frame(&f, TagEdit::Push(0x2064), &[], &[seg(&mut dst)]) };
         assert_eq!(n, 68);
@@ -226,7 +293,7 @@ mod tests {
         assert_eq!(&dst[12..16], &[0x81, 0x00, 0x20, 0x64]);
         assert_eq!(&dst[16..68], &frame_bytes(64)[12..]);
         let mut back = vec![0u8; 100];
-        let f2 = Frame { segs: &[seg(&mut dst[..68])], skip: 0, len: 68 };
+        let f2 = Frame { segs: &[seg(&mut dst[..68])], skip: 0, len: 68, head: &[] };
         // SAFETY: test buffers.
         let n = unsafe { copy_frame(&f2, TagEdit::Pop, &[], &[seg(&mut back)]) };
         assert_eq!(n, 64);
@@ -238,7 +305,7 @@ mod tests {
         let mut src = frame_bytes(64);
         src[12..16].copy_from_slice(&[0x81, 0x00, 0x60, 0x00]); // priority 3, VID 0
         let mut dst = vec![0u8; 100];
-        let f = Frame { segs: &[seg(&mut src)], skip: 0, len: 64 };
+        let f = Frame { segs: &[seg(&mut src)], skip: 0, len: 64, head: &[] };
         // SAFETY: test buffers.
         let n = unsafe { copy_frame(&f, TagEdit::Retag(0x600a), &[], &[seg(&mut dst)]) };
         assert_eq!(n, 64);
@@ -247,11 +314,67 @@ mod tests {
     }
 
     #[test]
+    fn test_snapshot_bytes_are_what_arrives() {
+        // The guest rewrote its source MAC and VLAN after the switch read them: the copy
+        // delivers the bytes the switch decided on, on every path.
+        let checked = frame_bytes(18);
+        let mut now = frame_bytes(80);
+        now[6..18].fill(0x66);
+        for (edit, dst_len) in
+            [(TagEdit::Keep, 92usize), (TagEdit::Retag(0x0123), 92), (TagEdit::Push(5), 96)]
+        {
+            for split in [false, true] {
+                let mut src = now.clone();
+                let mut h = vec![0u8; 12];
+                let base = src.as_mut_ptr();
+                let segs = if split {
+                    vec![seg(&mut h), Seg { ptr: base, len: 7 }, Seg { ptr: base.wrapping_add(7), len: 73 }]
+                } else {
+                    vec![Seg { ptr: base, len: 80 }]
+                };
+                let f = Frame { segs: &segs, skip: if split { 12 } else { 0 }, len: 80, head: &checked };
+                let mut d = vec![0u8; dst_len];
+                // SAFETY: test buffers, live for the call.
+                let n = unsafe { copy_frame(&f, edit, &[0u8; 12], &[seg(&mut d)]) };
+                let out = &d[12..n as usize];
+                assert_eq!(&out[..12], &checked[..12], "{edit:?} split {split}: MACs from the snapshot");
+                assert_eq!(
+                    &out[out.len() - 60..],
+                    &now[20..],
+                    "{edit:?} split {split}: the rest from the guest"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn test_small_copy_every_length() {
+        let src = frame_bytes(80);
+        for n in 0..=80 {
+            let mut d = vec![0xaau8; 82];
+            // SAFETY: src has 80 bytes, d has 82.
+            unsafe { small_copy(d.as_mut_ptr().add(1), src.as_ptr(), n) };
+            assert_eq!(&d[1..1 + n], &src[..n], "n = {n}");
+            assert!(d[0] == 0xaa && d[1 + n..].iter().all(|&b| b == 0xaa), "n = {n}: wrote outside");
+        }
+    }
+
+    #[test]
+    fn test_short_frame_head_read_in_one_go() {
+        let mut src = frame_bytes(72);
+        let f = Frame { segs: &[seg(&mut src)], skip: 12, len: 60, head: &[] };
+        let mut out = [0u8; 64];
+        // SAFETY: test buffer.
+        assert_eq!(unsafe { read_bytes(&f, &mut out) }, 60);
+        assert_eq!(&out[..60], &frame_bytes(72)[12..]);
+    }
+
+    #[test]
     fn test_read_prefix_across_segments() {
         let mut h = vec![0u8; 12];
         let mut a = frame_bytes(5);
         let mut b = frame_bytes(40);
-        let f = Frame { segs: &[seg(&mut h), seg(&mut a), seg(&mut b)], skip: 12, len: 45 };
+        let f = Frame { segs: &[seg(&mut h), seg(&mut a), seg(&mut b)], skip: 12, len: 45, head: &[] };
         let mut out = [0u8; 18];
         // SAFETY: test buffers.
         assert_eq!(unsafe { read_prefix(&f, &mut out) }, 18);

@@ -60,8 +60,12 @@ pub enum Verdict {
     NeedBytes(usize),
 }
 
-/// Bytes of a frame that almost every check needs.
-pub const PREFIX: usize = 128;
+/// Bytes of a frame that almost every check needs (IPv4, IPv6 and ARP sources, VLAN tag
+/// included).
+pub const PREFIX: usize = 64;
+/// The longest look the check takes: a neighbour advertisement or solicitation with its
+/// options. A frame whose checked part is longer is refused.
+pub const MAX_LOOK: usize = 128;
 
 const ETH_IPV4: u16 = 0x0800;
 const ETH_ARP: u16 = 0x0806;
@@ -155,11 +159,13 @@ impl SpoofFilter {
         Ok(SpoofFilter { macs, ips })
     }
 
+    #[inline(always)]
     fn mac_ok(&self, m: Mac) -> bool {
         self.macs.contains(&m)
     }
 
     /// Checks a frame, given its first bytes `b` (at least `min(len, PREFIX)` of them).
+    #[inline]
     pub fn check(&self, b: &[u8]) -> Verdict {
         use SpoofReason::*;
         match mac_at(b, 6) {
@@ -199,6 +205,7 @@ impl SpoofFilter {
         }
     }
 
+    #[inline]
     fn check_v4(&self, b: &[u8], l3: usize) -> Verdict {
         let Some(rules) = &self.ips else { return Verdict::Pass };
         let (Some(&vihl), Some(src)) = (b.get(l3), be32(b, l3 + 12)) else {
@@ -240,6 +247,9 @@ impl SpoofFilter {
             next = n;
             l4 += 8 * (len as usize + 1);
         }
+        if next == 58 && b.get(l4).is_none() {
+            return Verdict::NeedBytes(l4 + 1);
+        }
         let icmp_type = if next == 58 { b.get(l4).copied() } else { None };
         let src_ok = rules.v6_ok(src) || (src == 0 && matches!(icmp_type, Some(133) | Some(135) | Some(143)));
         if !src_ok {
@@ -252,7 +262,7 @@ impl SpoofFilter {
             Some(136) => match be128(b, l4 + 8) {
                 Some(target) if rules.v6_ok(target) => self.check_nd(b, l3, l4, 2),
                 Some(_) => Verdict::Drop(SpoofReason::Nd),
-                None => Verdict::Drop(SpoofReason::Nd), // truncated advertisement
+                None => Verdict::NeedBytes(l4 + 24),
             },
             _ => Verdict::Pass,
         }
@@ -480,9 +490,15 @@ mod tests {
         body.extend([2, 1]);
         body.extend(OTHER);
         let frame = eth(GUEST, ETH_IPV6, &ipv6(me, 58, &body));
-        assert!(frame.len() > PREFIX);
-        assert_eq!(f.check(&frame[..PREFIX]), Verdict::NeedBytes(frame.len()));
+        assert!(frame.len() > MAX_LOOK);
+        assert!(matches!(f.check(&frame[..PREFIX]), Verdict::NeedBytes(_)));
+        assert_eq!(f.check(&frame[..MAX_LOOK]), Verdict::NeedBytes(frame.len()));
         assert_eq!(f.check(&frame), Verdict::Drop(SpoofReason::Nd));
+        // A usual advertisement fits the longer look.
+        let na = eth(GUEST, ETH_IPV6, &ipv6(me, 58, &nd(136, me, Some((2, GUEST)))));
+        assert!(na.len() > PREFIX && na.len() <= MAX_LOOK);
+        assert!(matches!(f.check(&na[..PREFIX]), Verdict::NeedBytes(_)));
+        assert_eq!(f.check(&na), Verdict::Pass);
     }
 
     #[test]
