@@ -251,7 +251,8 @@ fn test_spoofed_frames_are_dropped_before_any_copy_and_counted_by_reason() {
     let (mut fa, mut fb) = (connect_default(&dir, "a"), connect_default(&dir, "b"));
     let (ma, mb, evil) = (mac(0xa), mac(0xb), mac(0x66));
     learn(&mut fa, ma, &mut fb, mb);
-    let spoof = SpoofConfig { macs: vec![mac_str(ma)], ips: Some(vec!["198.18.0.1".into()]) };
+    let spoof =
+        SpoofConfig { macs: vec![mac_str(ma)], ips: Some(vec!["198.18.0.1".into(), "fd00::a".into()]) };
     set_policy(&sw, "a", PolicyConfig { anti_spoof: Some(spoof), ..Default::default() });
 
     let legit = |seq| build_frame(mb, ma, None, 100, seq);
@@ -276,18 +277,23 @@ fn test_spoofed_frames_are_dropped_before_any_copy_and_counted_by_reason() {
         send(&mut fa, 0, &build_frame(BCAST, evil, None, 100, 300 + i)); // foreign MAC, flooded
     }
     send(&mut fa, 0, &arp);
-    let got = recv_n(&mut fb, 10, T);
-    assert_eq!(got.len(), 10);
+    // Neighbour advertisements are longer than the usual snapshot: the switch takes a longer
+    // one. Its own address passes, a claim on b's address does not.
+    send(&mut fa, 0, &neighbour_advert(ma, mb, "fd00::a"));
+    send(&mut fa, 0, &neighbour_advert(ma, mb, "fd00::b"));
+    let got = recv_n(&mut fb, 11, T);
+    assert_eq!(got.len(), 11);
     assert!(
-        got.iter().enumerate().all(|(i, f)| *f == legit(i as u64)),
+        got[..10].iter().enumerate().all(|(i, f)| *f == legit(i as u64)),
         "exactly the legitimate frames, in order"
     );
+    assert_eq!(got[10], neighbour_advert(ma, mb, "fd00::a"));
     assert!(drain(&mut fb, Duration::from_millis(50)).is_empty(), "nothing spoofed leaked");
-    let st = wait_stats(&sw, T, |s| find(s, "a").rx.drop_policy - find(&before, "a").rx.drop_policy == 31);
+    let st = wait_stats(&sw, T, |s| find(s, "a").rx.drop_policy - find(&before, "a").rx.drop_policy == 32);
     let c = find(&st, "a").policy;
-    assert_eq!((c.spoof_mac, c.spoof_ip, c.spoof_arp), (20, 10, 1), "{c:?}");
+    assert_eq!((c.spoof_mac, c.spoof_ip, c.spoof_arp, c.spoof_nd), (20, 10, 1, 1), "{c:?}");
     let b_copies = find(&st, "b").tx.copies - find(&before, "b").tx.copies;
-    assert_eq!(b_copies, 10, "dropped frames cost no copy");
+    assert_eq!(b_copies, 11, "dropped frames cost no copy");
     assert_one_copy_each(&st);
     assert!(!sw.fdb().unwrap().iter().any(|e| e.mac == mac_str(evil)), "a spoofed source is never learned");
 
@@ -296,6 +302,22 @@ fn test_spoofed_frames_are_dropped_before_any_copy_and_counted_by_reason() {
     send(&mut fa, 0, &build_frame(mb, evil, None, 100, 999));
     assert_eq!(recv_n(&mut fb, 1, T).len(), 1);
     assert_eq!(port_info(&sw, "a").connects, 1);
+}
+
+/// An unsolicited neighbour advertisement from `src` (fd00::a) for `target`, with a target
+/// link-layer option naming `src`: 86 bytes.
+fn neighbour_advert(src: [u8; 6], dst: [u8; 6], target: &str) -> Vec<u8> {
+    let ip = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let mut f = dst.to_vec();
+    f.extend(src);
+    f.extend([0x86, 0xdd, 0x60, 0, 0, 0, 0, 32, 58, 255]);
+    f.extend(ip("fd00::a"));
+    f.extend(ip("fd00::b"));
+    f.extend([136, 0, 0, 0, 0x20, 0, 0, 0]);
+    f.extend(ip(target));
+    f.extend([2, 1]);
+    f.extend(src);
+    f
 }
 
 #[test]
