@@ -121,43 +121,38 @@ mod tests {
         }
     }
 
-    #[test]
-    fn test_empty_queues_lose_their_credit_and_yield() {
-        let mut d = Drr::new(&[1, 1], 100).unwrap();
-        let mut a: VecDeque<u32> = [60, 60, 60].into();
-        let mut b: VecDeque<u32> = VecDeque::new();
+    /// Runs two queues to empty; `after_first` is called once after the first send (to add
+    /// packets mid-run). Returns the order of the queues that sent.
+    fn run_two(
+        mut qs: [VecDeque<u32>; 2],
+        quantum: u32,
+        after_first: impl FnOnce(&mut [VecDeque<u32>; 2]),
+    ) -> Vec<usize> {
+        let mut d = Drr::new(&[1, 1], quantum).unwrap();
         let mut order = Vec::new();
-        while let Some(q) = d.next(|i| if i == 0 { a.front().copied() } else { b.front().copied() }) {
+        let mut hook = Some(after_first);
+        while let Some(q) = d.next(|i| qs[i].front().copied()) {
             order.push(q);
-            if q == 0 {
-                a.pop_front()
-            } else {
-                b.pop_front()
-            };
-            if order.len() == 1 {
-                b.push_back(60);
+            qs[q].pop_front();
+            if let Some(h) = hook.take() {
+                h(&mut qs);
             }
         }
-        // Queue 0: 100 credit, sends 60 (40 left, too little for the next); queue 1 sends;
-        // queue 0 again with 140, and so on.
-        assert_eq!(order, vec![0, 1, 0, 0]);
         assert_eq!(d.next(|_| None), None);
+        order
+    }
+
+    #[test]
+    fn test_empty_queues_lose_their_credit_and_yield() {
+        // Queue 0: 100 credit, sends 60 (40 left, too little for the next); queue 1 (filled
+        // after the first send) sends; queue 0 again with 140, and so on.
+        let order = run_two([[60, 60, 60].into(), VecDeque::new()], 100, |qs| qs[1].push_back(60));
+        assert_eq!(order, vec![0, 1, 0, 0]);
     }
 
     #[test]
     fn test_big_packet_waits_rounds_for_its_credit() {
-        let mut d = Drr::new(&[1, 1], 100).unwrap();
-        let mut a: VecDeque<u32> = [250].into();
-        let mut b: VecDeque<u32> = [100, 100, 100, 100].into();
-        let mut order = Vec::new();
-        while let Some(q) = d.next(|i| if i == 0 { a.front().copied() } else { b.front().copied() }) {
-            order.push(q);
-            if q == 0 {
-                a.pop_front()
-            } else {
-                b.pop_front()
-            };
-        }
+        let order = run_two([[250].into(), [100, 100, 100, 100].into()], 100, |_| {});
         assert_eq!(order, vec![1, 1, 0, 1, 1]);
     }
 

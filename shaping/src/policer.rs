@@ -23,6 +23,21 @@ pub enum Colour {
     Red,
 }
 
+/// The colour-blind rule both RFCs share: green if the committed bucket covers the packet
+/// (taking from it alone), else yellow if the excess bucket does (taking from it alone), else
+/// red (taking nothing).
+#[inline(always)]
+fn colour_blind(c: &mut Tank, e: &mut Tank, len: u32) -> Colour {
+    let bits = len as u64 * 8;
+    if c.try_take(bits) {
+        Colour::Green
+    } else if e.try_take(bits) {
+        Colour::Yellow
+    } else {
+        Colour::Red
+    }
+}
+
 /// Single-rate three-colour marker (RFC 2697), colour-blind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SrTcm {
@@ -57,14 +72,7 @@ impl SrTcm {
     /// Colours a packet of `len` bytes and takes its tokens.
     #[inline]
     pub fn colour(&mut self, len: u32) -> Colour {
-        let bits = len as u64 * 8;
-        if self.c.try_take(bits) {
-            Colour::Green
-        } else if self.e.try_take(bits) {
-            Colour::Yellow
-        } else {
-            Colour::Red
-        }
+        colour_blind(&mut self.c, &mut self.e, len)
     }
 
     /// Bytes in the committed and excess buckets.
@@ -110,14 +118,7 @@ impl TrTcm {
     /// Colours a packet of `len` bytes and takes its tokens.
     #[inline]
     pub fn colour(&mut self, len: u32) -> Colour {
-        let bits = len as u64 * 8;
-        if self.c.try_take(bits) {
-            Colour::Green
-        } else if self.e.try_take(bits) {
-            Colour::Yellow
-        } else {
-            Colour::Red
-        }
+        colour_blind(&mut self.c, &mut self.e, len)
     }
 
     /// Bytes in the committed and excess buckets.
