@@ -12,9 +12,13 @@
 //! translation in front of this one rather than beside it.
 #![deny(missing_docs)]
 
+pub mod fault;
+pub mod pagetable;
 mod region;
 mod space;
 
+pub use fault::{Access, Fault, FaultLog, FaultReason, Perm};
+pub use pagetable::{IoPageTable, MapError, TlbCache};
 pub use region::{MemoryRegionDesc, Region};
 pub use space::{AddressSpace, RegionHint, MAX_REGIONS};
 
