@@ -147,7 +147,7 @@ impl IoPageTable {
     /// Maps `[iova, iova + len)` to `[target, target + len)` with `perm`. Refused, changing
     /// nothing, if any part is already mapped.
     pub fn map(&mut self, iova: u64, target: u64, len: u64, perm: Perm) -> Result<(), MapError> {
-        if (iova | target | len) % PAGE_4K != 0 {
+        if !(iova | target | len).is_multiple_of(PAGE_4K) {
             return Err(MapError::Unaligned { iova, target, len });
         }
         let end = iova.checked_add(len).filter(|&e| len > 0 && e <= 1 << IOVA_BITS);
@@ -178,7 +178,7 @@ impl IoPageTable {
     /// Unmaps whatever is mapped in `[iova, iova + len)`; returns the bytes that were mapped.
     /// A large page only partly inside the range is split, its other parts kept.
     pub fn unmap(&mut self, iova: u64, len: u64) -> Result<u64, MapError> {
-        if (iova | len) % PAGE_4K != 0 {
+        if !(iova | len).is_multiple_of(PAGE_4K) {
             return Err(MapError::Unaligned { iova, target: 0, len });
         }
         let end = iova.checked_add(len).filter(|&e| len > 0 && e <= 1 << IOVA_BITS);
