@@ -13,11 +13,13 @@
 #![deny(missing_docs)]
 
 pub mod fault;
+pub mod iotlb;
 pub mod pagetable;
 mod region;
 mod space;
 
 pub use fault::{Access, Fault, FaultLog, FaultReason, Perm};
+pub use iotlb::{Iotlb, IotlbEntry, IotlbError, IotlbHint};
 pub use pagetable::{IoPageTable, MapError, TlbCache};
 pub use region::{MemoryRegionDesc, Region};
 pub use space::{AddressSpace, RegionHint, MAX_REGIONS};

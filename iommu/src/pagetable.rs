@@ -92,6 +92,14 @@ fn index(iova: u64, level: u32) -> usize {
     ((iova >> (12 + 9 * (level - 1))) & (FANOUT as u64 - 1)) as usize
 }
 
+/// The cache slot of `iova`'s 4 KiB page among `slots` (a power of two): a multiplicative
+/// hash, so pages a large stride apart (a ring's buffers 1 MiB apart) do not all collide.
+#[inline(always)]
+pub(crate) fn slot_of(iova: u64, slots: usize) -> usize {
+    debug_assert!(slots.is_power_of_two());
+    ((iova >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - slots.trailing_zeros())) as usize
+}
+
 /// A leaf found by a walk: where it starts, how much it covers, where it points.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Leaf {
@@ -230,7 +238,7 @@ impl IoPageTable {
             cache.slots = [None; TLB_ENTRIES];
             cache.gen = self.gen;
         }
-        let slot = ((iova >> 12) as usize) % TLB_ENTRIES;
+        let slot = slot_of(iova, TLB_ENTRIES);
         let leaf = match cache.slots[slot] {
             Some(l) if iova.wrapping_sub(l.base) < l.size => {
                 cache.hits += 1;
