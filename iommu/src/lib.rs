@@ -13,12 +13,14 @@
 #![deny(missing_docs)]
 
 pub mod fault;
+pub mod grant;
 pub mod iotlb;
 pub mod pagetable;
 mod region;
 mod space;
 
 pub use fault::{Access, Fault, FaultLog, FaultReason, Perm};
+pub use grant::{CopySide, DomId, Domain, EventChannel, GrantError, GrantMapping, GrantRef, GrantTables};
 pub use iotlb::{Iotlb, IotlbEntry, IotlbError, IotlbHint};
 pub use pagetable::{IoPageTable, MapError, TlbCache};
 pub use region::{MemoryRegionDesc, Region};
