@@ -23,18 +23,51 @@ pub enum Colour {
     Red,
 }
 
-/// The colour-blind rule both RFCs share: green if the committed bucket covers the packet
-/// (taking from it alone), else yellow if the excess bucket does (taking from it alone), else
-/// red (taking nothing).
-#[inline(always)]
-fn colour_blind(c: &mut Tank, e: &mut Tank, len: u32) -> Colour {
-    let bits = len as u64 * 8;
-    if c.try_take(bits) {
-        Colour::Green
-    } else if e.try_take(bits) {
-        Colour::Yellow
-    } else {
-        Colour::Red
+/// What both RFC meters share: a committed (C) and an excess (E) bucket, in bits, both
+/// starting full, the time of the last refill, and the colour-blind rule: green if C covers
+/// the packet (taking from it alone), else yellow if E does (taking from it alone), else red
+/// (taking nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TwoBuckets {
+    c: Tank,
+    e: Tank,
+    last_ns: u64,
+}
+
+impl TwoBuckets {
+    /// CIR must be non-zero and CBS (bytes) too; EBS 0 means no yellow.
+    fn new(cir_bps: u64, cbs: u64, ebs: u64) -> Result<Self, BucketError> {
+        if cir_bps == 0 {
+            return Err(BucketError::ZeroRate);
+        }
+        if cbs == 0 {
+            return Err(BucketError::ZeroBurst);
+        }
+        Ok(TwoBuckets { c: Tank::full(cbs * 8), e: Tank::full(ebs * 8), last_ns: 0 })
+    }
+
+    /// Nanoseconds since the last refill (moving the refill time), if time moved forward.
+    #[inline(always)]
+    fn elapsed(&mut self, now_ns: u64) -> Option<u64> {
+        let dt = now_ns.checked_sub(self.last_ns).filter(|&d| d > 0)?;
+        self.last_ns = now_ns;
+        Some(dt)
+    }
+
+    #[inline(always)]
+    fn colour(&mut self, len: u32) -> Colour {
+        let bits = len as u64 * 8;
+        if self.c.try_take(bits) {
+            Colour::Green
+        } else if self.e.try_take(bits) {
+            Colour::Yellow
+        } else {
+            Colour::Red
+        }
+    }
+
+    fn tokens(&self) -> (u64, u64) {
+        (self.c.tokens() / 8, self.e.tokens() / 8)
     }
 }
 
@@ -42,42 +75,33 @@ fn colour_blind(c: &mut Tank, e: &mut Tank, len: u32) -> Colour {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SrTcm {
     cir: u64,
-    c: Tank,
-    e: Tank,
-    last_ns: u64,
+    b: TwoBuckets,
 }
 
 impl SrTcm {
     /// CIR in bits/s, CBS and EBS in bytes (CBS must be non-zero; EBS 0 means no yellow).
     pub fn new(cir_bps: u64, cbs: u64, ebs: u64) -> Result<Self, BucketError> {
-        if cir_bps == 0 {
-            return Err(BucketError::ZeroRate);
-        }
-        if cbs == 0 {
-            return Err(BucketError::ZeroBurst);
-        }
-        Ok(SrTcm { cir: cir_bps, c: Tank::full(cbs * 8), e: Tank::full(ebs * 8), last_ns: 0 })
+        Ok(SrTcm { cir: cir_bps, b: TwoBuckets::new(cir_bps, cbs, ebs)? })
     }
 
     /// Refills: the committed bucket first, its overflow into the excess bucket.
     #[inline]
     pub fn advance(&mut self, now_ns: u64) {
-        if now_ns > self.last_ns {
-            let over = self.c.fill(earned(now_ns - self.last_ns, self.cir));
-            self.e.fill(over);
-            self.last_ns = now_ns;
+        if let Some(dt) = self.b.elapsed(now_ns) {
+            let over = self.b.c.fill(earned(dt, self.cir));
+            self.b.e.fill(over);
         }
     }
 
     /// Colours a packet of `len` bytes and takes its tokens.
     #[inline]
     pub fn colour(&mut self, len: u32) -> Colour {
-        colour_blind(&mut self.c, &mut self.e, len)
+        self.b.colour(len)
     }
 
     /// Bytes in the committed and excess buckets.
     pub fn tokens(&self) -> (u64, u64) {
-        (self.c.tokens() / 8, self.e.tokens() / 8)
+        self.b.tokens()
     }
 }
 
@@ -86,44 +110,34 @@ impl SrTcm {
 pub struct TrTcm {
     cir: u64,
     eir: u64,
-    c: Tank,
-    e: Tank,
-    last_ns: u64,
+    b: TwoBuckets,
 }
 
 impl TrTcm {
     /// CIR and EIR in bits/s, CBS and EBS in bytes. CIR and CBS must be non-zero; EIR or EBS
     /// 0 means no yellow.
     pub fn new(cir_bps: u64, cbs: u64, eir_bps: u64, ebs: u64) -> Result<Self, BucketError> {
-        if cir_bps == 0 {
-            return Err(BucketError::ZeroRate);
-        }
-        if cbs == 0 {
-            return Err(BucketError::ZeroBurst);
-        }
-        Ok(TrTcm { cir: cir_bps, eir: eir_bps, c: Tank::full(cbs * 8), e: Tank::full(ebs * 8), last_ns: 0 })
+        Ok(TrTcm { cir: cir_bps, eir: eir_bps, b: TwoBuckets::new(cir_bps, cbs, ebs)? })
     }
 
     /// Refills both buckets, each at its own rate.
     #[inline]
     pub fn advance(&mut self, now_ns: u64) {
-        if now_ns > self.last_ns {
-            let dt = now_ns - self.last_ns;
-            self.c.fill(earned(dt, self.cir));
-            self.e.fill(earned(dt, self.eir));
-            self.last_ns = now_ns;
+        if let Some(dt) = self.b.elapsed(now_ns) {
+            self.b.c.fill(earned(dt, self.cir));
+            self.b.e.fill(earned(dt, self.eir));
         }
     }
 
     /// Colours a packet of `len` bytes and takes its tokens.
     #[inline]
     pub fn colour(&mut self, len: u32) -> Colour {
-        colour_blind(&mut self.c, &mut self.e, len)
+        self.b.colour(len)
     }
 
     /// Bytes in the committed and excess buckets.
     pub fn tokens(&self) -> (u64, u64) {
-        (self.c.tokens() / 8, self.e.tokens() / 8)
+        self.b.tokens()
     }
 }
 

@@ -215,9 +215,9 @@ impl Datapath {
             }
         };
         let mut c = SrcCounts::default();
-        let spoof_check = src.policy.ingress_on() && src.policy.spoof_on();
-        self.describe(q, n, spoof_check, &mut c);
-        if src.policy.ingress_on() {
+        let ingress = src.policy.ingress_on();
+        self.describe(q, n, ingress && src.policy.spoof_on(), &mut c);
+        if ingress {
             self.ingress(src, q.hdr_len as u32, n, &mut c);
         }
         self.decide(src, n, now, &mut c);
