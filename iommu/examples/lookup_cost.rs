@@ -31,7 +31,7 @@ fn main() {
                     uaddr: 0x7f00_0000_0000 + (i << 16),
                     perm: Perm::RW,
                 },
-                |_, _| true,
+                |u, _| Some(u),
             )
             .unwrap();
         }

@@ -8,8 +8,12 @@
 //! linear-scan cliff), plus a per-user hint of the last range hit, so the common case (the
 //! next buffer in the same mapping) is a compare and an add.
 //!
+//! Each entry is resolved once, when it arrives, to the host address where the switch has the
+//! frontend's memory mapped, so a hit costs no second translation.
+//!
 //! Hostile frontends: an update whose user address range is not inside the frontend's memory
-//! is refused (the caller supplies the check), overlapping updates replace what they overlap,
+//! is refused (the caller resolves it, within one mapped region, or says it cannot), overlapping
+//! updates replace what they overlap,
 //! the cache is bounded (the lowest ranges are evicted first; a miss brings them back), and a
 //! hint filled before any invalidation is never used after it.
 
@@ -75,13 +79,20 @@ pub struct IotlbCounters {
 /// Slots of a hint.
 pub const HINT_SLOTS: usize = 256;
 
+/// An entry as stored: the update plus where its first byte is mapped here.
+#[derive(Clone, Copy, Debug)]
+struct Stored {
+    e: IotlbEntry,
+    host: u64,
+}
+
 /// A user's small cache of entries it hit (direct-mapped by 4 KiB IOVA page, so the recurring
 /// buffers of a ring find their entry without a tree walk), valid for one generation of the
 /// IOTLB.
 #[derive(Clone, Copy, Debug)]
 pub struct IotlbHint {
     gen: u64,
-    slots: [Option<IotlbEntry>; HINT_SLOTS],
+    slots: [Option<Stored>; HINT_SLOTS],
 }
 
 impl Default for IotlbHint {
@@ -91,9 +102,9 @@ impl Default for IotlbHint {
 }
 
 /// A bounded IOTLB cache.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Iotlb {
-    entries: BTreeMap<u64, IotlbEntry>,
+    entries: BTreeMap<u64, Stored>,
     max: usize,
     /// Bumped on every change that can remove or alter a translation.
     gen: u64,
@@ -128,12 +139,13 @@ impl Iotlb {
         self.entries.is_empty()
     }
 
-    /// Applies an update. `inside_memory(uaddr, size)` says whether the frontend's memory table
-    /// covers the target range; if not, the update is refused and nothing changes.
+    /// Applies an update. `resolve(uaddr, size)` gives the host address of `uaddr` if the whole
+    /// target range lies inside one mapped region of the frontend's memory; if not, the update
+    /// is refused and nothing changes.
     pub fn update(
         &mut self,
         e: IotlbEntry,
-        inside_memory: impl FnOnce(u64, u64) -> bool,
+        resolve: impl FnOnce(u64, u64) -> Option<u64>,
     ) -> Result<(), IotlbError> {
         let bad =
             e.size == 0 || e.iova.checked_add(e.size).is_none() || e.uaddr.checked_add(e.size).is_none();
@@ -141,21 +153,24 @@ impl Iotlb {
             Err(IotlbError::BadRange { iova: e.iova, size: e.size })
         } else if !e.perm.read && !e.perm.write {
             Err(IotlbError::NoPermission(e.iova))
-        } else if !inside_memory(e.uaddr, e.size) {
-            Err(IotlbError::OutsideMemory { iova: e.iova, uaddr: e.uaddr, size: e.size })
         } else {
-            Ok(())
+            resolve(e.uaddr, e.size)
+                .filter(|h| h.checked_add(e.size).is_some())
+                .ok_or(IotlbError::OutsideMemory { iova: e.iova, uaddr: e.uaddr, size: e.size })
         };
-        if res.is_err() {
-            self.counters.refused += 1;
-            return res;
-        }
+        let host = match res {
+            Ok(h) => h,
+            Err(err) => {
+                self.counters.refused += 1;
+                return Err(err);
+            }
+        };
         self.remove_range(e.iova, e.iova + e.size);
         while self.entries.len() >= self.max {
             self.entries.pop_first();
             self.counters.evictions += 1;
         }
-        self.entries.insert(e.iova, e);
+        self.entries.insert(e.iova, Stored { e, host });
         self.gen += 1;
         self.counters.updates += 1;
         Ok(())
@@ -178,26 +193,30 @@ impl Iotlb {
     }
 
     fn remove_range(&mut self, s: u64, e: u64) -> usize {
-        let hit: Vec<u64> =
-            self.entries.range(..e).rev().take_while(|(_, x)| x.iova + x.size > s).map(|(&k, _)| k).collect();
+        let hit: Vec<u64> = self
+            .entries
+            .range(..e)
+            .rev()
+            .take_while(|(_, x)| x.e.iova + x.e.size > s)
+            .map(|(&k, _)| k)
+            .collect();
         // Entries are disjoint and sorted, so those ending after `s` form a run back from `e`.
         for &k in &hit {
-            let Some(x) = self.entries.remove(&k) else { continue };
+            let Some(Stored { e: x, host }) = self.entries.remove(&k) else { continue };
             let xe = x.iova + x.size;
             if x.iova < s {
-                self.entries.insert(x.iova, IotlbEntry { size: s - x.iova, ..x });
+                self.entries.insert(x.iova, Stored { e: IotlbEntry { size: s - x.iova, ..x }, host });
             }
             if xe > e {
-                self.entries.insert(
-                    e,
-                    IotlbEntry { iova: e, size: xe - e, uaddr: x.uaddr + (e - x.iova), perm: x.perm },
-                );
+                let cut = e - x.iova;
+                let tail = IotlbEntry { iova: e, size: xe - e, uaddr: x.uaddr + cut, perm: x.perm };
+                self.entries.insert(e, Stored { e: tail, host: host + cut });
             }
         }
         hit.len()
     }
 
-    /// Translates the start of `[iova, iova + len)`: the frontend address of `iova` and how many
+    /// Translates the start of `[iova, iova + len)`: the host address of `iova` and how many
     /// bytes from there one entry covers (at most `len`). `NotMapped` is a miss: ask the
     /// frontend, retry later.
     #[inline]
@@ -213,27 +232,57 @@ impl Iotlb {
             hint.gen = self.gen;
         }
         let slot = crate::pagetable::slot_of(iova, HINT_SLOTS);
-        let e = match hint.slots[slot] {
-            Some(e) if iova.wrapping_sub(e.iova) < e.size => e,
+        let s = match hint.slots[slot] {
+            Some(s) if iova.wrapping_sub(s.e.iova) < s.e.size => s,
             _ => {
-                let (_, &e) = self.entries.range(..=iova).next_back().ok_or(FaultReason::NotMapped)?;
-                if iova - e.iova >= e.size {
+                let (_, &s) = self.entries.range(..=iova).next_back().ok_or(FaultReason::NotMapped)?;
+                if iova - s.e.iova >= s.e.size {
                     return Err(FaultReason::NotMapped);
                 }
-                hint.slots[slot] = Some(e);
-                e
+                hint.slots[slot] = Some(s);
+                s
             }
         };
-        if !e.perm.allows(access) {
+        if !s.e.perm.allows(access) {
             return Err(FaultReason::Permission);
         }
-        let off = iova - e.iova;
-        Ok((e.uaddr + off, len.min(e.size - off)))
+        let off = iova - s.e.iova;
+        Ok((s.host + off, len.min(s.e.size - off)))
+    }
+
+    /// Translates all of `[iova, iova + len)` to one contiguous host range, following entries
+    /// while each continues where the last ended (page-sized vIOMMU mappings of contiguous
+    /// memory). On failure, the address where translation stopped and why: `NotMapped` there
+    /// is a miss to ask for; `CrossesBoundary` means the range is mapped in separate pieces.
+    pub fn lookup_contiguous(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        hint: &mut IotlbHint,
+    ) -> Result<u64, (u64, FaultReason)> {
+        let (host, n) = self.lookup(iova, len, access, hint).map_err(|r| (iova, r))?;
+        let mut done = n;
+        while done < len {
+            let at = iova.checked_add(done).ok_or((iova, FaultReason::CrossesBoundary))?;
+            let (h, n) = self.lookup(at, len - done, access, hint).map_err(|r| (at, r))?;
+            if h != host + done {
+                return Err((at, FaultReason::CrossesBoundary));
+            }
+            done += n;
+        }
+        Ok(host)
     }
 
     /// Every entry, in IOVA order (for display and tests).
     pub fn entries(&self) -> impl Iterator<Item = &IotlbEntry> {
-        self.entries.values()
+        self.entries.values().map(|s| &s.e)
+    }
+
+    /// Whether any entry overlaps `[iova, iova + size)`.
+    pub fn overlaps(&self, iova: u64, size: u64) -> bool {
+        let end = iova.saturating_add(size);
+        self.entries.range(..end).next_back().is_some_and(|(_, s)| s.e.iova + s.e.size > iova)
     }
 }
 
@@ -249,7 +298,7 @@ mod tests {
     fn test_lookup_hits_and_misses() {
         let mut t = Iotlb::default();
         let mut h = IotlbHint::default();
-        t.update(ent(0x1000, 0x2000, 0x7f00_0000), |_, _| true).unwrap();
+        t.update(ent(0x1000, 0x2000, 0x7f00_0000), |u, _| Some(u)).unwrap();
         assert_eq!(t.lookup(0x1800, 0x100, Access::Read, &mut h), Ok((0x7f00_0800, 0x100)));
         assert_eq!(
             t.lookup(0x2f00, 0x200, Access::Read, &mut h),
@@ -264,9 +313,9 @@ mod tests {
     fn test_overlapping_update_replaces_what_it_covers() {
         let mut t = Iotlb::default();
         let mut h = IotlbHint::default();
-        t.update(ent(0, 0x10000, 0x100000), |_, _| true).unwrap();
+        t.update(ent(0, 0x10000, 0x100000), |u, _| Some(u)).unwrap();
         assert!(t.lookup(0x8000, 1, Access::Write, &mut h).is_ok());
-        t.update(IotlbEntry { iova: 0x4000, size: 0x2000, uaddr: 0x900000, perm: Perm::RO }, |_, _| true)
+        t.update(IotlbEntry { iova: 0x4000, size: 0x2000, uaddr: 0x900000, perm: Perm::RO }, |u, _| Some(u))
             .unwrap();
         assert_eq!(t.len(), 3);
         assert_eq!(t.lookup(0x4100, 1, Access::Read, &mut h), Ok((0x900100, 1)));
@@ -279,7 +328,7 @@ mod tests {
     fn test_invalidation_beats_the_hint() {
         let mut t = Iotlb::default();
         let mut h = IotlbHint::default();
-        t.update(ent(0, 0x10000, 0x100000), |_, _| true).unwrap();
+        t.update(ent(0, 0x10000, 0x100000), |u, _| Some(u)).unwrap();
         assert!(t.lookup(0x100, 1, Access::Read, &mut h).is_ok());
         assert_eq!(t.invalidate(0, 0x1000), 1);
         assert_eq!(t.lookup(0x100, 1, Access::Read, &mut h), Err(FaultReason::NotMapped));
@@ -289,7 +338,7 @@ mod tests {
     #[test]
     fn test_hostile_updates_are_refused_and_counted() {
         let mut t = Iotlb::default();
-        let inside = |u: u64, s: u64| u >= 0x1000_0000 && u + s <= 0x2000_0000;
+        let inside = |u: u64, s: u64| (u >= 0x1000_0000 && u + s <= 0x2000_0000).then_some(u);
         assert!(matches!(
             t.update(ent(0, 0x1000, 0x1fff_f000 + 1), inside),
             Err(IotlbError::OutsideMemory { .. })
@@ -308,10 +357,31 @@ mod tests {
     }
 
     #[test]
+    fn test_contiguous_lookup_follows_adjacent_pages() {
+        let mut t = Iotlb::default();
+        let mut h = IotlbHint::default();
+        // Two pages contiguous in host memory, then one elsewhere.
+        t.update(ent(0x1000, 0x1000, 0x50_0000), |u, _| Some(u)).unwrap();
+        t.update(ent(0x2000, 0x1000, 0x50_1000), |u, _| Some(u)).unwrap();
+        t.update(ent(0x3000, 0x1000, 0x90_0000), |u, _| Some(u)).unwrap();
+        assert_eq!(t.lookup_contiguous(0x1800, 0x1000, Access::Read, &mut h), Ok(0x50_0800));
+        assert_eq!(
+            t.lookup_contiguous(0x2800, 0x1000, Access::Read, &mut h),
+            Err((0x3000, FaultReason::CrossesBoundary))
+        );
+        assert_eq!(
+            t.lookup_contiguous(0x3800, 0x1000, Access::Read, &mut h),
+            Err((0x4000, FaultReason::NotMapped)),
+            "the miss is reported where it is"
+        );
+        assert!(t.overlaps(0x3fff, 1) && !t.overlaps(0x4000, 0x1000) && !t.overlaps(0, 0x1000));
+    }
+
+    #[test]
     fn test_bounded_by_evicting_the_lowest() {
         let mut t = Iotlb::new(4);
         for i in 0..10u64 {
-            t.update(ent(i * 0x1000, 0x1000, 0x100000 + i * 0x1000), |_, _| true).unwrap();
+            t.update(ent(i * 0x1000, 0x1000, 0x100000 + i * 0x1000), |u, _| Some(u)).unwrap();
         }
         assert_eq!(t.len(), 4);
         assert_eq!(t.counters.evictions, 6);

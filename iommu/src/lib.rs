@@ -12,6 +12,7 @@
 //! translation in front of this one rather than beside it.
 #![deny(missing_docs)]
 
+pub mod dma;
 pub mod fault;
 pub mod grant;
 pub mod iotlb;
@@ -19,6 +20,7 @@ pub mod pagetable;
 mod region;
 mod space;
 
+pub use dma::{Dma, DmaError};
 pub use fault::{Access, Fault, FaultLog, FaultReason, Perm};
 pub use grant::{CopySide, DomId, Domain, EventChannel, GrantError, GrantMapping, GrantRef, GrantTables};
 pub use iotlb::{Iotlb, IotlbEntry, IotlbError, IotlbHint};

@@ -114,6 +114,25 @@ impl AddressSpace {
         })
     }
 
+    /// `[uva, uva + len)` cut where it crosses from one region into the next: each piece's
+    /// frontend address, length and host address. None if any byte is not mapped.
+    pub fn uva_pieces(&self, uva: u64, len: u64) -> Option<Vec<(u64, u64, u64)>> {
+        let mut out = Vec::new();
+        let mut done = 0u64;
+        while done < len {
+            let at = uva.checked_add(done)?;
+            let r = self
+                .regions
+                .iter()
+                .find(|r| at.checked_sub(r.desc().userspace_addr).is_some_and(|off| off < r.size()))?;
+            let off = at - r.desc().userspace_addr;
+            let n = (r.size() - off).min(len - done);
+            out.push((at, n, r.host() as u64 + off));
+            done += n;
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
     /// Guest-physical address of a frontend virtual address, if mapped.
     pub fn uva_to_gpa(&self, uva: u64) -> Option<u64> {
         self.regions.iter().find_map(|r| {
@@ -199,6 +218,17 @@ mod tests {
         assert!(s.translate_uva(0x7f00_0ff0, 0x10).is_some());
         assert!(s.translate_uva(0x7f00_0ff0, 0x11).is_none());
         assert!(s.uva_to_gpa(0x7f00_1000).is_none());
+    }
+
+    #[test]
+    fn test_uva_pieces_split_at_region_edges() {
+        let s = AddressSpace::new(vec![anon(0, 0x1000, 0x10_0000), anon(0x1000, 0x1000, 0x10_1000)]).unwrap();
+        let p = s.uva_pieces(0x10_0800, 0x1000).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!((p[0].0, p[0].1, p[1].0, p[1].1), (0x10_0800, 0x800, 0x10_1000, 0x800));
+        assert_eq!(p[1].2, s.regions()[1].host() as u64);
+        assert!(s.uva_pieces(0x10_1800, 0x1000).is_none(), "runs past the last region");
+        assert!(s.uva_pieces(0x10_0000, 0).is_none());
     }
 
     #[test]

@@ -11,6 +11,8 @@ const PAGE: u64 = 0x1000;
 /// The frontend's memory: user addresses [MEM_LO, MEM_HI).
 const MEM_LO: u64 = 0x10_0000;
 const MEM_HI: u64 = 0x90_0000;
+/// Host address minus frontend address of the frontend's memory.
+const HOST_DELTA: u64 = 0x7f00_0000_0000;
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -37,12 +39,14 @@ proptest! {
         let mut model: BTreeMap<u64, (u64, Perm)> = BTreeMap::new(); // page → (uaddr, perm)
         let mut hints = [IotlbHint::default(), IotlbHint::default()];
         let inside = |u: u64, s: u64| u >= MEM_LO && u.checked_add(s).is_some_and(|e| e <= MEM_HI);
+        // Where the frontend's memory is mapped here.
+        let resolve = |u: u64, s: u64| inside(u, s).then_some(u + HOST_DELTA);
         for op in ops {
             match op {
                 Op::Update { page, pages, upage, perm } => {
                     let perm = Perm { read: perm & 1 != 0, write: perm & 2 != 0 };
                     let e = IotlbEntry { iova: page * PAGE, size: pages * PAGE, uaddr: upage * PAGE, perm };
-                    let ok = t.update(e, inside).is_ok();
+                    let ok = t.update(e, resolve).is_ok();
                     let want = (perm.read || perm.write) && inside(e.uaddr, e.size);
                     prop_assert_eq!(ok, want);
                     if ok {
@@ -64,8 +68,9 @@ proptest! {
                     match (got, model.get(&page)) {
                         (Err(FaultReason::NotMapped), None) => {}
                         (Err(FaultReason::Permission), Some((_, p))) => prop_assert!(!p.allows(access)),
-                        (Ok((u, n)), Some((mu, p))) => {
+                        (Ok((h, n)), Some((mu, p))) => {
                             prop_assert!(p.allows(access));
+                            let u = h - HOST_DELTA;
                             prop_assert_eq!(u, mu + off);
                             prop_assert!(n >= 1 && n <= len);
                             // Every byte of the chunk is inside the frontend's memory and where
@@ -90,7 +95,7 @@ fn many_entries_stay_fast_and_correct() {
     for i in 0..4096u64 {
         t.update(
             IotlbEntry { iova: i * 0x10000, size: PAGE, uaddr: MEM_LO + (i % 512) * PAGE, perm: Perm::RW },
-            |_, _| true,
+            |u, _| Some(u),
         )
         .unwrap();
     }

@@ -337,6 +337,22 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
                     p.device.features.join(","),
                     p.device.running_queues
                 );
+                if p.device.dma_faults > 0 || p.device.protocol_errors > 0 {
+                    println!(
+                        "{:>48} dma faults {}, protocol errors {}",
+                        "", p.device.dma_faults, p.device.protocol_errors
+                    );
+                }
+                if let Some(t) = &p.device.iotlb {
+                    println!(
+                        "{:>48} iotlb: {} entries, {} updates ({} refused), {} invalidations, {} misses sent ({} unsent), {} rx drops on miss, {} tx timeouts",
+                        "", t.entries, t.updates, t.refused, t.invalidations, t.misses_sent, t.misses_unsent,
+                        t.rx_miss_drops, t.tx_miss_timeouts
+                    );
+                    for f in &t.recent_faults {
+                        println!("{:>48} fault: {f}", "");
+                    }
+                }
             }
         }
         Request::Stats => {

@@ -26,7 +26,7 @@ use crate::l2::{format_mac, mac_from_bytes, Fdb, FdbEntry, VlanMode};
 use crate::pmd::{PmdCmd, PmdHandle};
 use crate::policy::PolicyConfig;
 use crate::port::{Port, MAX_PORTS};
-use crate::vhost::wire::{vring_enable, waiting_message, Waiting};
+use crate::vhost::wire::{backend_req_fd, iotlb_msg, vring_enable, waiting_message, Waiting};
 use crate::vhost::VhostDevice;
 use crate::virtio::queue::QueueCounters;
 
@@ -536,9 +536,14 @@ impl Control {
                     return;
                 }
                 Waiting::Whole => st.partial_since = None,
-                Waiting::VringEnable => {
+                w @ (Waiting::VringEnable | Waiting::IotlbMsg | Waiting::BackendReqFd) => {
                     st.partial_since = None;
-                    if let Err(e) = vring_enable(fd, &st.device) {
+                    let res = match w {
+                        Waiting::VringEnable => vring_enable(fd, &st.device),
+                        Waiting::IotlbMsg => iotlb_msg(fd, &st.device),
+                        _ => backend_req_fd(fd, &st.device),
+                    };
+                    if let Err(e) = res {
                         tracing::warn!(port = %st.cfg.name, "closing vhost-user connection: {e}");
                         self.disconnect(id);
                         return;

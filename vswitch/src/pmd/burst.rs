@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use iommu::{Access, FaultReason};
 use shaping::{Colour, Offer, Shaper};
 
 use crate::l2::{is_group, mac_from_bytes, Fdb, Mac, TagEdit, VlanMode};
@@ -157,6 +158,8 @@ enum RxFail {
     /// A bad buffer: it and the chains taken before it (`.0` of them in all, listed in the
     /// chains array) go back empty, in ring order.
     Malformed(usize),
+    /// A buffer whose IOVA the IOTLB cannot translate yet: everything taken went back.
+    Miss(u64),
 }
 
 impl Datapath {
@@ -216,7 +219,10 @@ impl Datapath {
         };
         let mut c = SrcCounts::default();
         let ingress = src.policy.ingress_on();
-        self.describe(q, n, ingress && src.policy.spoof_on(), &mut c);
+        let n = self.describe(q, n, ingress && src.policy.spoof_on(), &mut c);
+        if n == 0 {
+            return 0; // the first chain waits for an IOTLB translation
+        }
         if ingress {
             self.ingress(src, q.hdr_len as u32, n, &mut c);
         }
@@ -325,10 +331,11 @@ impl Datapath {
         next
     }
 
-    /// Takes `n` heads and turns each into a `PacketRef`: chain walked and checked, header
-    /// fields read in place.
+    /// Takes up to `n` heads and turns each into a `PacketRef`: chain walked and checked, header
+    /// fields read in place. Returns how many were taken: a chain waiting for an IOTLB
+    /// translation stays in the ring, with those after it.
     #[inline(always)]
-    fn describe(&mut self, q: &mut VirtQueue, n: usize, spoof_check: bool, c: &mut SrcCounts) {
+    fn describe(&mut self, q: &mut VirtQueue, mut n: usize, spoof_check: bool, c: &mut SrcCounts) -> usize {
         let hdr = q.hdr_len as u32;
         for k in 0..n {
             q.ring.prefetch_desc(q.ring.peek_head(k as u16));
@@ -340,8 +347,7 @@ impl Datapath {
             let p = &mut self.pkts[i];
             *p = PacketRef { head, give_back: true, ..PacketRef::default() };
             let segs = &mut self.segs[i];
-            let chain =
-                walk_chain(&q.ring, &q.mem, &mut q.hint, head, false, q.indirect, MAX_FRAME + hdr, segs);
+            let chain = walk_chain(&q.ring, &mut q.dma, head, false, q.indirect, MAX_FRAME + hdr, segs);
             match chain {
                 Ok(ch) if ch.len >= hdr + 14 => {
                     p.nseg = ch.nseg;
@@ -350,10 +356,23 @@ impl Datapath {
                     prefetch_frame(segs[0], hdr);
                 }
                 Ok(_) => c.malformed += 1, // runt: no room for an Ethernet header
+                Err(ChainError::Miss { iova }) => {
+                    if tx_miss(q, head, iova) {
+                        q.ring.unpop(1);
+                        n = i;
+                        break;
+                    }
+                    c.malformed += 1; // waited too long: dropped as a DMA fault (recorded)
+                }
                 Err(e) => {
                     p.give_back = e != ChainError::BadHead;
                     c.malformed += 1;
                 }
+            }
+        }
+        if n > 0 {
+            if let Some(l) = q.iotlb.as_deref_mut() {
+                l.tx_moved();
             }
         }
         // Pass 2: snapshot the L2 header of each forwardable packet (the whole head the
@@ -368,6 +387,7 @@ impl Datapath {
                 c.bytes += self.pkts[i].len as u64;
             }
         }
+        n
     }
 
     /// Reads packet `i`'s first `want` bytes into its snapshot and takes its L2 fields from
@@ -515,7 +535,8 @@ impl Datapath {
             bump(&slot.stats.drop_no_buffer, lost);
             return;
         };
-        let (mut pk, mut by, mut copied, mut no_buf, mut bad) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        let (mut pk, mut by, mut copied, mut no_buf, mut bad, mut missed) =
+            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
         // The shaper, if any: taken after the queue's lock, released with it.
         let mut eg = if shaped { Some(dport.policy.egress.lock()) } else { None };
         let mut shaper: Option<&mut Shaper<Held>> = eg.as_mut().and_then(|g| g.as_mut());
@@ -591,6 +612,14 @@ impl Datapath {
                     planned += 1;
                 }
                 Err(RxFail::NoBuffer) => no_buf += 1,
+                Err(RxFail::Miss(iova)) => {
+                    // Dropped now (no buffer usable yet); the translation is asked for.
+                    if let Some(l) = rq.iotlb.as_deref_mut() {
+                        l.miss(iova, true, now_ns());
+                        l.stats().rx_miss_drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    missed += 1;
+                }
                 Err(RxFail::Malformed(nch)) => {
                     // Returned in pass 2 with the others, so used entries keep ring order
                     // (VIRTIO_F_IN_ORDER). Behind a held packet they are held with it.
@@ -667,7 +696,7 @@ impl Datapath {
         bump(&s.bytes, by);
         bump(&s.copies, pk);
         bump(&s.bytes_copied, copied);
-        bump(&s.drop_no_buffer, no_buf);
+        bump(&s.drop_no_buffer, no_buf + missed);
         bump(&s.drop_malformed, bad);
         bump(&s.drop_policy, shaped_drop);
     }
@@ -702,7 +731,7 @@ fn take_one_rx(rq: &mut VirtQueue, need: u32) -> Option<(u16, Seg)> {
     if d.flags != crate::virtio::ring::DESC_F_WRITE || d.len < need {
         return None;
     }
-    let p = rq.mem.translate(d.addr, d.len, &mut rq.hint)?;
+    let p = rq.dma.translate(d.addr, d.len, Access::Write).ok()?;
     rq.ring.pop_head();
     Some((head, Seg { ptr: p.as_ptr(), len: d.len }))
 }
@@ -727,21 +756,16 @@ fn take_rx(
             return Err(RxFail::NoBuffer);
         }
         let head = rq.ring.pop_head();
-        match walk_chain(
-            &rq.ring,
-            &rq.mem,
-            &mut rq.hint,
-            head,
-            true,
-            rq.indirect,
-            u32::MAX >> 1,
-            &mut segs[nseg..],
-        ) {
+        match walk_chain(&rq.ring, &mut rq.dma, head, true, rq.indirect, u32::MAX >> 1, &mut segs[nseg..]) {
             Ok(ch) => {
                 chains[nch] = (head, ch.len);
                 nch += 1;
                 nseg += ch.nseg as usize;
                 cap = cap.saturating_add(ch.len);
+            }
+            Err(ChainError::Miss { iova }) => {
+                rq.ring.unpop(nch as u16 + 1);
+                return Err(RxFail::Miss(iova));
             }
             Err(e) => {
                 // A bad buffer is consumed (returned empty) along with any taken before it:
@@ -755,6 +779,24 @@ fn take_rx(
         }
     }
     Ok((nseg, nch))
+}
+
+/// A transmit chain at `head` missed the IOTLB at `iova`: asks for the translation and says
+/// whether to wait for it (true) or to drop the chain as a DMA fault, recorded (false).
+#[cold]
+#[inline(never)]
+fn tx_miss(q: &mut VirtQueue, head: u16, iova: u64) -> bool {
+    let now = now_ns();
+    let Some(l) = q.iotlb.as_deref_mut() else {
+        q.dma.fault(iova, 1, Access::Read, FaultReason::NotMapped);
+        return false;
+    };
+    l.miss(iova, false, now);
+    if l.tx_wait(head, now) {
+        return true;
+    }
+    q.dma.fault(iova, 1, Access::Read, FaultReason::NotMapped);
+    false
 }
 
 /// Returns every source buffer of the burst (after all copies are done), publishes, and

@@ -25,6 +25,8 @@ use burst::Datapath;
 const SPINS_BEFORE_SLEEP: u32 = 2000;
 /// Longest sleep; bounds how stale an unkickable queue can get.
 const MAX_SLEEP_MS: i32 = 100;
+/// Longest sleep while a queue waits for an IOTLB translation.
+const STALL_SLEEP_MS: i32 = 10;
 /// Loop iterations between releases of shaped ports' held packets (a few µs when idle).
 const SHAPER_TICK: u64 = 64;
 
@@ -240,11 +242,18 @@ impl Pmd {
         let Some(sleeper) = self.sleeper.as_mut() else { return };
         let mut work = false;
         let mut blind = false; // a running queue we cannot be woken for
+        let mut stalled = false; // work that waits for an IOTLB translation
         for (port, pair) in &self.polls {
             let mut g = port.txq[*pair as usize].lock();
             let Some(q) = g.as_mut() else { continue };
             if q.ring.set_kicks(true) {
-                work = true;
+                // A queue stalled on an IOTLB miss is not work until the update comes (which
+                // wakes us); we look again soon in case it never does.
+                if q.iotlb.as_ref().is_some_and(|l| l.stalled()) {
+                    stalled = true;
+                } else {
+                    work = true;
+                }
             }
             match &q.kick {
                 Some((file, gen)) => sleeper.watch(port.id, *pair, file, *gen),
@@ -256,7 +265,13 @@ impl Pmd {
             self.dp.release_shaped().map(|ns| ns.div_ceil(1_000_000).clamp(1, MAX_SLEEP_MS as u64) as i32);
         if !work && !self.pending.load(Ordering::Acquire) {
             self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
-            let timeout = if blind { 1 } else { MAX_SLEEP_MS };
+            let timeout = if blind {
+                1
+            } else if stalled {
+                STALL_SLEEP_MS
+            } else {
+                MAX_SLEEP_MS
+            };
             sleeper.wait(shaped_ms.map_or(timeout, |ms| ms.min(timeout)));
         }
         for (port, pair) in &self.polls {

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use iommu::{AddressSpace, MemoryRegionDesc, Region};
+use iommu::{AddressSpace, Dma, FaultLog, Iotlb, IotlbEntry, MemoryRegionDesc, Region};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
@@ -12,10 +12,13 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 
+use super::iotlb::{
+    BackendChannel, IotlbInfo, IotlbLink, IotlbMsg, IotlbStats, IOTLB_INVALIDATE, IOTLB_UPDATE,
+};
 use crate::port::Port;
 use crate::virtio::features::{self, Negotiated};
 use crate::virtio::queue::QueueSetup;
-use crate::virtio::ring::MAX_RING_SIZE;
+use crate::virtio::ring::{RingError, MAX_RING_SIZE};
 use crate::virtio::{RingAddrs, VirtQueue};
 
 /// Memory slots offered with CONFIGURE_MEM_SLOTS: as many regions as an address space holds.
@@ -28,6 +31,7 @@ fn offered_protocol() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::BACKEND_REQ
 }
 
 #[derive(Default)]
@@ -43,6 +47,20 @@ struct Vring {
     enabled: Option<bool>,
     /// Has a kick fd (or was told to poll): the frontend started it.
     started: bool,
+    /// Cannot start until the IOTLB translates its ring addresses (a miss was sent).
+    waiting_iotlb: bool,
+}
+
+impl Vring {
+    /// Whether `[iova, iova + size)` overlaps any part of this ring (IOVA mode).
+    fn overlaps(&self, iova: u64, size: u64) -> bool {
+        let Some(a) = self.addrs else { return false };
+        let n = self.num as u64;
+        let end = iova.saturating_add(size);
+        [(a.desc, 16 * n), (a.avail, 6 + 2 * n), (a.used, 6 + 8 * n)]
+            .iter()
+            .any(|&(s, len)| s < end && s.saturating_add(len) > iova)
+    }
 }
 
 /// What `vswitch ctl ports` shows of a connection.
@@ -60,6 +78,12 @@ pub struct DeviceInfo {
     pub running_queues: Vec<usize>,
     /// Protocol errors seen on this connection.
     pub protocol_errors: u64,
+    /// DMA faults of this port so far (bad guest addresses, refused accesses).
+    #[serde(default)]
+    pub dma_faults: u64,
+    /// With a vIOMMU (ACCESS_PLATFORM acked): the IOTLB's state and activity.
+    #[serde(default)]
+    pub iotlb: Option<IotlbInfo>,
 }
 
 /// Backend state of one port's vhost-user connection.
@@ -71,6 +95,12 @@ pub struct VhostDevice {
     vrings: Vec<Vring>,
     kick_gen: u64,
     wake: Arc<dyn Fn() + Send + Sync>,
+    /// The device's IOTLB (each running queue has a copy, changed with it).
+    iotlb: Iotlb,
+    /// Where misses go (SET_BACKEND_REQ_FD).
+    backend: Option<Arc<BackendChannel>>,
+    iotlb_stats: Arc<IotlbStats>,
+    faults: Arc<FaultLog>,
     /// Protocol errors so far (refused requests).
     pub protocol_errors: u64,
 }
@@ -93,6 +123,10 @@ impl VhostDevice {
             vrings,
             kick_gen: 0,
             wake,
+            iotlb: Iotlb::default(),
+            backend: None,
+            iotlb_stats: Arc::default(),
+            faults: Arc::default(),
             protocol_errors: 0,
         }
     }
@@ -109,6 +143,13 @@ impl VhostDevice {
         self.acked = Negotiated::default();
         self.protocol = 0;
         self.mem = Arc::default();
+        self.iotlb.clear();
+        self.backend = None;
+    }
+
+    /// Whether the guest's addresses are IOVAs (it sits behind a vIOMMU).
+    fn iova_mode(&self) -> bool {
+        self.acked.has(features::F_ACCESS_PLATFORM)
     }
 
     /// Whether the frontend acked REPLY_ACK (it then expects a status reply to requests that
@@ -128,6 +169,33 @@ impl VhostDevice {
                 .filter(|i| self.port.slot(*i).is_some_and(|s| s.is_running()))
                 .collect(),
             protocol_errors: self.protocol_errors,
+            dma_faults: {
+                let (a, b, c) = self.faults.counts();
+                a + b + c
+            },
+            iotlb: self.iova_mode().then(|| self.iotlb_info()),
+        }
+    }
+
+    fn iotlb_info(&self) -> IotlbInfo {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = self.iotlb.counters;
+        let s = &self.iotlb_stats;
+        let (nm, perm, cross) = self.faults.counts();
+        IotlbInfo {
+            entries: self.iotlb.len() as u64,
+            updates: c.updates,
+            refused: c.refused,
+            invalidations: c.invalidations,
+            evictions: c.evictions,
+            misses_sent: s.misses_sent.load(Relaxed),
+            misses_unsent: s.misses_unsent.load(Relaxed),
+            rx_miss_drops: s.rx_miss_drops.load(Relaxed),
+            tx_miss_timeouts: s.tx_miss_timeouts.load(Relaxed),
+            faults_not_mapped: nm,
+            faults_permission: perm,
+            faults_crossing: cross,
+            recent_faults: self.faults.recent().iter().rev().take(8).map(|f| f.to_string()).collect(),
         }
     }
 
@@ -160,11 +228,29 @@ impl VhostDevice {
             mrg_rxbuf: self.acked.has(features::NET_F_MRG_RXBUF),
             indirect: self.acked.has(features::RING_F_INDIRECT_DESC),
         };
-        match VirtQueue::new(self.mem.clone(), &setup, v.call.clone(), v.kick.clone()) {
-            Ok(q) => {
+        let domain = self.port.id as u32;
+        let dma = if self.iova_mode() {
+            Dma::iova(self.mem.clone(), self.iotlb.clone(), domain, self.faults.clone())
+        } else {
+            Dma::gpa(self.mem.clone(), domain, self.faults.clone())
+        };
+        let (call, kick) = (v.call.clone(), v.kick.clone());
+        self.vrings[idx].waiting_iotlb = false;
+        match VirtQueue::new(dma, &setup, call, kick) {
+            Ok(mut q) => {
+                if self.iova_mode() {
+                    q.iotlb = Some(Box::new(IotlbLink::new(self.backend.clone(), self.iotlb_stats.clone())));
+                }
                 *g = Some(q);
                 drop(g);
                 (self.wake)();
+            }
+            Err(RingError::Miss { what, iova, write }) => {
+                // Starts when the translation arrives (see `iotlb_msg`).
+                tracing::debug!(port = %self.port.name, queue = idx, "{what} ring at IOVA {iova:#x} not in the IOTLB yet: asking");
+                self.vrings[idx].waiting_iotlb = true;
+                let mut link = IotlbLink::new(self.backend.clone(), self.iotlb_stats.clone());
+                link.miss(iova, write, crate::policy::now_ns());
             }
             Err(e) => {
                 self.protocol_errors += 1;
@@ -185,9 +271,94 @@ impl VhostDevice {
 
     fn set_mem(&mut self, mem: AddressSpace) {
         self.mem = Arc::new(mem);
+        // IOTLB entries point into the old table's mappings: forget them (they are a cache;
+        // misses bring back what is still valid).
+        self.iotlb.clear();
         // Re-translate every running ring in the new table; the old mappings go away when the
         // last queue lets go of them.
         self.refresh_all();
+    }
+
+    /// Takes the backend channel the frontend set up (SET_BACKEND_REQ_FD).
+    pub fn set_backend_channel(&mut self, sock: std::os::unix::net::UnixStream) -> Result<(), String> {
+        if self.protocol & VhostUserProtocolFeatures::BACKEND_REQ.bits() == 0 {
+            return Err("SET_BACKEND_REQ_FD before the BACKEND_REQ protocol feature was acked".into());
+        }
+        self.backend = Some(Arc::new(BackendChannel::new(sock)));
+        // Queues built before keep asking through the old link: rebuild them.
+        self.refresh_all();
+        Ok(())
+    }
+
+    /// Applies an IOTLB_MSG (update or invalidation) to the device's IOTLB and, under each
+    /// queue's lock, to every running queue's copy: once this returns, no queue translates
+    /// through an invalidated entry. Queues whose rings were waiting for a translation start;
+    /// queues whose rings lost theirs stop until it comes back.
+    pub fn iotlb_msg(&mut self, m: IotlbMsg) -> Result<(), String> {
+        if !self.iova_mode() {
+            return Err("IOTLB_MSG without VIRTIO_F_ACCESS_PLATFORM acked (the guest has no vIOMMU)".into());
+        }
+        match m.kind {
+            IOTLB_UPDATE => self.iotlb_update(m),
+            IOTLB_INVALIDATE => {
+                tracing::trace!(port = %self.port.name, "IOTLB invalidate {:#x}+{:#x}", m.iova, m.size);
+                self.iotlb.invalidate(m.iova, m.size);
+                let mut lost = Vec::new();
+                for i in 0..self.vrings.len() {
+                    let Some(slot) = self.port.slot(i) else { continue };
+                    let mut g = slot.lock();
+                    if let Some(t) = g.as_mut().and_then(|q| q.dma.iotlb_mut()) {
+                        t.invalidate(m.iova, m.size);
+                        if self.vrings[i].overlaps(m.iova, m.size) {
+                            lost.push(i);
+                        }
+                    }
+                }
+                for i in lost {
+                    self.refresh(i);
+                }
+                Ok(())
+            }
+            k => {
+                Err(format!("IOTLB_MSG of type {k} is not one a frontend sends (2 = update, 3 = invalidate)"))
+            }
+        }
+    }
+
+    fn iotlb_update(&mut self, m: IotlbMsg) -> Result<(), String> {
+        tracing::trace!(port = %self.port.name, "IOTLB update {:#x}+{:#x} -> {:#x}", m.iova, m.size, m.uaddr);
+        let perm = m
+            .perm()
+            .ok_or_else(|| format!("IOTLB update at IOVA {:#x} has permission {}", m.iova, m.perm))?;
+        let whole = IotlbEntry { iova: m.iova, size: m.size, uaddr: m.uaddr, perm };
+        // The target, cut at region edges, each piece resolved to where it is mapped here.
+        // Nothing is applied unless all of it is inside the frontend's memory.
+        let pieces = match (m.size, m.iova.checked_add(m.size)) {
+            (1.., Some(_)) => self.mem.uva_pieces(m.uaddr, m.size),
+            _ => None,
+        };
+        let Some(pieces) = pieces else {
+            // Refused (and counted) with the reason.
+            return self.iotlb.update(whole, |_, _| None).map_err(|e| e.to_string());
+        };
+        for (uaddr, size, host) in pieces {
+            let e = IotlbEntry { iova: m.iova + (uaddr - m.uaddr), size, uaddr, perm };
+            self.iotlb.update(e, |_, _| Some(host)).map_err(|e| e.to_string())?;
+            for i in 0..self.vrings.len() {
+                let Some(slot) = self.port.slot(i) else { continue };
+                if let Some(t) = slot.lock().as_mut().and_then(|q| q.dma.iotlb_mut()) {
+                    let _ = t.update(e, |_, _| Some(host));
+                }
+            }
+        }
+        for i in 0..self.vrings.len() {
+            if self.vrings[i].waiting_iotlb && self.vrings[i].overlaps(m.iova, m.size) {
+                self.refresh(i);
+            }
+        }
+        // A polling thread asleep on a stalled queue retries now.
+        (self.wake)();
+        Ok(())
     }
 
     fn config_space(&self) -> [u8; 12] {
@@ -243,6 +414,14 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
         }
         if bits != self.acked.bits && self.any_running() {
             return Err(refuse("features cannot change while queues run".into()));
+        }
+        // The vhost-user spec's IOMMU support: IOTLB_MSG both ways, misses over the backend
+        // channel (there is no separate "IOTLB" protocol feature).
+        let backend_req = VhostUserProtocolFeatures::BACKEND_REQ.bits();
+        if bits & features::F_ACCESS_PLATFORM != 0 && self.protocol & backend_req == 0 {
+            return Err(refuse(
+                "VIRTIO_F_ACCESS_PLATFORM (a vIOMMU) needs the BACKEND_REQ protocol feature for IOTLB misses, which was not acked".into(),
+            ));
         }
         self.acked = Negotiated { bits };
         Ok(())

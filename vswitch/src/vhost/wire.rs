@@ -1,12 +1,16 @@
 //! Below the vhost crate's request handler: what the control loop checks on the socket before
-//! handing it a message, and the one message the switch handles itself.
+//! handing it a message, and the messages the switch handles itself: SET_VRING_ENABLE (the
+//! crate's rule is stricter than QEMU's order), IOTLB_MSG and SET_BACKEND_REQ_FD (the crate has
+//! no IOTLB support, rust-vmm/vhost#312).
 
 use std::os::fd::RawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 
 use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag, MAX_MSG_SIZE};
 use vhost::vhost_user::{Error as VuError, VhostUserBackendReqHandlerMut};
 
+use super::iotlb::{IotlbMsg, IOTLB_MSG_LEN};
 use super::VhostDevice;
 
 const VERSION: VhostUserHeaderFlag = VhostUserHeaderFlag::VERSION;
@@ -21,6 +25,10 @@ pub(crate) enum Waiting {
     Partial,
     /// A whole SET_VRING_ENABLE, which the switch handles itself (see `vring_enable`).
     VringEnable,
+    /// A whole IOTLB_MSG (see `iotlb_msg`).
+    IotlbMsg,
+    /// A whole SET_BACKEND_REQ_FD (see `backend_req_fd`).
+    BackendReqFd,
     /// A whole message, end of stream, an error, or a header the handler refuses by itself.
     Whole,
 }
@@ -53,8 +61,13 @@ pub(crate) fn waiting_message(fd: RawFd) -> Waiting {
     if (avail as usize) < HDR + size {
         return Waiting::Partial;
     }
-    if u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) == u32::from(FrontendReq::SET_VRING_ENABLE) {
+    let req = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+    if req == u32::from(FrontendReq::SET_VRING_ENABLE) {
         Waiting::VringEnable
+    } else if req == u32::from(FrontendReq::IOTLB_MSG) {
+        Waiting::IotlbMsg
+    } else if req == u32::from(FrontendReq::SET_BACKEND_REQ_FD) {
+        Waiting::BackendReqFd
     } else {
         Waiting::Whole
     }
@@ -86,16 +99,103 @@ pub(crate) fn vring_enable(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(),
         d.protocol_errors += 1;
     }
     if flags & NEED_REPLY.bits() != 0 && d.reply_ack() {
-        let mut reply = [0u8; 20];
-        reply[0..4].copy_from_slice(&u32::from(FrontendReq::SET_VRING_ENABLE).to_le_bytes());
-        reply[4..8].copy_from_slice(&(VERSION_1 | REPLY.bits()).to_le_bytes());
-        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
-        reply[12..20].copy_from_slice(&(res.is_err() as u64).to_le_bytes());
-        // SAFETY: sends from a local buffer.
-        let sent = unsafe { libc::send(fd, reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL) };
-        if sent != reply.len() as isize {
-            return Err("cannot send the SET_VRING_ENABLE reply".into());
+        send_status(fd, FrontendReq::SET_VRING_ENABLE, res.is_err())?;
+    }
+    Ok(())
+}
+
+/// Sends a REPLY_ACK status (0 = success).
+fn send_status(fd: RawFd, req: FrontendReq, failed: bool) -> Result<(), String> {
+    let mut reply = [0u8; 20];
+    reply[0..4].copy_from_slice(&u32::from(req).to_le_bytes());
+    reply[4..8].copy_from_slice(&(VERSION_1 | REPLY.bits()).to_le_bytes());
+    reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+    reply[12..20].copy_from_slice(&(failed as u64).to_le_bytes());
+    // SAFETY: sends from a local buffer.
+    let sent = unsafe { libc::send(fd, reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL) };
+    if sent != reply.len() as isize {
+        return Err(format!("cannot send the reply to {req:?}"));
+    }
+    Ok(())
+}
+
+/// Reads a whole message known to be queued: header words and payload.
+fn read_whole(fd: RawFd, buf: &mut [u8]) -> Result<(u32, usize), String> {
+    // SAFETY: reads into the caller's buffer; the whole message is known to be queued.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), 12, libc::MSG_DONTWAIT) };
+    if n != 12 {
+        return Err("short vhost-user header".into());
+    }
+    let word = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let (flags, size) = (word(buf, 4), word(buf, 8) as usize);
+    if size > buf.len() - 12 {
+        return Err(format!("payload of {size} bytes is larger than this message allows"));
+    }
+    // SAFETY: as above, `size` bytes fit after the header.
+    let n = unsafe { libc::recv(fd, buf[12..].as_mut_ptr().cast(), size, libc::MSG_DONTWAIT) };
+    if n != size as isize {
+        return Err("short vhost-user payload".into());
+    }
+    if flags & VERSION.bits() != VERSION_1 || flags & REPLY.bits() != 0 {
+        return Err(format!("bad header flags {flags:#x}"));
+    }
+    Ok((flags, size))
+}
+
+/// IOTLB_MSG: an update or invalidation from the frontend's vIOMMU. A refused one (outside
+/// the guest's memory, a type a frontend does not send) is counted and answered with a failure
+/// status; the stream stays usable. QEMU always asks for the status and waits for it.
+pub(crate) fn iotlb_msg(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(), String> {
+    let mut buf = [0u8; 12 + MAX_MSG_SIZE];
+    let (flags, size) = read_whole(fd, &mut buf)?;
+    let mut d = device.lock().map_err(|_| "device state poisoned".to_string())?;
+    let res = match IotlbMsg::decode(&buf[12..12 + size]) {
+        Some(m) => d.iotlb_msg(m),
+        None => Err(format!("IOTLB_MSG payload of {size} bytes (a vhost_iotlb_msg has {IOTLB_MSG_LEN})")),
+    };
+    if let Err(e) = &res {
+        d.protocol_errors += 1;
+        tracing::warn!("IOTLB_MSG refused: {e}");
+    }
+    if flags & NEED_REPLY.bits() != 0 {
+        send_status(fd, FrontendReq::IOTLB_MSG, res.is_err())?;
+    }
+    Ok(())
+}
+
+/// SET_BACKEND_REQ_FD: the socket for requests to the frontend (IOTLB misses). The fd comes
+/// with the message (SCM_RIGHTS) and must be a stream socket.
+pub(crate) fn backend_req_fd(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(), String> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    // SAFETY: borrows the connection's fd for one receive; ManuallyDrop never closes it.
+    let conn = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(fd) });
+    let mut hdr = [0u8; 12];
+    let (n, file) =
+        conn.recv_with_fd(&mut hdr).map_err(|e| format!("cannot read SET_BACKEND_REQ_FD: {e}"))?;
+    let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+    if n != 12 || word(8) != 0 || word(4) & VERSION.bits() != VERSION_1 {
+        return Err(format!("malformed SET_BACKEND_REQ_FD ({n} bytes, size {})", word(8)));
+    }
+    let flags = word(4);
+    let mut d = device.lock().map_err(|_| "device state poisoned".to_string())?;
+    let res = match file {
+        Some(f) => {
+            // SAFETY: the received descriptor is ours alone.
+            let sock = unsafe { UnixStream::from_raw_fd(f.into_raw_fd()) };
+            match sock.local_addr() {
+                Ok(_) => d.set_backend_channel(sock),
+                Err(e) => Err(format!("the backend channel is not a unix socket: {e}")),
+            }
         }
+        None => Err("SET_BACKEND_REQ_FD came without a file descriptor".into()),
+    };
+    if let Err(e) = &res {
+        d.protocol_errors += 1;
+        tracing::warn!("SET_BACKEND_REQ_FD refused: {e}");
+    }
+    if flags & NEED_REPLY.bits() != 0 && d.reply_ack() {
+        send_status(fd, FrontendReq::SET_BACKEND_REQ_FD, res.is_err())?;
     }
     Ok(())
 }

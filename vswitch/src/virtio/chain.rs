@@ -4,7 +4,7 @@
 //! returns the head to the used ring with length 0 and counts a malformed drop. Nothing is read
 //! from or written to a buffer before its whole chain has passed every check.
 
-use iommu::{AddressSpace, RegionHint};
+use iommu::{Access, Dma, DmaError, FaultReason};
 
 use super::ring::{Desc, SplitRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MAX_RING_SIZE};
 
@@ -57,6 +57,30 @@ pub enum ChainError {
     /// more bytes than the largest packet
     #[error("chain larger than the largest packet")]
     TooBig,
+    /// an IOVA the IOTLB cannot translate yet: ask the frontend and try the chain again later
+    #[error("IOTLB miss at IOVA {iova:#x}")]
+    Miss {
+        /// The address to ask for.
+        iova: u64,
+    },
+}
+
+/// A buffer that translation refused.
+#[inline(always)]
+fn refused(e: DmaError) -> ChainError {
+    match e {
+        DmaError::Miss { iova, .. } => ChainError::Miss { iova },
+        DmaError::Fault(_) => ChainError::BadAddress,
+    }
+}
+
+#[inline(always)]
+fn access(write: bool) -> Access {
+    if write {
+        Access::Write
+    } else {
+        Access::Read
+    }
 }
 
 /// Translated segments of one chain.
@@ -75,8 +99,7 @@ pub struct Chain {
 #[allow(clippy::too_many_arguments)]
 pub fn walk_chain(
     ring: &SplitRing,
-    mem: &AddressSpace,
-    hint: &mut RegionHint,
+    dma: &mut Dma,
     head: u16,
     write: bool,
     indirect_ok: bool,
@@ -96,12 +119,18 @@ pub fn walk_chain(
         if d.len > max_len {
             return Err(ChainError::TooBig);
         }
-        let p = mem.translate(d.addr, d.len, hint).ok_or(ChainError::BadAddress)?;
-        let Some(s0) = segs.first_mut() else { return Err(ChainError::TooManySegments) };
-        *s0 = Seg { ptr: p.as_ptr(), len: d.len };
-        return Ok(Chain { nseg: 1, len: d.len });
+        match dma.translate(d.addr, d.len, access(write)) {
+            Ok(p) => {
+                let Some(s0) = segs.first_mut() else { return Err(ChainError::TooManySegments) };
+                *s0 = Seg { ptr: p.as_ptr(), len: d.len };
+                return Ok(Chain { nseg: 1, len: d.len });
+            }
+            // Mapped in pieces by the vIOMMU: the slow walk splits it.
+            Err(DmaError::Fault(FaultReason::CrossesBoundary)) if dma.is_iova() => {}
+            Err(e) => return Err(refused(e)),
+        }
     }
-    walk_slow(ring, mem, hint, d, write, indirect_ok, max_len, segs)
+    walk_slow(ring, dma, d, write, indirect_ok, max_len, segs)
 }
 
 struct Acc<'a> {
@@ -113,7 +142,7 @@ struct Acc<'a> {
 }
 
 impl Acc<'_> {
-    fn add(&mut self, mem: &AddressSpace, hint: &mut RegionHint, d: &Desc) -> Result<(), ChainError> {
+    fn add(&mut self, dma: &mut Dma, d: &Desc) -> Result<(), ChainError> {
         if (d.flags & DESC_F_WRITE != 0) != self.write {
             return Err(ChainError::WrongDirection);
         }
@@ -125,10 +154,19 @@ impl Acc<'_> {
         if self.n == self.segs.len().min(MAX_SEGS) {
             return Err(ChainError::TooManySegments);
         }
-        let p = mem.translate(d.addr, d.len, hint).ok_or(ChainError::BadAddress)?;
-        self.segs[self.n] = Seg { ptr: p.as_ptr(), len: d.len };
-        self.n += 1;
-        Ok(())
+        let room = self.segs.len().min(MAX_SEGS);
+        let (segs, n) = (&mut *self.segs, &mut self.n);
+        let mut full = false;
+        dma.pieces(d.addr, d.len, access(self.write), |p, len| {
+            if *n == room {
+                full = true;
+                return false;
+            }
+            segs[*n] = Seg { ptr: p.as_ptr(), len };
+            *n += 1;
+            true
+        })
+        .map_err(|e| if full { ChainError::TooManySegments } else { refused(e) })
     }
 
     fn done(self) -> Chain {
@@ -141,8 +179,7 @@ impl Acc<'_> {
 #[allow(clippy::too_many_arguments)]
 fn walk_slow(
     ring: &SplitRing,
-    mem: &AddressSpace,
-    hint: &mut RegionHint,
+    dma: &mut Dma,
     first: Desc,
     write: bool,
     indirect_ok: bool,
@@ -158,10 +195,10 @@ fn walk_slow(
             if !indirect_ok || d.flags & DESC_F_NEXT != 0 {
                 return Err(ChainError::BadIndirect);
             }
-            walk_indirect(mem, hint, &d, &mut acc)?;
+            walk_indirect(dma, &d, &mut acc)?;
             return Ok(acc.done());
         }
-        acc.add(mem, hint, &d)?;
+        acc.add(dma, &d)?;
         if d.flags & DESC_F_NEXT == 0 {
             return Ok(acc.done());
         }
@@ -176,17 +213,22 @@ fn walk_slow(
     }
 }
 
-fn walk_indirect(
-    mem: &AddressSpace,
-    hint: &mut RegionHint,
-    ind: &Desc,
-    acc: &mut Acc<'_>,
-) -> Result<(), ChainError> {
+fn walk_indirect(dma: &mut Dma, ind: &Desc, acc: &mut Acc<'_>) -> Result<(), ChainError> {
     let count = ind.len / 16;
     if !ind.len.is_multiple_of(16) || count == 0 || count > MAX_RING_SIZE as u32 {
         return Err(ChainError::BadIndirect);
     }
-    let table = mem.translate(ind.addr, ind.len, hint).ok_or(ChainError::BadIndirect)?;
+    let table = match dma.translate(ind.addr, ind.len, Access::Read) {
+        Ok(p) => p,
+        Err(DmaError::Miss { iova, .. }) => return Err(ChainError::Miss { iova }),
+        Err(DmaError::Fault(r)) => {
+            if r == FaultReason::CrossesBoundary && dma.is_iova() {
+                // A table must be one contiguous range; not recorded by translate.
+                dma.fault(ind.addr, ind.len as u64, Access::Read, r);
+            }
+            return Err(ChainError::BadIndirect);
+        }
+    };
     let read = |i: u32| -> Desc {
         // SAFETY: i < count and the table's count*16 bytes were translated as one range.
         // Unaligned volatile read: nothing obliges the guest to align an indirect table.
@@ -206,7 +248,7 @@ fn walk_indirect(
         if d.flags & DESC_F_INDIRECT != 0 {
             return Err(ChainError::BadIndirect);
         }
-        acc.add(mem, hint, &d)?;
+        acc.add(dma, &d)?;
         if d.flags & DESC_F_NEXT == 0 {
             return Ok(());
         }
@@ -235,8 +277,8 @@ mod tests {
         indirect: bool,
     ) -> Result<Vec<(u64, u32)>, ChainError> {
         let mut segs = [Seg::default(); MAX_SEGS];
-        let base = q.mem.regions()[0].host() as u64;
-        let c = walk_chain(&q.ring, &q.mem, &mut q.hint, head, write, indirect, 1 << 20, &mut segs)?;
+        let base = q.dma.mem().regions()[0].host() as u64;
+        let c = walk_chain(&q.ring, &mut q.dma, head, write, indirect, 1 << 20, &mut segs)?;
         Ok(segs[..c.nseg as usize].iter().map(|s| (s.ptr as u64 - base, s.len)).collect())
     }
 
@@ -299,7 +341,7 @@ mod tests {
             r.write_desc(&g, i, Desc { addr: 0x8000, len: 1, flags: DESC_F_NEXT, next: (i + 1) % 4 });
         }
         let mut segs = [Seg::default(); 64];
-        let e = walk_chain(&q.ring, &q.mem, &mut q.hint, 0, false, false, 1 << 20, &mut segs);
+        let e = walk_chain(&q.ring, &mut q.dma, 0, false, false, 1 << 20, &mut segs);
         assert_eq!(e.unwrap_err(), ChainError::Loop);
     }
 
@@ -418,7 +460,7 @@ mod tests {
         let mut g = MockGuest::new(1 << 20);
         let r = g.ring(16);
         for bad in [0u32, 3, 100, 65536] {
-            assert!(SplitRing::new(&g.mem, r.addrs(), bad, 0, false).is_err(), "size {bad}");
+            assert!(SplitRing::new(&mut g.dma(), r.addrs(), bad, 0, false).is_err(), "size {bad}");
         }
     }
 }

@@ -23,6 +23,10 @@ pub const RING_F_EVENT_IDX: u64 = 1 << 29;
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// `VIRTIO_F_VERSION_1`.
 pub const F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_F_ACCESS_PLATFORM` (once `IOMMU_PLATFORM`): the guest's addresses are IOVAs behind
+/// its vIOMMU, translated through the vhost-user IOTLB (QEMU acks it only when the device
+/// really sits behind a vIOMMU).
+pub const F_ACCESS_PLATFORM: u64 = 1 << 33;
 /// `VIRTIO_F_IN_ORDER`: buffers are used in the order they were made available. The datapath
 /// always does so (malformed buffers included), and DPDK's virtio-user takes its fast
 /// single-descriptor paths only when this is negotiated.
@@ -39,6 +43,7 @@ pub const OFFERED: u64 = NET_F_MAC
     | RING_F_EVENT_IDX
     | VHOST_USER_F_PROTOCOL_FEATURES
     | F_VERSION_1
+    | F_ACCESS_PLATFORM
     | F_IN_ORDER;
 
 /// What a negotiated feature set means for the datapath.
@@ -77,6 +82,7 @@ impl Negotiated {
             (RING_F_EVENT_IDX, "EVENT_IDX"),
             (VHOST_USER_F_PROTOCOL_FEATURES, "PROTOCOL_FEATURES"),
             (F_VERSION_1, "VERSION_1"),
+            (F_ACCESS_PLATFORM, "ACCESS_PLATFORM"),
             (F_IN_ORDER, "IN_ORDER"),
         ];
         NAMES.iter().filter(|(b, _)| self.has(*b)).map(|(_, n)| *n).collect()

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
-use iommu::{AddressSpace, MemoryRegionDesc, Region};
+use iommu::{AddressSpace, Dma, MemoryRegionDesc, Region};
 
 use super::queue::QueueSetup;
 use super::ring::{Desc, RingAddrs, DESC_F_NEXT};
@@ -42,6 +42,11 @@ impl MockGuest {
         let host = region.host();
         let mem = Arc::new(AddressSpace::new(vec![region]).unwrap());
         MockGuest { mem, file, host, size, next: 0x1000 }
+    }
+
+    /// A guest-physical translator over this guest's memory (domain 0, its own fault log).
+    pub fn dma(&self) -> Dma {
+        Dma::gpa(self.mem.clone(), 0, Default::default())
     }
 
     /// Bump-allocates `len` bytes aligned to `align`.
@@ -156,6 +161,6 @@ impl MockRing {
             mrg_rxbuf,
             indirect: true,
         };
-        VirtQueue::new(g.mem.clone(), &s, None, None).unwrap()
+        VirtQueue::new(g.dma(), &s, None, None).unwrap()
     }
 }

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 static EPOCHS: AtomicU64 = AtomicU64::new(1);
 use std::sync::Arc;
 
-use iommu::{AddressSpace, RegionHint};
+use iommu::Dma;
+
+use crate::vhost::iotlb::IotlbLink;
 
 use super::ring::{RingAddrs, RingError, SplitRing};
 
@@ -18,8 +20,11 @@ use super::ring::{RingAddrs, RingError, SplitRing};
 pub struct VirtQueue {
     /// The ring itself (hot).
     pub ring: SplitRing,
-    /// Last region hit for buffer translation.
-    pub hint: RegionHint,
+    /// How the guest's addresses become host memory (guest-physical, or IOVAs through this
+    /// queue's IOTLB copy), with the memory it keeps mapped.
+    pub dma: Dma,
+    /// With a vIOMMU: how this queue asks the frontend for missing translations.
+    pub iotlb: Option<Box<IotlbLink>>,
     /// Virtio-net header length of this guest (10 or 12).
     pub hdr_len: u8,
     /// Whether a received packet may span several buffers (MRG_RXBUF).
@@ -28,8 +33,6 @@ pub struct VirtQueue {
     pub indirect: bool,
     /// Whether the ring was stopped for misbehaving (e.g. avail index overrun).
     pub broken: bool,
-    /// The guest memory the ring and its buffers live in.
-    pub mem: Arc<AddressSpace>,
     /// Eventfd that interrupts the guest, if it wants interrupts.
     pub call: Option<Arc<File>>,
     /// Eventfd the guest kicks, if it kicks; with its generation so a polling thread can
@@ -61,25 +64,25 @@ pub struct QueueSetup {
 }
 
 impl VirtQueue {
-    /// Builds a running queue in `mem`.
+    /// Builds a running queue whose addresses `dma` translates.
     pub fn new(
-        mem: Arc<AddressSpace>,
+        mut dma: Dma,
         s: &QueueSetup,
         call: Option<Arc<File>>,
         kick: Option<(Arc<File>, u64)>,
     ) -> Result<Self, RingError> {
-        let mut ring = SplitRing::new(&mem, s.addrs, s.size, s.last_avail, s.event_idx)?;
+        let mut ring = SplitRing::new(&mut dma, s.addrs, s.size, s.last_avail, s.event_idx)?;
         // A polled ring needs no kicks: each one is a syscall on the guest's side. Only a
         // polling thread about to sleep turns them back on.
         ring.set_kicks(false);
         Ok(VirtQueue {
             ring,
-            hint: 0,
+            dma,
+            iotlb: None,
             hdr_len: s.hdr_len,
             mrg_rxbuf: s.mrg_rxbuf,
             indirect: s.indirect,
             broken: false,
-            mem,
             call,
             kick,
             held: 0,
@@ -112,7 +115,7 @@ impl VirtQueue {
 impl Drop for VirtQueue {
     /// A stopping queue shows the guest everything it was given: held packets are already in
     /// the guest's buffers, and a restarted ring reads its used index back from memory. (The
-    /// memory is still mapped: `mem` is dropped after this.)
+    /// memory is still mapped: `dma` is dropped after this.)
     fn drop(&mut self) {
         self.held = 0;
         self.publish();

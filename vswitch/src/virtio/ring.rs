@@ -9,7 +9,7 @@
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 
-use iommu::AddressSpace;
+use iommu::{Access, Dma, DmaError};
 
 /// `VRING_DESC_F_NEXT`: the chain continues at `next`.
 pub const DESC_F_NEXT: u16 = 1;
@@ -73,6 +73,16 @@ pub enum RingError {
     /// a ring part is misaligned
     #[error("the {0} ring is misaligned")]
     Misaligned(&'static str),
+    /// an IOVA of the ring has no IOTLB entry yet
+    #[error("the {what} ring's IOVA {iova:#x} is not in the IOTLB yet")]
+    Miss {
+        /// Which part.
+        what: &'static str,
+        /// The address to ask the frontend for.
+        iova: u64,
+        /// Whether the device writes there.
+        write: bool,
+    },
     /// the driver published more entries than the ring holds
     #[error("the driver's available index ran {0} entries ahead of the device, more than the ring size")]
     AvailOverrun(u16),
@@ -113,7 +123,7 @@ impl SplitRing {
     /// Translates and checks a ring's addresses in `mem` and resumes it at `state.last_avail`.
     /// The used index is taken from the used ring, which the guest cannot have moved.
     pub fn new(
-        mem: &AddressSpace,
+        dma: &mut Dma,
         addrs: RingAddrs,
         size: u32,
         last_avail: u16,
@@ -123,9 +133,9 @@ impl SplitRing {
             return Err(RingError::BadSize(size));
         }
         let n = size as u64;
-        let desc = map_part(mem, addrs.desc, 16 * n, 16, "descriptor")?;
-        let avail = map_part(mem, addrs.avail, 6 + 2 * n, 2, "available")?;
-        let used = map_part(mem, addrs.used, 6 + 8 * n, 4, "used")?;
+        let desc = map_part(dma, addrs.desc, 16 * n, 16, Access::Read, "descriptor")?;
+        let avail = map_part(dma, addrs.avail, 6 + 2 * n, 2, Access::Read, "available")?;
+        let used = map_part(dma, addrs.used, 6 + 8 * n, 4, Access::Write, "used")?;
         let mut ring = SplitRing {
             desc: desc.cast(),
             avail: avail.cast(),
@@ -325,16 +335,20 @@ impl SplitRing {
 }
 
 fn map_part(
-    mem: &AddressSpace,
-    uva: u64,
+    dma: &mut Dma,
+    addr: u64,
     len: u64,
     align: u64,
+    access: Access,
     what: &'static str,
 ) -> Result<NonNull<u8>, RingError> {
-    if !uva.is_multiple_of(align) {
+    if !addr.is_multiple_of(align) {
         return Err(RingError::Misaligned(what));
     }
-    let p = mem.translate_uva(uva, len).ok_or(RingError::NotMapped(what))?;
+    let p = dma.translate_ring(addr, len, access).map_err(|e| match e {
+        DmaError::Miss { iova, access } => RingError::Miss { what, iova, write: access == Access::Write },
+        DmaError::Fault(_) => RingError::NotMapped(what),
+    })?;
     if !(p.as_ptr() as u64).is_multiple_of(align) {
         return Err(RingError::Misaligned(what));
     }
