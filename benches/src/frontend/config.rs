@@ -48,6 +48,9 @@ pub struct FrontendConfig {
     pub scratch_size: usize,
     /// Upper bound for every control-socket send and receive.
     pub control_timeout: Duration,
+    /// Put the device behind a vIOMMU played by this frontend (needs the backend to offer
+    /// `VIRTIO_F_ACCESS_PLATFORM` and `BACKEND_REQ`): descriptors and rings carry IOVAs.
+    pub iommu: Option<super::IommuConfig>,
 }
 
 impl FrontendConfig {
@@ -76,6 +79,7 @@ impl Default for FrontendConfig {
             tx_buf_size: 2048,
             scratch_size: 64 << 10,
             control_timeout: Duration::from_secs(5),
+            iommu: None,
         }
     }
 }

@@ -15,7 +15,9 @@ use super::config::FrontendConfig;
 use super::error::{proto, Error, Result};
 use super::memory::GuestMemory;
 use super::ring::SplitRing;
+use super::viommu::SharedCtl;
 use super::watchdog::Watchdog;
+use std::sync::{Arc, Mutex};
 
 /// `VIRTIO_NET_F_MAC`.
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -33,6 +35,8 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// `VIRTIO_F_VERSION_1`.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_F_ACCESS_PLATFORM` (the device sits behind a vIOMMU).
+pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
 
 /// `VHOST_USER_GET_QUEUE_NUM`.
 const REQ_GET_QUEUE_NUM: u32 = 17;
@@ -134,7 +138,9 @@ fn accept_within(listener: &UnixListener, path: &Path, timeout: Duration) -> Res
 /// watchdog that bounds every request by `timeout`.
 pub(crate) struct Control {
     conn: VhostConn,
-    raw: UnixStream,
+    /// The socket for hand-made requests, shared with the vIOMMU's miss server; held for
+    /// every request and its reply, so the two never read each other's replies.
+    raw: SharedCtl,
     wd: Watchdog,
     timeout: Duration,
 }
@@ -149,6 +155,7 @@ impl Control {
         stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
         let raw = stream.try_clone().map_err(io_err)?;
         let wd = Watchdog::new(stream.try_clone().map_err(io_err)?).map_err(io_err)?;
+        let raw = Arc::new(Mutex::new(raw));
         Ok(Control { conn: VhostConn::from_stream(stream, nvrings), raw, wd, timeout })
     }
 
@@ -159,6 +166,7 @@ impl Control {
         f: impl FnOnce(&mut VhostConn) -> vhost::Result<T>,
     ) -> Result<T> {
         let res = {
+            let _turn = self.raw.lock().unwrap_or_else(|e| e.into_inner());
             let _armed = self.wd.arm(self.timeout);
             f(&mut self.conn)
         };
@@ -187,6 +195,9 @@ impl Control {
                 | VhostUserProtocolFeatures::CONFIG;
             if cfg.mem_slots {
                 want |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+            }
+            if cfg.iommu.is_some() {
+                want |= VhostUserProtocolFeatures::BACKEND_REQ;
             }
             protocol = pf & want;
             self.call("SET_PROTOCOL_FEATURES", |c| c.set_protocol_features(protocol))?;
@@ -226,6 +237,14 @@ impl Control {
         if cfg.indirect {
             want |= VIRTIO_RING_F_INDIRECT_DESC;
         }
+        if cfg.iommu.is_some() {
+            if offered & VIRTIO_F_ACCESS_PLATFORM == 0
+                || !protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ)
+            {
+                return Err(Error::Unsupported("a vIOMMU (ACCESS_PLATFORM with BACKEND_REQ)".into()));
+            }
+            want |= VIRTIO_F_ACCESS_PLATFORM;
+        }
         if cfg.queue_pairs > 1 {
             want |= VIRTIO_NET_F_MQ;
             if offered & VIRTIO_NET_F_MQ == 0 {
@@ -264,9 +283,10 @@ impl Control {
         let mut req = [0u8; 12];
         req[0..4].copy_from_slice(&REQ_GET_QUEUE_NUM.to_le_bytes());
         req[4..8].copy_from_slice(&HDR_VERSION.to_le_bytes());
-        self.raw.write_all(&req).map_err(err)?;
+        let mut raw = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        raw.write_all(&req).map_err(err)?;
         let mut reply = [0u8; 20];
-        self.raw.read_exact(&mut reply).map_err(err)?;
+        raw.read_exact(&mut reply).map_err(err)?;
         let word = |i: usize| u32::from_le_bytes([reply[i], reply[i + 1], reply[i + 2], reply[i + 3]]);
         if word(0) != REQ_GET_QUEUE_NUM || word(4) & HDR_REPLY == 0 || word(8) != 8 {
             return Err(err(io::Error::new(
@@ -282,6 +302,19 @@ impl Control {
         let mut v = [0u8; 8];
         v.copy_from_slice(&reply[12..20]);
         Ok(u64::from_le_bytes(v))
+    }
+
+    /// Opens the backend channel (SET_BACKEND_REQ_FD) and returns our end.
+    pub(crate) fn backend_channel(&mut self) -> Result<UnixStream> {
+        let (ours, theirs) =
+            UnixStream::pair().map_err(|source| Error::RawProtocol { request: "socketpair", source })?;
+        self.call("SET_BACKEND_REQ_FD", |c| c.set_backend_request_fd(&theirs))?;
+        Ok(ours)
+    }
+
+    /// The shared control socket.
+    pub(crate) fn shared(&self) -> SharedCtl {
+        self.raw.clone()
     }
 
     /// Registers the guest memory region: `ADD_MEM_REG` when

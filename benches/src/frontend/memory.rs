@@ -114,11 +114,6 @@ impl GuestMemory {
         unsafe { self.ptr.as_ptr().add(off) }
     }
 
-    /// Guest-physical address of byte `off`.
-    pub(crate) fn gpa(&self, off: usize) -> u64 {
-        self.gpa_base + off as u64
-    }
-
     /// Our (frontend) virtual address of byte `off`, as sent in `SET_VRING_ADDR`.
     pub(crate) fn uva(&self, off: usize) -> u64 {
         self.host_ptr(off) as u64

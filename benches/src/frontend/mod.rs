@@ -41,6 +41,7 @@ mod memory;
 mod ring;
 mod rx;
 mod tx;
+mod viommu;
 mod watchdog;
 
 use std::os::unix::net::UnixStream;
@@ -59,6 +60,7 @@ pub use ring::{
     VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VRING_AVAIL_F_NO_INTERRUPT,
     VRING_USED_F_NO_NOTIFY,
 };
+pub use viommu::{IommuConfig, IotlbMsg, ACCESS_RO, ACCESS_RW, ACCESS_WO, IOTLB_INVALIDATE, IOTLB_UPDATE};
 
 use device::{Control, Negotiated, VringAddrs};
 use memory::{GuestMemory, Layout};
@@ -150,8 +152,26 @@ pub struct Frontend {
     hdr_len: usize,
     ring_size: u16,
     scratch: (usize, usize),
+    /// With a vIOMMU: the table and the thread answering the backend's misses.
+    viommu: Option<viommu::Viommu>,
+    /// What descriptors carry for guest-memory offset 0: its guest-physical address, or its
+    /// IOVA behind the vIOMMU.
+    addr_base: u64,
     mem: GuestMemory,
     stopped: bool,
+}
+
+/// Counters of the frontend's vIOMMU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ViommuCounters {
+    /// Misses the backend sent.
+    pub misses: u64,
+    /// Misses answered with an update.
+    pub served: u64,
+    /// Misses left unanswered.
+    pub unserved: u64,
+    /// Updates the backend refused.
+    pub refused: u64,
 }
 
 // SAFETY: the raw pointers inside the queues point into `mem`, which the
@@ -187,6 +207,17 @@ impl Frontend {
         let mem = GuestMemory::new(cfg.mem_size, cfg.hugepages, cfg.gpa_base)?;
         let mut ctl = Control::new(stream, 2 * u64::from(cfg.queue_pairs), cfg.control_timeout)?;
         let neg = ctl.negotiate(&cfg)?;
+        let viommu = match &cfg.iommu {
+            Some(icfg) if neg.has(device::VIRTIO_F_ACCESS_PLATFORM) => {
+                let backend = ctl.backend_channel()?;
+                let v =
+                    viommu::Viommu::start(icfg.clone(), mem.uva(0), mem.len() as u64, ctl.shared(), backend)
+                        .map_err(|source| Error::RawProtocol { request: "vIOMMU start", source })?;
+                Some(v)
+            }
+            _ => None,
+        };
+        let addr_base = viommu.as_ref().map_or(mem.gpa_base(), |v| v.iova_base());
         let hdr_len = neg.hdr_len();
         let event_idx = neg.has(VIRTIO_RING_F_EVENT_IDX);
         let mrg = neg.has(VIRTIO_NET_F_MRG_RXBUF);
@@ -218,22 +249,32 @@ impl Frontend {
             let (ri, ti) = (2 * k, 2 * k + 1);
             // SAFETY: `base`/gpa_base describe `mem`; the vring's buffer area
             // lies inside it, is reserved for this queue and outlives it.
-            let rx = unsafe {
-                RxQueue::new(make_ring(ri)?, &layout.vrings[ri], base, mem.gpa_base(), hdr_len, mrg)
-            };
+            let rx =
+                unsafe { RxQueue::new(make_ring(ri)?, &layout.vrings[ri], base, addr_base, hdr_len, mrg) };
             // SAFETY: as above, for the TX buffer and indirect areas.
             let tx = unsafe {
-                TxQueue::new(make_ring(ti)?, &layout.vrings[ti], base, mem.gpa_base(), tx_layout, hdr_len)
+                TxQueue::new(make_ring(ti)?, &layout.vrings[ti], base, addr_base, tx_layout, hdr_len)
             };
             pairs.push(QueuePair { rx, tx });
         }
 
         ctl.register_memory(&neg, &mem)?;
+        if let Some(v) = viommu.as_ref().filter(|_| cfg.iommu.as_ref().is_some_and(|c| c.prefill)) {
+            v.prefill().map_err(|source| Error::RawProtocol { request: "IOTLB prefill", source })?;
+        }
+        // Ring addresses: our virtual addresses, or IOVAs behind the vIOMMU (as QEMU sends).
+        let ring_addr = |off: usize| match &viommu {
+            Some(v) => v.iova_base() + off as u64,
+            None => mem.uva(off),
+        };
         for (k, pair) in pairs.iter().enumerate() {
             for (i, ring) in [(2 * k, &pair.rx.ring), (2 * k + 1, &pair.tx.ring)] {
                 let v = &layout.vrings[i];
-                let addrs =
-                    VringAddrs { desc: mem.uva(v.desc), avail: mem.uva(v.avail), used: mem.uva(v.used) };
+                let addrs = VringAddrs {
+                    desc: ring_addr(v.desc),
+                    avail: ring_addr(v.avail),
+                    used: ring_addr(v.used),
+                };
                 ctl.setup_vring(i, ring, &addrs)?;
             }
         }
@@ -255,6 +296,8 @@ impl Frontend {
             hdr_len,
             ring_size: cfg.ring_size,
             scratch: (layout.scratch, layout.scratch_len),
+            viommu,
+            addr_base,
             mem,
             stopped: false,
         })
@@ -460,7 +503,54 @@ impl Frontend {
         // mem_size) and no ring or buffer overlaps it; the returned borrow is
         // tied to `&mut self`, so this process has no other access meanwhile.
         let s = unsafe { slice::from_raw_parts_mut(self.mem.host_ptr(off), len) };
-        (self.mem.gpa(off), s)
+        (self.addr_base + off as u64, s)
+    }
+
+    /// Offset of the scratch area in guest memory (see [`mem_uva`](Self::mem_uva)).
+    pub fn scratch_offset(&self) -> usize {
+        self.scratch.0
+    }
+
+    /// Our virtual address of guest-memory offset `off` (what IOTLB updates carry).
+    pub fn mem_uva(&self, off: usize) -> u64 {
+        self.mem.uva(off)
+    }
+
+    /// Whether the device runs behind the frontend's vIOMMU (ACCESS_PLATFORM negotiated).
+    pub fn has_viommu(&self) -> bool {
+        self.viommu.is_some()
+    }
+
+    /// vIOMMU: maps `[iova, iova + size)` (whole pages) to guest-memory offset `off` with
+    /// `perm` (`ACCESS_*`). The backend learns it on its next miss there.
+    pub fn iommu_map(&self, iova: u64, size: u64, off: usize, perm: u8) {
+        if let Some(v) = &self.viommu {
+            v.map(iova, size, self.mem.uva(off), perm);
+        }
+    }
+
+    /// vIOMMU: unmaps `[iova, iova + size)` and sends the invalidation; returns the backend's
+    /// status (0 = accepted).
+    pub fn iommu_unmap(&self, iova: u64, size: u64) -> Result<u64> {
+        let v = self.viommu.as_ref().ok_or_else(|| Error::Unsupported("no vIOMMU negotiated".into()))?;
+        v.unmap(iova, size).map_err(|source| Error::RawProtocol { request: "IOTLB_MSG", source })
+    }
+
+    /// Sends a raw IOTLB message (hostile tests); returns the backend's status.
+    pub fn iotlb_raw(&self, m: IotlbMsg) -> Result<u64> {
+        let v = self.viommu.as_ref().ok_or_else(|| Error::Unsupported("no vIOMMU negotiated".into()))?;
+        viommu::send_iotlb(v.ctl(), &m).map_err(|source| Error::RawProtocol { request: "IOTLB_MSG", source })
+    }
+
+    /// Counters of the vIOMMU, if there is one.
+    pub fn viommu_counters(&self) -> Option<ViommuCounters> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.viommu.as_ref().map(|v| ViommuCounters {
+            misses: v.stats.misses.load(Relaxed),
+            served: v.stats.served.load(Relaxed),
+            unserved: v.stats.unserved.load(Relaxed),
+            refused: v.stats.refused.load(Relaxed),
+        })
     }
 
     /// Guest-physical start and length of the whole shared region (addresses

@@ -614,9 +614,8 @@ impl Datapath {
                 Err(RxFail::NoBuffer) => no_buf += 1,
                 Err(RxFail::Miss(iova)) => {
                     // Dropped now (no buffer usable yet); the translation is asked for.
-                    if let Some(l) = rq.iotlb.as_deref_mut() {
-                        l.miss(iova, true, now_ns());
-                        l.stats().rx_miss_drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if missed == 0 {
+                        rx_misses(rq, iova);
                     }
                     missed += 1;
                 }
@@ -797,6 +796,36 @@ fn tx_miss(q: &mut VirtQueue, head: u16, iova: u64) -> bool {
     }
     q.dma.fault(iova, 1, Access::Read, FaultReason::NotMapped);
     false
+}
+
+/// A receive buffer missed the IOTLB at `iova`: asks for it and, at once, for every other
+/// posted buffer that would miss too, so the guest's first round of buffers costs a few
+/// dropped packets rather than one per buffer page.
+#[cold]
+#[inline(never)]
+fn rx_misses(rq: &mut VirtQueue, iova: u64) {
+    let now = now_ns();
+    let Some(l) = rq.iotlb.as_deref_mut() else { return };
+    l.miss(iova, true, now);
+    l.stats().rx_miss_drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pending = rq.ring.avail_pending().unwrap_or(0).min(rq.ring.size());
+    let mut asked = iova >> 12;
+    for k in 0..pending {
+        let head = rq.ring.peek_head(k);
+        if head >= rq.ring.size() {
+            continue;
+        }
+        let d = rq.ring.desc(head);
+        if d.len == 0 || d.flags & crate::virtio::ring::DESC_F_INDIRECT != 0 {
+            continue;
+        }
+        if let Err(iommu::DmaError::Miss { iova, .. }) = rq.dma.translate(d.addr, d.len, Access::Write) {
+            if iova >> 12 != asked {
+                asked = iova >> 12;
+                l.miss(iova, true, now);
+            }
+        }
+    }
 }
 
 /// Returns every source buffer of the burst (after all copies are done), publishes, and

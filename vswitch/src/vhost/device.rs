@@ -327,9 +327,13 @@ impl VhostDevice {
 
     fn iotlb_update(&mut self, m: IotlbMsg) -> Result<(), String> {
         tracing::trace!(port = %self.port.name, "IOTLB update {:#x}+{:#x} -> {:#x}", m.iova, m.size, m.uaddr);
-        let perm = m
-            .perm()
-            .ok_or_else(|| format!("IOTLB update at IOVA {:#x} has permission {}", m.iova, m.perm))?;
+        let Some(perm) = m.perm() else {
+            self.iotlb.counters.refused += 1;
+            return Err(format!(
+                "IOTLB update at IOVA {:#x} has permission {} (1 = RO, 2 = WO, 3 = RW)",
+                m.iova, m.perm
+            ));
+        };
         let whole = IotlbEntry { iova: m.iova, size: m.size, uaddr: m.uaddr, perm };
         // The target, cut at region edges, each piece resolved to where it is mapped here.
         // Nothing is applied unless all of it is inside the frontend's memory.
