@@ -60,13 +60,24 @@ pub struct Port {
     pub rxq: Box<[CachePadded<QueueSlot>]>,
     /// Rate limits and address filters, changeable at run time.
     pub policy: PortPolicy,
+    /// Whether the guest sits behind a vIOMMU (its receive buffers are translated ahead).
+    pub iova: std::sync::atomic::AtomicBool,
 }
 
 impl Port {
     /// A port with `pairs` queue pairs, none running.
     pub fn new(id: u16, name: String, vlan: VlanMode, mac: [u8; 6], pairs: u16) -> Self {
         let slots = |n: u16| (0..n.max(1)).map(|_| CachePadded::new(QueueSlot::default())).collect();
-        Port { id, name, vlan, mac, txq: slots(pairs), rxq: slots(pairs), policy: PortPolicy::default() }
+        Port {
+            id,
+            name,
+            vlan,
+            mac,
+            txq: slots(pairs),
+            rxq: slots(pairs),
+            policy: PortPolicy::default(),
+            iova: Default::default(),
+        }
     }
 
     /// Number of queue pairs.

@@ -331,6 +331,28 @@ impl Datapath {
         next
     }
 
+    /// Looks at the receive buffers guests behind a vIOMMU posted since the last look and asks
+    /// for the translations the IOTLB lacks, so a packet seldom finds its buffer untranslated
+    /// (a guest in strict IOMMU mode maps every buffer afresh when it posts it).
+    /// Returns whether any port is behind a vIOMMU.
+    pub fn translate_rx_ahead(&self) -> bool {
+        let mut any = false;
+        for &id in &self.port_ids {
+            let Some(port) = self.ports[id as usize].as_deref() else { continue };
+            if !port.iova.load(std::sync::atomic::Ordering::Relaxed) {
+                continue;
+            }
+            any = true;
+            for slot in port.rxq.iter() {
+                let Some(mut g) = slot.try_lock() else { continue };
+                if let Some(rq) = g.as_mut() {
+                    rx_lookahead(rq);
+                }
+            }
+        }
+        any
+    }
+
     /// Takes up to `n` heads and turns each into a `PacketRef`: chain walked and checked, header
     /// fields read in place. Returns how many were taken: a chain waiting for an IOTLB
     /// translation stays in the ring, with those after it.
@@ -804,13 +826,30 @@ fn tx_miss(q: &mut VirtQueue, head: u16, iova: u64) -> bool {
 #[cold]
 #[inline(never)]
 fn rx_misses(rq: &mut VirtQueue, iova: u64) {
-    let now = now_ns();
     let Some(l) = rq.iotlb.as_deref_mut() else { return };
-    l.miss(iova, true, now);
+    l.miss(iova, true, now_ns());
     l.stats().rx_miss_drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    l.rx_checked = None;
+    rx_lookahead(rq);
+}
+
+/// Asks for the translations of posted receive buffers not looked at yet (all of them after
+/// `rx_checked` was reset).
+fn rx_lookahead(rq: &mut VirtQueue) {
+    let Some(l) = rq.iotlb.as_deref_mut() else { return };
     let pending = rq.ring.avail_pending().unwrap_or(0).min(rq.ring.size());
-    let mut asked = iova >> 12;
-    for k in 0..pending {
+    let start = rq.ring.state().last_avail;
+    let from = match l.rx_checked {
+        Some(c) if c.wrapping_sub(start) <= pending => c.wrapping_sub(start),
+        _ => 0,
+    };
+    l.rx_checked = Some(start.wrapping_add(pending));
+    if from == pending {
+        return;
+    }
+    let now = now_ns();
+    let mut asked = u64::MAX;
+    for k in from..pending {
         let head = rq.ring.peek_head(k);
         if head >= rq.ring.size() {
             continue;

@@ -183,6 +183,7 @@ impl Pmd {
             if iters % SHAPER_TICK == 0 {
                 // Held packets of shaped ports go out as tokens come back, traffic or not.
                 self.dp.release_shaped();
+                self.dp.translate_rx_ahead();
             }
             if iters % 1024 == 0 || empty == SPINS_BEFORE_SLEEP {
                 let s = &self.stats;
@@ -263,6 +264,11 @@ impl Pmd {
         // Packets a shaper holds back must go out on time even if nothing kicks us.
         let shaped_ms =
             self.dp.release_shaped().map(|ns| ns.div_ceil(1_000_000).clamp(1, MAX_SLEEP_MS as u64) as i32);
+        // Receive buffers posted by guests behind a vIOMMU get their translations asked for
+        // within a short sleep, before packets need them (no kick tells us they were posted).
+        if self.dp.translate_rx_ahead() {
+            stalled = true;
+        }
         if !work && !self.pending.load(Ordering::Acquire) {
             self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
             let timeout = if blind {

@@ -428,6 +428,7 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
             ));
         }
         self.acked = Negotiated { bits };
+        self.port.iova.store(self.iova_mode(), std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

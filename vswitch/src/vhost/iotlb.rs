@@ -173,13 +173,15 @@ pub struct IotlbLink {
     last: Option<(u64, u64)>,
     /// The transmit head waiting for a translation, and since when.
     stall: Option<(u16, u64)>,
+    /// Receive queues: the ring position up to which posted buffers were looked at.
+    pub rx_checked: Option<u16>,
 }
 
 impl IotlbLink {
     /// A link over `channel` (None until the frontend sets one up: misses are then counted
     /// unsent, and the queue waits for updates the frontend sends on its own).
     pub fn new(channel: Option<std::sync::Arc<BackendChannel>>, stats: std::sync::Arc<IotlbStats>) -> Self {
-        IotlbLink { channel, stats, last: None, stall: None }
+        IotlbLink { channel, stats, last: None, stall: None, rx_checked: None }
     }
 
     /// The shared counters.
