@@ -102,7 +102,7 @@ struct Common {
     /// Ports (default: 2 for p2p, 4 otherwise).
     #[arg(long)]
     ports: Option<usize>,
-    /// Switches to measure, in table order: ours, ours+policy (every policy on, nothing dropped), dpdk (testpmd io forwarding), ovs (OVS-DPDK).
+    /// Switches to measure, in table order: ours, ours+policy (every policy on, nothing dropped), ours+viommu (generator behind a vIOMMU, 4 KiB IOTLB entries), dpdk (testpmd io forwarding), ovs (OVS-DPDK).
     #[arg(long, value_delimiter = ',', default_value = "ours,dpdk")]
     peers: Vec<PeerKind>,
     /// Measured seconds per run.

@@ -183,13 +183,13 @@ impl Viommu {
         Ok(Viommu { table, ctl, stats, stop, thread: Some(thread), cfg })
     }
 
-    /// Sends updates covering all of guest memory (in 2 MiB mappings, or pages if smaller).
+    /// Sends updates covering all of guest memory, one per page of the configured size.
     pub(crate) fn prefill(&self) -> io::Result<()> {
         let (base, uva, len) = {
             let t = self.table.lock().map_err(|_| io::Error::other("poisoned"))?;
             (t.iova_base, t.uva_base, t.len)
         };
-        let chunk = (2u64 << 20).max(self.cfg.page);
+        let chunk = self.table.lock().map(|t| t.page).unwrap_or(self.cfg.page);
         let mut off = 0;
         while off < len {
             let size = chunk.min(len - off);

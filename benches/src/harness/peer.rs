@@ -156,7 +156,7 @@ pub struct PeerReport {
 /// DPDK, `3.1.0 (DPDK 22.11.11)` for OVS). The error says how to install what is missing.
 pub fn probe(kind: PeerKind) -> Result<String, PeerError> {
     match kind {
-        PeerKind::Ours | PeerKind::OursPolicy => probe_vswitch(None),
+        PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu => probe_vswitch(None),
         PeerKind::Dpdk => {
             let bin = which("dpdk-testpmd").ok_or_else(|| PeerError::NotInstalled {
                 peer: kind,
@@ -231,7 +231,7 @@ pub fn probe_vswitch(bin: Option<&Path>) -> Result<String, PeerError> {
 pub fn supports(kind: PeerKind, topology: Topology, ports: usize) -> Result<(), String> {
     topology.check_ports(ports)?;
     match kind {
-        PeerKind::Ours | PeerKind::OursPolicy | PeerKind::Ovs => Ok(()),
+        PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu | PeerKind::Ovs => Ok(()),
         PeerKind::Dpdk => match topology {
             Topology::P2p | Topology::P2pUni if ports == 2 => Ok(()),
             _ => Err(format!(
@@ -703,7 +703,7 @@ impl Peer {
             clean_stale_leftovers();
         }
         match opts.kind {
-            PeerKind::Ours | PeerKind::OursPolicy => Self::start_ours(opts, &workdir),
+            PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu => Self::start_ours(opts, &workdir),
             PeerKind::Dpdk => Self::start_dpdk(opts, &workdir, n),
             PeerKind::Ovs => Self::start_ovs(opts, &workdir, n),
         }

@@ -15,6 +15,7 @@ use super::report;
 use super::results::{Params, Results, RunResult, SCHEMA_VERSION};
 use super::spec::{FrameSize, PeerKind, Rate, Topology};
 use super::sys;
+use crate::frontend::IommuConfig;
 use crate::frontend::{Frontend, FrontendConfig};
 
 /// Everything a `run`, `latency` or `ndr` command needs.
@@ -126,7 +127,9 @@ pub fn run(opts: &RunOptions) -> Result<Results, String> {
             continue;
         }
         let probed = match kind {
-            PeerKind::Ours | PeerKind::OursPolicy => peer::probe_vswitch(opts.vswitch_bin.as_deref()),
+            PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu => {
+                peer::probe_vswitch(opts.vswitch_bin.as_deref())
+            }
             _ => peer::probe(kind),
         };
         match probed {
@@ -271,7 +274,10 @@ impl Ctx<'_> {
         };
         let mut peer = Peer::start(&popts).map_err(|e| e.to_string())?;
         let mut frontends = Vec::with_capacity(self.ports);
-        let fcfg = frontend_config(plan.max_len(), o.ring_size, self.hugepages);
+        let mut fcfg = frontend_config(plan.max_len(), o.ring_size, self.hugepages);
+        if kind == PeerKind::OursViommu {
+            fcfg.iommu = Some(IommuConfig { prefill: true, page: 4096, ..IommuConfig::default() });
+        }
         for (i, sock) in peer.sockets().iter().enumerate() {
             let fe = Frontend::connect(sock, fcfg.clone(), Duration::from_secs(15))
                 .map_err(|e| format!("port {i}: cannot connect to {}: {e}", sock.display()))?;

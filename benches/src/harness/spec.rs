@@ -203,6 +203,11 @@ pub enum PeerKind {
     /// anti-spoofing that allows exactly the generator's addresses. Run beside `ours` it gives
     /// the cost of policy.
     OursPolicy,
+    /// This project's `vswitch` with every generator port behind a vIOMMU played by the
+    /// generator: IOVA descriptors and rings, the IOTLB filled beforehand with one 4 KiB
+    /// mapping per page of the generator's memory (thousands of entries, DPDK's historical
+    /// cliff). Run beside `ours` it gives the cost of IOTLB translation.
+    OursViommu,
     /// `dpdk-testpmd` with `net_vhost` ports in io forwarding mode.
     Dpdk,
     /// `ovs-vswitchd` (DPDK build) with `dpdkvhostuser` ports on a netdev bridge.
@@ -212,7 +217,7 @@ pub enum PeerKind {
 impl PeerKind {
     /// Whether this is the project's own `vswitch` (with or without policy).
     pub fn is_ours(self) -> bool {
-        matches!(self, PeerKind::Ours | PeerKind::OursPolicy)
+        matches!(self, PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu)
     }
 }
 
@@ -221,6 +226,7 @@ impl fmt::Display for PeerKind {
         f.write_str(match self {
             PeerKind::Ours => "ours",
             PeerKind::OursPolicy => "ours+policy",
+            PeerKind::OursViommu => "ours+viommu",
             PeerKind::Dpdk => "dpdk",
             PeerKind::Ovs => "ovs",
         })
@@ -233,9 +239,10 @@ impl FromStr for PeerKind {
         match s {
             "ours" => Ok(PeerKind::Ours),
             "ours+policy" => Ok(PeerKind::OursPolicy),
+            "ours+viommu" => Ok(PeerKind::OursViommu),
             "dpdk" => Ok(PeerKind::Dpdk),
             "ovs" => Ok(PeerKind::Ovs),
-            _ => Err(format!("unknown peer {s:?}; choose from ours, ours+policy, dpdk, ovs")),
+            _ => Err(format!("unknown peer {s:?}; choose from ours, ours+policy, ours+viommu, dpdk, ovs")),
         }
     }
 }
