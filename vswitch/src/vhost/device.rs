@@ -145,6 +145,7 @@ impl VhostDevice {
         self.mem = Arc::default();
         self.iotlb.clear();
         self.backend = None;
+        self.port.iova.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether the guest's addresses are IOVAs (it sits behind a vIOMMU).
