@@ -128,7 +128,14 @@ fn hostile_iotlb_updates_are_refused_and_counted() {
     let uva = fa.mem_uva(0);
     let (_, len) = fa.guest_region();
     let upd = |iova, size, uaddr, perm| IotlbMsg { iova, size, uaddr, perm, kind: IOTLB_UPDATE };
-    let before = iotlb(&sw, "a").entries; // the rings' translations
+    // The rings' and receive buffers' translations, once the look-ahead's misses are served.
+    let settled = wait_until(T, || {
+        let n = iotlb(&sw, "a").entries;
+        std::thread::sleep(Duration::from_millis(200));
+        n > 0 && iotlb(&sw, "a").entries == n
+    });
+    assert!(settled, "the IOTLB kept changing: {:?}", iotlb(&sw, "a"));
+    let before = iotlb(&sw, "a").entries;
     let cases = [
         ("past the end of memory", upd(X, 2 * PAGE, uva + len - PAGE, ACCESS_RW)),
         ("below memory", upd(X, PAGE, uva - PAGE, ACCESS_RW)),
