@@ -150,7 +150,7 @@ pub(crate) struct Viommu {
     pub(crate) stats: Arc<ViommuStats>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    cfg: IommuConfig,
+    iova_base: u64,
 }
 
 impl Viommu {
@@ -180,16 +180,15 @@ impl Viommu {
                 .name("viommu".into())
                 .spawn(move || serve_misses(backend, table, ctl, stats, stop, serve))?
         };
-        Ok(Viommu { table, ctl, stats, stop, thread: Some(thread), cfg })
+        Ok(Viommu { table, ctl, stats, stop, thread: Some(thread), iova_base: cfg.iova_base })
     }
 
     /// Sends updates covering all of guest memory, one per page of the configured size.
     pub(crate) fn prefill(&self) -> io::Result<()> {
-        let (base, uva, len) = {
+        let (base, uva, len, chunk) = {
             let t = self.table.lock().map_err(|_| io::Error::other("poisoned"))?;
-            (t.iova_base, t.uva_base, t.len)
+            (t.iova_base, t.uva_base, t.len, t.page)
         };
-        let chunk = self.table.lock().map(|t| t.page).unwrap_or(self.cfg.page);
         let mut off = 0;
         while off < len {
             let size = chunk.min(len - off);
@@ -206,12 +205,15 @@ impl Viommu {
     /// Maps `[iova, iova + size)` (whole pages) to guest-memory offset `off`, with `perm`.
     /// Nothing is sent: the backend learns it on its next miss (or after an invalidation).
     pub(crate) fn map(&self, iova: u64, size: u64, uaddr: u64, perm: u8) {
+        self.set_pages(iova, size, |k| Some((uaddr + k, perm)));
+    }
+
+    /// Overrides the table for each page of `[iova, iova + size)` with `what(offset)`.
+    fn set_pages(&self, iova: u64, size: u64, what: impl Fn(u64) -> Option<(u64, u8)>) {
         if let Ok(mut t) = self.table.lock() {
             let page = t.page;
-            let mut k = 0;
-            while k < size {
-                t.overrides.insert(iova + k, Some((uaddr + k, perm)));
-                k += page;
+            for k in (0..size).step_by(page as usize) {
+                t.overrides.insert(iova + k, what(k));
             }
         }
     }
@@ -219,14 +221,7 @@ impl Viommu {
     /// Unmaps `[iova, iova + size)` and tells the backend (an invalidation, as QEMU does when
     /// the guest unmaps). Returns the backend's status.
     pub(crate) fn unmap(&self, iova: u64, size: u64) -> io::Result<u64> {
-        if let Ok(mut t) = self.table.lock() {
-            let page = t.page;
-            let mut k = 0;
-            while k < size {
-                t.overrides.insert(iova + k, None);
-                k += page;
-            }
-        }
+        self.set_pages(iova, size, |_| None);
         send_iotlb(&self.ctl, &IotlbMsg { iova, size, uaddr: 0, perm: 0, kind: IOTLB_INVALIDATE })
     }
 
@@ -237,7 +232,7 @@ impl Viommu {
 
     /// IOVA of guest-memory offset `off` under the default mapping.
     pub(crate) fn iova_base(&self) -> u64 {
-        self.cfg.iova_base
+        self.iova_base
     }
 }
 

@@ -808,16 +808,14 @@ fn take_rx(
 #[inline(never)]
 fn tx_miss(q: &mut VirtQueue, head: u16, iova: u64) -> bool {
     let now = now_ns();
-    let Some(l) = q.iotlb.as_deref_mut() else {
+    let wait = q.iotlb.as_deref_mut().is_some_and(|l| {
+        l.miss(iova, false, now);
+        l.tx_wait(head, now)
+    });
+    if !wait {
         q.dma.fault(iova, 1, Access::Read, FaultReason::NotMapped);
-        return false;
-    };
-    l.miss(iova, false, now);
-    if l.tx_wait(head, now) {
-        return true;
     }
-    q.dma.fault(iova, 1, Access::Read, FaultReason::NotMapped);
-    false
+    wait
 }
 
 /// A receive buffer missed the IOTLB at `iova`: asks for it and, at once, for every other
@@ -847,8 +845,8 @@ fn rx_lookahead(rq: &mut VirtQueue) {
     if from == pending {
         return;
     }
+    // `miss` asks once per page: consecutive buffers of one page cost one request.
     let now = now_ns();
-    let mut asked = u64::MAX;
     for k in from..pending {
         let head = rq.ring.peek_head(k);
         if head >= rq.ring.size() {
@@ -859,10 +857,7 @@ fn rx_lookahead(rq: &mut VirtQueue) {
             continue;
         }
         if let Err(iommu::DmaError::Miss { iova, .. }) = rq.dma.translate(d.addr, d.len, Access::Write) {
-            if iova >> 12 != asked {
-                asked = iova >> 12;
-                l.miss(iova, true, now);
-            }
+            l.miss(iova, true, now);
         }
     }
 }

@@ -243,7 +243,7 @@ impl Pmd {
         let Some(sleeper) = self.sleeper.as_mut() else { return };
         let mut work = false;
         let mut blind = false; // a running queue we cannot be woken for
-        let mut stalled = false; // work that waits for an IOTLB translation
+        let mut short_sleep = false; // IOTLB work: a stalled queue, or receive buffers to look at
         for (port, pair) in &self.polls {
             let mut g = port.txq[*pair as usize].lock();
             let Some(q) = g.as_mut() else { continue };
@@ -251,7 +251,7 @@ impl Pmd {
                 // A queue stalled on an IOTLB miss is not work until the update comes (which
                 // wakes us); we look again soon in case it never does.
                 if q.iotlb.as_ref().is_some_and(|l| l.stalled()) {
-                    stalled = true;
+                    short_sleep = true;
                 } else {
                     work = true;
                 }
@@ -267,13 +267,13 @@ impl Pmd {
         // Receive buffers posted by guests behind a vIOMMU get their translations asked for
         // within a short sleep, before packets need them (no kick tells us they were posted).
         if self.dp.translate_rx_ahead() {
-            stalled = true;
+            short_sleep = true;
         }
         if !work && !self.pending.load(Ordering::Acquire) {
             self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
             let timeout = if blind {
                 1
-            } else if stalled {
+            } else if short_sleep {
                 STALL_SLEEP_MS
             } else {
                 MAX_SLEEP_MS

@@ -151,10 +151,10 @@ impl Acc<'_> {
         }
         let total = self.total.checked_add(d.len).filter(|t| *t <= self.max_len);
         self.total = total.ok_or(ChainError::TooBig)?;
-        if self.n == self.segs.len().min(MAX_SEGS) {
+        let room = self.segs.len().min(MAX_SEGS);
+        if self.n == room {
             return Err(ChainError::TooManySegments);
         }
-        let room = self.segs.len().min(MAX_SEGS);
         let (segs, n) = (&mut *self.segs, &mut self.n);
         let mut full = false;
         dma.pieces(d.addr, d.len, access(self.write), |p, len| {
