@@ -14,6 +14,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::fault::{Access, Fault, FaultLog, FaultReason};
+use crate::grant::{Direction, Grant};
 use crate::iotlb::{Iotlb, IotlbHint};
 use crate::space::{AddressSpace, RegionHint};
 
@@ -174,6 +175,23 @@ impl Dma {
             done += n;
         }
         Ok(())
+    }
+
+    /// Grants the device the buffer `[addr, addr + len)` for access `D`: the buffer a
+    /// descriptor posts, checked as [`translate`](Self::translate) checks it.
+    #[inline(always)]
+    pub fn grant<D: Direction>(&mut self, addr: u64, len: u32) -> Result<Grant<D>, DmaError> {
+        self.translate(addr, len, D::ACCESS).map(|p| Grant::new(p, len))
+    }
+
+    /// [`pieces`](Self::pieces) as grants for access `D`.
+    pub fn grant_pieces<D: Direction>(
+        &mut self,
+        addr: u64,
+        len: u32,
+        mut out: impl FnMut(Grant<D>) -> bool,
+    ) -> Result<(), DmaError> {
+        self.pieces(addr, len, D::ACCESS, |p, n| out(Grant::new(p, n)))
     }
 
     /// Host address of a ring part at `addr` (a frontend virtual address without a vIOMMU, an

@@ -22,7 +22,10 @@ mod space;
 
 pub use dma::{Dma, DmaError};
 pub use fault::{Access, Fault, FaultLog, FaultReason, Perm};
-pub use grant::{CopySide, DomId, Domain, EventChannel, GrantError, GrantMapping, GrantRef, GrantTables};
+pub use grant::{
+    grant_copy, CopySide, DomId, Domain, EventChannel, Grant, GrantError, GrantMapping, GrantRef,
+    GrantTables, GrantWriter, Ro, Rw,
+};
 pub use iotlb::{Iotlb, IotlbEntry, IotlbError, IotlbHint};
 pub use pagetable::{IoPageTable, MapError, TlbCache};
 pub use region::{MemoryRegionDesc, Region};

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use iommu::{Access, FaultReason};
+use iommu::{Access, FaultReason, Grant, Ro, Rw};
 use shaping::{Colour, Offer, Shaper};
 
 use crate::l2::{is_group, mac_from_bytes, Fdb, Mac, TagEdit, VlanMode};
@@ -14,7 +14,7 @@ use crate::policy::{now_ns, Held};
 use crate::port::{Port, QueueSlot};
 use crate::virtio::chain::ChainError;
 use crate::virtio::queue::bump;
-use crate::virtio::{walk_chain, QueueStats, Seg, VirtQueue, MAX_SEGS};
+use crate::virtio::{walk_chain, QueueStats, VirtQueue, MAX_SEGS};
 
 use super::copy::{copy_frame, out_len, read_bytes, read_prefix, Frame};
 
@@ -71,7 +71,7 @@ pub struct Datapath {
     /// The shared forwarding table.
     pub fdb: Arc<Fdb>,
     pkts: [PacketRef; BURST],
-    segs: [[Seg; MAX_SEGS]; BURST],
+    segs: [[Grant<Ro>; MAX_SEGS]; BURST],
     plans: [Plan; BURST],
     rx: Box<[RxBufs; BURST]>,
     /// Each packet's first bytes, read once from the sender's memory: decisions and policy
@@ -97,30 +97,30 @@ struct Plan {
     empty: bool,
     /// The usual case, one buffer: its head and where it is (else `rx` holds them all).
     head: u16,
-    one: Seg,
+    one: Grant<Rw>,
 }
 
 /// Receive buffers reserved for one packet.
 struct RxBufs {
-    segs: [Seg; RX_SEGS],
+    segs: [Grant<Rw>; RX_SEGS],
     chains: [(u16, u32); MAX_RX_CHAINS],
 }
 
 impl Default for RxBufs {
     fn default() -> Self {
-        RxBufs { segs: [Seg::default(); RX_SEGS], chains: [(0, 0); MAX_RX_CHAINS] }
+        RxBufs { segs: [Grant::default(); RX_SEGS], chains: [(0, 0); MAX_RX_CHAINS] }
     }
 }
 
 /// Starts loading a frame's first bytes (and the next line, which a short frame with its
 /// header usually reaches).
 #[inline(always)]
-fn prefetch_frame(s: Seg, skip: u32) {
+fn prefetch_frame(s: Grant<Ro>, skip: u32) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: prefetch never faults; the address is inside a checked segment anyway.
     unsafe {
         use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let p = s.ptr.wrapping_add(skip as usize) as *const i8;
+        let p = s.as_ptr().wrapping_add(skip as usize) as *const i8;
         _mm_prefetch::<_MM_HINT_T0>(p);
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
     }
@@ -128,12 +128,12 @@ fn prefetch_frame(s: Seg, skip: u32) {
 
 /// Starts fetching a destination buffer's first lines for writing.
 #[inline(always)]
-fn prefetch_write(s: Seg) {
+fn prefetch_write(s: Grant<Rw>) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: prefetch never faults.
     unsafe {
         use core::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0};
-        let p = s.ptr as *const i8;
+        let p = s.as_ptr() as *const i8;
         _mm_prefetch::<_MM_HINT_ET0>(p);
         _mm_prefetch::<_MM_HINT_ET0>(p.wrapping_add(64));
     }
@@ -171,7 +171,7 @@ impl Datapath {
             port_ids: Vec::new(),
             fdb,
             pkts: [PacketRef::default(); BURST],
-            segs: [[Seg::default(); MAX_SEGS]; BURST],
+            segs: [[Grant::default(); MAX_SEGS]; BURST],
             plans: [Plan::default(); BURST],
             rx: Box::new(std::array::from_fn(|_| RxBufs::default())),
             heads: Box::new([[0u8; HEAD]; BURST]),
@@ -369,7 +369,7 @@ impl Datapath {
             let p = &mut self.pkts[i];
             *p = PacketRef { head, give_back: true, ..PacketRef::default() };
             let segs = &mut self.segs[i];
-            let chain = walk_chain(&q.ring, &mut q.dma, head, false, q.indirect, MAX_FRAME + hdr, segs);
+            let chain = walk_chain(&q.ring, &mut q.dma, head, q.indirect, MAX_FRAME + hdr, segs);
             match chain {
                 Ok(ch) if ch.len >= hdr + 14 => {
                     p.nseg = ch.nseg;
@@ -740,7 +740,7 @@ fn release_held(rq: &mut VirtQueue, s: &mut Shaper<Held>) -> bool {
 /// The usual case: the next receive chain is one buffer with room for `need` bytes. Leaves
 /// the ring untouched otherwise (the general `take_rx` decides).
 #[inline(always)]
-fn take_one_rx(rq: &mut VirtQueue, need: u32) -> Option<(u16, Seg)> {
+fn take_one_rx(rq: &mut VirtQueue, need: u32) -> Option<(u16, Grant<Rw>)> {
     if rq.ring.avail_pending().ok()? == 0 {
         return None;
     }
@@ -752,9 +752,9 @@ fn take_one_rx(rq: &mut VirtQueue, need: u32) -> Option<(u16, Seg)> {
     if d.flags != crate::virtio::ring::DESC_F_WRITE || d.len < need {
         return None;
     }
-    let p = rq.dma.translate(d.addr, d.len, Access::Write).ok()?;
+    let g = rq.dma.grant::<Rw>(d.addr, d.len).ok()?;
     rq.ring.pop_head();
-    Some((head, Seg { ptr: p.as_ptr(), len: d.len }))
+    Some((head, g))
 }
 
 /// Reserves receive buffers for `need` bytes: one chain, or several with MRG_RXBUF.
@@ -762,7 +762,7 @@ fn take_one_rx(rq: &mut VirtQueue, need: u32) -> Option<(u16, Seg)> {
 fn take_rx(
     rq: &mut VirtQueue,
     need: u32,
-    segs: &mut [Seg; RX_SEGS],
+    segs: &mut [Grant<Rw>; RX_SEGS],
     chains: &mut [(u16, u32); MAX_RX_CHAINS],
 ) -> Result<(usize, usize), RxFail> {
     let (mut nseg, mut nch, mut cap) = (0usize, 0usize, 0u32);
@@ -777,7 +777,7 @@ fn take_rx(
             return Err(RxFail::NoBuffer);
         }
         let head = rq.ring.pop_head();
-        match walk_chain(&rq.ring, &mut rq.dma, head, true, rq.indirect, u32::MAX >> 1, &mut segs[nseg..]) {
+        match walk_chain(&rq.ring, &mut rq.dma, head, rq.indirect, u32::MAX >> 1, &mut segs[nseg..]) {
             Ok(ch) => {
                 chains[nch] = (head, ch.len);
                 nch += 1;

@@ -1,10 +1,15 @@
 //! The late copy: frame bytes straight from the sender's guest memory into the receiver's
 //! buffers, with the VLAN tag edit applied on the way and a fresh virtio-net header in front.
+//!
+//! It is a grant copy ([`iommu::GrantWriter`]): the sender's chain is a list of read grants,
+//! the receiver's buffers a list of write grants, both made by the queues' `Dma` when the
+//! chains were walked, and the copy cannot touch a byte outside them. This module only says
+//! which bytes go where (header, snapshot, tag edit).
 
-use std::ptr;
+use iommu::grant::read_granted;
+use iommu::{Grant, GrantWriter, Ro, Rw};
 
 use crate::l2::TagEdit;
-use crate::virtio::Seg;
 
 /// Where a frame lives in the sender's memory: its chain's segments, the sender's header
 /// length to skip, and the frame length; plus the snapshot of its first bytes that the
@@ -17,7 +22,7 @@ use crate::virtio::Seg;
 #[derive(Clone, Copy)]
 pub struct Frame<'a> {
     /// The sender's chain.
-    pub segs: &'a [Seg],
+    pub segs: &'a [Grant<Ro>],
     /// Bytes of virtio-net header at the start of the chain.
     pub skip: u32,
     /// Frame length.
@@ -37,75 +42,53 @@ pub fn out_len(len: u32, edit: TagEdit) -> u32 {
 }
 
 /// Writes `hdr` then the edited frame into `dst` (whose total length must be at least
-/// `hdr.len() + out_len`). Returns the bytes written.
+/// `hdr.len() + out_len`). Returns the bytes written (fewer only if `dst` was short).
 ///
 /// # Safety
-/// Every segment must point to that many bytes of mapped guest memory (the chain walk checked
-/// this), and the memory must stay mapped for the call (the caller holds both queues' locks).
-pub unsafe fn copy_frame(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], dst: &[Seg]) -> u32 {
+/// Every grant must still be valid: the chain walks made them and the caller holds both
+/// queues' locks.
+#[inline(always)]
+pub unsafe fn copy_frame(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], dst: &[Grant<Rw>]) -> u32 {
     let total = hdr.len() as u32 + out_len(f.len, edit);
-    let d0 = dst[0];
-    if edit == TagEdit::Keep && f.segs.len() == 1 && d0.len >= total {
-        // The fast path: one buffer each side; one copy of the frame past the snapshot, the
-        // snapshot, then the header.
-        let h = f.head.len().min(f.len as usize);
-        // SAFETY: the source holds skip+len bytes, the destination at least total; h <= len.
-        unsafe {
-            if h < f.len as usize {
-                ptr::copy_nonoverlapping(
-                    f.segs[0].ptr.add(f.skip as usize + h),
-                    d0.ptr.add(hdr.len() + h),
-                    f.len as usize - h,
-                );
+    if let ([s0], [d0], TagEdit::Keep) = (f.segs, dst, edit) {
+        if d0.len() >= total {
+            // The fast path, one buffer each side: the frame past the snapshot, the snapshot,
+            // then the header (the long copy first, while the small stores wait).
+            let h = f.head.len().min(f.len as usize);
+            let hl = hdr.len() as u32;
+            // SAFETY: (whole block) forwarded; every range is checked against its grant.
+            unsafe {
+                if h < f.len as usize {
+                    d0.copy_at(hl + h as u32, s0, f.skip + h as u32, f.len - h as u32);
+                }
+                d0.write_at(hl, &f.head[..h]);
+                d0.write_at(0, hdr);
             }
-            small_copy(d0.ptr.add(hdr.len()), f.head.as_ptr(), h);
-            small_copy(d0.ptr, hdr.as_ptr(), hdr.len());
+            return total;
         }
-        return total;
+    }
+    let mut w = GrantWriter::new(dst);
+    if edit == TagEdit::Keep {
+        // The common case: header, snapshot, the rest of the frame from the chain.
+        let h = f.head.len().min(f.len as usize);
+        // SAFETY: (whole block) forwarded.
+        unsafe {
+            w.put(hdr);
+            w.put(&f.head[..h]);
+            w.copy_from(f.segs, f.skip + h as u32, f.len - h as u32);
+        }
+        return w.written();
     }
     // SAFETY: forwarded caller contract.
-    unsafe { copy_frame_slow(f, edit, hdr, dst) }
-}
-
-/// Copies `n` bytes with a few fixed-size loads and stores instead of a `memcpy` call (the
-/// virtio-net header, a frame's snapshot): two overlapping moves of the largest power of two
-/// not above `n`, for `n` up to 64.
-///
-/// # Safety
-/// `src` has `n` readable bytes, `dst` room for `n`, and they do not overlap.
-#[inline(always)]
-unsafe fn small_copy(dst: *mut u8, src: *const u8, n: usize) {
-    /// Two moves of `W` bytes: `[0, W)` and `[n - W, n)`; needs `W <= n <= 2W`.
-    #[inline(always)]
-    unsafe fn two<const W: usize>(dst: *mut u8, src: *const u8, n: usize) {
-        // SAFETY: both windows lie inside the n bytes (caller's contract, W <= n).
-        unsafe {
-            let a = (src as *const [u8; W]).read_unaligned();
-            let b = (src.add(n - W) as *const [u8; W]).read_unaligned();
-            (dst as *mut [u8; W]).write_unaligned(a);
-            (dst.add(n - W) as *mut [u8; W]).write_unaligned(b);
-        }
-    }
-    // SAFETY: (whole block) each arm's width fits n as `two` requires.
-    unsafe {
-        match n {
-            0 => {}
-            32..=64 => two::<32>(dst, src, n),
-            16..=31 => two::<16>(dst, src, n),
-            8..=15 => two::<8>(dst, src, n),
-            4..=7 => two::<4>(dst, src, n),
-            _ => ptr::copy_nonoverlapping(src, dst, n),
-        }
-    }
+    unsafe { copy_edited(f, edit, hdr, w) }
 }
 
 #[cold]
 #[inline(never)]
-unsafe fn copy_frame_slow(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], dst: &[Seg]) -> u32 {
-    let mut w = Writer { dst, seg: 0, off: 0, written: 0 };
-    // SAFETY: (whole block) the writer stays inside `dst`, the reader inside `f.segs`.
+unsafe fn copy_edited(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], mut w: GrantWriter<'_>) -> u32 {
+    // SAFETY: (whole block) the writer stays inside its grants, the reader inside `f.segs`.
     unsafe {
-        w.write(hdr.as_ptr(), hdr.len() as u32);
+        w.put(hdr);
         match edit {
             TagEdit::Keep => copy_range(f, 0, f.len, &mut w),
             TagEdit::Pop => {
@@ -114,79 +97,34 @@ unsafe fn copy_frame_slow(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], dst: &[Seg])
             }
             TagEdit::Retag(tci) => {
                 copy_range(f, 0, 14, &mut w);
-                w.write(tci.to_be_bytes().as_ptr(), 2);
+                w.put(&tci.to_be_bytes());
                 copy_range(f, 16, f.len - 16, &mut w);
             }
             TagEdit::Push(tci) => {
                 let tag = [0x81, 0x00, (tci >> 8) as u8, tci as u8];
                 copy_range(f, 0, 12, &mut w);
-                w.write(tag.as_ptr(), 4);
+                w.put(&tag);
                 copy_range(f, 12, f.len - 12, &mut w);
             }
         }
     }
-    w.written
-}
-
-struct Writer<'a> {
-    dst: &'a [Seg],
-    seg: usize,
-    off: u32,
-    written: u32,
-}
-
-impl Writer<'_> {
-    /// # Safety
-    /// `src` points to `n` readable bytes and the destination has room for them.
-    unsafe fn write(&mut self, mut src: *const u8, mut n: u32) {
-        while n > 0 {
-            let Some(d) = self.dst.get(self.seg) else { return };
-            let room = d.len - self.off;
-            let k = room.min(n);
-            // SAFETY: `off + k <= d.len`; src has n >= k bytes.
-            unsafe {
-                ptr::copy_nonoverlapping(src, d.ptr.add(self.off as usize), k as usize);
-                src = src.add(k as usize);
-            }
-            n -= k;
-            self.off += k;
-            self.written += k;
-            if self.off == d.len {
-                self.seg += 1;
-                self.off = 0;
-            }
-        }
-    }
+    w.written()
 }
 
 /// Copies frame bytes `[from, from + n)` (frame offsets, after the sender's header): those the
 /// snapshot covers from it, the rest from the chain.
-unsafe fn copy_range(f: &Frame<'_>, from: u32, n: u32, w: &mut Writer<'_>) {
+unsafe fn copy_range(f: &Frame<'_>, from: u32, n: u32, w: &mut GrantWriter<'_>) {
     let (mut from, mut n) = (from, n);
     let h = f.head.len() as u32;
     if from < h {
         let k = (h - from).min(n);
-        // SAFETY: `from + k <= head.len()`.
-        unsafe { w.write(f.head.as_ptr().add(from as usize), k) };
+        // SAFETY: the snapshot is ours; the writer checks its grants.
+        unsafe { w.put(&f.head[from as usize..(from + k) as usize]) };
         from += k;
         n -= k;
     }
-    let mut pos = f.skip + from; // chain offset still to skip to
-    let mut left = n;
-    for s in f.segs {
-        if left == 0 {
-            break;
-        }
-        if pos >= s.len {
-            pos -= s.len;
-            continue;
-        }
-        let k = (s.len - pos).min(left);
-        // SAFETY: `pos + k <= s.len`.
-        unsafe { w.write(s.ptr.add(pos as usize), k) };
-        left -= k;
-        pos = 0;
-    }
+    // SAFETY: forwarded.
+    unsafe { w.copy_from(f.segs, f.skip + from, n) };
 }
 
 /// Reads up to `N` frame bytes from the start of the frame into `out` (the snapshot decisions
@@ -197,10 +135,10 @@ unsafe fn copy_range(f: &Frame<'_>, from: u32, n: u32, w: &mut Writer<'_>) {
 #[inline(always)]
 pub unsafe fn read_prefix<const N: usize>(f: &Frame<'_>, out: &mut [u8; N]) -> usize {
     let s0 = f.segs[0];
-    if f.len as usize >= N && s0.len as usize >= f.skip as usize + N {
+    if f.len as usize >= N && s0.len() as usize >= f.skip as usize + N {
         // Fixed size: a few loads, no call.
         // SAFETY: the first segment holds skip+N bytes.
-        *out = unsafe { (s0.ptr.add(f.skip as usize) as *const [u8; N]).read_unaligned() };
+        *out = unsafe { (s0.as_ptr().add(f.skip as usize) as *const [u8; N]).read_unaligned() };
         return N;
     }
     // SAFETY: forwarded.
@@ -215,11 +153,11 @@ pub unsafe fn read_prefix<const N: usize>(f: &Frame<'_>, out: &mut [u8; N]) -> u
 pub unsafe fn read_bytes(f: &Frame<'_>, out: &mut [u8]) -> usize {
     let s0 = f.segs[0];
     let want = out.len().min(f.len as usize);
-    if (32..=64).contains(&want) && s0.len as usize >= f.skip as usize + want {
+    if (32..=64).contains(&want) && s0.len() as usize >= f.skip as usize + want {
         // A short frame's whole head: two fixed 32-byte loads that overlap, no call.
         // SAFETY: the first segment holds skip+want bytes, and 32 <= want <= out.len().
         unsafe {
-            let src = s0.ptr.add(f.skip as usize);
+            let src = s0.as_ptr().add(f.skip as usize);
             let a = (src as *const [u8; 32]).read_unaligned();
             let b = (src.add(want - 32) as *const [u8; 32]).read_unaligned();
             (out.as_mut_ptr() as *mut [u8; 32]).write_unaligned(a);
@@ -227,24 +165,22 @@ pub unsafe fn read_bytes(f: &Frame<'_>, out: &mut [u8]) -> usize {
         }
         return want;
     }
-    if s0.len as usize >= f.skip as usize + want {
-        // SAFETY: the first segment holds skip+want bytes.
-        unsafe { ptr::copy_nonoverlapping(s0.ptr.add(f.skip as usize), out.as_mut_ptr(), want) };
-        return want;
-    }
-    let mut w_segs = [Seg { ptr: out.as_mut_ptr(), len: want as u32 }];
-    let mut w = Writer { dst: &mut w_segs, seg: 0, off: 0, written: 0 };
     // SAFETY: forwarded.
-    unsafe { copy_range(f, 0, want as u32, &mut w) };
-    w.written as usize
+    unsafe { read_granted(f.segs, f.skip, &mut out[..want]) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn seg(b: &mut [u8]) -> Seg {
-        Seg { ptr: b.as_mut_ptr(), len: b.len() as u32 }
+    fn seg<D: iommu::grant::Direction>(b: &mut [u8]) -> Grant<D> {
+        // SAFETY: test buffers outlive every copy through them.
+        unsafe { Grant::from_raw(b.as_mut_ptr(), b.len() as u32) }
+    }
+
+    fn raw(p: *mut u8, len: u32) -> Grant<Ro> {
+        // SAFETY: as for `seg`.
+        unsafe { Grant::from_raw(p, len) }
     }
 
     fn frame_bytes(n: usize) -> Vec<u8> {
@@ -328,9 +264,9 @@ mod tests {
                 let mut h = vec![0u8; 12];
                 let base = src.as_mut_ptr();
                 let segs = if split {
-                    vec![seg(&mut h), Seg { ptr: base, len: 7 }, Seg { ptr: base.wrapping_add(7), len: 73 }]
+                    vec![seg(&mut h), raw(base, 7), raw(base.wrapping_add(7), 73)]
                 } else {
-                    vec![Seg { ptr: base, len: 80 }]
+                    vec![raw(base, 80)]
                 };
                 let f = Frame { segs: &segs, skip: if split { 12 } else { 0 }, len: 80, head: &checked };
                 let mut d = vec![0u8; dst_len];
@@ -344,18 +280,6 @@ mod tests {
                     "{edit:?} split {split}: the rest from the guest"
                 );
             }
-        }
-    }
-
-    #[test]
-    fn test_small_copy_every_length() {
-        let src = frame_bytes(80);
-        for n in 0..=80 {
-            let mut d = vec![0xaau8; 82];
-            // SAFETY: src has 80 bytes, d has 82.
-            unsafe { small_copy(d.as_mut_ptr().add(1), src.as_ptr(), n) };
-            assert_eq!(&d[1..1 + n], &src[..n], "n = {n}");
-            assert!(d[0] == 0xaa && d[1 + n..].iter().all(|&b| b == 0xaa), "n = {n}: wrote outside");
         }
     }
 

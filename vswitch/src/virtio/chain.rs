@@ -4,28 +4,14 @@
 //! returns the head to the used ring with length 0 and counts a malformed drop. Nothing is read
 //! from or written to a buffer before its whole chain has passed every check.
 
-use iommu::{Access, Dma, DmaError, FaultReason};
+use iommu::grant::Direction;
+use iommu::{Access, Dma, DmaError, FaultReason, Grant};
 
 use super::ring::{Desc, SplitRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MAX_RING_SIZE};
 
 /// Most buffers one packet may span. Linux and DPDK use one or two for frames without
 /// offloads; a chain that needs more is refused rather than walked without bound.
 pub const MAX_SEGS: usize = 16;
-
-/// One translated buffer: a host pointer into the guest's memory and its length.
-#[derive(Clone, Copy, Debug)]
-pub struct Seg {
-    /// Host address of the first byte.
-    pub ptr: *mut u8,
-    /// Length in bytes (≥ 1).
-    pub len: u32,
-}
-
-impl Default for Seg {
-    fn default() -> Self {
-        Seg { ptr: std::ptr::null_mut(), len: 0 }
-    }
-}
 
 /// Why a chain was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -74,15 +60,6 @@ fn refused(e: DmaError) -> ChainError {
     }
 }
 
-#[inline(always)]
-fn access(write: bool) -> Access {
-    if write {
-        Access::Write
-    } else {
-        Access::Read
-    }
-}
-
 /// Translated segments of one chain.
 #[derive(Clone, Copy, Debug)]
 pub struct Chain {
@@ -92,24 +69,23 @@ pub struct Chain {
     pub len: u32,
 }
 
-/// Walks the chain at `head`. `write` is the direction every buffer must have (true for
-/// buffers the device fills). `max_len` bounds the total; `segs` bounds the buffer count
-/// (never more than [`MAX_SEGS`]).
+/// Walks the chain at `head` into grants of direction `D`, which every buffer must have
+/// ([`Rw`](iommu::Rw) for buffers the device fills). `max_len` bounds the total; `segs` bounds
+/// the buffer count (never more than [`MAX_SEGS`]).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn walk_chain(
+pub fn walk_chain<D: Direction>(
     ring: &SplitRing,
     dma: &mut Dma,
     head: u16,
-    write: bool,
     indirect_ok: bool,
     max_len: u32,
-    segs: &mut [Seg],
+    segs: &mut [Grant<D>],
 ) -> Result<Chain, ChainError> {
     if head >= ring.size() {
         return Err(ChainError::BadHead);
     }
     let d = ring.desc(head);
+    let write = D::ACCESS == Access::Write;
     let plain = if write { DESC_F_WRITE } else { 0 };
     if d.flags == plain {
         // The common case: one buffer holding header and frame.
@@ -119,10 +95,10 @@ pub fn walk_chain(
         if d.len > max_len {
             return Err(ChainError::TooBig);
         }
-        match dma.translate(d.addr, d.len, access(write)) {
-            Ok(p) => {
+        match dma.grant::<D>(d.addr, d.len) {
+            Ok(g) => {
                 let Some(s0) = segs.first_mut() else { return Err(ChainError::TooManySegments) };
-                *s0 = Seg { ptr: p.as_ptr(), len: d.len };
+                *s0 = g;
                 return Ok(Chain { nseg: 1, len: d.len });
             }
             // Mapped in pieces by the vIOMMU: the slow walk splits it.
@@ -130,20 +106,19 @@ pub fn walk_chain(
             Err(e) => return Err(refused(e)),
         }
     }
-    walk_slow(ring, dma, d, write, indirect_ok, max_len, segs)
+    walk_slow(ring, dma, d, indirect_ok, max_len, segs)
 }
 
-struct Acc<'a> {
-    segs: &'a mut [Seg],
+struct Acc<'a, D> {
+    segs: &'a mut [Grant<D>],
     n: usize,
     total: u32,
-    write: bool,
     max_len: u32,
 }
 
-impl Acc<'_> {
+impl<D: Direction> Acc<'_, D> {
     fn add(&mut self, dma: &mut Dma, d: &Desc) -> Result<(), ChainError> {
-        if (d.flags & DESC_F_WRITE != 0) != self.write {
+        if (d.flags & DESC_F_WRITE != 0) != (D::ACCESS == Access::Write) {
             return Err(ChainError::WrongDirection);
         }
         if d.len == 0 {
@@ -157,12 +132,12 @@ impl Acc<'_> {
         }
         let (segs, n) = (&mut *self.segs, &mut self.n);
         let mut full = false;
-        dma.pieces(d.addr, d.len, access(self.write), |p, len| {
+        dma.grant_pieces::<D>(d.addr, d.len, |g| {
             if *n == room {
                 full = true;
                 return false;
             }
-            segs[*n] = Seg { ptr: p.as_ptr(), len };
+            segs[*n] = g;
             *n += 1;
             true
         })
@@ -176,17 +151,15 @@ impl Acc<'_> {
 
 #[cold]
 #[inline(never)]
-#[allow(clippy::too_many_arguments)]
-fn walk_slow(
+fn walk_slow<D: Direction>(
     ring: &SplitRing,
     dma: &mut Dma,
     first: Desc,
-    write: bool,
     indirect_ok: bool,
     max_len: u32,
-    segs: &mut [Seg],
+    segs: &mut [Grant<D>],
 ) -> Result<Chain, ChainError> {
-    let mut acc = Acc { segs, n: 0, total: 0, write, max_len };
+    let mut acc = Acc { segs, n: 0, total: 0, max_len };
     let mut d = first;
     let mut ttl = ring.size();
     loop {
@@ -213,7 +186,7 @@ fn walk_slow(
     }
 }
 
-fn walk_indirect(dma: &mut Dma, ind: &Desc, acc: &mut Acc<'_>) -> Result<(), ChainError> {
+fn walk_indirect<D: Direction>(dma: &mut Dma, ind: &Desc, acc: &mut Acc<'_, D>) -> Result<(), ChainError> {
     let count = ind.len / 16;
     if !ind.len.is_multiple_of(16) || count == 0 || count > MAX_RING_SIZE as u32 {
         return Err(ChainError::BadIndirect);
@@ -276,10 +249,21 @@ mod tests {
         write: bool,
         indirect: bool,
     ) -> Result<Vec<(u64, u32)>, ChainError> {
-        let mut segs = [Seg::default(); MAX_SEGS];
-        let base = q.dma.mem().regions()[0].host() as u64;
-        let c = walk_chain(&q.ring, &mut q.dma, head, write, indirect, 1 << 20, &mut segs)?;
-        Ok(segs[..c.nseg as usize].iter().map(|s| (s.ptr as u64 - base, s.len)).collect())
+        fn go<D: Direction>(
+            q: &mut crate::virtio::VirtQueue,
+            head: u16,
+            indirect: bool,
+        ) -> Result<Vec<(u64, u32)>, ChainError> {
+            let mut segs = [Grant::<D>::default(); MAX_SEGS];
+            let base = q.dma.mem().regions()[0].host() as u64;
+            let c = walk_chain(&q.ring, &mut q.dma, head, indirect, 1 << 20, &mut segs)?;
+            Ok(segs[..c.nseg as usize].iter().map(|s| (s.as_ptr() as u64 - base, s.len())).collect())
+        }
+        if write {
+            go::<iommu::Rw>(q, head, indirect)
+        } else {
+            go::<iommu::Ro>(q, head, indirect)
+        }
     }
 
     fn setup() -> (MockGuest, MockRing, crate::virtio::VirtQueue) {
@@ -340,8 +324,8 @@ mod tests {
         for i in 0..4 {
             r.write_desc(&g, i, Desc { addr: 0x8000, len: 1, flags: DESC_F_NEXT, next: (i + 1) % 4 });
         }
-        let mut segs = [Seg::default(); 64];
-        let e = walk_chain(&q.ring, &mut q.dma, 0, false, false, 1 << 20, &mut segs);
+        let mut segs = [Grant::<iommu::Ro>::default(); 64];
+        let e = walk_chain(&q.ring, &mut q.dma, 0, false, 1 << 20, &mut segs);
         assert_eq!(e.unwrap_err(), ChainError::Loop);
     }
 

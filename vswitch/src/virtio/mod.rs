@@ -11,6 +11,6 @@ pub mod mock;
 pub mod queue;
 pub mod ring;
 
-pub use chain::{walk_chain, ChainError, Seg, MAX_SEGS};
+pub use chain::{walk_chain, ChainError, MAX_SEGS};
 pub use queue::{QueueStats, VirtQueue};
 pub use ring::{RingAddrs, RingError, RingState, SplitRing};

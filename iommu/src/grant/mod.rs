@@ -8,6 +8,10 @@
 //! ([`AddressSpace`]) and table; a domain is a guest (its vhost-user memory) or the switch
 //! itself. Event channels ([`EventChannel`]) are eventfd pairs, as vhost-user's kick and call.
 
+mod copy;
+
+pub use copy::{grant_copy, read_granted, small_copy, Direction, Grant, GrantWriter, Ro, Rw};
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
