@@ -316,3 +316,49 @@ fn iotlb_flushes_racing_traffic_lose_and_corrupt_nothing() {
     assert!(ta.invalidations >= 50 && ta.misses_sent >= 50, "the flushes really hit: {ta:?}");
     assert_eq!(ta.faults_not_mapped + tb.faults_not_mapped, 0);
 }
+
+#[test]
+fn packets_whose_receive_buffer_misses_wait_parked_and_arrive_in_order() {
+    let dir = Scratch::new("iommu-park");
+    let sw = start_switch(&dir, &["a", "b"]);
+    let cfg = viommu(true);
+    let mut fa = connect(&dir, "a", cfg.clone());
+    let mut fb = connect(&dir, "b", cfg.clone());
+    warm_up(&mut fa, &mut fb, 0xa, 0xb);
+    warm_up(&mut fb, &mut fa, 0xb, 0xa);
+    let _ = e2e_tests::drain(&mut fb, Duration::from_millis(300));
+    // b's receive buffers sit after its first receive ring, from the second page on (see the
+    // frontend's memory layout): invalidate them all, rings untouched, as a guest in strict
+    // mode unmaps buffers it has consumed. Every frame sent next finds its buffer untranslated.
+    let base = IommuConfig::default().iova_base;
+    let n = cfg.ring_size as u64;
+    let bufs_end = (2 * PAGE + n * cfg.rx_buf_size as u64) / PAGE * PAGE;
+    let before = find(&sw.stats().unwrap(), "b").tx;
+    let parked_before = iotlb(&sw, "b").rx_parked;
+    for round in 0..3u64 {
+        let inval = IotlbMsg {
+            iova: base + 2 * PAGE,
+            size: bufs_end - 2 * PAGE,
+            uaddr: 0,
+            perm: 0,
+            kind: IOTLB_INVALIDATE,
+        };
+        assert_eq!(fb.iotlb_raw(inval).unwrap(), 0);
+        let sent: Vec<Vec<u8>> = (0..24)
+            .map(|k| frame_of_size(mac(0xb), mac(0xa), None, 60 + (k as usize * 61) % 1400, round * 100 + k))
+            .collect();
+        for f in &sent {
+            send(&mut fa, 0, f);
+        }
+        let got = recv_n(&mut fb, sent.len(), T);
+        assert_eq!(got.len(), sent.len(), "round {round}: {:?}", iotlb(&sw, "b"));
+        assert!(got == sent, "round {round}: frames arrived altered or out of order");
+    }
+    let tb = iotlb(&sw, "b");
+    assert!(tb.rx_parked > parked_before, "the receive buffers really missed: {tb:?}");
+    assert_eq!(tb.rx_miss_drops, 0, "{tb:?}");
+    let after = find(&sw.stats().unwrap(), "b").tx;
+    assert_eq!(after.drop_no_buffer, before.drop_no_buffer, "nothing dropped: {after:?}");
+    assert_eq!(after.packets - before.packets, 72);
+    assert_eq!(after.copies - before.copies, 72, "one copy into b's memory per frame");
+}

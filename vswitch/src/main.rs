@@ -345,9 +345,9 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
                 }
                 if let Some(t) = &p.device.iotlb {
                     println!(
-                        "{:>48} iotlb: {} entries, {} updates ({} refused), {} invalidations, {} misses sent ({} unsent), {} rx drops on miss, {} tx timeouts",
+                        "{:>48} iotlb: {} entries, {} updates ({} refused), {} invalidations, {} misses sent ({} unsent), {} rx parked on miss ({} dropped), {} tx timeouts",
                         "", t.entries, t.updates, t.refused, t.invalidations, t.misses_sent, t.misses_unsent,
-                        t.rx_miss_drops, t.tx_miss_timeouts
+                        t.rx_parked, t.rx_miss_drops, t.tx_miss_timeouts
                     );
                     for f in &t.recent_faults {
                         println!("{:>48} fault: {f}", "");

@@ -5,13 +5,14 @@
 
 use std::sync::Arc;
 
-use iommu::{Access, FaultReason, Grant, Ro, Rw};
+use iommu::{Access, FaultReason, Grant, GrantWriter, Ro, Rw};
 use shaping::{Colour, Offer, Shaper};
 
 use crate::l2::{is_group, mac_from_bytes, Fdb, Mac, TagEdit, VlanMode};
 use crate::policy::spoof::{self, SpoofReason, Verdict};
 use crate::policy::{now_ns, Held};
 use crate::port::{Port, QueueSlot};
+use crate::vhost::iotlb::{MISS_TIMEOUT_NS, PARK_MAX};
 use crate::virtio::chain::ChainError;
 use crate::virtio::queue::bump;
 use crate::virtio::{walk_chain, QueueStats, VirtQueue, MAX_SEGS};
@@ -347,6 +348,16 @@ impl Datapath {
                 let Some(mut g) = slot.try_lock() else { continue };
                 if let Some(rq) = g.as_mut() {
                     rx_lookahead(rq);
+                    if has_parked(rq) {
+                        let d = drain_parked(rq);
+                        if d.packets > 0 {
+                            rq.publish();
+                            if rq.notify() {
+                                bump(&slot.stats.interrupts, 1);
+                            }
+                        }
+                        d.count(&slot.stats);
+                    }
                 }
             }
         }
@@ -527,6 +538,37 @@ impl Datapath {
             self.pkts[..n].iter().filter(|p| p.action == Action::Flood && p.targets == 0).count() as u64;
     }
 
+    /// Parks packet `i` (edited for its destination) on `rq`, whose next receive buffer waits
+    /// for a translation: a copy into the switch's memory, made only on this path. False if
+    /// the queue has [`PARK_MAX`] parked already: the packet is dropped (counted).
+    #[cold]
+    #[inline(never)]
+    fn park(&mut self, rq: &mut VirtQueue, i: usize, src_hdr: u32, edit: TagEdit) -> bool {
+        let Some(l) = rq.iotlb.as_deref_mut() else { return false };
+        let p = &self.pkts[i];
+        if l.parked.len() >= PARK_MAX {
+            l.stats().rx_miss_drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return false;
+        }
+        let f = Frame {
+            segs: &self.segs[i][..p.nseg as usize],
+            skip: src_hdr,
+            len: p.len,
+            head: &self.heads[i][..p.head_len as usize],
+        };
+        let mut buf = vec![0u8; out_len(p.len, edit) as usize];
+        // SAFETY: `buf` is ours and as long as the grant says; the sender's chain was walked
+        // and its queue lock is held by our caller.
+        let wrote = unsafe {
+            let dst = Grant::<Rw>::from_raw(buf.as_mut_ptr(), buf.len() as u32);
+            copy_frame(&f, edit, &[], std::slice::from_ref(&dst))
+        };
+        buf.truncate(wrote as usize);
+        l.parked.push_back((buf, now_ns()));
+        l.stats().rx_parked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
     fn deliver_to(&mut self, dport: &Port, src_hdr: u32, n: usize, c: &mut SrcCounts) {
         // Each thread fills its own receive queue of a multi-queue port (no contention between
         // threads); a guest may run fewer pairs than offered, so fall back to one that runs.
@@ -567,6 +609,13 @@ impl Datapath {
             s.advance(now_ns());
             release_held(rq, s);
         }
+        // Behind a vIOMMU, a packet whose receive buffer is not translated yet is parked, and
+        // so is every later one until the parked ones are out (the guest sees them in order).
+        // Not for a shaped port: its shaper decides on buffers it has reserved.
+        let parking = !shaped && rq.iotlb.is_some();
+        if parking && has_parked(rq) {
+            drain_parked(rq).count(&slot.stats);
+        }
         let hdr_len = rq.hdr_len as u32;
         let pending = rq.ring.avail_pending().unwrap_or(0) as usize;
         for k in 0..pending.min(n) {
@@ -595,6 +644,12 @@ impl Datapath {
             let wire_len = out_len(p.len, edit);
             let need = hdr_len + wire_len;
             self.pkts[i].targets += 1;
+            if parking && has_parked(rq) {
+                if !self.park(rq, i, src_hdr, edit) {
+                    missed += 1;
+                }
+                continue;
+            }
             let res = match take_one_rx(rq, need) {
                 Some((head, one)) => {
                     Ok(Plan { pkt: i as u8, edit, nseg: 1, nch: 1, empty: false, head, one })
@@ -635,11 +690,12 @@ impl Datapath {
                 }
                 Err(RxFail::NoBuffer) => no_buf += 1,
                 Err(RxFail::Miss(iova)) => {
-                    // Dropped now (no buffer usable yet); the translation is asked for.
-                    if missed == 0 {
-                        rx_misses(rq, iova);
+                    // The translation is asked for (with those of every buffer posted after
+                    // it); the packet waits for it, parked, or is dropped on a shaped port.
+                    rx_misses(rq, iova, !parking);
+                    if !parking || !self.park(rq, i, src_hdr, edit) {
+                        missed += 1;
                     }
-                    missed += 1;
                 }
                 Err(RxFail::Malformed(nch)) => {
                     // Returned in pass 2 with the others, so used entries keep ring order
@@ -819,16 +875,103 @@ fn tx_miss(q: &mut VirtQueue, head: u16, iova: u64) -> bool {
 }
 
 /// A receive buffer missed the IOTLB at `iova`: asks for it and, at once, for every other
-/// posted buffer that would miss too, so the guest's first round of buffers costs a few
-/// dropped packets rather than one per buffer page.
+/// posted buffer that would miss too, so the guest's first round of buffers waits for one
+/// round trip rather than one per buffer page. `dropped`: the packet is lost (counted).
 #[cold]
 #[inline(never)]
-fn rx_misses(rq: &mut VirtQueue, iova: u64) {
+fn rx_misses(rq: &mut VirtQueue, iova: u64, dropped: bool) {
     let Some(l) = rq.iotlb.as_deref_mut() else { return };
     l.miss(iova, true, now_ns());
-    l.stats().rx_miss_drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if dropped {
+        l.stats().rx_miss_drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     l.rx_checked = None;
     rx_lookahead(rq);
+}
+
+#[inline(always)]
+fn has_parked(rq: &VirtQueue) -> bool {
+    rq.iotlb.as_deref().is_some_and(|l| !l.parked.is_empty())
+}
+
+/// What a drain of parked packets did.
+#[derive(Default)]
+struct Drained {
+    packets: u64,
+    bytes: u64,
+    malformed: u64,
+    timed_out: u64,
+}
+
+impl Drained {
+    fn count(&self, s: &QueueStats) {
+        bump(&s.packets, self.packets);
+        bump(&s.bytes, self.bytes);
+        bump(&s.copies, self.packets);
+        bump(&s.bytes_copied, self.bytes);
+        bump(&s.drop_malformed, self.malformed);
+        bump(&s.drop_no_buffer, self.timed_out);
+    }
+}
+
+/// Delivers parked packets, oldest first, while receive buffers translate; drops (counted)
+/// those parked longer than the miss time-out. The caller publishes.
+#[cold]
+#[inline(never)]
+fn drain_parked(rq: &mut VirtQueue) -> Drained {
+    let mut d = Drained::default();
+    let mut rx = RxBufs::default();
+    let now = now_ns();
+    let hdr_len = rq.hdr_len as u32;
+    while let Some(l) = rq.iotlb.as_deref_mut() {
+        let Some((frame, since)) = l.parked.pop_front() else { break };
+        if now.wrapping_sub(since) > MISS_TIMEOUT_NS {
+            l.stats().rx_miss_drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            d.timed_out += 1;
+            continue;
+        }
+        match take_rx(rq, hdr_len + frame.len() as u32, &mut rx.segs, &mut rx.chains) {
+            Ok((nseg, nch)) => {
+                let mut hdr = [0u8; 12];
+                hdr[10..12].copy_from_slice(&(nch as u16).to_le_bytes());
+                // SAFETY: the buffers were just walked under this queue's lock, which our
+                // caller holds; `frame` is ours.
+                let wrote = unsafe {
+                    let src = Grant::<Ro>::from_raw(frame.as_ptr() as *mut u8, frame.len() as u32);
+                    let mut w = GrantWriter::new(&rx.segs[..nseg]);
+                    w.put(&hdr[..hdr_len as usize]);
+                    w.copy_from(std::slice::from_ref(&src), 0, frame.len() as u32);
+                    w.written()
+                };
+                let mut left = wrote;
+                for &(head, cap) in &rx.chains[..nch] {
+                    let k = left.min(cap);
+                    rq.ring.push_used(head, k);
+                    left -= k;
+                }
+                d.packets += 1;
+                d.bytes += frame.len() as u64;
+            }
+            Err(e) => {
+                if let RxFail::Malformed(nch) = e {
+                    // Bad buffers go back empty; the packet tries the next ones.
+                    for &(head, _) in &rx.chains[..nch] {
+                        rq.ring.push_used(head, 0);
+                    }
+                    d.malformed += 1;
+                }
+                let Some(l) = rq.iotlb.as_deref_mut() else { break };
+                l.parked.push_front((frame, since));
+                match e {
+                    RxFail::Malformed(_) => continue,
+                    RxFail::Miss(iova) => l.miss(iova, true, now),
+                    RxFail::NoBuffer => {}
+                }
+                break;
+            }
+        }
+    }
+    d
 }
 
 /// Asks for the translations of posted receive buffers not looked at yet (all of them after

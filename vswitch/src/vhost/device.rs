@@ -49,6 +49,9 @@ struct Vring {
     started: bool,
     /// Cannot start until the IOTLB translates its ring addresses (a miss was sent).
     waiting_iotlb: bool,
+    /// Packets parked on this (receive) queue when it was stopped to be rebuilt: the next
+    /// queue built here delivers them.
+    parked: std::collections::VecDeque<(Vec<u8>, u64)>,
 }
 
 impl Vring {
@@ -135,7 +138,14 @@ impl VhostDevice {
     pub fn reset(&mut self) {
         for i in 0..self.vrings.len() {
             if let Some(slot) = self.port.slot(i) {
-                slot.lock().take();
+                let q = slot.lock().take();
+                let parked = q.as_ref().and_then(|q| q.iotlb.as_deref()).map_or(0, |l| l.parked.len());
+                // Packets waiting for a receive buffer of a device being reset are lost.
+                let lost = (parked + self.vrings[i].parked.len()) as u64;
+                if lost > 0 {
+                    self.iotlb_stats.rx_miss_drops.fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+                    crate::virtio::queue::bump(&slot.stats.drop_no_buffer, lost);
+                }
             }
         }
         let n = self.vrings.len();
@@ -191,6 +201,7 @@ impl VhostDevice {
             evictions: c.evictions,
             misses_sent: s.misses_sent.load(Relaxed),
             misses_unsent: s.misses_unsent.load(Relaxed),
+            rx_parked: s.rx_parked.load(Relaxed),
             rx_miss_drops: s.rx_miss_drops.load(Relaxed),
             tx_miss_timeouts: s.tx_miss_timeouts.load(Relaxed),
             faults_not_mapped: nm,
@@ -211,8 +222,11 @@ impl VhostDevice {
     fn refresh(&mut self, idx: usize) {
         let Some(slot) = self.port.slot(idx) else { return };
         let mut g = slot.lock();
-        if let Some(q) = g.take() {
+        if let Some(mut q) = g.take() {
             self.vrings[idx].base = q.ring.state().last_avail;
+            if let Some(l) = q.iotlb.as_deref_mut() {
+                self.vrings[idx].parked.extend(l.parked.drain(..));
+            }
         }
         let v = &self.vrings[idx];
         let Some(addrs) = v.addrs else { return };
@@ -240,7 +254,9 @@ impl VhostDevice {
         match VirtQueue::new(dma, &setup, call, kick) {
             Ok(mut q) => {
                 if self.iova_mode() {
-                    q.iotlb = Some(Box::new(IotlbLink::new(self.backend.clone(), self.iotlb_stats.clone())));
+                    let mut link = IotlbLink::new(self.backend.clone(), self.iotlb_stats.clone());
+                    link.parked = std::mem::take(&mut self.vrings[idx].parked);
+                    q.iotlb = Some(Box::new(link));
                 }
                 *g = Some(q);
                 drop(g);

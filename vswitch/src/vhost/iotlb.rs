@@ -86,7 +86,11 @@ pub struct IotlbStats {
     pub misses_sent: AtomicU64,
     /// Miss requests that could not be sent (no backend channel, or it was full or closed).
     pub misses_unsent: AtomicU64,
-    /// Packets dropped because a receive buffer's IOVA was not translated yet.
+    /// Packets parked because their receive buffer's IOVA was not translated yet (delivered
+    /// in order once it is).
+    pub rx_parked: AtomicU64,
+    /// Packets dropped waiting for a receive buffer's translation: more than
+    /// [`PARK_MAX`] parked, or parked longer than [`MISS_TIMEOUT_NS`].
     pub rx_miss_drops: AtomicU64,
     /// Transmit chains given up after waiting [`MISS_TIMEOUT_NS`] for a translation.
     pub tx_miss_timeouts: AtomicU64,
@@ -109,6 +113,9 @@ pub struct IotlbInfo {
     pub misses_sent: u64,
     /// See [`IotlbStats::misses_unsent`].
     pub misses_unsent: u64,
+    /// See [`IotlbStats::rx_parked`].
+    #[serde(default)]
+    pub rx_parked: u64,
     /// See [`IotlbStats::rx_miss_drops`].
     pub rx_miss_drops: u64,
     /// See [`IotlbStats::tx_miss_timeouts`].
@@ -175,13 +182,19 @@ pub struct IotlbLink {
     stall: Option<(u16, u64)>,
     /// Receive queues: the ring position up to which posted buffers were looked at.
     pub rx_checked: Option<u16>,
+    /// Receive queues: frames waiting for a buffer's translation, oldest first (each the
+    /// frame as it will be delivered, without the virtio-net header, and when it was parked).
+    pub parked: std::collections::VecDeque<(Vec<u8>, u64)>,
 }
+
+/// Most frames one receive queue parks while its buffers' translations are asked for.
+pub const PARK_MAX: usize = 256;
 
 impl IotlbLink {
     /// A link over `channel` (None until the frontend sets one up: misses are then counted
     /// unsent, and the queue waits for updates the frontend sends on its own).
     pub fn new(channel: Option<std::sync::Arc<BackendChannel>>, stats: std::sync::Arc<IotlbStats>) -> Self {
-        IotlbLink { channel, stats, last: None, stall: None, rx_checked: None }
+        IotlbLink { channel, stats, last: None, stall: None, rx_checked: None, parked: Default::default() }
     }
 
     /// The shared counters.
