@@ -1,9 +1,14 @@
 #!/bin/sh
 # Installs what the tests need on a fresh Debian 12 machine (idempotent).
 #  - dpdk-dev: dpdk-testpmd, the real vhost-user frontend (virtio-user) the interop tests use.
+#  - lz4: unpacks the guest kernel for PVH boot (faster under TCG).
+#  - the Linux test guest and QEMU 7.2 (tests/guest/build.sh: Debian packages downloaded and
+#    unpacked, not installed; cached in /var/tmp/vswitch-guestkit).
 set -eu
+cd "$(dirname "$0")/.."
 need=""
 command -v dpdk-testpmd >/dev/null 2>&1 || need="$need dpdk dpdk-dev"
+command -v lz4 >/dev/null 2>&1 || need="$need lz4"
 if [ -n "$need" ]; then
     echo "installing:$need" >&2
     export DEBIAN_FRONTEND=noninteractive
@@ -13,3 +18,8 @@ if [ -n "$need" ]; then
     fi
 fi
 command -v dpdk-testpmd >/dev/null 2>&1 || { echo "dpdk-testpmd still missing after install" >&2; exit 1; }
+if ! tests/guest/build.sh >/dev/null; then
+    echo "guest kit: retrying after apt-get update" >&2
+    apt-get update >/dev/null
+    tests/guest/build.sh >/dev/null
+fi

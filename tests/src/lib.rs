@@ -3,6 +3,8 @@
 //! ([`vswitch_bench::frontend`]) on their ports.
 #![deny(missing_docs)]
 
+pub mod linux;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};

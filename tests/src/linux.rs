@@ -1,0 +1,315 @@
+//! Linux guests under QEMU, their NIC a vhost-user port: the kit `tests/guest/build.sh` builds
+//! (Debian cloud kernel, busybox /init, iperf3; QEMU 7.2 unpacked from Debian packages).
+//!
+//! A guest's test is given on its kernel command line (`kit.*` words, see the /init in
+//! build.sh); it prints `KIT-RESULT: PASS|FAIL key=value ...` on its serial console and powers
+//! off. QEMU runs under `timeout` and is killed by PID when the [`Guest`] is dropped.
+//!
+//! Facts of this machine kind the options encode: `/dev/kvm` is PVM, which cannot run a stock
+//! kernel at useful speed, so guests use TCG unless the host has real VT-x/AMD-V; vhost-user
+//! needs the guest's RAM in a shared memfd; QEMU 7.2 under TCG segfaults when vhost-user
+//! starts with MSI-X, so virtio-net-pci gets `vectors=0` (legacy interrupts) there.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::{Proc, Scratch};
+
+/// The built kit: what `kit.env` names.
+#[derive(Clone, Debug)]
+pub struct Kit {
+    /// Kernel image (PVH `vmlinux` when it could be unpacked).
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initrd: PathBuf,
+    /// The unpacked `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// Its libraries (for `LD_LIBRARY_PATH`).
+    pub qemu_libs: PathBuf,
+    /// Its firmware directories (`-L`).
+    pub firmware: Vec<PathBuf>,
+}
+
+/// Where the kit lives: `$GUESTKIT_DIR`, else `/var/tmp/vswitch-guestkit` (kept between runs,
+/// so downloads happen once per machine).
+pub fn kit_dir() -> PathBuf {
+    std::env::var_os("GUESTKIT_DIR").map_or_else(|| PathBuf::from("/var/tmp/vswitch-guestkit"), PathBuf::from)
+}
+
+impl Kit {
+    /// Builds the kit if it is missing or stale (once per test process; build.sh locks
+    /// against other processes), and reads it. Panics with the build's output if it fails.
+    pub fn get() -> Kit {
+        static KIT: OnceLock<Result<Kit, String>> = OnceLock::new();
+        KIT.get_or_init(|| {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
+            let out = Command::new(&script)
+                .arg(kit_dir())
+                .output()
+                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "{} failed:\n{}{}",
+                    script.display(),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Kit::read(&kit_dir().join("kit.env"))
+        })
+        .clone()
+        .unwrap_or_else(|e| panic!("guest kit: {e}"))
+    }
+
+    fn read(env: &Path) -> Result<Kit, String> {
+        let text = std::fs::read_to_string(env).map_err(|e| format!("{}: {e}", env.display()))?;
+        let vars: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+        let get = |k: &str| vars.get(k).map(PathBuf::from).ok_or(format!("{} has no {k}", env.display()));
+        Ok(Kit {
+            kernel: get("KERNEL")?,
+            initrd: get("INITRD")?,
+            qemu: get("QEMU")?,
+            qemu_libs: get("QEMU_LIBS")?,
+            firmware: vars
+                .get("QEMU_FIRMWARE")
+                .map_or_else(Vec::new, |v| v.split(':').map(PathBuf::from).collect()),
+        })
+    }
+}
+
+/// Whether QEMU can use KVM here: `/dev/kvm` usable and not PVM (whose emulated ring 0 cannot
+/// run a stock kernel).
+pub fn real_kvm() -> bool {
+    Path::new("/dev/kvm").exists() && !Path::new("/sys/module/kvm_pvm").exists() && {
+        std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+    }
+}
+
+/// The host TSC rate in kHz (TCG's guest TSC runs at it; a guest without a reliable clock
+/// source must be told, or it hangs calibrating), from the kernel log, else /proc/cpuinfo.
+fn host_tsc_khz() -> Option<u64> {
+    let dmesg = Command::new("dmesg").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let from_log = dmesg.ok().and_then(|t| {
+        t.lines().find_map(|l| {
+            let (_, rest) = l.split_once("tsc: Detected ")?;
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        })
+    });
+    let mhz = from_log.or_else(|| {
+        let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+        info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse::<f64>().ok()
+    })?;
+    Some((mhz * 1000.0) as u64)
+}
+
+/// One guest's settings.
+#[derive(Clone, Debug)]
+pub struct GuestSpec {
+    /// Its name (serial log, results).
+    pub name: String,
+    /// The vhost-user socket of its switch port (QEMU connects as the client).
+    pub sock: PathBuf,
+    /// Its MAC.
+    pub mac: String,
+    /// `kit.*` words (without the prefix): `role=client`, `ip=10.0.0.1/24`, ...
+    pub kit: Vec<String>,
+    /// Extra `virtio-net-pci` properties (`csum=off`, `mq=on`, ...).
+    pub device: Vec<String>,
+    /// Extra `-netdev vhost-user` properties (`queues=2`).
+    pub netdev: Vec<String>,
+    /// Extra kernel command-line words.
+    pub append: Vec<String>,
+    /// A vIOMMU (intel-iommu with device IOTLB) in front of the NIC, the guest in strict
+    /// invalidation mode.
+    pub viommu: bool,
+    /// vCPUs.
+    pub cpus: u32,
+    /// RAM in MiB.
+    pub mem_mb: u32,
+    /// Seconds before QEMU is killed (the guest's own watchdog is set 10 s shorter).
+    pub timeout_s: u64,
+}
+
+impl GuestSpec {
+    /// A guest on `sock` with `kit` words and defaults for the rest.
+    pub fn new(name: &str, sock: &Path, mac: &str, kit: &[&str]) -> Self {
+        GuestSpec {
+            name: name.into(),
+            sock: sock.into(),
+            mac: mac.into(),
+            kit: kit.iter().map(|s| s.to_string()).collect(),
+            device: Vec::new(),
+            netdev: Vec::new(),
+            append: Vec::new(),
+            viommu: false,
+            cpus: 1,
+            mem_mb: 384,
+            timeout_s: 240,
+        }
+    }
+}
+
+/// A guest's result line, split into its fields.
+#[derive(Clone, Debug)]
+pub struct GuestResult {
+    /// PASS.
+    pub pass: bool,
+    /// `key=value` fields.
+    pub fields: HashMap<String, String>,
+    /// The whole line.
+    pub line: String,
+}
+
+impl GuestResult {
+    /// A field, or "".
+    pub fn get(&self, k: &str) -> &str {
+        self.fields.get(k).map_or("", String::as_str)
+    }
+}
+
+/// A running QEMU guest; killed when dropped.
+pub struct Guest {
+    proc: Proc,
+    /// Its serial console log.
+    pub serial: PathBuf,
+    /// Its name.
+    pub name: String,
+}
+
+impl Guest {
+    /// Starts QEMU for `spec`; logs go into `dir`.
+    pub fn start(kit: &Kit, dir: &Scratch, spec: &GuestSpec) -> Guest {
+        let serial = dir.path(&format!("{}.serial", spec.name));
+        let _ = std::fs::File::create(&serial);
+        let kvm = real_kvm();
+        let mut append = vec!["console=ttyS0".to_string(), "quiet".into(), "panic=-1".into()];
+        if !kvm {
+            if let Some(khz) = host_tsc_khz() {
+                append.push(format!("tsc_early_khz={khz}"));
+                append.push("tsc=reliable".into());
+            }
+        }
+        if spec.viommu {
+            // Strict: every unmap is invalidated at once (lazy mode batches flushes that the
+            // device must then see as whole-space invalidations).
+            append.push("intel_iommu=on".into());
+            append.push("iommu.strict=1".into());
+        }
+        append.push(format!("kit.name={}", spec.name));
+        append.push(format!("kit.timeout={}", spec.timeout_s.saturating_sub(10).max(10)));
+        append.extend(spec.kit.iter().map(|w| format!("kit.{w}")));
+        append.extend(spec.append.iter().cloned());
+
+        let mut cmd = Command::new("timeout");
+        cmd.args(["-k", "5", &spec.timeout_s.to_string()]).arg(&kit.qemu);
+        cmd.env("LD_LIBRARY_PATH", &kit.qemu_libs);
+        for f in &kit.firmware {
+            cmd.arg("-L").arg(f);
+        }
+        let machine = if spec.viommu { "q35,kernel-irqchip=split" } else { "pc" };
+        let mem = spec.mem_mb;
+        cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        cmd.args(["-M", &format!("{machine},memory-backend=mem")]);
+        if kvm {
+            cmd.args(["-accel", "kvm", "-cpu", "host"]);
+        } else {
+            cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
+        }
+        cmd.args(["-smp", &spec.cpus.to_string(), "-m", &format!("{mem}M")]);
+        cmd.args(["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")]);
+        cmd.arg("-chardev").arg(format!("socket,id=c0,path={}", spec.sock.display()));
+        let mut netdev = "vhost-user,id=n0,chardev=c0".to_string();
+        for p in &spec.netdev {
+            netdev.push(',');
+            netdev.push_str(p);
+        }
+        cmd.args(["-netdev", &netdev]);
+        let mut dev = format!("virtio-net-pci,netdev=n0,mac={},romfile=", spec.mac);
+        if !kvm {
+            dev.push_str(",vectors=0");
+        }
+        if spec.viommu {
+            cmd.args(["-device", "intel-iommu,intremap=on,device-iotlb=on"]);
+            cmd.args(["-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1"]);
+            // A modern-only device behind a root port: the IOMMU platform feature needs both.
+            dev.push_str(",bus=rp0,iommu_platform=on,ats=on,disable-legacy=on");
+        }
+        for p in &spec.device {
+            dev.push(',');
+            dev.push_str(p);
+        }
+        cmd.args(["-device", &dev]);
+        cmd.arg("-serial").arg(format!("file:{}", serial.display()));
+        cmd.arg("-kernel").arg(&kit.kernel).arg("-initrd").arg(&kit.initrd);
+        cmd.arg("-append").arg(append.join(" "));
+        let log = dir.path(&format!("{}.qemu.log", spec.name));
+        std::fs::write(dir.path(&format!("{}.cmd", spec.name)), format!("{cmd:?}\n")).ok();
+        Guest { proc: Proc::spawn(cmd, &log), serial, name: spec.name.clone() }
+    }
+
+    /// Its serial console so far.
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+    }
+
+    /// QEMU's own output so far.
+    pub fn qemu_log(&self) -> String {
+        self.proc.log_text()
+    }
+
+    /// The result line once printed, or `None` when QEMU ended without one or `timeout` passed.
+    pub fn wait_result(&mut self, timeout: Duration) -> Option<GuestResult> {
+        let t = Instant::now();
+        loop {
+            if let Some(r) = self.result() {
+                return Some(r);
+            }
+            if !self.proc.running() {
+                // One last look: the line may have landed as QEMU ended.
+                return self.result();
+            }
+            if t.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The result line, if printed yet.
+    pub fn result(&self) -> Option<GuestResult> {
+        let text = self.console();
+        let line = text.lines().rev().find(|l| l.contains("KIT-RESULT: "))?;
+        let line = line[line.find("KIT-RESULT: ")?..].trim().to_string();
+        let mut words = line.split_whitespace().skip(1);
+        let pass = words.next() == Some("PASS");
+        let fields = words.filter_map(|w| w.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
+        Some(GuestResult { pass, fields, line })
+    }
+
+    /// What to print when a guest test fails: the console's last lines and QEMU's output.
+    pub fn report(&self) -> String {
+        let console = self.console();
+        let tail: Vec<&str> = console.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "--- guest {} console (last 40 lines) ---\n{}\n--- qemu {} ---\n{}",
+            self.name,
+            tail.join("\n"),
+            self.name,
+            self.qemu_log()
+        )
+    }
+
+    /// Whether QEMU is still running.
+    pub fn running(&mut self) -> bool {
+        self.proc.running()
+    }
+
+    /// Stops QEMU now.
+    pub fn stop(&mut self) {
+        self.proc.kill();
+    }
+}
