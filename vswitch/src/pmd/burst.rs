@@ -744,13 +744,7 @@ impl Datapath {
                 let rx = &self.rx[k];
                 // SAFETY: as above.
                 let wrote = unsafe { copy_frame(&f, plan.edit, hdr, &rx.segs[..plan.nseg as usize]) };
-                // Each buffer reports what it holds.
-                let mut left = wrote;
-                for &(head, cap) in &rx.chains[..plan.nch as usize] {
-                    let k = left.min(cap);
-                    rq.ring.push_used(head, k);
-                    left -= k;
-                }
+                push_used_spread(rq, &rx.chains[..plan.nch as usize], wrote);
             }
             let edit = plan.edit;
             pk += 1;
@@ -889,6 +883,17 @@ fn rx_misses(rq: &mut VirtQueue, iova: u64, dropped: bool) {
     rx_lookahead(rq);
 }
 
+/// Used entries for a packet spread over `chains` (head, capacity): each buffer reports
+/// what it holds of the `wrote` bytes.
+fn push_used_spread(rq: &mut VirtQueue, chains: &[(u16, u32)], wrote: u32) {
+    let mut left = wrote;
+    for &(head, cap) in chains {
+        let k = left.min(cap);
+        rq.ring.push_used(head, k);
+        left -= k;
+    }
+}
+
 #[inline(always)]
 fn has_parked(rq: &VirtQueue) -> bool {
     rq.iotlb.as_deref().is_some_and(|l| !l.parked.is_empty())
@@ -943,12 +948,7 @@ fn drain_parked(rq: &mut VirtQueue) -> Drained {
                     w.copy_from(std::slice::from_ref(&src), 0, frame.len() as u32);
                     w.written()
                 };
-                let mut left = wrote;
-                for &(head, cap) in &rx.chains[..nch] {
-                    let k = left.min(cap);
-                    rq.ring.push_used(head, k);
-                    left -= k;
-                }
+                push_used_spread(rq, &rx.chains[..nch], wrote);
                 d.packets += 1;
                 d.bytes += frame.len() as u64;
             }

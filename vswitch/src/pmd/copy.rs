@@ -67,25 +67,15 @@ pub unsafe fn copy_frame(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], dst: &[Grant<
             return total;
         }
     }
-    let mut w = GrantWriter::new(dst);
-    if edit == TagEdit::Keep {
-        // The common case: header, snapshot, the rest of the frame from the chain.
-        let h = f.head.len().min(f.len as usize);
-        // SAFETY: (whole block) forwarded.
-        unsafe {
-            w.put(hdr);
-            w.put(&f.head[..h]);
-            w.copy_from(f.segs, f.skip + h as u32, f.len - h as u32);
-        }
-        return w.written();
-    }
     // SAFETY: forwarded caller contract.
-    unsafe { copy_edited(f, edit, hdr, w) }
+    unsafe { copy_frame_slow(f, edit, hdr, dst) }
 }
 
+/// Several buffers on a side, or a tag edit: through a writer over every grant.
 #[cold]
 #[inline(never)]
-unsafe fn copy_edited(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], mut w: GrantWriter<'_>) -> u32 {
+unsafe fn copy_frame_slow(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], dst: &[Grant<Rw>]) -> u32 {
+    let mut w = GrantWriter::new(dst);
     // SAFETY: (whole block) the writer stays inside its grants, the reader inside `f.segs`.
     unsafe {
         w.put(hdr);
