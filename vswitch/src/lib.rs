@@ -10,6 +10,7 @@
 pub mod config;
 pub mod control;
 pub mod l2;
+pub mod offload;
 pub mod pmd;
 pub mod policy;
 pub mod port;

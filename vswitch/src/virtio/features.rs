@@ -1,8 +1,25 @@
 //! Feature bits the switch offers, and what a negotiated set means for the datapath.
 //!
-//! Offered: only what the datapath implements. No checksum or segmentation offloads yet
-//! (a guest that negotiated them would hand us partial checksums and 64 KiB frames).
+//! Offered: only what the datapath implements. The checksum and TCP segmentation offloads
+//! ([`OFFLOADS`]) are offered unless a port turns them off ([`offered`]); what they mean for
+//! each packet is in [`crate::offload`].
 
+/// `VIRTIO_NET_F_CSUM`: the guest may leave checksums for the device to complete.
+pub const NET_F_CSUM: u64 = 1 << 0;
+/// `VIRTIO_NET_F_GUEST_CSUM`: the guest takes packets with partial checksums.
+pub const NET_F_GUEST_CSUM: u64 = 1 << 1;
+/// `VIRTIO_NET_F_GUEST_TSO4`: the guest takes TCPv4 frames of up to 64 KiB.
+pub const NET_F_GUEST_TSO4: u64 = 1 << 7;
+/// `VIRTIO_NET_F_GUEST_TSO6`: the same for TCPv6.
+pub const NET_F_GUEST_TSO6: u64 = 1 << 8;
+/// `VIRTIO_NET_F_GUEST_ECN`: the guest takes TSO frames of ECN flows.
+pub const NET_F_GUEST_ECN: u64 = 1 << 9;
+/// `VIRTIO_NET_F_HOST_TSO4`: the guest may send TCPv4 frames of up to 64 KiB to be segmented.
+pub const NET_F_HOST_TSO4: u64 = 1 << 11;
+/// `VIRTIO_NET_F_HOST_TSO6`: the same for TCPv6.
+pub const NET_F_HOST_TSO6: u64 = 1 << 12;
+/// `VIRTIO_NET_F_HOST_ECN`: the guest may send TSO frames of ECN flows.
+pub const NET_F_HOST_ECN: u64 = 1 << 13;
 /// `VIRTIO_NET_F_MAC`: the device has a MAC address in config space.
 pub const NET_F_MAC: u64 = 1 << 5;
 /// `VIRTIO_NET_F_MRG_RXBUF`: a received packet may span several buffers.
@@ -32,8 +49,28 @@ pub const F_ACCESS_PLATFORM: u64 = 1 << 33;
 /// single-descriptor paths only when this is negotiated.
 pub const F_IN_ORDER: u64 = 1 << 35;
 
+/// The offloads: checksum both ways, TCP segmentation both ways (with ECN).
+pub const OFFLOADS: u64 = NET_F_CSUM
+    | NET_F_GUEST_CSUM
+    | NET_F_GUEST_TSO4
+    | NET_F_GUEST_TSO6
+    | NET_F_GUEST_ECN
+    | NET_F_HOST_TSO4
+    | NET_F_HOST_TSO6
+    | NET_F_HOST_ECN;
+
+/// What a port offers its frontend: everything, or everything but the offloads.
+pub const fn offered(offloads: bool) -> u64 {
+    if offloads {
+        OFFERED
+    } else {
+        OFFERED & !OFFLOADS
+    }
+}
+
 /// Everything the switch offers to a frontend.
-pub const OFFERED: u64 = NET_F_MAC
+pub const OFFERED: u64 = OFFLOADS
+    | NET_F_MAC
     | NET_F_MRG_RXBUF
     | NET_F_STATUS
     | NET_F_CTRL_VQ
@@ -72,6 +109,14 @@ impl Negotiated {
     /// Names of the acked bits, for `vswitch ctl ports`.
     pub fn names(&self) -> Vec<&'static str> {
         const NAMES: &[(u64, &str)] = &[
+            (NET_F_CSUM, "CSUM"),
+            (NET_F_GUEST_CSUM, "GUEST_CSUM"),
+            (NET_F_GUEST_TSO4, "GUEST_TSO4"),
+            (NET_F_GUEST_TSO6, "GUEST_TSO6"),
+            (NET_F_GUEST_ECN, "GUEST_ECN"),
+            (NET_F_HOST_TSO4, "HOST_TSO4"),
+            (NET_F_HOST_TSO6, "HOST_TSO6"),
+            (NET_F_HOST_ECN, "HOST_ECN"),
             (NET_F_MAC, "MAC"),
             (NET_F_MRG_RXBUF, "MRG_RXBUF"),
             (NET_F_STATUS, "STATUS"),
@@ -101,10 +146,14 @@ mod tests {
     }
 
     #[test]
-    fn test_no_offloads_offered() {
-        // CSUM(0), GUEST_CSUM(1), GUEST_TSO4(7), HOST_TSO4(11): not implemented, not offered.
-        for bit in [0, 1, 7, 8, 10, 11, 12, 14] {
-            assert_eq!(OFFERED & (1 << bit), 0, "bit {bit} offered without an implementation");
+    fn test_offloads_offered_unless_turned_off() {
+        assert_eq!(offered(true) & OFFLOADS, OFFLOADS);
+        // Without offloads: CSUM(0), GUEST_CSUM(1), GUEST/HOST TSO and ECN, UFO(10, 14) never.
+        for bit in [0, 1, 7, 8, 9, 10, 11, 12, 13, 14] {
+            assert_eq!(offered(false) & (1 << bit), 0, "bit {bit} offered with offloads off");
+        }
+        for bit in [10, 14] {
+            assert_eq!(offered(true) & (1 << bit), 0, "UFO offered without an implementation");
         }
     }
 }
