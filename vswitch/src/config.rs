@@ -41,17 +41,26 @@ pub struct PortConfig {
     /// Source address checks on what the guest sends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anti_spoof: Option<SpoofConfig>,
+    /// Offer the checksum and TCP segmentation offloads (default on). Off: the guest
+    /// checksums and segments itself, and the switch does it for it when a sender with
+    /// offloads sends to it.
+    #[serde(default = "yes")]
+    pub offloads: bool,
 }
 
 fn one() -> u16 {
     1
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -105,6 +114,7 @@ impl PortConfig {
             ingress: None,
             egress: None,
             anti_spoof: None,
+            offloads: true,
         };
         for opt in parts {
             match opt.split_once('=') {
@@ -135,6 +145,13 @@ impl PortConfig {
                     pc.egress = Some(ShaperConfig { rate, burst: None, queue: None, pps: None });
                 }
                 None if opt == "anti-spoof" => pc.anti_spoof = Some(SpoofConfig::default()),
+                Some(("offloads", v)) => {
+                    pc.offloads = match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad("offloads must be 'on' or 'off'")),
+                    }
+                }
                 _ => return Err(bad(&format!("unknown option '{opt}'"))),
             }
         }
@@ -272,6 +289,9 @@ mod tests {
         let t = PortConfig::parse("up=/tmp/u.sock,trunk=10:20:30,queues=2").unwrap();
         assert_eq!(t.trunk, vec![10, 20, 30]);
         assert_eq!(t.queues, 2);
+        assert!(t.offloads, "offloads are on unless turned off");
+        assert!(!PortConfig::parse("a=/tmp/a.sock,offloads=off").unwrap().offloads);
+        assert!(PortConfig::parse("a=/tmp/a.sock,offloads=maybe").is_err());
         assert_eq!(PortConfig::parse("a=/s").unwrap().vlan_mode(), VlanMode::Trunk(None));
     }
 

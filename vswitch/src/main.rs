@@ -42,7 +42,7 @@ struct RunArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=..][,police=RATE]
-    /// [,shape=RATE][,anti-spoof]; repeatable.
+    /// [,shape=RATE][,anti-spoof][,offloads=on|off]; repeatable.
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
     /// CPUs for polling threads, e.g. 0,1 (one thread per CPU).

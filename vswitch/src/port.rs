@@ -62,6 +62,8 @@ pub struct Port {
     pub policy: PortPolicy,
     /// Whether the guest sits behind a vIOMMU (its receive buffers are translated ahead).
     pub iova: std::sync::atomic::AtomicBool,
+    /// Whether the checksum and segmentation offloads are offered to the guest.
+    pub offloads: bool,
 }
 
 impl Port {
@@ -77,6 +79,7 @@ impl Port {
             rxq: slots(pairs),
             policy: PortPolicy::default(),
             iova: Default::default(),
+            offloads: true,
         }
     }
 

@@ -355,7 +355,9 @@ impl Control {
         }
         let id =
             (0..MAX_PORTS as u16).find(|i| !self.ports.contains_key(i)).ok_or(SwitchError::TooManyPorts)?;
-        let port = Arc::new(Port::new(id, cfg.name.clone(), cfg.vlan_mode(), cfg.mac_bytes(), cfg.queues));
+        let mut port = Port::new(id, cfg.name.clone(), cfg.vlan_mode(), cfg.mac_bytes(), cfg.queues);
+        port.offloads = cfg.offloads;
+        let port = Arc::new(port);
         port.set_policy(&cfg.policy()).map_err(|why| ConfigError::Port { port: cfg.name.clone(), why })?;
         let device = Arc::new(Mutex::new(VhostDevice::new(port.clone(), self.wake_pmds.clone())));
         let mut listener = None;

@@ -287,6 +287,31 @@ pub unsafe fn read_granted(src: &[Grant<Ro>], off: u32, out: &mut [u8]) -> usize
     unsafe { grant_copy(src, off, &w, out.len() as u32) as usize }
 }
 
+/// Writes `bytes` at `off` bytes into the write grants `dst` (a field patched after a copy,
+/// such as a checksum completed in software). False, having written what fit, if `dst` holds
+/// fewer bytes past `off`.
+///
+/// # Safety
+/// Every grant in `dst` must still be valid.
+pub unsafe fn write_granted(dst: &[Grant<Rw>], off: u32, bytes: &[u8]) -> bool {
+    let (mut pos, mut left) = (off, bytes);
+    for d in dst {
+        if left.is_empty() {
+            break;
+        }
+        if pos >= d.len {
+            pos -= d.len;
+            continue;
+        }
+        let k = ((d.len - pos) as usize).min(left.len());
+        // SAFETY: `pos + k <= d.len`, inside the write grant; `left` holds k bytes.
+        unsafe { ptr::copy(left.as_ptr(), d.ptr.add(pos as usize), k) };
+        left = &left[k..];
+        pos = 0;
+    }
+    left.is_empty()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,5 +447,21 @@ mod tests {
         let mut long = [0u8; 64];
         // SAFETY: as above.
         assert_eq!(unsafe { read_granted(&src, 30, &mut long) }, 10, "only what was granted");
+    }
+
+    #[test]
+    fn test_write_granted_across_grants_and_past_the_end() {
+        let mut a = [0u8; 3];
+        let mut b = [0u8; 4];
+        // SAFETY: the test's buffers outlive the writes.
+        let g =
+            unsafe { [Grant::<Rw>::from_raw(a.as_mut_ptr(), 3), Grant::<Rw>::from_raw(b.as_mut_ptr(), 4)] };
+        // SAFETY: as above.
+        assert!(unsafe { write_granted(&g, 2, &[1, 2]) });
+        // SAFETY: as above.
+        assert!(!unsafe { write_granted(&g, 6, &[3, 4]) }, "one byte fits, the other does not");
+        // SAFETY: as above.
+        assert!(!unsafe { write_granted(&g, 9, &[5]) });
+        assert_eq!((a, b), ([0, 0, 1], [2, 0, 0, 3]));
     }
 }

@@ -10,7 +10,7 @@
 
 mod copy;
 
-pub use copy::{grant_copy, read_granted, small_copy, Direction, Grant, GrantWriter, Ro, Rw};
+pub use copy::{grant_copy, read_granted, small_copy, write_granted, Direction, Grant, GrantWriter, Ro, Rw};
 
 use std::collections::HashMap;
 use std::fs::File;

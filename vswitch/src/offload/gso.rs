@@ -240,7 +240,7 @@ impl Segmenter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use pnet_packet::ethernet::{EtherTypes, MutableEthernetPacket};
     use pnet_packet::ip::IpNextHeaderProtocols;
@@ -250,14 +250,14 @@ mod tests {
     use pnet_packet::Packet;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
-    const V4: (Ipv4Addr, Ipv4Addr) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
+    pub(crate) const V4: (Ipv4Addr, Ipv4Addr) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
     const V6: (Ipv6Addr, Ipv6Addr) =
         (Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1), Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2));
 
     /// A GSO frame as a guest hands it over: Ethernet (tagged if `tci`), IPv4 or IPv6, TCP
     /// with 12 bytes of options, `payload` bytes; lengths and checksums as the sender left
     /// them (the TCP checksum field holds garbage: the device recomputes it).
-    fn gso_frame(v6: bool, tci: Option<u16>, payload: usize, flags: u8) -> Vec<u8> {
+    pub(crate) fn gso_frame(v6: bool, tci: Option<u16>, payload: usize, flags: u8) -> Vec<u8> {
         let tcp_len = 32 + payload;
         let ip_len = if v6 { 40 } else { 20 };
         let l2 = if tci.is_some() { 18 } else { 14 };
@@ -344,7 +344,14 @@ mod tests {
     }
 
     /// Checks every segment with pnet's parsers and checksums, and that the payloads add up.
-    fn check(orig: &[u8], segs: &[Vec<u8>], v6: bool, mss: usize, flags: u8, out_tci: Option<u16>) {
+    pub(crate) fn check(
+        orig: &[u8],
+        segs: &[Vec<u8>],
+        v6: bool,
+        mss: usize,
+        flags: u8,
+        out_tci: Option<u16>,
+    ) {
         let l2 = if out_tci.is_some() { 18 } else { 14 };
         let ol2 = if orig[12] == 0x81 { 18 } else { 14 };
         let ip_len = if v6 { 40 } else { 20 };
@@ -394,7 +401,7 @@ mod tests {
         assert_eq!(joined, orig_payload, "payloads add up to the original");
     }
 
-    const FLAGS: u8 = 0x80 | 0x10 | TCP_PSH | TCP_FIN; // CWR ACK PSH FIN
+    pub(crate) const FLAGS: u8 = 0x80 | 0x10 | TCP_PSH | TCP_FIN; // CWR ACK PSH FIN
 
     #[test]
     fn test_ipv4_segments_match_the_kernels_rules() {

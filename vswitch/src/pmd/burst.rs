@@ -9,6 +9,9 @@ use iommu::{Access, FaultReason, Grant, GrantWriter, Ro, Rw};
 use shaping::{Colour, Offer, Shaper};
 
 use crate::l2::{is_group, mac_from_bytes, Fdb, Mac, TagEdit, VlanMode};
+use crate::offload::csum::Sum;
+use crate::offload::gso::{self, Segmenter};
+use crate::offload::{self, Caps, How, NetHdr};
 use crate::policy::spoof::{self, SpoofReason, Verdict};
 use crate::policy::{now_ns, Held};
 use crate::port::{Port, QueueSlot};
@@ -17,14 +20,15 @@ use crate::virtio::chain::ChainError;
 use crate::virtio::queue::bump;
 use crate::virtio::{walk_chain, QueueStats, VirtQueue, MAX_SEGS};
 
-use super::copy::{copy_frame, out_len, read_bytes, read_prefix, Frame};
+use super::copy::{copy_frame, copy_range, frame_sum, out_len, read_bytes, read_prefix, Frame};
 
 /// Most packets taken from a ring at once.
 pub const BURST: usize = 32;
 /// Largest frame accepted (jumbo 9216 plus a tag), without the virtio-net header.
 pub const MAX_FRAME: u32 = 9220;
-/// Most receive buffers (chains) one packet may fill with MRG_RXBUF.
-const MAX_RX_CHAINS: usize = 32;
+/// Most receive buffers (chains) one packet may fill with MRG_RXBUF: a 64 KiB TSO frame in
+/// Linux's smallest mergeable buffers (1536 bytes) takes 43.
+const MAX_RX_CHAINS: usize = 64;
 /// Most receive segments one packet may fill.
 const RX_SEGS: usize = 2 * MAX_SEGS;
 
@@ -59,6 +63,8 @@ struct PacketRef {
     /// Bytes of the frame's snapshot in `Datapath::heads` (what decisions were made on, and
     /// what is delivered for those bytes).
     head_len: u8,
+    /// The sender asked for an offload (its request is in `Datapath::vhdrs`).
+    offload: bool,
 }
 
 /// The per-thread forwarding state and burst scratch space (no allocation per burst).
@@ -78,11 +84,16 @@ pub struct Datapath {
     /// Each packet's first bytes, read once from the sender's memory: decisions and policy
     /// checks use them and the copy delivers them (no double fetch of what was checked).
     heads: Box<[[u8; HEAD]; BURST]>,
+    /// Offload requests of the packets whose `offload` is set, checked when received.
+    vhdrs: [NetHdr; BURST],
+    /// The frame being cut into segments for one receiver.
+    seg: Option<Segmenter>,
 }
 
-/// Largest snapshot of a frame's first bytes (anti-spoofing's longest look, at neighbour
-/// discovery options).
-const HEAD: usize = spoof::MAX_LOOK;
+/// Largest snapshot of a frame's first bytes: anti-spoofing's longest look (at neighbour
+/// discovery options), and the whole L2-L4 header of a frame to segment.
+const HEAD: usize = 160;
+const _: () = assert!(HEAD >= spoof::MAX_LOOK && HEAD >= gso::MAX_HDR && HEAD <= u8::MAX as usize);
 /// Snapshot of a frame's L2 header: MACs and one VLAN tag.
 const L2_HEAD: usize = 18;
 
@@ -92,6 +103,8 @@ const L2_HEAD: usize = 18;
 struct Plan {
     pkt: u8,
     edit: TagEdit,
+    /// 0: the whole packet; k: its segment k - 1.
+    seg: u16,
     nseg: u8,
     nch: u8,
     /// Not a delivery: `nch` bad or abandoned buffers to return empty.
@@ -176,6 +189,8 @@ impl Datapath {
             plans: [Plan::default(); BURST],
             rx: Box::new(std::array::from_fn(|_| RxBufs::default())),
             heads: Box::new([[0u8; HEAD]; BURST]),
+            vhdrs: [NetHdr::default(); BURST],
+            seg: None,
         }
     }
 
@@ -380,7 +395,7 @@ impl Datapath {
             let p = &mut self.pkts[i];
             *p = PacketRef { head, give_back: true, ..PacketRef::default() };
             let segs = &mut self.segs[i];
-            let chain = walk_chain(&q.ring, &mut q.dma, head, q.indirect, MAX_FRAME + hdr, segs);
+            let chain = walk_chain(&q.ring, &mut q.dma, head, q.indirect, q.max_frame + hdr, segs);
             match chain {
                 Ok(ch) if ch.len >= hdr + 14 => {
                     p.nseg = ch.nseg;
@@ -411,16 +426,85 @@ impl Datapath {
         // Pass 2: snapshot the L2 header of each forwardable packet (the whole head the
         // anti-spoofing check looks at, if the port has one).
         let want = if spoof_check { spoof::PREFIX } else { L2_HEAD };
+        let caps = q.caps;
         for i in 0..n {
             if self.pkts[i].action == Action::Drop {
                 continue;
             }
-            if self.snapshot(i, hdr, want, c) {
-                c.packets += 1;
-                c.bytes += self.pkts[i].len as u64;
+            if !self.snapshot(i, hdr, want, c) {
+                continue;
             }
+            if caps.any_tx() && !self.read_request(i, caps, hdr, c) {
+                continue;
+            }
+            c.packets += 1;
+            c.bytes += self.pkts[i].len as u64;
         }
         n
+    }
+
+    /// Reads and checks the offload request in packet `i`'s virtio-net header (its sender
+    /// negotiated offloads). A GSO frame's whole header goes into the snapshot and must parse.
+    /// False: refused, the packet dropped (counted malformed).
+    #[inline(always)]
+    fn read_request(&mut self, i: usize, caps: Caps, hdr: u32, c: &mut SrcCounts) -> bool {
+        let s0 = self.segs[i][0];
+        if s0.len() >= 2 {
+            // The usual case, nothing asked: flags and GSO type both zero, one load.
+            // SAFETY: the chain walk checked the first segment, which holds 2 bytes.
+            if unsafe { (s0.as_ptr() as *const u16).read_unaligned() } == 0 {
+                return true;
+            }
+        }
+        self.read_request_slow(i, caps, hdr, c)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn read_request_slow(&mut self, i: usize, caps: Caps, hdr: u32, c: &mut SrcCounts) -> bool {
+        let p = &self.pkts[i];
+        let mut b = [0u8; 10];
+        let f = Frame { segs: &self.segs[i][..p.nseg as usize], skip: 0, len: hdr, head: &[] };
+        // SAFETY: the chain was walked and checked; the queue's lock keeps it mapped.
+        unsafe { read_bytes(&f, &mut b) };
+        let l2 = if p.tci.is_some() { 18 } else { 14 };
+        let checked =
+            offload::check_tx(NetHdr::parse(&b), caps, p.len, l2, MAX_FRAME).map_err(|e| e.to_string());
+        let h = match checked {
+            Ok(h) if h.is_plain() => return true,
+            Ok(h) if h.gso_type == offload::GSO_NONE => h,
+            Ok(h) => {
+                if !self.snapshot(i, hdr, HEAD, c) {
+                    return false;
+                }
+                let p = &self.pkts[i];
+                let v6 = h.gso_type & !offload::GSO_ECN == offload::GSO_TCPV6;
+                match Segmenter::new(
+                    &self.heads[i][..p.head_len as usize],
+                    p.len,
+                    h.gso_size,
+                    v6,
+                    TagEdit::Keep,
+                ) {
+                    Ok(_) => h,
+                    Err(e) => {
+                        tracing::debug!("GSO frame refused: {e}");
+                        self.pkts[i].action = Action::Drop;
+                        c.malformed += 1;
+                        return false;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!("offload request refused: {e}");
+                self.pkts[i].action = Action::Drop;
+                c.malformed += 1;
+                return false;
+            }
+        };
+        self.vhdrs[i] = h;
+        self.pkts[i].offload = true;
+        true
     }
 
     /// Reads packet `i`'s first `want` bytes into its snapshot and takes its L2 fields from
@@ -538,30 +622,24 @@ impl Datapath {
             self.pkts[..n].iter().filter(|p| p.action == Action::Flood && p.targets == 0).count() as u64;
     }
 
-    /// Parks packet `i` (edited for its destination) on `rq`, whose next receive buffer waits
-    /// for a translation: a copy into the switch's memory, made only on this path. False if
-    /// the queue has [`PARK_MAX`] parked already: the packet is dropped (counted).
+    /// Parks unit `u` on `rq`, whose next receive buffer waits for a translation: rendered
+    /// (header included) into the switch's memory, the only copy made off the late-copy path.
+    /// False if the queue has [`PARK_MAX`] parked already: the unit is dropped (counted).
     #[cold]
     #[inline(never)]
-    fn park(&mut self, rq: &mut VirtQueue, i: usize, src_hdr: u32, edit: TagEdit) -> bool {
+    fn park(&mut self, rq: &mut VirtQueue, u: Unit, src_hdr: u32) -> bool {
+        let (hdr_len, caps) = (rq.hdr_len as u32, rq.caps);
         let Some(l) = rq.iotlb.as_deref_mut() else { return false };
-        let p = &self.pkts[i];
         if l.parked.len() >= PARK_MAX {
             l.stats().rx_miss_drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return false;
         }
-        let f = Frame {
-            segs: &self.segs[i][..p.nseg as usize],
-            skip: src_hdr,
-            len: p.len,
-            head: &self.heads[i][..p.head_len as usize],
-        };
-        let mut buf = vec![0u8; out_len(p.len, edit) as usize];
+        let mut buf = vec![0u8; (hdr_len + u.wire_len) as usize];
         // SAFETY: `buf` is ours and as long as the grant says; the sender's chain was walked
         // and its queue lock is held by our caller.
         let wrote = unsafe {
             let dst = Grant::<Rw>::from_raw(buf.as_mut_ptr(), buf.len() as u32);
-            copy_frame(&f, edit, &[], std::slice::from_ref(&dst))
+            self.render(u.pkt, u.edit, u.seg, 1, caps, hdr_len, src_hdr, std::slice::from_ref(&dst)).0
         };
         buf.truncate(wrote as usize);
         l.parked.push_back((buf, now_ns()));
@@ -599,12 +677,10 @@ impl Datapath {
             bump(&slot.stats.drop_no_buffer, lost);
             return;
         };
-        let (mut pk, mut by, mut copied, mut no_buf, mut bad, mut missed) =
-            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        let mut t = Tally::default();
         // The shaper, if any: taken after the queue's lock, released with it.
         let mut eg = if shaped { Some(dport.policy.egress.lock()) } else { None };
         let mut shaper: Option<&mut Shaper<Held>> = eg.as_mut().and_then(|g| g.as_mut());
-        let (mut new_held, mut shaped_drop, mut shaped_held) = (0u16, 0u64, 0u64);
         if let Some(s) = shaper.as_deref_mut() {
             s.advance(now_ns());
             release_held(rq, s);
@@ -616,13 +692,13 @@ impl Datapath {
         if parking && has_parked(rq) {
             drain_parked(rq).count(&slot.stats);
         }
-        let hdr_len = rq.hdr_len as u32;
         let pending = rq.ring.avail_pending().unwrap_or(0) as usize;
         for k in 0..pending.min(n) {
             rq.ring.prefetch_desc(rq.ring.peek_head(k as u16));
         }
-        // Pass 1: reserve receive buffers for every packet bound here and prefetch them for
-        // writing; nothing is copied yet, so a packet without a buffer costs no copy.
+        // Pass 1 reserves receive buffers for every packet bound here and prefetches them for
+        // writing; nothing is copied yet, so a packet without a buffer costs no copy. Pass 2
+        // (`fill`) copies.
         let mut planned = 0usize;
         for i in 0..n {
             let p = &self.pkts[i];
@@ -641,79 +717,152 @@ impl Datapath {
                 _ => continue,
             };
             let edit = VlanMode::edit(p.tci, p.vlan, out_tagged);
-            let wire_len = out_len(p.len, edit);
-            let need = hdr_len + wire_len;
+            let (len, head_len) = (p.len, p.head_len as usize);
+            let segment = p.offload && offload::how(&self.vhdrs[i], rq.caps) == How::Segment;
             self.pkts[i].targets += 1;
-            if parking && has_parked(rq) {
-                if !self.park(rq, i, src_hdr, edit) {
-                    missed += 1;
-                }
+            if !segment {
+                let u = Unit { pkt: i, edit, seg: 0, wire_len: out_len(len, edit) };
+                planned = self.reserve(rq, shaper.as_deref_mut(), parking, u, planned, src_hdr, &mut t);
                 continue;
             }
-            let res = match take_one_rx(rq, need) {
-                Some((head, one)) => {
-                    Ok(Plan { pkt: i as u8, edit, nseg: 1, nch: 1, empty: false, head, one })
-                }
-                None => {
-                    let rx = &mut self.rx[planned];
-                    take_rx(rq, need, &mut rx.segs, &mut rx.chains).map(|(nseg, nch)| Plan {
-                        pkt: i as u8,
-                        edit,
-                        nseg: nseg as u8,
-                        nch: nch as u8,
-                        empty: false,
-                        head: rx.chains[0].0,
-                        one: rx.segs[0],
-                    })
+            // A 64 KiB TCP frame for a receiver without TSO: cut in software, each segment a
+            // packet of its own. Its segments are copied in a pass of their own, so one
+            // segmenter serves them.
+            planned = self.fill(rq, planned, src_hdr, &mut t);
+            let vh = self.vhdrs[i];
+            let v6 = vh.gso_type & !offload::GSO_ECN == offload::GSO_TCPV6;
+            let sg = match Segmenter::new(&self.heads[i][..head_len], len, vh.gso_size, v6, edit) {
+                Ok(sg) => sg,
+                Err(e) => {
+                    // Checked when it was received: the sender rewrote its headers since.
+                    tracing::debug!(port = %dport.name, "GSO frame dropped: {e}");
+                    t.bad += 1;
+                    continue;
                 }
             };
-            match res {
-                Ok(plan) => {
-                    if let Some(s) = shaper.as_deref_mut() {
-                        // Decided before the copy: a packet the shaper drops is never copied.
-                        match s.offer(wire_len, Held { epoch: rq.epoch, entries: plan.nch as u16 }) {
-                            Offer::Send(_) => {}
-                            Offer::Queued => {
-                                new_held += plan.nch as u16;
-                                shaped_held += 1;
-                            }
-                            Offer::Dropped(_) => {
-                                rq.ring.unpop(plan.nch as u16);
-                                shaped_drop += 1;
-                                continue;
-                            }
+            self.seg = Some(sg);
+            t.segmented += 1;
+            for k in 0..sg.count() {
+                let u = Unit { pkt: i, edit, seg: k as u16 + 1, wire_len: sg.header_len() + sg.payload(k).1 };
+                planned = self.reserve(rq, shaper.as_deref_mut(), parking, u, planned, src_hdr, &mut t);
+            }
+            planned = self.fill(rq, planned, src_hdr, &mut t);
+        }
+        self.fill(rq, planned, src_hdr, &mut t);
+        rq.held += t.new_held;
+        rq.publish();
+        if rq.notify() {
+            bump(&slot.stats.interrupts, 1);
+        }
+        if let Some(sh) = shaper {
+            dport.policy.held.store(sh.len() as u32, std::sync::atomic::Ordering::Relaxed);
+            bump(&dport.policy.stats.shaped_held, t.shaped_held);
+            bump(&dport.policy.stats.shaped_dropped, t.shaped_drop);
+        }
+        drop(eg);
+        let s: &QueueStats = &slot.stats;
+        bump(&s.packets, t.pk);
+        bump(&s.bytes, t.by);
+        bump(&s.copies, t.pk);
+        bump(&s.bytes_copied, t.by);
+        bump(&s.drop_no_buffer, t.no_buf + t.missed);
+        bump(&s.drop_malformed, t.bad);
+        bump(&s.drop_policy, t.shaped_drop);
+        bump(&s.gso_whole, t.whole);
+        bump(&s.gso_segmented, t.segmented);
+        bump(&s.csum_completed, t.completed);
+    }
+
+    /// Reserves receive buffers for unit `u` (planned at `planned`, after a copy pass if the
+    /// plan is full), or parks it, or counts why it cannot go. Returns the plans now made.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn reserve(
+        &mut self,
+        rq: &mut VirtQueue,
+        shaper: Option<&mut Shaper<Held>>,
+        parking: bool,
+        u: Unit,
+        mut planned: usize,
+        src_hdr: u32,
+        t: &mut Tally,
+    ) -> usize {
+        if planned == BURST {
+            planned = self.fill(rq, planned, src_hdr, t);
+        }
+        if parking && has_parked(rq) {
+            if !self.park(rq, u, src_hdr) {
+                t.missed += 1;
+            }
+            return planned;
+        }
+        let need = rq.hdr_len as u32 + u.wire_len;
+        let plan = Plan { pkt: u.pkt as u8, edit: u.edit, seg: u.seg, nseg: 1, nch: 1, ..Plan::default() };
+        let res = match take_one_rx(rq, need) {
+            Some((head, one)) => Ok(Plan { head, one, ..plan }),
+            None => {
+                let rx = &mut self.rx[planned];
+                take_rx(rq, need, &mut rx.segs, &mut rx.chains).map(|(nseg, nch)| Plan {
+                    nseg: nseg as u8,
+                    nch: nch as u8,
+                    head: rx.chains[0].0,
+                    one: rx.segs[0],
+                    ..plan
+                })
+            }
+        };
+        match res {
+            Ok(plan) => {
+                if let Some(s) = shaper {
+                    // Decided before the copy: a packet the shaper drops is never copied.
+                    match s.offer(u.wire_len, Held { epoch: rq.epoch, entries: plan.nch as u16 }) {
+                        Offer::Send(_) => {}
+                        Offer::Queued => {
+                            t.new_held += plan.nch as u16;
+                            t.shaped_held += 1;
+                        }
+                        Offer::Dropped(_) => {
+                            rq.ring.unpop(plan.nch as u16);
+                            t.shaped_drop += 1;
+                            return planned;
                         }
                     }
-                    prefetch_write(plan.one);
-                    self.plans[planned] = plan;
-                    planned += 1;
                 }
-                Err(RxFail::NoBuffer) => no_buf += 1,
-                Err(RxFail::Miss(iova)) => {
-                    // The translation is asked for (with those of every buffer posted after
-                    // it); the packet waits for it, parked, or is dropped on a shaped port.
-                    rx_misses(rq, iova, !parking);
-                    if !parking || !self.park(rq, i, src_hdr, edit) {
-                        missed += 1;
-                    }
-                }
-                Err(RxFail::Malformed(nch)) => {
-                    // Returned in pass 2 with the others, so used entries keep ring order
-                    // (VIRTIO_F_IN_ORDER). Behind a held packet they are held with it.
-                    bad += 1;
-                    if let Some(h) = shaper.as_deref_mut().and_then(|s| s.back_mut()) {
-                        if h.epoch == rq.epoch {
-                            h.entries += nch as u16;
-                            new_held += nch as u16;
-                        }
-                    }
-                    self.plans[planned] =
-                        Plan { pkt: i as u8, nch: nch as u8, empty: true, ..Plan::default() };
-                    planned += 1;
+                prefetch_write(plan.one);
+                self.plans[planned] = plan;
+                planned += 1;
+            }
+            Err(RxFail::NoBuffer) => t.no_buf += 1,
+            Err(RxFail::Miss(iova)) => {
+                // The translation is asked for (with those of every buffer posted after it);
+                // the unit waits for it, parked, or is dropped on a shaped port.
+                rx_misses(rq, iova, !parking);
+                if !parking || !self.park(rq, u, src_hdr) {
+                    t.missed += 1;
                 }
             }
+            Err(RxFail::Malformed(nch)) => {
+                // Returned in the copy pass with the others, so used entries keep ring order
+                // (VIRTIO_F_IN_ORDER). Behind a held packet they are held with it.
+                t.bad += 1;
+                if let Some(h) = shaper.and_then(|s| s.back_mut()) {
+                    if h.epoch == rq.epoch {
+                        h.entries += nch as u16;
+                        t.new_held += nch as u16;
+                    }
+                }
+                self.plans[planned] =
+                    Plan { pkt: u.pkt as u8, nch: nch as u8, empty: true, ..Plan::default() };
+                planned += 1;
+            }
         }
-        // Pass 2: the late copies, straight from the senders' memory, then the used entries.
+        planned
+    }
+
+    /// The copy pass: the late copies of every planned unit, straight from the senders'
+    /// memory, then their used entries (in ring order). Returns 0, the plans left.
+    fn fill(&mut self, rq: &mut VirtQueue, planned: usize, src_hdr: u32, t: &mut Tally) -> usize {
+        let hdr_len = rq.hdr_len as u32;
         for k in 0..planned {
             let plan = self.plans[k];
             if plan.empty {
@@ -724,53 +873,163 @@ impl Datapath {
             }
             let i = plan.pkt as usize;
             let p = &self.pkts[i];
-            let mut hdr = [0u8; 12];
-            hdr[10..12].copy_from_slice(&(plan.nch as u16).to_le_bytes());
-            // The frame starts after the sender's own virtio-net header.
-            let f = Frame {
-                segs: &self.segs[i][..p.nseg as usize],
-                skip: src_hdr,
-                len: p.len,
-                head: &self.heads[i][..p.head_len as usize],
-            };
-            let hdr = &hdr[..hdr_len as usize];
-            if plan.nch == 1 && plan.nseg == 1 {
+            let one = plan.nch == 1 && plan.nseg == 1;
+            let dst =
+                if one { std::slice::from_ref(&plan.one) } else { &self.rx[k].segs[..plan.nseg as usize] };
+            let wrote = if !p.offload {
+                let mut hdr = [0u8; 12];
+                hdr[10..12].copy_from_slice(&(plan.nch as u16).to_le_bytes());
+                // The frame starts after the sender's own virtio-net header.
+                let f = Frame {
+                    segs: &self.segs[i][..p.nseg as usize],
+                    skip: src_hdr,
+                    len: p.len,
+                    head: &self.heads[i][..p.head_len as usize],
+                };
                 // SAFETY: both chains were walked and bounds-checked; the sender's queue lock
-                // (held by our caller) and this queue's lock keep both memories mapped; `need`
-                // bytes of room were reserved.
-                let wrote = unsafe { copy_frame(&f, plan.edit, hdr, std::slice::from_ref(&plan.one)) };
+                // (held by our caller) and this queue's lock keep both memories mapped; room
+                // for the unit was reserved.
+                unsafe { copy_frame(&f, plan.edit, &hdr[..hdr_len as usize], dst) }
+            } else {
+                // SAFETY: as above.
+                let (wrote, how) =
+                    unsafe { self.render(i, plan.edit, plan.seg, plan.nch, rq.caps, hdr_len, src_hdr, dst) };
+                match how {
+                    How::Complete => t.completed += 1,
+                    How::Pass if self.vhdrs[i].gso_type != offload::GSO_NONE => t.whole += 1,
+                    _ => {}
+                }
+                wrote
+            };
+            if one {
                 rq.ring.push_used(plan.head, wrote);
             } else {
-                let rx = &self.rx[k];
-                // SAFETY: as above.
-                let wrote = unsafe { copy_frame(&f, plan.edit, hdr, &rx.segs[..plan.nseg as usize]) };
-                push_used_spread(rq, &rx.chains[..plan.nch as usize], wrote);
+                push_used_spread(rq, &self.rx[k].chains[..plan.nch as usize], wrote);
             }
-            let edit = plan.edit;
-            pk += 1;
-            by += out_len(p.len, edit) as u64;
-            copied += (p.len - if edit == TagEdit::Pop { 4 } else { 0 }) as u64;
+            t.pk += 1;
+            t.by += wrote.saturating_sub(hdr_len) as u64;
         }
-        rq.held += new_held;
-        rq.publish();
-        if rq.notify() {
-            bump(&slot.stats.interrupts, 1);
-        }
-        if let Some(sh) = shaper {
-            dport.policy.held.store(sh.len() as u32, std::sync::atomic::Ordering::Relaxed);
-            bump(&dport.policy.stats.shaped_held, shaped_held);
-            bump(&dport.policy.stats.shaped_dropped, shaped_drop);
-        }
-        drop(eg);
-        let s: &QueueStats = &slot.stats;
-        bump(&s.packets, pk);
-        bump(&s.bytes, by);
-        bump(&s.copies, pk);
-        bump(&s.bytes_copied, copied);
-        bump(&s.drop_no_buffer, no_buf + missed);
-        bump(&s.drop_malformed, bad);
-        bump(&s.drop_policy, shaped_drop);
+        0
     }
+
+    /// Renders packet `i` with an offload request for one receiver (tag edit `edit`, `caps`,
+    /// header length `hdr_len`, `nch` buffers) into `dst`: the request passed on, the checksum
+    /// completed, or segment `seg - 1` of the current segmenter. Returns the bytes written
+    /// and what was done.
+    ///
+    /// # Safety
+    /// As for [`copy_frame`].
+    #[cold]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn render(
+        &self,
+        i: usize,
+        edit: TagEdit,
+        seg: u16,
+        nch: u8,
+        caps: Caps,
+        hdr_len: u32,
+        src_hdr: u32,
+        dst: &[Grant<Rw>],
+    ) -> (u32, How) {
+        let p = &self.pkts[i];
+        let vh = self.vhdrs[i];
+        let f = Frame {
+            segs: &self.segs[i][..p.nseg as usize],
+            skip: src_hdr,
+            len: p.len,
+            head: &self.heads[i][..p.head_len as usize],
+        };
+        let mut hb = [0u8; 12 + gso::MAX_HDR + 4];
+        hb[10..12].copy_from_slice(&(nch as u16).to_le_bytes());
+        let vnet = |h: NetHdr, hb: &mut [u8; 12 + gso::MAX_HDR + 4]| {
+            if p.offload {
+                h.write(hb.first_chunk_mut::<10>().expect("header room"));
+            }
+        };
+        let how = if p.offload { offload::how(&vh, caps) } else { How::Plain };
+        let h = hdr_len as usize;
+        // Every unsafe block below: the caller's contract forwarded (valid grants; every read
+        // and write is bounded by them).
+        let wrote = match how {
+            // SAFETY: forwarded.
+            How::Plain => unsafe { copy_frame(&f, edit, &hb[..h], dst) },
+            How::Pass => {
+                vnet(vh.edited(edit), &mut hb);
+                // SAFETY: forwarded.
+                unsafe { copy_frame(&f, edit, &hb[..h], dst) }
+            }
+            How::Complete => {
+                // SAFETY: forwarded.
+                let wrote = unsafe { copy_frame(&f, edit, &hb[..h], dst) };
+                // Over the bytes delivered (snapshot included), the sender's pseudo-header sum
+                // in the field counting as it must.
+                let start = vh.csum_start as u32;
+                let mut s = Sum::new();
+                // SAFETY: forwarded.
+                unsafe { frame_sum(&f, start, p.len - start, &mut s) };
+                let mut sum = s.checksum();
+                if sum == 0 && vh.csum_offset == 6 {
+                    sum = 0xffff; // UDP: zero means "no checksum"
+                }
+                let at = (hdr_len as i64 + start as i64 + offload::edit_delta(edit) as i64) as u32
+                    + vh.csum_offset as u32;
+                // SAFETY: forwarded.
+                unsafe { iommu::grant::write_granted(dst, at, &sum.to_be_bytes()) };
+                wrote
+            }
+            How::Segment => {
+                let Some(sg) = self.seg.as_ref() else { return (0, how) };
+                let k = seg.saturating_sub(1) as u32;
+                let (off, plen) = sg.payload(k);
+                let ps = (!caps.rx_csum).then(|| {
+                    let mut s = Sum::new();
+                    // SAFETY: forwarded.
+                    unsafe { frame_sum(&f, off, plen, &mut s) };
+                    s
+                });
+                let hl = sg.header_len() as usize;
+                let vh2 = sg.header(k, ps, &mut hb[h..h + hl]);
+                vnet(vh2, &mut hb);
+                let mut w = GrantWriter::new(dst);
+                // SAFETY: forwarded.
+                unsafe {
+                    w.put(&hb[..h + hl]);
+                    copy_range(&f, off, plen, &mut w);
+                }
+                w.written()
+            }
+        };
+        (wrote, how)
+    }
+}
+
+/// One thing to deliver into one receive queue: a packet, or one segment of it.
+#[derive(Clone, Copy)]
+struct Unit {
+    pkt: usize,
+    edit: TagEdit,
+    /// 0: the whole packet; k: segment k - 1.
+    seg: u16,
+    /// Bytes after the receiver's virtio-net header.
+    wire_len: u32,
+}
+
+/// What one delivery into one queue did.
+#[derive(Default)]
+struct Tally {
+    pk: u64,
+    by: u64,
+    no_buf: u64,
+    bad: u64,
+    missed: u64,
+    new_held: u16,
+    shaped_drop: u64,
+    shaped_held: u64,
+    whole: u64,
+    segmented: u64,
+    completed: u64,
 }
 
 /// Takes from the shaper every held packet its tokens allow and un-holds its used entries
@@ -935,22 +1194,27 @@ fn drain_parked(rq: &mut VirtQueue) -> Drained {
             d.timed_out += 1;
             continue;
         }
-        match take_rx(rq, hdr_len + frame.len() as u32, &mut rx.segs, &mut rx.chains) {
+        // A parked unit holds its virtio-net header: only the buffer count is new.
+        let h = (hdr_len as usize).min(frame.len());
+        match take_rx(rq, frame.len() as u32, &mut rx.segs, &mut rx.chains) {
             Ok((nseg, nch)) => {
                 let mut hdr = [0u8; 12];
-                hdr[10..12].copy_from_slice(&(nch as u16).to_le_bytes());
+                hdr[..h].copy_from_slice(&frame[..h]);
+                if h == 12 {
+                    hdr[10..12].copy_from_slice(&(nch as u16).to_le_bytes());
+                }
                 // SAFETY: the buffers were just walked under this queue's lock, which our
                 // caller holds; `frame` is ours.
                 let wrote = unsafe {
                     let src = Grant::<Ro>::from_raw(frame.as_ptr() as *mut u8, frame.len() as u32);
                     let mut w = GrantWriter::new(&rx.segs[..nseg]);
-                    w.put(&hdr[..hdr_len as usize]);
-                    w.copy_from(std::slice::from_ref(&src), 0, frame.len() as u32);
+                    w.put(&hdr[..h]);
+                    w.copy_from(std::slice::from_ref(&src), h as u32, (frame.len() - h) as u32);
                     w.written()
                 };
                 push_used_spread(rq, &rx.chains[..nch], wrote);
                 d.packets += 1;
-                d.bytes += frame.len() as u64;
+                d.bytes += (frame.len() - h) as u64;
             }
             Err(e) => {
                 if let RxFail::Malformed(nch) = e {
@@ -1048,16 +1312,22 @@ mod tests {
     }
 
     fn net(modes: Vec<VlanMode>, mrg: bool) -> Net {
+        let n = modes.len();
+        net_caps(modes, vec![Caps::default(); n], mrg)
+    }
+
+    /// Guests that negotiated the offloads `caps`.
+    fn net_caps(modes: Vec<VlanMode>, caps: Vec<Caps>, mrg: bool) -> Net {
         let mut dp = Datapath::new(0, Arc::new(Fdb::new(1024, 300)));
         let mut guests = Vec::new();
         let mut ports = Vec::new();
-        for (i, mode) in modes.into_iter().enumerate() {
-            let mut g = MockGuest::new(1 << 20);
+        for (i, (mode, caps)) in modes.into_iter().zip(caps).enumerate() {
+            let mut g = MockGuest::new(4 << 20);
             let tx = g.ring(64);
             let rx = g.ring(64);
             let port = Arc::new(Port::new(i as u16, format!("p{i}"), mode, MACS[i], 1));
-            *port.txq[0].lock() = Some(tx.queue(&g, mrg));
-            *port.rxq[0].lock() = Some(rx.queue(&g, mrg));
+            *port.txq[0].lock() = Some(tx.queue_with(&g, mrg, caps));
+            *port.rxq[0].lock() = Some(rx.queue_with(&g, mrg, caps));
             dp.add_port(port.clone());
             ports.push(port);
             guests.push(Guest { g, tx, rx, rx_bufs: HashMap::new() });
@@ -1101,6 +1371,47 @@ mod tests {
         fn poll(&mut self, p: usize) -> usize {
             let port = self.ports[p].clone();
             self.dp.poll_queue(&port, 0, 1)
+        }
+
+        /// Sends `frame` behind a virtio-net header asking `vh`, the frame cut into `pieces`
+        /// descriptors.
+        fn send_with(&mut self, p: usize, vh: NetHdr, frame: &[u8], pieces: usize) {
+            let gu = &mut self.guests[p];
+            let mut b = [0u8; 12];
+            vh.write(b.first_chunk_mut::<10>().unwrap());
+            let mut all = b.to_vec();
+            all.extend_from_slice(frame);
+            let gpa = gu.g.alloc(all.len() as u64, 8);
+            gu.g.write(gpa, &all);
+            let step = all.len().div_ceil(pieces);
+            let bufs: Vec<_> = (0..all.len())
+                .step_by(step)
+                .map(|o| (gpa + o as u64, step.min(all.len() - o) as u32, 0))
+                .collect();
+            gu.tx.add_chain(&gu.g, &bufs);
+        }
+
+        /// Frames delivered to `p` since last asked, with their virtio-net headers.
+        fn received_hdrs(&mut self, p: usize) -> Vec<(NetHdr, Vec<u8>)> {
+            let gu = &mut self.guests[p];
+            let used = gu.rx.take_used(&gu.g);
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < used.len() {
+                let (id, len) = used[i];
+                let (gpa, _) = gu.rx_bufs[&id];
+                let first = gu.g.read(gpa, len as usize);
+                let nbuf = u16::from_le_bytes([first[10], first[11]]) as usize;
+                let vh = NetHdr::parse(first.first_chunk::<10>().unwrap());
+                let mut f = first[12..].to_vec();
+                for &(id2, len2) in &used[i + 1..i + nbuf] {
+                    let (gpa2, _) = gu.rx_bufs[&id2];
+                    f.extend(gu.g.read(gpa2, len2 as usize));
+                }
+                out.push((vh, f));
+                i += nbuf.max(1);
+            }
+            out
         }
 
         /// Frames delivered to `p` since last asked (headers checked and stripped).
@@ -1383,5 +1694,183 @@ mod tests {
         }
         n.poll(0);
         assert_eq!(n.received(1), vec![f]);
+    }
+
+    fn all_caps() -> Caps {
+        Caps::from_features(crate::virtio::features::Negotiated { bits: crate::virtio::features::OFFLOADS })
+    }
+
+    fn tso4(gso_size: u16, l2: u16) -> NetHdr {
+        NetHdr {
+            flags: offload::F_NEEDS_CSUM,
+            gso_type: offload::GSO_TCPV4,
+            hdr_len: l2 + 52,
+            gso_size,
+            csum_start: l2 + 20,
+            csum_offset: 16,
+        }
+    }
+
+    /// What a receiving kernel does with NEEDS_CSUM.
+    fn complete_csum(vh: NetHdr, f: &mut [u8]) {
+        assert_eq!(vh.flags, offload::F_NEEDS_CSUM);
+        let (st, at) = (vh.csum_start as usize, (vh.csum_start + vh.csum_offset) as usize);
+        let mut s = Sum::new();
+        s.add(&f[st..]);
+        f[at..at + 2].copy_from_slice(&s.checksum().to_be_bytes());
+    }
+
+    #[test]
+    fn test_gso_frame_goes_whole_to_tso_receivers_and_cut_for_the_others() {
+        use crate::offload::gso::tests::{check, gso_frame, FLAGS};
+        // p1 takes TSO, p2 nothing, p3 only partial checksums. The frame's destination is
+        // unknown, so it floods to all three: one frame, three treatments.
+        let csum_only = Caps { rx_csum: true, ..Caps::default() };
+        let caps = vec![all_caps(), all_caps(), Caps::default(), csum_only];
+        let mut n = net_caps(vec![VlanMode::default(); 4], caps, true);
+        for p in 1..4 {
+            n.post_rx(p, 60, 2048);
+        }
+        let f = gso_frame(false, None, 20_000, FLAGS);
+        n.send_with(0, tso4(1448, 14), &f, 19);
+        assert_eq!(n.poll(0), 1);
+        let whole = n.received_hdrs(1);
+        assert_eq!(whole.len(), 1, "one 20 KB frame, in mergeable buffers");
+        assert_eq!(whole[0].0, tso4(1448, 14), "the request passed on as is");
+        assert_eq!(whole[0].1, f);
+        assert_eq!(n.rx_stats(1).gso_whole, 1);
+
+        let cut: Vec<_> = n
+            .received_hdrs(2)
+            .into_iter()
+            .map(|(vh, s)| {
+                assert_eq!(vh, NetHdr::default(), "full checksums, nothing asked");
+                s
+            })
+            .collect();
+        assert_eq!(cut.len(), 14);
+        check(&f, &cut, false, 1448, FLAGS, None);
+        let st = n.rx_stats(2);
+        assert_eq!((st.gso_segmented, st.packets, st.drop_no_buffer), (1, 14, 0));
+
+        let partial: Vec<_> = n
+            .received_hdrs(3)
+            .into_iter()
+            .map(|(vh, mut s)| {
+                complete_csum(vh, &mut s);
+                s
+            })
+            .collect();
+        check(&f, &partial, false, 1448, FLAGS, None);
+        assert_eq!(n.tx_stats(0).packets, 1);
+        assert_eq!(n.tx_stats(0).drop_malformed, 0);
+    }
+
+    #[test]
+    fn test_gso_across_vlan_edits_and_ipv6() {
+        use crate::offload::gso::tests::{check, gso_frame, FLAGS};
+        // p0 sends untagged on VLAN 5; the trunks get it tagged: offsets move by 4.
+        let caps = vec![all_caps(), all_caps(), Caps::default()];
+        let mut n = net_caps(vec![VlanMode::Access(5), trunk(&[5]), trunk(&[5])], caps, true);
+        n.post_rx(1, 60, 2048);
+        n.post_rx(2, 60, 2048);
+        let f = gso_frame(true, None, 9_001, FLAGS);
+        let vh = NetHdr {
+            gso_type: offload::GSO_TCPV6 | offload::GSO_ECN,
+            hdr_len: 86,
+            csum_start: 54,
+            ..tso4(1000, 14)
+        };
+        n.send_with(0, vh, &f, 3);
+        n.poll(0);
+        let whole = n.received_hdrs(1);
+        assert_eq!(whole.len(), 1);
+        assert_eq!(whole[0].0, NetHdr { hdr_len: 90, csum_start: 58, ..vh });
+        assert_eq!(whole[0].1, tagged(&f, 5));
+        let cut: Vec<_> = n.received_hdrs(2).into_iter().map(|(_, s)| s).collect();
+        check(&f, &cut, true, 1000, FLAGS, Some(5));
+    }
+
+    #[test]
+    fn test_whole_gso_frame_fills_one_big_chain_without_mergeable_buffers() {
+        // A Linux guest with TSO and no MRG_RXBUF posts 19-page chains ("big packets").
+        use crate::offload::gso::tests::{gso_frame, FLAGS};
+        let mut n = net_caps(vec![VlanMode::default(); 2], vec![all_caps(); 2], false);
+        let gu = &mut n.guests[1];
+        let bufs: Vec<_> = (0..19).map(|_| (gu.g.alloc(4096, 4096), 4096, DESC_F_WRITE)).collect();
+        let head = gu.rx.add_chain(&gu.g, &bufs);
+        let f = gso_frame(false, None, 65_000, FLAGS);
+        n.send_with(0, tso4(1448, 14), &f, 19);
+        n.poll(0);
+        let gu = &mut n.guests[1];
+        let used = gu.rx.take_used(&gu.g);
+        assert_eq!(used, vec![(head as u32, 12 + f.len() as u32)]);
+        let mut got = Vec::new();
+        for &(gpa, len, _) in &bufs {
+            got.extend(gu.g.read(gpa, len as usize));
+        }
+        assert_eq!(&got[12..12 + f.len()], &f[..]);
+    }
+
+    #[test]
+    fn test_partial_checksum_passed_on_or_completed() {
+        use crate::offload::csum::pseudo_v4;
+        use crate::offload::gso::tests::{gso_frame, V4};
+        use pnet_packet::tcp::{ipv4_checksum, TcpPacket};
+        // p2 gets it tagged: the completed checksum lands 4 bytes further.
+        let csum_only = Caps { rx_csum: true, ..Caps::default() };
+        let caps = vec![all_caps(), csum_only, Caps::default()];
+        let mut n = net_caps(vec![VlanMode::Access(3), VlanMode::Access(3), trunk(&[3])], caps, true);
+        n.post_rx(1, 4, 2048);
+        n.post_rx(2, 4, 2048);
+        let mut f = gso_frame(false, None, 999, 0x18);
+        // As Linux leaves it: the pseudo-header sum in the field.
+        let ps = pseudo_v4(&V4.0.octets(), &V4.1.octets(), 6, (f.len() - 34) as u32).fold();
+        f[50..52].copy_from_slice(&ps.to_be_bytes());
+        let vh =
+            NetHdr { flags: offload::F_NEEDS_CSUM, csum_start: 34, csum_offset: 16, ..NetHdr::default() };
+        n.send_with(0, vh, &f, 2);
+        n.poll(0);
+        let passed = n.received_hdrs(1);
+        assert_eq!(passed, vec![(vh, f.clone())]);
+        let done = n.received_hdrs(2);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].0, NetHdr::default());
+        let t = TcpPacket::new(&done[0].1[38..]).unwrap();
+        assert_eq!(t.get_checksum(), ipv4_checksum(&t, &V4.0, &V4.1), "completed in software");
+        assert_eq!(&done[0].1[..50 + 4], &tagged(&f, 3)[..54]);
+        assert_eq!(&done[0].1[56..], &tagged(&f, 3)[56..]);
+        assert_eq!(n.rx_stats(2).csum_completed, 1);
+        assert_eq!(n.rx_stats(1).csum_completed, 0);
+    }
+
+    #[test]
+    fn test_bad_offload_requests_are_dropped_and_ignored_without_offloads() {
+        use crate::offload::gso::tests::{gso_frame, FLAGS};
+        let caps = vec![all_caps(), all_caps(), Caps::default()];
+        let mut n = net_caps(vec![VlanMode::default(); 3], caps, true);
+        n.post_rx(1, 16, 2048);
+        let f = gso_frame(false, None, 100, 0x18);
+        // The checksum field past the frame's end.
+        let bad =
+            NetHdr { flags: offload::F_NEEDS_CSUM, csum_start: 200, csum_offset: 16, ..NetHdr::default() };
+        n.send_with(0, bad, &f, 1);
+        // TCPv6 said, IPv4 given.
+        let v6 = NetHdr { gso_type: offload::GSO_TCPV6, ..tso4(1448, 14) };
+        n.send_with(0, v6, &gso_frame(false, None, 5000, FLAGS), 1);
+        // Segment size 0.
+        n.send_with(0, tso4(0, 14), &gso_frame(false, None, 5000, FLAGS), 1);
+        // Longer than a frame without GSO may be.
+        let plain =
+            NetHdr { flags: offload::F_NEEDS_CSUM, csum_start: 34, csum_offset: 16, ..NetHdr::default() };
+        n.send_with(0, plain, &gso_frame(false, None, 12_000, FLAGS), 1);
+        n.poll(0);
+        assert_eq!(n.tx_stats(0).drop_malformed, 4);
+        assert!(n.received_hdrs(1).is_empty());
+        assert_eq!(n.tx_returned(0).len(), 4, "every chain given back");
+        // p2 negotiated nothing: whatever its header says is not a request.
+        n.send_with(2, tso4(1448, 14), &f, 1);
+        n.poll(2);
+        assert_eq!(n.received_hdrs(1), vec![(NetHdr::default(), f.clone())]);
     }
 }

@@ -10,6 +10,7 @@ use iommu::grant::read_granted;
 use iommu::{Grant, GrantWriter, Ro, Rw};
 
 use crate::l2::TagEdit;
+use crate::offload::csum::{sum_granted, Sum};
 
 /// Where a frame lives in the sender's memory: its chain's segments, the sender's header
 /// length to skip, and the frame length; plus the snapshot of its first bytes that the
@@ -101,9 +102,30 @@ unsafe fn copy_frame_slow(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], dst: &[Grant
     w.written()
 }
 
+/// Adds frame bytes `[from, from + n)` to a checksum: those the snapshot covers from it (what
+/// is delivered), the rest from the chain.
+///
+/// # Safety
+/// As for `copy_frame`.
+pub unsafe fn frame_sum(f: &Frame<'_>, from: u32, n: u32, sum: &mut Sum) {
+    let (mut from, mut n) = (from, n);
+    let h = f.head.len() as u32;
+    if from < h {
+        let k = (h - from).min(n);
+        sum.add(&f.head[from as usize..(from + k) as usize]);
+        from += k;
+        n -= k;
+    }
+    // SAFETY: forwarded.
+    unsafe { sum_granted(f.segs, f.skip + from, n, sum) };
+}
+
 /// Copies frame bytes `[from, from + n)` (frame offsets, after the sender's header): those the
 /// snapshot covers from it, the rest from the chain.
-unsafe fn copy_range(f: &Frame<'_>, from: u32, n: u32, w: &mut GrantWriter<'_>) {
+///
+/// # Safety
+/// As for `copy_frame`.
+pub unsafe fn copy_range(f: &Frame<'_>, from: u32, n: u32, w: &mut GrantWriter<'_>) {
     let (mut from, mut n) = (from, n);
     let h = f.head.len() as u32;
     if from < h {

@@ -242,6 +242,7 @@ impl VhostDevice {
             hdr_len: self.acked.net_hdr_len(),
             mrg_rxbuf: self.acked.has(features::NET_F_MRG_RXBUF),
             indirect: self.acked.has(features::RING_F_INDIRECT_DESC),
+            caps: crate::offload::Caps::from_features(self.acked),
         };
         let domain = self.port.id as u32;
         let dma = if self.iova_mode() {
@@ -425,13 +426,14 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
     }
 
     fn get_features(&mut self) -> VuResult<u64> {
-        Ok(features::OFFERED)
+        Ok(features::offered(self.port.offloads))
     }
 
     fn set_features(&mut self, bits: u64) -> VuResult<()> {
         tracing::debug!(port = %self.port.name, "SET_FEATURES {bits:#x}");
-        if bits & !features::OFFERED != 0 {
-            return Err(refuse(format!("features {:#x} were not offered", bits & !features::OFFERED)));
+        let offered = features::offered(self.port.offloads);
+        if bits & !offered != 0 {
+            return Err(refuse(format!("features {:#x} were not offered", bits & !offered)));
         }
         if bits != self.acked.bits && self.any_running() {
             return Err(refuse("features cannot change while queues run".into()));

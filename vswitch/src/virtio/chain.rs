@@ -10,8 +10,10 @@ use iommu::{Access, Dma, DmaError, FaultReason, Grant};
 use super::ring::{Desc, SplitRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MAX_RING_SIZE};
 
 /// Most buffers one packet may span. Linux and DPDK use one or two for frames without
-/// offloads; a chain that needs more is refused rather than walked without bound.
-pub const MAX_SEGS: usize = 16;
+/// offloads; a Linux TSO frame takes up to MAX_SKB_FRAGS + 2 (19), and so does a receive
+/// buffer of a guest with TSO and no mergeable buffers. A chain that needs more is refused
+/// rather than walked without bound.
+pub const MAX_SEGS: usize = 32;
 
 /// Why a chain was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

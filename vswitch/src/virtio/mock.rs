@@ -152,6 +152,11 @@ impl MockRing {
 
     /// A running device-side queue over this ring.
     pub fn queue(&self, g: &MockGuest, mrg_rxbuf: bool) -> VirtQueue {
+        self.queue_with(g, mrg_rxbuf, Default::default())
+    }
+
+    /// A running queue whose guest negotiated the offloads `caps`.
+    pub fn queue_with(&self, g: &MockGuest, mrg_rxbuf: bool, caps: crate::offload::Caps) -> VirtQueue {
         let s = QueueSetup {
             addrs: self.addrs(),
             size: self.size as u32,
@@ -160,6 +165,7 @@ impl MockRing {
             hdr_len: 12,
             mrg_rxbuf,
             indirect: true,
+            caps,
         };
         VirtQueue::new(g.dma(), &s, None, None).unwrap()
     }

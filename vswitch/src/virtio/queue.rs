@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use iommu::Dma;
 
+use crate::offload::{Caps, MAX_GSO_FRAME};
+use crate::pmd::burst::MAX_FRAME;
 use crate::vhost::iotlb::IotlbLink;
 
 use super::ring::{RingAddrs, RingError, SplitRing};
@@ -31,6 +33,10 @@ pub struct VirtQueue {
     pub mrg_rxbuf: bool,
     /// Whether the guest may use indirect tables.
     pub indirect: bool,
+    /// The offloads this guest negotiated.
+    pub caps: Caps,
+    /// Longest frame the guest may send (64 KiB with TSO).
+    pub max_frame: u32,
     /// Whether the ring was stopped for misbehaving (e.g. avail index overrun).
     pub broken: bool,
     /// Eventfd that interrupts the guest, if it wants interrupts.
@@ -61,6 +67,8 @@ pub struct QueueSetup {
     pub mrg_rxbuf: bool,
     /// INDIRECT_DESC negotiated.
     pub indirect: bool,
+    /// Offloads negotiated.
+    pub caps: Caps,
 }
 
 impl VirtQueue {
@@ -82,6 +90,8 @@ impl VirtQueue {
             hdr_len: s.hdr_len,
             mrg_rxbuf: s.mrg_rxbuf,
             indirect: s.indirect,
+            caps: s.caps,
+            max_frame: if s.caps.tx_tso4 || s.caps.tx_tso6 { MAX_GSO_FRAME } else { MAX_FRAME },
             broken: false,
             call,
             kick,
@@ -148,6 +158,12 @@ pub struct QueueStats {
     pub bytes_copied: AtomicU64,
     /// Interrupts sent to the guest.
     pub interrupts: AtomicU64,
+    /// TCP frames of up to 64 KiB delivered whole (the receiver negotiated TSO).
+    pub gso_whole: AtomicU64,
+    /// TCP frames of up to 64 KiB cut into segments in software for this receiver.
+    pub gso_segmented: AtomicU64,
+    /// Checksums completed in software for this receiver.
+    pub csum_completed: AtomicU64,
 }
 
 /// Single-writer add: a plain load and store, no locked instruction.
@@ -182,6 +198,15 @@ pub struct QueueCounters {
     pub bytes_copied: u64,
     /// See [`QueueStats::interrupts`].
     pub interrupts: u64,
+    /// See [`QueueStats::gso_whole`].
+    #[serde(default)]
+    pub gso_whole: u64,
+    /// See [`QueueStats::gso_segmented`].
+    #[serde(default)]
+    pub gso_segmented: u64,
+    /// See [`QueueStats::csum_completed`].
+    #[serde(default)]
+    pub csum_completed: u64,
 }
 
 impl QueueStats {
@@ -199,6 +224,9 @@ impl QueueStats {
             copies: r(&self.copies),
             bytes_copied: r(&self.bytes_copied),
             interrupts: r(&self.interrupts),
+            gso_whole: r(&self.gso_whole),
+            gso_segmented: r(&self.gso_segmented),
+            csum_completed: r(&self.csum_completed),
         }
     }
 }
@@ -215,5 +243,8 @@ impl std::ops::AddAssign for QueueCounters {
         self.copies += o.copies;
         self.bytes_copied += o.bytes_copied;
         self.interrupts += o.interrupts;
+        self.gso_whole += o.gso_whole;
+        self.gso_segmented += o.gso_segmented;
+        self.csum_completed += o.csum_completed;
     }
 }
