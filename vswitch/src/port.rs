@@ -5,6 +5,9 @@
 //! Holding a slot's lock is what keeps the guest memory its queue points into mapped, so a
 //! burst never races a memory-table change or a disconnect.
 
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crossbeam_utils::CachePadded;
 
 use crate::l2::VlanMode;
@@ -19,23 +22,61 @@ pub const MAX_PORTS: usize = 1024;
 #[derive(Default)]
 pub struct QueueSlot {
     queue: Spin<Option<VirtQueue>>,
+    /// Whether a queue that is not broken runs here, as of the last unlock: lets a burst
+    /// choose among a multi-queue port's running queues without locking each.
+    live: AtomicBool,
     /// Counters of whatever queue runs in this slot.
     pub stats: QueueStats,
 }
 
-/// Exclusive access to a slot's queue.
-pub type SlotGuard<'a> = SpinGuard<'a, Option<VirtQueue>>;
+/// Exclusive access to a slot's queue. On release it records whether a working queue is left.
+pub struct SlotGuard<'a> {
+    g: SpinGuard<'a, Option<VirtQueue>>,
+    live: &'a AtomicBool,
+}
+
+impl Deref for SlotGuard<'_> {
+    type Target = Option<VirtQueue>;
+    #[inline(always)]
+    fn deref(&self) -> &Self::Target {
+        &self.g
+    }
+}
+
+impl DerefMut for SlotGuard<'_> {
+    #[inline(always)]
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.g
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        let live = self.g.as_ref().is_some_and(|q| !q.broken);
+        if self.live.load(Ordering::Relaxed) != live {
+            self.live.store(live, Ordering::Relaxed);
+        }
+    }
+}
 
 impl QueueSlot {
     /// Takes the lock if it is free.
     #[inline(always)]
     pub fn try_lock(&self) -> Option<SlotGuard<'_>> {
-        self.queue.try_lock()
+        self.queue.try_lock().map(|g| SlotGuard { g, live: &self.live })
     }
 
     /// Takes the lock, waiting for a burst in progress to finish.
     pub fn lock(&self) -> SlotGuard<'_> {
-        self.queue.lock()
+        SlotGuard { g: self.queue.lock(), live: &self.live }
+    }
+
+    /// Whether a working queue ran here when the lock was last released (a hint: the holder
+    /// of the lock checks).
+    #[inline(always)]
+    pub fn live(&self) -> bool {
+        self.live.load(Ordering::Relaxed)
     }
 
     /// Whether a queue is installed (racy; for display).

@@ -1,6 +1,7 @@
 //! Layer 2: the forwarding table, VLAN rules and the frame fields decisions read.
 
 pub mod fdb;
+pub mod flow;
 pub mod vlan;
 
 pub use fdb::{Fdb, FdbEntry};

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use iommu::{Access, FaultReason, Grant, GrantWriter, Ro, Rw};
 use shaping::{Colour, Offer, Shaper};
 
+use crate::l2::flow::{flow_hash, FLOW_LOOK};
 use crate::l2::{is_group, mac_from_bytes, Fdb, Mac, TagEdit, VlanMode};
 use crate::offload::csum::Sum;
 use crate::offload::gso::{self, Segmenter};
@@ -88,6 +89,11 @@ pub struct Datapath {
     vhdrs: [NetHdr; BURST],
     /// The frame being cut into segments for one receiver.
     seg: Option<Segmenter>,
+    /// Flow hashes of the burst's packets (those whose bit is set in `hashed`).
+    hashes: [u32; BURST],
+    hashed: u32,
+    /// The receive queue each packet goes to, for the multi-queue port being delivered to.
+    qsel: [u8; BURST],
 }
 
 /// Largest snapshot of a frame's first bytes: anti-spoofing's longest look (at neighbour
@@ -191,6 +197,9 @@ impl Datapath {
             heads: Box::new([[0u8; HEAD]; BURST]),
             vhdrs: [NetHdr::default(); BURST],
             seg: None,
+            hashes: [0; BURST],
+            hashed: 0,
+            qsel: [0; BURST],
         }
     }
 
@@ -602,6 +611,7 @@ impl Datapath {
         if !any {
             return;
         }
+        self.hashed = 0;
         // Borrow the port table out of self for the loop (no Arc clone per destination).
         let ports = std::mem::take(&mut self.ports);
         for k in 0..self.port_ids.len() {
@@ -647,27 +657,83 @@ impl Datapath {
         true
     }
 
+    /// Delivers the burst's packets bound to `dport`. A port with several queue pairs gets
+    /// each packet on a running receive queue chosen by its flow's hash: a flow stays in order
+    /// on one queue, flows spread, and a guest running fewer pairs than offered gets
+    /// everything on those it runs. A shaped port is filled through its first queue only (the
+    /// shaper's held packets are a suffix of one used ring).
     fn deliver_to(&mut self, dport: &Port, src_hdr: u32, n: usize, c: &mut SrcCounts) {
-        // Each thread fills its own receive queue of a multi-queue port (no contention between
-        // threads); a guest may run fewer pairs than offered, so fall back to one that runs.
-        // A shaped port is filled through its first queue only: the shaper's held packets are a
-        // suffix of one used ring.
-        let shaped = dport.policy.egress_on();
-        let pairs = dport.rxq.len();
-        let mut pick = if pairs == 1 || shaped { 0 } else { self.idx % pairs };
-        let mut guard = dport.rxq[pick].lock();
-        if guard.as_ref().is_none_or(|q| q.broken) && pairs > 1 && !shaped {
-            drop(guard);
-            pick =
-                (0..pairs).find(|k| dport.rxq[*k].lock().as_ref().is_some_and(|q| !q.broken)).unwrap_or(pick);
-            guard = dport.rxq[pick].lock();
+        let pairs = dport.rxq.len().min(32);
+        if pairs == 1 || dport.policy.egress_on() {
+            return self.deliver_into(dport, 0, false, src_hdr, n, c);
         }
+        let mut live = [0u8; 32];
+        let mut nl = 0usize;
+        for (k, slot) in dport.rxq[..pairs].iter().enumerate() {
+            if slot.live() {
+                live[nl] = k as u8;
+                nl += 1;
+            }
+        }
+        if nl <= 1 {
+            // One running queue, or none (the delivery counts the losses).
+            return self.deliver_into(dport, live[0] as usize, false, src_hdr, n, c);
+        }
+        let mut chosen = 0u32;
+        for i in 0..n {
+            let p = &self.pkts[i];
+            if p.action != Action::Unicast(dport.id) && p.action != Action::Flood {
+                continue;
+            }
+            if self.hashed & (1 << i) == 0 {
+                self.hashes[i] = self.flow_hash(i, src_hdr);
+                self.hashed |= 1 << i;
+            }
+            let q = live[(self.hashes[i] % nl as u32) as usize];
+            self.qsel[i] = q;
+            chosen |= 1 << q;
+        }
+        for q in 0..pairs {
+            if chosen & (1 << q) != 0 {
+                self.deliver_into(dport, q, true, src_hdr, n, c);
+            }
+        }
+    }
+
+    /// Packet `i`'s flow hash, from its first bytes in the sender's memory (no snapshot: a
+    /// guest racing it can only pick another queue of the same receiver).
+    #[inline(never)]
+    fn flow_hash(&self, i: usize, src_hdr: u32) -> u32 {
+        let p = &self.pkts[i];
+        let mut b = [0u8; FLOW_LOOK];
+        let f = Frame { segs: &self.segs[i][..p.nseg as usize], skip: src_hdr, len: p.len, head: &[] };
+        // SAFETY: the chain was walked and checked; the sender's queue lock is held.
+        let got = unsafe { read_bytes(&f, &mut b) };
+        flow_hash(&b[..got])
+    }
+
+    /// Delivers into receive queue `pick` of `dport` the packets bound to the port (only those
+    /// whose `qsel` is `pick` if `by_queue`).
+    fn deliver_into(
+        &mut self,
+        dport: &Port,
+        pick: usize,
+        by_queue: bool,
+        src_hdr: u32,
+        n: usize,
+        c: &mut SrcCounts,
+    ) {
+        let shaped = dport.policy.egress_on();
+        let mut guard = dport.rxq[pick].lock();
         let slot: &QueueSlot = &dport.rxq[pick];
         let Some(rq) = guard.as_mut().filter(|q| !q.broken) else {
             // Not running (not connected, or stopped): every packet for it has no buffer,
             // floods included (as a down port counts what it could not send).
             let mut lost = 0;
-            for p in &mut self.pkts[..n] {
+            for (i, p) in self.pkts[..n].iter_mut().enumerate() {
+                if by_queue && self.qsel[i] != pick as u8 {
+                    continue;
+                }
                 let member = dport.vlan.egress(p.vlan).is_some();
                 if p.action == Action::Unicast(dport.id) || (p.action == Action::Flood && member) {
                     lost += 1;
@@ -701,6 +767,9 @@ impl Datapath {
         // (`fill`) copies.
         let mut planned = 0usize;
         for i in 0..n {
+            if by_queue && self.qsel[i] != pick as u8 {
+                continue;
+            }
             let p = &self.pkts[i];
             let out_tagged = match p.action {
                 Action::Unicast(d) if d == dport.id => match dport.vlan.egress(p.vlan) {
@@ -1652,6 +1721,72 @@ mod tests {
         assert_eq!(n.received(1), vec![f]);
         assert_eq!(p1.rxq[1].stats.snapshot().packets, 1);
         assert_eq!(p1.rxq[0].stats.snapshot().drop_no_buffer, 0);
+    }
+
+    /// An IPv4/UDP frame from MACS[0] to MACS[1] of flow `sport`, carrying `seq`.
+    fn udp_frame(sport: u16, seq: u32) -> Vec<u8> {
+        let mut f = frame(MACS[1], MACS[0], None, 14);
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        ip[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        f.extend(ip);
+        f.extend(sport.to_be_bytes());
+        f.extend(5201u16.to_be_bytes());
+        f.extend([0u8; 4]);
+        f.extend(seq.to_be_bytes());
+        f.resize(64, 0);
+        f
+    }
+
+    #[test]
+    fn test_multiqueue_receiver_gets_flows_spread_each_in_order_on_one_queue() {
+        let mut n = net(vec![VlanMode::default(); 2], true);
+        let old = n.ports[1].clone();
+        let p1 = Arc::new(Port::new(1, "p1".into(), VlanMode::default(), MACS[1], 2));
+        *p1.rxq[0].lock() = old.rxq[0].lock().take();
+        // Pair 1's receive ring, in the same guest.
+        let gu = &mut n.guests[1];
+        let mut rx2 = gu.g.ring(64);
+        *p1.rxq[1].lock() = Some(rx2.queue(&gu.g, true));
+        let mut bufs2 = HashMap::new();
+        for _ in 0..40 {
+            let gpa = gu.g.alloc(2048, 8);
+            bufs2.insert(rx2.add_chain(&gu.g, &[(gpa, 2048, DESC_F_WRITE)]) as u32, gpa);
+        }
+        n.dp.add_port(p1.clone());
+        n.ports[1] = p1.clone();
+        n.post_rx(1, 40, 2048);
+        // 16 flows, 4 packets each, interleaved.
+        for seq in 0..4u32 {
+            for flow in 0..16u16 {
+                n.send(0, &udp_frame(40_000 + flow, seq));
+            }
+        }
+        n.poll(0);
+        n.poll(0);
+        let q0 = n.received(1);
+        let gu = &mut n.guests[1];
+        let q1: Vec<Vec<u8>> = rx2
+            .take_used(&gu.g)
+            .into_iter()
+            .map(|(id, len)| gu.g.read(bufs2[&id] + 12, len as usize - 12))
+            .collect();
+        assert!(!q0.is_empty() && !q1.is_empty(), "both queues get flows: {} and {}", q0.len(), q1.len());
+        assert_eq!(q0.len() + q1.len(), 64);
+        let flow = |f: &Vec<u8>| u16::from_be_bytes([f[34], f[35]]);
+        let seq = |f: &Vec<u8>| u32::from_be_bytes([f[42], f[43], f[44], f[45]]);
+        for q in [&q0, &q1] {
+            for fl in 40_000..40_016u16 {
+                let seqs: Vec<u32> = q.iter().filter(|f| flow(f) == fl).map(seq).collect();
+                assert!(
+                    seqs.is_empty() || seqs == vec![0, 1, 2, 3],
+                    "flow {fl}: {seqs:?}, whole and in order"
+                );
+            }
+        }
+        assert_eq!(p1.rxq[0].stats.snapshot().packets + p1.rxq[1].stats.snapshot().packets, 64);
     }
 
     #[test]
