@@ -139,6 +139,42 @@ fn linux_guests_with_different_offloads_get_the_software_fallbacks() {
     assert_eq!(pa.rx.drop_malformed + pb.rx.drop_malformed, 0);
 }
 
+#[test]
+fn multiqueue_linux_guests_spread_flows_over_both_queue_pairs() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("linux-mq");
+    let sw = start_switch(&dir, &["a,queues=2", "b,queues=2"]);
+    // One vCPU each (two TCG guests fill this machine), so the kernel enables one pair unless
+    // told: `ethtool -L` turns the second on (QEMU then enables its rings). 8 iperf3 streams
+    // are 8 flows for the guest's transmit hash and the switch's receive hash.
+    let (mut client, mut server) = pair_specs(&dir, "ping,iperf3", &["iperf_t=3", "iperf_p=8"]);
+    for g in [&mut client, &mut server] {
+        g.netdev.push("queues=2".into());
+        g.device.push("mq=on".into());
+        g.kit.push("ethtool=-L,eth0,combined,2".into());
+    }
+    let (ra, rb) = run_pair(&dir, client, server, || {});
+    println!("client: {}\nserver: {}", ra.line, rb.line);
+    assert_eq!(ra.get("ping_loss"), "0%", "{}", ra.line);
+    assert_ne!(ra.get("iperf3_gbps"), "none", "{}", ra.line);
+    let s = wait_stats(&sw, Duration::from_secs(2), |_| true);
+    let (pa, pb) = (find(&s, "a"), find(&s, "b"));
+    let q = |p: &vswitch::control::PortStats, k: usize| {
+        p.queues.iter().find(|r| r.queue == k).map_or(0, |r| r.counters.packets)
+    };
+    println!(
+        "a sent on queues 1/3: {} {}; b received on queues 0/2: {} {}",
+        q(pa, 1),
+        q(pa, 3),
+        q(pb, 0),
+        q(pb, 2)
+    );
+    // Both of a's transmit queues carried the streams, and the switch spread them over both of
+    // b's receive queues.
+    assert!(q(pa, 1) > 50 && q(pa, 3) > 50, "a's transmit queues: {:?}", pa.queues);
+    assert!(q(pb, 0) > 50 && q(pb, 2) > 50, "b's receive queues: {:?}", pb.queues);
+}
+
 /// One iperf3 run through `backend`; Gbit/s.
 fn iperf3_once(backend: &str, iperf_t: u32) -> f64 {
     let dir = Scratch::new(&format!("linux-iperf-{}", backend.replace([' ', '='], "-")));

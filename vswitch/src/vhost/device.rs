@@ -95,6 +95,10 @@ pub struct VhostDevice {
     acked: Negotiated,
     protocol: u64,
     mem: Arc<AddressSpace>,
+    /// Extra ADD_MEM_REGs of a region already mapped, by guest address: QEMU gives every queue
+    /// pair of a multi-queue NIC its own vhost device over the one connection, and each adds
+    /// (and later removes) the same regions.
+    mem_dups: std::collections::HashMap<u64, u32>,
     vrings: Vec<Vring>,
     kick_gen: u64,
     wake: Arc<dyn Fn() + Send + Sync>,
@@ -123,6 +127,7 @@ impl VhostDevice {
             acked: Negotiated::default(),
             protocol: 0,
             mem: Arc::default(),
+            mem_dups: Default::default(),
             vrings,
             kick_gen: 0,
             wake,
@@ -153,6 +158,7 @@ impl VhostDevice {
         self.acked = Negotiated::default();
         self.protocol = 0;
         self.mem = Arc::default();
+        self.mem_dups.clear();
         self.iotlb.clear();
         self.backend = None;
         self.port.iova.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -464,6 +470,7 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
             .map(|(r, f)| map_region(desc_of(r), f))
             .collect::<VuResult<Vec<_>>>()?;
         let space = AddressSpace::new(mapped).map_err(|e| refuse(e.to_string()))?;
+        self.mem_dups.clear();
         self.set_mem(space);
         Ok(None)
     }
@@ -606,13 +613,33 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
         _postcopy: Option<bool>,
     ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
         tracing::debug!(port = %self.port.name, "ADD_MEM_REG gpa={:#x} size={:#x}", { region.guest_phys_addr }, { region.memory_size });
-        let r = map_region(desc_of(region), fd)?;
+        let d = desc_of(region);
+        let same = |r: &iommu::Region| {
+            let e = r.desc();
+            (e.guest_phys_addr, e.memory_size, e.userspace_addr)
+                == (d.guest_phys_addr, d.memory_size, d.userspace_addr)
+        };
+        if self.mem.regions().iter().any(same) {
+            // The same region from another queue pair's vhost device: already mapped.
+            *self.mem_dups.entry(d.guest_phys_addr).or_default() += 1;
+            return Ok(None);
+        }
+        let r = map_region(d, fd)?;
         let space = self.mem.with_region(r).map_err(|e| refuse(e.to_string()))?;
         self.set_mem(space);
         Ok(None)
     }
 
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        tracing::debug!(port = %self.port.name, "REM_MEM_REG gpa={:#x} size={:#x}", { region.guest_phys_addr }, { region.memory_size });
+        if let Some(n) = self.mem_dups.get_mut(&{ region.guest_phys_addr }) {
+            // Another queue pair's vhost device still has it.
+            *n -= 1;
+            if *n == 0 {
+                self.mem_dups.remove(&{ region.guest_phys_addr });
+            }
+            return Ok(());
+        }
         let space = self
             .mem
             .without_region(region.guest_phys_addr, region.memory_size)
