@@ -11,6 +11,7 @@ use e2e_tests::{
     assert_one_copy_each, connect, connect_default, drain, exchange, find, mac, port_info, recv_n,
     start_switch, wait_stats, wait_until, Scratch,
 };
+use vswitch::virtio::MAX_SEGS;
 use vswitch::Switch;
 use vswitch_bench::frame::build_frame;
 use vswitch_bench::frontend::{
@@ -103,10 +104,10 @@ fn last_w(addr: u64, len: u32) -> RawDesc {
 /// Frame bytes split into `n` descriptors after a 12-byte header descriptor.
 fn split_chain(g: u64, frame_len: u32, n: u32) -> Vec<RawDesc> {
     let mut v = vec![RawDesc::chained(g, 12, 1)];
-    let piece = frame_len.div_ceil(n);
+    // One byte each, the rest in the last: no empty piece for any n up to the frame length.
     let mut off = 0;
     for i in 0..n {
-        let len = piece.min(frame_len - off);
+        let len = if i + 1 == n { frame_len - off } else { 1 };
         let slot = i as u16 + 1;
         v.push(if i + 1 == n {
             RawDesc::last(g + 12 + off as u64, len)
@@ -162,8 +163,8 @@ fn test_malformed_direct_chains_are_returned_counted_and_isolated() {
         "zero-length buffer mid-chain",
         &[RawDesc::chained(g, 12, 1), RawDesc::chained(g + 12, 0, 2), RawDesc::last(g + 12, flen - 12)],
     );
-    // Too many descriptors: a valid frame in 1 + 16 descriptors.
-    h.refused("17 descriptors", &split_chain(g, flen - 12, 16));
+    // Too many descriptors: a valid frame in 1 + MAX_SEGS descriptors.
+    h.refused("MAX_SEGS + 1 descriptors", &split_chain(g, flen - 12, MAX_SEGS as u32));
     // `next` outside the descriptor table.
     let outside = h.fe.ring_size() + 5;
     h.refused(
@@ -183,7 +184,7 @@ fn test_malformed_direct_chains_are_returned_counted_and_isolated() {
 
     // Limits that are legal: 16 descriptors, and a header split across descriptors.
     let f = h.write_frame(2);
-    h.accepted("16 descriptors", &split_chain(g, flen - 12, 15), &f, &mut fb);
+    h.accepted("MAX_SEGS descriptors", &split_chain(g, flen - 12, MAX_SEGS as u32 - 1), &f, &mut fb);
     let odd = [
         RawDesc::chained(g, 5, 1),
         RawDesc::chained(g + 5, 7, 2),
@@ -284,15 +285,16 @@ fn test_malformed_indirect_tables_are_returned_counted_and_isolated() {
     h.refused("entry outside memory", &[ind(t, 32)]);
     let t = h.write_table(&[(g, 12, n, 1), (g + TABLE_OFF, 32, i, 0)]);
     h.refused("nested table", &[ind(t, 32)]);
-    // 17 entries in one table.
+    // MAX_SEGS + 1 entries in one table.
+    let m = MAX_SEGS as u32;
     let mut entries = vec![(g, 12u32, n, 1u16)];
-    for k in 0..16u32 {
-        let last = k == 15;
-        let len = if last { flen - 12 - 15 * 8 } else { 8 };
-        entries.push((g + 12 + 8 * k as u64, len, if last { 0 } else { n }, k as u16 + 2));
+    for k in 0..m {
+        let last = k + 1 == m;
+        let len = if last { flen - 12 - (m - 1) } else { 1 };
+        entries.push((g + 12 + k as u64, len, if last { 0 } else { n }, k as u16 + 2));
     }
     let t = h.write_table(&entries);
-    h.refused("17 entries", &[ind(t, 16 * 17)]);
+    h.refused("MAX_SEGS + 1 entries", &[ind(t, 16 * (m + 1))]);
 
     // The hostile guest's normal (indirect) frames still flow.
     let mut fe = h.fe;
