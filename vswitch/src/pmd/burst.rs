@@ -833,7 +833,7 @@ impl Datapath {
         bump(&s.packets, t.pk);
         bump(&s.bytes, t.by);
         bump(&s.copies, t.pk);
-        bump(&s.bytes_copied, t.by);
+        bump(&s.bytes_copied, t.copied);
         bump(&s.drop_no_buffer, t.no_buf + t.missed);
         bump(&s.drop_malformed, t.bad);
         bump(&s.drop_policy, t.shaped_drop);
@@ -976,7 +976,10 @@ impl Datapath {
                 push_used_spread(rq, &self.rx[k].chains[..plan.nch as usize], wrote);
             }
             t.pk += 1;
-            t.by += wrote.saturating_sub(hdr_len) as u64;
+            let by = wrote.saturating_sub(hdr_len) as u64;
+            t.by += by;
+            // A pushed tag is the switch's own bytes, not copied from the sender.
+            t.copied += by.saturating_sub(if matches!(plan.edit, TagEdit::Push(_)) { 4 } else { 0 });
         }
         0
     }
@@ -1090,6 +1093,7 @@ struct Unit {
 struct Tally {
     pk: u64,
     by: u64,
+    copied: u64,
     no_buf: u64,
     bad: u64,
     missed: u64,
