@@ -51,6 +51,15 @@ fn run_pair(
     }
 }
 
+/// [`run_pair`] for a ping + iperf3 test: both results printed, every ping answered and
+/// iperf3 measured.
+fn run_ping_iperf(dir: &Scratch, client: GuestSpec, server: GuestSpec, watch: impl FnMut()) {
+    let (ra, rb) = run_pair(dir, client, server, watch);
+    println!("client: {}\nserver: {}", ra.line, rb.line);
+    assert_eq!(ra.get("ping_loss"), "0%", "{}", ra.line);
+    assert_ne!(ra.get("iperf3_gbps"), "none", "{}", ra.line);
+}
+
 fn pair_specs(dir: &Scratch, tests: &str, extra: &[&str]) -> (GuestSpec, GuestSpec) {
     let mut client_words = vec![
         "role=client".to_string(),
@@ -76,10 +85,7 @@ fn two_linux_guests_ping_and_iperf3_through_the_switch() {
     let dir = Scratch::new("linux-pair");
     let sw = start_switch(&dir, &["a", "b"]);
     let (client, server) = pair_specs(&dir, "ping,iperf3", &["iperf_t=3"]);
-    let (ra, rb) = run_pair(&dir, client, server, || {});
-    println!("client: {}\nserver: {}", ra.line, rb.line);
-    assert_eq!(ra.get("ping_loss"), "0%", "{}", ra.line);
-    assert_ne!(ra.get("iperf3_gbps"), "none", "{}", ra.line);
+    run_ping_iperf(&dir, client, server, || {});
     // The traffic went through the switch, both ways, one copy per delivered frame.
     let s = wait_stats(&sw, Duration::from_secs(2), |_| true);
     let (pa, pb) = (find(&s, "a"), find(&s, "b"));
@@ -115,13 +121,8 @@ fn linux_guests_with_different_offloads_get_the_software_fallbacks() {
     // its kernel checksums and segments itself, and the switch must do both for what a sends.
     server.device = vec!["csum=off".into(), "guest_csum=off".into()];
     let mut feats: [Vec<String>; 2] = Default::default();
-    let (ra, rb) = run_pair(&dir, client, server, || watch_features(&sw, &mut feats));
-    println!(
-        "client: {}\nserver: {}\nfeatures a: {:?}\nfeatures b: {:?}",
-        ra.line, rb.line, feats[0], feats[1]
-    );
-    assert_eq!(ra.get("ping_loss"), "0%", "{}", ra.line);
-    assert_ne!(ra.get("iperf3_gbps"), "none", "{}", ra.line);
+    run_ping_iperf(&dir, client, server, || watch_features(&sw, &mut feats));
+    println!("features a: {:?}\nfeatures b: {:?}", feats[0], feats[1]);
     let has = |k: usize, f: &str| feats[k].iter().any(|x| x == f);
     assert!(has(0, "HOST_TSO4") && has(0, "GUEST_TSO4") && has(0, "CSUM"), "a: {:?}", feats[0]);
     // (QEMU leaves the TSO bits acked without their checksum bits; the switch ignores them,
@@ -153,10 +154,7 @@ fn multiqueue_linux_guests_spread_flows_over_both_queue_pairs() {
         g.device.push("mq=on".into());
         g.kit.push("ethtool=-L,eth0,combined,2".into());
     }
-    let (ra, rb) = run_pair(&dir, client, server, || {});
-    println!("client: {}\nserver: {}", ra.line, rb.line);
-    assert_eq!(ra.get("ping_loss"), "0%", "{}", ra.line);
-    assert_ne!(ra.get("iperf3_gbps"), "none", "{}", ra.line);
+    run_ping_iperf(&dir, client, server, || {});
     let s = wait_stats(&sw, Duration::from_secs(2), |_| true);
     let (pa, pb) = (find(&s, "a"), find(&s, "b"));
     let q = |p: &vswitch::control::PortStats, k: usize| {

@@ -80,6 +80,11 @@ impl NetHdr {
         out[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
     }
 
+    /// A GSO request for TCPv6 (else TCPv4, once checked).
+    pub fn gso_v6(&self) -> bool {
+        self.gso_type & !GSO_ECN == GSO_TCPV6
+    }
+
     /// Asks nothing of the device.
     pub fn is_plain(&self) -> bool {
         self.flags & F_NEEDS_CSUM == 0 && self.gso_type == GSO_NONE
@@ -173,6 +178,9 @@ pub enum BadRequest {
     /// Longer than a frame may be without GSO, or than any GSO frame.
     #[error("{0}-byte frame too long")]
     TooLong(u32),
+    /// A GSO frame whose headers cannot be segmented.
+    #[error("GSO frame: {0}")]
+    Gso(gso::GsoError),
 }
 
 /// Checks a sender's request against what it negotiated and the frame it came with

@@ -477,43 +477,34 @@ impl Datapath {
         // SAFETY: the chain was walked and checked; the queue's lock keeps it mapped.
         unsafe { read_bytes(&f, &mut b) };
         let l2 = if p.tci.is_some() { 18 } else { 14 };
-        let checked =
-            offload::check_tx(NetHdr::parse(&b), caps, p.len, l2, MAX_FRAME).map_err(|e| e.to_string());
-        let h = match checked {
+        let checked = match offload::check_tx(NetHdr::parse(&b), caps, p.len, l2, MAX_FRAME) {
             Ok(h) if h.is_plain() => return true,
-            Ok(h) if h.gso_type == offload::GSO_NONE => h,
+            Ok(h) if h.gso_type == offload::GSO_NONE => Ok(h),
             Ok(h) => {
                 if !self.snapshot(i, hdr, HEAD, c) {
                     return false;
                 }
                 let p = &self.pkts[i];
-                let v6 = h.gso_type & !offload::GSO_ECN == offload::GSO_TCPV6;
-                match Segmenter::new(
-                    &self.heads[i][..p.head_len as usize],
-                    p.len,
-                    h.gso_size,
-                    v6,
-                    TagEdit::Keep,
-                ) {
-                    Ok(_) => h,
-                    Err(e) => {
-                        tracing::debug!("GSO frame refused: {e}");
-                        self.pkts[i].action = Action::Drop;
-                        c.malformed += 1;
-                        return false;
-                    }
-                }
+                let head = &self.heads[i][..p.head_len as usize];
+                Segmenter::new(head, p.len, h.gso_size, h.gso_v6(), TagEdit::Keep)
+                    .map(|_| h)
+                    .map_err(offload::BadRequest::Gso)
+            }
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(h) => {
+                self.vhdrs[i] = h;
+                self.pkts[i].offload = true;
+                true
             }
             Err(e) => {
                 tracing::debug!("offload request refused: {e}");
                 self.pkts[i].action = Action::Drop;
                 c.malformed += 1;
-                return false;
+                false
             }
-        };
-        self.vhdrs[i] = h;
-        self.pkts[i].offload = true;
-        true
+        }
     }
 
     /// Reads packet `i`'s first `want` bytes into its snapshot and takes its L2 fields from
@@ -799,8 +790,7 @@ impl Datapath {
             // segmenter serves them.
             planned = self.fill(rq, planned, src_hdr, &mut t);
             let vh = self.vhdrs[i];
-            let v6 = vh.gso_type & !offload::GSO_ECN == offload::GSO_TCPV6;
-            let sg = match Segmenter::new(&self.heads[i][..head_len], len, vh.gso_size, v6, edit) {
+            let sg = match Segmenter::new(&self.heads[i][..head_len], len, vh.gso_size, vh.gso_v6(), edit) {
                 Ok(sg) => sg,
                 Err(e) => {
                     // Checked when it was received: the sender rewrote its headers since.
@@ -1015,10 +1005,11 @@ impl Datapath {
         };
         let mut hb = [0u8; 12 + gso::MAX_HDR + 4];
         hb[10..12].copy_from_slice(&(nch as u16).to_le_bytes());
+        // The receiver's virtio-net header: the request for it, then `num_buffers` (above).
         let vnet = |h: NetHdr, hb: &mut [u8; 12 + gso::MAX_HDR + 4]| {
-            if p.offload {
-                h.write(hb.first_chunk_mut::<10>().expect("header room"));
-            }
+            let mut b = [0u8; 10];
+            h.write(&mut b);
+            hb[..10].copy_from_slice(&b);
         };
         let how = if p.offload { offload::how(&vh, caps) } else { How::Plain };
         let h = hdr_len as usize;
