@@ -1,0 +1,178 @@
+//! Guest RAM: one memfd (4 KiB pages, or 2 MiB hugetlbfs pages), mapped shared so the switch
+//! can map the same pages from the vhost-user memory table, and registered with KVM.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{FromRawFd, RawFd};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vhost::VhostUserMemoryRegionInfo;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+};
+
+use crate::layout::ram_ranges;
+use crate::{Error, Result};
+
+/// vm-memory's guest memory over mmap'ed regions.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+const HUGE_2M: u64 = 2 << 20;
+
+/// Guest RAM and the file behind it.
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    size: u64,
+    hugepages: bool,
+}
+
+impl GuestRam {
+    /// Creates `size` bytes of zeroed guest RAM (rounded up to 2 MiB), backed by 2 MiB huge
+    /// pages when `hugepages` (an error if the kernel's pool is short: it was asked for).
+    pub fn new(size: u64, hugepages: bool) -> Result<GuestRam> {
+        if size < HUGE_2M {
+            return Err(Error::Config(format!("guest memory of {size} bytes is too small (at least 2M)")));
+        }
+        let size = size.div_ceil(HUGE_2M) * HUGE_2M;
+        let mut flags = libc::MFD_CLOEXEC;
+        if hugepages {
+            flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+        }
+        // SAFETY: the name is NUL-terminated and the flags are valid; the result is checked.
+        let fd: RawFd = unsafe { libc::memfd_create(c"hostvm-guest-ram".as_ptr(), flags) };
+        if fd < 0 {
+            return Err(mem_err("memfd_create", io::Error::last_os_error(), hugepages));
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)
+            .map_err(|e| mem_err(&format!("sizing the memfd to {size} bytes"), e, hugepages))?;
+        let mut regions = Vec::new();
+        let mut offset = 0u64;
+        for (start, len) in ram_ranges(size) {
+            let fo = FileOffset::new(file.try_clone().map_err(|e| mem_err("dup", e, false))?, offset);
+            let len_us = usize::try_from(len).map_err(|_| Error::Config("guest memory too large".into()))?;
+            let map = MmapRegion::from_file(fo, len_us)
+                .map_err(|e| mem_err("mmap", io::Error::other(e.to_string()), hugepages))?;
+            let region = GuestRegionMmap::new(map, GuestAddress(start))
+                .ok_or_else(|| Error::Config("guest memory region wraps the address space".into()))?;
+            regions.push(region);
+            offset += len;
+        }
+        let mem = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| Error::Config(format!("guest memory layout: {e}")))?;
+        if hugepages {
+            populate(&mem)?;
+        }
+        Ok(GuestRam { mem, size, hugepages })
+    }
+
+    /// The memory, for reads and writes.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether huge pages back it.
+    pub fn hugepages(&self) -> bool {
+        self.hugepages
+    }
+
+    /// End of low RAM (below the MMIO hole).
+    pub fn low_end(&self) -> u64 {
+        ram_ranges(self.size)[0].1
+    }
+
+    /// Registers every region with KVM (slot per region).
+    pub fn register(&self, vm: &VmFd) -> Result<()> {
+        for (slot, r) in self.mem.iter().enumerate() {
+            let host = r
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| Error::Config(format!("guest memory region: {e}")))?;
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.start_addr().0,
+                memory_size: r.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the mapping lives as long as `self`, which the VM owner keeps alive
+            // for as long as the VM exists; regions do not overlap.
+            unsafe { vm.set_user_memory_region(region) }.map_err(Error::kvm(
+                "KVM_SET_USER_MEMORY_REGION",
+                "check the memory size against the host's limits (ulimit -l, memslots)",
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// The regions as a vhost-user memory table (file descriptors stay owned by `self`).
+    pub fn vhost_regions(&self) -> Vec<VhostUserMemoryRegionInfo> {
+        self.mem.iter().filter_map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).ok()).collect()
+    }
+
+    /// Host address of guest-physical `gpa` with `len` bytes readable after it.
+    pub fn host_addr(&self, gpa: u64, len: usize) -> Option<u64> {
+        let ga = GuestAddress(gpa);
+        let slice = self.mem.get_slice(ga, len).ok()?;
+        Some(slice.ptr_guard().as_ptr() as u64)
+    }
+}
+
+/// Touches every huge page now, so a short pool fails here with a clear error instead of a
+/// SIGBUS in the middle of a run.
+fn populate(mem: &GuestMemoryMmap) -> Result<()> {
+    for r in mem.iter() {
+        let host = r
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| Error::Config(format!("guest memory region: {e}")))?;
+        // SAFETY: `host..host+len` is this region's live mapping.
+        let rc = unsafe { libc::madvise(host.cast(), r.len() as usize, libc::MADV_POPULATE_WRITE) };
+        if rc != 0 {
+            return Err(mem_err("reserving huge pages", io::Error::last_os_error(), true));
+        }
+    }
+    Ok(())
+}
+
+fn mem_err(what: &str, source: io::Error, hugepages: bool) -> Error {
+    let hint = if hugepages {
+        ". Reserve 2 MiB pages first: echo N > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages \
+         (N = memory / 2 MiB), or run without --hugepages"
+    } else {
+        ""
+    };
+    Error::Memory { what: what.to_owned(), source, hint }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn regions_are_file_backed_and_shared_with_the_memory_table() {
+        let ram = GuestRam::new(8 << 20, false).unwrap();
+        assert_eq!(ram.size(), 8 << 20);
+        let regions = ram.vhost_regions();
+        assert_eq!(regions.len(), 1);
+        assert_eq!(regions[0].guest_phys_addr, 0);
+        assert_eq!(regions[0].memory_size, 8 << 20);
+        assert!(regions[0].mmap_handle >= 0);
+        ram.mem().write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+        // What the switch would see through the fd: the same bytes.
+        let mut buf = [0u8; 4];
+        // SAFETY: plain pread on a valid fd into a local buffer.
+        let n = unsafe { libc::pread(regions[0].mmap_handle, buf.as_mut_ptr().cast(), 4, 0x1000) };
+        assert_eq!(n, 4);
+        assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
+        assert!(ram.host_addr(0x1000, 4).is_some());
+        assert!(ram.host_addr((8 << 20) - 2, 4).is_none());
+        assert!(GuestRam::new(4096, false).is_err());
+    }
+}
