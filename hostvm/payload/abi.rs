@@ -16,7 +16,7 @@ pub const PARAMS_GPA: u64 = 0x2000;
 /// [`Params::magic`].
 pub const MAGIC: u64 = u64::from_le_bytes(*b"HVMPAYLD");
 /// [`Params::version`]; bumped on any layout change.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Most NICs a payload drives.
 pub const MAX_NICS: usize = 4;
 
@@ -142,6 +142,10 @@ pub struct Params {
     pub frame_len: u32,
     /// Queue size the payload uses (a power of two, at most 256).
     pub queue_size: u32,
+    /// Frames per second for [`role::SEND`] (0: as fast as the ring allows).
+    pub rate_pps: u64,
+    /// The guest TSC frequency in kHz (hostvm reads it from KVM), for pacing.
+    pub tsc_khz: u64,
     /// Destination MAC for [`role::SEND`] (two bytes of padding).
     pub dst_mac: [u8; 8],
     /// First free guest-physical byte for the payload's rings and buffers.

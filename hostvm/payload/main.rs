@@ -459,8 +459,23 @@ pub extern "C" fn _start() -> ! {
     outl(abi::PORT_EVENT, event::NICS_READY);
     puts(b"payload: running\n");
     let mut st = [NicStats::default(); MAX_NICS];
-    let mut run = Run { p, dev, st: &mut st, nics, first_rx: true, first_tx: true, seq: 0, idle_polls: 0 };
+    let gap = if p.rate_pps > 0 && p.tsc_khz > 0 { p.tsc_khz * 1000 / p.rate_pps } else { 0 };
+    let mut run = Run {
+        p,
+        dev,
+        st: &mut st,
+        nics,
+        first_rx: true,
+        first_tx: true,
+        seq: 0,
+        idle_polls: 0,
+        gap,
+        next_send: rdtsc(),
+    };
     run.main_loop();
+    for i in 0..nics {
+        write_stats(i, &run.st[i]);
+    }
     set_state(state::DONE, 0);
     puts(b"payload: done\n");
     exit(0)
@@ -475,6 +490,15 @@ struct Run<'a> {
     first_tx: bool,
     seq: u64,
     idle_polls: u32,
+    /// TSC ticks between frames when pacing ([`role::SEND`] with a rate), else 0.
+    gap: u64,
+    /// TSC time of the next paced frame.
+    next_send: u64,
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: rdtsc is allowed at CPL 3 (CR4.TSD is clear) and touches only edx:eax.
+    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 impl Run<'_> {
@@ -518,7 +542,8 @@ impl Run<'_> {
                 self.idle_polls = 0;
             } else {
                 self.idle_polls += 1;
-                if self.idle_polls >= IDLE_AFTER && self.p.flags & flags::BUSY_POLL == 0 {
+                let owes = self.p.role == role::SEND && self.seq < self.p.count;
+                if self.idle_polls >= IDLE_AFTER && self.p.flags & flags::BUSY_POLL == 0 && !owes {
                     self.idle();
                     self.idle_polls = 0;
                 }
@@ -628,7 +653,14 @@ impl Run<'_> {
     fn send_some(&mut self) -> bool {
         let mut sent = 0;
         let (dst, src, len) = (self.p.dst_mac, self.nic(0).mac, self.p.frame_len as usize);
+        let paced = self.gap > 0;
         while sent < BURST && self.seq < self.p.count {
+            if paced {
+                if rdtsc() < self.next_send {
+                    break;
+                }
+                self.next_send += self.gap;
+            }
             let seq = self.seq;
             let mut st = self.st[0];
             let ok = self.nic(0).send(&mut st, |b| write_test_frame(b, &dst, &src, len, seq));

@@ -67,6 +67,9 @@ struct RunArgs {
     /// Payload: poll continuously, never idle (benchmarks; costs a core).
     #[arg(long)]
     busy_poll: bool,
+    /// Payload send: frames per second (0: as fast as the rings allow).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// Payload: descriptors per queue (power of two, 2-256).
     #[arg(long, default_value_t = 256)]
     queue_size: u32,
@@ -162,6 +165,7 @@ fn run(a: RunArgs) -> hostvm::Result<ExitCode> {
             dst_mac: a.dst_mac,
             busy_poll: a.busy_poll,
             queue_size: a.queue_size,
+            rate_pps: a.rate,
         }),
         _ => {
             return Err(hostvm::Error::Config(
@@ -204,16 +208,22 @@ fn run(a: RunArgs) -> hostvm::Result<ExitCode> {
         );
     }
     let ram = vm.ram();
-    let stopper = vm.stopper();
+    let handle = vm.handle();
     let runner = thread::Builder::new()
         .name("hostvm-run".into())
         .spawn(move || vm.run())
         .map_err(|e| hostvm::Error::Io { what: "starting the VM thread".into(), source: e })?;
     let nics = a.nets.len();
     let mut last = (Instant::now(), vec![abi::NicStats::default(); nics]);
+    let mut shown = 0;
     while !runner.is_finished() {
+        let ms = handle.milestones();
+        for m in &ms[shown..] {
+            eprintln!("hostvm: {:>10.3} ms  {}", m.at.as_secs_f64() * 1e3, m.what);
+        }
+        shown = ms.len();
         if STOP.swap(false, Ordering::SeqCst) {
-            stopper.stop();
+            handle.stop();
         }
         thread::sleep(Duration::from_millis(50));
         if payload_run && a.stats_interval > 0.0 && last.0.elapsed().as_secs_f64() >= a.stats_interval {
@@ -235,7 +245,7 @@ fn run(a: RunArgs) -> hostvm::Result<ExitCode> {
         }
     }
     let report = runner.join().map_err(|_| hostvm::Error::Config("the VM thread panicked".into()))??;
-    print_report(&report);
+    print_report(&report, shown);
     Ok(match report.exit {
         ExitReason::Payload(0) | ExitReason::Stopped | ExitReason::PowerOff | ExitReason::Halted => {
             ExitCode::SUCCESS
@@ -245,8 +255,8 @@ fn run(a: RunArgs) -> hostvm::Result<ExitCode> {
     })
 }
 
-fn print_report(r: &Report) {
-    for m in &r.milestones {
+fn print_report(r: &Report, shown: usize) {
+    for m in r.milestones.iter().skip(shown) {
         eprintln!("hostvm: {:>10.3} ms  {}", m.at.as_secs_f64() * 1e3, m.what);
     }
     if let Some(p) = &r.payload {

@@ -91,6 +91,8 @@ pub struct PayloadConfig {
     pub busy_poll: bool,
     /// Descriptors per queue (power of two, 2-256).
     pub queue_size: u32,
+    /// Frames per second for send (0: as fast as the ring allows).
+    pub rate_pps: u64,
 }
 
 impl Default for PayloadConfig {
@@ -102,6 +104,7 @@ impl Default for PayloadConfig {
             dst_mac: [0xff; 6],
             busy_poll: false,
             queue_size: 256,
+            rate_pps: 0,
         }
     }
 }
@@ -127,8 +130,14 @@ impl PayloadConfig {
 }
 
 /// Loads the payload into `ram` and writes its parameter block; returns the entry point.
-pub fn load(ram: &GuestRam, cfg: &PayloadConfig, nics: &[(u64, [u8; 6])]) -> Result<u64> {
+/// `tsc_khz` is the guest's TSC frequency (for pacing; 0 if unknown).
+pub fn load(ram: &GuestRam, cfg: &PayloadConfig, nics: &[(u64, [u8; 6])], tsc_khz: u64) -> Result<u64> {
     cfg.validate(nics.len())?;
+    if cfg.rate_pps > 0 && tsc_khz == 0 {
+        return Err(Error::Config(
+            "--rate needs the guest TSC frequency, which this KVM does not report".into(),
+        ));
+    }
     let load_err = |reason: String| Error::Load { what: "payload", path: "(built in)".into(), reason };
     let res = Elf::load(ram.mem(), None, &mut Cursor::new(ELF), None).map_err(|e| load_err(e.to_string()))?;
     if res.kernel_end > STACK_TOP - 0x1_0000 {
@@ -150,6 +159,8 @@ pub fn load(ram: &GuestRam, cfg: &PayloadConfig, nics: &[(u64, [u8; 6])]) -> Res
         count: cfg.count,
         frame_len: cfg.frame_len,
         queue_size: cfg.queue_size,
+        rate_pps: cfg.rate_pps,
+        tsc_khz,
         mem_start: HEAP_START,
         mem_end,
         ..Default::default()
@@ -207,7 +218,7 @@ mod tests {
     fn embedded_payload_loads_at_1mib_and_params_round_trip() {
         let ram = GuestRam::new(64 << 20, false).unwrap();
         let cfg = PayloadConfig { role: Role::Send, count: 7, frame_len: 128, ..Default::default() };
-        let entry = load(&ram, &cfg, &[(0xd000_0000, [2, 0, 0, 0, 0, 1])]).unwrap();
+        let entry = load(&ram, &cfg, &[(0xd000_0000, [2, 0, 0, 0, 0, 1])], 1_000_000).unwrap();
         assert!((0x10_0000..0x20_0000).contains(&entry), "entry {entry:#x}");
         // The entry's first bytes are code, loaded from the image.
         let mut code = [0u8; 4];

@@ -130,7 +130,7 @@ impl Shared {
 
     fn milestone(&self, what: &'static str) {
         let at = self.t0.elapsed();
-        tracing::info!("{what} at {:.3} ms", at.as_secs_f64() * 1e3);
+        tracing::debug!("{what} at {:.3} ms", at.as_secs_f64() * 1e3);
         self.milestones.lock().unwrap_or_else(|e| e.into_inner()).push(Milestone { what, at });
     }
 
@@ -151,7 +151,7 @@ pub struct Vm {
     // Kept alive for the VM's lifetime (the vCPU fds are moved into their threads).
     _kvm: Kvm,
     _vm: VmFd,
-    vcpus: Vec<(VcpuFd, Start)>,
+    vcpus: Vec<VcpuFd>,
     mode: MmuMode,
 }
 
@@ -171,6 +171,9 @@ impl Vm {
         }
         if cfg.cpus == 0 {
             return Err(Error::Config("--cpus must be at least 1".into()));
+        }
+        if let Boot::Payload(p) = &cfg.boot {
+            p.validate(cfg.nets.len())?;
         }
         let mode = MmuMode::detect();
         let kvm = Kvm::new().map_err(|source| Error::OpenKvm { source })?;
@@ -248,19 +251,6 @@ impl Vm {
             links.push(link);
         }
 
-        let start = match &cfg.boot {
-            Boot::Payload(p) => {
-                let placed: Vec<(u64, [u8; 6])> =
-                    cfg.nets.iter().enumerate().map(|(i, n)| (layout::nic_mmio(i), n.mac)).collect();
-                let entry = payload::load(&ram, p, &placed)?;
-                Start::Ring3 { entry, stack: payload::STACK_TOP, arg: abi::PARAMS_GPA }
-            }
-            Boot::Linux(l) => crate::linux::load(&ram, l)?,
-        };
-
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID", "check dmesg for KVM messages"))?;
         let ncpus = if payload_mode {
             if cfg.cpus > 1 {
                 tracing::warn!("the payload runs on one vCPU; --cpus {} ignored", cfg.cpus);
@@ -271,15 +261,32 @@ impl Vm {
         };
         let mut vcpus = Vec::new();
         for id in 0..ncpus {
-            let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(Error::kvm("KVM_CREATE_VCPU", "check --cpus against `hostvm info` (max vCPUs)"))?;
+            vcpus.push(
+                vm.create_vcpu(u64::from(id)).map_err(Error::kvm(
+                    "KVM_CREATE_VCPU",
+                    "check --cpus against `hostvm info` (max vCPUs)",
+                ))?,
+            );
+        }
+        let start = match &cfg.boot {
+            Boot::Payload(p) => {
+                let placed: Vec<(u64, [u8; 6])> =
+                    cfg.nets.iter().enumerate().map(|(i, n)| (layout::nic_mmio(i), n.mac)).collect();
+                let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
+                let entry = payload::load(&ram, p, &placed, u64::from(tsc_khz))?;
+                Start::Ring3 { entry, stack: payload::STACK_TOP, arg: abi::PARAMS_GPA }
+            }
+            Boot::Linux(l) => crate::linux::load(&ram, l)?,
+        };
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID", "check dmesg for KVM messages"))?;
+        for (id, fd) in vcpus.iter().enumerate() {
             if id == 0 {
-                vcpu::setup(&fd, id, &cpuid, ram.mem(), start)?;
+                vcpu::setup(fd, 0, &cpuid, ram.mem(), start)?;
             } else {
                 fd.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2", "check dmesg"))?;
             }
-            vcpus.push((fd, start));
         }
         vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
             .map_err(|e| Error::Io { what: "installing the vCPU kick signal".into(), source: e.into() })?;
@@ -309,15 +316,15 @@ impl Vm {
         self.shared.ram.clone()
     }
 
-    /// A handle that stops the VM from another thread.
-    pub fn stopper(&self) -> Stopper {
-        Stopper(self.shared.clone())
+    /// A handle to watch and stop the VM from another thread.
+    pub fn handle(&self) -> Handle {
+        Handle(self.shared.clone())
     }
 
-    /// Runs until the guest stops or [`Stopper::stop`] is called.
+    /// Runs until the guest stops or [`Handle::stop`] is called.
     pub fn run(mut self) -> Result<Report> {
         let mut threads: Vec<JoinHandle<Result<()>>> = Vec::new();
-        for (i, (fd, _)) in self.vcpus.drain(..).enumerate() {
+        for (i, fd) in self.vcpus.drain(..).enumerate() {
             let sh = self.shared.clone();
             let h = thread::Builder::new()
                 .name(format!("hostvm-vcpu{i}"))
@@ -383,15 +390,20 @@ fn stop_fd(sh: &Shared) -> i32 {
     sh.stop_evt.as_raw_fd()
 }
 
-/// Stops a running VM.
+/// Watches and stops a running VM.
 #[derive(Clone)]
-pub struct Stopper(Arc<Shared>);
+pub struct Handle(Arc<Shared>);
 
-impl Stopper {
+impl Handle {
     /// Asks the VM to stop (the payload finishes its loop; other guests are stopped).
     pub fn stop(&self) {
         let _ = self.0.stop_evt.write(1);
         self.0.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Milestones so far.
+    pub fn milestones(&self) -> Vec<Milestone> {
+        self.0.milestones.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
