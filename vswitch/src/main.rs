@@ -192,7 +192,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Run(a) => run(a),
-        Cmd::Ctl { control, json, what } => ctl(&control, json, what),
+        Cmd::Ctl { control, json, what } => {
+            // `vswitch ctl stats | head` should end quietly, as Unix tools do, not panic on
+            // a closed pipe.
+            // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            ctl(&control, json, what)
+        }
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
