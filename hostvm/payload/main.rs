@@ -543,8 +543,16 @@ impl Run<'_> {
             } else {
                 self.idle_polls += 1;
                 let owes = self.p.role == role::SEND && self.seq < self.p.count;
-                if self.idle_polls >= IDLE_AFTER && self.p.flags & flags::BUSY_POLL == 0 && !owes {
-                    self.idle();
+                let busy = self.p.flags & flags::BUSY_POLL != 0;
+                if owes && self.gap > 0 && !busy {
+                    // Paced and early: sleep until the next frame is due if that is long
+                    // enough to be worth an exit (~50 µs), instead of spinning a core.
+                    let wait_us = self.next_send.saturating_sub(rdtsc()) * 1000 / self.p.tsc_khz.max(1);
+                    if wait_us > 200 {
+                        self.idle(wait_us.min(u64::from(IDLE_US)) as u32);
+                    }
+                } else if self.idle_polls >= IDLE_AFTER && !busy && !owes {
+                    self.idle(IDLE_US);
                     self.idle_polls = 0;
                 }
             }
@@ -552,7 +560,7 @@ impl Run<'_> {
     }
 
     /// Re-enables receive notifications, re-checks, and parks on [`abi::PORT_IDLE`].
-    fn idle(&mut self) {
+    fn idle(&mut self, max_us: u32) {
         for i in 0..self.nics {
             self.nic(i).rx.set_interrupts(true);
         }
@@ -570,7 +578,7 @@ impl Run<'_> {
         }
         if !pending {
             self.st[0].idles += 1;
-            outl(abi::PORT_IDLE, IDLE_US);
+            outl(abi::PORT_IDLE, max_us);
         }
         for i in 0..self.nics {
             let n = self.nic(i);

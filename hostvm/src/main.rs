@@ -208,6 +208,11 @@ fn run(a: RunArgs) -> hostvm::Result<ExitCode> {
         );
     }
     let ram = vm.ram();
+    eprintln!(
+        "hostvm: guest memory {} MiB on {}",
+        ram.size() >> 20,
+        if ram.hugepages() { "2 MiB huge pages" } else { "4 KiB pages (memfd)" }
+    );
     let handle = vm.handle();
     let runner = thread::Builder::new()
         .name("hostvm-run".into())
