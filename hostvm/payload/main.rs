@@ -521,12 +521,11 @@ impl Run<'_> {
             if self.p.role == role::SEND {
                 work |= self.send_some();
                 if self.seq >= self.p.count {
-                    let done = {
-                        let n = self.nic(0);
-                        let mut st = NicStats::default();
-                        n.reclaim(&mut st);
-                        n.tx.nfree == usize::from(n.tx.size)
-                    };
+                    let mut st = self.st[0];
+                    let n = self.nic(0);
+                    n.reclaim(&mut st);
+                    let done = n.tx.nfree == usize::from(n.tx.size);
+                    self.st[0] = st;
                     if done {
                         return;
                     }

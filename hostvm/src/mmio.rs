@@ -82,11 +82,6 @@ impl VirtioMmioNet {
         }
     }
 
-    /// The link.
-    pub fn link(&self) -> &Arc<Link> {
-        &self.link
-    }
-
     /// Whether the driver set DRIVER_OK (and the device did not fail).
     pub fn live(&self) -> bool {
         self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_FAILED == 0

@@ -14,7 +14,7 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -152,7 +152,6 @@ struct Conn {
     sock: UnixStream,
     /// What the switch offers (virtio features).
     offered: u64,
-    protocol: VhostUserProtocolFeatures,
 }
 
 struct State {
@@ -232,11 +231,6 @@ impl Link {
     /// Connections made so far (1 + reconnects).
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::Relaxed)
-    }
-
-    /// Whether the switch is connected now.
-    pub fn connected(&self) -> bool {
-        self.shared.lock().conn.is_some()
     }
 
     /// The driver set DRIVER_OK: hand the rings to the switch (now, or when it is back).
@@ -357,16 +351,15 @@ fn negotiate(stream: UnixStream) -> std::result::Result<Conn, String> {
     let e = |req: &'static str| move |err: vhost::Error| format!("{req} failed: {err}");
     fe.set_owner().map_err(e("SET_OWNER"))?;
     let offered = fe.get_features().map_err(e("GET_FEATURES"))?;
-    let mut protocol = VhostUserProtocolFeatures::empty();
     if offered & F_PROTOCOL_FEATURES != 0 {
         let pf = fe.get_protocol_features().map_err(e("GET_PROTOCOL_FEATURES"))?;
-        protocol = pf & VhostUserProtocolFeatures::REPLY_ACK;
+        let protocol = pf & VhostUserProtocolFeatures::REPLY_ACK;
         fe.set_protocol_features(protocol).map_err(e("SET_PROTOCOL_FEATURES"))?;
         if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
     }
-    Ok(Conn { fe, sock, offered, protocol })
+    Ok(Conn { fe, sock, offered })
 }
 
 /// Sends features, memory table and both rings; `resume` starts each ring at the guest's
@@ -426,13 +419,13 @@ fn start_rings(
             let _ = sh.call[q].write(1);
         }
     }
-    let _ = conn.protocol;
     Ok(())
 }
 
-/// Whether the peer hung up (checked without reading: replies belong to requests).
-fn hung_up(sock: &UnixStream, timeout_ms: i32) -> bool {
-    let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+/// Whether the peer of socket `fd` hung up (checked without reading: replies belong to
+/// requests).
+fn hung_up(fd: RawFd, timeout_ms: i32) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
     // SAFETY: one valid pollfd for the duration of the call.
     let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
     n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
@@ -441,10 +434,12 @@ fn hung_up(sock: &UnixStream, timeout_ms: i32) -> bool {
 /// Watches the connection; reconnects and restores the device when the switch comes back.
 fn supervise(sh: &Shared) {
     while !sh.stop.load(Ordering::Relaxed) {
-        let sock = sh.lock().conn.as_ref().and_then(|c| c.sock.try_clone().ok());
-        match sock {
-            Some(s) => {
-                if !hung_up(&s, 100) {
+        // Only this thread replaces or drops the connection, so its fd stays open while
+        // polled without the lock.
+        let fd = sh.lock().conn.as_ref().map(|c| c.sock.as_raw_fd());
+        match fd {
+            Some(fd) => {
+                if !hung_up(fd, 100) {
                     continue;
                 }
                 tracing::warn!(nic = sh.nic, "the switch closed {}; reconnecting", sh.spec.socket.display());

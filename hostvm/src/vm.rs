@@ -134,6 +134,10 @@ impl Shared {
         self.milestones.lock().unwrap_or_else(|e| e.into_inner()).push(Milestone { what, at });
     }
 
+    fn exit_reason(&self) -> Option<ExitReason> {
+        *self.exit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Records the first exit reason and asks everything to stop.
     fn finish(&self, why: ExitReason) {
         let mut e = self.exit.lock().unwrap_or_else(|e| e.into_inner());
@@ -376,12 +380,6 @@ impl Vm {
             payload: if sh.payload { payload::read_params(&sh.ram) } else { None },
             connections: sh.links.iter().map(|l| l.connections()).collect(),
         })
-    }
-}
-
-impl Shared {
-    fn exit_reason(&self) -> Option<ExitReason> {
-        *self.exit.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
