@@ -2,6 +2,7 @@
 # Installs what the tests need on a fresh Debian 12 machine (idempotent).
 #  - dpdk-dev: dpdk-testpmd, the real vhost-user frontend (virtio-user) the interop tests use.
 #  - lz4: unpacks the guest kernel for PVH boot (faster under TCG).
+#  - acpica-tools: iasl, the reference decoder hostvm's ACPI tables are checked against.
 #  - the Linux test guest and QEMU 7.2 (tests/guest/build.sh: Debian packages downloaded and
 #    unpacked, not installed; cached in /var/tmp/vswitch-guestkit).
 set -eu
@@ -9,6 +10,7 @@ cd "$(dirname "$0")/.."
 need=""
 command -v dpdk-testpmd >/dev/null 2>&1 || need="$need dpdk dpdk-dev"
 command -v lz4 >/dev/null 2>&1 || need="$need lz4"
+command -v iasl >/dev/null 2>&1 || need="$need acpica-tools"
 if [ -n "$need" ]; then
     echo "installing:$need" >&2
     export DEBIAN_FRONTEND=noninteractive

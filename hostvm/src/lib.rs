@@ -17,6 +17,7 @@
 //! * [`linux`]: Linux boot (PVH `vmlinux`, 64-bit bzImage).
 #![deny(missing_docs)]
 
+pub mod acpi;
 pub mod error;
 pub mod info;
 pub mod layout;

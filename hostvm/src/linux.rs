@@ -63,7 +63,8 @@ fn memory_map(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
 
 /// Loads kernel, initrd and command line; writes the boot structures; returns how the boot
 /// vCPU starts.
-pub(crate) fn load(ram: &GuestRam, cfg: &LinuxConfig) -> Result<Start> {
+/// `rsdp` is the ACPI root pointer's address, passed on in the boot structures.
+pub(crate) fn load(ram: &GuestRam, cfg: &LinuxConfig, rsdp: u64) -> Result<Start> {
     let kerr = |reason: String| Error::Load { what: "kernel", path: cfg.kernel.clone(), reason };
     let mut file = File::open(&cfg.kernel).map_err(|e| kerr(e.to_string()))?;
     let mem = ram.mem();
@@ -126,6 +127,7 @@ pub(crate) fn load(ram: &GuestRam, cfg: &LinuxConfig) -> Result<Start> {
             memmap_entries: memmap.len() as u32,
             nr_modules: modules.len() as u32,
             modlist_paddr: if modules.is_empty() { 0 } else { MODLIST },
+            rsdp_paddr: rsdp,
             ..Default::default()
         };
         let mut bp = BootParams::new::<hvm_start_info>(&info, GuestAddress(START_INFO));
@@ -145,6 +147,7 @@ pub(crate) fn load(ram: &GuestRam, cfg: &LinuxConfig) -> Result<Start> {
     params.hdr.cmd_line_ptr = CMDLINE as u32;
     params.hdr.cmdline_size = cmdline_len as u32;
     params.hdr.kernel_alignment = 0x100_0000;
+    params.acpi_rsdp_addr = rsdp;
     if let Some((addr, size)) = initrd {
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
@@ -196,7 +199,7 @@ mod tests {
         let p = std::env::temp_dir().join(format!("hostvm-notakernel-{}", std::process::id()));
         std::fs::write(&p, vec![0u8; 8192]).unwrap();
         let cfg = LinuxConfig { kernel: p.clone(), initrd: None, cmdline: "console=ttyS0".into() };
-        let e = load(&ram, &cfg).unwrap_err().to_string();
+        let e = load(&ram, &cfg, 0).unwrap_err().to_string();
         let _ = std::fs::remove_file(&p);
         assert!(e.contains("hostvm-notakernel") && e.contains("bzImage"), "{e}");
     }

@@ -110,15 +110,7 @@ fn segment(entry: u64, selector: u16) -> kvm_segment {
 
 /// Sets up `vcpu` (index `id`) to start as `start`, writing the tables it needs to `mem`.
 pub(crate) fn setup(vcpu: &VcpuFd, id: u8, cpuid: &CpuId, mem: &GuestMemoryMmap, start: Start) -> Result<()> {
-    let mut cpuid = cpuid.clone();
-    for e in cpuid.as_mut_slice() {
-        if e.function == 1 {
-            // Initial APIC id.
-            e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(id) << 24);
-        }
-    }
-    vcpu.set_cpuid2(&cpuid)
-        .map_err(Error::kvm("KVM_SET_CPUID2", "the host rejected its own supported CPUID"))?;
+    set_cpuid(vcpu, id, cpuid)?;
 
     let gdt = write_gdt(mem)?;
     let mut sregs: kvm_sregs =
@@ -179,6 +171,22 @@ pub(crate) fn setup(vcpu: &VcpuFd, id: u8, cpuid: &CpuId, mem: &GuestMemoryMmap,
     vcpu.set_fpu(&fpu).map_err(Error::kvm("KVM_SET_FPU", "check dmesg for KVM messages"))?;
     tracing::debug!("vCPU {id} initial state: {}", describe(vcpu));
     Ok(())
+}
+
+/// Gives vCPU `id` the host's supported CPUID with its own APIC id (the one its in-kernel
+/// LAPIC has, and the MADT lists).
+pub(crate) fn set_cpuid(vcpu: &VcpuFd, id: u8, cpuid: &CpuId) -> Result<()> {
+    let mut cpuid = cpuid.clone();
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            // Initial APIC id.
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(id) << 24),
+            // x2APIC id in the topology leaves.
+            0xb | 0x1f => e.edx = u32::from(id),
+            _ => {}
+        }
+    }
+    vcpu.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2", "the host rejected its own supported CPUID"))
 }
 
 /// A one-line summary of where a vCPU is (for errors about guest crashes).

@@ -18,6 +18,7 @@ use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY}
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::acpi;
 use crate::info::MmuMode;
 use crate::layout::{self, COM1_IRQ, COM1_PORT, KVM_TSS_ADDR, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE};
 use crate::linux::LinuxConfig;
@@ -280,7 +281,11 @@ impl Vm {
                 let entry = payload::load(&ram, p, &placed, u64::from(tsc_khz))?;
                 Start::Ring3 { entry, stack: payload::STACK_TOP, arg: abi::PARAMS_GPA }
             }
-            Boot::Linux(l) => crate::linux::load(&ram, l)?,
+            Boot::Linux(l) => {
+                let tables = acpi::build(ncpus, cfg.nets.len())?;
+                tables.write(ram.mem())?;
+                crate::linux::load(&ram, l, tables.rsdp())?
+            }
         };
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -289,7 +294,8 @@ impl Vm {
             if id == 0 {
                 vcpu::setup(fd, 0, &cpuid, ram.mem(), start)?;
             } else {
-                fd.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2", "check dmesg"))?;
+                // Application processors wait for the boot CPU's INIT/SIPI (in-kernel LAPIC).
+                vcpu::set_cpuid(fd, id as u8, &cpuid)?;
             }
         }
         vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
@@ -512,6 +518,11 @@ fn pio_write(sh: &Shared, port: u16, data: &[u8]) {
             sh.milestone(what);
         }
         0x64 if data[0] == 0xfe => sh.finish(ExitReason::Reset),
+        acpi::PM_PORT if !sh.payload => match acpi::pm_write(data[0]) {
+            Some(acpi::PmRequest::PowerOff) => sh.finish(ExitReason::PowerOff),
+            Some(acpi::PmRequest::Reset) => sh.finish(ExitReason::Reset),
+            None => {}
+        },
         _ => {}
     }
 }
