@@ -164,6 +164,16 @@ pub struct GuestResult {
 }
 
 impl GuestResult {
+    /// The last `KIT-RESULT:` line of a console log, if there is one.
+    pub fn parse(console: &str) -> Option<GuestResult> {
+        let line = console.lines().rev().find(|l| l.contains("KIT-RESULT: "))?;
+        let line = line[line.find("KIT-RESULT: ")?..].trim().to_string();
+        let mut words = line.split_whitespace().skip(1);
+        let pass = words.next() == Some("PASS");
+        let fields = words.filter_map(|w| w.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
+        Some(GuestResult { pass, fields, line })
+    }
+
     /// A field, or "".
     pub fn get(&self, k: &str) -> &str {
         self.fields.get(k).map_or("", String::as_str)
@@ -280,13 +290,7 @@ impl Guest {
 
     /// The result line, if printed yet.
     pub fn result(&self) -> Option<GuestResult> {
-        let text = self.console();
-        let line = text.lines().rev().find(|l| l.contains("KIT-RESULT: "))?;
-        let line = line[line.find("KIT-RESULT: ")?..].trim().to_string();
-        let mut words = line.split_whitespace().skip(1);
-        let pass = words.next() == Some("PASS");
-        let fields = words.filter_map(|w| w.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
-        Some(GuestResult { pass, fields, line })
+        GuestResult::parse(&self.console())
     }
 
     /// What to print when a guest test fails: the console's last lines and QEMU's output.
