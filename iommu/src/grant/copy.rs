@@ -116,6 +116,39 @@ impl Grant<Rw> {
         true
     }
 
+    /// [`write_at`](Self::write_at), except that bytes already holding these values are left
+    /// alone: a receive buffer's virtio-net header usually holds what the buffer's last packet
+    /// had, and not rewriting it keeps its cache line clean and shared with the receiver's CPU
+    /// (DPDK's vhost does the same, `ASSIGN_UNLESS_EQUAL`). DPDK's virtio driver keeps the
+    /// header in the line before the frame, so an unchanged header costs it no cache miss.
+    ///
+    /// # Safety
+    /// As for `write_at`.
+    #[inline(always)]
+    pub unsafe fn update_at(&self, off: u32, bytes: &[u8]) -> bool {
+        if off as u64 + bytes.len() as u64 > self.len as u64 {
+            return false;
+        }
+        let n = bytes.len();
+        // SAFETY: (whole block) inside the grant (checked above); the two 8-byte loads of each
+        // side cover exactly its `n` bytes (8 <= n <= 16).
+        unsafe {
+            let dst = self.ptr.add(off as usize);
+            if (8..=16).contains(&n) {
+                // A virtio-net header (10 or 12 bytes): two overlapping loads, no memcmp call.
+                let (d, b) = (dst as *const u64, bytes.as_ptr() as *const u64);
+                let same = ptr::read_unaligned(d) == ptr::read_unaligned(b)
+                    && ptr::read_unaligned(dst.add(n - 8) as *const u64)
+                        == ptr::read_unaligned(bytes.as_ptr().add(n - 8) as *const u64);
+                if same {
+                    return true;
+                }
+            }
+            small_copy(dst, bytes.as_ptr(), n);
+        }
+        true
+    }
+
     /// The grant copy between two single grants: `len` bytes at `src_off` of `src` to `off` of
     /// this one. False, with nothing copied, if either range leaves its grant.
     ///
@@ -327,6 +360,55 @@ mod tests {
             assert_eq!(&d[1..1 + n], &src[..n], "n = {n}");
             assert!(d[0] == 0xaa && d[1 + n..].iter().all(|&b| b == 0xaa), "n = {n}: wrote outside");
         }
+    }
+
+    #[test]
+    fn test_update_at_writes_only_what_differs() {
+        // A read-only page: an update with the bytes it already holds must not write (it would
+        // fault), which is what keeps a receiver's header line clean.
+        // SAFETY: a fresh anonymous mapping, unmapped below.
+        let page = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(page, libc::MAP_FAILED);
+        let hdr: Vec<u8> = (1..=12).collect();
+        for n in [10usize, 12, 16, 4, 20] {
+            let bytes: Vec<u8> = (0..n as u8).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
+            // SAFETY: (whole block) the page is ours and 4096 bytes long.
+            unsafe {
+                ptr::copy_nonoverlapping(bytes.as_ptr(), page.cast::<u8>().add(100), n);
+                assert_eq!(libc::mprotect(page, 4096, libc::PROT_READ), 0);
+                let g = Grant::<Rw>::from_raw(page.cast::<u8>().add(100), 64);
+                if (8..=16).contains(&n) {
+                    assert!(g.update_at(0, &bytes), "n = {n}: unchanged bytes on a read-only page");
+                }
+                assert_eq!(libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_WRITE), 0);
+                // Different bytes are written, and nothing past them.
+                let fresh: Vec<u8> = bytes.iter().map(|b| !b).collect();
+                std::ptr::write_bytes(page.cast::<u8>().add(100 + n), 0xee, 8);
+                assert!(g.update_at(0, &fresh));
+                let got = std::slice::from_raw_parts(page.cast::<u8>().add(100), n + 8);
+                assert_eq!(&got[..n], &fresh[..], "n = {n}");
+                assert!(got[n..].iter().all(|&b| b == 0xee), "n = {n}: wrote past the bytes");
+                // A change in the last byte only is seen too (the second load covers it).
+                let mut last = fresh.clone();
+                last[n - 1] ^= 1;
+                assert!(g.update_at(0, &last));
+                assert_eq!(std::slice::from_raw_parts(page.cast::<u8>().add(100), n), &last[..]);
+                // Outside the grant: refused, nothing written.
+                assert!(!g.update_at(64 - 4, &hdr));
+                assert_eq!(std::slice::from_raw_parts(page.cast::<u8>().add(100), n), &last[..]);
+            }
+        }
+        // SAFETY: mapped above.
+        unsafe { libc::munmap(page, 4096) };
     }
 
     /// Cuts `[0, total)` at the given points (sorted, deduplicated) into `(start, len)` pieces.

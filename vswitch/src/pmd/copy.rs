@@ -63,7 +63,8 @@ pub unsafe fn copy_frame(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], dst: &[Grant<
                     d0.copy_at(hl + h as u32, s0, f.skip + h as u32, f.len - h as u32);
                 }
                 d0.write_at(hl, &f.head[..h]);
-                d0.write_at(0, hdr);
+                // Usually unchanged since the buffer's last use: leave its line clean.
+                d0.update_at(0, hdr);
             }
             return total;
         }
