@@ -57,15 +57,7 @@ impl LinuxVm {
     }
 
     fn report(&self) -> String {
-        let c = self.console();
-        let tail: Vec<&str> = c.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
-        format!(
-            "--- {} console (last 40 lines) ---\n{}\n--- hostvm {} ---\n{}",
-            self.name,
-            tail.join("\n"),
-            self.name,
-            self.proc.log_text()
-        )
+        e2e_tests::linux::report(self.name, &self.console(), "hostvm", &self.proc.log_text())
     }
 }
 

@@ -105,6 +105,16 @@ fn host_tsc_khz() -> Option<u64> {
     Some((mhz * 1000.0) as u64)
 }
 
+/// A failed guest's story: the last 40 lines of its console, then its VMM's (`vmm`) output.
+pub fn report(name: &str, console: &str, vmm: &str, vmm_log: &str) -> String {
+    let tail: Vec<&str> = console.lines().rev().take(40).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    format!(
+        "--- guest {name} console (last 40 lines) ---\n{}\n--- {vmm} {name} ---\n{vmm_log}",
+        tail.join("\n")
+    )
+}
+
 /// One guest's settings.
 #[derive(Clone, Debug)]
 pub struct GuestSpec {
@@ -295,16 +305,7 @@ impl Guest {
 
     /// What to print when a guest test fails: the console's last lines and QEMU's output.
     pub fn report(&self) -> String {
-        let console = self.console();
-        let tail: Vec<&str> = console.lines().rev().take(40).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        format!(
-            "--- guest {} console (last 40 lines) ---\n{}\n--- qemu {} ---\n{}",
-            self.name,
-            tail.join("\n"),
-            self.name,
-            self.qemu_log()
-        )
+        report(&self.name, &self.console(), "qemu", &self.qemu_log())
     }
 
     /// Whether QEMU is still running.
