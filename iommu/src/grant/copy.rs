@@ -126,27 +126,23 @@ impl Grant<Rw> {
     /// As for `write_at`.
     #[inline(always)]
     pub unsafe fn update_at(&self, off: u32, bytes: &[u8]) -> bool {
-        if off as u64 + bytes.len() as u64 > self.len as u64 {
-            return false;
-        }
         let n = bytes.len();
-        // SAFETY: (whole block) inside the grant (checked above); the two 8-byte loads of each
-        // side cover exactly its `n` bytes (8 <= n <= 16).
-        unsafe {
-            let dst = self.ptr.add(off as usize);
-            if (8..=16).contains(&n) {
-                // A virtio-net header (10 or 12 bytes): two overlapping loads, no memcmp call.
-                let (d, b) = (dst as *const u64, bytes.as_ptr() as *const u64);
-                let same = ptr::read_unaligned(d) == ptr::read_unaligned(b)
-                    && ptr::read_unaligned(dst.add(n - 8) as *const u64)
-                        == ptr::read_unaligned(bytes.as_ptr().add(n - 8) as *const u64);
-                if same {
-                    return true;
-                }
+        // A virtio-net header (10 or 12 bytes): two overlapping 8-byte loads, no memcmp call.
+        if (8..=16).contains(&n) && off as u64 + n as u64 <= self.len as u64 {
+            // SAFETY: inside the grant (checked just above); the two loads of each side cover
+            // exactly its `n` bytes (8 <= n <= 16).
+            let same = unsafe {
+                let (d, b) = (self.ptr.add(off as usize), bytes.as_ptr());
+                ptr::read_unaligned(d as *const u64) == ptr::read_unaligned(b as *const u64)
+                    && ptr::read_unaligned(d.add(n - 8) as *const u64)
+                        == ptr::read_unaligned(b.add(n - 8) as *const u64)
+            };
+            if same {
+                return true;
             }
-            small_copy(dst, bytes.as_ptr(), n);
         }
-        true
+        // SAFETY: forwarded caller contract.
+        unsafe { self.write_at(off, bytes) }
     }
 
     /// The grant copy between two single grants: `len` bytes at `src_off` of `src` to `off` of

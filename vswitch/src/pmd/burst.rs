@@ -397,7 +397,8 @@ impl Datapath {
         // first lines of all 32 frames out of the sender's cache at once, as soon as the burst
         // is seen, made DPDK's virtio generator ~15% slower per packet (flowgen at 64 B:
         // ~420 against ~370 cycles/packet; the switch's rate, median of A/B reps, 0.86x DPDK
-        // vhost's with the prefetch, 0.95x without) for ~30 ticks per packet saved here. Pass 2 reads each header in turn instead.
+        // vhost's with the prefetch, 0.95x without) for ~30 ticks per packet saved here. Pass 2
+        // reads each header in turn instead.
         for i in 0..n {
             let head = q.ring.pop_head();
             let p = &mut self.pkts[i];
