@@ -80,10 +80,7 @@ pub(crate) fn load(ram: &GuestRam, cfg: &LinuxConfig, rsdp: u64) -> Result<Start
     let elf = Elf::load(mem, None, &mut file, Some(GuestAddress(KERNEL_START)));
     let (res, pvh_entry) = match elf {
         Ok(res) => match res.pvh_boot_cap {
-            PvhBootCapability::PvhEntryPresent(entry) => {
-                let end = res.kernel_end;
-                (res, Some((entry.0, end)))
-            }
+            PvhBootCapability::PvhEntryPresent(entry) => (res, Some(entry.0)),
             _ => {
                 return Err(kerr(
                     "this ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); build it with \
@@ -100,17 +97,14 @@ pub(crate) fn load(ram: &GuestRam, cfg: &LinuxConfig, rsdp: u64) -> Result<Start
         Err(e) => return Err(kerr(e.to_string())),
     };
 
-    let kernel_end = match pvh_entry {
-        Some((_, end)) => end,
-        None => res.kernel_load.0 + res.kernel_end,
-    };
+    // Both loaders give the kernel's end as a guest address.
     let initrd = match &cfg.initrd {
-        Some(p) => Some(load_initrd(ram, p, kernel_end)?),
+        Some(p) => Some(load_initrd(ram, p, res.kernel_end)?),
         None => None,
     };
     let map = memory_map(ram);
 
-    if let Some((entry, _)) = pvh_entry {
+    if let Some(entry) = pvh_entry {
         let memmap: Vec<hvm_memmap_table_entry> = map
             .iter()
             .map(|&(addr, size, type_)| hvm_memmap_table_entry { addr, size, type_, reserved: 0 })

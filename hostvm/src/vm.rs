@@ -19,7 +19,6 @@ use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi;
-use crate::info::MmuMode;
 use crate::layout::{self, COM1_IRQ, COM1_PORT, KVM_TSS_ADDR, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE};
 use crate::linux::LinuxConfig;
 use crate::memory::GuestRam;
@@ -157,7 +156,6 @@ pub struct Vm {
     _kvm: Kvm,
     _vm: VmFd,
     vcpus: Vec<VcpuFd>,
-    mode: MmuMode,
 }
 
 /// The signal that kicks vCPU threads out of KVM_RUN.
@@ -180,7 +178,6 @@ impl Vm {
         if let Boot::Payload(p) = &cfg.boot {
             p.validate(cfg.nets.len())?;
         }
-        let mode = MmuMode::detect();
         let kvm = Kvm::new().map_err(|source| Error::OpenKvm { source })?;
         let api = kvm.get_api_version();
         if api != 12 {
@@ -313,12 +310,7 @@ impl Vm {
             payload: payload_mode,
         });
         shared.milestone("VM set up");
-        Ok(Vm { shared, _kvm: kvm, _vm: vm, vcpus, mode })
-    }
-
-    /// How this host virtualizes the MMU.
-    pub fn mmu_mode(&self) -> MmuMode {
-        self.mode
+        Ok(Vm { shared, _kvm: kvm, _vm: vm, vcpus })
     }
 
     /// The guest's RAM (to read the payload's counters while it runs).
@@ -428,10 +420,7 @@ fn run_vcpu(sh: &Shared, mut fd: VcpuFd, boot: bool) -> Result<()> {
             }
         };
         match exit {
-            VcpuExit::IoOut(port, data) => {
-                let data = data.to_vec();
-                pio_write(sh, port, &data);
-            }
+            VcpuExit::IoOut(port, data) => pio_write(sh, port, data),
             VcpuExit::IoIn(port, data) => pio_read(sh, port, data),
             VcpuExit::MmioRead(addr, data) => {
                 if !mmio(sh, addr, |n, off| n.read(off, data)) {
@@ -439,8 +428,7 @@ fn run_vcpu(sh: &Shared, mut fd: VcpuFd, boot: bool) -> Result<()> {
                 }
             }
             VcpuExit::MmioWrite(addr, data) => {
-                let data = data.to_vec();
-                mmio(sh, addr, |n, off| n.write(off, &data));
+                mmio(sh, addr, |n, off| n.write(off, data));
             }
             VcpuExit::Hlt => {
                 sh.finish(ExitReason::Halted);
