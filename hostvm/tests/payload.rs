@@ -21,10 +21,6 @@ const T: Duration = Duration::from_secs(10);
 const VM0: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x10];
 const VM1: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x11];
 
-fn mac_arg(m: [u8; 6]) -> String {
-    e2e_tests::mac_str(m)
-}
-
 /// Starts `hostvm run --payload ...` with `args`; waits until its NICs are ready.
 fn hostvm(dir: &Scratch, name: &str, args: &[String]) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hostvm"));
@@ -40,7 +36,7 @@ fn hostvm(dir: &Scratch, name: &str, args: &[String]) -> Proc {
 }
 
 fn net(dir: &Scratch, port: &str, m: [u8; 6], extra: &str) -> [String; 2] {
-    ["--net".into(), format!("socket={},mac={}{extra}", sock(dir, port).display(), mac_arg(m))]
+    ["--net".into(), format!("socket={},mac={}{extra}", sock(dir, port).display(), e2e_tests::mac_str(m))]
 }
 
 /// Frames of sizes cycling over 60..=1514, sequence numbers from `seq0`.
@@ -170,7 +166,7 @@ fn send_payload_delivers_its_count_and_exits() {
             "--frame-len",
             "200",
             "--dst-mac",
-            &mac_arg(mac(1)),
+            &e2e_tests::mac_str(mac(1)),
         ]
         .into_iter()
         .map(String::from)

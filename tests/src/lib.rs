@@ -74,18 +74,11 @@ impl Proc {
 
     /// Stops it (SIGINT, up to `grace`, then SIGKILL) and returns its log.
     pub fn stop(&mut self, grace: Duration) -> String {
-        if let Some(mut c) = self.child.take() {
+        if let Some(id) = self.child.as_ref().map(|c| c.id()) {
             // SAFETY: signalling a child we spawned and have not reaped.
-            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
-            let t = Instant::now();
-            while t.elapsed() < grace {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            unsafe { libc::kill(id as i32, libc::SIGINT) };
+            self.wait_exit(grace);
+            self.kill();
         }
         for p in &self.cleanup {
             let _ = std::fs::remove_dir_all(p);
