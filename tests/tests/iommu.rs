@@ -362,3 +362,45 @@ fn packets_whose_receive_buffer_misses_wait_parked_and_arrive_in_order() {
     assert_eq!(after.packets - before.packets, 72);
     assert_eq!(after.copies - before.copies, 72, "one copy into b's memory per frame");
 }
+
+#[test]
+fn a_ring_whose_translation_goes_unanswered_asks_again_and_its_parked_frames_are_counted() {
+    let dir = Scratch::new("iommu-ring-wait");
+    let sw = start_switch(&dir, &["a", "b"]);
+    let cfg = viommu(true);
+    let mut fa = connect(&dir, "a", cfg.clone());
+    let mut fb = connect(&dir, "b", cfg.clone());
+    warm_up(&mut fa, &mut fb, 0xa, 0xb);
+    warm_up(&mut fb, &mut fa, 0xb, 0xa);
+    let _ = e2e_tests::drain(&mut fb, Duration::from_millis(300));
+    // b's vIOMMU goes quiet and b's receive buffers are unmapped: frames for b park.
+    fb.iommu_serve_misses(false);
+    let base = IommuConfig::default().iova_base;
+    let bufs_end = (2 * PAGE + cfg.ring_size as u64 * cfg.rx_buf_size as u64) / PAGE * PAGE;
+    let unmap = |iova, size| IotlbMsg { iova, size, uaddr: 0, perm: 0, kind: IOTLB_INVALIDATE };
+    let before = find(&sw.stats().unwrap(), "b").tx;
+    let parked_before = iotlb(&sw, "b").rx_parked;
+    assert_eq!(fb.iotlb_raw(unmap(base + 2 * PAGE, bufs_end - 2 * PAGE)).unwrap(), 0);
+    for seq in 0..6 {
+        send(&mut fa, 0, &frame_of_size(mac(0xb), mac(0xa), None, 100, seq));
+    }
+    assert!(wait_until(T, || iotlb(&sw, "b").rx_parked >= parked_before + 6), "{:?}", iotlb(&sw, "b"));
+    // Then all of b's IOVA space, rings included: b's queues stop (the parked frames kept for
+    // the queue's next start) and wait for their rings' translations, which nobody gives.
+    let asked = fb.viommu_counters().unwrap().misses;
+    assert_eq!(fb.iotlb_raw(unmap(base, fb.guest_region().1)).unwrap(), 0);
+    // A lost or unsent ask must not leave the rings stopped for good: the switch asks again.
+    assert!(
+        wait_until(T, || fb.viommu_counters().unwrap().misses >= asked + 6),
+        "the switch asked for the rings only {} times",
+        fb.viommu_counters().unwrap().misses - asked
+    );
+    // The parked frames are dropped after the miss time-out, and counted.
+    let s = wait_stats(&sw, T, |s| find(s, "b").tx.drop_no_buffer - before.drop_no_buffer >= 6);
+    assert_eq!(find(&s, "b").tx.drop_no_buffer - before.drop_no_buffer, 6, "{:?}", iotlb(&sw, "b"));
+    assert_eq!(find(&s, "b").tx.packets, before.packets, "nothing delivered meanwhile");
+    // The vIOMMU answers again: the rings come back with no more than that, and traffic flows.
+    fb.iommu_serve_misses(true);
+    warm_up(&mut fa, &mut fb, 0xa, 0xb);
+    exchange_checked(&mut fa, &mut fb, 0xa, 0xb, 6, "after the rings came back");
+}

@@ -36,6 +36,8 @@ const CTL_LISTENER: Token = Token(usize::MAX - 2);
 const MSG_TIMEOUT: Duration = Duration::from_secs(2);
 /// Client-mode ports retry this often.
 const RETRY: Duration = Duration::from_secs(1);
+/// How often rings waiting for an IOTLB translation ask again.
+const IOTLB_RETRY: Duration = Duration::from_nanos(crate::vhost::iotlb::RESEND_NS);
 
 /// Why the switch refused something.
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +147,7 @@ impl Switch {
             control_path: cfg.control.clone(),
             calls: rx,
             wake_pmds,
+            iotlb_waiting: false,
         };
         if let Some(l) = &mut ctl.ctl_listener {
             ctl.poll.registry().register(l, CTL_LISTENER, Interest::READABLE).map_err(SwitchError::Start)?;
@@ -245,6 +248,8 @@ struct Control {
     control_path: Option<PathBuf>,
     calls: Receiver<Call>,
     wake_pmds: Arc<dyn Fn() + Send + Sync>,
+    /// A ring waits for the translation of its addresses: come back within `IOTLB_RETRY`.
+    iotlb_waiting: bool,
 }
 
 impl Control {
@@ -279,7 +284,22 @@ impl Control {
             }
             self.retry_clients();
             self.drop_stalled();
+            self.retry_iotlb();
         }
+    }
+
+    /// Rings waiting for an IOTLB translation ask again (see `VhostDevice::retry_waiting`).
+    fn retry_iotlb(&mut self) {
+        let now = crate::policy::now_ns();
+        let mut waiting = false;
+        for st in self.ports.values() {
+            if st.conn.is_some() {
+                if let Ok(mut d) = st.device.lock() {
+                    waiting |= d.retry_waiting(now);
+                }
+            }
+        }
+        self.iotlb_waiting = waiting;
     }
 
     /// Closes connections whose frontend started a message and never finished it.
@@ -306,7 +326,7 @@ impl Control {
             .map(|p| p.next_retry.saturating_duration_since(now))
             .min()
             .unwrap_or(Duration::from_secs(1))
-            .min(Duration::from_secs(1))
+            .min(if self.iotlb_waiting { IOTLB_RETRY } else { Duration::from_secs(1) })
     }
 
     fn handle(&mut self, req: Request) -> Reply {

@@ -536,6 +536,13 @@ impl Frontend {
         v.unmap(iova, size).map_err(|source| Error::RawProtocol { request: "IOTLB_MSG", source })
     }
 
+    /// vIOMMU: starts or stops answering the backend's misses (they are still counted).
+    pub fn iommu_serve_misses(&self, on: bool) {
+        if let Some(v) = &self.viommu {
+            v.serve_misses(on);
+        }
+    }
+
     /// Sends a raw IOTLB message (hostile tests); returns the backend's status.
     pub fn iotlb_raw(&self, m: IotlbMsg) -> Result<u64> {
         let v = self.viommu.as_ref().ok_or_else(|| Error::Unsupported("no vIOMMU negotiated".into()))?;

@@ -149,6 +149,7 @@ pub(crate) struct Viommu {
     ctl: SharedCtl,
     pub(crate) stats: Arc<ViommuStats>,
     stop: Arc<AtomicBool>,
+    serve: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     iova_base: u64,
 }
@@ -173,14 +174,15 @@ impl Viommu {
         let stats = Arc::new(ViommuStats::default());
         let stop = Arc::new(AtomicBool::new(false));
         backend.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let serve = Arc::new(AtomicBool::new(cfg.serve_misses));
         let thread = {
             let (table, ctl, stats, stop) = (table.clone(), ctl.clone(), stats.clone(), stop.clone());
-            let serve = cfg.serve_misses;
+            let serve = serve.clone();
             std::thread::Builder::new()
                 .name("viommu".into())
                 .spawn(move || serve_misses(backend, table, ctl, stats, stop, serve))?
         };
-        Ok(Viommu { table, ctl, stats, stop, thread: Some(thread), iova_base: cfg.iova_base })
+        Ok(Viommu { table, ctl, stats, stop, serve, thread: Some(thread), iova_base: cfg.iova_base })
     }
 
     /// Sends updates covering all of guest memory, one per page of the configured size.
@@ -225,6 +227,11 @@ impl Viommu {
         send_iotlb(&self.ctl, &IotlbMsg { iova, size, uaddr: 0, perm: 0, kind: IOTLB_INVALIDATE })
     }
 
+    /// Starts or stops answering misses (a vIOMMU that goes quiet, then comes back).
+    pub(crate) fn serve_misses(&self, on: bool) {
+        self.serve.store(on, Ordering::Relaxed);
+    }
+
     /// The shared control socket (raw IOTLB messages).
     pub(crate) fn ctl(&self) -> &SharedCtl {
         &self.ctl
@@ -251,7 +258,7 @@ fn serve_misses(
     ctl: SharedCtl,
     stats: Arc<ViommuStats>,
     stop: Arc<AtomicBool>,
-    serve: bool,
+    serve: Arc<AtomicBool>,
 ) {
     let mut buf = [0u8; 44];
     while !stop.load(Ordering::Relaxed) {
@@ -275,7 +282,7 @@ fn serve_misses(
             t.lookup(page_iova).map(|(uaddr, perm)| (page_iova, t.page, uaddr, perm))
         });
         match found {
-            Some((iova, size, uaddr, perm)) if serve => {
+            Some((iova, size, uaddr, perm)) if serve.load(Ordering::Relaxed) => {
                 let u = IotlbMsg { iova, size, uaddr, perm, kind: IOTLB_UPDATE };
                 match send_iotlb(&ctl, &u) {
                     Ok(0) => stats.served.fetch_add(1, Ordering::Relaxed),

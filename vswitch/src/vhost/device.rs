@@ -14,6 +14,7 @@ use vhost::VhostUserMemoryRegionBase;
 
 use super::iotlb::{
     BackendChannel, IotlbInfo, IotlbLink, IotlbMsg, IotlbStats, IOTLB_INVALIDATE, IOTLB_UPDATE,
+    MISS_TIMEOUT_NS, RESEND_NS,
 };
 use crate::port::Port;
 use crate::virtio::features::{self, Negotiated};
@@ -47,8 +48,10 @@ struct Vring {
     enabled: Option<bool>,
     /// Has a kick fd (or was told to poll): the frontend started it.
     started: bool,
-    /// Cannot start until the IOTLB translates its ring addresses (a miss was sent).
+    /// Cannot start until the IOTLB translates its ring addresses (a miss was asked for).
     waiting_iotlb: bool,
+    /// When the last miss for the ring addresses was asked for (ns, `now_ns` clock).
+    asked: u64,
     /// Packets parked on this (receive) queue when it was stopped to be rebuilt: the next
     /// queue built here delivers them.
     parked: std::collections::VecDeque<(Vec<u8>, u64)>,
@@ -272,15 +275,46 @@ impl VhostDevice {
             Err(RingError::Miss { what, iova, write }) => {
                 // Starts when the translation arrives (see `iotlb_msg`).
                 tracing::debug!(port = %self.port.name, queue = idx, "{what} ring at IOVA {iova:#x} not in the IOTLB yet: asking");
+                let now = crate::policy::now_ns();
                 self.vrings[idx].waiting_iotlb = true;
+                self.vrings[idx].asked = now;
                 let mut link = IotlbLink::new(self.backend.clone(), self.iotlb_stats.clone());
-                link.miss(iova, write, crate::policy::now_ns());
+                link.miss(iova, write, now);
             }
             Err(e) => {
                 self.protocol_errors += 1;
                 tracing::warn!(port = %self.port.name, queue = idx, "cannot start queue: {e}");
             }
         }
+    }
+
+    /// Rings waiting for the translation of their addresses ask again every [`RESEND_NS`]:
+    /// the first ask may never have gone out (the backend channel was full) or may have been
+    /// lost, and nothing else would restart the queue. Packets parked for such a ring longer
+    /// than [`MISS_TIMEOUT_NS`] are dropped and counted as no buffer, as the datapath drops
+    /// those parked on a running queue. Returns whether a ring still waits (call again soon).
+    pub fn retry_waiting(&mut self, now: u64) -> bool {
+        let mut waiting = false;
+        for i in 0..self.vrings.len() {
+            let v = &mut self.vrings[i];
+            if !v.waiting_iotlb {
+                continue;
+            }
+            let before = v.parked.len();
+            v.parked.retain(|&(_, since)| now.wrapping_sub(since) <= MISS_TIMEOUT_NS);
+            let lost = (before - v.parked.len()) as u64;
+            if lost > 0 {
+                self.iotlb_stats.rx_miss_drops.fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+                if let Some(slot) = self.port.slot(i) {
+                    crate::virtio::queue::bump(&slot.stats.drop_no_buffer, lost);
+                }
+            }
+            if now.wrapping_sub(self.vrings[i].asked) >= RESEND_NS {
+                self.refresh(i);
+            }
+            waiting |= self.vrings[i].waiting_iotlb;
+        }
+        waiting
     }
 
     fn refresh_all(&mut self) {
