@@ -6,6 +6,8 @@
 #
 # usage: scripts/bench-vs-dpdk.sh [REPS=3] [DUR=10] [SIZES="64 1518"]
 # env:   BACKEND_CPU=0 GEN_CPU=1 WARMUP=2 HUGE=1 (0: --no-huge, 4 KiB pages) OUT=/tmp/vswitch-bench
+#        GEN_EXTRA="..." extra testpmd options for the generator, the same for both backends
+#        (e.g. --mbcache=512: see the README's performance section for why it matters)
 # needs: dpdk-testpmd (scripts/install-test-deps.sh), root for hugepages.
 set -u
 REPS=${1:-3}; DUR=${2:-10}; SIZES=${3:-"64 1518"}
@@ -38,7 +40,7 @@ generator() {
     timeout -s INT $((WARMUP + DUR + 30)) dpdk-testpmd --lcores "0@$GEN_CPU,1@$GEN_CPU" --main-lcore 0 --no-pci \
         --file-prefix=vsb-gen $GEN_MEM \
         --vdev "net_virtio_user0,path=$1,queues=1" --vdev "net_virtio_user1,path=$2,queues=1" \
-        -- --forward-mode=flowgen --nb-cores=1 --auto-start --stats-period 1 --txpkts="$3" --burst=32 \
+        -- --forward-mode=flowgen --nb-cores=1 --auto-start --stats-period 1 --txpkts="$3" --burst=32 ${GEN_EXTRA:-} \
         > "$log" 2>&1 &
     local g=$!
     for _ in $(seq 1 300); do grep -q Rx-pps "$log" 2>/dev/null && break; sleep 0.1; done
@@ -85,7 +87,7 @@ run_ours() { # SIZE -> MPPS TICKS
 median() { sort -g | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 
 echo "# $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-) | $(nproc) CPUs | kernel $(uname -r) | $(dpdk-testpmd --version 2>/dev/null | head -1)"
-echo "# backend CPU $BACKEND_CPU, generator CPU $GEN_CPU, ${DUR}s per rep after ${WARMUP}s warm-up, hugepages=$HUGE"
+echo "# backend CPU $BACKEND_CPU, generator CPU $GEN_CPU, ${DUR}s per rep after ${WARMUP}s warm-up, hugepages=$HUGE${GEN_EXTRA:+, generator options: $GEN_EXTRA}"
 for size in $SIZES; do
     d=(); o=(); dt=(); ot=()
     for r in $(seq 1 "$REPS"); do

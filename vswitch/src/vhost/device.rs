@@ -237,6 +237,8 @@ impl VhostDevice {
                 self.vrings[idx].parked.extend(l.parked.drain(..));
             }
         }
+        // Waiting for a translation again only if this attempt misses.
+        self.vrings[idx].waiting_iotlb = false;
         let v = &self.vrings[idx];
         let Some(addrs) = v.addrs else { return };
         let enabled = v.enabled.unwrap_or(!self.acked.has(features::VHOST_USER_F_PROTOCOL_FEATURES));
@@ -260,7 +262,6 @@ impl VhostDevice {
             Dma::gpa(self.mem.clone(), domain, self.faults.clone())
         };
         let (call, kick) = (v.call.clone(), v.kick.clone());
-        self.vrings[idx].waiting_iotlb = false;
         match VirtQueue::new(dma, &setup, call, kick) {
             Ok(mut q) => {
                 if self.iova_mode() {
@@ -290,14 +291,15 @@ impl VhostDevice {
 
     /// Rings waiting for the translation of their addresses ask again every [`RESEND_NS`]:
     /// the first ask may never have gone out (the backend channel was full) or may have been
-    /// lost, and nothing else would restart the queue. Packets parked for such a ring longer
-    /// than [`MISS_TIMEOUT_NS`] are dropped and counted as no buffer, as the datapath drops
-    /// those parked on a running queue. Returns whether a ring still waits (call again soon).
+    /// lost, and nothing else would restart the queue. Packets parked for a stopped ring
+    /// longer than [`MISS_TIMEOUT_NS`] are dropped and counted as no buffer, as the datapath
+    /// drops those parked on a running queue. Returns whether a ring still waits or holds
+    /// parked packets (call again soon).
     pub fn retry_waiting(&mut self, now: u64) -> bool {
         let mut waiting = false;
         for i in 0..self.vrings.len() {
             let v = &mut self.vrings[i];
-            if !v.waiting_iotlb {
+            if !v.waiting_iotlb && v.parked.is_empty() {
                 continue;
             }
             let before = v.parked.len();
@@ -309,10 +311,10 @@ impl VhostDevice {
                     crate::virtio::queue::bump(&slot.stats.drop_no_buffer, lost);
                 }
             }
-            if now.wrapping_sub(self.vrings[i].asked) >= RESEND_NS {
+            if self.vrings[i].waiting_iotlb && now.wrapping_sub(self.vrings[i].asked) >= RESEND_NS {
                 self.refresh(i);
             }
-            waiting |= self.vrings[i].waiting_iotlb;
+            waiting |= self.vrings[i].waiting_iotlb || !self.vrings[i].parked.is_empty();
         }
         waiting
     }
