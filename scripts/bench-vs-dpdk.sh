@@ -8,6 +8,7 @@
 # env:   BACKEND_CPU=0 GEN_CPU=1 WARMUP=2 HUGE=1 (0: --no-huge, 4 KiB pages) OUT=/tmp/vswitch-bench
 #        GEN_EXTRA="..." extra testpmd options for the generator, the same for both backends
 #        (e.g. --mbcache=512: see the README's performance section for why it matters)
+#        SWITCH_EXTRA="..." extra options for this switch (e.g. --batch-wait-us 10)
 # needs: dpdk-testpmd (scripts/install-test-deps.sh), root for hugepages.
 set -u
 REPS=${1:-3}; DUR=${2:-10}; SIZES=${3:-"64 1518"}
@@ -72,7 +73,7 @@ run_dpdk() { # SIZE -> MPPS TICKS
 run_ours() { # SIZE -> MPPS TICKS
     rm -f "$OUT"/vs0.sock "$OUT"/vs1.sock "$OUT"/vs.ctl
     "$VSWITCH" run --port p0="$OUT/vs0.sock" --port p1="$OUT/vs1.sock" --pmd-cores "$BACKEND_CPU" --busy-poll \
-        --control "$OUT/vs.ctl" > "$OUT/vswitch.log" 2>&1 &
+        --control "$OUT/vs.ctl" ${SWITCH_EXTRA:-} > "$OUT/vswitch.log" 2>&1 &
     local v=$!
     wait_sock "$OUT/vs1.sock" || die "vswitch did not start; see $OUT/vswitch.log"
     local before after
@@ -87,7 +88,7 @@ run_ours() { # SIZE -> MPPS TICKS
 median() { sort -g | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 
 echo "# $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-) | $(nproc) CPUs | kernel $(uname -r) | $(dpdk-testpmd --version 2>/dev/null | head -1)"
-echo "# backend CPU $BACKEND_CPU, generator CPU $GEN_CPU, ${DUR}s per rep after ${WARMUP}s warm-up, hugepages=$HUGE${GEN_EXTRA:+, generator options: $GEN_EXTRA}"
+echo "# backend CPU $BACKEND_CPU, generator CPU $GEN_CPU, ${DUR}s per rep after ${WARMUP}s warm-up, hugepages=$HUGE${GEN_EXTRA:+, generator options: $GEN_EXTRA}${SWITCH_EXTRA:+, switch options: $SWITCH_EXTRA}"
 for size in $SIZES; do
     d=(); o=(); dt=(); ot=()
     for r in $(seq 1 "$REPS"); do

@@ -75,6 +75,7 @@ pub fn run(cfg: DemoConfig) -> Result<u64, String> {
         control: Some(control.clone()),
         fdb_aging_secs: 300,
         ports,
+        ..Default::default()
     })
     .map_err(|e| e.to_string())?;
     let mut fes = Vec::new();

@@ -158,6 +158,12 @@ pub struct PmdReport {
     pub mean_burst: f64,
     /// Times it slept (adaptive mode).
     pub sleeps: u64,
+    /// Batching under load (`batch_wait_us`): waits for a second burst started.
+    #[serde(default)]
+    pub batch_holds: u64,
+    /// Of those, waits that ran out.
+    #[serde(default)]
+    pub batch_expired: u64,
 }
 
 /// Everything `stats` returns.

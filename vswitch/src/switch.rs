@@ -118,7 +118,10 @@ impl Switch {
         };
         let mut pmds = Vec::new();
         for (i, core) in cores.into_iter().enumerate() {
-            pmds.push(PmdHandle::spawn(i, core, cfg.busy_poll, fdb.clone()).map_err(SwitchError::Start)?);
+            pmds.push(
+                PmdHandle::spawn(i, core, cfg.busy_poll, cfg.batch_wait_us, fdb.clone())
+                    .map_err(SwitchError::Start)?,
+            );
         }
         let wakers: Vec<_> = pmds.iter().map(PmdHandle::waker).collect();
         let wake_pmds: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
@@ -682,6 +685,8 @@ impl Control {
                     ticks_per_packet: if packets > 0 { busy as f64 / packets as f64 } else { 0.0 },
                     mean_burst: packets as f64 / ld(&s.busy_iterations).max(1) as f64,
                     sleeps: ld(&s.sleeps),
+                    batch_holds: ld(&s.batch_holds),
+                    batch_expired: ld(&s.batch_expired),
                 }
             })
             .collect();

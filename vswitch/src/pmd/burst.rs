@@ -94,6 +94,22 @@ pub struct Datapath {
     hashed: u32,
     /// The receive queue each packet goes to, for the multi-queue port being delivered to.
     qsel: [u8; BURST],
+    /// Batching under load (see `batch_hold`).
+    pub batch: Batching,
+}
+
+/// Batching under load: a transmit queue whose guest sends full bursts is taken from only
+/// when two bursts are queued, or after waiting `wait`, so one burst stays in the guest's
+/// ring. See `batch_hold`.
+#[derive(Debug, Default)]
+pub struct Batching {
+    /// Longest wait, in `ticks()` (0 = off).
+    pub wait: u64,
+    /// Times a queue started waiting for a second burst.
+    pub holds: u64,
+    /// Waits that ran out (the guest slowed down; a wait that often runs out is too short
+    /// or not worth having).
+    pub expired: u64,
 }
 
 /// Largest snapshot of a frame's first bytes: anti-spoofing's longest look (at neighbour
@@ -196,6 +212,7 @@ impl Datapath {
             hashes: [0; BURST],
             hashed: 0,
             qsel: [0; BURST],
+            batch: Batching::default(),
         }
     }
 
@@ -228,7 +245,11 @@ impl Datapath {
         }
         let n = match q.ring.avail_pending() {
             Ok(0) => return 0,
-            Ok(n) => (n as usize).min(BURST),
+            Ok(n) if self.batch.wait == 0 => (n as usize).min(BURST),
+            Ok(n) => match batch_hold(q, n as usize, &mut self.batch) {
+                Some(n) => n,
+                None => return 0,
+            },
             Err(e) => {
                 // The ring's indices are garbage: stop it rather than guess. The guest gets it
                 // back when it resets the device.
@@ -1216,6 +1237,44 @@ fn push_used_spread(rq: &mut VirtQueue, chains: &[(u16, u32)], wrote: u32) {
     }
 }
 
+/// Batching under load: how many heads to take from transmit queue `q` with `n` pending
+/// (None: none yet). A guest that sends full bursts is left one burst in its ring until a
+/// second one is queued or `wait` ticks have passed.
+///
+/// Why: DPDK's virtio driver reclaims its transmit buffers lazily, all at once when more
+/// than ring size - 32 are used. A switch that drains the ring as fast as the guest fills
+/// it makes the guest free a ring's worth of mbufs at once, which overflows its mempool
+/// cache (250 by default) into the shared ring and later refills it from there with cold
+/// mbufs. Leaving a burst in the ring keeps the used count below that threshold, so the
+/// guest reclaims a burst at a time.
+#[inline]
+fn batch_hold(q: &mut VirtQueue, n: usize, b: &mut Batching) -> Option<usize> {
+    let full = BURST.min(q.ring.size() as usize / 4).max(1);
+    let n = if n < 2 * full { q.ring.avail_pending_fresh().map_or(n, |f| f as usize) } else { n };
+    if !q.loaded {
+        q.loaded = n >= full;
+        return Some(n.min(BURST));
+    }
+    if n >= 2 * full {
+        q.wait_since = 0;
+        return Some((n - full).min(BURST));
+    }
+    let now = crate::pmd::ticks();
+    if q.wait_since == 0 {
+        q.wait_since = now;
+        b.holds += 1;
+        return None;
+    }
+    if now.wrapping_sub(q.wait_since) < b.wait {
+        return None;
+    }
+    // Waited long enough: the guest is not keeping up a burst per wait.
+    q.wait_since = 0;
+    q.loaded = false;
+    b.expired += 1;
+    Some(n.min(BURST))
+}
+
 #[inline(always)]
 fn has_parked(rq: &VirtQueue) -> bool {
     rq.iotlb.as_deref().is_some_and(|l| !l.parked.is_empty())
@@ -1542,6 +1601,41 @@ mod tests {
         assert_eq!(n.received(1).len(), 1);
         assert!(n.received(2).is_empty());
         assert_eq!(n.tx_returned(0).len(), 2, "source buffers returned");
+    }
+
+    #[test]
+    fn test_batching_leaves_a_burst_in_a_loaded_guests_ring_until_the_next_or_the_wait() {
+        // Rings of 64: a "full burst" is 16 here (a quarter ring), 32 on rings of 128 and up.
+        let mut n = net(vec![VlanMode::default(); 2], true);
+        n.post_rx(1, 60, 2048);
+        n.dp.batch.wait = u64::MAX; // never gives up waiting, for now
+        let frames: Vec<Vec<u8>> = (0..50).map(|k| frame(MACS[1], MACS[0], None, 60 + k)).collect();
+        let mut sent = frames.iter();
+        let mut send = |n: &mut Net, k: usize| {
+            for f in sent.by_ref().take(k) {
+                n.send(0, f);
+            }
+        };
+        // A guest not known to be loaded is served at once; a full burst marks it loaded.
+        send(&mut n, 16);
+        assert_eq!(n.poll(0), 16);
+        // Loaded: fewer than two bursts queued stay in the ring...
+        send(&mut n, 20);
+        assert_eq!(n.poll(0), 0, "one burst and a bit wait for the next");
+        assert!(n.received(1).len() == 16 && n.tx_returned(0).len() == 16);
+        // ...and with two queued, all but one burst are taken.
+        send(&mut n, 12);
+        assert_eq!(n.poll(0), 16, "a burst stays in the ring");
+        assert_eq!(n.poll(0), 0);
+        // The wait is bounded: once it has passed, the rest goes and the guest counts as
+        // light again, served at once.
+        n.dp.batch.wait = 1;
+        assert_eq!(n.poll(0), 16, "waited long enough");
+        assert_eq!((n.dp.batch.holds, n.dp.batch.expired), (2, 1));
+        send(&mut n, 2);
+        assert_eq!(n.poll(0), 2, "a light guest is not held back");
+        assert_eq!(n.received(1), frames[16..50].to_vec(), "all delivered, in order");
+        assert_eq!(n.tx_returned(0).len(), 34);
     }
 
     #[test]

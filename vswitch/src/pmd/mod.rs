@@ -67,6 +67,10 @@ pub struct PmdStats {
     pub busy_iterations: AtomicU64,
     /// Times the thread went to sleep (adaptive mode).
     pub sleeps: AtomicU64,
+    /// Batching under load: waits for a second burst started, and those that ran out.
+    pub batch_holds: AtomicU64,
+    /// See [`PmdStats::batch_holds`].
+    pub batch_expired: AtomicU64,
 }
 
 /// The control side's handle on a polling thread.
@@ -85,13 +89,21 @@ pub struct PmdHandle {
 
 impl PmdHandle {
     /// Starts a polling thread.
-    pub fn spawn(idx: usize, core: Option<usize>, busy_poll: bool, fdb: Arc<Fdb>) -> std::io::Result<Self> {
+    pub fn spawn(
+        idx: usize,
+        core: Option<usize>,
+        busy_poll: bool,
+        batch_wait_us: u32,
+        fdb: Arc<Fdb>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let pending = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
         let stats = Arc::new(PmdStats::default());
+        let mut dp = Datapath::new(idx, fdb);
+        dp.batch.wait = batch_wait_us as u64 * ticks_per_us();
         let mut pmd = Pmd {
-            dp: Datapath::new(idx, fdb),
+            dp,
             polls: Vec::new(),
             rx,
             pending: pending.clone(),
@@ -192,6 +204,8 @@ impl Pmd {
                 s.packets.store(packets, Ordering::Relaxed);
                 s.iterations.store(iters, Ordering::Relaxed);
                 s.busy_iterations.store(busy_iters, Ordering::Relaxed);
+                s.batch_holds.store(self.dp.batch.holds, Ordering::Relaxed);
+                s.batch_expired.store(self.dp.batch.expired, Ordering::Relaxed);
             }
             if !self.busy_poll && empty >= SPINS_BEFORE_SLEEP {
                 self.sleep();
@@ -371,6 +385,17 @@ fn pin_to(core: usize) {
             tracing::warn!(core, "cannot pin polling thread: {}", std::io::Error::last_os_error());
         }
     }
+}
+
+/// `ticks()` per microsecond, measured once against the monotonic clock (over 20 ms).
+pub fn ticks_per_us() -> u64 {
+    static RATE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *RATE.get_or_init(|| {
+        let (t0, i0) = (ticks(), Instant::now());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let (dt, di) = (ticks().wrapping_sub(t0), i0.elapsed().as_nanos().max(1) as u64);
+        (dt.saturating_mul(1000) / di).max(1)
+    })
 }
 
 /// TSC ticks (x86-64), nanoseconds elsewhere.

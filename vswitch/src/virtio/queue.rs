@@ -49,6 +49,11 @@ pub struct VirtQueue {
     pub held: u16,
     /// Unique for the life of the process: tells this queue from a later one in the same slot.
     pub epoch: u64,
+    /// Transmit queues under load: since when (ticks) a short backlog has been left in the
+    /// ring, waiting for more (0 = not waiting). See `Datapath::batch_wait`.
+    pub wait_since: u64,
+    /// Transmit queues: the guest has been sending full bursts (batching applies).
+    pub loaded: bool,
 }
 
 /// Parameters to start a queue.
@@ -97,6 +102,8 @@ impl VirtQueue {
             kick,
             held: 0,
             epoch: EPOCHS.fetch_add(1, Ordering::Relaxed),
+            wait_since: 0,
+            loaded: false,
         })
     }
 

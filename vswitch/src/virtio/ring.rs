@@ -201,6 +201,14 @@ impl SplitRing {
         Ok(n)
     }
 
+    /// Like `avail_pending`, but always loads the driver's index (the cached count may be
+    /// behind).
+    #[inline]
+    pub fn avail_pending_fresh(&mut self) -> Result<u16, RingError> {
+        self.avail_idx = self.last_avail;
+        self.avail_pending()
+    }
+
     /// Takes the next available head. Call only after `avail_pending` said there is one.
     /// The head is not checked here: `walk_chain` refuses heads outside the table.
     #[inline(always)]
