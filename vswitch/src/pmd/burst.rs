@@ -440,12 +440,12 @@ impl Datapath {
         for k in 0..n {
             q.ring.prefetch_desc(q.ring.peek_head(k as u16));
         }
-        // Pass 1: walk every chain. The frames are deliberately not prefetched: pulling the
+        // Pass 1: walk every chain. Short frames are deliberately not prefetched: pulling the
         // first lines of all 32 frames out of the sender's cache at once, as soon as the burst
         // is seen, made DPDK's virtio generator ~15% slower per packet (flowgen at 64 B:
         // ~420 against ~370 cycles/packet; the switch's rate, median of A/B reps, 0.86x DPDK
-        // vhost's with the prefetch, 0.95x without) for ~30 ticks per packet saved here. Pass 2
-        // reads each header in turn instead.
+        // vhost's with the prefetch, 0.95x without) for ~30 ticks per packet saved here; pass 2
+        // reads each header in turn instead. Long frames are (see `PREFETCH_FRAME_MIN`).
         for i in 0..n {
             let head = q.ring.pop_head();
             let p = &mut self.pkts[i];
