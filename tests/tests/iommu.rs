@@ -35,6 +35,32 @@ fn iotlb(sw: &Switch, port: &str) -> vswitch::vhost::iotlb::IotlbInfo {
         .unwrap_or_else(|| panic!("port {port} has no IOTLB (no vIOMMU negotiated)"))
 }
 
+/// A switch with ports a and b, both guests behind a vIOMMU (`viommu(true)`), frames already
+/// exchanged both ways and b's receive ring drained.
+fn warm_pair(dir: &Scratch) -> (Switch, Frontend, Frontend, FrontendConfig) {
+    let sw = start_switch(dir, &["a", "b"]);
+    let cfg = viommu(true);
+    let mut fa = connect(dir, "a", cfg.clone());
+    let mut fb = connect(dir, "b", cfg.clone());
+    warm_up(&mut fa, &mut fb, 0xa, 0xb);
+    warm_up(&mut fb, &mut fa, 0xb, 0xa);
+    let _ = e2e_tests::drain(&mut fb, Duration::from_millis(300));
+    (sw, fa, fb, cfg)
+}
+
+/// The invalidation of all of a guest's receive buffers, rings untouched: they sit after its
+/// first receive ring, from the second page on (see the frontend's memory layout).
+fn unmap_rx_bufs(cfg: &FrontendConfig) -> IotlbMsg {
+    let bufs_end = (2 * PAGE + cfg.ring_size as u64 * cfg.rx_buf_size as u64) / PAGE * PAGE;
+    IotlbMsg {
+        iova: IommuConfig::default().iova_base + 2 * PAGE,
+        size: bufs_end - 2 * PAGE,
+        uaddr: 0,
+        perm: 0,
+        kind: IOTLB_INVALIDATE,
+    }
+}
+
 /// Sends `n` frames of assorted sizes from `a` to `b` and checks each arrives intact, in order.
 fn exchange_checked(a: &mut Frontend, b: &mut Frontend, from: u8, to: u8, n: u64, case: &str) {
     let sizes = [60usize, 64, 128, 511, 1024, 1514];
@@ -320,30 +346,13 @@ fn iotlb_flushes_racing_traffic_lose_and_corrupt_nothing() {
 #[test]
 fn packets_whose_receive_buffer_misses_wait_parked_and_arrive_in_order() {
     let dir = Scratch::new("iommu-park");
-    let sw = start_switch(&dir, &["a", "b"]);
-    let cfg = viommu(true);
-    let mut fa = connect(&dir, "a", cfg.clone());
-    let mut fb = connect(&dir, "b", cfg.clone());
-    warm_up(&mut fa, &mut fb, 0xa, 0xb);
-    warm_up(&mut fb, &mut fa, 0xb, 0xa);
-    let _ = e2e_tests::drain(&mut fb, Duration::from_millis(300));
-    // b's receive buffers sit after its first receive ring, from the second page on (see the
-    // frontend's memory layout): invalidate them all, rings untouched, as a guest in strict
-    // mode unmaps buffers it has consumed. Every frame sent next finds its buffer untranslated.
-    let base = IommuConfig::default().iova_base;
-    let n = cfg.ring_size as u64;
-    let bufs_end = (2 * PAGE + n * cfg.rx_buf_size as u64) / PAGE * PAGE;
+    let (sw, mut fa, mut fb, cfg) = warm_pair(&dir);
+    // As a guest in strict mode unmaps buffers it has consumed: every frame sent next finds
+    // its buffer untranslated.
     let before = find(&sw.stats().unwrap(), "b").tx;
     let parked_before = iotlb(&sw, "b").rx_parked;
     for round in 0..3u64 {
-        let inval = IotlbMsg {
-            iova: base + 2 * PAGE,
-            size: bufs_end - 2 * PAGE,
-            uaddr: 0,
-            perm: 0,
-            kind: IOTLB_INVALIDATE,
-        };
-        assert_eq!(fb.iotlb_raw(inval).unwrap(), 0);
+        assert_eq!(fb.iotlb_raw(unmap_rx_bufs(&cfg)).unwrap(), 0);
         let sent: Vec<Vec<u8>> = (0..24)
             .map(|k| frame_of_size(mac(0xb), mac(0xa), None, 60 + (k as usize * 61) % 1400, round * 100 + k))
             .collect();
@@ -366,21 +375,12 @@ fn packets_whose_receive_buffer_misses_wait_parked_and_arrive_in_order() {
 #[test]
 fn a_ring_whose_translation_goes_unanswered_asks_again_and_its_parked_frames_are_counted() {
     let dir = Scratch::new("iommu-ring-wait");
-    let sw = start_switch(&dir, &["a", "b"]);
-    let cfg = viommu(true);
-    let mut fa = connect(&dir, "a", cfg.clone());
-    let mut fb = connect(&dir, "b", cfg.clone());
-    warm_up(&mut fa, &mut fb, 0xa, 0xb);
-    warm_up(&mut fb, &mut fa, 0xb, 0xa);
-    let _ = e2e_tests::drain(&mut fb, Duration::from_millis(300));
+    let (sw, mut fa, mut fb, cfg) = warm_pair(&dir);
     // b's vIOMMU goes quiet and b's receive buffers are unmapped: frames for b park.
     fb.iommu_serve_misses(false);
-    let base = IommuConfig::default().iova_base;
-    let bufs_end = (2 * PAGE + cfg.ring_size as u64 * cfg.rx_buf_size as u64) / PAGE * PAGE;
-    let unmap = |iova, size| IotlbMsg { iova, size, uaddr: 0, perm: 0, kind: IOTLB_INVALIDATE };
     let before = find(&sw.stats().unwrap(), "b").tx;
     let parked_before = iotlb(&sw, "b").rx_parked;
-    assert_eq!(fb.iotlb_raw(unmap(base + 2 * PAGE, bufs_end - 2 * PAGE)).unwrap(), 0);
+    assert_eq!(fb.iotlb_raw(unmap_rx_bufs(&cfg)).unwrap(), 0);
     for seq in 0..6 {
         send(&mut fa, 0, &frame_of_size(mac(0xb), mac(0xa), None, 100, seq));
     }
@@ -388,7 +388,14 @@ fn a_ring_whose_translation_goes_unanswered_asks_again_and_its_parked_frames_are
     // Then all of b's IOVA space, rings included: b's queues stop (the parked frames kept for
     // the queue's next start) and wait for their rings' translations, which nobody gives.
     let asked = fb.viommu_counters().unwrap().misses;
-    assert_eq!(fb.iotlb_raw(unmap(base, fb.guest_region().1)).unwrap(), 0);
+    let all = IotlbMsg {
+        iova: IommuConfig::default().iova_base,
+        size: fb.guest_region().1,
+        uaddr: 0,
+        perm: 0,
+        kind: IOTLB_INVALIDATE,
+    };
+    assert_eq!(fb.iotlb_raw(all).unwrap(), 0);
     // A lost or unsent ask must not leave the rings stopped for good: the switch asks again.
     assert!(
         wait_until(T, || fb.viommu_counters().unwrap().misses >= asked + 6),
