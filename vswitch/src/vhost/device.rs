@@ -149,11 +149,7 @@ impl VhostDevice {
                 let q = slot.lock().take();
                 let parked = q.as_ref().and_then(|q| q.iotlb.as_deref()).map_or(0, |l| l.parked.len());
                 // Packets waiting for a receive buffer of a device being reset are lost.
-                let lost = (parked + self.vrings[i].parked.len()) as u64;
-                if lost > 0 {
-                    self.iotlb_stats.rx_miss_drops.fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
-                    crate::virtio::queue::bump(&slot.stats.drop_no_buffer, lost);
-                }
+                self.count_lost(i, (parked + self.vrings[i].parked.len()) as u64);
             }
         }
         let n = self.vrings.len();
@@ -305,18 +301,24 @@ impl VhostDevice {
             let before = v.parked.len();
             v.parked.retain(|&(_, since)| now.wrapping_sub(since) <= MISS_TIMEOUT_NS);
             let lost = (before - v.parked.len()) as u64;
-            if lost > 0 {
-                self.iotlb_stats.rx_miss_drops.fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
-                if let Some(slot) = self.port.slot(i) {
-                    crate::virtio::queue::bump(&slot.stats.drop_no_buffer, lost);
-                }
-            }
+            self.count_lost(i, lost);
             if self.vrings[i].waiting_iotlb && now.wrapping_sub(self.vrings[i].asked) >= RESEND_NS {
                 self.refresh(i);
             }
             waiting |= self.vrings[i].waiting_iotlb || !self.vrings[i].parked.is_empty();
         }
         waiting
+    }
+
+    /// Counts `lost` packets that were parked for queue `i` as dropped (no buffer).
+    fn count_lost(&self, i: usize, lost: u64) {
+        if lost == 0 {
+            return;
+        }
+        self.iotlb_stats.rx_miss_drops.fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+        if let Some(slot) = self.port.slot(i) {
+            crate::virtio::queue::bump(&slot.stats.drop_no_buffer, lost);
+        }
     }
 
     fn refresh_all(&mut self) {

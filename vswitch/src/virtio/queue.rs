@@ -50,7 +50,7 @@ pub struct VirtQueue {
     /// Unique for the life of the process: tells this queue from a later one in the same slot.
     pub epoch: u64,
     /// Transmit queues under load: since when (ticks) a short backlog has been left in the
-    /// ring, waiting for more (0 = not waiting). See `Datapath::batch_wait`.
+    /// ring, waiting for more (0 = not waiting). See `pmd::burst::Batching`.
     pub wait_since: u64,
     /// Transmit queues: the guest has been sending full bursts (batching applies).
     pub loaded: bool,
