@@ -46,6 +46,15 @@ pub struct PortConfig {
     /// offloads sends to it.
     #[serde(default = "yes")]
     pub offloads: bool,
+    /// Only frontends running as one of these users (or, with `allow_gids`, groups) may be
+    /// this port's guest, checked with `SO_PEERCRED` on every connection, in client mode too
+    /// (so a process squatting the path is not served). Empty (both): anyone who can reach
+    /// the socket file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_uids: Vec<u32>,
+    /// See `allow_uids`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_gids: Vec<u32>,
 }
 
 fn one() -> u16 {
@@ -60,7 +69,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,allow-uid=U:U..][,allow-gid=G:G..])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -115,6 +124,11 @@ impl PortConfig {
             egress: None,
             anti_spoof: None,
             offloads: true,
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
+        };
+        let ids = |v: &str, what: &str| {
+            v.split(':').map(|x| x.parse::<u32>()).collect::<Result<Vec<_>, _>>().map_err(|_| bad(what))
         };
         for opt in parts {
             match opt.split_once('=') {
@@ -145,6 +159,12 @@ impl PortConfig {
                     pc.egress = Some(ShaperConfig { rate, burst: None, queue: None, pps: None });
                 }
                 None if opt == "anti-spoof" => pc.anti_spoof = Some(SpoofConfig::default()),
+                Some(("allow-uid", v)) => {
+                    pc.allow_uids = ids(v, "allow-uid must be user ids separated by ':'")?
+                }
+                Some(("allow-gid", v)) => {
+                    pc.allow_gids = ids(v, "allow-gid must be group ids separated by ':'")?
+                }
                 Some(("offloads", v)) => {
                     pc.offloads = match v {
                         "on" => true,
@@ -211,6 +231,22 @@ impl PortConfig {
         }
     }
 
+    /// Whether the process at the other end of `fd` (a connected unix socket) may be this
+    /// port's frontend; the reason if not.
+    pub fn peer_allowed(&self, fd: std::os::fd::RawFd) -> Result<(), String> {
+        if self.allow_uids.is_empty() && self.allow_gids.is_empty() {
+            return Ok(());
+        }
+        let c = crate::switch::sockets::peer(fd).map_err(|e| format!("cannot tell who it is: {e}"))?;
+        if self.allow_uids.contains(&c.uid) || self.allow_gids.contains(&c.gid) {
+            return Ok(());
+        }
+        Err(format!(
+            "pid {} runs as uid {} gid {}, not one of allow_uids {:?} / allow_gids {:?}",
+            c.pid, c.uid, c.gid, self.allow_uids, self.allow_gids
+        ))
+    }
+
     /// The configured MAC, or a locally administered one derived from the name.
     pub fn mac_bytes(&self) -> [u8; 6] {
         if let Some(m) = self.mac.as_deref().and_then(parse_mac) {
@@ -240,9 +276,17 @@ pub struct SwitchConfig {
     /// DPDK guests a mempool-cache thrash; costs up to that much latency while engaged.
     #[serde(default)]
     pub batch_wait_us: u32,
-    /// Control socket path.
+    /// Control socket path (created owner-only; only this user and root are served).
     #[serde(default)]
     pub control: Option<PathBuf>,
+    /// Permission bits of the ports' socket files (default 0o660: the switch's user and
+    /// group; connecting needs write permission). Set before the socket listens, whatever
+    /// the umask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_mode: Option<u32>,
+    /// Group (name or number) of the ports' socket files, e.g. the group QEMU runs as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
     /// Seconds before an unseen MAC is forgotten.
     #[serde(default = "default_aging")]
     pub fdb_aging_secs: u32,
@@ -250,6 +294,9 @@ pub struct SwitchConfig {
     #[serde(default, rename = "port")]
     pub ports: Vec<PortConfig>,
 }
+
+/// Mode of port socket files unless configured: owner and group may connect, others not.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 
 /// Longest batching wait accepted (µs).
 pub const MAX_BATCH_WAIT_US: u32 = 1000;
@@ -281,6 +328,7 @@ impl SwitchConfig {
         if self.fdb_aging_secs == 0 {
             return Err(ConfigError::Other("fdb_aging_secs must be at least 1".into()));
         }
+        self.socket_access()?;
         if self.batch_wait_us > MAX_BATCH_WAIT_US {
             return Err(ConfigError::Other(format!(
                 "batch_wait_us {} is above {MAX_BATCH_WAIT_US}: a longer wait only adds latency \
@@ -289,6 +337,21 @@ impl SwitchConfig {
             )));
         }
         Ok(())
+    }
+
+    /// Mode and group of the ports' socket files.
+    pub fn socket_access(&self) -> Result<crate::switch::sockets::Access, ConfigError> {
+        let mode = self.socket_mode.unwrap_or(DEFAULT_SOCKET_MODE);
+        if mode & !0o777 != 0 {
+            return Err(ConfigError::Other(format!("socket_mode {mode:#o} has bits beyond 0o777")));
+        }
+        let gid = match &self.socket_group {
+            None => None,
+            Some(g) => Some(crate::switch::sockets::gid_of(g).ok_or_else(|| {
+                ConfigError::Other(format!("socket_group '{g}' is neither a group name nor a number"))
+            })?),
+        };
+        Ok(crate::switch::sockets::Access { mode, gid })
     }
 }
 

@@ -58,6 +58,13 @@ struct RunArgs {
     /// Control socket path.
     #[arg(long, env = "VSWITCH_CONTROL")]
     control: Option<PathBuf>,
+    /// Permission bits of the ports' socket files, in octal (default 660: the switch's user
+    /// and group may connect, nobody else).
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    socket_mode: Option<u32>,
+    /// Group of the ports' socket files (name or number), e.g. the group QEMU runs as.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
     /// Print port rates every N seconds (0 = never).
     #[arg(long, default_value_t = 0)]
     stats_interval: u64,
@@ -231,6 +238,12 @@ fn run(a: RunArgs) -> Result<(), String> {
         cfg.pmd_cores = a.pmd_cores.clone();
     }
     cfg.busy_poll |= a.busy_poll;
+    if a.socket_mode.is_some() {
+        cfg.socket_mode = a.socket_mode;
+    }
+    if a.socket_group.is_some() {
+        cfg.socket_group = a.socket_group.clone();
+    }
     if let Some(us) = a.batch_wait_us {
         cfg.batch_wait_us = us;
     }
@@ -247,6 +260,13 @@ fn run(a: RunArgs) -> Result<(), String> {
     wait_for_signal(&signals, a.stats_interval, &sw);
     drop(sw);
     Ok(())
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("'{s}' is not a file mode in octal (e.g. 660)"))
 }
 
 fn block_signals() -> libc::sigset_t {

@@ -6,11 +6,12 @@
 //!   vswitch ctl ──control socket──▶ control thread           (bursts, late copy)
 //! ```
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+mod ctlsock;
+pub mod sockets;
+
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,8 +33,11 @@ use crate::virtio::queue::QueueCounters;
 
 const WAKER: Token = Token(usize::MAX - 1);
 const CTL_LISTENER: Token = Token(usize::MAX - 2);
-/// How long a frontend may take to send the rest of a message it started.
+/// How long a frontend may take to send the rest of a message it started, or to make room
+/// for a reply (read the ones before).
 const MSG_TIMEOUT: Duration = Duration::from_secs(2);
+/// Messages handled from one connection before the others get their turn.
+const MSG_BUDGET: usize = 32;
 /// Client-mode ports retry this often.
 const RETRY: Duration = Duration::from_secs(1);
 /// How often rings waiting for an IOTLB translation ask again.
@@ -54,14 +58,9 @@ pub enum SwitchError {
     /// too many ports
     #[error("the switch already has {MAX_PORTS} ports")]
     TooManyPorts,
-    /// socket problems
-    #[error("cannot listen on {path}: {source}")]
-    Listen {
-        /// Socket path.
-        path: String,
-        /// Cause.
-        source: std::io::Error,
-    },
+    /// socket file problems
+    #[error(transparent)]
+    Socket(#[from] sockets::SocketError),
     /// bad config
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -82,10 +81,12 @@ struct PortState {
     cfg: PortConfig,
     port: Arc<Port>,
     device: Arc<Mutex<VhostDevice>>,
-    listener: Option<UnixListener>,
+    listener: Option<(UnixListener, sockets::SocketFile)>,
     conn: Option<(Handler, RawFd)>,
     /// When an incomplete message started waiting on the connection.
     partial_since: Option<Instant>,
+    /// When a message started waiting for room for its reply (the frontend does not read).
+    blocked_since: Option<Instant>,
     next_retry: Instant,
     connects: u64,
 }
@@ -129,16 +130,15 @@ impl Switch {
                 let _ = w.write(1);
             }
         });
-        let ctl_listener = match &cfg.control {
+        let ctl = match &cfg.control {
+            // The control socket reconfigures the switch: owner only, set before it listens.
             Some(path) => {
-                let l = bind(path)?;
-                // The control socket reconfigures the switch: owner only.
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-                Some(l)
+                let (l, file) = sockets::listen(path, sockets::Access { mode: 0o600, gid: None })?;
+                Some(ctlsock::CtlServer::new(l, file))
             }
             None => None,
         };
+        let access = cfg.socket_access()?;
         let (calls, rx) = crossbeam_channel::unbounded();
         let mut ctl = Control {
             poll,
@@ -146,14 +146,15 @@ impl Switch {
             fdb,
             start: Instant::now(),
             ports: HashMap::new(),
-            ctl_listener,
-            control_path: cfg.control.clone(),
+            ctl,
+            access,
             calls: rx,
             wake_pmds,
             iotlb_waiting: false,
+            ready: VecDeque::new(),
         };
-        if let Some(l) = &mut ctl.ctl_listener {
-            ctl.poll.registry().register(l, CTL_LISTENER, Interest::READABLE).map_err(SwitchError::Start)?;
+        if let Some(c) = &mut ctl.ctl {
+            c.register(ctl.poll.registry(), CTL_LISTENER).map_err(SwitchError::Start)?;
         }
         for p in &cfg.ports {
             ctl.add_port(p.clone())?;
@@ -228,15 +229,6 @@ impl Drop for Switch {
     }
 }
 
-fn bind(path: &Path) -> Result<UnixListener, SwitchError> {
-    // A socket file left by a previous run that nobody answers on is ours to replace.
-    if path.exists() && UnixStream::connect(path).is_err() {
-        let _ = std::fs::remove_file(path);
-    }
-    UnixListener::bind(path)
-        .map_err(|source| SwitchError::Listen { path: path.display().to_string(), source })
-}
-
 fn token_of(id: u16, conn: bool) -> Token {
     Token(id as usize * 2 + conn as usize)
 }
@@ -247,12 +239,16 @@ struct Control {
     fdb: Arc<Fdb>,
     start: Instant,
     ports: HashMap<u16, PortState>,
-    ctl_listener: Option<UnixListener>,
-    control_path: Option<PathBuf>,
+    /// The control socket's server.
+    ctl: Option<ctlsock::CtlServer>,
+    /// Mode and group of port sockets.
+    access: sockets::Access,
     calls: Receiver<Call>,
     wake_pmds: Arc<dyn Fn() + Send + Sync>,
     /// A ring waits for the translation of its addresses: come back within `IOTLB_RETRY`.
     iotlb_waiting: bool,
+    /// Connections that used their message budget with messages left (served next turn).
+    ready: VecDeque<u16>,
 }
 
 impl Control {
@@ -269,9 +265,20 @@ impl Control {
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => {}
-                    CTL_LISTENER => self.serve_control(),
+                    CTL_LISTENER => {
+                        if let Some(c) = &mut self.ctl {
+                            c.accept(self.poll.registry());
+                        }
+                    }
+                    t if ctlsock::CtlServer::slot_of(t).is_some() => self.control_client(t),
                     Token(t) if t % 2 == 0 => self.accept((t / 2) as u16),
                     Token(t) => self.service_conn((t / 2) as u16),
+                }
+            }
+            // Connections with messages left over from their budget, one turn each.
+            for _ in 0..self.ready.len() {
+                if let Some(id) = self.ready.pop_front() {
+                    self.service_conn(id);
                 }
             }
             while let Ok(call) = self.calls.try_recv() {
@@ -291,6 +298,20 @@ impl Control {
         }
     }
 
+    /// An event on a control client: answers its request once it is in.
+    fn control_client(&mut self, t: Token) {
+        let Some(slot) = ctlsock::CtlServer::slot_of(t) else { return };
+        let Some(c) = &mut self.ctl else { return };
+        let Some((slot, req)) = c.event(self.poll.registry(), slot) else { return };
+        let reply = match req {
+            Ok(req) => self.handle(req),
+            Err(e) => Reply { ok: false, result: None, error: Some(e) },
+        };
+        if let Some(c) = &mut self.ctl {
+            c.reply(self.poll.registry(), slot, &reply);
+        }
+    }
+
     /// Rings waiting for an IOTLB translation ask again (see `VhostDevice::retry_waiting`).
     fn retry_iotlb(&mut self) {
         let now = crate::policy::now_ns();
@@ -305,31 +326,55 @@ impl Control {
         self.iotlb_waiting = waiting;
     }
 
-    /// Closes connections whose frontend started a message and never finished it.
+    /// Closes connections whose frontend started a message and never finished it, or does
+    /// not read the replies it asked for; and control clients that took too long.
     fn drop_stalled(&mut self) {
-        let stalled: Vec<u16> = self
+        let late = |t: Option<Instant>| t.is_some_and(|t| t.elapsed() > MSG_TIMEOUT);
+        let stalled: Vec<(u16, &str)> = self
             .ports
             .values()
-            .filter(|p| p.partial_since.is_some_and(|t| t.elapsed() > MSG_TIMEOUT))
-            .map(|p| p.port.id)
+            .filter_map(|p| {
+                if late(p.partial_since) {
+                    Some((p.port.id, "incomplete message"))
+                } else if late(p.blocked_since) {
+                    Some((p.port.id, "its replies not read"))
+                } else {
+                    None
+                }
+            })
             .collect();
-        for id in stalled {
+        for (id, why) in stalled {
             if let Some(st) = self.ports.get(&id) {
-                tracing::warn!(port = %st.cfg.name, "closing vhost-user connection: incomplete message for {MSG_TIMEOUT:?}");
+                tracing::warn!(port = %st.cfg.name, "closing vhost-user connection: {why} for {MSG_TIMEOUT:?}");
             }
             self.disconnect(id);
+        }
+        if let Some(c) = &mut self.ctl {
+            c.expire(self.poll.registry(), Instant::now());
         }
     }
 
     fn next_timeout(&self) -> Duration {
+        if !self.ready.is_empty() {
+            return Duration::ZERO;
+        }
         let now = Instant::now();
+        // Stalled connections and control clients are checked at least this often.
+        let watch = if self.ports.values().any(|p| p.partial_since.is_some() || p.blocked_since.is_some())
+            || self.ctl.as_ref().is_some_and(|c| c.clients() > 0)
+        {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(1)
+        };
         self.ports
             .values()
             .filter(|p| p.cfg.client && p.conn.is_none())
             .map(|p| p.next_retry.saturating_duration_since(now))
             .min()
-            .unwrap_or(Duration::from_secs(1))
-            .min(if self.iotlb_waiting { IOTLB_RETRY } else { Duration::from_secs(1) })
+            .unwrap_or(watch)
+            .min(watch)
+            .min(if self.iotlb_waiting { IOTLB_RETRY } else { watch })
     }
 
     fn handle(&mut self, req: Request) -> Reply {
@@ -385,12 +430,13 @@ impl Control {
         let device = Arc::new(Mutex::new(VhostDevice::new(port.clone(), self.wake_pmds.clone())));
         let mut listener = None;
         if !cfg.client {
-            let mut l = bind(&cfg.socket)?;
-            self.poll
-                .registry()
-                .register(&mut l, token_of(id, false), Interest::READABLE)
-                .map_err(SwitchError::Start)?;
-            listener = Some(l);
+            let (l, file) = sockets::listen(&cfg.socket, self.access)?;
+            let mut l = UnixListener::from_std(l);
+            if let Err(e) = self.poll.registry().register(&mut l, token_of(id, false), Interest::READABLE) {
+                file.remove();
+                return Err(SwitchError::Start(e));
+            }
+            listener = Some((l, file));
         }
         let n = self.pmds.len();
         for pmd in &self.pmds {
@@ -409,6 +455,7 @@ impl Control {
                 listener,
                 conn: None,
                 partial_since: None,
+                blocked_since: None,
                 next_retry: Instant::now(),
                 connects: 0,
             },
@@ -452,9 +499,9 @@ impl Control {
         let id = id.ok_or_else(|| SwitchError::NoSuchPort(name.into()))?;
         self.disconnect(id);
         if let Some(mut st) = self.ports.remove(&id) {
-            if let Some(l) = &mut st.listener {
+            if let Some((l, file)) = &mut st.listener {
                 let _ = self.poll.registry().deregister(l);
-                let _ = std::fs::remove_file(&st.cfg.socket);
+                file.remove();
             }
         }
         for pmd in &self.pmds {
@@ -467,12 +514,16 @@ impl Control {
 
     fn accept(&mut self, id: u16) {
         let Some(st) = self.ports.get_mut(&id) else { return };
-        let Some(l) = &st.listener else { return };
+        let Some((l, _)) = &st.listener else { return };
         loop {
             match l.accept() {
                 Ok((s, _)) => {
                     if st.conn.is_some() {
                         tracing::warn!(port = %st.cfg.name, "refusing a second frontend connection while one is active");
+                        continue;
+                    }
+                    if let Err(why) = st.cfg.peer_allowed(s.as_raw_fd()) {
+                        tracing::warn!(port = %st.cfg.name, "refusing a frontend: {why}");
                         continue;
                     }
                     // SAFETY: into_raw_fd hands over sole ownership of the descriptor.
@@ -500,8 +551,14 @@ impl Control {
         for id in due {
             let Some(st) = self.ports.get_mut(&id) else { continue };
             st.next_retry = now + RETRY;
-            match UnixStream::connect(&st.cfg.socket) {
-                Ok(s) => self.attach(id, s),
+            // Never waits: a frontend whose backlog is full is tried again next time.
+            match sockets::connect(&st.cfg.socket) {
+                Ok(s) => match st.cfg.peer_allowed(s.as_raw_fd()) {
+                    Ok(()) => self.attach(id, s),
+                    Err(why) => {
+                        tracing::warn!(port = %st.cfg.name, "not serving the frontend at {}: {why}", st.cfg.socket.display())
+                    }
+                },
                 Err(e) => tracing::debug!(port = %st.cfg.name, "frontend not reachable yet: {e}"),
             }
         }
@@ -509,19 +566,23 @@ impl Control {
 
     fn attach(&mut self, id: u16, s: UnixStream) {
         let Some(st) = self.ports.get_mut(&id) else { return };
+        // Blocking for the vhost crate, which retries EAGAIN for ever; it is handed a message
+        // only once the whole message is queued and there is room for its reply, so neither
+        // its reads nor its sends wait (see `service_conn`).
         if s.set_nonblocking(false).is_err() || s.set_read_timeout(Some(MSG_TIMEOUT)).is_err() {
             return;
         }
         let fd = s.as_raw_fd();
         let handler = BackendReqHandler::from_stream(s, st.device.clone());
-        if let Err(e) =
-            self.poll.registry().register(&mut SourceFd(&fd), token_of(id, true), Interest::READABLE)
-        {
+        // Writable too: a frontend that reads its replies at last lets the connection go on.
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = self.poll.registry().register(&mut SourceFd(&fd), token_of(id, true), interest) {
             tracing::warn!(port = %st.cfg.name, "cannot watch connection: {e}");
             return;
         }
         st.conn = Some((handler, fd));
         st.partial_since = None;
+        st.blocked_since = None;
         st.connects += 1;
         tracing::info!(port = %st.cfg.name, "frontend connected");
     }
@@ -529,6 +590,7 @@ impl Control {
     fn disconnect(&mut self, id: u16) {
         let Some(st) = self.ports.get_mut(&id) else { return };
         st.partial_since = None;
+        st.blocked_since = None;
         if let Some((_, fd)) = st.conn.take() {
             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
             // Stops every queue under its lock (bursts finish first); the mapping of the gone
@@ -542,27 +604,36 @@ impl Control {
         }
     }
 
-    /// Handles every message waiting on a port's connection.
+    /// Handles the messages waiting on a port's connection, at most [`MSG_BUDGET`] of them
+    /// before other connections get their turn (the rest wait in `ready`).
     fn service_conn(&mut self, id: u16) {
-        loop {
+        for _ in 0..MSG_BUDGET {
             let Some(st) = self.ports.get_mut(&id) else { return };
             let Some((h, fd)) = &mut st.conn else { return };
             let fd = *fd;
             // The vhost crate blocks (and retries EAGAIN forever) on a message that has not
-            // fully arrived; hand it only whole messages so one frontend cannot stall the
-            // control thread. A message left incomplete too long closes the connection.
-            match waiting_message(fd) {
-                Waiting::Nothing => {
-                    st.partial_since = None;
-                    return;
-                }
-                Waiting::Partial => {
-                    st.partial_since.get_or_insert_with(Instant::now);
-                    return;
-                }
-                Waiting::Whole => st.partial_since = None,
+            // fully arrived, and on a reply the socket has no room for; hand it only whole
+            // messages with room for their reply, so one frontend cannot stall the control
+            // thread. A message left incomplete, or unanswerable, too long closes the
+            // connection.
+            let waiting = waiting_message(fd);
+            if matches!(waiting, Waiting::Nothing) {
+                st.partial_since = None;
+                return;
+            }
+            if matches!(waiting, Waiting::Partial) {
+                st.partial_since.get_or_insert_with(Instant::now);
+                return;
+            }
+            st.partial_since = None;
+            if !sockets::writable(fd) {
+                st.blocked_since.get_or_insert_with(Instant::now);
+                return;
+            }
+            st.blocked_since = None;
+            match waiting {
+                Waiting::Nothing | Waiting::Partial | Waiting::Whole => {}
                 w @ (Waiting::VringEnable | Waiting::IotlbMsg | Waiting::BackendReqFd) => {
-                    st.partial_since = None;
                     let res = match w {
                         Waiting::VringEnable => vring_enable(fd, &st.device),
                         Waiting::IotlbMsg => iotlb_msg(fd, &st.device),
@@ -595,32 +666,9 @@ impl Control {
                 }
             }
         }
-    }
-
-    fn serve_control(&mut self) {
-        loop {
-            let Some(l) = &self.ctl_listener else { return };
-            let s = match l.accept() {
-                Ok((s, _)) => s,
-                Err(_) => return,
-            };
-            // SAFETY: sole ownership handed over.
-            let s = unsafe { UnixStream::from_raw_fd(s.into_raw_fd()) };
-            let _ = s.set_nonblocking(false);
-            let _ = s.set_read_timeout(Some(MSG_TIMEOUT));
-            let mut line = String::new();
-            let Ok(clone) = s.try_clone() else { continue };
-            let reply = match BufReader::new(clone).read_line(&mut line) {
-                Ok(_) => match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => self.handle(req),
-                    Err(e) => Reply { ok: false, result: None, error: Some(format!("bad request: {e}")) },
-                },
-                Err(e) => Reply { ok: false, result: None, error: Some(format!("cannot read request: {e}")) },
-            };
-            let mut out = serde_json::to_string(&reply).unwrap_or_default();
-            out.push('\n');
-            let mut s = s;
-            let _ = s.write_all(out.as_bytes());
+        // Budget spent: more may be waiting, and the edge-triggered poll will not say so again.
+        if !self.ready.contains(&id) {
+            self.ready.push_back(id);
         }
     }
 
@@ -700,8 +748,8 @@ impl Control {
                 let _ = self.del_port(&name);
             }
         }
-        if let Some(p) = &self.control_path {
-            let _ = std::fs::remove_file(p);
+        if let Some(c) = &mut self.ctl {
+            c.shutdown(self.poll.registry());
         }
         self.pmds.clear();
     }
