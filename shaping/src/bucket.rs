@@ -284,21 +284,31 @@ impl RateLimiter {
     /// Takes a packet of `len` bytes if it conforms; false leaves both buckets as they were.
     #[inline]
     pub fn try_consume(&mut self, len: u32) -> bool {
+        self.try_consume_n(len, 1)
+    }
+
+    /// Takes `packets` packets of `len` bytes in all (a frame the receiver sees as several,
+    /// e.g. a TCP segmentation request) if they conform; false leaves both buckets as they
+    /// were.
+    #[inline]
+    pub fn try_consume_n(&mut self, len: u32, packets: u32) -> bool {
+        let (bits, pkts) = (len as u64 * 8, packets as u64);
         match (&mut self.bits, &mut self.packets) {
             // The usual cases: one bucket, one pass.
-            (Some(b), None) => return b.try_take(len as u64 * 8),
-            (None, Some(p)) => return p.try_take(1),
+            (Some(b), None) => return b.try_take(bits),
+            (None, Some(p)) => return p.try_take(pkts),
             (None, None) => return true,
-            (Some(_), Some(_)) => {}
-        }
-        if !self.conforms(len) {
-            return false;
+            (Some(b), Some(p)) => {
+                if !(b.can_take(bits) && p.can_take(pkts)) {
+                    return false;
+                }
+            }
         }
         if let Some(b) = &mut self.bits {
-            b.try_take(len as u64 * 8);
+            b.try_take(bits);
         }
         if let Some(b) = &mut self.packets {
-            b.try_take(1);
+            b.try_take(pkts);
         }
         true
     }

@@ -179,9 +179,17 @@ impl Policer {
     /// Colours a packet of `len` bytes.
     #[inline]
     pub fn colour(&mut self, len: u32) -> Colour {
+        self.colour_n(len, 1)
+    }
+
+    /// Colours `packets` packets of `len` bytes in all as one (they pass or go together): a
+    /// segmentation request is charged for every segment it becomes. The three-colour markers
+    /// count bytes only.
+    #[inline]
+    pub fn colour_n(&mut self, len: u32, packets: u32) -> Colour {
         match self {
             Policer::Single(l) => {
-                if l.try_consume(len) {
+                if l.try_consume_n(len, packets) {
                     Colour::Green
                 } else {
                     Colour::Red

@@ -177,6 +177,11 @@ impl Segmenter {
         self.hlen
     }
 
+    /// Where the TCP header starts (after the edit).
+    pub fn l4_offset(&self) -> u32 {
+        self.l4
+    }
+
     /// Segment `k`'s payload: its offset in the sender's frame and its length.
     pub fn payload(&self, k: u32) -> (u32, u32) {
         let at = k * self.mss;

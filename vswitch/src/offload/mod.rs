@@ -35,6 +35,10 @@ pub const GSO_TCPV6: u8 = 4;
 /// `VIRTIO_NET_HDR_GSO_ECN`: the flow uses ECN (its first segment may carry CWR).
 pub const GSO_ECN: u8 = 0x80;
 
+/// Smallest segment size accepted in a GSO request: Linux's `TCP_MIN_MSS`. Smaller ones only
+/// multiply the packets a receiver that segments must take (2048 of them per frame at 32).
+pub const MIN_GSO_SIZE: u16 = 88;
+
 /// Largest GSO frame: an IPv4 or IPv6 datagram of 64 KiB behind a tagged Ethernet header.
 pub const MAX_GSO_FRAME: u32 = 65_535 + 18;
 
@@ -88,6 +92,32 @@ impl NetHdr {
     /// Asks nothing of the device.
     pub fn is_plain(&self) -> bool {
         self.flags & F_NEEDS_CSUM == 0 && self.gso_type == GSO_NONE
+    }
+
+    /// The request a receiver is given for a GSO frame the switch parsed (`seg`): built from
+    /// the parse, not from what the sender wrote (checksum at the TCP header's checksum field,
+    /// `hdr_len` the real header length), so no sender's odd values reach another guest's
+    /// kernel.
+    pub fn canonical_gso(&self, seg: &gso::Segmenter) -> NetHdr {
+        NetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: self.gso_type,
+            hdr_len: seg.header_len() as u16,
+            gso_size: self.gso_size,
+            csum_start: seg.l4_offset() as u16,
+            csum_offset: 16,
+        }
+    }
+
+    /// Segments and wire bytes a frame of `len` bytes with this (checked, canonical) request
+    /// becomes: one and `len` without GSO.
+    pub fn wire_cost(&self, len: u32) -> (u32, u32) {
+        if self.gso_type == GSO_NONE || self.gso_size == 0 {
+            return (1, len);
+        }
+        let hlen = self.hdr_len as u32;
+        let segs = len.saturating_sub(hlen).div_ceil(self.gso_size as u32).max(1);
+        (segs, len + (segs - 1) * hlen)
     }
 
     /// The same request for the frame after a VLAN tag edit (offsets past the MACs move).
@@ -162,9 +192,9 @@ pub enum BadRequest {
     /// A GSO type the sender did not negotiate (or no GSO type the switch knows).
     #[error("GSO type {0:#x} not negotiated")]
     GsoType(u8),
-    /// A GSO request with segment size 0.
-    #[error("GSO with segment size 0")]
-    GsoSize,
+    /// A GSO request with a segment size below [`MIN_GSO_SIZE`].
+    #[error("GSO with segment size {0} (at least {MIN_GSO_SIZE})")]
+    GsoSize(u16),
     /// A checksum request that points outside the frame or into the Ethernet header.
     #[error("checksum at {start}+{offset} outside a {len}-byte frame")]
     Csum {
@@ -201,8 +231,8 @@ pub fn check_tx(h: NetHdr, caps: Caps, len: u32, l2_len: u32, max_plain: u32) ->
         if !ok {
             return Err(BadRequest::GsoType(h.gso_type));
         }
-        if h.gso_size == 0 {
-            return Err(BadRequest::GsoSize);
+        if h.gso_size < MIN_GSO_SIZE {
+            return Err(BadRequest::GsoSize(h.gso_size));
         }
         if len > MAX_GSO_FRAME {
             return Err(BadRequest::TooLong(len));
@@ -310,7 +340,7 @@ mod tests {
         assert_eq!(check_tx(tso, c, 60_000, 14, 9220), Ok(tso));
         let no_tso = Caps { tx_tso4: false, ..c };
         assert_eq!(check_tx(tso, no_tso, 60_000, 14, 9220), Err(BadRequest::GsoType(1)));
-        assert_eq!(check_tx(NetHdr { gso_size: 0, ..tso }, c, 60_000, 14, 9220), Err(BadRequest::GsoSize));
+        assert_eq!(check_tx(NetHdr { gso_size: 0, ..tso }, c, 60_000, 14, 9220), Err(BadRequest::GsoSize(0)));
         assert!(matches!(check_tx(tso, c, 70_000, 14, 9220), Err(BadRequest::TooLong(_))));
         let plain_csum = NetHdr { gso_type: 0, gso_size: 0, ..tso };
         assert!(matches!(check_tx(plain_csum, c, 10_000, 14, 9220), Err(BadRequest::TooLong(_))));

@@ -346,7 +346,9 @@ impl Datapath {
             }
             let p = &mut self.pkts[i];
             if let Some(pl) = &mut ing.policer {
-                match pl.colour(p.len) {
+                // A segmentation request is charged as the packets it becomes.
+                let (segs, bytes) = if p.offload { self.vhdrs[i].wire_cost(p.len) } else { (1, p.len) };
+                match pl.colour_n(bytes, segs) {
                     Colour::Green => {}
                     Colour::Yellow => yellow += 1,
                     Colour::Red => {
@@ -536,7 +538,7 @@ impl Datapath {
                 let p = &self.pkts[i];
                 let head = &self.heads[i][..p.head_len as usize];
                 Segmenter::new(head, p.len, h.gso_size, h.gso_v6(), TagEdit::Keep)
-                    .map(|_| h)
+                    .map(|sg| h.canonical_gso(&sg))
                     .map_err(offload::BadRequest::Gso)
             }
             Err(e) => Err(e),
@@ -2082,6 +2084,62 @@ mod tests {
         assert_eq!(&done[0].1[56..], &tagged(&f, 3)[56..]);
         assert_eq!(n.rx_stats(2).csum_completed, 1);
         assert_eq!(n.rx_stats(1).csum_completed, 0);
+    }
+
+    #[test]
+    fn test_gso_metadata_reaches_receivers_canonical_whatever_the_sender_wrote() {
+        use crate::offload::gso::tests::{gso_frame, FLAGS};
+        let caps = vec![all_caps(), all_caps()];
+        let mut n = net_caps(vec![VlanMode::default(); 2], caps, true);
+        n.post_rx(1, 32, 2048);
+        let f = gso_frame(false, None, 20_000, FLAGS);
+        // What Linux had to learn to refuse: the checksum "in" the IP header, a header length
+        // of 0, and no NEEDS_CSUM on a GSO frame.
+        let odd = NetHdr { flags: 0, hdr_len: 0, csum_start: 14, csum_offset: 10, ..tso4(1448, 14) };
+        n.send_with(0, odd, &f, 3);
+        let big = NetHdr { hdr_len: 65535, ..odd };
+        n.send_with(0, big, &f, 1);
+        assert_eq!(n.poll(0), 2);
+        let got = n.received_hdrs(1);
+        assert_eq!(got.len(), 2);
+        for (vh, frame) in got {
+            assert_eq!(vh, tso4(1448, 14), "rebuilt from the parse: TCP checksum field, real header length");
+            assert_eq!(frame, f);
+        }
+        // Segments too small to be real TCP only multiply packets: refused.
+        for mss in [1, 31, 32, 87] {
+            n.send_with(0, tso4(mss, 14), &f, 1);
+        }
+        n.send_with(0, tso4(88, 14), &gso_frame(false, None, 880, FLAGS), 1);
+        assert_eq!(n.poll(0), 5);
+        assert_eq!(n.tx_stats(0).drop_malformed, 4);
+        assert_eq!(n.received_hdrs(1).len(), 1, "the 88-byte segments pass");
+    }
+
+    #[test]
+    fn test_the_policer_charges_a_gso_frame_for_every_segment() {
+        use crate::offload::gso::tests::{gso_frame, FLAGS};
+        use crate::policy::{BitRate, PolicerConfig, PolicyConfig};
+        let caps = vec![all_caps(), all_caps()];
+        let mut n = net_caps(vec![VlanMode::default(); 2], caps, true);
+        n.post_rx(1, 40, 2048);
+        // 100 packets/s, burst 32: one 20 KB frame cut at 1448 is 14 packets.
+        let pol = PolicerConfig {
+            rate: BitRate(10_000_000_000),
+            burst: None,
+            excess_burst: None,
+            excess_rate: None,
+            pps: Some(100),
+        };
+        n.ports[0].set_policy(&PolicyConfig { ingress: Some(pol), egress: None, anti_spoof: None }).unwrap();
+        let f = gso_frame(false, None, 20_000, FLAGS);
+        for _ in 0..4 {
+            n.send_with(0, tso4(1448, 14), &f, 1);
+        }
+        n.poll(0);
+        let s = n.ports[0].policy.stats.snapshot();
+        assert_eq!(s.policed, 2, "two frames of 14 segments fit a burst of 32 packets, four do not");
+        assert_eq!(n.received_hdrs(1).len(), 2);
     }
 
     #[test]
