@@ -1340,7 +1340,12 @@ fn drain_parked(rq: &mut VirtQueue) -> Drained {
     let mut rx = RxBufs::default();
     let now = now_ns();
     let hdr_len = rq.hdr_len as u32;
+    // A guest that keeps posting bad buffers must not keep the thread here (it holds this
+    // queue's lock, and maybe a sender's): at most a burst's worth of them per call.
     while let Some(l) = rq.iotlb.as_deref_mut() {
+        if d.malformed >= BURST as u64 {
+            break;
+        }
         let Some((frame, since)) = l.parked.pop_front() else { break };
         if now.wrapping_sub(since) > MISS_TIMEOUT_NS {
             l.stats().rx_miss_drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1391,8 +1396,11 @@ fn drain_parked(rq: &mut VirtQueue) -> Drained {
     d
 }
 
+/// Most receive buffers one look-ahead pass asks translations for.
+const LOOKAHEAD: u16 = 64;
+
 /// Asks for the translations of posted receive buffers not looked at yet (all of them after
-/// `rx_checked` was reset).
+/// `rx_checked` was reset), [`LOOKAHEAD`] at a time.
 fn rx_lookahead(rq: &mut VirtQueue) {
     let Some(l) = rq.iotlb.as_deref_mut() else { return };
     let pending = rq.ring.avail_pending().unwrap_or(0).min(rq.ring.size());
@@ -1401,13 +1409,16 @@ fn rx_lookahead(rq: &mut VirtQueue) {
         Some(c) if c.wrapping_sub(start) <= pending => c.wrapping_sub(start),
         _ => 0,
     };
-    l.rx_checked = Some(start.wrapping_add(pending));
-    if from == pending {
+    // At most LOOKAHEAD buffers per look: a guest posting a ring of buffers on pages it never
+    // maps costs a bounded number of requests per pass, the rest on later passes.
+    let to = pending.min(from.saturating_add(LOOKAHEAD));
+    l.rx_checked = Some(start.wrapping_add(to));
+    if from == to {
         return;
     }
     // `miss` asks once per page: consecutive buffers of one page cost one request.
     let now = now_ns();
-    for k in from..pending {
+    for k in from..to {
         let head = rq.ring.peek_head(k);
         if head >= rq.ring.size() {
             continue;
@@ -2140,6 +2151,48 @@ mod tests {
         let s = n.ports[0].policy.stats.snapshot();
         assert_eq!(s.policed, 2, "two frames of 14 segments fit a burst of 32 packets, four do not");
         assert_eq!(n.received_hdrs(1).len(), 2);
+    }
+
+    /// A receive queue of `size` whose buffers translate through an empty IOTLB (every one
+    /// misses) and whose misses go nowhere (counted unsent).
+    fn iova_rx(size: u16) -> (MockGuest, MockRing, VirtQueue, Arc<crate::vhost::iotlb::IotlbStats>) {
+        let mut g = MockGuest::new(4 << 20);
+        let ring = g.ring(size);
+        let mut rq = ring.queue(&g, true);
+        rq.dma = iommu::Dma::iova(g.mem.clone(), iommu::Iotlb::new(64), 0, Default::default());
+        let stats = Arc::<crate::vhost::iotlb::IotlbStats>::default();
+        rq.iotlb = Some(Box::new(crate::vhost::iotlb::IotlbLink::new(None, stats.clone())));
+        (g, ring, rq, stats)
+    }
+
+    #[test]
+    fn test_parked_drain_stops_after_a_burst_of_bad_buffers() {
+        let (g, mut ring, mut rq, _) = iova_rx(256);
+        for _ in 0..200 {
+            let gpa = 0x10_0000;
+            ring.add_chain(&g, &[(gpa, 0, DESC_F_WRITE)]); // zero-length: malformed
+        }
+        let frame = vec![0u8; 12 + 60];
+        rq.iotlb.as_deref_mut().unwrap().parked.push_back((frame, now_ns()));
+        let d = drain_parked(&mut rq);
+        assert_eq!(d.malformed, BURST as u64, "one call takes at most a burst of bad buffers");
+        assert_eq!(rq.iotlb.as_deref().unwrap().parked.len(), 1, "the frame waits for the next call");
+        let d = drain_parked(&mut rq);
+        assert_eq!(d.malformed, BURST as u64);
+    }
+
+    #[test]
+    fn test_rx_lookahead_asks_a_bounded_number_per_pass() {
+        let (mut g, mut ring, mut rq, stats) = iova_rx(1024);
+        for _ in 0..1000 {
+            let gpa = g.alloc(4096, 4096);
+            ring.add_chain(&g, &[(gpa, 2048, DESC_F_WRITE)]);
+        }
+        let asked = || stats.misses_unsent.load(std::sync::atomic::Ordering::Relaxed);
+        rx_lookahead(&mut rq);
+        assert_eq!(asked(), LOOKAHEAD as u64);
+        rx_lookahead(&mut rq);
+        assert_eq!(asked(), 2 * LOOKAHEAD as u64, "the next pass goes on where this one stopped");
     }
 
     #[test]
