@@ -229,7 +229,7 @@ fn control_clients_cannot_hold_the_control_thread() {
     let dir = Scratch::new("ctl-clients");
     let control = dir.path("ctl.sock");
     init_log();
-    let mut cfg = switch_config(&dir, &["a", "b", "c"]);
+    let mut cfg = switch_config(&dir, &["a,max-macs=8192", "b", "c"]);
     cfg.control = Some(control.clone());
     let sw = std::sync::Arc::new(Switch::start(cfg).unwrap());
     // Thousands of source MACs, so that an FDB dump is far bigger than a socket buffer.
@@ -275,4 +275,29 @@ fn control_clients_cannot_hold_the_control_thread() {
     drop(idle);
     drop(greedy);
     liveness(&sw, &dir);
+}
+
+#[test]
+fn a_guest_spraying_source_macs_learns_only_its_limit_and_others_stay_unicast() {
+    let dir = Scratch::new("ctl-maclimit");
+    let sw = start_switch(&dir, &["a,max-macs=100", "b", "c"]);
+    let mut a = connect_default(&dir, "a");
+    let mut b = connect_default(&dir, "b");
+    let mut c = connect_default(&dir, "c");
+    exchange(&mut b, &mut c, mac(0xb), mac(0xc), 10, 0);
+    exchange(&mut c, &mut b, mac(0xc), mac(0xb), 10, 100);
+    for i in 0..3000u32 {
+        let src = [0x06, 0x77, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8];
+        // To its own first MAC: dropped (no hairpin), so b and c see none of it.
+        let dst = [0x06, 0x77, 0, 0, 0, 0];
+        e2e_tests::send(&mut a, 0, &e2e_tests::frame_of_size(dst, src, None, 60, i as u64));
+    }
+    let macs = |sw: &Switch| port_info(sw, "a").macs;
+    assert!(wait_until(Duration::from_secs(5), || macs(&sw).refused >= 2900), "{:?}", macs(&sw));
+    let fdb = sw.fdb().unwrap();
+    assert_eq!(fdb.iter().filter(|e| e.port == port_info(&sw, "a").id).count(), 100);
+    // b and c were learned before and are still known: their unicast does not flood to a.
+    e2e_tests::drain(&mut a, Duration::from_millis(50));
+    exchange(&mut b, &mut c, mac(0xb), mac(0xc), 50, 1000);
+    assert!(e2e_tests::drain(&mut a, Duration::from_millis(50)).is_empty(), "b -> c flooded to a");
 }

@@ -55,6 +55,14 @@ pub struct PortConfig {
     /// See `allow_uids`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_gids: Vec<u32>,
+    /// Most MAC addresses learned from this guest (a guest cannot fill the forwarding table;
+    /// frames from further source MACs are forwarded but not learned, and counted).
+    #[serde(default = "default_max_macs")]
+    pub max_macs: u32,
+}
+
+fn default_max_macs() -> u32 {
+    crate::l2::fdb::DEFAULT_MAC_LIMIT
 }
 
 fn one() -> u16 {
@@ -69,7 +77,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,allow-uid=U:U..][,allow-gid=G:G..])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -126,6 +134,7 @@ impl PortConfig {
             offloads: true,
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
+            max_macs: default_max_macs(),
         };
         let ids = |v: &str, what: &str| {
             v.split(':').map(|x| x.parse::<u32>()).collect::<Result<Vec<_>, _>>().map_err(|_| bad(what))
@@ -159,6 +168,9 @@ impl PortConfig {
                     pc.egress = Some(ShaperConfig { rate, burst: None, queue: None, pps: None });
                 }
                 None if opt == "anti-spoof" => pc.anti_spoof = Some(SpoofConfig::default()),
+                Some(("max-macs", v)) => {
+                    pc.max_macs = v.parse().map_err(|_| bad("max-macs must be a number"))?
+                }
                 Some(("allow-uid", v)) => {
                     pc.allow_uids = ids(v, "allow-uid must be user ids separated by ':'")?
                 }
@@ -198,6 +210,9 @@ impl PortConfig {
         }
         if !(1..=16).contains(&self.queues) {
             return Err(err(format!("queues={} is outside 1..16", self.queues)));
+        }
+        if !(1..=65536).contains(&self.max_macs) {
+            return Err(err(format!("max_macs={} is outside 1..65536", self.max_macs)));
         }
         if let Some(m) = &self.mac {
             parse_mac(m).ok_or_else(|| err(format!("mac '{m}' is not of the form 52:54:00:12:34:56")))?;

@@ -107,8 +107,22 @@ pub struct PortInfo {
     pub connected: bool,
     /// Connections so far.
     pub connects: u64,
+    /// MAC learning of this port.
+    #[serde(default)]
+    pub macs: MacUsage,
     /// Negotiated state.
     pub device: DeviceInfo,
+}
+
+/// A port's share of the forwarding table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MacUsage {
+    /// Entries it owns (recounted every second).
+    pub learned: u32,
+    /// Most it may own (`max_macs`).
+    pub limit: u32,
+    /// Source MACs not learned because it was at its limit.
+    pub refused: u64,
 }
 
 /// Counters of one queue.

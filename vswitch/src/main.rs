@@ -370,6 +370,12 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
                     p.device.features.join(","),
                     p.device.running_queues
                 );
+                if p.macs.refused > 0 {
+                    println!(
+                        "{:>48} MACs learned {}/{}, {} more not learned (max_macs)",
+                        "", p.macs.learned, p.macs.limit, p.macs.refused
+                    );
+                }
                 if p.device.dma_faults > 0 || p.device.protocol_errors > 0 {
                     println!(
                         "{:>48} dma faults {}, protocol errors {}",

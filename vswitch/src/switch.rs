@@ -22,7 +22,9 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use crate::config::{ConfigError, PortConfig, SwitchConfig};
-use crate::control::{PmdReport, PolicyReport, PortInfo, PortStats, QueueReport, Reply, Request, Stats};
+use crate::control::{
+    MacUsage, PmdReport, PolicyReport, PortInfo, PortStats, QueueReport, Reply, Request, Stats,
+};
 use crate::l2::{format_mac, mac_from_bytes, Fdb, FdbEntry, VlanMode};
 use crate::pmd::{PmdCmd, PmdHandle};
 use crate::policy::PolicyConfig;
@@ -254,6 +256,7 @@ struct Control {
 impl Control {
     fn run(mut self) {
         let mut events = Events::with_capacity(64);
+        let mut last_recount = 0;
         loop {
             let timeout = self.next_timeout();
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
@@ -295,6 +298,10 @@ impl Control {
             self.retry_clients();
             self.drop_stalled();
             self.retry_iotlb();
+            if self.now() != last_recount {
+                last_recount = self.now();
+                self.fdb.recount(last_recount);
+            }
         }
     }
 
@@ -445,6 +452,7 @@ impl Control {
             let port = port.clone();
             pmd.call(|done| PmdCmd::AddPort { port, poll_pairs, done });
         }
+        self.fdb.set_limit(id, cfg.max_macs);
         tracing::info!(port = %cfg.name, id, socket = %cfg.socket.display(), client = cfg.client, "port added");
         self.ports.insert(
             id,
@@ -690,6 +698,10 @@ impl Control {
                 queue_pairs: st.port.pairs(),
                 connected: st.conn.is_some(),
                 connects: st.connects,
+                macs: {
+                    let (learned, limit, refused) = self.fdb.port_usage(st.port.id);
+                    MacUsage { learned, limit, refused }
+                },
                 device: st.device.lock().map(|d| d.info()).unwrap_or_default(),
             })
             .collect();

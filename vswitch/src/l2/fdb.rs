@@ -7,8 +7,15 @@
 //! reader forwards one frame to a port the MAC just left; VLAN membership is checked again at
 //! egress, so isolation never depends on this table. Entries are refreshed at most once a
 //! second, so a busy MAC does not dirty the line on every packet.
+//!
+//! Guests choose their source MACs, so the table defends itself: the bucket hash is keyed
+//! with a secret chosen at start (a guest cannot compute MACs that land in a victim's bucket
+//! and evict its entry, which would flood the victim's unicast to every port of the VLAN,
+//! the attacker's included), and each port may own at most its limit of entries (more new
+//! MACs are forwarded but not learned, and counted).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
 use super::Mac;
 
@@ -35,11 +42,27 @@ struct Bucket {
     slots: [[AtomicU64; 2]; WAYS],
 }
 
+/// Entries a port may own unless configured otherwise.
+pub const DEFAULT_MAC_LIMIT: u32 = 1024;
+
+/// Per-port learning accounting, indexed by port id.
+struct Owners {
+    /// Entries owned: recounted from the table every second, raised by each new entry.
+    owned: Box<[AtomicU32]>,
+    limit: Box<[AtomicU32]>,
+    /// New MACs not learned because the port was at its limit.
+    refused: Box<[AtomicU64]>,
+}
+
 /// The table.
 pub struct Fdb {
     buckets: Box<[Bucket]>,
     shift: u32,
     aging_secs: u32,
+    /// The hash's secret: an odd multiplier and a mask, chosen at start.
+    mul: u64,
+    xor: u64,
+    owners: Owners,
 }
 
 #[inline(always)]
@@ -47,19 +70,11 @@ fn key_of(vlan: u16, mac: Mac) -> u64 {
     VALID | ((vlan as u64 & 0xfff) << 48) | (mac & 0xffff_ffff_ffff)
 }
 
-#[inline(always)]
-fn hash(key: u64) -> u64 {
-    key.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
-#[inline(always)]
-fn tag_of(key: u64) -> u64 {
-    (hash(key) >> 16) & 0xffff
-}
-
-#[inline(always)]
-fn val_of(port: u16, key: u64, now: u32) -> u64 {
-    ((port as u64) << 48) | (tag_of(key) << 32) | now as u64
+/// Random bits from the standard library's per-process hash keys (getrandom underneath).
+fn secret() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0x5eed);
+    h.finish()
 }
 
 impl Fdb {
@@ -67,18 +82,98 @@ impl Fdb {
     pub fn new(entries: usize, aging_secs: u32) -> Self {
         let nb = (entries / WAYS).max(1).next_power_of_two();
         let buckets = (0..nb).map(|_| Bucket::default()).collect();
-        Fdb { buckets, shift: 64 - nb.trailing_zeros(), aging_secs: aging_secs.max(1) }
+        let ports = crate::port::MAX_PORTS;
+        let owners = Owners {
+            owned: (0..ports).map(|_| AtomicU32::new(0)).collect(),
+            limit: (0..ports).map(|_| AtomicU32::new(DEFAULT_MAC_LIMIT)).collect(),
+            refused: (0..ports).map(|_| AtomicU64::new(0)).collect(),
+        };
+        Fdb {
+            buckets,
+            shift: 64 - nb.trailing_zeros(),
+            aging_secs: aging_secs.max(1),
+            mul: secret() | 1,
+            xor: secret(),
+            owners,
+        }
+    }
+
+    /// Multiply-shift over the secret: one multiply, as cheap as the unkeyed hash was.
+    #[inline(always)]
+    fn hash(&self, key: u64) -> u64 {
+        (key ^ self.xor).wrapping_mul(self.mul)
+    }
+
+    #[inline(always)]
+    fn tag_of(&self, key: u64) -> u64 {
+        (self.hash(key) >> 16) & 0xffff
+    }
+
+    #[inline(always)]
+    fn val_of(&self, port: u16, key: u64, now: u32) -> u64 {
+        ((port as u64) << 48) | (self.tag_of(key) << 32) | now as u64
     }
 
     #[inline(always)]
     fn bucket(&self, key: u64) -> &Bucket {
-        let i = if self.shift == 64 { 0 } else { (hash(key) >> self.shift) as usize };
+        let i = if self.shift == 64 { 0 } else { (self.hash(key) >> self.shift) as usize };
         &self.buckets[i]
     }
 
     #[inline(always)]
     fn live(&self, key: u64, val: u64, now: u32) -> bool {
-        (val >> 32) & 0xffff == tag_of(key) && now.wrapping_sub(val as u32) <= self.aging_secs
+        (val >> 32) & 0xffff == self.tag_of(key) && now.wrapping_sub(val as u32) <= self.aging_secs
+    }
+
+    /// Sets how many entries `port` may own.
+    pub fn set_limit(&self, port: u16, limit: u32) {
+        if let Some(l) = self.owners.limit.get(port as usize) {
+            l.store(limit, Relaxed);
+        }
+    }
+
+    /// Entries `port` owns (as of the last recount, plus new ones), its limit, and the new
+    /// MACs it could not have learned.
+    pub fn port_usage(&self, port: u16) -> (u32, u32, u64) {
+        let i = port as usize;
+        let o = &self.owners;
+        match (o.owned.get(i), o.limit.get(i), o.refused.get(i)) {
+            (Some(a), Some(b), Some(c)) => (a.load(Relaxed), b.load(Relaxed), c.load(Relaxed)),
+            _ => (0, 0, 0),
+        }
+    }
+
+    /// Whether `port` may own one more entry (and counts it if so).
+    #[cold]
+    fn admit(&self, port: u16) -> bool {
+        let i = port as usize;
+        let (Some(owned), Some(limit)) = (self.owners.owned.get(i), self.owners.limit.get(i)) else {
+            return false;
+        };
+        if owned.fetch_add(1, Relaxed) < limit.load(Relaxed) {
+            return true;
+        }
+        owned.fetch_sub(1, Relaxed);
+        self.owners.refused[i].fetch_add(1, Relaxed);
+        false
+    }
+
+    /// Counts each port's live entries afresh (expired and evicted ones stop counting).
+    pub fn recount(&self, now: u32) {
+        let mut n = vec![0u32; self.owners.owned.len()];
+        for b in self.buckets.iter() {
+            for s in &b.slots {
+                let (k, v) = (s[0].load(Relaxed), s[1].load(Relaxed));
+                if k & VALID != 0 && self.live(k, v, now) {
+                    if let Some(c) = n.get_mut((v >> 48) as usize) {
+                        *c += 1;
+                    }
+                }
+            }
+        }
+        for (o, c) in self.owners.owned.iter().zip(n) {
+            o.store(c, Relaxed);
+        }
     }
 
     /// Port that `mac` was last seen on in `vlan`, if recent enough.
@@ -102,8 +197,12 @@ impl Fdb {
         for s in &b.slots {
             if s[0].load(Relaxed) == key {
                 let val = s[1].load(Relaxed);
-                if (val >> 48) as u16 != port || val as u32 != now || !self.live(key, val, now) {
-                    s[1].store(val_of(port, key, now), Relaxed);
+                let moved = (val >> 48) as u16 != port;
+                if moved || val as u32 != now || !self.live(key, val, now) {
+                    if moved && !self.admit(port) {
+                        return;
+                    }
+                    s[1].store(self.val_of(port, key, now), Relaxed);
                 }
                 return;
             }
@@ -113,6 +212,9 @@ impl Fdb {
 
     #[cold]
     fn learn_new(&self, b: &Bucket, key: u64, port: u16, now: u32) {
+        if !self.admit(port) {
+            return;
+        }
         // Take a free or expired way, else evict the least recently seen.
         let mut victim = 0;
         let mut oldest = 0u32;
@@ -130,7 +232,7 @@ impl Fdb {
             }
         }
         let s = &b.slots[victim];
-        s[1].store(val_of(port, key, now), Relaxed);
+        s[1].store(self.val_of(port, key, now), Relaxed);
         s[0].store(key, Relaxed);
     }
 
@@ -142,6 +244,9 @@ impl Fdb {
     /// Forgets the entries of one port (it was removed or reconnected).
     pub fn flush_port(&self, port: u16) {
         self.retain(|p| p != port);
+        if let Some(o) = self.owners.owned.get(port as usize) {
+            o.store(0, Relaxed);
+        }
     }
 
     fn retain(&self, keep: impl Fn(u16) -> bool) {
@@ -208,6 +313,37 @@ mod tests {
         assert_eq!(f.lookup(0, 1, 11), None, "expired after the aging time");
         assert_eq!(f.lookup(0, 2, 11), Some(2));
         assert_eq!(f.dump(11).len(), 1);
+    }
+
+    #[test]
+    fn test_a_port_learns_at_most_its_limit_and_the_rest_is_counted() {
+        let f = Fdb::new(4096, 300);
+        f.set_limit(1, 10);
+        for m in 0..50u64 {
+            f.learn(0, 0x0200_0000_0000 + m, 1, 0);
+        }
+        f.learn(0, 0x5254_0000_0001, 2, 0);
+        assert_eq!(f.dump(0).iter().filter(|e| e.port == 1).count(), 10);
+        assert_eq!(f.port_usage(1), (10, 10, 40));
+        assert_eq!(f.lookup(0, 0x5254_0000_0001, 0), Some(2), "other ports learn as before");
+        // Taking over another port's MAC is learning a new one too.
+        f.learn(0, 0x5254_0000_0001, 1, 0);
+        assert_eq!(f.lookup(0, 0x5254_0000_0001, 0), Some(2));
+        // Expired entries stop counting at the next recount.
+        f.recount(400);
+        assert_eq!(f.port_usage(1).0, 0);
+        f.learn(0, 0x0300_0000_0000, 1, 400);
+        assert_eq!(f.lookup(0, 0x0300_0000_0000, 400), Some(1));
+    }
+
+    #[test]
+    fn test_the_bucket_hash_is_keyed_per_table() {
+        // Two tables place the same MACs differently: a guest cannot precompute collisions.
+        let (a, b) = (Fdb::new(65536, 300), Fdb::new(65536, 300));
+        let same = (0..64u64)
+            .filter(|m| a.hash(key_of(0, *m)) >> a.shift == b.hash(key_of(0, *m)) >> b.shift)
+            .count();
+        assert!(same < 8, "{same} of 64 MACs in the same bucket in both tables");
     }
 
     #[test]
