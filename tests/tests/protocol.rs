@@ -283,3 +283,52 @@ fn test_ring_enabled_before_set_features_starts_running() {
     let running = sw.ports().unwrap()[0].device.running_queues.clone();
     assert_eq!(running, vec![0, 1], "rings enabled before SET_FEATURES run once set up");
 }
+
+/// Reads one reply (header + `body` bytes) within 1 s.
+fn reply_within_1s(s: &UnixStream, body: usize) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut r = vec![0u8; 12 + body];
+    (&*s).read_exact(&mut r).ok().map(|_| r)
+}
+
+/// Requests the vhost crate and the switch each answer must agree on when a reply is owed:
+/// a refused SET_PROTOCOL_FEATURES still turns REPLY_ACK on for both, and a GET_VRING_BASE of
+/// a queue that does not exist is answered (the frontend would wait for ever otherwise).
+#[test]
+fn test_every_request_that_owes_a_reply_gets_one() {
+    let dir = Scratch::new("proto-replies");
+    let sw = switch(&dir, &["a"]);
+    let raw = UnixStream::connect(dir.path("a.sock")).unwrap();
+    send_raw(&raw, 3, 1, 0, &[], &[]); // SET_OWNER
+    send_raw(&raw, 1, 1, 0, &[], &[]); // GET_FEATURES
+    reply_within_1s(&raw, 8).expect("features");
+    // SET_PROTOCOL_FEATURES: REPLY_ACK plus a bit never offered, asking for a reply.
+    let bits = VhostUserProtocolFeatures::REPLY_ACK.bits() | (1 << 40);
+    send_raw(&raw, 16, 1 | 0x8, 8, &bits.to_le_bytes(), &[]);
+    let r = reply_within_1s(&raw, 8).expect("SET_PROTOCOL_FEATURES answered");
+    assert_eq!(u64::from_le_bytes(r[12..20].try_into().unwrap()), 1, "refused");
+    // SET_VRING_ENABLE with NEED_REPLY: the switch answers it itself, by the same rule.
+    let mut body = 0u32.to_le_bytes().to_vec();
+    body.extend(1u32.to_le_bytes());
+    send_raw(&raw, 18, 1 | 0x8, 8, &body, &[]);
+    let r = reply_within_1s(&raw, 8).expect("SET_VRING_ENABLE answered");
+    assert_eq!(u32::from_le_bytes(r[0..4].try_into().unwrap()), 18);
+    // GET_VRING_BASE (11) of queue 99.
+    let mut body = 99u32.to_le_bytes().to_vec();
+    body.extend(0u32.to_le_bytes());
+    send_raw(&raw, 11, 1, 8, &body, &[]);
+    let r = reply_within_1s(&raw, 8).expect("GET_VRING_BASE of a missing queue answered");
+    assert_eq!(u32::from_le_bytes(r[0..4].try_into().unwrap()), 11);
+    assert!(sw.ports().unwrap()[0].device.protocol_errors >= 2);
+    let bits = (VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::BACKEND_REQ).bits();
+    send_raw(&raw, 16, 1 | 0x8, 8, &bits.to_le_bytes(), &[]);
+    let r = reply_within_1s(&raw, 8).expect("SET_PROTOCOL_FEATURES answered");
+    assert_eq!(u64::from_le_bytes(r[12..20].try_into().unwrap()), 0);
+    // SET_BACKEND_REQ_FD (21) with a datagram socket: refused, the connection kept.
+    let (d1, _d2) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    send_raw(&raw, 21, 1 | 0x8, 0, &[], &[d1.as_raw_fd()]);
+    let r = reply_within_1s(&raw, 8).expect("SET_BACKEND_REQ_FD answered");
+    assert_eq!(u64::from_le_bytes(r[12..20].try_into().unwrap()), 1, "a datagram socket is refused");
+    send_raw(&raw, 1, 1, 0, &[], &[]);
+    reply_within_1s(&raw, 8).expect("still served");
+}

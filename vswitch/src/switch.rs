@@ -91,7 +91,12 @@ struct PortState {
     blocked_since: Option<Instant>,
     next_retry: Instant,
     connects: u64,
+    /// Refused requests logged on this connection (more are counted, not logged).
+    logged: u32,
 }
+
+/// Refused requests logged per connection; a frontend sending nothing else cannot flood the log.
+const LOG_BUDGET: u32 = 16;
 
 enum Call {
     Req(Box<Request>, Sender<Reply>),
@@ -466,6 +471,7 @@ impl Control {
                 blocked_since: None,
                 next_retry: Instant::now(),
                 connects: 0,
+                logged: 0,
             },
         );
         self.retry_clients();
@@ -591,6 +597,7 @@ impl Control {
         st.conn = Some((handler, fd));
         st.partial_since = None;
         st.blocked_since = None;
+        st.logged = 0;
         st.connects += 1;
         tracing::info!(port = %st.cfg.name, "frontend connected");
     }
@@ -663,7 +670,13 @@ impl Control {
                     if let Ok(mut d) = st.device.lock() {
                         d.protocol_errors += 1;
                     }
-                    tracing::warn!(port = %st.cfg.name, "vhost-user request failed: {e}");
+                    st.logged = st.logged.saturating_add(1);
+                    if st.logged <= LOG_BUDGET {
+                        tracing::warn!(port = %st.cfg.name, "vhost-user request refused: {e}");
+                    }
+                    if st.logged == LOG_BUDGET {
+                        tracing::warn!(port = %st.cfg.name, "further refusals on this connection are counted (protocol_errors), not logged");
+                    }
                 }
                 Err(e) => {
                     if !matches!(e, VuError::Disconnected | VuError::PartialMessage) {

@@ -52,6 +52,8 @@ struct Vring {
     waiting_iotlb: bool,
     /// When the last miss for the ring addresses was asked for (ns, `now_ns` clock).
     asked: u64,
+    /// The ring address that missed, and whether it was a write.
+    missing: (u64, bool),
     /// Packets parked on this (receive) queue when it was stopped to be rebuilt: the next
     /// queue built here delivers them.
     parked: std::collections::VecDeque<(Vec<u8>, u64)>,
@@ -115,8 +117,9 @@ pub struct VhostDevice {
     pub protocol_errors: u64,
 }
 
+/// A refused request: the control loop logs it (within the connection's log budget) and counts
+/// it.
 fn refuse(why: String) -> VuError {
-    tracing::warn!("vhost-user request refused: {why}");
     VuError::ReqHandlerError(std::io::Error::other(why))
 }
 
@@ -142,7 +145,17 @@ impl VhostDevice {
         }
     }
 
-    /// Stops every queue and forgets the connection's state (disconnect, RESET_OWNER).
+    /// RESET_OWNER / RESET_DEVICE: stops every queue and forgets the device's state, but not
+    /// the connection's (the protocol features and the backend channel are negotiated once
+    /// per connection, and the vhost crate keeps its copy of the former).
+    fn reset_device_state(&mut self) {
+        let (protocol, backend) = (self.protocol, self.backend.take());
+        self.reset();
+        self.protocol = protocol;
+        self.backend = backend;
+    }
+
+    /// Stops every queue and forgets the connection's state (disconnect).
     pub fn reset(&mut self) {
         for i in 0..self.vrings.len() {
             if let Some(slot) = self.port.slot(i) {
@@ -275,6 +288,7 @@ impl VhostDevice {
                 let now = crate::policy::now_ns();
                 self.vrings[idx].waiting_iotlb = true;
                 self.vrings[idx].asked = now;
+                self.vrings[idx].missing = (iova, write);
                 let mut link = IotlbLink::new(self.backend.clone(), self.iotlb_stats.clone());
                 link.miss(iova, write, now);
             }
@@ -303,7 +317,11 @@ impl VhostDevice {
             let lost = (before - v.parked.len()) as u64;
             self.count_lost(i, lost);
             if self.vrings[i].waiting_iotlb && now.wrapping_sub(self.vrings[i].asked) >= RESEND_NS {
-                self.refresh(i);
+                // Asks again without rebuilding the queue (which copies the whole IOTLB): the
+                // update that answers rebuilds it (see `iotlb_update`).
+                let (iova, write) = self.vrings[i].missing;
+                self.vrings[i].asked = now;
+                IotlbLink::new(self.backend.clone(), self.iotlb_stats.clone()).miss(iova, write, now);
             }
             waiting |= self.vrings[i].waiting_iotlb || !self.vrings[i].parked.is_empty();
         }
@@ -460,12 +478,12 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
     }
 
     fn reset_owner(&mut self) -> VuResult<()> {
-        self.reset();
+        self.reset_device_state();
         Ok(())
     }
 
     fn reset_device(&mut self) -> VuResult<()> {
-        self.reset();
+        self.reset_device_state();
         Ok(())
     }
 
@@ -556,6 +574,13 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
                 self.vrings[idx].base = q.ring.state().last_avail;
             }
         }
+        if idx >= self.vrings.len() {
+            // The vhost crate sends no reply for an error here, and the frontend would wait
+            // for one for ever: answer, and count the mistake.
+            self.protocol_errors += 1;
+            tracing::debug!(port = %self.port.name, "GET_VRING_BASE of queue {index}, beyond the {} queues", self.vrings.len());
+            return Ok(VhostUserVringState::new(index, 0));
+        }
         let v = self.vring(index)?;
         v.started = false;
         v.kick = None;
@@ -590,11 +615,14 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
 
     fn set_protocol_features(&mut self, bits: u64) -> VuResult<()> {
         tracing::debug!(port = %self.port.name, "SET_PROTOCOL_FEATURES {bits:#x}");
-        let extra = bits & !(offered_protocol() | VhostUserProtocolFeatures::REPLY_ACK).bits();
-        if extra != 0 {
-            return Err(refuse(format!("protocol features {extra:#x} were not offered")));
+        let known = (offered_protocol() | VhostUserProtocolFeatures::REPLY_ACK).bits();
+        // The vhost crate takes the value whatever we answer (and acks by its REPLY_ACK bit);
+        // the replies this switch sends itself follow the same bit, or a frontend waiting
+        // for one would wait for ever.
+        self.protocol = bits & known;
+        if bits & !known != 0 {
+            return Err(refuse(format!("protocol features {:#x} were not offered", bits & !known)));
         }
-        self.protocol = bits;
         Ok(())
     }
 

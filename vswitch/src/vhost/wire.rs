@@ -111,12 +111,27 @@ fn send_status(fd: RawFd, req: FrontendReq, failed: bool) -> Result<(), String> 
     reply[4..8].copy_from_slice(&(VERSION_1 | REPLY.bits()).to_le_bytes());
     reply[8..12].copy_from_slice(&8u32.to_le_bytes());
     reply[12..20].copy_from_slice(&(failed as u64).to_le_bytes());
-    // SAFETY: sends from a local buffer.
-    let sent = unsafe { libc::send(fd, reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL) };
+    // SAFETY: sends from a local buffer. Never waits: the control loop checked for room, and a
+    // frontend that took it since is disconnected.
+    let sent = unsafe {
+        libc::send(fd, reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+    };
     if sent != reply.len() as isize {
         return Err(format!("cannot send the reply to {req:?}"));
     }
     Ok(())
+}
+
+/// `SO_TYPE` of a socket.
+fn socket_type(s: &UnixStream) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let mut t: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int.
+    let r = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TYPE, (&raw mut t).cast(), &mut len)
+    };
+    (r == 0).then_some(t)
 }
 
 /// Reads a whole message known to be queued: header words and payload.
@@ -155,7 +170,7 @@ pub(crate) fn iotlb_msg(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(), St
     };
     if let Err(e) = &res {
         d.protocol_errors += 1;
-        tracing::warn!("IOTLB_MSG refused: {e}");
+        tracing::debug!("IOTLB_MSG refused: {e}");
     }
     if flags & NEED_REPLY.bits() != 0 {
         send_status(fd, FrontendReq::IOTLB_MSG, res.is_err())?;
@@ -183,16 +198,19 @@ pub(crate) fn backend_req_fd(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(
         Some(f) => {
             // SAFETY: the received descriptor is ours alone.
             let sock = unsafe { UnixStream::from_raw_fd(f.into_raw_fd()) };
-            match sock.local_addr() {
-                Ok(_) => d.set_backend_channel(sock),
-                Err(e) => Err(format!("the backend channel is not a unix socket: {e}")),
+            match (sock.local_addr(), socket_type(&sock)) {
+                (Ok(_), Some(libc::SOCK_STREAM)) => d.set_backend_channel(sock),
+                (Err(e), _) => Err(format!("the backend channel is not a unix socket: {e}")),
+                (Ok(_), t) => {
+                    Err(format!("the backend channel is a unix socket of type {t:?}, not a stream"))
+                }
             }
         }
         None => Err("SET_BACKEND_REQ_FD came without a file descriptor".into()),
     };
     if let Err(e) = &res {
         d.protocol_errors += 1;
-        tracing::warn!("SET_BACKEND_REQ_FD refused: {e}");
+        tracing::debug!("SET_BACKEND_REQ_FD refused: {e}");
     }
     if flags & NEED_REPLY.bits() != 0 && d.reply_ack() {
         send_status(fd, FrontendReq::SET_BACKEND_REQ_FD, res.is_err())?;
