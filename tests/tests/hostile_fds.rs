@@ -215,10 +215,10 @@ fn test_kick_eventfd_read_back_by_its_frontend_does_not_block_the_polling_thread
             let mut buf = [0u8; 8];
             while t.elapsed() < Duration::from_secs(2) {
                 let _ = (&*kick).write(&1u64.to_ne_bytes());
-                let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 8 };
+                let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 8 };
                 // Never blocks the test itself (RWF_NOWAIT), whoever read the counter first.
                 // SAFETY: a valid iovec over a local buffer.
-                unsafe { libc::preadv2(kick.as_raw_fd(), &mut iov, 1, -1, libc::RWF_NOWAIT) };
+                unsafe { libc::preadv2(kick.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
                 std::thread::sleep(Duration::from_micros(50));
             }
         })
