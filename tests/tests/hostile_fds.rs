@@ -13,8 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{connect_default, frame_of_size, mac, port_info, start_switch, wait_until, Scratch, BCAST};
-use vswitch::Switch;
+use e2e_tests::{
+    connect_default, frame_of_size, init_log, mac, port_info, start_switch, switch_config, wait_until,
+    Scratch, BCAST,
+};
+use vswitch::{Switch, SwitchConfig};
 use vswitch_bench::frontend::{Frontend, VringFile};
 
 /// One below an eventfd counter's maximum: any further write of 1 blocks (or fails EAGAIN).
@@ -157,13 +160,19 @@ fn test_call_eventfd_made_blocking_again_is_interrupted_revoked_and_its_frontend
     };
     std::thread::sleep(Duration::from_millis(5));
     make_switch_interrupt_a(&mut a, &mut b);
-    let gone = wait_until(Duration::from_secs(3), || !port_info(&sw, "a").connected);
+    // Asked from another thread: a stuck control thread fails the test instead of hanging it.
+    let sw = Arc::new(sw);
+    let s = sw.clone();
+    let gone = within(Duration::from_secs(4), move || {
+        wait_until(Duration::from_secs(3), || !port_info(&s, "a").connected)
+    });
     stop.store(true, Ordering::Relaxed);
     undo.join().unwrap();
-    if !gone {
+    if gone != Some(true) {
         std::mem::forget(sw);
-        panic!("port a was not disconnected within 3 s");
+        panic!("port a was not disconnected within 3 s ({gone:?})");
     }
+    let sw = Arc::into_inner(sw).expect("the waiter's clone was dropped");
     assert!(port_info(&sw, "a").device.calls_revoked >= 1);
     let st = sw.stats().unwrap();
     assert!(st.pmds[0].fd_interrupts >= 1, "the watchdog interrupted the write: {:?}", st.pmds[0]);
@@ -200,30 +209,81 @@ fn test_kick_call_and_err_files_that_are_not_eventfds_are_refused() {
     assert_eq!(exchange_within(&mut b, &mut a, 0xb, 0xa, 20, Duration::from_secs(2)), 20);
 }
 
+/// Thread ids of this process whose name starts with `prefix`.
+fn threads_named(prefix: &str) -> Vec<String> {
+    let tasks = std::fs::read_dir("/proc/self/task").unwrap().flatten();
+    let named = |t: &std::fs::DirEntry| {
+        std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+    };
+    tasks.filter(named).map(|t| t.file_name().to_string_lossy().into_owned()).collect()
+}
+
+/// Moves the calling thread off CPU 0 (if there is another CPU).
+fn pin_away_from_cpu0() {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it; 0 names this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 1..libc::CPU_SETSIZE as usize {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The system call thread `tid` of this process is blocked in, if any.
+fn syscall_of(tid: &str) -> Option<libc::c_long> {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
+    s.split(' ').next()?.parse().ok()
+}
+
 #[test]
 fn test_kick_eventfd_read_back_by_its_frontend_does_not_block_the_polling_thread() {
-    let (_dir, sw, mut a, mut b, mut c) = setup("fds-kick-race");
+    // The polling thread on CPU 0, this thread on another: a kick then wakes it on its own
+    // CPU instead of preempting us, and the two reads really race.
+    let dir = Scratch::new("fds-kick-race");
+    init_log();
+    let sw =
+        Switch::start(SwitchConfig { pmd_cores: vec![0], ..switch_config(&dir, &["a", "b", "c"]) }).unwrap();
+    let (mut a, mut b, mut c) =
+        (connect_default(&dir, "a"), connect_default(&dir, "b"), connect_default(&dir, "c"));
+    pin_away_from_cpu0();
     let kick = Arc::new(eventfd(0));
     a.set_vring_file(1, VringFile::Kick, &*kick).unwrap();
     set_blocking(&kick);
     // The frontend kicks and at once reads its own kick back: a switch that reads kicks after
     // epoll said "readable" finds the counter at 0 and blocks.
-    let racer = {
-        let kick = kick.clone();
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            let mut buf = [0u8; 8];
-            while t.elapsed() < Duration::from_secs(2) {
-                let _ = (&*kick).write(&1u64.to_ne_bytes());
-                let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 8 };
-                // Never blocks the test itself (RWF_NOWAIT), whoever read the counter first.
-                // SAFETY: a valid iovec over a local buffer.
-                unsafe { libc::preadv2(kick.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
-                std::thread::sleep(Duration::from_micros(50));
-            }
-        })
-    };
-    racer.join().unwrap();
+    let pmds = threads_named("pmd");
+    assert!(!pmds.is_empty());
+    let any_in = |nrs: &[libc::c_long]| pmds.iter().any(|t| syscall_of(t).is_some_and(|n| nrs.contains(&n)));
+    let asleep = [libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2];
+    let t = Instant::now();
+    let mut buf = [0u8; 8];
+    // How long after kicking to read back: shortened while the switch reads first (EAGAIN),
+    // lengthened while we do, so it settles where the switch's read follows its epoll_wait.
+    let (mut lag_ns, mut rng) = (5_000u64, 0x9e37_79b9_7f4a_7c15u64);
+    while t.elapsed() < Duration::from_secs(4) {
+        // Kick only a polling thread asleep in epoll (bounded wait), so each kick is a race.
+        let w = Instant::now();
+        while !any_in(&asleep) && w.elapsed() < Duration::from_millis(2) {}
+        let _ = (&*kick).write(&1u64.to_ne_bytes());
+        // Jitter of up to 4 µs around it (xorshift), in case it settled where it cannot win.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let w = Instant::now();
+        while w.elapsed() < Duration::from_nanos(lag_ns + rng % 4_000) {
+            std::hint::spin_loop();
+        }
+        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 8 };
+        // Never blocks the test itself (RWF_NOWAIT), whoever read the counter first.
+        // SAFETY: a valid iovec over a local buffer.
+        let ours = unsafe { libc::preadv2(kick.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) } == 8;
+        lag_ns = if ours { (lag_ns + 250).min(100_000) } else { lag_ns.saturating_sub(250) };
+        if any_in(&[libc::SYS_read]) {
+            // Won the race: a polling thread waits for a kick that will not come.
+            break;
+        }
+    }
     assert_alive(sw, &mut b, &mut c);
 }
 
