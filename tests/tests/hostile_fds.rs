@@ -299,3 +299,31 @@ fn test_broken_tx_queue_lets_an_adaptive_polling_thread_sleep() {
     let after = sleeps(&sw);
     assert!(after >= before + 2, "the polling thread slept {} times in 500 ms", after - before);
 }
+
+/// `eventfd-id` of an eventfd open in this process as fd `fd`.
+fn eventfd_id(fd: &str) -> Option<String> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines().find_map(|l| l.strip_prefix("eventfd-id:")).map(|v| v.trim().to_string())
+}
+
+/// How many fds of this process refer to the same eventfd as `f`.
+fn open_copies(f: &File) -> usize {
+    let id = eventfd_id(&f.as_raw_fd().to_string()).expect("an eventfd");
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap().flatten();
+    fds.filter(|e| eventfd_id(&e.file_name().to_string_lossy()).as_ref() == Some(&id)).count()
+}
+
+#[test]
+fn test_departed_frontends_kick_eventfd_is_let_go() {
+    let (_dir, sw, mut a, _b, _c) = setup("fds-kick-gone");
+    let kick = eventfd(0);
+    a.set_vring_file(1, VringFile::Kick, &kick).unwrap();
+    // The polling thread sleeps on it (nothing else runs), then the frontend goes.
+    assert!(wait_until(Duration::from_secs(2), || sw.stats().unwrap().pmds[0].sleeps > 2));
+    assert!(open_copies(&kick) >= 2, "the switch holds the kick");
+    drop(a);
+    assert!(wait_until(Duration::from_secs(2), || !port_info(&sw, "a").connected));
+    // The idle polling thread goes back to sleep every 100 ms at most.
+    let gone = wait_until(Duration::from_secs(2), || open_copies(&kick) == 1);
+    assert!(gone, "{} copies of the departed frontend's kick are still open", open_copies(&kick));
+}
