@@ -239,4 +239,17 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(2), "interrupted after {:?}", t.elapsed());
         assert!(hb.interrupts() >= 1);
     }
+
+    #[test]
+    fn test_a_loop_that_stops_while_awake_is_one_stall_and_sleep_is_none() {
+        let (stopped, asleep) =
+            (Arc::new(Heartbeat::new("a".into(), true)), Arc::new(Heartbeat::new("b".into(), true)));
+        asleep.sleeping(true);
+        spawn(vec![Arc::downgrade(&stopped), Arc::downgrade(&asleep)]).unwrap();
+        std::thread::sleep(STALL_AFTER + Duration::from_millis(300));
+        assert_eq!(stopped.stalls(), 1);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(stopped.stalls(), 1, "reported once per episode");
+        assert_eq!(asleep.stalls(), 0, "a sleeping thread is not stalled");
+    }
 }
