@@ -178,6 +178,12 @@ pub struct PmdReport {
     /// Of those, waits that ran out.
     #[serde(default)]
     pub batch_expired: u64,
+    /// Times it stopped turning its loop (awake) for over a second, as the watchdog saw.
+    #[serde(default)]
+    pub stalls: u64,
+    /// Writes to a guest's eventfd the watchdog had to interrupt (they blocked).
+    #[serde(default)]
+    pub fd_interrupts: u64,
 }
 
 /// Everything `stats` returns.

@@ -18,6 +18,7 @@ pub mod switch;
 pub mod sync;
 pub mod vhost;
 pub mod virtio;
+pub mod watchdog;
 
 pub use config::{PortConfig, SwitchConfig};
 pub use switch::{Switch, SwitchError};

@@ -376,10 +376,10 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
                         "", p.macs.learned, p.macs.limit, p.macs.refused
                     );
                 }
-                if p.device.dma_faults > 0 || p.device.protocol_errors > 0 {
+                if p.device.dma_faults > 0 || p.device.protocol_errors > 0 || p.device.calls_revoked > 0 {
                     println!(
-                        "{:>48} dma faults {}, protocol errors {}",
-                        "", p.device.dma_faults, p.device.protocol_errors
+                        "{:>48} dma faults {}, protocol errors {}, interrupt eventfds revoked {}",
+                        "", p.device.dma_faults, p.device.protocol_errors, p.device.calls_revoked
                     );
                 }
                 if let Some(t) = &p.device.iotlb {
@@ -433,6 +433,9 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
                 );
                 if m.batch_holds > 0 {
                     print!(", {} batch waits ({} ran out)", m.batch_holds, m.batch_expired);
+                }
+                if m.stalls > 0 || m.fd_interrupts > 0 {
+                    print!(", {} stalls, {} blocked eventfd writes interrupted", m.stalls, m.fd_interrupts);
                 }
                 println!();
             }

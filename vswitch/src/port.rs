@@ -7,12 +7,14 @@
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
 
 use crate::l2::VlanMode;
 use crate::policy::{PolicyConfig, PortPolicy};
 use crate::sync::{Spin, SpinGuard};
+use crate::virtio::queue::CallFault;
 use crate::virtio::{QueueStats, VirtQueue};
 
 /// Port ids are small integers; this many may exist at once.
@@ -68,6 +70,7 @@ impl QueueSlot {
     }
 
     /// Takes the lock, waiting for a burst in progress to finish.
+    #[track_caller]
     pub fn lock(&self) -> SlotGuard<'_> {
         SlotGuard { g: self.queue.lock(), live: &self.live }
     }
@@ -80,6 +83,7 @@ impl QueueSlot {
     }
 
     /// Whether a queue is installed (racy; for display).
+    #[track_caller]
     pub fn is_running(&self) -> bool {
         self.lock().is_some()
     }
@@ -105,11 +109,14 @@ pub struct Port {
     pub iova: std::sync::atomic::AtomicBool,
     /// Whether the checksum and segmentation offloads are offered to the guest.
     pub offloads: bool,
+    /// Call eventfds its queues had to revoke (they blocked the switch).
+    pub call_fault: Arc<CallFault>,
 }
 
 impl Port {
     /// A port with `pairs` queue pairs, none running.
     pub fn new(id: u16, name: String, vlan: VlanMode, mac: [u8; 6], pairs: u16) -> Self {
+        let call_fault = Arc::new(CallFault::new(name.clone()));
         let slots = |n: u16| (0..n.max(1)).map(|_| CachePadded::new(QueueSlot::default())).collect();
         Port {
             id,
@@ -121,7 +128,18 @@ impl Port {
             policy: PortPolicy::default(),
             iova: Default::default(),
             offloads: true,
+            call_fault,
         }
+    }
+
+    /// Whether the frontend must be disconnected because a queue had to revoke its call
+    /// eventfd (it blocked a polling thread). The control thread asks once per loop turn.
+    pub fn needs_disconnect(&self) -> bool {
+        let bad = self.call_fault.take();
+        if bad {
+            tracing::warn!(port = %self.name, "disconnecting the frontend: its interrupt eventfd blocked the switch");
+        }
+        bad
     }
 
     /// Number of queue pairs.

@@ -131,6 +131,10 @@ impl Switch {
                     .map_err(SwitchError::Start)?,
             );
         }
+        let ctl_heartbeat = Arc::new(crate::watchdog::Heartbeat::new("vswitch-ctl".into(), false));
+        let mut watched: Vec<_> = pmds.iter().map(|p| Arc::downgrade(&p.heartbeat)).collect();
+        watched.push(Arc::downgrade(&ctl_heartbeat));
+        crate::watchdog::spawn(watched).map_err(SwitchError::Start)?;
         let wakers: Vec<_> = pmds.iter().map(PmdHandle::waker).collect();
         let wake_pmds: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
             for w in &wakers {
@@ -168,7 +172,10 @@ impl Switch {
         }
         let thread = std::thread::Builder::new()
             .name("vswitch-ctl".into())
-            .spawn(move || ctl.run())
+            .spawn(move || {
+                ctl_heartbeat.attach();
+                ctl.run()
+            })
             .map_err(SwitchError::Start)?;
         Ok(Switch { calls, waker, thread: Some(thread) })
     }
@@ -302,6 +309,9 @@ impl Control {
             }
             self.retry_clients();
             self.drop_stalled();
+            let faulted: Vec<u16> =
+                self.ports.values().filter(|p| p.port.needs_disconnect()).map(|p| p.port.id).collect();
+            faulted.into_iter().for_each(|id| self.disconnect(id));
             self.retry_iotlb();
             if self.now() != last_recount {
                 last_recount = self.now();
@@ -760,6 +770,8 @@ impl Control {
                     sleeps: ld(&s.sleeps),
                     batch_holds: ld(&s.batch_holds),
                     batch_expired: ld(&s.batch_expired),
+                    stalls: p.heartbeat.stalls(),
+                    fd_interrupts: p.heartbeat.interrupts(),
                 }
             })
             .collect();

@@ -3,10 +3,19 @@
 //! Uncontended it costs one compare-and-swap and one store, no syscall; a waiter spins briefly,
 //! then yields (on a busy 2-core machine the holder may be descheduled). The control thread
 //! uses the same lock to change or hand over what it guards between bursts.
+//!
+//! A wait longer than [`LONG_WAIT`] is logged once, naming the caller: the holder is then a
+//! polling thread stuck in a burst (the watchdog interrupts one blocked on a guest's eventfd),
+//! and the log says where the rest of the switch is waiting for it.
 
 use std::cell::UnsafeCell;
 use std::ops::{Deref, DerefMut};
+use std::panic::Location;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// A wait for a lock this long is reported.
+pub const LONG_WAIT: Duration = Duration::from_secs(1);
 
 /// A value behind a spin lock.
 #[derive(Default)]
@@ -44,17 +53,44 @@ impl<T> Spin<T> {
     }
 
     /// Takes the lock, waiting for its holder.
+    #[inline]
+    #[track_caller]
     pub fn lock(&self) -> SpinGuard<'_, T> {
+        match self.try_lock() {
+            Some(g) => g,
+            None => self.lock_contended(Location::caller()),
+        }
+    }
+
+    #[cold]
+    fn lock_contended(&self, caller: &'static Location<'static>) -> SpinGuard<'_, T> {
         let mut spins = 0u32;
+        let mut since: Option<Instant> = None;
+        let mut reported = false;
         loop {
             if let Some(g) = self.try_lock() {
+                if reported {
+                    tracing::warn!(%caller, "got the lock after {:?}", since.map(|t| t.elapsed()));
+                }
                 return g;
             }
-            spins += 1;
+            spins = spins.wrapping_add(1);
             if spins < 64 {
                 std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
+                continue;
+            }
+            std::thread::yield_now();
+            // The clock only once per 64 yields: a contended wait stays cheap.
+            if spins.is_multiple_of(64) && !reported {
+                let t = *since.get_or_insert_with(Instant::now);
+                if t.elapsed() > LONG_WAIT {
+                    reported = true;
+                    tracing::error!(
+                        %caller,
+                        lock = std::any::type_name::<T>(),
+                        "waiting over {LONG_WAIT:?} for a lock a polling thread holds (still waiting)"
+                    );
+                }
             }
         }
     }

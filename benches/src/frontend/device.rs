@@ -2,6 +2,7 @@
 //! registration and vring setup, in the order QEMU and DPDK virtio-user use.
 
 use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::thread;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend as VhostConn, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::config::FrontendConfig;
 use super::error::{proto, Error, Result};
@@ -354,6 +356,19 @@ impl Control {
         Ok(())
     }
 
+    /// SET_VRING_KICK, SET_VRING_CALL or SET_VRING_ERR for vring `index` with any file (hostile
+    /// tests: nothing here checks that it is an eventfd).
+    pub(crate) fn set_vring_file(&mut self, index: usize, which: VringFile, fd: RawFd) -> Result<()> {
+        // SAFETY: the vhost crate only reads the number to attach it to the message; the
+        // ManuallyDrop keeps the caller's fd from being closed here.
+        let efd = std::mem::ManuallyDrop::new(unsafe { EventFd::from_raw_fd(fd) });
+        match which {
+            VringFile::Kick => self.call("SET_VRING_KICK", |c| c.set_vring_kick(index, &efd)),
+            VringFile::Call => self.call("SET_VRING_CALL", |c| c.set_vring_call(index, &efd)),
+            VringFile::Err => self.call("SET_VRING_ERR", |c| c.set_vring_err(index, &efd)),
+        }
+    }
+
     /// SET_VRING_ENABLE 1 for vrings `0..n` (only meaningful, and only sent,
     /// with `VHOST_USER_F_PROTOCOL_FEATURES`).
     pub(crate) fn enable_vrings(&mut self, neg: &Negotiated, n: usize) -> Result<()> {
@@ -370,6 +385,17 @@ impl Control {
     pub(crate) fn stop_vrings(&mut self, n: usize) -> Result<Vec<u32>> {
         (0..n).map(|i| self.call("GET_VRING_BASE", |c| c.get_vring_base(i))).collect()
     }
+}
+
+/// Which file of a vring [`Control::set_vring_file`] replaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VringFile {
+    /// The guest's notifications to the backend.
+    Kick,
+    /// The backend's interrupts to the guest.
+    Call,
+    /// The backend's error notifications.
+    Err,
 }
 
 /// Addresses of one vring as sent in `SET_VRING_ADDR` (our virtual addresses).

@@ -52,8 +52,9 @@ use std::time::{Duration, Instant};
 
 pub use config::FrontendConfig;
 pub use device::{
-    feature_names, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    feature_names, VringFile, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 pub use error::{Error, Result};
 pub use ring::{
@@ -547,6 +548,33 @@ impl Frontend {
     pub fn iotlb_raw(&self, m: IotlbMsg) -> Result<u64> {
         let v = self.viommu.as_ref().ok_or_else(|| Error::Unsupported("no vIOMMU negotiated".into()))?;
         viommu::send_iotlb(v.ctl(), &m).map_err(|source| Error::RawProtocol { request: "IOTLB_MSG", source })
+    }
+
+    /// Hostile tests: gives the backend `fd` (any file, blocking or not) as vring `index`'s
+    /// kick, call or err file (vring `2q` is RX of pair `q`, `2q + 1` its TX). The frontend
+    /// keeps kicking and polling its own eventfds, which the backend then no longer knows.
+    /// Returns the backend's refusal, if any.
+    pub fn set_vring_file(
+        &mut self,
+        index: usize,
+        which: VringFile,
+        fd: &impl std::os::fd::AsRawFd,
+    ) -> Result<()> {
+        self.ctl.set_vring_file(index, which, fd.as_raw_fd())
+    }
+
+    /// Asks for (or stops asking for) interrupts on both rings of pair `q` until changed again
+    /// ([`recv_frames`](Self::recv_frames) turns RX interrupts off when it returns).
+    pub fn set_interrupts(&mut self, q: u16, on: bool) {
+        let p = &mut self.pairs[q as usize];
+        p.rx.ring.set_interrupts(on);
+        p.tx.ring.set_interrupts(on);
+    }
+
+    /// Hostile tests: stores TX queue `q`'s `avail.idx` verbatim (e.g. more than a ring ahead
+    /// of the backend: an overrun), without kicking.
+    pub fn store_tx_avail_idx_raw(&mut self, q: u16, idx: u16) {
+        self.pairs[q as usize].tx.ring.store_avail_idx_raw(idx);
     }
 
     /// Counters of the vIOMMU, if there is one.

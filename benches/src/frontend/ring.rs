@@ -187,6 +187,11 @@ impl SplitRing {
         need
     }
 
+    /// Stores `avail.idx` verbatim, without kicking (hostile tests: an index past the ring).
+    pub(crate) fn store_avail_idx_raw(&mut self, idx: u16) {
+        self.avail_idx().store(idx.to_le(), Ordering::Release);
+    }
+
     /// Notifies the device unconditionally.
     pub(crate) fn kick(&mut self) {
         if let Err(e) = self.kick.write(1) {

@@ -4,6 +4,9 @@
 //! thread checks one relaxed flag per loop. In adaptive mode an idle thread turns guest kicks
 //! back on and sleeps in epoll on the kick eventfds, so an idle switch costs next to no CPU;
 //! in busy-poll mode it never sleeps and never asks for kicks.
+//!
+//! Nothing here blocks on a file a guest controls: kick eventfds are watched edge-triggered and
+//! never read, and the interrupt writes run under the [`watchdog`](crate::watchdog).
 
 pub mod burst;
 pub mod copy;
@@ -19,6 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::l2::Fdb;
 use crate::port::Port;
+use crate::watchdog::Heartbeat;
 use burst::Datapath;
 
 /// Empty polls in a row before an adaptive thread goes to sleep (~tens of µs).
@@ -84,6 +88,8 @@ pub struct PmdHandle {
     wake: Arc<EventFd>,
     /// Its counters.
     pub stats: Arc<PmdStats>,
+    /// What the watchdog reads of it (and its stall counters).
+    pub heartbeat: Arc<Heartbeat>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -100,6 +106,7 @@ impl PmdHandle {
         let pending = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
         let stats = Arc::new(PmdStats::default());
+        let heartbeat = Arc::new(Heartbeat::new(format!("pmd{idx}"), true));
         let mut dp = Datapath::new(idx, fdb);
         dp.batch.wait = batch_wait_us as u64 * ticks_per_us();
         let mut pmd = Pmd {
@@ -111,14 +118,16 @@ impl PmdHandle {
             stats: stats.clone(),
             busy_poll,
             sleeper: None,
+            heartbeat: heartbeat.clone(),
         };
         let thread = std::thread::Builder::new().name(format!("pmd{idx}")).spawn(move || {
             if let Some(c) = core {
                 pin_to(c);
             }
+            pmd.heartbeat.attach();
             pmd.run();
         })?;
-        Ok(PmdHandle { idx, core, tx, pending, wake, stats, thread: Some(thread) })
+        Ok(PmdHandle { idx, core, tx, pending, wake, stats, heartbeat, thread: Some(thread) })
     }
 
     /// Something that wakes this thread from its sleep without a command (a queue started).
@@ -160,6 +169,7 @@ struct Pmd {
     stats: Arc<PmdStats>,
     busy_poll: bool,
     sleeper: Option<Sleeper>,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl Pmd {
@@ -183,6 +193,7 @@ impl Pmd {
             }
             let dt = ticks().wrapping_sub(t0);
             iters += 1;
+            self.heartbeat.beat(iters);
             if moved > 0 {
                 busy += dt;
                 busy_iters += 1;
@@ -260,7 +271,12 @@ impl Pmd {
         let mut short_sleep = false; // IOTLB work: a stalled queue, or receive buffers to look at
         for (port, pair) in &self.polls {
             let mut g = port.txq[*pair as usize].lock();
-            let Some(q) = g.as_mut() else { continue };
+            // A stopped queue's kick may belong to a frontend that has gone, and a broken one
+            // always shows "new" entries it will never take: neither may wake us or keep us up.
+            let Some(q) = g.as_mut().filter(|q| !q.broken) else {
+                sleeper.unwatch(port.id, *pair);
+                continue;
+            };
             if q.ring.set_kicks(true) {
                 // A queue stalled on an IOTLB miss is not work until the update comes (which
                 // wakes us); we look again soon in case it never does.
@@ -292,7 +308,9 @@ impl Pmd {
             } else {
                 MAX_SLEEP_MS
             };
+            self.heartbeat.sleeping(true);
             sleeper.wait(shaped_ms.map_or(timeout, |ms| ms.min(timeout)));
+            self.heartbeat.sleeping(false);
         }
         for (port, pair) in &self.polls {
             let mut g = port.txq[*pair as usize].lock();
@@ -303,7 +321,12 @@ impl Pmd {
     }
 }
 
-/// epoll set of kick eventfds plus the thread's wake eventfd (level-triggered).
+/// epoll set of kick eventfds (edge-triggered, never read) plus the thread's wake eventfd
+/// (level-triggered, read on wake).
+///
+/// A kick eventfd is shared with the frontend, which may make it blocking and read it back
+/// before we do, so reading it could block. Edge-triggered, every write the guest makes wakes
+/// a waiter whatever the counter holds, so it never needs reading.
 ///
 /// Each watched kick file is held open until it has been removed from the set: epoll forgets a
 /// closed fd by itself, and its number may by then belong to another port's kick, which a later
@@ -322,12 +345,12 @@ impl Sleeper {
             return Err(std::io::Error::last_os_error());
         }
         let s = Sleeper { epfd, wake: wake.as_raw_fd(), watched: HashMap::new() };
-        s.ctl(libc::EPOLL_CTL_ADD, s.wake);
+        s.ctl(libc::EPOLL_CTL_ADD, s.wake, libc::EPOLLIN);
         Ok(s)
     }
 
-    fn ctl(&self, op: i32, fd: RawFd) {
-        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
+    fn ctl(&self, op: i32, fd: RawFd, events: i32) {
+        let mut ev = libc::epoll_event { events: events as u32, u64: fd as u64 };
         // SAFETY: valid epoll fd and event struct; errors (closed fd) are harmless here.
         unsafe { libc::epoll_ctl(self.epfd, op, fd, &mut ev) };
     }
@@ -339,30 +362,36 @@ impl Sleeper {
                 return;
             }
             // Still open (we hold it), so this removes exactly the old kick.
-            self.ctl(libc::EPOLL_CTL_DEL, old.as_raw_fd());
+            self.ctl(libc::EPOLL_CTL_DEL, old.as_raw_fd(), 0);
         }
-        self.ctl(libc::EPOLL_CTL_ADD, file.as_raw_fd());
+        self.ctl(libc::EPOLL_CTL_ADD, file.as_raw_fd(), libc::EPOLLIN | libc::EPOLLET);
         self.watched.insert((port, pair), (file.clone(), gen));
+    }
+
+    /// Stops watching the queue's kick (the queue stopped or broke) and lets go of the file.
+    fn unwatch(&mut self, port: u16, pair: u16) {
+        if let Some((file, _)) = self.watched.remove(&(port, pair)) {
+            self.ctl(libc::EPOLL_CTL_DEL, file.as_raw_fd(), 0);
+        }
     }
 
     fn forget_port(&mut self, port: u16) {
         let gone: Vec<_> = self.watched.keys().filter(|(p, _)| *p == port).copied().collect();
         for k in gone {
-            if let Some((file, _)) = self.watched.remove(&k) {
-                self.ctl(libc::EPOLL_CTL_DEL, file.as_raw_fd());
-            }
+            self.unwatch(k.0, k.1);
         }
     }
 
-    /// Sleeps; drains whatever woke us (each ready eventfd is read once, so never blocks).
+    /// Sleeps until a kick, a wake or the timeout; resets the wake eventfd if it fired. Kick
+    /// eventfds are not read (see the type's comment).
     fn wait(&mut self, timeout_ms: i32) {
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 32];
         // SAFETY: evs is a valid buffer of 32 events.
         let n = unsafe { libc::epoll_wait(self.epfd, evs.as_mut_ptr(), 32, timeout_ms) };
-        for ev in evs.iter().take(n.max(0) as usize) {
+        if evs.iter().take(n.max(0) as usize).any(|ev| ev.u64 == self.wake as u64) {
             let mut buf = [0u8; 8];
-            // SAFETY: the fd was reported readable; an 8-byte read of an eventfd resets it.
-            unsafe { libc::read(ev.u64 as RawFd, buf.as_mut_ptr().cast(), 8) };
+            // SAFETY: our own non-blocking eventfd; an 8-byte read resets it.
+            unsafe { libc::read(self.wake, buf.as_mut_ptr().cast(), 8) };
         }
     }
 }

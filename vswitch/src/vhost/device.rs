@@ -12,6 +12,7 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 
+use super::eventfd::{vring_eventfd, VringFdError};
 use super::iotlb::{
     BackendChannel, IotlbInfo, IotlbLink, IotlbMsg, IotlbStats, IOTLB_INVALIDATE, IOTLB_UPDATE,
     MISS_TIMEOUT_NS, RESEND_NS,
@@ -89,6 +90,10 @@ pub struct DeviceInfo {
     /// DMA faults of this port so far (bad guest addresses, refused accesses).
     #[serde(default)]
     pub dma_faults: u64,
+    /// Call eventfds revoked so far because writing them blocked the switch (each disconnects
+    /// the frontend).
+    #[serde(default)]
+    pub calls_revoked: u64,
     /// With a vIOMMU (ACCESS_PLATFORM acked): the IOTLB's state and activity.
     #[serde(default)]
     pub iotlb: Option<IotlbInfo>,
@@ -115,6 +120,10 @@ pub struct VhostDevice {
     faults: Arc<FaultLog>,
     /// Protocol errors so far (refused requests).
     pub protocol_errors: u64,
+}
+
+fn refuse_fd(e: VringFdError) -> VuError {
+    refuse(e.to_string())
 }
 
 /// A refused request: the control loop logs it (within the connection's log budget) and counts
@@ -202,6 +211,7 @@ impl VhostDevice {
                 let (a, b, c) = self.faults.counts();
                 a + b + c
             },
+            calls_revoked: self.port.call_fault.revoked.load(std::sync::atomic::Ordering::Relaxed),
             iotlb: self.iova_mode().then(|| self.iotlb_info()),
         }
     }
@@ -278,6 +288,7 @@ impl VhostDevice {
                     link.parked = std::mem::take(&mut self.vrings[idx].parked);
                     q.iotlb = Some(Box::new(link));
                 }
+                q.call_fault = Some(self.port.call_fault.clone());
                 *g = Some(q);
                 drop(g);
                 (self.wake)();
@@ -589,6 +600,7 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         tracing::debug!(port = %self.port.name, "SET_VRING_KICK {index} fd={}", fd.is_some());
+        let fd = fd.map(|f| vring_eventfd(f, "kick", index, true)).transpose().map_err(refuse_fd)?;
         self.kick_gen += 1;
         let gen = self.kick_gen;
         let v = self.vring(index as u32)?;
@@ -599,12 +611,14 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let fd = fd.map(|f| vring_eventfd(f, "call", index, true)).transpose().map_err(refuse_fd)?;
         self.vring(index as u32)?.call = fd.map(Arc::new);
         self.refresh(index as usize);
         Ok(())
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let fd = fd.map(|f| vring_eventfd(f, "err", index, false)).transpose().map_err(refuse_fd)?;
         self.vring(index as u32)?._err = fd;
         Ok(())
     }

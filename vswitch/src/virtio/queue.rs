@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Source of queue epochs.
 static EPOCHS: AtomicU64 = AtomicU64::new(1);
@@ -41,6 +41,8 @@ pub struct VirtQueue {
     pub broken: bool,
     /// Eventfd that interrupts the guest, if it wants interrupts.
     pub call: Option<Arc<File>>,
+    /// Where a revoked `call` is reported (the port's; `None` in unit tests).
+    pub call_fault: Option<Arc<CallFault>>,
     /// Eventfd the guest kicks, if it kicks; with its generation so a polling thread can
     /// tell a new fd from a reused number.
     pub kick: Option<(Arc<File>, u64)>,
@@ -99,6 +101,7 @@ impl VirtQueue {
             max_frame: if s.caps.tx_tso4 || s.caps.tx_tso6 { MAX_GSO_FRAME } else { MAX_FRAME },
             broken: false,
             call,
+            call_fault: None,
             kick,
             held: 0,
             epoch: EPOCHS.fetch_add(1, Ordering::Relaxed),
@@ -119,13 +122,57 @@ impl VirtQueue {
         if !self.ring.needs_interrupt() {
             return false;
         }
-        if let Some(call) = &self.call {
-            // A full eventfd counter (EAGAIN) still means "signalled"; other errors mean the
-            // frontend went away, which the control thread notices on its socket.
-            let _ = (&**call).write(&1u64.to_ne_bytes());
-            return true;
+        let Some(call) = &self.call else { return false };
+        // The frontend shares this eventfd's file description and may have made it blocking
+        // again: the write runs under the watchdog, which interrupts it (EINTR) if it blocks.
+        match crate::watchdog::guest_fd_call(|| (&**call).write(&1u64.to_ne_bytes())) {
+            Ok(_) => true,
+            // A full counter on a non-blocking eventfd still means "signalled".
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+            Err(e) => {
+                self.revoke_call(e);
+                false
+            }
         }
-        false
+    }
+
+    /// Stops interrupting a guest whose call eventfd blocked us (or failed): no more writes,
+    /// hence no more interrupts to it, and its port is flagged for disconnection.
+    #[cold]
+    fn revoke_call(&mut self, e: std::io::Error) {
+        self.call = None;
+        if let Some(f) = &self.call_fault {
+            f.revoke(&e);
+        }
+    }
+}
+
+/// A port's record of call eventfds revoked by its queues (shared by the port and its queues).
+#[derive(Debug, Default)]
+pub struct CallFault {
+    port: String,
+    /// Revoked since the last [`CallFault::take`]: the port's frontend must be disconnected.
+    pending: AtomicBool,
+    /// Call eventfds revoked so far, over every connection of the port.
+    pub revoked: AtomicU64,
+}
+
+impl CallFault {
+    /// The record of port `port`.
+    pub fn new(port: String) -> Self {
+        CallFault { port, ..Default::default() }
+    }
+
+    fn revoke(&self, e: &std::io::Error) {
+        self.revoked.fetch_add(1, Ordering::Relaxed);
+        if !self.pending.swap(true, Ordering::Relaxed) {
+            tracing::error!(port = %self.port, "guest interrupt eventfd blocked the switch ({e}): stopped signalling it; its frontend will be disconnected");
+        }
+    }
+
+    /// Whether a call eventfd was revoked since the last call (then the frontend must go).
+    pub fn take(&self) -> bool {
+        self.pending.swap(false, Ordering::Relaxed)
     }
 }
 
