@@ -35,7 +35,9 @@ impl GuestRam {
             return Err(Error::Config(format!("guest memory of {size} bytes is too small (at least 2M)")));
         }
         let size = size.div_ceil(HUGE_2M) * HUGE_2M;
-        let mut flags = libc::MFD_CLOEXEC;
+        // Sealable, so that it can be sealed against shrinking below: the switch maps it too,
+        // and refuses memory a guest's VMM could truncate under it.
+        let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
         if hugepages {
             flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
         }
@@ -48,6 +50,10 @@ impl GuestRam {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size)
             .map_err(|e| mem_err(&format!("sizing the memfd to {size} bytes"), e, hugepages))?;
+        // SAFETY: F_ADD_SEALS on the memfd we own (hugetlb memfds take seals too).
+        if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) } != 0 {
+            return Err(mem_err("sealing the memfd", io::Error::last_os_error(), hugepages));
+        }
         let mut regions = Vec::new();
         let mut offset = 0u64;
         for (start, len) in ram_ranges(size) {

@@ -19,5 +19,5 @@ pub mod sync;
 pub mod vhost;
 pub mod virtio;
 
-pub use config::{PortConfig, SwitchConfig};
+pub use config::{PortConfig, SwitchConfig, UnsealedMemory};
 pub use switch::{Switch, SwitchError};

@@ -27,7 +27,7 @@ use crate::pmd::{PmdCmd, PmdHandle};
 use crate::policy::PolicyConfig;
 use crate::port::{Port, MAX_PORTS};
 use crate::vhost::wire::{backend_req_fd, iotlb_msg, vring_enable, waiting_message, Waiting};
-use crate::vhost::VhostDevice;
+use crate::vhost::{MemPolicy, VhostDevice};
 use crate::virtio::queue::QueueCounters;
 
 const WAKER: Token = Token(usize::MAX - 1);
@@ -151,6 +151,8 @@ impl Switch {
             calls: rx,
             wake_pmds,
             iotlb_waiting: false,
+            mem_policy: MemPolicy::from(&cfg),
+            memory_faults_seen: iommu::guard::faults(),
         };
         if let Some(l) = &mut ctl.ctl_listener {
             ctl.poll.registry().register(l, CTL_LISTENER, Interest::READABLE).map_err(SwitchError::Start)?;
@@ -253,6 +255,9 @@ struct Control {
     wake_pmds: Arc<dyn Fn() + Send + Sync>,
     /// A ring waits for the translation of its addresses: come back within `IOTLB_RETRY`.
     iotlb_waiting: bool,
+    mem_policy: MemPolicy,
+    /// `iommu::guard::faults()` when last looked at.
+    memory_faults_seen: u64,
 }
 
 impl Control {
@@ -288,6 +293,32 @@ impl Control {
             self.retry_clients();
             self.drop_stalled();
             self.retry_iotlb();
+            self.drop_faulted_memory();
+        }
+    }
+
+    /// Disconnects ports whose guest memory lost pages under the SIGBUS guard (the frontend
+    /// truncated its memory file): the switch saw zeros, the port's guest is broken.
+    fn drop_faulted_memory(&mut self) {
+        let now = iommu::guard::faults();
+        if now == self.memory_faults_seen {
+            return;
+        }
+        self.memory_faults_seen = now;
+        let mut faulted = Vec::new();
+        for st in self.ports.values() {
+            if let Ok(mut d) = st.device.lock() {
+                if d.mem_faulted() {
+                    d.memory_faults += 1;
+                    faulted.push(st.port.id);
+                }
+            }
+        }
+        for id in faulted {
+            if let Some(st) = self.ports.get(&id) {
+                tracing::warn!(port = %st.cfg.name, "closing vhost-user connection: its guest memory file lost pages (truncated or hole-punched); the switch read zeros instead");
+            }
+            self.disconnect(id);
         }
     }
 
@@ -382,7 +413,8 @@ impl Control {
         port.offloads = cfg.offloads;
         let port = Arc::new(port);
         port.set_policy(&cfg.policy()).map_err(|why| ConfigError::Port { port: cfg.name.clone(), why })?;
-        let device = Arc::new(Mutex::new(VhostDevice::new(port.clone(), self.wake_pmds.clone())));
+        let device = VhostDevice::new(port.clone(), self.wake_pmds.clone()).with_mem_policy(self.mem_policy);
+        let device = Arc::new(Mutex::new(device));
         let mut listener = None;
         if !cfg.client {
             let mut l = bind(&cfg.socket)?;

@@ -50,7 +50,8 @@ impl GuestMemory {
         let name = c"vswitch-bench-guest";
         // SAFETY: `name` is a valid NUL-terminated string; the flags are valid
         // memfd_create flags. The returned fd is checked below.
-        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | extra_flags) };
+        let raw =
+            unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | extra_flags) };
         if raw < 0 {
             return Err(Error::Memory { what: "memfd_create", source: io::Error::last_os_error() });
         }
@@ -63,6 +64,12 @@ impl GuestMemory {
         // SAFETY: plain syscall on a valid fd.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
             return Err(Error::Memory { what: "ftruncate", source: io::Error::last_os_error() });
+        }
+        // Sealed against shrinking, as QEMU's memory-backend-memfd does: the switch refuses
+        // memory that could be truncated under it (a SIGBUS there would kill it).
+        // SAFETY: F_ADD_SEALS on a memfd we own.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) } != 0 {
+            return Err(Error::Memory { what: "sealing the memfd", source: io::Error::last_os_error() });
         }
         // MAP_POPULATE: fault everything in now, so a huge-page shortage shows
         // up here rather than as SIGBUS on first touch, and the datapath does
