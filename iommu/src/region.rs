@@ -187,8 +187,9 @@ impl Region {
         }
         let mut map = Mapping { base: base.cast(), len, guard: None };
         if backing.can_lose_pages() {
-            map.guard =
-                Some(Guard::register(base as usize, len, page as usize).map_err(|_| Error::GuardFull { gpa })?);
+            map.guard = Some(
+                Guard::register(base as usize, len, page as usize).map_err(|_| Error::GuardFull { gpa })?,
+            );
         }
         // SAFETY: `mmap_offset - first < page <= len`, so the pointer stays inside the mapping.
         let host = unsafe { map.base.add((desc.mmap_offset - first) as usize) };
@@ -298,7 +299,9 @@ mod tests {
 
     fn memfd(size: u64, seals: libc::c_int) -> File {
         // SAFETY: memfd_create with a valid C string; the fd is owned by the File.
-        let f = unsafe { File::from_raw_fd(libc::memfd_create(c"region-test".as_ptr(), libc::MFD_ALLOW_SEALING)) };
+        let f = unsafe {
+            File::from_raw_fd(libc::memfd_create(c"region-test".as_ptr(), libc::MFD_ALLOW_SEALING))
+        };
         f.set_len(size).unwrap();
         if seals != 0 {
             // SAFETY: F_ADD_SEALS on a memfd we own.
@@ -337,7 +340,8 @@ mod tests {
         let r = Region::map(desc(4096, (1 << 46) - 4096), f, Unsealed::Refuse).unwrap();
         assert_eq!(r.mapped_len(), 4096);
         // An unaligned offset maps the pages it touches.
-        let r = Region::map(desc(4096, 4096 + 8), memfd(3 * 4096, libc::F_SEAL_SHRINK), Unsealed::Refuse).unwrap();
+        let r = Region::map(desc(4096, 4096 + 8), memfd(3 * 4096, libc::F_SEAL_SHRINK), Unsealed::Refuse)
+            .unwrap();
         assert_eq!(r.mapped_len(), 2 * 4096);
     }
 
