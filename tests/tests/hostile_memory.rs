@@ -53,9 +53,13 @@ fn spawn_switch(dir: &Scratch, names: &[&str], extra: &[&str]) -> Child {
 
 impl Child {
     fn port(&self, name: &str) -> PortInfo {
-        let v = request(&self.ctl, &Request::Ports).expect("the switch answers");
+        self.try_port(name).expect("the switch answers")
+    }
+
+    fn try_port(&self, name: &str) -> Option<PortInfo> {
+        let v = request(&self.ctl, &Request::Ports).ok()?;
         let ports: Vec<PortInfo> = serde_json::from_value(v).expect("a port list");
-        ports.into_iter().find(|p| p.name == name).expect("the port exists")
+        Some(ports.into_iter().find(|p| p.name == name).expect("the port exists"))
     }
 
     fn fds(&self) -> usize {
@@ -196,11 +200,13 @@ fn test_truncated_memory_drops_only_its_port_under_the_guard() {
     for seq in 0..10 {
         send(&mut fb, 0, &frame_of_size([0xff; 6], mac(2), None, 60, 1000 + seq));
     }
-    let dropped = wait_until(T, || {
-        let a = sw.port("a");
-        !a.connected && a.device.memory_faults == 1
+    let dropped = wait_until(T, || match sw.try_port("a") {
+        Some(a) => !a.connected && a.device.memory_faults == 1,
+        None => !sw.proc.running(),
     });
-    assert!(sw.proc.running(), "the switch died:\n{}", sw.proc.log_text());
+    if let Some(status) = sw.proc.wait_exit(Duration::ZERO) {
+        panic!("the switch died ({status}):\n{}", sw.proc.log_text());
+    }
     assert!(dropped, "port a was not dropped: {:?}\n{}", sw.port("a"), sw.proc.log_text());
     assert_eq!(drain(&mut fc, Duration::from_millis(100)).len(), 10, "c got every broadcast");
     exchange(&mut fb, &mut fc, mac(2), mac(3), 100, 2000);
