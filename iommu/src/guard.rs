@@ -69,7 +69,7 @@ impl Guard {
     /// Registers `[start, start + len)`, a mapping of `page`-sized pages (a power of two;
     /// `start` aligned to it), and installs the SIGBUS handler if it is not yet.
     pub fn register(start: usize, len: usize, page: usize) -> Result<Guard, Full> {
-        debug_assert!(page.is_power_of_two() && start % page == 0);
+        debug_assert!(page.is_power_of_two() && start.is_multiple_of(page));
         install()?;
         for (i, s) in SLOTS.iter().enumerate() {
             if s.state.compare_exchange(FREE, BUSY, Ordering::Acquire, Ordering::Relaxed).is_ok() {

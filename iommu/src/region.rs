@@ -61,8 +61,9 @@ const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 impl Backing {
     /// Classifies `file` by its filesystem and seals.
     pub fn of(file: &File) -> std::io::Result<Backing> {
-        // SAFETY: fstatfs into a zeroed struct on a valid fd.
+        // SAFETY: statfs is plain data; all zeroes is a valid value.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatfs on a valid fd into a struct we own.
         if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -114,6 +115,12 @@ struct Mapping {
     len: usize,
     guard: Option<Guard>,
 }
+
+// SAFETY: the mapping is process-wide memory owned by this struct; nothing in it is tied to a
+// thread, and it is unmapped once, by whichever thread drops the last reference.
+unsafe impl Send for Mapping {}
+// SAFETY: see `Send`; the struct is immutable after construction.
+unsafe impl Sync for Mapping {}
 
 impl Drop for Mapping {
     fn drop(&mut self) {

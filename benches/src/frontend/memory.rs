@@ -69,12 +69,9 @@ impl GuestMemory {
         }
         // Sealed against shrinking, as QEMU's memory-backend-memfd does: the switch refuses
         // memory that could be truncated under it (a SIGBUS there would kill it).
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
         // SAFETY: F_ADD_SEALS on a memfd we own.
-        if seal
-            && unsafe {
-                libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)
-            } != 0
-        {
+        if seal && unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
             return Err(Error::Memory { what: "sealing the memfd", source: io::Error::last_os_error() });
         }
         // MAP_POPULATE: fault everything in now, so a huge-page shortage shows
