@@ -170,6 +170,13 @@ mod tests {
         assert_eq!(regions[0].guest_phys_addr, 0);
         assert_eq!(regions[0].memory_size, 8 << 20);
         assert!(regions[0].mmap_handle >= 0);
+        // Sealed against shrinking: the switch refuses memory that could be truncated under it.
+        // SAFETY: F_GET_SEALS on the memfd `ram` owns.
+        let seals = unsafe { libc::fcntl(regions[0].mmap_handle, libc::F_GET_SEALS) };
+        assert_eq!(
+            seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW),
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW
+        );
         ram.mem().write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
         // What the switch would see through the fd: the same bytes.
         let mut buf = [0u8; 4];
