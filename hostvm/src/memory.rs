@@ -35,7 +35,9 @@ impl GuestRam {
             return Err(Error::Config(format!("guest memory of {size} bytes is too small (at least 2M)")));
         }
         let size = size.div_ceil(HUGE_2M) * HUGE_2M;
-        let mut flags = libc::MFD_CLOEXEC;
+        // Sealable, so that it can be sealed against shrinking below: the switch maps it too,
+        // and refuses memory a guest's VMM could truncate under it.
+        let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
         if hugepages {
             flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
         }
@@ -48,6 +50,10 @@ impl GuestRam {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size)
             .map_err(|e| mem_err(&format!("sizing the memfd to {size} bytes"), e, hugepages))?;
+        // SAFETY: F_ADD_SEALS on the memfd we own (hugetlb memfds take seals too).
+        if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) } != 0 {
+            return Err(mem_err("sealing the memfd", io::Error::last_os_error(), hugepages));
+        }
         let mut regions = Vec::new();
         let mut offset = 0u64;
         for (start, len) in ram_ranges(size) {
@@ -164,6 +170,13 @@ mod tests {
         assert_eq!(regions[0].guest_phys_addr, 0);
         assert_eq!(regions[0].memory_size, 8 << 20);
         assert!(regions[0].mmap_handle >= 0);
+        // Sealed against shrinking: the switch refuses memory that could be truncated under it.
+        // SAFETY: F_GET_SEALS on the memfd `ram` owns.
+        let seals = unsafe { libc::fcntl(regions[0].mmap_handle, libc::F_GET_SEALS) };
+        assert_eq!(
+            seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW),
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW
+        );
         ram.mem().write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
         // What the switch would see through the fd: the same bytes.
         let mut buf = [0u8; 4];

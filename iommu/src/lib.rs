@@ -15,6 +15,7 @@
 pub mod dma;
 pub mod fault;
 pub mod grant;
+pub mod guard;
 pub mod iotlb;
 pub mod pagetable;
 mod region;
@@ -28,7 +29,7 @@ pub use grant::{
 };
 pub use iotlb::{Iotlb, IotlbEntry, IotlbError, IotlbHint};
 pub use pagetable::{IoPageTable, MapError, TlbCache};
-pub use region::{MemoryRegionDesc, Region};
+pub use region::{Backing, MemoryRegionDesc, Region, Unsealed};
 pub use space::{AddressSpace, RegionHint, MAX_REGIONS};
 
 /// Why a memory table or region was refused.
@@ -65,6 +66,24 @@ pub enum Error {
         need: u64,
         /// Bytes the file has.
         have: u64,
+    },
+    /// the file could lose pages and the policy refuses such files
+    #[error("memory region at guest address {gpa:#x} ({backing}, {size} bytes) can lose pages: {why}, and a frontend that truncated it would crash the switch")]
+    CanLosePages {
+        /// Guest-physical start of the region.
+        gpa: u64,
+        /// Size of the region.
+        size: u64,
+        /// What backs it (`Backing::name`).
+        backing: &'static str,
+        /// Why it can lose pages (`Backing::why`).
+        why: &'static str,
+    },
+    /// no guard slot left
+    #[error("cannot guard memory region at guest address {gpa:#x}: {max} guarded regions are already mapped", max = guard::GUARD_SLOTS)]
+    GuardFull {
+        /// Guest-physical start of the region.
+        gpa: u64,
     },
     /// mmap failed
     #[error("cannot map memory region at guest address {gpa:#x}: {source}")]

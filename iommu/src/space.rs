@@ -76,6 +76,11 @@ impl AddressSpace {
         self.regions.iter().map(Region::size).sum()
     }
 
+    /// Whether any region lost a page under the SIGBUS guard (see [`Region::faulted`]).
+    pub fn faulted(&self) -> bool {
+        self.regions.iter().any(Region::faulted)
+    }
+
     /// Host pointer to `[gpa, gpa + len)` if that range lies wholly inside one region.
     ///
     /// `hint` is the caller's last-hit region; it is tried first and updated on a miss. `len`
@@ -237,7 +242,7 @@ mod tests {
         f.write_all(&[0u8; 4096]).unwrap();
         let desc =
             MemoryRegionDesc { guest_phys_addr: 0, memory_size: 8192, userspace_addr: 0, mmap_offset: 0 };
-        assert!(matches!(Region::map(desc, f), Err(Error::FileTooSmall { .. })));
+        assert!(matches!(Region::map(desc, f, crate::Unsealed::Guard), Err(Error::FileTooSmall { .. })));
     }
 
     #[test]
@@ -252,7 +257,7 @@ mod tests {
             userspace_addr: 0,
             mmap_offset: 4096,
         };
-        let s = AddressSpace::new(vec![Region::map(desc, f).unwrap()]).unwrap();
+        let s = AddressSpace::new(vec![Region::map(desc, f, crate::Unsealed::Guard).unwrap()]).unwrap();
         let mut h = 0;
         let p = s.translate(0x10005, 1, &mut h).unwrap();
         // SAFETY: translate returned a pointer to one mapped byte.

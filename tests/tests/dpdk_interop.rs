@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e_tests::{testpmd, testpmd_rx_packets, wait_until, Proc, Scratch};
-use vswitch::{PortConfig, Switch, SwitchConfig};
+use vswitch::{PortConfig, Switch, SwitchConfig, UnsealedMemory};
 
 fn testpmd_generator(dir: &Scratch, prefix: &str, args: &[String]) -> Proc {
     let mut cmd = Command::new(testpmd());
@@ -69,6 +69,8 @@ fn test_testpmd_virtio_user_forwards_both_ways_through_the_switch() {
             PortConfig::parse(&format!("a={}", a.display())).unwrap(),
             PortConfig::parse(&format!("b={}", b.display())).unwrap(),
         ],
+        // testpmd --no-huge hands over memfds it never seals.
+        unsealed_memory: UnsealedMemory::Guard,
         ..Default::default()
     };
     let sw = Switch::start(cfg).unwrap();
@@ -112,6 +114,8 @@ fn test_client_mode_ports_connect_to_virtio_user_servers() {
             PortConfig::parse(&format!("a={},client", a.display())).unwrap(),
             PortConfig::parse(&format!("b={},client", b.display())).unwrap(),
         ],
+        // testpmd --no-huge hands over memfds it never seals.
+        unsealed_memory: UnsealedMemory::Guard,
         ..Default::default()
     };
     let sw = Switch::start(cfg).unwrap();

@@ -25,11 +25,14 @@ fn switch(dir: &Scratch, names: &[&str]) -> Switch {
     Switch::start(SwitchConfig { fdb_aging_secs: 300, ports, ..Default::default() }).unwrap()
 }
 
+/// A memfd sealed against shrinking (the switch refuses memory that could shrink).
 fn memfd(size: u64) -> File {
     let name = std::ffi::CString::new("t").unwrap();
     // SAFETY: valid C string; the new fd is owned by the File.
-    let f = unsafe { File::from_raw_fd(libc::memfd_create(name.as_ptr(), 0)) };
+    let f = unsafe { File::from_raw_fd(libc::memfd_create(name.as_ptr(), libc::MFD_ALLOW_SEALING)) };
     f.set_len(size).unwrap();
+    // SAFETY: F_ADD_SEALS on a memfd we own.
+    assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) }, 0);
     f
 }
 

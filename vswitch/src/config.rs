@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::l2::vlan::VlanSet;
 use crate::l2::{parse_mac, VlanMode};
 use crate::policy::spoof::SpoofConfig;
-use crate::policy::{BitRate, PolicerConfig, PolicyConfig, ShaperConfig};
+use crate::policy::{BitRate, ByteSize, PolicerConfig, PolicyConfig, ShaperConfig};
 
 /// One port.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -305,6 +305,13 @@ pub struct SwitchConfig {
     /// Seconds before an unseen MAC is forgotten.
     #[serde(default = "default_aging")]
     pub fdb_aging_secs: u32,
+    /// Memory regions whose file could lose pages (a memfd without F_SEAL_SHRINK, hugetlbfs,
+    /// plain files): refused, or mapped under the SIGBUS guard.
+    #[serde(default)]
+    pub unsealed_memory: UnsealedMemory,
+    /// Most guest memory one port may map (default [`DEFAULT_MAX_GUEST_MEM`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_guest_mem: Option<ByteSize>,
     /// Ports.
     #[serde(default, rename = "port")]
     pub ports: Vec<PortConfig>,
@@ -312,6 +319,34 @@ pub struct SwitchConfig {
 
 /// Mode of port socket files unless configured: owner and group may connect, others not.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// What to do with a memory region whose file could lose pages under the switch (a truncated
+/// file, a hole punched in hugetlbfs while its pool is empty): accessing such a page raises
+/// SIGBUS, which would kill the whole switch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UnsealedMemory {
+    /// Refuse the region; only memfds sealed with F_SEAL_SHRINK are mapped (QEMU's
+    /// memory-backend-memfd seals by default).
+    #[default]
+    Refuse,
+    /// Map it; a SIGBUS in it maps a zero page over the lost page and drops that port only
+    /// (DPDK virtio-user, hugetlbfs, QEMU's memory-backend-file).
+    Guard,
+}
+
+impl From<UnsealedMemory> for iommu::Unsealed {
+    fn from(u: UnsealedMemory) -> Self {
+        match u {
+            UnsealedMemory::Refuse => iommu::Unsealed::Refuse,
+            UnsealedMemory::Guard => iommu::Unsealed::Guard,
+        }
+    }
+}
+
+/// Guest memory one port may map unless configured otherwise: 1 TiB. Mappings take address
+/// space whether or not the pages exist; with a 47-bit (128 TiB) user address space, 64
+/// ports at this limit take half of it and leave the rest for the switch's own memory.
+pub const DEFAULT_MAX_GUEST_MEM: u64 = 1 << 40;
 
 /// Longest batching wait accepted (µs).
 pub const MAX_BATCH_WAIT_US: u32 = 1000;
@@ -351,6 +386,9 @@ impl SwitchConfig {
                 self.batch_wait_us
             )));
         }
+        if self.max_guest_mem.is_some_and(|m| m.0 == 0) {
+            return Err(ConfigError::Other("max_guest_mem must be above 0".into()));
+        }
         Ok(())
     }
 
@@ -367,6 +405,11 @@ impl SwitchConfig {
             })?),
         };
         Ok(crate::switch::sockets::Access { mode, gid })
+    }
+
+    /// The most guest memory one port may map, in bytes.
+    pub fn max_guest_mem(&self) -> u64 {
+        self.max_guest_mem.map_or(DEFAULT_MAX_GUEST_MEM, |m| m.0)
     }
 }
 
@@ -458,6 +501,13 @@ mod tests {
         cfg.validate().unwrap();
         let batched: SwitchConfig = toml::from_str("batch_wait_us = 10").unwrap();
         assert_eq!(batched.batch_wait_us, 10);
+        assert_eq!(batched.unsealed_memory, UnsealedMemory::Refuse, "unsealed memory is refused by default");
+        assert_eq!(batched.max_guest_mem(), DEFAULT_MAX_GUEST_MEM);
+        let guarded: SwitchConfig =
+            toml::from_str("unsealed_memory = \"guard\"\nmax_guest_mem = \"64GiB\"").unwrap();
+        assert_eq!(guarded.unsealed_memory, UnsealedMemory::Guard);
+        assert_eq!(guarded.max_guest_mem(), 64 << 30);
+        assert!(toml::from_str::<SwitchConfig>("unsealed_memory = \"maybe\"").is_err());
         batched.validate().unwrap();
         let e = SwitchConfig { batch_wait_us: 5000, ..batched }.validate().unwrap_err().to_string();
         assert!(e.contains("batch_wait_us 5000 is above 1000"), "{e}");

@@ -20,5 +20,5 @@ pub mod vhost;
 pub mod virtio;
 pub mod watchdog;
 
-pub use config::{PortConfig, SwitchConfig};
+pub use config::{PortConfig, SwitchConfig, UnsealedMemory};
 pub use switch::{Switch, SwitchError};

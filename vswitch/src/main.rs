@@ -8,7 +8,7 @@ use vswitch::control::{request, PolicyReport, PortInfo, Request, Stats};
 use vswitch::l2::FdbEntry;
 use vswitch::policy::spoof::SpoofConfig;
 use vswitch::policy::{BitRate, ByteSize, PolicerConfig, PolicyConfig, ShaperConfig};
-use vswitch::{PortConfig, Switch, SwitchConfig};
+use vswitch::{PortConfig, Switch, SwitchConfig, UnsealedMemory};
 
 const DEFAULT_CONTROL: &str = "/run/vswitch.ctl";
 
@@ -55,6 +55,14 @@ struct RunArgs {
     /// queues (0 = off). Raises DPDK guests' packet rate; adds up to N µs of latency.
     #[arg(long, value_name = "N")]
     batch_wait_us: Option<u32>,
+    /// Guest memory whose file could lose pages (a memfd without F_SEAL_SHRINK: DPDK
+    /// virtio-user; hugetlbfs; QEMU's memory-backend-file): refuse it (default), or map it
+    /// and survive a truncation by dropping only that port.
+    #[arg(long, value_name = "refuse|guard")]
+    unsealed_memory: Option<UnsealedMemory>,
+    /// Most guest memory one port may map (default 1TiB).
+    #[arg(long, value_name = "SIZE")]
+    max_guest_mem: Option<ByteSize>,
     /// Control socket path.
     #[arg(long, env = "VSWITCH_CONTROL")]
     control: Option<PathBuf>,
@@ -247,9 +255,16 @@ fn run(a: RunArgs) -> Result<(), String> {
     if let Some(us) = a.batch_wait_us {
         cfg.batch_wait_us = us;
     }
+    if let Some(u) = a.unsealed_memory {
+        cfg.unsealed_memory = u;
+    }
+    if let Some(m) = a.max_guest_mem {
+        cfg.max_guest_mem = Some(m);
+    }
     if a.control.is_some() || cfg.control.is_none() {
         cfg.control = Some(a.control.clone().unwrap_or_else(|| DEFAULT_CONTROL.into()));
     }
+    raise_fd_limit();
     let signals = block_signals();
     let sw = Switch::start(cfg.clone()).map_err(|e| e.to_string())?;
     eprintln!(
@@ -267,6 +282,22 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .ok()
         .filter(|m| *m <= 0o777)
         .ok_or_else(|| format!("'{s}' is not a file mode in octal (e.g. 660)"))
+}
+
+/// Raises the soft open-file limit to the hard one: every port holds its connection, a
+/// listener and up to three eventfds per ring, and the systemd default of 1024 runs out at a
+/// few dozen multi-queue ports.
+fn raise_fd_limit() {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                eprintln!("vswitch: cannot raise the open-file limit: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
 }
 
 fn block_signals() -> libc::sigset_t {

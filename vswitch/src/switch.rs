@@ -30,7 +30,7 @@ use crate::pmd::{PmdCmd, PmdHandle};
 use crate::policy::PolicyConfig;
 use crate::port::{Port, MAX_PORTS};
 use crate::vhost::wire::{backend_req_fd, iotlb_msg, vring_enable, waiting_message, Waiting};
-use crate::vhost::VhostDevice;
+use crate::vhost::{MemPolicy, VhostDevice};
 use crate::virtio::queue::QueueCounters;
 
 const WAKER: Token = Token(usize::MAX - 1);
@@ -163,6 +163,8 @@ impl Switch {
             wake_pmds,
             iotlb_waiting: false,
             ready: VecDeque::new(),
+            mem_policy: MemPolicy::from(&cfg),
+            memory_faults_seen: iommu::guard::faults(),
         };
         if let Some(c) = &mut ctl.ctl {
             c.register(ctl.poll.registry(), CTL_LISTENER).map_err(SwitchError::Start)?;
@@ -263,6 +265,9 @@ struct Control {
     iotlb_waiting: bool,
     /// Connections that used their message budget with messages left (served next turn).
     ready: VecDeque<u16>,
+    mem_policy: MemPolicy,
+    /// `iommu::guard::faults()` when last looked at.
+    memory_faults_seen: u64,
 }
 
 impl Control {
@@ -312,6 +317,7 @@ impl Control {
             let faulted: Vec<u16> =
                 self.ports.values().filter(|p| p.port.needs_disconnect()).map(|p| p.port.id).collect();
             faulted.into_iter().for_each(|id| self.disconnect(id));
+            self.drop_faulted_memory();
             self.retry_iotlb();
             if self.now() != last_recount {
                 last_recount = self.now();
@@ -331,6 +337,31 @@ impl Control {
         };
         if let Some(c) = &mut self.ctl {
             c.reply(self.poll.registry(), slot, &reply);
+        }
+    }
+
+    /// Disconnects ports whose guest memory lost pages under the SIGBUS guard (the frontend
+    /// truncated its memory file): the switch saw zeros, the port's guest is broken.
+    fn drop_faulted_memory(&mut self) {
+        let now = iommu::guard::faults();
+        if now == self.memory_faults_seen {
+            return;
+        }
+        self.memory_faults_seen = now;
+        let mut faulted = Vec::new();
+        for st in self.ports.values() {
+            if let Ok(mut d) = st.device.lock() {
+                if d.mem_faulted() {
+                    d.memory_faults += 1;
+                    faulted.push(st.port.id);
+                }
+            }
+        }
+        for id in faulted {
+            if let Some(st) = self.ports.get(&id) {
+                tracing::warn!(port = %st.cfg.name, "closing vhost-user connection: its guest memory file lost pages (truncated or hole-punched); the switch read zeros instead");
+            }
+            self.disconnect(id);
         }
     }
 
@@ -449,7 +480,8 @@ impl Control {
         port.offloads = cfg.offloads;
         let port = Arc::new(port);
         port.set_policy(&cfg.policy()).map_err(|why| ConfigError::Port { port: cfg.name.clone(), why })?;
-        let device = Arc::new(Mutex::new(VhostDevice::new(port.clone(), self.wake_pmds.clone())));
+        let device = VhostDevice::new(port.clone(), self.wake_pmds.clone()).with_mem_policy(self.mem_policy);
+        let device = Arc::new(Mutex::new(device));
         let mut listener = None;
         if !cfg.client {
             let (l, file) = sockets::listen(&cfg.socket, self.access)?;

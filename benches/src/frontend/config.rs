@@ -20,6 +20,9 @@ pub struct FrontendConfig {
     /// Back the region with 2 MiB huge pages (`MFD_HUGETLB`), falling back to
     /// ordinary pages when none are available.
     pub hugepages: bool,
+    /// Seal the memfd against shrinking and growing (as QEMU's memory-backend-memfd does;
+    /// the switch refuses unsealed memory by default). Off only for tests that truncate it.
+    pub seal_memory: bool,
     /// Guest-physical address of the first byte of the region. Descriptor
     /// addresses are guest-physical; vring addresses in `SET_VRING_ADDR` are
     /// our virtual addresses, as QEMU sends them.
@@ -68,6 +71,7 @@ impl Default for FrontendConfig {
             ring_size: 256,
             mem_size: 16 << 20,
             hugepages: false,
+            seal_memory: true,
             gpa_base: 0,
             version_1: true,
             mrg_rxbuf: true,

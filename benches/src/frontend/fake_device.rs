@@ -27,7 +27,7 @@ pub(crate) struct TestMem {
 impl TestMem {
     pub(crate) fn new(cfg: FrontendConfig) -> TestMem {
         let layout = Layout::new(&cfg);
-        let mem = GuestMemory::new(layout.total, false, cfg.gpa_base).expect("guest memory");
+        let mem = GuestMemory::new(layout.total, false, cfg.gpa_base, true).expect("guest memory");
         TestMem { mem, layout, cfg }
     }
 

@@ -2,7 +2,7 @@
 //! placement of rings and buffers inside it.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 
 use vhost::VhostUserMemoryRegionInfo;
@@ -29,11 +29,12 @@ impl GuestMemory {
     ///
     /// With `hugepages`, tries `MFD_HUGETLB | MFD_HUGE_2MB` first (size rounded
     /// up to 2 MiB) and falls back to ordinary pages if the kernel has no huge
-    /// pages to give.
-    pub(crate) fn new(size: usize, hugepages: bool, gpa_base: u64) -> Result<Self> {
+    /// pages to give. With `seal`, the memfd is sealed against shrinking and growing, as
+    /// QEMU's memory-backend-memfd does.
+    pub(crate) fn new(size: usize, hugepages: bool, gpa_base: u64, seal: bool) -> Result<Self> {
         if hugepages {
             let huge_size = size.div_ceil(HUGE_2M) * HUGE_2M;
-            match Self::create(huge_size, libc::MFD_HUGETLB | libc::MFD_HUGE_2MB, gpa_base) {
+            match Self::create(huge_size, libc::MFD_HUGETLB | libc::MFD_HUGE_2MB, gpa_base, seal) {
                 Ok(mut m) => {
                     m.hugepages = true;
                     return Ok(m);
@@ -43,14 +44,16 @@ impl GuestMemory {
                 }
             }
         }
-        Self::create(size.div_ceil(PAGE) * PAGE, 0, gpa_base)
+        Self::create(size.div_ceil(PAGE) * PAGE, 0, gpa_base, seal)
     }
 
-    fn create(len: usize, extra_flags: libc::c_uint, gpa_base: u64) -> Result<Self> {
+    fn create(len: usize, extra_flags: libc::c_uint, gpa_base: u64, seal: bool) -> Result<Self> {
         let name = c"vswitch-bench-guest";
         // SAFETY: `name` is a valid NUL-terminated string; the flags are valid
         // memfd_create flags. The returned fd is checked below.
-        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | extra_flags) };
+        let raw = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | extra_flags)
+        };
         if raw < 0 {
             return Err(Error::Memory { what: "memfd_create", source: io::Error::last_os_error() });
         }
@@ -63,6 +66,13 @@ impl GuestMemory {
         // SAFETY: plain syscall on a valid fd.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
             return Err(Error::Memory { what: "ftruncate", source: io::Error::last_os_error() });
+        }
+        // Sealed against shrinking, as QEMU's memory-backend-memfd does: the switch refuses
+        // memory that could be truncated under it (a SIGBUS there would kill it).
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        // SAFETY: F_ADD_SEALS on a memfd we own.
+        if seal && unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(Error::Memory { what: "sealing the memfd", source: io::Error::last_os_error() });
         }
         // MAP_POPULATE: fault everything in now, so a huge-page shortage shows
         // up here rather than as SIGBUS on first touch, and the datapath does
@@ -87,6 +97,11 @@ impl GuestMemory {
             source: io::Error::from(io::ErrorKind::AddrNotAvailable),
         })?;
         Ok(GuestMemory { fd, ptr, len, gpa_base, hugepages: false })
+    }
+
+    /// The memfd behind the region.
+    pub(crate) fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 
     /// Region length in bytes.
@@ -214,7 +229,7 @@ mod tests {
 
     #[test]
     fn memory_is_zeroed_and_addressable() {
-        let m = GuestMemory::new(10_000, false, 0x1_0000_0000).expect("memfd");
+        let m = GuestMemory::new(10_000, false, 0x1_0000_0000, true).expect("memfd");
         assert_eq!(m.len(), 12_288);
         assert_eq!(m.gpa_base(), 0x1_0000_0000);
         let info = m.region_info();
@@ -232,7 +247,7 @@ mod tests {
     #[test]
     fn hugepage_request_falls_back() {
         // Works whether or not huge pages are reserved on this machine.
-        let m = GuestMemory::new(1 << 20, true, 0).expect("memfd");
+        let m = GuestMemory::new(1 << 20, true, 0, true).expect("memfd");
         assert!(m.len() >= 1 << 20);
         if m.hugepages() {
             assert_eq!(m.len() % HUGE_2M, 0);

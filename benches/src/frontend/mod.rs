@@ -205,7 +205,7 @@ impl Frontend {
         if layout.total > cfg.mem_size {
             return Err(Error::MemoryTooSmall { needed: layout.total, have: cfg.mem_size });
         }
-        let mem = GuestMemory::new(cfg.mem_size, cfg.hugepages, cfg.gpa_base)?;
+        let mem = GuestMemory::new(cfg.mem_size, cfg.hugepages, cfg.gpa_base, cfg.seal_memory)?;
         let mut ctl = Control::new(stream, 2 * u64::from(cfg.queue_pairs), cfg.control_timeout)?;
         let neg = ctl.negotiate(&cfg)?;
         let viommu = match &cfg.iommu {
@@ -491,6 +491,12 @@ impl Frontend {
         let head = tx.push_raw(descs)?;
         tx.ring.publish(true);
         Some(head)
+    }
+
+    /// The memfd behind guest memory (hostile tests truncate it). After a truncation this
+    /// frontend must not touch its rings or buffers: it would take the SIGBUS itself.
+    pub fn memory_fd(&self) -> std::os::fd::RawFd {
+        self.mem.fd()
     }
 
     /// Scratch part of guest memory reserved for tests: returns the

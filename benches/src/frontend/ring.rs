@@ -330,7 +330,7 @@ mod tests {
     /// Plays the device by poking the used ring directly.
     #[test]
     fn publish_and_consume() {
-        let mem = GuestMemory::new(1 << 16, false, 0).unwrap();
+        let mem = GuestMemory::new(1 << 16, false, 0, true).unwrap();
         let n = 4u16;
         let p = RingPtrs { desc: mem.host_ptr(0), avail: mem.host_ptr(4096), used: mem.host_ptr(8192) };
         // SAFETY: the three areas are inside the fresh mapping, aligned and
@@ -374,7 +374,7 @@ mod tests {
 
     #[test]
     fn event_idx_suppression() {
-        let mem = GuestMemory::new(1 << 16, false, 0).unwrap();
+        let mem = GuestMemory::new(1 << 16, false, 0, true).unwrap();
         let n = 4u16;
         let p = RingPtrs { desc: mem.host_ptr(0), avail: mem.host_ptr(4096), used: mem.host_ptr(8192) };
         // SAFETY: as in `publish_and_consume`.

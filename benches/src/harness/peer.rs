@@ -941,6 +941,9 @@ impl Peer {
         if opts.busy_poll {
             cmd.arg("--busy-poll");
         }
+        // The generators are testpmd virtio-user (unsealed memfds, or hugetlbfs) and the
+        // in-process frontend on huge pages: memory that can lose pages, mapped under the guard.
+        cmd.args(["--unsealed-memory", "guard"]);
         cmd.arg("--control").arg(&control);
         cmd.env_remove("VSWITCH_CONTROL");
         let proc = Proc::spawn("vswitch", &mut cmd, opts.backend_cpu, &log)?;

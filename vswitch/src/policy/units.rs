@@ -72,8 +72,12 @@ impl FromStr for ByteSize {
             "Mi" => 1024.0 * 1024.0,
             "G" => 1e9,
             "Gi" => 1024.0 * 1024.0 * 1024.0,
+            "T" => 1e12,
+            "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
             _ => {
-                return Err(format!("'{s}': unknown size unit '{unit}' (write bytes, e.g. 9000, 64KiB, 1MB)"))
+                return Err(format!(
+                    "'{s}': unknown size unit '{unit}' (write bytes, e.g. 9000, 64KiB, 1MB, 1TiB)"
+                ))
             }
         };
         scaled(v, mult, s).map(ByteSize)
@@ -98,7 +102,12 @@ impl fmt::Display for BitRate {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt_units(f, self.0, &[(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"), (1_000, "KB")], "")
+        fmt_units(
+            f,
+            self.0,
+            &[(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"), (1_000, "KB")],
+            "",
+        )
     }
 }
 
@@ -155,6 +164,7 @@ mod tests {
         assert_eq!("64KB".parse::<ByteSize>().unwrap(), ByteSize(64_000));
         assert_eq!("1MiB".parse::<ByteSize>().unwrap(), ByteSize(1 << 20));
         assert_eq!("9000".parse::<ByteSize>().unwrap(), ByteSize(9000));
+        assert_eq!("1TiB".parse::<ByteSize>().unwrap(), ByteSize(1 << 40));
         assert!("9000 bits".parse::<ByteSize>().is_err());
     }
 

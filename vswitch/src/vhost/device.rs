@@ -87,6 +87,10 @@ pub struct DeviceInfo {
     pub running_queues: Vec<usize>,
     /// Protocol errors seen on this connection.
     pub protocol_errors: u64,
+    /// Connections dropped because their guest memory lost pages (a truncated memory file
+    /// caught by the SIGBUS guard).
+    #[serde(default)]
+    pub memory_faults: u64,
     /// DMA faults of this port so far (bad guest addresses, refused accesses).
     #[serde(default)]
     pub dma_faults: u64,
@@ -97,6 +101,27 @@ pub struct DeviceInfo {
     /// With a vIOMMU (ACCESS_PLATFORM acked): the IOTLB's state and activity.
     #[serde(default)]
     pub iotlb: Option<IotlbInfo>,
+}
+
+/// What guest memory a port accepts (switch-wide settings).
+#[derive(Clone, Copy, Debug)]
+pub struct MemPolicy {
+    /// Regions whose file could lose pages: refused or guarded.
+    pub unsealed: iommu::Unsealed,
+    /// Most bytes of guest memory the port may map.
+    pub max_bytes: u64,
+}
+
+impl Default for MemPolicy {
+    fn default() -> Self {
+        MemPolicy { unsealed: iommu::Unsealed::Refuse, max_bytes: crate::config::DEFAULT_MAX_GUEST_MEM }
+    }
+}
+
+impl From<&crate::SwitchConfig> for MemPolicy {
+    fn from(c: &crate::SwitchConfig) -> Self {
+        MemPolicy { unsealed: c.unsealed_memory.into(), max_bytes: c.max_guest_mem() }
+    }
 }
 
 /// Backend state of one port's vhost-user connection.
@@ -118,8 +143,11 @@ pub struct VhostDevice {
     backend: Option<Arc<BackendChannel>>,
     iotlb_stats: Arc<IotlbStats>,
     faults: Arc<FaultLog>,
+    mem_policy: MemPolicy,
     /// Protocol errors so far (refused requests).
     pub protocol_errors: u64,
+    /// Connections dropped because their guest memory lost pages (the guard caught it).
+    pub memory_faults: u64,
 }
 
 fn refuse_fd(e: VringFdError) -> VuError {
@@ -150,7 +178,9 @@ impl VhostDevice {
             backend: None,
             iotlb_stats: Arc::default(),
             faults: Arc::default(),
+            mem_policy: MemPolicy::default(),
             protocol_errors: 0,
+            memory_faults: 0,
         }
     }
 
@@ -162,6 +192,38 @@ impl VhostDevice {
         self.reset();
         self.protocol = protocol;
         self.backend = backend;
+    }
+
+    /// The device with `policy` for the guest memory it accepts.
+    pub fn with_mem_policy(mut self, policy: MemPolicy) -> Self {
+        self.mem_policy = policy;
+        self
+    }
+
+    /// Whether a page of the guest's memory was lost under the SIGBUS guard: the frontend
+    /// truncated its memory file, and the connection should be dropped.
+    pub fn mem_faulted(&self) -> bool {
+        self.mem.faulted()
+    }
+
+    /// Maps `r` from `file` under the port's policy, if its memory fits the budget with
+    /// `others` bytes already mapped.
+    fn map_region(&self, r: MemoryRegionDesc, file: File, others: u64) -> VuResult<Region> {
+        let total = others.saturating_add(r.memory_size);
+        if total > self.mem_policy.max_bytes {
+            return Err(refuse(format!(
+                "memory region at guest address {:#x} would bring this port's guest memory to {total} bytes, \
+                 more than the switch's max_guest_mem of {} (raise it with --max-guest-mem)",
+                r.guest_phys_addr, self.mem_policy.max_bytes
+            )));
+        }
+        Region::map(r, file, self.mem_policy.unsealed).map_err(|e| match e {
+            iommu::Error::CanLosePages { .. } => refuse(format!(
+                "{e}. QEMU's memory-backend-memfd seals by default (seal=on); for DPDK virtio-user, \
+                 hugetlbfs or file-backed memory start the switch with --unsealed-memory guard"
+            )),
+            e => refuse(e.to_string()),
+        })
     }
 
     /// Stops every queue and forgets the connection's state (disconnect).
@@ -207,6 +269,7 @@ impl VhostDevice {
                 .filter(|i| self.port.slot(*i).is_some_and(|s| s.is_running()))
                 .collect(),
             protocol_errors: self.protocol_errors,
+            memory_faults: self.memory_faults,
             dma_faults: {
                 let (a, b, c) = self.faults.counts();
                 a + b + c
@@ -466,10 +529,6 @@ impl VhostDevice {
     }
 }
 
-fn map_region(r: MemoryRegionDesc, file: File) -> VuResult<Region> {
-    Region::map(r, file).map_err(|e| refuse(e.to_string()))
-}
-
 fn desc_of(r: &VhostUserMemoryRegion) -> MemoryRegionDesc {
     MemoryRegionDesc {
         guest_phys_addr: r.guest_phys_addr,
@@ -531,11 +590,13 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
         _postcopy: Option<bool>,
     ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
         tracing::debug!(port = %self.port.name, "SET_MEM_TABLE {} regions", regions.len());
-        let mapped = regions
-            .iter()
-            .zip(files)
-            .map(|(r, f)| map_region(desc_of(r), f))
-            .collect::<VuResult<Vec<_>>>()?;
+        let mut total = 0u64;
+        let mut mapped = Vec::with_capacity(regions.len());
+        for (r, f) in regions.iter().zip(files) {
+            let region = self.map_region(desc_of(r), f, total)?;
+            total += region.size();
+            mapped.push(region);
+        }
         let space = AddressSpace::new(mapped).map_err(|e| refuse(e.to_string()))?;
         self.mem_dups.clear();
         self.set_mem(space);
@@ -704,7 +765,7 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
             *self.mem_dups.entry(d.guest_phys_addr).or_default() += 1;
             return Ok(None);
         }
-        let r = map_region(d, fd)?;
+        let r = self.map_region(d, fd, self.mem.total_size())?;
         let space = self.mem.with_region(r).map_err(|e| refuse(e.to_string()))?;
         self.set_mem(space);
         Ok(None)

@@ -10,4 +10,4 @@ pub mod eventfd;
 pub mod iotlb;
 pub(crate) mod wire;
 
-pub use device::{DeviceInfo, VhostDevice, MAX_MEM_SLOTS};
+pub use device::{DeviceInfo, MemPolicy, VhostDevice, MAX_MEM_SLOTS};

@@ -38,7 +38,7 @@ impl MockGuest {
             userspace_addr: UVA_BASE,
             mmap_offset: 0,
         };
-        let region = Region::map(desc, file.try_clone().unwrap()).unwrap();
+        let region = Region::map(desc, file.try_clone().unwrap(), iommu::Unsealed::Guard).unwrap();
         let host = region.host();
         let mem = Arc::new(AddressSpace::new(vec![region]).unwrap());
         MockGuest { mem, file, host, size, next: 0x1000 }
