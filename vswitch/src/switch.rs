@@ -569,6 +569,16 @@ impl Control {
     }
 
     fn accept(&mut self, id: u16) {
+        // A frontend that reconnects at once may be here before its old connection's hang-up
+        // was handled: that one is gone, not active.
+        let gone = self
+            .ports
+            .get(&id)
+            .and_then(|st| st.conn.as_ref())
+            .is_some_and(|(_, fd)| sockets::peer_closed(*fd));
+        if gone {
+            self.disconnect(id);
+        }
         let Some(st) = self.ports.get_mut(&id) else { return };
         let Some((l, _)) = &st.listener else { return };
         loop {

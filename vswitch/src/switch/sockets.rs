@@ -219,6 +219,14 @@ pub fn writable(fd: RawFd) -> bool {
     n == 1 && p.revents & libc::POLLOUT != 0
 }
 
+/// Whether the peer of a connected socket has hung up (or the socket failed).
+pub fn peer_closed(fd: RawFd) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd; a zero timeout never waits.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// A group name or number as a gid.
 pub fn gid_of(group: &str) -> Option<u32> {
     if let Ok(n) = group.parse::<u32>() {
