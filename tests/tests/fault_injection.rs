@@ -218,3 +218,90 @@ fn a_thousand_connects_and_disconnects_on_one_port_under_traffic_on_another() {
         t0.elapsed()
     );
 }
+
+/// Median of `v` (µs).
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+#[test]
+fn soak_with_mixed_traffic_loses_nothing_leaks_nothing_and_reports_latency_drift() {
+    let secs: u64 = std::env::var("SOAK_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(120);
+    let dir = Scratch::new("fault-soak");
+    // VLAN 10: a (policed and anti-spoofed) and b; c a trunk of 10 and 20; VLAN 20: d behind a
+    // vIOMMU, and e.
+    let sw = Sw::start(
+        &dir,
+        &[
+            "a,vlan=10,mac=02:00:00:00:00:0a,police=1G,anti-spoof",
+            "b,vlan=10",
+            "c,trunk=10:20",
+            "d,vlan=20",
+            "e,vlan=20",
+        ],
+        &[],
+    );
+    let mut a = connect_default(&dir, "a");
+    let mut b = connect_default(&dir, "b");
+    let mut c = connect_default(&dir, "c");
+    let viommu = vswitch_bench::frontend::IommuConfig::default();
+    let mut d = connect(&dir, "d", FrontendConfig { iommu: Some(viommu), ..Default::default() });
+    let mut e = connect_default(&dir, "e");
+    exchange(&mut a, &mut b, mac(0xa), mac(0xb), 10, 0);
+    exchange(&mut b, &mut a, mac(0xb), mac(0xa), 10, 0);
+    exchange(&mut d, &mut e, mac(0xd), mac(0xe), 10, 0);
+    exchange(&mut e, &mut d, mac(0xe), mac(0xd), 10, 0);
+    // The trunk saw the first (flooded) frames of both VLANs; from now on only broadcasts.
+    e2e_tests::drain(&mut c, Duration::from_millis(50));
+    let base = sw.usage();
+    let t0 = Instant::now();
+    let (mut rounds, mut bcasts) = (0u64, 0u64);
+    let mut rtts: Vec<(f64, u64)> = Vec::new();
+    while t0.elapsed() < Duration::from_secs(secs) {
+        let seq = rounds * 1000;
+        exchange(&mut a, &mut b, mac(0xa), mac(0xb), 64, seq);
+        exchange(&mut d, &mut e, mac(0xd), mac(0xe), 64, seq);
+        exchange(&mut e, &mut d, mac(0xe), mac(0xd), 64, seq + 100);
+        // A broadcast on VLAN 10 reaches b, and c tagged, never VLAN 20.
+        let f = e2e_tests::frame_of_size(e2e_tests::BCAST, mac(0xa), None, 100, seq + 200);
+        e2e_tests::send(&mut a, 0, &f);
+        assert_eq!(e2e_tests::recv_n(&mut b, 1, Duration::from_secs(2)), vec![f.clone()]);
+        let tagged = e2e_tests::recv_n(&mut c, 1, Duration::from_secs(2));
+        assert_eq!(tagged.len(), 1, "the trunk gets the broadcast");
+        assert_eq!(&tagged[0][12..16], &[0x81, 0x00, 0x00, 10], "tagged with VLAN 10");
+        bcasts += 1;
+        // Round-trip of one frame b -> a -> b.
+        let ping = e2e_tests::frame_of_size(mac(0xa), mac(0xb), None, 60, seq + 300);
+        let pong = e2e_tests::frame_of_size(mac(0xb), mac(0xa), None, 60, seq + 301);
+        let t = Instant::now();
+        e2e_tests::send(&mut b, 0, &ping);
+        assert_eq!(e2e_tests::recv_n(&mut a, 1, Duration::from_secs(2)), vec![ping]);
+        e2e_tests::send(&mut a, 0, &pong);
+        assert_eq!(e2e_tests::recv_n(&mut b, 1, Duration::from_secs(2)), vec![pong]);
+        rtts.push((t0.elapsed().as_secs_f64(), t.elapsed().as_micros() as u64));
+        for fe in [&mut d, &mut e] {
+            assert!(e2e_tests::drain(fe, Duration::from_millis(1)).is_empty(), "VLAN 20 saw VLAN 10 traffic");
+        }
+        rounds += 1;
+    }
+    let now = back_to(&sw, base);
+    let st = sw.stats();
+    let drops: u64 = st
+        .ports
+        .iter()
+        .map(|p| p.rx.drop_malformed + p.rx.drop_no_buffer + p.tx.drop_no_buffer + p.rx.drop_policy)
+        .sum();
+    assert_eq!(drops, 0, "no drop in a soak the guests keep up with: {:?}", st.ports);
+    let third = secs as f64 / 3.0;
+    let mut first: Vec<u64> = rtts.iter().filter(|(t, _)| *t < third).map(|r| r.1).collect();
+    let mut last: Vec<u64> = rtts.iter().filter(|(t, _)| *t >= 2.0 * third).map(|r| r.1).collect();
+    let d_info = sw.port("d").device;
+    println!(
+        "soak {secs} s: {rounds} rounds, {bcasts} broadcasts; round-trip median first third {} us, last third {} us; \
+         d's IOTLB misses sent {}; usage {now:?} (started {base:?})",
+        median(&mut first),
+        median(&mut last),
+        d_info.iotlb.map_or(0, |i| i.misses_sent)
+    );
+}
