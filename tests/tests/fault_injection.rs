@@ -8,12 +8,16 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use e2e_tests::{connect, connect_default, exchange, mac, sock, wait_until, Proc, Scratch};
 use vswitch::control::{request, PortInfo, Request, Stats};
 use vswitch_bench::frontend::{Frontend, FrontendConfig};
 use vswitch_bench::harness::peer::vswitch_binary;
+
+/// One test at a time: each loads both CPUs, and each measures the switch's usage.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// A switch in its own process, with its control socket.
 struct Sw {
@@ -114,6 +118,16 @@ fn guest(dir: &Scratch, port: &str, src: u8, dst: u8, rate: u64) -> Proc {
     Proc::spawn(cmd, &dir.path(&format!("guest-{port}.log")))
 }
 
+/// Sets its flag when dropped: a panicking test body stops the threads it scoped (which the
+/// scope would otherwise wait for, for ever).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// b and c (VLAN 10) exchange frames both ways in a loop until `stop`; every exchange must
 /// arrive whole and in order. Returns exchanges done.
 fn keep_exchanging(b: &mut Frontend, c: &mut Frontend, stop: &AtomicBool) -> u64 {
@@ -128,6 +142,7 @@ fn keep_exchanging(b: &mut Frontend, c: &mut Frontend, stop: &AtomicBool) -> u64
 
 #[test]
 fn a_hundred_frontends_killed_mid_traffic_cost_the_others_nothing_and_leak_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     const WAVE: usize = 10;
     let dir = Scratch::new("fault-kill100");
     let mut specs = vec!["b,vlan=10".to_string(), "c,vlan=10".to_string()];
@@ -142,6 +157,7 @@ fn a_hundred_frontends_killed_mid_traffic_cost_the_others_nothing_and_leak_nothi
     let mut killed = 0;
     let exchanges = std::thread::scope(|s| {
         let t = s.spawn(|| keep_exchanging(&mut b, &mut c, &stop));
+        let _stop = StopOnDrop(&stop);
         for _wave in 0..100 / WAVE {
             // Pairs of guests send to each other (VLAN 20: nothing reaches b and c).
             let mut gs: Vec<Proc> = (0..WAVE)
@@ -183,6 +199,7 @@ fn a_hundred_frontends_killed_mid_traffic_cost_the_others_nothing_and_leak_nothi
 
 #[test]
 fn a_thousand_connects_and_disconnects_on_one_port_under_traffic_on_another() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cycles: usize = std::env::var("CHURN_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let dir = Scratch::new("fault-churn");
     let sw = Sw::start(&dir, &["a", "b,vlan=10", "c,vlan=10"], &[]);
@@ -194,9 +211,11 @@ fn a_thousand_connects_and_disconnects_on_one_port_under_traffic_on_another() {
     let t0 = Instant::now();
     let exchanges = std::thread::scope(|s| {
         let t = s.spawn(|| keep_exchanging(&mut b, &mut c, &stop));
+        let _stop = StopOnDrop(&stop);
         let cfg = FrontendConfig { mem_size: 2 << 20, ring_size: 64, ..Default::default() };
         for i in 0..cycles {
-            let mut a = connect(&dir, "a", cfg.clone());
+            let mut a = Frontend::connect(&sock(&dir, "a"), cfg.clone(), Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("cycle {i}: {e}; switch log:\n{}", sw.p.log_text()));
             if i % 100 == 0 {
                 // Now and then a frame, so the connection carries traffic too.
                 e2e_tests::send(
@@ -227,6 +246,7 @@ fn median(v: &mut [u64]) -> u64 {
 
 #[test]
 fn soak_with_mixed_traffic_loses_nothing_leaks_nothing_and_reports_latency_drift() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let secs: u64 = std::env::var("SOAK_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(120);
     let dir = Scratch::new("fault-soak");
     // VLAN 10: a (policed and anti-spoofed) and b; c a trunk of 10 and 20; VLAN 20: d behind a
