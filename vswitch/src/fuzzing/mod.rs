@@ -7,6 +7,9 @@
 //! every seed and every crash found so far.
 
 pub mod chain;
+pub mod config;
+pub mod offload;
+pub mod spoof;
 pub mod vhost_msgs;
 
 #[cfg(test)]
@@ -46,5 +49,8 @@ mod tests {
     }
 
     harness!(chain, chain_corpus, super::chain::fuzz, 300, 4096);
+    harness!(config, config_corpus, super::config::fuzz, 500, 512);
+    harness!(offload, offload_corpus, super::offload::fuzz, 500, 1024);
+    harness!(spoof, spoof_corpus, super::spoof::fuzz, 500, 512);
     harness!(vhost_msgs, vhost_msgs_corpus, super::vhost_msgs::fuzz, 200, 2048);
 }
