@@ -8,6 +8,7 @@
 
 pub mod chain;
 pub mod config;
+pub mod iotlb;
 pub mod offload;
 pub mod spoof;
 pub mod vhost_msgs;
@@ -50,6 +51,7 @@ mod tests {
 
     harness!(chain, chain_corpus, super::chain::fuzz, 300, 4096);
     harness!(config, config_corpus, super::config::fuzz, 500, 512);
+    harness!(iotlb, iotlb_corpus, super::iotlb::fuzz, 500, 2048);
     harness!(offload, offload_corpus, super::offload::fuzz, 500, 1024);
     harness!(spoof, spoof_corpus, super::spoof::fuzz, 500, 512);
     harness!(vhost_msgs, vhost_msgs_corpus, super::vhost_msgs::fuzz, 200, 2048);
