@@ -6,6 +6,7 @@
 //! `fuzz/corpus/<target>/` and `fuzz/regressions/<target>/`, so `cargo test` on stable replays
 //! every seed and every crash found so far.
 
+pub mod burst;
 pub mod chain;
 pub mod config;
 pub mod iotlb;
@@ -49,6 +50,7 @@ mod tests {
         };
     }
 
+    harness!(burst, burst_corpus, super::burst::fuzz, 200, 4096);
     harness!(chain, chain_corpus, super::chain::fuzz, 300, 4096);
     harness!(config, config_corpus, super::config::fuzz, 500, 512);
     harness!(iotlb, iotlb_corpus, super::iotlb::fuzz, 500, 2048);
