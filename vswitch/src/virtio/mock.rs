@@ -61,7 +61,7 @@ impl MockGuest {
     /// right after guest memory, so any access outside it faults (fuzzing under ASan or not).
     /// The page after is best effort: `None` if the kernel put the mapping elsewhere.
     pub fn guarded(size: u64) -> (Self, bool) {
-        assert!(size > 0 && size % PAGE as u64 == 0);
+        assert!(size > 0 && size.is_multiple_of(PAGE as u64));
         let fd = unsafe { libc::memfd_create(c"mock-guest".as_ptr(), 0) };
         assert!(fd >= 0);
         let file = unsafe { File::from_raw_fd(fd) };
