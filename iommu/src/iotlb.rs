@@ -166,10 +166,7 @@ impl Iotlb {
             }
         };
         self.remove_range(e.iova, e.iova + e.size);
-        while self.entries.len() >= self.max {
-            self.entries.pop_first();
-            self.counters.evictions += 1;
-        }
+        self.evict_to(self.max - 1);
         self.entries.insert(e.iova, Stored { e, host });
         self.gen += 1;
         self.counters.updates += 1;
@@ -181,6 +178,9 @@ impl Iotlb {
     pub fn invalidate(&mut self, iova: u64, size: u64) -> usize {
         let end = iova.saturating_add(size);
         let n = self.remove_range(iova, end);
+        // A hole punched in the middle of a range leaves two: without this, a frontend could
+        // grow the table past its bound one invalidation at a time. Evicting only costs a miss.
+        self.evict_to(self.max);
         self.gen += 1;
         self.counters.invalidations += 1;
         n
@@ -190,6 +190,14 @@ impl Iotlb {
     pub fn clear(&mut self) {
         self.entries.clear();
         self.gen += 1;
+    }
+
+    /// Evicts the lowest ranges until at most `n` are held.
+    fn evict_to(&mut self, n: usize) {
+        while self.entries.len() > n {
+            self.entries.pop_first();
+            self.counters.evictions += 1;
+        }
     }
 
     fn remove_range(&mut self, s: u64, e: u64) -> usize {
@@ -322,6 +330,19 @@ mod tests {
         assert_eq!(t.lookup(0x4100, 1, Access::Write, &mut h), Err(FaultReason::Permission));
         assert_eq!(t.lookup(0x6000, 1, Access::Read, &mut h), Ok((0x106000, 1)), "tail kept, shifted");
         assert_eq!(t.lookup(0x3fff, 1, Access::Read, &mut h), Ok((0x103fff, 1)), "head kept");
+    }
+
+    #[test]
+    fn test_invalidations_that_split_ranges_never_grow_past_the_bound() {
+        // Found by the iotlb fuzz target: each hole punched in one big range added an entry.
+        let mut t = Iotlb::new(4);
+        t.update(ent(0, 0x100000, 0x100000), |u, _| Some(u)).unwrap();
+        for k in 1..64 {
+            t.invalidate(k * 0x1000, 0x10);
+            assert!(t.len() <= 4, "{} entries after {k} holes", t.len());
+        }
+        let mut h = IotlbHint::default();
+        assert_eq!(t.lookup(0xff000, 1, Access::Read, &mut h), Ok((0x1ff000, 1)), "the highest kept");
     }
 
     #[test]

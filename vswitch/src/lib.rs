@@ -9,6 +9,8 @@
 
 pub mod config;
 pub mod control;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod l2;
 pub mod offload;
 pub mod pmd;
