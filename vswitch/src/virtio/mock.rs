@@ -24,7 +24,7 @@ pub struct MockGuest {
     size: u64,
     next: u64,
     /// The inaccessible page after guest memory, when `guarded` placed one.
-    _guard: Option<GuardPage>,
+    _guards: [Option<GuardPage>; 2],
 }
 
 /// A `PROT_NONE` page of our own, unmapped on drop.
@@ -54,40 +54,47 @@ impl MockGuest {
         let region = Region::map(desc, file.try_clone().unwrap(), iommu::Unsealed::Guard).unwrap();
         let host = region.host();
         let mem = Arc::new(AddressSpace::new(vec![region]).unwrap());
-        MockGuest { mem, file, host, size, next: 0x1000, _guard: None }
+        MockGuest { mem, file, host, size, next: 0x1000, _guards: [None, None] }
     }
 
     /// Like `new` (`size` a multiple of 4 KiB), with an inaccessible page right before and
     /// right after guest memory, so any access outside it faults (fuzzing under ASan or not).
-    /// The page after is best effort: `None` if the kernel put the mapping elsewhere.
+    /// The guard pages are best effort: the bool says whether both sit right against it.
     pub fn guarded(size: u64) -> (Self, bool) {
         assert!(size > 0 && size.is_multiple_of(PAGE as u64));
         let fd = unsafe { libc::memfd_create(c"mock-guest".as_ptr(), 0) };
         assert!(fd >= 0);
         let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(PAGE as u64 + size).unwrap();
+        file.set_len(size).unwrap();
         // Reserve [r, r + page + size + page), free all but the last page, and let the region's
-        // mapping (page + size long, placed top-down) fill the hole right below that page.
+        // mapping (size long, placed top-down) fill the hole right below that page; then put
+        // an inaccessible page right below the region if that address is free.
         let total = 2 * PAGE + size as usize;
         let prot_none = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         let r = unsafe { libc::mmap(std::ptr::null_mut(), total, libc::PROT_NONE, prot_none, -1, 0) };
         assert_ne!(r, libc::MAP_FAILED);
         let after = unsafe { r.cast::<u8>().add(total - PAGE) };
         unsafe { libc::munmap(r, total - PAGE) };
-        let guard = GuardPage(after.cast());
+        let guard_after = GuardPage(after.cast());
         let desc = MemoryRegionDesc {
             guest_phys_addr: 0,
             memory_size: size,
             userspace_addr: UVA_BASE,
-            mmap_offset: PAGE as u64,
+            mmap_offset: 0,
         };
-        let region = Region::map(desc, file.try_clone().unwrap()).unwrap();
+        let region = Region::map(desc, file.try_clone().unwrap(), iommu::Unsealed::Guard).unwrap();
         let host = region.host();
-        // The page before guest memory is the region's own first page.
-        assert_eq!(unsafe { libc::mprotect(host.sub(PAGE).cast(), PAGE, libc::PROT_NONE) }, 0);
-        let adjacent = unsafe { host.add(size as usize) } == after;
+        let want = unsafe { host.sub(PAGE) }.cast::<libc::c_void>();
+        let fixed = prot_none | libc::MAP_FIXED_NOREPLACE;
+        let b = unsafe { libc::mmap(want, PAGE, libc::PROT_NONE, fixed, -1, 0) };
+        let guard_before = (b == want).then(|| GuardPage(b));
+        if b != libc::MAP_FAILED && b != want {
+            unsafe { libc::munmap(b, PAGE) };
+        }
+        let adjacent = unsafe { host.add(size as usize) } == after && guard_before.is_some();
         let mem = Arc::new(AddressSpace::new(vec![region]).unwrap());
-        (MockGuest { mem, file, host, size, next: 0x1000, _guard: Some(guard) }, adjacent)
+        let guards = [Some(guard_after), guard_before];
+        (MockGuest { mem, file, host, size, next: 0x1000, _guards: guards }, adjacent)
     }
 
     /// A guest-physical translator over this guest's memory (domain 0, its own fault log).
