@@ -258,8 +258,11 @@ fn test_sparse_file_maps_only_the_regions_pages_and_the_budget_holds() {
     assert!(grown < 4096, "VmSize grew by {grown} KiB for a 4 KiB region");
     // 2 TiB of guest memory: above the default budget of 1 TiB.
     assert!(!add_region(&raw, 1 << 32, 2 << 40, 0x1000_0000_0000, 0, big.as_raw_fd()));
-    let log = sw.proc.log_text();
-    assert!(log.contains("more than the switch's max_guest_mem"), "{log}");
+    // The switch logs a refusal after it has answered it.
+    let logged = wait_until(Duration::from_secs(2), || {
+        sw.proc.log_text().contains("more than the switch's max_guest_mem")
+    });
+    assert!(logged, "{}", sw.proc.log_text());
     assert_eq!(sw.port("a").device.mem_regions, 1);
 }
 
