@@ -335,3 +335,43 @@ pub fn assert_one_copy_each(s: &Stats) {
         assert_eq!(p.rx.copies, 0, "{}: nothing is copied into a guest's transmit queue", p.name);
     }
 }
+
+/// Sends one raw vhost-user message (header claiming `size` payload bytes, then `body`) with
+/// `fds` attached (hostile-protocol tests).
+pub fn send_raw(
+    s: &std::os::unix::net::UnixStream,
+    code: u32,
+    flags: u32,
+    size: u32,
+    body: &[u8],
+    fds: &[std::os::fd::RawFd],
+) {
+    let mut msg = Vec::new();
+    msg.extend(code.to_le_bytes());
+    msg.extend(flags.to_le_bytes());
+    msg.extend(size.to_le_bytes());
+    msg.extend(body);
+    let mut iov = libc::iovec { iov_base: msg.as_mut_ptr().cast(), iov_len: msg.len() };
+    let mut cbuf = [0u64; 16];
+    // SAFETY: a well-formed msghdr over local buffers; CMSG macros stay inside cbuf.
+    unsafe {
+        let mut mh: libc::msghdr = std::mem::zeroed();
+        mh.msg_iov = &mut iov;
+        mh.msg_iovlen = 1;
+        if !fds.is_empty() {
+            let len = std::mem::size_of_val(fds) as u32;
+            mh.msg_control = cbuf.as_mut_ptr().cast();
+            mh.msg_controllen = libc::CMSG_SPACE(len) as usize;
+            let c = libc::CMSG_FIRSTHDR(&mh);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(len) as usize;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr(),
+                libc::CMSG_DATA(c) as *mut std::os::fd::RawFd,
+                fds.len(),
+            );
+        }
+        assert!(libc::sendmsg(std::os::fd::AsRawFd::as_raw_fd(s), &mh, 0) >= 0);
+    }
+}

@@ -15,7 +15,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e_tests::{
-    connect, connect_default, drain, exchange, frame_of_size, mac, send, sock, wait_until, Proc, Scratch,
+    connect, connect_default, drain, exchange, frame_of_size, mac, send, send_raw, sock, wait_until, Proc,
+    Scratch,
 };
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{Frontend as VuFrontend, VhostUserFrontend};
@@ -114,39 +115,11 @@ fn add_region(s: &UnixStream, gpa: u64, size: u64, uva: u64, offset: u64, fd: Ra
     for v in [0u64, gpa, size, uva, offset] {
         body.extend(v.to_le_bytes());
     }
-    send_raw(s, ADD_MEM_REG, 1 | 0x8, &body, &[fd]);
+    send_raw(s, ADD_MEM_REG, 1 | 0x8, body.len() as u32, &body, &[fd]);
     let mut reply = [0u8; 20];
     (&*s).read_exact(&mut reply).expect("a reply to ADD_MEM_REG");
     assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), ADD_MEM_REG);
     u64::from_le_bytes(reply[12..20].try_into().unwrap()) == 0
-}
-
-/// Sends one raw vhost-user message (header + body) with `fds` attached.
-fn send_raw(s: &UnixStream, code: u32, flags: u32, body: &[u8], fds: &[RawFd]) {
-    let mut msg = Vec::new();
-    msg.extend(code.to_le_bytes());
-    msg.extend(flags.to_le_bytes());
-    msg.extend((body.len() as u32).to_le_bytes());
-    msg.extend(body);
-    let mut iov = libc::iovec { iov_base: msg.as_mut_ptr().cast(), iov_len: msg.len() };
-    let mut cbuf = [0u64; 16];
-    // SAFETY: a well-formed msghdr over local buffers; the CMSG macros stay inside cbuf.
-    unsafe {
-        let mut mh: libc::msghdr = std::mem::zeroed();
-        mh.msg_iov = &mut iov;
-        mh.msg_iovlen = 1;
-        if !fds.is_empty() {
-            let len = std::mem::size_of_val(fds) as u32;
-            mh.msg_control = cbuf.as_mut_ptr().cast();
-            mh.msg_controllen = libc::CMSG_SPACE(len) as usize;
-            let c = libc::CMSG_FIRSTHDR(&mh);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(len) as usize;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c) as *mut RawFd, fds.len());
-        }
-        assert!(libc::sendmsg(s.as_raw_fd(), &mh, 0) >= 0);
-    }
 }
 
 #[test]

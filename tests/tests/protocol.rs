@@ -3,11 +3,11 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use e2e_tests::{wait_until, Scratch};
+use e2e_tests::{send_raw, wait_until, Scratch};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
@@ -34,34 +34,6 @@ fn memfd(size: u64) -> File {
     // SAFETY: F_ADD_SEALS on a memfd we own.
     assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) }, 0);
     f
-}
-
-/// Sends one raw vhost-user message (header + body) with `fds` attached.
-fn send_raw(s: &UnixStream, code: u32, flags: u32, size: u32, body: &[u8], fds: &[RawFd]) {
-    let mut msg = Vec::new();
-    msg.extend(code.to_le_bytes());
-    msg.extend(flags.to_le_bytes());
-    msg.extend(size.to_le_bytes());
-    msg.extend(body);
-    let mut iov = libc::iovec { iov_base: msg.as_mut_ptr().cast(), iov_len: msg.len() };
-    let mut cbuf = [0u64; 16];
-    // SAFETY: a well-formed msghdr over local buffers; CMSG macros stay inside cbuf.
-    unsafe {
-        let mut mh: libc::msghdr = std::mem::zeroed();
-        mh.msg_iov = &mut iov;
-        mh.msg_iovlen = 1;
-        if !fds.is_empty() {
-            let len = std::mem::size_of_val(fds) as u32;
-            mh.msg_control = cbuf.as_mut_ptr().cast();
-            mh.msg_controllen = libc::CMSG_SPACE(len) as usize;
-            let c = libc::CMSG_FIRSTHDR(&mh);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(len) as usize;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c) as *mut RawFd, fds.len());
-        }
-        assert!(libc::sendmsg(s.as_raw_fd(), &mh, 0) >= 0);
-    }
 }
 
 /// True if the switch closed the connection within 5 s.
