@@ -835,7 +835,7 @@ impl Control {
 }
 
 /// Errors after which the byte stream is still in step with the frontend.
-fn keeps_connection(e: &VuError) -> bool {
+pub(crate) fn keeps_connection(e: &VuError) -> bool {
     matches!(
         e,
         VuError::ReqHandlerError(_)

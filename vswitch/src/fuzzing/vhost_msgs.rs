@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use arbitrary::{Arbitrary, Unstructured};
 use vhost::vhost_user::message::FrontendReq;
-use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::l2::VlanMode;
@@ -306,34 +306,13 @@ fn connect(device: &Arc<Mutex<VhostDevice>>) -> Conn {
     Conn { handler: BackendReqHandler::from_stream(backend, device.clone()), backend_fd, frontend }
 }
 
-/// `switch.rs` `keeps_connection`: refusals after which the stream is still in step.
-fn keeps_connection(e: &VuError) -> bool {
-    matches!(
-        e,
-        VuError::ReqHandlerError(_)
-            | VuError::InvalidParam
-            | VuError::InactiveFeature(_)
-            | VuError::InactiveOperation(_)
-            | VuError::InvalidOperation(_)
-            | VuError::FeatureMismatch
-    )
-}
-
-/// `sockets::writable`: room for a reply now.
-fn writable(fd: RawFd) -> bool {
-    let mut p = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
-    // SAFETY: one valid pollfd; a zero timeout never waits.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    n == 1 && p.revents & libc::POLLOUT != 0
-}
-
 /// `Switch::service_conn`, minus the poll registration. Returns false when the connection was
 /// closed (and the device reset).
 fn service(conn: &mut Conn, device: &Mutex<VhostDevice>) -> bool {
     for _ in 0..MSG_BUDGET {
         let fd = conn.backend_fd;
         let waiting = waiting_message(fd);
-        if matches!(waiting, Waiting::Nothing | Waiting::Partial) || !writable(fd) {
+        if matches!(waiting, Waiting::Nothing | Waiting::Partial) || !crate::switch::sockets::writable(fd) {
             return true;
         }
         let res = match waiting {
@@ -342,7 +321,7 @@ fn service(conn: &mut Conn, device: &Mutex<VhostDevice>) -> bool {
             Waiting::BackendReqFd => backend_req_fd(fd, device),
             _ => match conn.handler.handle_request() {
                 Ok(()) => Ok(()),
-                Err(e) if keeps_connection(&e) => {
+                Err(e) if crate::switch::keeps_connection(&e) => {
                     device.lock().expect("device lock").protocol_errors += 1;
                     Ok(())
                 }

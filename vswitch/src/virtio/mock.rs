@@ -38,20 +38,21 @@ impl Drop for GuardPage {
 
 const PAGE: usize = 4096;
 
+/// A `size`-byte memfd mapped as guest memory at guest-physical 0.
+fn map_memfd(size: u64) -> (File, Region) {
+    let fd = unsafe { libc::memfd_create(c"mock-guest".as_ptr(), 0) };
+    assert!(fd >= 0);
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).unwrap();
+    let desc =
+        MemoryRegionDesc { guest_phys_addr: 0, memory_size: size, userspace_addr: UVA_BASE, mmap_offset: 0 };
+    let region = Region::map(desc, file.try_clone().unwrap(), iommu::Unsealed::Guard).unwrap();
+    (file, region)
+}
+
 impl MockGuest {
     pub fn new(size: u64) -> Self {
-        let name = std::ffi::CString::new("mock-guest").unwrap();
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
-        assert!(fd >= 0);
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size).unwrap();
-        let desc = MemoryRegionDesc {
-            guest_phys_addr: 0,
-            memory_size: size,
-            userspace_addr: UVA_BASE,
-            mmap_offset: 0,
-        };
-        let region = Region::map(desc, file.try_clone().unwrap(), iommu::Unsealed::Guard).unwrap();
+        let (file, region) = map_memfd(size);
         let host = region.host();
         let mem = Arc::new(AddressSpace::new(vec![region]).unwrap());
         MockGuest { mem, file, host, size, next: 0x1000, _guards: [None, None] }
@@ -62,10 +63,6 @@ impl MockGuest {
     /// The guard pages are best effort: the bool says whether both sit right against it.
     pub fn guarded(size: u64) -> (Self, bool) {
         assert!(size > 0 && size.is_multiple_of(PAGE as u64));
-        let fd = unsafe { libc::memfd_create(c"mock-guest".as_ptr(), 0) };
-        assert!(fd >= 0);
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size).unwrap();
         // Reserve [r, r + page + size + page), free all but the last page, and let the region's
         // mapping (size long, placed top-down) fill the hole right below that page; then put
         // an inaccessible page right below the region if that address is free.
@@ -76,13 +73,7 @@ impl MockGuest {
         let after = unsafe { r.cast::<u8>().add(total - PAGE) };
         unsafe { libc::munmap(r, total - PAGE) };
         let guard_after = GuardPage(after.cast());
-        let desc = MemoryRegionDesc {
-            guest_phys_addr: 0,
-            memory_size: size,
-            userspace_addr: UVA_BASE,
-            mmap_offset: 0,
-        };
-        let region = Region::map(desc, file.try_clone().unwrap(), iommu::Unsealed::Guard).unwrap();
+        let (file, region) = map_memfd(size);
         let host = region.host();
         let want = unsafe { host.sub(PAGE) }.cast::<libc::c_void>();
         let fixed = prot_none | libc::MAP_FIXED_NOREPLACE;
