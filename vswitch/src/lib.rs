@@ -12,6 +12,7 @@ pub mod control;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod l2;
+pub mod limits;
 pub mod offload;
 pub mod pmd;
 pub mod policy;

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use iommu::Dma;
 
+use crate::limits::MAX_FRAME;
 use crate::offload::{Caps, MAX_GSO_FRAME};
-use crate::pmd::burst::MAX_FRAME;
 use crate::vhost::iotlb::IotlbLink;
 
 use super::ring::{RingAddrs, RingError, SplitRing};

@@ -1,0 +1,231 @@
+use super::*;
+use crate::l2::flow::{flow_hash, FLOW_LOOK};
+use crate::l2::VlanMode;
+use crate::offload::{self, How};
+use crate::policy::{now_ns, Held};
+use crate::virtio::QueueStats;
+use shaping::Shaper;
+
+use super::super::copy::{out_len, read_bytes, Frame};
+use super::fill::{Tally, Unit};
+use super::shaped::release_held;
+use super::viommu::{drain_parked, has_parked};
+
+impl Datapath {
+    /// For each destination port: lock one of its receive queues once, copy every packet bound
+    /// to it straight from the sender's memory, publish, interrupt at most once.
+    pub(super) fn deliver(&mut self, src: &Port, src_hdr: u8, n: usize, c: &mut SrcCounts) {
+        let mut any_flood = false;
+        let mut any = false;
+        for p in &self.pkts[..n] {
+            any_flood |= p.action == Action::Flood;
+            any |= p.action != Action::Drop;
+        }
+        if !any {
+            return;
+        }
+        self.hashed = 0;
+        // Borrow the port table out of self for the loop (no Arc clone per destination).
+        let ports = std::mem::take(&mut self.ports);
+        for k in 0..self.port_ids.len() {
+            let d = self.port_ids[k];
+            if d == src.id {
+                continue;
+            }
+            let wanted = self.pkts[..n].iter().any(|p| p.action == Action::Unicast(d));
+            if !wanted && !any_flood {
+                continue;
+            }
+            let Some(dport) = ports[d as usize].as_deref() else { continue };
+            self.deliver_to(dport, src_hdr as u32, n, c);
+        }
+        self.ports = ports;
+        // Floods that found no member port of their VLAN.
+        c.no_route +=
+            self.pkts[..n].iter().filter(|p| p.action == Action::Flood && p.targets == 0).count() as u64;
+    }
+
+    /// Delivers the burst's packets bound to `dport`. A port with several queue pairs gets
+    /// each packet on a running receive queue chosen by its flow's hash: a flow stays in order
+    /// on one queue, flows spread, and a guest running fewer pairs than offered gets
+    /// everything on those it runs. A shaped port is filled through its first queue only (the
+    /// shaper's held packets are a suffix of one used ring).
+    pub(super) fn deliver_to(&mut self, dport: &Port, src_hdr: u32, n: usize, c: &mut SrcCounts) {
+        let pairs = dport.rxq.len().min(32);
+        if pairs == 1 || dport.policy.egress_on() {
+            return self.deliver_into(dport, 0, false, src_hdr, n, c);
+        }
+        let mut live = [0u8; 32];
+        let mut nl = 0usize;
+        for (k, slot) in dport.rxq[..pairs].iter().enumerate() {
+            if slot.live() {
+                live[nl] = k as u8;
+                nl += 1;
+            }
+        }
+        if nl <= 1 {
+            // One running queue, or none (the delivery counts the losses).
+            return self.deliver_into(dport, live[0] as usize, false, src_hdr, n, c);
+        }
+        let mut chosen = 0u32;
+        for i in 0..n {
+            let p = &self.pkts[i];
+            if p.action != Action::Unicast(dport.id) && p.action != Action::Flood {
+                continue;
+            }
+            if self.hashed & (1 << i) == 0 {
+                self.hashes[i] = self.flow_hash(i, src_hdr);
+                self.hashed |= 1 << i;
+            }
+            let q = live[(self.hashes[i] % nl as u32) as usize];
+            self.qsel[i] = q;
+            chosen |= 1 << q;
+        }
+        for q in 0..pairs {
+            if chosen & (1 << q) != 0 {
+                self.deliver_into(dport, q, true, src_hdr, n, c);
+            }
+        }
+    }
+
+    /// Packet `i`'s flow hash, from its first bytes in the sender's memory (no snapshot: a
+    /// guest racing it can only pick another queue of the same receiver).
+    #[inline(never)]
+    pub(super) fn flow_hash(&self, i: usize, src_hdr: u32) -> u32 {
+        let p = &self.pkts[i];
+        let mut b = [0u8; FLOW_LOOK];
+        let f = Frame { segs: &self.segs[i][..p.nseg as usize], skip: src_hdr, len: p.len, head: &[] };
+        // SAFETY: the chain was walked and checked; the sender's queue lock is held.
+        let got = unsafe { read_bytes(&f, &mut b) };
+        flow_hash(&b[..got])
+    }
+
+    /// Delivers into receive queue `pick` of `dport` the packets bound to the port (only those
+    /// whose `qsel` is `pick` if `by_queue`).
+    pub(super) fn deliver_into(
+        &mut self,
+        dport: &Port,
+        pick: usize,
+        by_queue: bool,
+        src_hdr: u32,
+        n: usize,
+        c: &mut SrcCounts,
+    ) {
+        let shaped = dport.policy.egress_on();
+        let mut guard = dport.rxq[pick].lock();
+        let slot: &QueueSlot = &dport.rxq[pick];
+        let Some(rq) = guard.as_mut().filter(|q| !q.broken) else {
+            // Not running (not connected, or stopped): every packet for it has no buffer,
+            // floods included (as a down port counts what it could not send).
+            let mut lost = 0;
+            for (i, p) in self.pkts[..n].iter_mut().enumerate() {
+                if by_queue && self.qsel[i] != pick as u8 {
+                    continue;
+                }
+                let member = dport.vlan.egress(p.vlan).is_some();
+                if p.action == Action::Unicast(dport.id) || (p.action == Action::Flood && member) {
+                    lost += 1;
+                    p.targets += 1;
+                }
+            }
+            bump(&slot.stats.drop_no_buffer, lost);
+            return;
+        };
+        let mut t = Tally::default();
+        // The shaper, if any: taken after the queue's lock, released with it.
+        let mut eg = if shaped { Some(dport.policy.egress.lock()) } else { None };
+        let mut shaper: Option<&mut Shaper<Held>> = eg.as_mut().and_then(|g| g.as_mut());
+        if let Some(s) = shaper.as_deref_mut() {
+            s.advance(now_ns());
+            release_held(rq, s);
+        }
+        // Behind a vIOMMU, a packet whose receive buffer is not translated yet is parked, and
+        // so is every later one until the parked ones are out (the guest sees them in order).
+        // Not for a shaped port: its shaper decides on buffers it has reserved.
+        let parking = !shaped && rq.iotlb.is_some();
+        if parking && has_parked(rq) {
+            drain_parked(rq).count(&slot.stats);
+        }
+        let pending = rq.ring.avail_pending().unwrap_or(0) as usize;
+        for k in 0..pending.min(n) {
+            rq.ring.prefetch_desc(rq.ring.peek_head(k as u16));
+        }
+        // Pass 1 reserves receive buffers for every packet bound here and prefetches them for
+        // writing; nothing is copied yet, so a packet without a buffer costs no copy. Pass 2
+        // (`fill`) copies.
+        let mut planned = 0usize;
+        for i in 0..n {
+            if by_queue && self.qsel[i] != pick as u8 {
+                continue;
+            }
+            let p = &self.pkts[i];
+            let out_tagged = match p.action {
+                Action::Unicast(d) if d == dport.id => match dport.vlan.egress(p.vlan) {
+                    Some(t) => t,
+                    None => {
+                        c.filtered += 1;
+                        continue;
+                    }
+                },
+                Action::Flood => match dport.vlan.egress(p.vlan) {
+                    Some(t) => t,
+                    None => continue,
+                },
+                _ => continue,
+            };
+            let edit = VlanMode::edit(p.tci, p.vlan, out_tagged);
+            let (len, head_len) = (p.len, p.head_len as usize);
+            let segment = p.offload && offload::how(&self.vhdrs[i], rq.caps) == How::Segment;
+            self.pkts[i].targets += 1;
+            if !segment {
+                let u = Unit { pkt: i, edit, seg: 0, wire_len: out_len(len, edit) };
+                planned = self.reserve(rq, shaper.as_deref_mut(), parking, u, planned, src_hdr, &mut t);
+                continue;
+            }
+            // A 64 KiB TCP frame for a receiver without TSO: cut in software, each segment a
+            // packet of its own. Its segments are copied in a pass of their own, so one
+            // segmenter serves them.
+            planned = self.fill(rq, planned, src_hdr, &mut t);
+            let vh = self.vhdrs[i];
+            let sg = match Segmenter::new(&self.heads[i][..head_len], len, vh.gso_size, vh.gso_v6(), edit) {
+                Ok(sg) => sg,
+                Err(e) => {
+                    // Checked when it was received: the sender rewrote its headers since.
+                    tracing::debug!(port = %dport.name, "GSO frame dropped: {e}");
+                    t.bad += 1;
+                    continue;
+                }
+            };
+            self.seg = Some(sg);
+            t.segmented += 1;
+            for k in 0..sg.count() {
+                let u = Unit { pkt: i, edit, seg: k as u16 + 1, wire_len: sg.header_len() + sg.payload(k).1 };
+                planned = self.reserve(rq, shaper.as_deref_mut(), parking, u, planned, src_hdr, &mut t);
+            }
+            planned = self.fill(rq, planned, src_hdr, &mut t);
+        }
+        self.fill(rq, planned, src_hdr, &mut t);
+        rq.held += t.new_held;
+        rq.publish();
+        if rq.notify() {
+            bump(&slot.stats.interrupts, 1);
+        }
+        if let Some(sh) = shaper {
+            dport.policy.held.store(sh.len() as u32, std::sync::atomic::Ordering::Relaxed);
+            bump(&dport.policy.stats.shaped_held, t.shaped_held);
+            bump(&dport.policy.stats.shaped_dropped, t.shaped_drop);
+        }
+        drop(eg);
+        let s: &QueueStats = &slot.stats;
+        bump(&s.packets, t.pk);
+        bump(&s.bytes, t.by);
+        bump(&s.copies, t.pk);
+        bump(&s.bytes_copied, t.copied);
+        bump(&s.drop_no_buffer, t.no_buf + t.missed);
+        bump(&s.drop_malformed, t.bad);
+        bump(&s.drop_policy, t.shaped_drop);
+        bump(&s.gso_whole, t.whole);
+        bump(&s.gso_segmented, t.segmented);
+        bump(&s.csum_completed, t.completed);
+    }
+}

@@ -1,0 +1,272 @@
+//! One burst from one source queue, in stages, one file each:
+//!
+//! ```text
+//! receive ──▶ describe ──▶ decide ──▶ deliver ──▶ (fill | render) ──▶ complete
+//! heads       chains,      policy,    per         the one copy,         sources back,
+//! taken       snapshot     learn, FDB destination into each sink        publish, signal
+//! ```
+//!
+//! The cold vIOMMU parking path is in `viommu`, the shaper's release in `shaped`.
+//! Nothing here allocates, takes a lock other than the destination queue's slot (once per
+//! destination per burst), or makes a syscall other than an interrupt a guest asked for.
+
+mod complete;
+mod decide;
+mod deliver;
+mod describe;
+mod fill;
+mod receive;
+mod render;
+mod shaped;
+mod viommu;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use iommu::{Grant, Ro, Rw};
+
+use crate::l2::{Fdb, Mac, TagEdit};
+use crate::offload::gso::{self, Segmenter};
+use crate::offload::NetHdr;
+use crate::policy::spoof;
+use crate::port::{Port, QueueSlot};
+use crate::virtio::queue::bump;
+use crate::virtio::MAX_SEGS;
+
+pub use crate::limits::{BURST, MAX_FRAME};
+
+use complete::complete;
+use receive::batch_hold;
+
+/// Most receive buffers (chains) one packet may fill with MRG_RXBUF: a 64 KiB TSO frame in
+/// Linux's smallest mergeable buffers (1536 bytes) takes 43.
+const MAX_RX_CHAINS: usize = 64;
+/// Most receive segments one packet may fill.
+const RX_SEGS: usize = 2 * MAX_SEGS;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Action {
+    /// Dropped (already counted).
+    #[default]
+    Drop,
+    /// To one port.
+    Unicast(u16),
+    /// To every other member of the VLAN.
+    Flood,
+}
+
+/// What the describe and decide stages know of a packet: where its bytes are (in the sender's
+/// memory, not copied) and where it goes.
+#[derive(Clone, Copy, Debug, Default)]
+struct PacketRef {
+    head: u16,
+    /// Whether the head is a real descriptor index that must go back to the used ring.
+    give_back: bool,
+    nseg: u8,
+    /// Frame length (after the virtio-net header).
+    len: u32,
+    dst: Mac,
+    src: Mac,
+    tci: Option<u16>,
+    vlan: u16,
+    action: Action,
+    /// Destination ports that took the packet on (delivered it or counted its drop).
+    targets: u16,
+    /// Bytes of the frame's snapshot in `Datapath::heads` (what decisions were made on, and
+    /// what is delivered for those bytes).
+    head_len: u8,
+    /// The sender asked for an offload (its request is in `Datapath::vhdrs`).
+    offload: bool,
+}
+
+/// The per-thread forwarding state and burst scratch space (no allocation per burst).
+pub struct Datapath {
+    /// Polling-thread index (picks which receive queue of a multi-queue port it fills).
+    pub idx: usize,
+    /// Live ports by id.
+    pub ports: Vec<Option<Arc<Port>>>,
+    /// Ids of live ports, for flooding.
+    pub port_ids: Vec<u16>,
+    /// The shared forwarding table.
+    pub fdb: Arc<Fdb>,
+    pkts: [PacketRef; BURST],
+    segs: [[Grant<Ro>; MAX_SEGS]; BURST],
+    plans: [Plan; BURST],
+    rx: Box<[RxBufs; BURST]>,
+    /// Each packet's first bytes, read once from the sender's memory: decisions and policy
+    /// checks use them and the copy delivers them (no double fetch of what was checked).
+    heads: Box<[[u8; HEAD]; BURST]>,
+    /// Offload requests of the packets whose `offload` is set, checked when received.
+    vhdrs: [NetHdr; BURST],
+    /// The frame being cut into segments for one receiver.
+    seg: Option<Segmenter>,
+    /// Flow hashes of the burst's packets (those whose bit is set in `hashed`).
+    hashes: [u32; BURST],
+    hashed: u32,
+    /// The receive queue each packet goes to, for the multi-queue port being delivered to.
+    qsel: [u8; BURST],
+    /// Batching under load (see `batch_hold`).
+    pub batch: Batching,
+}
+
+/// Batching under load: a transmit queue whose guest sends full bursts is taken from only
+/// when two bursts are queued, or after waiting `wait`, so one burst stays in the guest's
+/// ring. See `batch_hold`.
+#[derive(Debug, Default)]
+pub struct Batching {
+    /// Longest wait, in `ticks()` (0 = off).
+    pub wait: u64,
+    /// Times a queue started waiting for a second burst.
+    pub holds: u64,
+    /// Waits that ran out (the guest slowed down; a wait that often runs out is too short
+    /// or not worth having).
+    pub expired: u64,
+}
+
+/// Largest snapshot of a frame's first bytes: anti-spoofing's longest look (at neighbour
+/// discovery options), and the whole L2-L4 header of a frame to segment.
+const HEAD: usize = 160;
+const _: () = assert!(HEAD >= spoof::MAX_LOOK && HEAD >= gso::MAX_HDR && HEAD <= u8::MAX as usize);
+/// Snapshot of a frame's L2 header: MACs and one VLAN tag.
+const L2_HEAD: usize = 18;
+
+/// A packet's reserved place in one destination: which packet, its tag edit, and how many
+/// buffers (`rx` at the same index holds them).
+#[derive(Clone, Copy, Default)]
+struct Plan {
+    pkt: u8,
+    edit: TagEdit,
+    /// 0: the whole packet; k: its segment k - 1.
+    seg: u16,
+    nseg: u8,
+    nch: u8,
+    /// Not a delivery: `nch` bad or abandoned buffers to return empty.
+    empty: bool,
+    /// The usual case, one buffer: its head and where it is (else `rx` holds them all).
+    head: u16,
+    one: Grant<Rw>,
+}
+
+/// Receive buffers reserved for one packet.
+struct RxBufs {
+    segs: [Grant<Rw>; RX_SEGS],
+    chains: [(u16, u32); MAX_RX_CHAINS],
+}
+
+impl Default for RxBufs {
+    fn default() -> Self {
+        RxBufs { segs: [Grant::default(); RX_SEGS], chains: [(0, 0); MAX_RX_CHAINS] }
+    }
+}
+
+// SAFETY: the raw pointers in the scratch arrays are only meaningful during one burst, under
+// the locks of the queues they point into; between bursts they are dead values.
+unsafe impl Send for Datapath {}
+
+#[derive(Default)]
+struct SrcCounts {
+    packets: u64,
+    bytes: u64,
+    malformed: u64,
+    filtered: u64,
+    no_route: u64,
+    policy: u64,
+}
+
+enum RxFail {
+    NoBuffer,
+    /// A bad buffer: it and the chains taken before it (`.0` of them in all, listed in the
+    /// chains array) go back empty, in ring order.
+    Malformed(usize),
+    /// A buffer whose IOVA the IOTLB cannot translate yet: everything taken went back.
+    Miss(u64),
+}
+
+impl Datapath {
+    /// An empty datapath for thread `idx`.
+    pub fn new(idx: usize, fdb: Arc<Fdb>) -> Self {
+        Datapath {
+            idx,
+            ports: Vec::new(),
+            port_ids: Vec::new(),
+            fdb,
+            pkts: [PacketRef::default(); BURST],
+            segs: [[Grant::default(); MAX_SEGS]; BURST],
+            plans: [Plan::default(); BURST],
+            rx: Box::new(std::array::from_fn(|_| RxBufs::default())),
+            heads: Box::new([[0u8; HEAD]; BURST]),
+            vhdrs: [NetHdr::default(); BURST],
+            seg: None,
+            hashes: [0; BURST],
+            hashed: 0,
+            qsel: [0; BURST],
+            batch: Batching::default(),
+        }
+    }
+
+    /// Adds or replaces a port in this thread's table.
+    pub fn add_port(&mut self, port: Arc<Port>) {
+        let id = port.id as usize;
+        if self.ports.len() <= id {
+            self.ports.resize(id + 1, None);
+        }
+        self.ports[id] = Some(port);
+        self.port_ids = self.ports.iter().flatten().map(|p| p.id).collect();
+    }
+
+    /// Forgets a port.
+    pub fn del_port(&mut self, id: u16) {
+        if let Some(p) = self.ports.get_mut(id as usize) {
+            *p = None;
+        }
+        self.port_ids = self.ports.iter().flatten().map(|p| p.id).collect();
+    }
+
+    /// Processes one burst from `src`'s transmit queue `pair`. Returns packets taken.
+    #[inline(never)]
+    pub fn poll_queue(&mut self, src: &Port, pair: usize, now: u32) -> usize {
+        let slot: &QueueSlot = &src.txq[pair];
+        let Some(mut guard) = slot.try_lock() else { return 0 };
+        let Some(q) = guard.as_mut() else { return 0 };
+        if q.broken {
+            return 0;
+        }
+        let n = match q.ring.avail_pending() {
+            Ok(0) => return 0,
+            Ok(n) if self.batch.wait == 0 => (n as usize).min(BURST),
+            Ok(n) => match batch_hold(q, n as usize, &mut self.batch) {
+                Some(n) => n,
+                None => return 0,
+            },
+            Err(e) => {
+                // The ring's indices are garbage: stop it rather than guess. The guest gets it
+                // back when it resets the device.
+                q.broken = true;
+                bump(&slot.stats.drop_malformed, 1);
+                tracing::warn!(port = %src.name, pair, "stopping transmit queue: {e}");
+                return 0;
+            }
+        };
+        let mut c = SrcCounts::default();
+        let ingress = src.policy.ingress_on();
+        let n = self.describe(q, n, ingress && src.policy.spoof_on(), &mut c);
+        if n == 0 {
+            return 0; // the first chain waits for an IOTLB translation
+        }
+        if ingress {
+            self.ingress(src, q.hdr_len as u32, n, &mut c);
+        }
+        self.decide(src, n, now, &mut c);
+        self.deliver(src, q.hdr_len, n, &mut c);
+        complete(q, &self.pkts[..n], &slot.stats);
+        bump(&slot.stats.packets, c.packets);
+        bump(&slot.stats.bytes, c.bytes);
+        bump(&slot.stats.drop_malformed, c.malformed);
+        bump(&slot.stats.drop_filtered, c.filtered);
+        bump(&slot.stats.drop_no_route, c.no_route);
+        bump(&slot.stats.drop_policy, c.policy);
+        n
+    }
+}
