@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod control;
+pub mod counters;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod l2;
@@ -19,6 +20,7 @@ pub mod policy;
 pub mod port;
 pub mod switch;
 pub mod sync;
+pub mod uplink;
 pub mod vhost;
 pub mod virtio;
 pub mod watchdog;

@@ -1,5 +1,13 @@
 //! A switch port as the polling threads see it: identity, VLAN rule, and one slot per queue.
 //!
+//! A port is a set of queue pairs; each queue is a source (packets come from it) or a sink
+//! (packets go into it), whatever kind of queue it is: a [`Queue`] is a closed enum the burst
+//! matches once per source and once per destination, then runs monomorphic code.
+//!
+//! Point of view: `txq` and `rxq` are named from the guest's (or the uplink device's) side, as
+//! virtio names them: the switch *receives from* a `txq` (a source) and *delivers into* an
+//! `rxq` (a sink). Queue counters count what moved through that queue.
+//!
 //! A slot holds the running queue (or nothing) behind a spinlock. A polling thread takes the
 //! lock once per burst; the control thread takes it to start, stop, remap or hand over a queue.
 //! Holding a slot's lock is what keeps the guest memory its queue points into mapped, so a
@@ -14,16 +22,61 @@ use crossbeam_utils::CachePadded;
 use crate::l2::VlanMode;
 use crate::policy::{PolicyConfig, PortPolicy};
 use crate::sync::{Spin, SpinGuard};
+use crate::uplink::tap::TapQueue;
 use crate::virtio::queue::CallFault;
 use crate::virtio::{QueueStats, VirtQueue};
 
 /// Port ids are small integers; this many may exist at once.
 pub const MAX_PORTS: usize = 1024;
 
+/// What runs in a queue slot. A queue an accelerator takes over leaves its slot (the burst
+/// then finds nothing to poll or fill) and is handed back into it.
+pub enum Queue {
+    /// A guest's virtio queue served over vhost-user: the software path.
+    Virtio(VirtQueue),
+    /// One queue of a TAP uplink: read from as a source, written to as a sink.
+    Tap(TapQueue),
+}
+
+impl Queue {
+    /// Whether it can move packets (not stopped for misbehaving, not gone).
+    #[inline(always)]
+    pub fn live(&self) -> bool {
+        match self {
+            Queue::Virtio(q) => !q.broken,
+            Queue::Tap(t) => !t.broken(),
+        }
+    }
+
+    /// The virtio queue, if that is what runs here.
+    #[inline(always)]
+    pub fn virtio_mut(&mut self) -> Option<&mut VirtQueue> {
+        match self {
+            Queue::Virtio(q) => Some(q),
+            _ => None,
+        }
+    }
+
+    /// The virtio queue, if that is what runs here.
+    #[inline(always)]
+    pub fn virtio(&self) -> Option<&VirtQueue> {
+        match self {
+            Queue::Virtio(q) => Some(q),
+            _ => None,
+        }
+    }
+}
+
+impl From<VirtQueue> for Queue {
+    fn from(q: VirtQueue) -> Self {
+        Queue::Virtio(q)
+    }
+}
+
 /// A queue slot: the running queue, if any, and its counters (which outlive the queue).
 #[derive(Default)]
 pub struct QueueSlot {
-    queue: Spin<Option<VirtQueue>>,
+    queue: Spin<Option<Queue>>,
     /// Whether a queue that is not broken runs here, as of the last unlock: lets a burst
     /// choose among a multi-queue port's running queues without locking each.
     live: AtomicBool,
@@ -33,12 +86,12 @@ pub struct QueueSlot {
 
 /// Exclusive access to a slot's queue. On release it records whether a working queue is left.
 pub struct SlotGuard<'a> {
-    g: SpinGuard<'a, Option<VirtQueue>>,
+    g: SpinGuard<'a, Option<Queue>>,
     live: &'a AtomicBool,
 }
 
 impl Deref for SlotGuard<'_> {
-    type Target = Option<VirtQueue>;
+    type Target = Option<Queue>;
     #[inline(always)]
     fn deref(&self) -> &Self::Target {
         &self.g
@@ -55,9 +108,28 @@ impl DerefMut for SlotGuard<'_> {
 impl Drop for SlotGuard<'_> {
     #[inline(always)]
     fn drop(&mut self) {
-        let live = self.g.as_ref().is_some_and(|q| !q.broken);
+        let live = self.g.as_ref().is_some_and(Queue::live);
         if self.live.load(Ordering::Relaxed) != live {
             self.live.store(live, Ordering::Relaxed);
+        }
+    }
+}
+
+impl SlotGuard<'_> {
+    /// The virtio queue running here, if any.
+    #[inline(always)]
+    pub fn virtio_mut(&mut self) -> Option<&mut VirtQueue> {
+        self.g.as_mut().and_then(Queue::virtio_mut)
+    }
+
+    /// Takes the virtio queue out of the slot (leaving any other kind in place).
+    pub fn take_virtio(&mut self) -> Option<VirtQueue> {
+        match self.g.take() {
+            Some(Queue::Virtio(q)) => Some(q),
+            other => {
+                *self.g = other;
+                None
+            }
         }
     }
 }
@@ -170,7 +242,7 @@ impl Port {
         if let Some(s) = eg.as_mut() {
             s.drain().for_each(drop);
         }
-        for q in queues.iter_mut().filter_map(|g| g.as_mut()) {
+        for q in queues.iter_mut().filter_map(|g| g.virtio_mut()) {
             q.held = 0;
             q.publish();
             q.notify();

@@ -188,7 +188,7 @@ fn build(spec: &Guest, id: u16, dp: &mut Datapath) -> (Built, Arc<Port>) {
             indirect: true,
             caps,
         };
-        *slot.lock() = Some(VirtQueue::new(g.dma(), &s, None, None).expect("rings inside memory"));
+        *slot.lock() = Some(VirtQueue::new(g.dma(), &s, None, None).expect("rings inside memory").into());
     }
     dp.add_port(port.clone());
     (Built { g, size, descs, tables }, port)
@@ -254,7 +254,7 @@ fn check_guest(b: &Built, port: &Port, before: &[u8]) {
     // A head outside the table is not returned (it names no chain the guest could reuse), and
     // a queue stopped as broken returns nothing more.
     let (taken, broken) =
-        port.txq[0].lock().as_ref().map_or((0, true), |q| (q.ring.state().last_avail, q.broken));
+        port.txq[0].lock().virtio_mut().map_or((0, true), |q| (q.ring.state().last_avail, q.broken));
     let tx_used = b.g.read_u16(USED[0] + 2);
     let mut returned: Vec<u16> =
         (0..tx_used as u64).map(|k| b.g.read_u32(USED[0] + 4 + 8 * (k % size)) as u16).collect();

@@ -103,6 +103,69 @@ unsafe fn copy_frame_slow(f: &Frame<'_>, edit: TagEdit, hdr: &[u8], dst: &[Grant
     w.written()
 }
 
+/// The bytes [`copy_frame`] would write after a header, as pieces for vectored I/O to a device:
+/// the edited snapshot (built in `head_buf`), then the rest of the frame straight from the
+/// sender's segments, so the kernel's copy is the only one. Returns the pieces written into
+/// `iov`; 0 if `iov` or `head_buf` is too short, or the snapshot too short for the edit (the
+/// describe stage never makes one).
+pub fn frame_iov(f: &Frame<'_>, edit: TagEdit, head_buf: &mut [u8], iov: &mut [libc::iovec]) -> usize {
+    let (h, hl) = (f.head, f.head.len());
+    let need = match edit {
+        TagEdit::Keep => 1,
+        TagEdit::Push(_) => 12,
+        TagEdit::Pop | TagEdit::Retag(_) => 16,
+    };
+    if hl < need || hl + 4 > head_buf.len() || hl > f.len as usize || iov.is_empty() {
+        return 0;
+    }
+    let n = match edit {
+        TagEdit::Keep => {
+            head_buf[..hl].copy_from_slice(h);
+            hl
+        }
+        TagEdit::Pop => {
+            head_buf[..12].copy_from_slice(&h[..12]);
+            head_buf[12..hl - 4].copy_from_slice(&h[16..]);
+            hl - 4
+        }
+        TagEdit::Retag(tci) => {
+            head_buf[..hl].copy_from_slice(h);
+            head_buf[14..16].copy_from_slice(&tci.to_be_bytes());
+            hl
+        }
+        TagEdit::Push(tci) => {
+            head_buf[..12].copy_from_slice(&h[..12]);
+            head_buf[12..16].copy_from_slice(&[0x81, 0x00, (tci >> 8) as u8, tci as u8]);
+            head_buf[16..hl + 4].copy_from_slice(&h[12..]);
+            hl + 4
+        }
+    };
+    iov[0] = libc::iovec { iov_base: head_buf.as_mut_ptr().cast(), iov_len: n };
+    let mut k = 1;
+    // The frame past the snapshot, at chain offset `skip + hl`.
+    let (mut off, mut left) = (f.skip as usize + hl, f.len as usize - hl);
+    for s in f.segs {
+        if left == 0 {
+            break;
+        }
+        let sl = s.len() as usize;
+        if off >= sl {
+            off -= sl;
+            continue;
+        }
+        let Some(v) = iov.get_mut(k) else { return 0 };
+        let take = (sl - off).min(left);
+        *v = libc::iovec { iov_base: (s.as_ptr() as *mut u8).wrapping_add(off).cast(), iov_len: take };
+        k += 1;
+        left -= take;
+        off = 0;
+    }
+    if left != 0 {
+        return 0;
+    }
+    k
+}
+
 /// Adds frame bytes `[from, from + n)` to a checksum: those the snapshot covers from it (what
 /// is delivered), the rest from the chain.
 ///

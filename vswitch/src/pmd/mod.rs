@@ -21,7 +21,7 @@ use crossbeam_channel::{Receiver, Sender};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::l2::Fdb;
-use crate::port::Port;
+use crate::port::{Port, Queue};
 use crate::watchdog::Heartbeat;
 use burst::Datapath;
 
@@ -273,22 +273,26 @@ impl Pmd {
             let mut g = port.txq[*pair as usize].lock();
             // A stopped queue's kick may belong to a frontend that has gone, and a broken one
             // always shows "new" entries it will never take: neither may wake us or keep us up.
-            let Some(q) = g.as_mut().filter(|q| !q.broken) else {
-                sleeper.unwatch(port.id, *pair);
-                continue;
-            };
-            if q.ring.set_kicks(true) {
-                // A queue stalled on an IOTLB miss is not work until the update comes (which
-                // wakes us); we look again soon in case it never does.
-                if q.iotlb.as_ref().is_some_and(|l| l.stalled()) {
-                    short_sleep = true;
-                } else {
-                    work = true;
+            match g.as_mut().filter(|q| q.live()) {
+                Some(Queue::Virtio(q)) => {
+                    if q.ring.set_kicks(true) {
+                        // A queue stalled on an IOTLB miss is not work until the update comes
+                        // (which wakes us); we look again soon in case it never does.
+                        if q.iotlb.as_ref().is_some_and(|l| l.stalled()) {
+                            short_sleep = true;
+                        } else {
+                            work = true;
+                        }
+                    }
+                    match &q.kick {
+                        Some((file, gen)) => sleeper.watch(port.id, *pair, file, *gen),
+                        None => blind = true,
+                    }
                 }
-            }
-            match &q.kick {
-                Some((file, gen)) => sleeper.watch(port.id, *pair, file, *gen),
-                None => blind = true,
+                // A device's file is readable when a frame waits (edge-triggered: the burst
+                // read it empty before we got here, so any frame after that wakes us).
+                Some(Queue::Tap(t)) => sleeper.watch(port.id, *pair, t.file(), 0),
+                None => sleeper.unwatch(port.id, *pair),
             }
         }
         // Packets a shaper holds back must go out on time even if nothing kicks us.
@@ -314,7 +318,7 @@ impl Pmd {
         }
         for (port, pair) in &self.polls {
             let mut g = port.txq[*pair as usize].lock();
-            if let Some(q) = g.as_mut() {
+            if let Some(q) = g.virtio_mut() {
                 q.ring.set_kicks(false);
             }
         }

@@ -230,7 +230,7 @@ impl VhostDevice {
     pub fn reset(&mut self) {
         for i in 0..self.vrings.len() {
             if let Some(slot) = self.port.slot(i) {
-                let q = slot.lock().take();
+                let q = slot.lock().take_virtio();
                 let parked = q.as_ref().and_then(|q| q.iotlb.as_deref()).map_or(0, |l| l.parked.len());
                 // Packets waiting for a receive buffer of a device being reset are lost.
                 self.count_lost(i, (parked + self.vrings[i].parked.len()) as u64);
@@ -313,7 +313,7 @@ impl VhostDevice {
     fn refresh(&mut self, idx: usize) {
         let Some(slot) = self.port.slot(idx) else { return };
         let mut g = slot.lock();
-        if let Some(mut q) = g.take() {
+        if let Some(mut q) = g.take_virtio() {
             self.vrings[idx].base = q.ring.state().last_avail;
             if let Some(l) = q.iotlb.as_deref_mut() {
                 self.vrings[idx].parked.extend(l.parked.drain(..));
@@ -352,7 +352,7 @@ impl VhostDevice {
                     q.iotlb = Some(Box::new(link));
                 }
                 q.call_fault = Some(self.port.call_fault.clone());
-                *g = Some(q);
+                *g = Some(q.into());
                 drop(g);
                 (self.wake)();
             }
@@ -461,7 +461,7 @@ impl VhostDevice {
                 for i in 0..self.vrings.len() {
                     let Some(slot) = self.port.slot(i) else { continue };
                     let mut g = slot.lock();
-                    if let Some(t) = g.as_mut().and_then(|q| q.dma.iotlb_mut()) {
+                    if let Some(t) = g.virtio_mut().and_then(|q| q.dma.iotlb_mut()) {
                         t.invalidate(m.iova, m.size);
                         if self.vrings[i].overlaps(m.iova, m.size) {
                             lost.push(i);
@@ -504,7 +504,7 @@ impl VhostDevice {
             self.iotlb.update(e, |_, _| Some(host)).map_err(|e| e.to_string())?;
             for i in 0..self.vrings.len() {
                 let Some(slot) = self.port.slot(i) else { continue };
-                if let Some(t) = slot.lock().as_mut().and_then(|q| q.dma.iotlb_mut()) {
+                if let Some(t) = slot.lock().virtio_mut().and_then(|q| q.dma.iotlb_mut()) {
                     let _ = t.update(e, |_, _| Some(host));
                 }
             }
@@ -642,7 +642,7 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
         // burst took has been returned.
         let idx = index as usize;
         if let Some(slot) = self.port.slot(idx) {
-            if let Some(q) = slot.lock().take() {
+            if let Some(q) = slot.lock().take_virtio() {
                 self.vrings[idx].base = q.ring.state().last_avail;
             }
         }

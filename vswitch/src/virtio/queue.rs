@@ -186,40 +186,6 @@ impl Drop for VirtQueue {
     }
 }
 
-/// Counters of one queue. Written by whichever polling thread holds the queue (one at a time),
-/// with plain load+store rather than locked adds; read by anyone.
-#[derive(Debug, Default)]
-pub struct QueueStats {
-    /// Packets moved (received from the guest on its TX queues, delivered to it on RX queues).
-    pub packets: AtomicU64,
-    /// Frame bytes moved (without the virtio-net header).
-    pub bytes: AtomicU64,
-    /// Packets dropped because the destination had no (or too few) buffers.
-    pub drop_no_buffer: AtomicU64,
-    /// Packets or buffers refused as malformed (bad chain, runt frame).
-    pub drop_malformed: AtomicU64,
-    /// Packets dropped by policy (VLAN not allowed on the port).
-    pub drop_filtered: AtomicU64,
-    /// Packets with nowhere to go (only destination was the source, or the VLAN is empty).
-    pub drop_no_route: AtomicU64,
-    /// Packets dropped by the port's policy before any copy: anti-spoofing and the policer on
-    /// transmit queues, the shaper's full queue on receive queues (reasons: the port's policy
-    /// counters).
-    pub drop_policy: AtomicU64,
-    /// Packet copies made into this queue's buffers (one per delivered packet).
-    pub copies: AtomicU64,
-    /// Bytes copied into this queue's buffers.
-    pub bytes_copied: AtomicU64,
-    /// Interrupts sent to the guest.
-    pub interrupts: AtomicU64,
-    /// TCP frames of up to 64 KiB delivered whole (the receiver negotiated TSO).
-    pub gso_whole: AtomicU64,
-    /// TCP frames of up to 64 KiB cut into segments in software for this receiver.
-    pub gso_segmented: AtomicU64,
-    /// Checksums completed in software for this receiver.
-    pub csum_completed: AtomicU64,
-}
-
 /// Single-writer add: a plain load and store, no locked instruction.
 #[inline(always)]
 pub fn bump(c: &AtomicU64, n: u64) {
@@ -228,77 +194,4 @@ pub fn bump(c: &AtomicU64, n: u64) {
     }
 }
 
-/// A snapshot of queue counters, plain numbers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct QueueCounters {
-    /// See [`QueueStats::packets`].
-    pub packets: u64,
-    /// See [`QueueStats::bytes`].
-    pub bytes: u64,
-    /// See [`QueueStats::drop_no_buffer`].
-    pub drop_no_buffer: u64,
-    /// See [`QueueStats::drop_malformed`].
-    pub drop_malformed: u64,
-    /// See [`QueueStats::drop_filtered`].
-    pub drop_filtered: u64,
-    /// See [`QueueStats::drop_no_route`].
-    pub drop_no_route: u64,
-    /// See [`QueueStats::drop_policy`].
-    #[serde(default)]
-    pub drop_policy: u64,
-    /// See [`QueueStats::copies`].
-    pub copies: u64,
-    /// See [`QueueStats::bytes_copied`].
-    pub bytes_copied: u64,
-    /// See [`QueueStats::interrupts`].
-    pub interrupts: u64,
-    /// See [`QueueStats::gso_whole`].
-    #[serde(default)]
-    pub gso_whole: u64,
-    /// See [`QueueStats::gso_segmented`].
-    #[serde(default)]
-    pub gso_segmented: u64,
-    /// See [`QueueStats::csum_completed`].
-    #[serde(default)]
-    pub csum_completed: u64,
-}
-
-impl QueueStats {
-    /// Reads every counter.
-    pub fn snapshot(&self) -> QueueCounters {
-        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        QueueCounters {
-            packets: r(&self.packets),
-            bytes: r(&self.bytes),
-            drop_no_buffer: r(&self.drop_no_buffer),
-            drop_malformed: r(&self.drop_malformed),
-            drop_filtered: r(&self.drop_filtered),
-            drop_no_route: r(&self.drop_no_route),
-            drop_policy: r(&self.drop_policy),
-            copies: r(&self.copies),
-            bytes_copied: r(&self.bytes_copied),
-            interrupts: r(&self.interrupts),
-            gso_whole: r(&self.gso_whole),
-            gso_segmented: r(&self.gso_segmented),
-            csum_completed: r(&self.csum_completed),
-        }
-    }
-}
-
-impl std::ops::AddAssign for QueueCounters {
-    fn add_assign(&mut self, o: Self) {
-        self.packets += o.packets;
-        self.bytes += o.bytes;
-        self.drop_no_buffer += o.drop_no_buffer;
-        self.drop_malformed += o.drop_malformed;
-        self.drop_filtered += o.drop_filtered;
-        self.drop_no_route += o.drop_no_route;
-        self.drop_policy += o.drop_policy;
-        self.copies += o.copies;
-        self.bytes_copied += o.bytes_copied;
-        self.interrupts += o.interrupts;
-        self.gso_whole += o.gso_whole;
-        self.gso_segmented += o.gso_segmented;
-        self.csum_completed += o.csum_completed;
-    }
-}
+pub use crate::counters::{QueueCounters, QueueStats};

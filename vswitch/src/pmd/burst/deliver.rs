@@ -3,7 +3,7 @@ use crate::l2::flow::{flow_hash, FLOW_LOOK};
 use crate::l2::VlanMode;
 use crate::offload::{self, How};
 use crate::policy::{now_ns, Held};
-use crate::virtio::QueueStats;
+use crate::virtio::{QueueStats, VirtQueue};
 use shaping::Shaper;
 
 use super::super::copy::{out_len, read_bytes, Frame};
@@ -14,7 +14,7 @@ use super::viommu::{drain_parked, has_parked};
 impl Datapath {
     /// For each destination port: lock one of its receive queues once, copy every packet bound
     /// to it straight from the sender's memory, publish, interrupt at most once.
-    pub(super) fn deliver(&mut self, src: &Port, src_hdr: u8, n: usize, c: &mut SrcCounts) {
+    pub(super) fn deliver(&mut self, src: &Port, src_hdr: u32, n: usize, c: &mut SrcCounts) {
         let mut any_flood = false;
         let mut any = false;
         for p in &self.pkts[..n] {
@@ -37,7 +37,7 @@ impl Datapath {
                 continue;
             }
             let Some(dport) = ports[d as usize].as_deref() else { continue };
-            self.deliver_to(dport, src_hdr as u32, n, c);
+            self.deliver_to(dport, src_hdr, n, c);
         }
         self.ports = ports;
         // Floods that found no member port of their VLAN.
@@ -101,7 +101,7 @@ impl Datapath {
     }
 
     /// Delivers into receive queue `pick` of `dport` the packets bound to the port (only those
-    /// whose `qsel` is `pick` if `by_queue`).
+    /// whose `qsel` is `pick` if `by_queue`): the sink's kind is matched once here.
     pub(super) fn deliver_into(
         &mut self,
         dport: &Port,
@@ -111,29 +111,65 @@ impl Datapath {
         n: usize,
         c: &mut SrcCounts,
     ) {
-        let shaped = dport.policy.egress_on();
-        let mut guard = dport.rxq[pick].lock();
-        let slot: &QueueSlot = &dport.rxq[pick];
-        let Some(rq) = guard.as_mut().filter(|q| !q.broken) else {
-            // Not running (not connected, or stopped): every packet for it has no buffer,
-            // floods included (as a down port counts what it could not send).
-            let mut lost = 0;
-            for (i, p) in self.pkts[..n].iter_mut().enumerate() {
-                if by_queue && self.qsel[i] != pick as u8 {
-                    continue;
-                }
-                let member = dport.vlan.egress(p.vlan).is_some();
-                if p.action == Action::Unicast(dport.id) || (p.action == Action::Flood && member) {
-                    lost += 1;
-                    p.targets += 1;
-                }
+        let d = Dest { port: dport, slot: &dport.rxq[pick], pick: pick as u8, by_queue };
+        let mut guard = d.slot.lock();
+        match guard.as_mut() {
+            Some(Queue::Virtio(rq)) if !rq.broken => self.fill_virtio(&d, rq, src_hdr, n, c),
+            Some(Queue::Tap(t)) if !t.broken() => self.send_tap(&d, t, src_hdr, n, c),
+            // Not running (not connected, stopped, its device gone): every packet for it has
+            // no buffer, floods included (as a down port counts what it could not send).
+            _ => self.lost(&d, n),
+        }
+    }
+
+    /// Counts the packets bound to a destination that is not running.
+    #[cold]
+    fn lost(&mut self, d: &Dest<'_>, n: usize) {
+        let mut lost = 0;
+        for (i, p) in self.pkts[..n].iter_mut().enumerate() {
+            if d.by_queue && self.qsel[i] != d.pick {
+                continue;
             }
-            bump(&slot.stats.drop_no_buffer, lost);
-            return;
+            let member = d.port.vlan.egress(p.vlan).is_some();
+            if p.action == Action::Unicast(d.port.id) || (p.action == Action::Flood && member) {
+                lost += 1;
+                p.targets += 1;
+            }
+        }
+        bump(&d.slot.stats.drop_no_buffer, lost);
+    }
+
+    /// Whether packet `i` goes into `d` and with which tag edit (it then counts `d` as a
+    /// target). A unicast the port's VLAN rule refuses is counted filtered.
+    #[inline(always)]
+    pub(super) fn edit_for(&mut self, d: &Dest<'_>, i: usize, c: &mut SrcCounts) -> Option<TagEdit> {
+        if d.by_queue && self.qsel[i] != d.pick {
+            return None;
+        }
+        let p = &mut self.pkts[i];
+        let out_tagged = match p.action {
+            Action::Unicast(x) if x == d.port.id => match d.port.vlan.egress(p.vlan) {
+                Some(t) => t,
+                None => {
+                    c.filtered += 1;
+                    return None;
+                }
+            },
+            Action::Flood => d.port.vlan.egress(p.vlan)?,
+            _ => return None,
         };
+        p.targets += 1;
+        Some(VlanMode::edit(p.tci, p.vlan, out_tagged))
+    }
+
+    /// Delivers into a guest's virtio receive queue: pass 1 reserves receive buffers for every
+    /// packet bound here and prefetches them for writing (nothing copied yet, so a packet
+    /// without a buffer costs no copy); pass 2 (`fill`) copies; then publish and signal once.
+    fn fill_virtio(&mut self, d: &Dest<'_>, rq: &mut VirtQueue, src_hdr: u32, n: usize, c: &mut SrcCounts) {
+        let shaped = d.port.policy.egress_on();
         let mut t = Tally::default();
         // The shaper, if any: taken after the queue's lock, released with it.
-        let mut eg = if shaped { Some(dport.policy.egress.lock()) } else { None };
+        let mut eg = if shaped { Some(d.port.policy.egress.lock()) } else { None };
         let mut shaper: Option<&mut Shaper<Held>> = eg.as_mut().and_then(|g| g.as_mut());
         if let Some(s) = shaper.as_deref_mut() {
             s.advance(now_ns());
@@ -144,41 +180,18 @@ impl Datapath {
         // Not for a shaped port: its shaper decides on buffers it has reserved.
         let parking = !shaped && rq.iotlb.is_some();
         if parking && has_parked(rq) {
-            drain_parked(rq).count(&slot.stats);
+            drain_parked(rq).count(&d.slot.stats);
         }
         let pending = rq.ring.avail_pending().unwrap_or(0) as usize;
         for k in 0..pending.min(n) {
             rq.ring.prefetch_desc(rq.ring.peek_head(k as u16));
         }
-        // Pass 1 reserves receive buffers for every packet bound here and prefetches them for
-        // writing; nothing is copied yet, so a packet without a buffer costs no copy. Pass 2
-        // (`fill`) copies.
         let mut planned = 0usize;
         for i in 0..n {
-            if by_queue && self.qsel[i] != pick as u8 {
-                continue;
-            }
+            let Some(edit) = self.edit_for(d, i, c) else { continue };
             let p = &self.pkts[i];
-            let out_tagged = match p.action {
-                Action::Unicast(d) if d == dport.id => match dport.vlan.egress(p.vlan) {
-                    Some(t) => t,
-                    None => {
-                        c.filtered += 1;
-                        continue;
-                    }
-                },
-                Action::Flood => match dport.vlan.egress(p.vlan) {
-                    Some(t) => t,
-                    None => continue,
-                },
-                _ => continue,
-            };
-            let edit = VlanMode::edit(p.tci, p.vlan, out_tagged);
-            let (len, head_len) = (p.len, p.head_len as usize);
-            let segment = p.offload && offload::how(&self.vhdrs[i], rq.caps) == How::Segment;
-            self.pkts[i].targets += 1;
-            if !segment {
-                let u = Unit { pkt: i, edit, seg: 0, wire_len: out_len(len, edit) };
+            if !(p.offload && offload::how(&self.vhdrs[i], rq.caps) == How::Segment) {
+                let u = Unit { pkt: i, edit, seg: 0, wire_len: out_len(p.len, edit) };
                 planned = self.reserve(rq, shaper.as_deref_mut(), parking, u, planned, src_hdr, &mut t);
                 continue;
             }
@@ -186,18 +199,7 @@ impl Datapath {
             // packet of its own. Its segments are copied in a pass of their own, so one
             // segmenter serves them.
             planned = self.fill(rq, planned, src_hdr, &mut t);
-            let vh = self.vhdrs[i];
-            let sg = match Segmenter::new(&self.heads[i][..head_len], len, vh.gso_size, vh.gso_v6(), edit) {
-                Ok(sg) => sg,
-                Err(e) => {
-                    // Checked when it was received: the sender rewrote its headers since.
-                    tracing::debug!(port = %dport.name, "GSO frame dropped: {e}");
-                    t.bad += 1;
-                    continue;
-                }
-            };
-            self.seg = Some(sg);
-            t.segmented += 1;
+            let Some(sg) = self.segmenter(d, i, edit, &mut t) else { continue };
             for k in 0..sg.count() {
                 let u = Unit { pkt: i, edit, seg: k as u16 + 1, wire_len: sg.header_len() + sg.payload(k).1 };
                 planned = self.reserve(rq, shaper.as_deref_mut(), parking, u, planned, src_hdr, &mut t);
@@ -208,24 +210,59 @@ impl Datapath {
         rq.held += t.new_held;
         rq.publish();
         if rq.notify() {
-            bump(&slot.stats.interrupts, 1);
+            bump(&d.slot.stats.interrupts, 1);
         }
         if let Some(sh) = shaper {
-            dport.policy.held.store(sh.len() as u32, std::sync::atomic::Ordering::Relaxed);
-            bump(&dport.policy.stats.shaped_held, t.shaped_held);
-            bump(&dport.policy.stats.shaped_dropped, t.shaped_drop);
+            d.port.policy.held.store(sh.len() as u32, std::sync::atomic::Ordering::Relaxed);
+            bump(&d.port.policy.stats.shaped_held, t.shaped_held);
+            bump(&d.port.policy.stats.shaped_dropped, t.shaped_drop);
         }
         drop(eg);
-        let s: &QueueStats = &slot.stats;
-        bump(&s.packets, t.pk);
-        bump(&s.bytes, t.by);
-        bump(&s.copies, t.pk);
-        bump(&s.bytes_copied, t.copied);
-        bump(&s.drop_no_buffer, t.no_buf + t.missed);
-        bump(&s.drop_malformed, t.bad);
-        bump(&s.drop_policy, t.shaped_drop);
-        bump(&s.gso_whole, t.whole);
-        bump(&s.gso_segmented, t.segmented);
-        bump(&s.csum_completed, t.completed);
+        t.count(&d.slot.stats);
+    }
+
+    /// Sets up the segmenter for packet `i` going to `d` (None: its headers no longer parse,
+    /// counted).
+    #[cold]
+    fn segmenter(&mut self, d: &Dest<'_>, i: usize, edit: TagEdit, t: &mut Tally) -> Option<Segmenter> {
+        let (p, vh) = (&self.pkts[i], self.vhdrs[i]);
+        match Segmenter::new(&self.heads[i][..p.head_len as usize], p.len, vh.gso_size, vh.gso_v6(), edit) {
+            Ok(sg) => {
+                self.seg = Some(sg);
+                t.segmented += 1;
+                Some(sg)
+            }
+            Err(e) => {
+                // Checked when it was received: the sender rewrote its headers since.
+                tracing::debug!(port = %d.port.name, "GSO frame dropped: {e}");
+                t.bad += 1;
+                None
+            }
+        }
+    }
+}
+
+/// One destination queue of a burst: the port, its receive queue `pick`, and whether only the
+/// packets hashed to that queue go there.
+pub(super) struct Dest<'a> {
+    pub(super) port: &'a Port,
+    pub(super) slot: &'a QueueSlot,
+    pub(super) pick: u8,
+    pub(super) by_queue: bool,
+}
+
+impl Tally {
+    /// Adds one delivery's counts to the receive queue's counters.
+    fn count(&self, s: &QueueStats) {
+        bump(&s.packets, self.pk);
+        bump(&s.bytes, self.by);
+        bump(&s.copies, self.pk);
+        bump(&s.bytes_copied, self.copied);
+        bump(&s.drop_no_buffer, self.no_buf + self.missed);
+        bump(&s.drop_malformed, self.bad);
+        bump(&s.drop_policy, self.shaped_drop);
+        bump(&s.gso_whole, self.whole);
+        bump(&s.gso_segmented, self.segmented);
+        bump(&s.csum_completed, self.completed);
     }
 }

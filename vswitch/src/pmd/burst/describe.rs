@@ -90,10 +90,23 @@ impl Datapath {
                 l.tx_moved();
             }
         }
-        // Pass 2: snapshot the L2 header of each forwardable packet (the whole head the
-        // anti-spoofing check looks at, if the port has one).
+        self.describe_frames(n, hdr, q.caps, spoof_check, c);
+        n
+    }
+
+    /// Pass 2, for any source: snapshots the L2 header of each forwardable packet (the whole
+    /// head the anti-spoofing check looks at, if the port has one) and reads its offload
+    /// request if the sender may make one (`caps`).
+    #[inline(always)]
+    pub(super) fn describe_frames(
+        &mut self,
+        n: usize,
+        hdr: u32,
+        caps: Caps,
+        spoof_check: bool,
+        c: &mut SrcCounts,
+    ) {
         let want = if spoof_check { spoof::PREFIX } else { L2_HEAD };
-        let caps = q.caps;
         for i in 0..n {
             if self.pkts[i].action == Action::Drop {
                 continue;
@@ -107,7 +120,6 @@ impl Datapath {
             c.packets += 1;
             c.bytes += self.pkts[i].len as u64;
         }
-        n
     }
 
     /// Reads and checks the offload request in packet `i`'s virtio-net header (its sender

@@ -17,6 +17,7 @@ mod describe;
 mod fill;
 mod receive;
 mod render;
+mod send;
 mod shaped;
 mod viommu;
 
@@ -31,14 +32,14 @@ use crate::l2::{Fdb, Mac, TagEdit};
 use crate::offload::gso::{self, Segmenter};
 use crate::offload::NetHdr;
 use crate::policy::spoof;
-use crate::port::{Port, QueueSlot};
+use crate::port::{Port, Queue, QueueSlot};
 use crate::virtio::queue::bump;
 use crate::virtio::MAX_SEGS;
+use crate::virtio::{QueueStats, VirtQueue};
 
 pub use crate::limits::{BURST, MAX_FRAME};
 
 use complete::complete;
-use receive::batch_hold;
 
 /// Most receive buffers (chains) one packet may fill with MRG_RXBUF: a 64 KiB TSO frame in
 /// Linux's smallest mergeable buffers (1536 bytes) takes 43.
@@ -173,6 +174,8 @@ struct SrcCounts {
     filtered: u64,
     no_route: u64,
     policy: u64,
+    /// Frames an uplink's kernel copied into the switch's staging buffers.
+    kernel_copies: u64,
 }
 
 enum RxFail {
@@ -224,49 +227,65 @@ impl Datapath {
         self.port_ids = self.ports.iter().flatten().map(|p| p.id).collect();
     }
 
-    /// Processes one burst from `src`'s transmit queue `pair`. Returns packets taken.
+    /// Processes one burst from `src`'s source queue `pair` (a guest's transmit queue, an
+    /// uplink's receive side). Returns packets taken.
     #[inline(never)]
     pub fn poll_queue(&mut self, src: &Port, pair: usize, now: u32) -> usize {
         let slot: &QueueSlot = &src.txq[pair];
         let Some(mut guard) = slot.try_lock() else { return 0 };
-        let Some(q) = guard.as_mut() else { return 0 };
-        if q.broken {
-            return 0;
-        }
-        let n = match q.ring.avail_pending() {
-            Ok(0) => return 0,
-            Ok(n) if self.batch.wait == 0 => (n as usize).min(BURST),
-            Ok(n) => match batch_hold(q, n as usize, &mut self.batch) {
-                Some(n) => n,
-                None => return 0,
-            },
-            Err(e) => {
-                // The ring's indices are garbage: stop it rather than guess. The guest gets it
-                // back when it resets the device.
-                q.broken = true;
-                bump(&slot.stats.drop_malformed, 1);
-                tracing::warn!(port = %src.name, pair, "stopping transmit queue: {e}");
-                return 0;
-            }
-        };
         let mut c = SrcCounts::default();
-        let ingress = src.policy.ingress_on();
-        let n = self.describe(q, n, ingress && src.policy.spoof_on(), &mut c);
+        let n = match guard.as_mut() {
+            Some(Queue::Virtio(q)) => self.burst_virtio(src, q, slot, pair, now, &mut c),
+            Some(Queue::Tap(t)) => self.burst_tap(src, t, now, &mut c),
+            None => return 0,
+        };
+        c.count(&slot.stats);
+        n
+    }
+
+    /// One burst from a guest's virtio transmit ring.
+    #[inline(always)]
+    fn burst_virtio(
+        &mut self,
+        src: &Port,
+        q: &mut VirtQueue,
+        slot: &QueueSlot,
+        pair: usize,
+        now: u32,
+        c: &mut SrcCounts,
+    ) -> usize {
+        let Some(n) = receive::heads(q, &mut self.batch, &slot.stats, &src.name, pair) else { return 0 };
+        let spoof = src.policy.ingress_on() && src.policy.spoof_on();
+        let n = self.describe(q, n, spoof, c);
         if n == 0 {
             return 0; // the first chain waits for an IOTLB translation
         }
-        if ingress {
-            self.ingress(src, q.hdr_len as u32, n, &mut c);
-        }
-        self.decide(src, n, now, &mut c);
-        self.deliver(src, q.hdr_len, n, &mut c);
+        self.forward(src, q.hdr_len as u32, n, now, c);
         complete(q, &self.pkts[..n], &slot.stats);
-        bump(&slot.stats.packets, c.packets);
-        bump(&slot.stats.bytes, c.bytes);
-        bump(&slot.stats.drop_malformed, c.malformed);
-        bump(&slot.stats.drop_filtered, c.filtered);
-        bump(&slot.stats.drop_no_route, c.no_route);
-        bump(&slot.stats.drop_policy, c.policy);
         n
+    }
+
+    /// What every source shares once its packets are described: policy, decisions, delivery.
+    #[inline(always)]
+    fn forward(&mut self, src: &Port, hdr: u32, n: usize, now: u32, c: &mut SrcCounts) {
+        if src.policy.ingress_on() {
+            self.ingress(src, hdr, n, c);
+        }
+        self.decide(src, n, now, c);
+        self.deliver(src, hdr, n, c);
+    }
+}
+
+impl SrcCounts {
+    /// Adds a burst's counts to its source queue's counters.
+    #[inline(always)]
+    fn count(&self, s: &QueueStats) {
+        bump(&s.packets, self.packets);
+        bump(&s.bytes, self.bytes);
+        bump(&s.drop_malformed, self.malformed);
+        bump(&s.drop_filtered, self.filtered);
+        bump(&s.drop_no_route, self.no_route);
+        bump(&s.drop_policy, self.policy);
+        bump(&s.kernel_copies, self.kernel_copies);
     }
 }

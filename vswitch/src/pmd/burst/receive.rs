@@ -1,5 +1,70 @@
+//! Receive: taking a burst of packets from a source queue (a guest's transmit ring, an
+//! uplink's device).
+
 use super::*;
+use crate::uplink::tap::{Recv, TapQueue, VNET_HDR};
 use crate::virtio::VirtQueue;
+
+/// How many heads to take from virtio transmit ring `q` now (None: none). A ring whose indices
+/// are garbage is stopped rather than guessed at; the guest gets it back when it resets the
+/// device.
+#[inline(always)]
+pub(super) fn heads(
+    q: &mut VirtQueue,
+    b: &mut Batching,
+    stats: &QueueStats,
+    port: &str,
+    pair: usize,
+) -> Option<usize> {
+    if q.broken {
+        return None;
+    }
+    match q.ring.avail_pending() {
+        Ok(0) => None,
+        Ok(n) if b.wait == 0 => Some((n as usize).min(BURST)),
+        Ok(n) => batch_hold(q, n as usize, b),
+        Err(e) => {
+            q.broken = true;
+            bump(&stats.drop_malformed, 1);
+            tracing::warn!(port, pair, "stopping transmit queue: {e}");
+            None
+        }
+    }
+}
+
+impl Datapath {
+    /// One burst from a TAP device: up to a burst of frames read into the queue's staging
+    /// buffers (the kernel's copy), then described and forwarded like a guest's.
+    #[inline(always)]
+    pub(super) fn burst_tap(&mut self, src: &Port, t: &mut TapQueue, now: u32, c: &mut SrcCounts) -> usize {
+        let mut n = 0;
+        while n < BURST {
+            let g = match t.recv(n) {
+                Recv::Frame(g) => g,
+                Recv::Empty | Recv::Gone => break,
+            };
+            let p = &mut self.pkts[n];
+            *p = PacketRef { give_back: false, ..PacketRef::default() };
+            if g.len() >= VNET_HDR + 14 {
+                self.segs[n][0] = g;
+                p.nseg = 1;
+                p.len = g.len() - VNET_HDR;
+                p.action = Action::Flood;
+            } else {
+                c.malformed += 1;
+            }
+            n += 1;
+        }
+        if n == 0 {
+            return 0;
+        }
+        c.kernel_copies += n as u64;
+        let spoof = src.policy.ingress_on() && src.policy.spoof_on();
+        self.describe_frames(n, VNET_HDR, t.caps, spoof, c);
+        self.forward(src, VNET_HDR, n, now, c);
+        n
+    }
+}
 
 /// Batching under load: how many heads to take from transmit queue `q` with `n` pending
 /// (None: none yet). A guest that sends full bursts is left one burst in its ring until a

@@ -21,7 +21,7 @@ impl Datapath {
             };
             let mut eg = port.policy.egress.lock();
             let Some(s) = eg.as_mut() else { continue };
-            match g.as_mut() {
+            match g.virtio_mut() {
                 Some(rq) => {
                     s.advance(now_ns());
                     if release_held(rq, s) {

@@ -44,8 +44,8 @@ fn net_caps(modes: Vec<VlanMode>, caps: Vec<Caps>, mrg: bool) -> Net {
         let tx = g.ring(64);
         let rx = g.ring(64);
         let port = Arc::new(Port::new(i as u16, format!("p{i}"), mode, MACS[i], 1));
-        *port.txq[0].lock() = Some(tx.queue_with(&g, mrg, caps));
-        *port.rxq[0].lock() = Some(rx.queue_with(&g, mrg, caps));
+        *port.txq[0].lock() = Some(tx.queue_with(&g, mrg, caps).into());
+        *port.rxq[0].lock() = Some(rx.queue_with(&g, mrg, caps).into());
         dp.add_port(port.clone());
         ports.push(port);
         guests.push(Guest { g, tx, rx, rx_bufs: HashMap::new() });
@@ -419,7 +419,7 @@ fn test_multiqueue_receiver_gets_flows_spread_each_in_order_on_one_queue() {
     // Pair 1's receive ring, in the same guest.
     let gu = &mut n.guests[1];
     let mut rx2 = gu.g.ring(64);
-    *p1.rxq[1].lock() = Some(rx2.queue(&gu.g, true));
+    *p1.rxq[1].lock() = Some(rx2.queue(&gu.g, true).into());
     let mut bufs2 = HashMap::new();
     for _ in 0..40 {
         let gpa = gu.g.alloc(2048, 8);

@@ -22,7 +22,7 @@ impl Datapath {
             any = true;
             for slot in port.rxq.iter() {
                 let Some(mut g) = slot.try_lock() else { continue };
-                if let Some(rq) = g.as_mut() {
+                if let Some(rq) = g.virtio_mut() {
                     rx_lookahead(rq);
                     if has_parked(rq) {
                         let d = drain_parked(rq);

@@ -1,0 +1,8 @@
+//! Uplinks: ports whose other side is the host's network stack rather than a guest.
+//!
+//! An uplink queue is a source (frames the kernel hands the switch) and a sink (frames the
+//! switch hands the kernel) like any other queue; the burst matches its kind once per burst.
+//! The one copy of a frame is the kernel's where it can be: writes go out straight from the
+//! sending guest's buffers (vectored I/O over the grants the chain walk made).
+
+pub mod tap;
