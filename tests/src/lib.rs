@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod linux;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -15,8 +15,16 @@ use crate::policy::{BitRate, ByteSize, PolicerConfig, PolicyConfig, ShaperConfig
 pub struct PortConfig {
     /// Name (unique).
     pub name: String,
-    /// vhost-user socket path.
+    /// vhost-user socket path (a guest's port).
+    #[serde(default)]
     pub socket: PathBuf,
+    /// TAP device to create or attach to (an uplink port to the host's network stack)
+    /// instead of a socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// MTU to give the TAP device (default: the kernel's, 1500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
     /// Connect to the frontend's socket (and keep retrying) instead of listening.
     #[serde(default)]
     pub client: bool,
@@ -77,7 +85,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client] or NAME=tap:IFNAME[,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -120,9 +128,15 @@ impl PortConfig {
         let (name, rest) = spec.split_once('=').ok_or_else(|| bad("missing '='"))?;
         let mut parts = rest.split(',');
         let socket = parts.next().filter(|s| !s.is_empty()).ok_or_else(|| bad("missing socket path"))?;
+        let (socket, tap) = match socket.strip_prefix("tap:") {
+            Some(ifname) => ("", Some(ifname.to_string())),
+            None => (socket, None),
+        };
         let mut pc = PortConfig {
             name: name.to_string(),
             socket: socket.into(),
+            tap,
+            mtu: None,
             client: false,
             vlan: None,
             trunk: Vec::new(),
@@ -153,6 +167,7 @@ impl PortConfig {
                 }
                 Some(("queues", v)) => pc.queues = v.parse().map_err(|_| bad("queues must be a number"))?,
                 Some(("mac", v)) => pc.mac = Some(v.to_string()),
+                Some(("mtu", v)) => pc.mtu = Some(v.parse().map_err(|_| bad("mtu must be a number"))?),
                 Some(("police", v)) => {
                     let rate = v.parse::<BitRate>().map_err(|e| bad(&e))?;
                     pc.ingress = Some(PolicerConfig {
@@ -196,6 +211,26 @@ impl PortConfig {
         let err = |why: String| ConfigError::Port { port: self.name.clone(), why };
         if self.name.is_empty() || self.name.len() > 64 || self.name.contains(char::is_whitespace) {
             return Err(err("name must be 1-64 characters without spaces".into()));
+        }
+        match (&self.tap, self.socket.as_os_str().is_empty()) {
+            (Some(_), false) => return Err(err("a port has a socket or a tap device, not both".into())),
+            (None, true) => return Err(err("a port needs a socket path (or a tap device)".into())),
+            (Some(t), true) if !crate::uplink::tap::valid_name(t) => {
+                return Err(err(format!("tap device name '{t}' must be 1-15 bytes")));
+            }
+            (Some(_), true) if self.client => {
+                return Err(err("client mode is for sockets, not tap devices".into()))
+            }
+            _ => {}
+        }
+        if let Some(m) = self.mtu {
+            let max = crate::uplink::tap::MAX_MTU;
+            if self.tap.is_none() {
+                return Err(err("mtu= is for tap devices (a guest sets its own)".into()));
+            }
+            if !(68..=max).contains(&m) {
+                return Err(err(format!("mtu={m} is outside 68..{max}")));
+            }
         }
         if self.vlan.is_some() && !self.trunk.is_empty() {
             return Err(err("a port is either an access port (vlan=) or a trunk (trunk=), not both".into()));
@@ -518,5 +553,22 @@ mod tests {
         let p = PortConfig::parse("vm1=/s").unwrap();
         assert_eq!(p.mac_bytes(), p.mac_bytes());
         assert_eq!(p.mac_bytes()[0] & 1, 0);
+    }
+
+    #[test]
+    fn test_tap_port_spec_and_its_errors() {
+        let p = PortConfig::parse("up=tap:tap0,queues=2,mtu=9000,vlan=5").unwrap();
+        assert_eq!((p.tap.as_deref(), p.queues, p.mtu, p.vlan), (Some("tap0"), 2, Some(9000), Some(5)));
+        assert!(p.socket.as_os_str().is_empty());
+        let err = |s: &str| PortConfig::parse(s).unwrap_err().to_string();
+        assert!(err("up=tap:tap0,client").contains("client mode is for sockets"));
+        assert!(err("up=tap:waytoolongname0123").contains("1-15 bytes"));
+        assert!(err("up=tap:tap0,mtu=20000").contains("outside 68.."));
+        assert!(err("g=/run/x.sock,mtu=9000").contains("mtu= is for tap devices"));
+        let t: SwitchConfig = toml::from_str("[[port]]\nname = \"up\"\ntap = \"tap1\"\n").unwrap();
+        t.validate().unwrap();
+        assert_eq!(t.ports[0].tap.as_deref(), Some("tap1"));
+        let t: SwitchConfig = toml::from_str("[[port]]\nname = \"up\"\n").unwrap();
+        assert!(t.validate().unwrap_err().to_string().contains("needs a socket path"));
     }
 }

@@ -42,7 +42,9 @@ struct RunArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=..][,police=RATE]
-    /// [,shape=RATE][,anti-spoof][,offloads=on|off]; repeatable.
+    /// [,shape=RATE][,anti-spoof][,offloads=on|off]; or an uplink to the host's network stack,
+    /// NAME=tap:IFNAME[,queues=N][,mtu=N][,vlan=N|,trunk=..] (creates the TAP device, or
+    /// attaches to an existing one); repeatable.
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
     /// CPUs for polling threads, e.g. 0,1 (one thread per CPU).
@@ -88,7 +90,7 @@ enum CtlCmd {
     Fdb,
     /// Empty the forwarding table.
     FdbFlush,
-    /// Add a port: NAME=SOCKET_PATH[,client][,vlan=N|,trunk=..].
+    /// Add a port: NAME=SOCKET_PATH[,client][,vlan=N|,trunk=..] or NAME=tap:IFNAME[,queues=N][,mtu=N].
     PortAdd {
         /// Port spec.
         spec: String,

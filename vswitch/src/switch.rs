@@ -28,7 +28,8 @@ use crate::control::{
 use crate::l2::{format_mac, mac_from_bytes, Fdb, FdbEntry, VlanMode};
 use crate::pmd::{PmdCmd, PmdHandle};
 use crate::policy::PolicyConfig;
-use crate::port::{Port, MAX_PORTS};
+use crate::port::{Port, Queue, MAX_PORTS};
+use crate::uplink::tap::TapDevice;
 use crate::vhost::wire::{backend_req_fd, iotlb_msg, vring_enable, waiting_message, Waiting};
 use crate::vhost::{MemPolicy, VhostDevice};
 use crate::virtio::queue::QueueCounters;
@@ -75,6 +76,12 @@ pub enum SwitchError {
     /// a request was refused
     #[error("{0}")]
     Refused(String),
+    /// TAP device problems
+    #[error(transparent)]
+    Tap(#[from] crate::uplink::tap::TapError),
+    /// device taken
+    #[error("TAP device {0} is already used by port '{1}'")]
+    TapInUse(String, String),
 }
 
 type Handler = BackendReqHandler<Mutex<VhostDevice>>;
@@ -84,6 +91,9 @@ struct PortState {
     port: Arc<Port>,
     device: Arc<Mutex<VhostDevice>>,
     listener: Option<(UnixListener, sockets::SocketFile)>,
+    /// An uplink port's device (its queues sit in the port's slots; closing it removes a
+    /// device the switch created).
+    tap: Option<TapDevice>,
     conn: Option<(Handler, RawFd)>,
     /// When an incomplete message started waiting on the connection.
     partial_since: Option<Instant>,
@@ -470,8 +480,13 @@ impl Control {
             if p.cfg.name == cfg.name {
                 return Err(SwitchError::PortExists(cfg.name));
             }
-            if p.cfg.socket == cfg.socket {
+            if cfg.tap.is_none() && p.cfg.socket == cfg.socket {
                 return Err(SwitchError::SocketInUse(cfg.socket.display().to_string(), p.cfg.name.clone()));
+            }
+            if let (Some(a), Some(b)) = (&cfg.tap, &p.cfg.tap) {
+                if a == b {
+                    return Err(SwitchError::TapInUse(a.clone(), p.cfg.name.clone()));
+                }
             }
         }
         let id =
@@ -483,7 +498,15 @@ impl Control {
         let device = VhostDevice::new(port.clone(), self.wake_pmds.clone()).with_mem_policy(self.mem_policy);
         let device = Arc::new(Mutex::new(device));
         let mut listener = None;
-        if !cfg.client {
+        let mut tap = None;
+        if let Some(name) = &cfg.tap {
+            let dev = TapDevice::open(name, cfg.queues, cfg.offloads, cfg.mtu)?;
+            for k in 0..dev.queues() {
+                *port.txq[k].lock() = Some(Queue::Tap(dev.source(k)));
+                *port.rxq[k].lock() = Some(Queue::Tap(dev.sink(k)));
+            }
+            tap = Some(dev);
+        } else if !cfg.client {
             let (l, file) = sockets::listen(&cfg.socket, self.access)?;
             let mut l = UnixListener::from_std(l);
             if let Err(e) = self.poll.registry().register(&mut l, token_of(id, false), Interest::READABLE) {
@@ -500,7 +523,14 @@ impl Control {
             pmd.call(|done| PmdCmd::AddPort { port, poll_pairs, done });
         }
         self.fdb.set_limit(id, cfg.max_macs);
-        tracing::info!(port = %cfg.name, id, socket = %cfg.socket.display(), client = cfg.client, "port added");
+        match &tap {
+            Some(dev) => {
+                tracing::info!(port = %cfg.name, id, tap = %dev.name, queues = dev.queues(), "port added")
+            }
+            None => {
+                tracing::info!(port = %cfg.name, id, socket = %cfg.socket.display(), client = cfg.client, "port added")
+            }
+        }
         self.ports.insert(
             id,
             PortState {
@@ -508,6 +538,7 @@ impl Control {
                 port,
                 device,
                 listener,
+                tap,
                 conn: None,
                 partial_since: None,
                 blocked_since: None,
@@ -554,7 +585,8 @@ impl Control {
         let id = self.ports.values().find(|p| p.cfg.name == name).map(|p| p.port.id);
         let id = id.ok_or_else(|| SwitchError::NoSuchPort(name.into()))?;
         self.disconnect(id);
-        if let Some(mut st) = self.ports.remove(&id) {
+        let mut removed = self.ports.remove(&id);
+        if let Some(st) = &mut removed {
             if let Some((l, file)) = &mut st.listener {
                 let _ = self.poll.registry().deregister(l);
                 file.remove();
@@ -563,6 +595,14 @@ impl Control {
         for pmd in &self.pmds {
             pmd.call(|done| PmdCmd::DelPort { id, done });
         }
+        if let Some(st) = &removed {
+            // No burst touches the port now: its device files close here (a TAP the switch
+            // created goes away with them).
+            for slot in st.port.txq.iter().chain(st.port.rxq.iter()) {
+                *slot.lock() = None;
+            }
+        }
+        drop(removed);
         self.fdb.flush_port(id);
         tracing::info!(port = name, "port removed");
         Ok(())
@@ -752,8 +792,18 @@ impl Control {
             .map(|st| PortInfo {
                 id: st.port.id,
                 name: st.cfg.name.clone(),
-                socket: st.cfg.socket.display().to_string(),
-                mode: if st.cfg.client { "client" } else { "server" }.into(),
+                socket: match &st.tap {
+                    Some(dev) => format!("tap:{}", dev.name),
+                    None => st.cfg.socket.display().to_string(),
+                },
+                mode: if st.tap.is_some() {
+                    "uplink"
+                } else if st.cfg.client {
+                    "client"
+                } else {
+                    "server"
+                }
+                .into(),
                 vlan: match &st.port.vlan {
                     VlanMode::Access(n) => format!("access {n}"),
                     VlanMode::Trunk(None) => "trunk all".into(),
@@ -761,7 +811,8 @@ impl Control {
                 },
                 mac: format_mac(mac_from_bytes(st.port.mac)),
                 queue_pairs: st.port.pairs(),
-                connected: st.conn.is_some(),
+                // An uplink is "connected" while its device is there.
+                connected: st.conn.is_some() || (st.tap.is_some() && st.port.txq.iter().all(|s| s.live())),
                 connects: st.connects,
                 macs: {
                     let (learned, limit, refused) = self.fdb.port_usage(st.port.id);

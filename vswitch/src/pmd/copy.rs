@@ -381,4 +381,44 @@ mod tests {
         assert_eq!(&out[..5], &frame_bytes(5)[..]);
         assert_eq!(&out[5..], &frame_bytes(13)[..]);
     }
+
+    #[test]
+    fn test_frame_iov_gives_the_bytes_copy_frame_writes_for_every_tag_edit() {
+        let mut frame = frame_bytes(200);
+        frame[12..14].copy_from_slice(&[0x81, 0x00]);
+        let snap: Vec<u8> = frame[..18].iter().map(|b| b ^ 0x5a).collect(); // what was checked
+        for edit in [TagEdit::Keep, TagEdit::Pop, TagEdit::Push(0x2005), TagEdit::Retag(0x3007)] {
+            // The sender's chain: a header and the frame cut in three pieces.
+            let mut a = vec![0xee; 12];
+            a.extend(&frame[..7]);
+            let mut b = frame[7..90].to_vec();
+            let mut c = frame[90..].to_vec();
+            let segs = [seg(&mut a), seg(&mut b), seg(&mut c)];
+            let f = Frame { segs: &segs, skip: 12, len: 200, head: &snap };
+            let mut want = vec![0u8; 220];
+            // SAFETY: test buffers are live and large enough.
+            let n = unsafe { copy_frame(&f, edit, &[], &[seg(&mut want)]) } as usize;
+            let mut head = [0u8; 40];
+            let empty = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+            let mut iov = [empty; 6];
+            let k = frame_iov(&f, edit, &mut head, &mut iov);
+            assert!(k > 0, "{edit:?}");
+            let mut got = Vec::new();
+            for v in &iov[..k] {
+                // SAFETY: every piece points into a live test buffer.
+                got.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                });
+            }
+            assert_eq!(got, want[..n], "{edit:?}");
+        }
+        // Too few pieces to hold the frame: refused, not truncated.
+        let mut a = frame.clone();
+        let mut b = frame.clone();
+        let segs = [seg(&mut a), seg(&mut b)];
+        let f = Frame { segs: &segs, skip: 150, len: 200, head: &snap };
+        let mut head = [0u8; 40];
+        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2];
+        assert_eq!(frame_iov(&f, TagEdit::Keep, &mut head, &mut iov), 0);
+    }
 }

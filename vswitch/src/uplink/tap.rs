@@ -236,7 +236,7 @@ impl TapQueue {
             return Recv::Frame(unsafe { Grant::from_raw(buf.as_mut_ptr(), n as u32) });
         }
         match io::Error::last_os_error().raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::EINTR) => Recv::Empty,
+            Some(libc::EAGAIN) | Some(libc::EINTR) | Some(libc::EIO) => Recv::Empty,
             Some(e) => self.gone(e).map_or(Recv::Empty, |_| Recv::Gone),
             None => Recv::Empty,
         }
@@ -253,7 +253,10 @@ impl TapQueue {
             return Sent::Ok;
         }
         match io::Error::last_os_error().raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::ENOBUFS) | Some(libc::ENOMEM) | Some(libc::EINTR) => Sent::Full,
+            // EIO: the link is down (an administrator's choice, or the device is between two
+            // network namespaces): nothing can go now, and it may come back up.
+            Some(libc::EAGAIN) | Some(libc::ENOBUFS) | Some(libc::ENOMEM) | Some(libc::EINTR)
+            | Some(libc::EIO) => Sent::Full,
             Some(e) => self.gone(e).map_or(Sent::Refused, |_| Sent::Gone),
             None => Sent::Refused,
         }
@@ -262,7 +265,8 @@ impl TapQueue {
     /// Whether errno `e` means the device is gone; marks the queue broken (said once).
     #[cold]
     fn gone(&mut self, e: i32) -> Option<()> {
-        if !matches!(e, libc::EBADFD | libc::ENODEV | libc::ENXIO | libc::EIO | libc::EPIPE) {
+        // The kernel answers EBADFD once the device is deleted (the file is detached from it).
+        if !matches!(e, libc::EBADFD | libc::ENODEV | libc::ENXIO) {
             return None;
         }
         if !self.broken {

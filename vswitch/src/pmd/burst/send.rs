@@ -15,6 +15,8 @@ struct Sends {
     bytes: u64,
     full: u64,
     refused: u64,
+    /// TCP frames of up to 64 KiB handed over whole (the kernel segments them if it must).
+    whole: u64,
 }
 
 impl Datapath {
@@ -58,6 +60,7 @@ impl Datapath {
             match t.send(&iov[..m + 1]) {
                 Sent::Ok => {
                     k.sent += 1;
+                    k.whole += (p.offload && self.vhdrs[i].gso_type != crate::offload::GSO_NONE) as u64;
                     k.bytes += out_len(p.len, edit) as u64;
                 }
                 Sent::Full | Sent::Gone => k.full += 1,
@@ -70,5 +73,6 @@ impl Datapath {
         bump(&s.kernel_copies, k.sent);
         bump(&s.drop_no_buffer, k.full);
         bump(&s.drop_malformed, k.refused);
+        bump(&s.gso_whole, k.whole);
     }
 }

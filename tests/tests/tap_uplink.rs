@@ -1,0 +1,177 @@
+//! TAP uplinks: the switch's ports to the host's network stack. Each TAP is moved into a
+//! network namespace of its own (as containers do), with an address, and the namespaces talk
+//! through the switch: ping, iperf3 TCP with TSO both ways, jumbo frames, VLAN tagging, and a
+//! device deleted under the switch.
+//!
+//! Needs root (CAP_NET_ADMIN) and `ip`, `ping`, `iperf3` (scripts/install-test-deps.sh).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use e2e_tests::netns::Netns;
+use e2e_tests::{connect_default, find, init_log, port_info, port_stats, wait_until, Scratch};
+use vswitch::config::{PortConfig, SwitchConfig};
+use vswitch::switch::Switch;
+
+/// One test at a time: iperf3 fills both CPUs.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A TAP name unique to this process and test (at most 15 bytes).
+fn ifname(tag: &str) -> String {
+    format!("vt{}{tag}", std::process::id() % 100_000)
+}
+
+fn start(dir: &Scratch, specs: &[String]) -> Switch {
+    init_log();
+    let ports = specs
+        .iter()
+        .map(|s| {
+            let s = s.replace("SOCK:", &format!("{}/", dir.0.display()));
+            PortConfig::parse(&s).unwrap_or_else(|e| panic!("{s}: {e}"))
+        })
+        .collect();
+    Switch::start(SwitchConfig { fdb_aging_secs: 300, ports, ..Default::default() }).expect("switch starts")
+}
+
+/// Two namespaces, each holding one of the switch's TAP ports `a` and `b` with 10.88.0.1 and .2.
+fn two_hosts(sw_specs: &[String], a: &str, b: &str) -> (Netns, Netns) {
+    let (na, nb) = (Netns::new("a"), Netns::new("b"));
+    na.adopt(a, "10.88.0.1/24");
+    nb.adopt(b, "10.88.0.2/24");
+    let _ = sw_specs;
+    (na, nb)
+}
+
+#[test]
+fn test_two_namespaces_ping_and_stream_tcp_both_ways_through_tap_ports() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("tap-tcp");
+    let (a, b) = (ifname("a"), ifname("b"));
+    let specs = [format!("a=tap:{a}"), format!("b=tap:{b}")];
+    let sw = start(&dir, &specs);
+    let (na, nb) = two_hosts(&specs, &a, &b);
+    na.ping("10.88.0.2", 3, &[]).unwrap_or_else(|e| panic!("ping a -> b: {e} {:?}", sw.stats()));
+    let mut server = nb.spawn(&["iperf3", "-s", "-B", "10.88.0.2"], &dir.path("iperf3.log"));
+    std::thread::sleep(Duration::from_millis(300));
+    let up = na.iperf3("10.88.0.2", 2, false);
+    let down = na.iperf3("10.88.0.2", 2, true);
+    server.kill();
+    println!("iperf3 TCP through two TAP ports: a->b {up:.2} Gbit/s, b->a {down:.2} Gbit/s");
+    assert!(up > 0.0 && down > 0.0);
+    let s = sw.stats().expect("stats");
+    let (pa, pb) = (find(&s, "a"), find(&s, "b"));
+    // The kernels handed the switch TCP frames of up to 64 KiB and got them back whole.
+    assert!(pb.queues[0].counters.gso_whole > 0, "TSO frames crossed whole to b: {pb:?}");
+    assert!(pa.queues[0].counters.gso_whole > 0, "TSO frames crossed whole to a: {pa:?}");
+    // No CPU copy by the switch between two uplinks: the kernels' copies only.
+    assert_eq!(pa.tx.copies + pb.tx.copies, 0, "{pa:?} {pb:?}");
+    assert!(pa.rx.kernel_copies > 0 && pb.tx.kernel_copies > 0);
+    assert!(port_info(&sw, "a").connected && port_info(&sw, "a").socket == format!("tap:{a}"));
+}
+
+#[test]
+fn test_jumbo_frames_cross_tap_ports_with_mtu_9000() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("tap-jumbo");
+    let (a, b) = (ifname("c"), ifname("d"));
+    let specs = [format!("a=tap:{a},mtu=9000,offloads=off"), format!("b=tap:{b},mtu=9000,offloads=off")];
+    let _sw = start(&dir, &specs);
+    let (na, _nb) = two_hosts(&specs, &a, &b);
+    // 8972 bytes of ICMP payload = a 9000-byte IP packet, not to be fragmented.
+    na.ping("10.88.0.2", 3, &["-s", "8972", "-M", "do"]).unwrap_or_else(|e| panic!("jumbo ping: {e}"));
+}
+
+/// An ARP frame: request (`op` 1) or reply (2), optionally tagged.
+fn arp(
+    dst: [u8; 6],
+    src: [u8; 6],
+    vlan: Option<u16>,
+    op: u16,
+    sip: [u8; 4],
+    tmac: [u8; 6],
+    tip: [u8; 4],
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend(dst);
+    f.extend(src);
+    if let Some(v) = vlan {
+        f.extend([0x81, 0x00]);
+        f.extend(v.to_be_bytes());
+    }
+    f.extend([0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4]);
+    f.extend(op.to_be_bytes());
+    f.extend(src);
+    f.extend(sip);
+    f.extend(tmac);
+    f.extend(tip);
+    f.resize(f.len().max(60), 0);
+    f
+}
+
+#[test]
+fn test_tap_on_an_access_vlan_reaches_a_trunk_port_tagged_and_back_untagged() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("tap-vlan");
+    let a = ifname("v");
+    let specs = [format!("a=tap:{a},vlan=10"), "g=SOCK:g.sock,trunk=10".to_string()];
+    let sw = start(&dir, &specs);
+    let mut fe = connect_default(&dir, "g");
+    let na = Netns::new("v");
+    na.adopt(&a, "10.88.0.1/24");
+    // The namespace asks who has 10.88.0.2: the guest on the trunk sees it tagged with VLAN 10.
+    let pinger = std::thread::spawn({
+        let name = na.name.clone();
+        move || {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &name, "ping", "-c", "4", "-i", "0.3", "-W", "1", "10.88.0.2"])
+                .output()
+        }
+    });
+    let mut req = None;
+    assert!(wait_until(Duration::from_secs(5), || {
+        for f in fe.recv_frames(0, 8, Duration::from_millis(100)) {
+            if f.len() >= 42 && f[12..14] == [0x81, 0x00] && f[16..18] == [0x08, 0x06] {
+                req = Some(f);
+            }
+        }
+        req.is_some()
+    }));
+    let req = req.expect("ARP request");
+    assert_eq!(u16::from_be_bytes([req[14], req[15]]) & 0xfff, 10, "tagged with the access VLAN");
+    let ns_mac: [u8; 6] = req[6..12].try_into().expect("6 bytes");
+    // The guest answers tagged; the namespace gets it untagged and learns the guest's MAC.
+    let gmac = [0x52, 0x54, 0x00, 0x77, 0x00, 0x02];
+    let reply = arp(ns_mac, gmac, Some(10), 2, [10, 88, 0, 2], ns_mac, [10, 88, 0, 1]);
+    e2e_tests::send(&mut fe, 0, &reply);
+    let _ = pinger.join();
+    let out = na.run(&["ip", "neigh", "show", "10.88.0.2"]);
+    let neigh = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(neigh.contains("52:54:00:77:00:02"), "the namespace learned the guest's MAC: {neigh}");
+    let s = port_stats(&sw, "g");
+    assert!(s.rx.packets >= 1, "{s:?}");
+}
+
+#[test]
+fn test_a_deleted_tap_takes_only_its_port_down() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("tap-gone");
+    let (a, b) = (ifname("x"), ifname("y"));
+    let specs = [format!("a=tap:{a}"), format!("b=tap:{b}"), "g=SOCK:g.sock".to_string()];
+    let sw = start(&dir, &specs);
+    let (na, nb) = two_hosts(&specs, &a, &b);
+    na.ping("10.88.0.2", 2, &[]).unwrap_or_else(|e| panic!("ping before: {e}"));
+    nb.ip(&["link", "del", &b]);
+    // Traffic towards b finds its device gone: the port goes down, nothing else does.
+    let _ = na.ping("10.88.0.2", 2, &[]);
+    assert!(
+        wait_until(Duration::from_secs(5), || !port_info(&sw, "b").connected),
+        "port b shows its device gone"
+    );
+    assert!(port_info(&sw, "a").connected, "port a is unaffected");
+    let mut fe = connect_default(&dir, "g");
+    // The guest still gets the namespace's broadcasts through a.
+    let _ = na.ping("10.88.0.9", 1, &[]);
+    let got = fe.recv_frames(0, 1, Duration::from_secs(3));
+    assert!(!got.is_empty(), "a's broadcasts still reach the guest");
+    sw.del_port("b").expect("a gone port can be removed");
+}
