@@ -247,17 +247,22 @@ fn linux_guests_keep_pinging_across_switch_restarts_in_client_mode() {
         if ca.contains("KIT-RESULT") {
             rig.fail("guest a ended its ping loop");
         }
+        // Whether a's kernel saw its link go down (QEMU sets it down when the switch hangs up,
+        // up again on the next connection; the kernel then forgets its ARP entries): only the
+        // once-a-second round headers tell, so a short drop may go unseen.
+        let carrier_down = ca.get(before.len()..).is_some_and(|after| after.contains("carrier=0"));
         let info = rig.sw.ports().unwrap_or_default();
         // One connection each, to this switch: its first attempt found QEMU listening.
         assert!(info.len() == 2 && info.iter().all(|p| p.mode == "client" && p.connects == 1), "{info:?}");
         println!(
             "restart {k:>2}: down {:>6.1} ms; both ports connected {:>6.1} ms, first answered ping \
              {:>6.1} ms after the new switch started ({:>6.1} ms after the kill; guest a uptime \
-             {up0:.1} s)",
+             {up0:.1} s; a's carrier seen down: {})",
             ms(gap),
             ms(conn),
             ms(first),
             ms(first + (t0 - killed)),
+            if carrier_down { "yes" } else { "no" }
         );
         connect.push(ms(conn));
         down.push(ms(first));
