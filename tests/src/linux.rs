@@ -320,8 +320,28 @@ impl Guest {
         self.proc.running()
     }
 
-    /// Stops QEMU now.
+    /// Stops QEMU: SIGTERM to `timeout`, which passes it on to QEMU (QEMU quits at once) and
+    /// reaps it; if that has not ended them within 2 s, SIGKILL to the process group `timeout`
+    /// made for itself and QEMU. (A SIGKILL to `timeout` alone would leave QEMU running,
+    /// reparented, until its own time limit, which `timeout` no longer enforces.)
     pub fn stop(&mut self) {
+        // running() reaps an exited `timeout`: signals go only to a leader that is ours and
+        // unreaped, so its id (and its group's) cannot have been reused.
+        if self.proc.running() {
+            let pid = self.proc.pid() as i32;
+            // SAFETY: signalling a child we spawned and have not reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            if self.proc.wait_exit(Duration::from_secs(2)).is_none() {
+                // SAFETY: as above, its process group.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+        }
         self.proc.kill();
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
