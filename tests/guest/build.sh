@@ -165,6 +165,11 @@ cat > "$R/init" <<'INIT'
 #       solo:   PASS once eth0 is up (and pings PEER if given)
 #   kit.ip=ADDR/PREFIX kit.peer=ADDR   addresses on eth0
 #   kit.tests=ping,iperf3      what the client runs
+#   kit.tests=pingloop         solo: ping PEER every kit.ping_i seconds until the watchdog, in
+#                              one-second rounds, each headed by `KIT t=.. PINGLOOP round=N
+#                              carrier=0|1`; each answer is busybox's `.. bytes from ..` line on
+#                              the console; a round that fails (no carrier, no ARP answer) is
+#                              just followed by the next
 #   kit.ping_n=N (10)  kit.ping_i=SECONDS (0.2)  kit.loss_ok=PERCENT (0: any loss fails)
 #   kit.iperf_t=SECONDS (5)  kit.iperf_p=STREAMS (1)
 #   kit.ethtool=ARGS           run `ethtool ARGS` on eth0 before the tests (commas become spaces)
@@ -260,6 +265,14 @@ client)
   ;;
 *)
   [ -n "$PEER" ] && wants ping && ping_test
+  if [ -n "$PEER" ] && wants pingloop; then
+    r=0
+    while :; do
+      r=$((r + 1))
+      say "PINGLOOP round=$r carrier=$(cat /sys/class/net/eth0/carrier)"
+      ping -i "$PING_I" -w 1 "$PEER" 2>&1 || sleep "$PING_I"
+    done
+  fi
   ;;
 esac
 [ $ok = 1 ] && finish PASS "$RES" || finish FAIL "$RES"

@@ -120,8 +120,13 @@ pub fn report(name: &str, console: &str, vmm: &str, vmm_log: &str) -> String {
 pub struct GuestSpec {
     /// Its name (serial log, results).
     pub name: String,
-    /// The vhost-user socket of its switch port (QEMU connects as the client).
+    /// The vhost-user socket of its switch port (QEMU connects as the client, unless
+    /// `listen`).
     pub sock: PathBuf,
+    /// QEMU listens on `sock` (`server=on,wait=off`) for a switch port in client mode; it
+    /// stays in its network setup until the switch connects, and after the switch goes away
+    /// it listens again and sets the NIC's link down until the next connection.
+    pub listen: bool,
     /// Its MAC.
     pub mac: String,
     /// `kit.*` words (without the prefix): `role=client`, `ip=10.0.0.1/24`, ...
@@ -149,6 +154,7 @@ impl GuestSpec {
         GuestSpec {
             name: name.into(),
             sock: sock.into(),
+            listen: false,
             mac: mac.into(),
             kit: kit.iter().map(|s| s.to_string()).collect(),
             device: Vec::new(),
@@ -240,7 +246,8 @@ impl Guest {
         }
         cmd.args(["-smp", &spec.cpus.to_string(), "-m", &format!("{mem}M")]);
         cmd.args(["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")]);
-        cmd.arg("-chardev").arg(format!("socket,id=c0,path={}", spec.sock.display()));
+        let listen = if spec.listen { ",server=on,wait=off" } else { "" };
+        cmd.arg("-chardev").arg(format!("socket,id=c0,path={}{listen}", spec.sock.display()));
         let mut netdev = "vhost-user,id=n0,chardev=c0".to_string();
         for p in &spec.netdev {
             netdev.push(',');
@@ -313,8 +320,28 @@ impl Guest {
         self.proc.running()
     }
 
-    /// Stops QEMU now.
+    /// Stops QEMU: SIGTERM to `timeout`, which passes it on to QEMU (QEMU quits at once) and
+    /// reaps it; if that has not ended them within 2 s, SIGKILL to the process group `timeout`
+    /// made for itself and QEMU. (A SIGKILL to `timeout` alone would leave QEMU running,
+    /// reparented, until its own time limit, which `timeout` no longer enforces.)
     pub fn stop(&mut self) {
+        // running() reaps an exited `timeout`: signals go only to a leader that is ours and
+        // unreaped, so its id (and its group's) cannot have been reused.
+        if self.proc.running() {
+            let pid = self.proc.pid() as i32;
+            // SAFETY: signalling a child we spawned and have not reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            if self.proc.wait_exit(Duration::from_secs(2)).is_none() {
+                // SAFETY: as above, its process group.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+        }
         self.proc.kill();
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
