@@ -175,3 +175,59 @@ fn test_a_deleted_tap_takes_only_its_port_down() {
     assert!(!got.is_empty(), "a's broadcasts still reach the guest");
     sw.del_port("b").expect("a gone port can be removed");
 }
+
+#[test]
+fn test_a_namespace_and_a_qemu_linux_guest_ping_and_stream_both_ways_through_the_switch() {
+    use e2e_tests::linux::{Guest, GuestSpec, Kit};
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let kit = Kit::get();
+    let dir = Scratch::new("tap-guest");
+    let a = ifname("q");
+    let specs = [format!("a=tap:{a}"), "g=SOCK:g.sock".to_string()];
+    let _sw = start(&dir, &specs);
+    let na = Netns::new("q");
+    na.adopt(&a, "10.88.0.1/24");
+    // The guest serves iperf3 and waits for "done" on tcp/5999; the namespace is the client.
+    let spec = GuestSpec::new(
+        "g",
+        &dir.path("g.sock"),
+        "52:54:00:4b:00:02",
+        &["role=server", "ip=10.88.0.2/24", "peer=10.88.0.1", "tests=ping,iperf3"],
+    );
+    let mut guest = Guest::start(&kit, &dir, &spec);
+    let booted =
+        wait_until(Duration::from_secs(180), || na.ping("10.88.0.2", 1, &[]).is_ok() || !guest.running());
+    assert!(booted && guest.running(), "the guest never answered\n{}", guest.report());
+    na.ping("10.88.0.2", 5, &[]).unwrap_or_else(|e| panic!("ping the guest: {e}\n{}", guest.report()));
+    // iperf3's server in the guest may start a moment after its network.
+    let mut to_guest = 0.0;
+    for _ in 0..3 {
+        let out = na.run(&[
+            "timeout",
+            "60",
+            "iperf3",
+            "-c",
+            "10.88.0.2",
+            "-t",
+            "3",
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(b) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+            to_guest = b / 1e9;
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let from_guest = na.iperf3("10.88.0.2", 3, true);
+    println!("iperf3 TCP namespace->guest {to_guest:.2} Gbit/s, guest->namespace {from_guest:.2} Gbit/s (guest under TCG)");
+    assert!(to_guest > 0.0 && from_guest > 0.0);
+    // Tell the guest it is done; it pings back and powers off.
+    let _ = na.run(&["bash", "-c", "echo done ok=1 > /dev/tcp/10.88.0.2/5999"]);
+    let r = guest.wait_result(Duration::from_secs(60));
+    let r = r.unwrap_or_else(|| panic!("no result from the guest\n{}", guest.report()));
+    assert!(r.pass, "{}\n{}", r.line, guest.report());
+    assert_eq!(r.get("ping_loss"), "0%", "the guest's pings to the namespace: {}", r.line);
+}
