@@ -23,7 +23,7 @@ pub(super) fn probe() -> Result<String, PeerError> {
     // EAL prints its version while parsing `-v`, and `--help` exits right after
     // parsing: nothing is initialised, no huge page or runtime file is touched.
     let out = run_bounded(Command::new(bin).args(["-v", "--help"]), Duration::from_secs(10))
-        .map_err(|msg| PeerError::NotInstalled { peer: kind, hint: msg })?;
+        .map_err(|e| PeerError::NotInstalled { peer: kind, hint: e.to_string() })?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     Ok(text
         .lines()

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 pub use ours::{probe_vswitch, vswitch_binary};
 use supervise::{run_bounded, Proc};
 
-use super::spec::{PeerKind, Topology};
+use super::spec::{PeerKind, SpecError, Topology};
 use super::sys;
 
 /// Longest path a `sockaddr_un` holds (108 bytes including the terminating NUL).
@@ -81,9 +81,12 @@ pub enum PeerError {
         /// What is missing and how to install it.
         hint: String,
     },
-    /// The peer cannot run this topology / port count, or lacks a resource it needs.
+    /// The peer lacks a resource it needs (huge pages).
     #[error("{0}")]
     Unsupported(String),
+    /// The peer cannot run this topology with this many ports (its message as is).
+    #[error(transparent)]
+    Topology(#[from] SupportError),
     /// The options are unusable (e.g. socket paths too long).
     #[error("{0}")]
     Invalid(String),
@@ -150,17 +153,34 @@ pub fn probe(kind: PeerKind) -> Result<String, PeerError> {
     }
 }
 
+/// Why a peer cannot run a topology with a given number of ports.
+#[derive(thiserror::Error, Debug)]
+pub enum SupportError {
+    /// The topology does not take that many ports, whatever the peer (its message as is).
+    #[error(transparent)]
+    Ports(#[from] SpecError),
+    /// peer dpdk (testpmd io forwarding) only pairs port 0 with port 1: it runs p2p and p2p-uni
+    /// with 2 ports, not {topology} with {ports} (no MAC learning, no VLANs)
+    #[error(
+        "peer dpdk (testpmd io forwarding) only pairs port 0 with port 1: it runs p2p and \
+         p2p-uni with 2 ports, not {topology} with {ports} (no MAC learning, no VLANs)"
+    )]
+    DpdkPairsOnly {
+        /// The topology asked for.
+        topology: Topology,
+        /// The port count asked for.
+        ports: usize,
+    },
+}
+
 /// Whether `kind` can run `topology` with `ports` ports; the error says why not.
-pub fn supports(kind: PeerKind, topology: Topology, ports: usize) -> Result<(), String> {
+pub fn supports(kind: PeerKind, topology: Topology, ports: usize) -> Result<(), SupportError> {
     topology.check_ports(ports)?;
     match kind {
         PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu | PeerKind::Ovs => Ok(()),
         PeerKind::Dpdk => match topology {
             Topology::P2p | Topology::P2pUni if ports == 2 => Ok(()),
-            _ => Err(format!(
-                "peer dpdk (testpmd io forwarding) only pairs port 0 with port 1: it runs p2p and \
-                 p2p-uni with 2 ports, not {topology} with {ports} (no MAC learning, no VLANs)"
-            )),
+            _ => Err(SupportError::DpdkPairsOnly { topology, ports }),
         },
     }
 }
@@ -219,7 +239,7 @@ impl Peer {
     /// The peer's processes get SIGTERM if the *thread* calling this exits, so call it from
     /// a thread that outlives the peer (e.g. the main thread).
     pub fn start(opts: &PeerOptions) -> Result<Peer, PeerError> {
-        supports(opts.kind, opts.topology, opts.ports).map_err(PeerError::Unsupported)?;
+        supports(opts.kind, opts.topology, opts.ports)?;
         fs::create_dir_all(&opts.workdir)
             .map_err(PeerError::io(format!("cannot create work directory {}", opts.workdir.display())))?;
         let workdir = opts
@@ -399,8 +419,9 @@ impl Peer {
         }
     }
 
-    fn start_error(&self, msg: String) -> PeerError {
-        PeerError::Start { peer: self.kind, msg, log: self.log.clone() }
+    /// [`PeerError::Start`] for this peer, pointing at its current main log.
+    fn start_error(&self, msg: impl std::fmt::Display) -> PeerError {
+        PeerError::Start { peer: self.kind, msg: msg.to_string(), log: self.log.clone() }
     }
 }
 
@@ -456,7 +477,7 @@ mod tests {
         assert!(supports(PeerKind::Dpdk, Topology::P2p, 2).is_ok());
         assert!(supports(PeerKind::Dpdk, Topology::P2pUni, 2).is_ok());
         let e = supports(PeerKind::Dpdk, Topology::Mesh, 4).unwrap_err();
-        assert!(e.contains("port 0 with port 1"), "{e}");
+        assert!(e.to_string().contains("port 0 with port 1"), "{e}");
         assert!(supports(PeerKind::Dpdk, Topology::Vlan, 4).is_err());
         assert!(supports(PeerKind::Dpdk, Topology::Mesh, 2).is_err());
         for k in [PeerKind::Ours, PeerKind::Ovs] {

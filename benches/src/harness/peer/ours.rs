@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::supervise::{is_executable, run_bounded, tail, which, Proc};
+use super::supervise::{is_executable, run_bounded, tail, which, CmdError, Proc};
 use super::{Extra, Peer, PeerError, PeerOptions};
 use crate::harness::spec::PeerKind;
 
@@ -20,7 +20,7 @@ use crate::harness::spec::PeerKind;
 pub fn probe_vswitch(bin: Option<&Path>) -> Result<String, PeerError> {
     let bin = vswitch_binary(bin)?;
     let out = run_bounded(Command::new(&bin).arg("--version"), Duration::from_secs(10))
-        .map_err(|msg| PeerError::NotInstalled { peer: PeerKind::Ours, hint: msg })?;
+        .map_err(|e| PeerError::NotInstalled { peer: PeerKind::Ours, hint: e.to_string() })?;
     if !out.status.success() {
         return Err(PeerError::NotInstalled {
             peer: PeerKind::Ours,
@@ -97,6 +97,17 @@ fn policy_config(opts: &PeerOptions, sockets: &[PathBuf]) -> String {
     t
 }
 
+/// Why our switch's counters could not be read.
+#[derive(thiserror::Error, Debug)]
+pub(super) enum CtlError {
+    /// `vswitch ctl stats` could not be run or failed (its message as is).
+    #[error(transparent)]
+    Cmd(#[from] CmdError),
+    /// unexpected `vswitch ctl --json stats` output: {0}
+    #[error("unexpected `vswitch ctl --json stats` output: {0}")]
+    Output(#[from] serde_json::Error),
+}
+
 /// Our switch's control socket, through which it reports its own counters.
 pub(super) struct Control {
     /// The `vswitch` binary, for `vswitch ctl`.
@@ -117,7 +128,7 @@ impl Control {
     }
 
     /// Busy ticks per packet since [`begin_window`](Control::begin_window) (or the start).
-    pub(super) fn cycles(&self) -> Result<Option<f64>, String> {
+    pub(super) fn cycles(&self) -> Result<Option<f64>, CtlError> {
         let after = ctl_stats(&self.bin, &self.path)?;
         Ok(ours_cycles(self.window.as_ref().unwrap_or(&CtlStats::default()), &after))
     }
@@ -148,15 +159,14 @@ fn ours_cycles(before: &CtlStats, after: &CtlStats) -> Option<f64> {
 }
 
 /// `vswitch ctl --json --control CONTROL stats`, bounded.
-fn ctl_stats(bin: &Path, control: &Path) -> Result<CtlStats, String> {
+fn ctl_stats(bin: &Path, control: &Path) -> Result<CtlStats, CtlError> {
     let mut cmd = Command::new(bin);
     cmd.args(["ctl", "--json", "--control"]).arg(control).arg("stats");
     let out = run_bounded(&mut cmd, Duration::from_secs(5))?;
     if !out.status.success() {
-        return Err(format!("`vswitch ctl stats` failed ({}): {}", out.status, tail(&out)));
+        return Err(CmdError::failed("vswitch ctl stats", &out).into());
     }
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("unexpected `vswitch ctl --json stats` output: {e}"))
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 pub(super) fn start(opts: &PeerOptions, workdir: &Path) -> Result<Peer, PeerError> {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::supervise::{run_bounded, tail, which, Proc};
+use super::supervise::{run_bounded, which, CmdError, Proc};
 use super::{Extra, Peer, PeerError, PeerOptions};
 use crate::harness::spec::PeerKind;
 use crate::harness::sys;
@@ -50,7 +50,7 @@ pub(super) fn probe() -> Result<String, PeerError> {
         });
     }
     let out = run_bounded(Command::new("ovs-vswitchd").arg("--version"), Duration::from_secs(10))
-        .map_err(|msg| PeerError::NotInstalled { peer: kind, hint: msg })?;
+        .map_err(|e| PeerError::NotInstalled { peer: kind, hint: e.to_string() })?;
     let text = String::from_utf8_lossy(&out.stdout);
     let dpdk = text.lines().find(|l| l.starts_with("DPDK")).map(str::trim);
     let Some(dpdk) = dpdk else {
@@ -87,7 +87,7 @@ impl Ovs {
     }
 
     /// Runs an OVS tool (bounded), logging it to `commands.log`; its stdout on success.
-    pub(super) fn run(&self, prog: &str, args: &[&str], timeout: Duration) -> Result<String, String> {
+    pub(super) fn run(&self, prog: &str, args: &[&str], timeout: Duration) -> Result<String, CmdError> {
         let mut cmd = self.command(prog);
         cmd.args(args);
         let res = run_bounded(&mut cmd, timeout);
@@ -111,19 +111,19 @@ impl Ovs {
         }
         let out = res?;
         if !out.status.success() {
-            return Err(format!("`{prog} {}` failed ({}): {}", args.join(" "), out.status, tail(&out)));
+            return Err(CmdError::failed(format!("{prog} {}", args.join(" ")), &out));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    pub(super) fn vsctl(&self, args: &[&str]) -> Result<String, String> {
+    pub(super) fn vsctl(&self, args: &[&str]) -> Result<String, CmdError> {
         let db = format!("--db=unix:{}", self.db.display());
         let mut all = vec![db.as_str(), "--timeout=30"];
         all.extend_from_slice(args);
         self.run("ovs-vsctl", &all, Duration::from_secs(35))
     }
 
-    pub(super) fn appctl(&self, args: &[&str], timeout_s: u64) -> Result<String, String> {
+    pub(super) fn appctl(&self, args: &[&str], timeout_s: u64) -> Result<String, CmdError> {
         let ctl = self.ctl.display().to_string();
         let t = format!("--timeout={timeout_s}");
         let mut all = vec![t.as_str(), "-t", ctl.as_str()];
@@ -131,7 +131,7 @@ impl Ovs {
         self.run("ovs-appctl", &all, Duration::from_secs(timeout_s + 3))
     }
 
-    pub(super) fn ofctl(&self, args: &[&str]) -> Result<String, String> {
+    pub(super) fn ofctl(&self, args: &[&str]) -> Result<String, CmdError> {
         let mut all = vec!["--timeout=10"];
         all.extend_from_slice(args);
         self.run("ovs-ofctl", &all, Duration::from_secs(13))
@@ -149,7 +149,7 @@ impl Ovs {
 
     /// Processing cycles per packet of the PMD threads since the window began; the raw
     /// `pmd-stats-show` is kept in `pmd-stats.txt` for the user.
-    pub(super) fn pmd_cycles(&self) -> Result<Option<f64>, String> {
+    pub(super) fn pmd_cycles(&self) -> Result<Option<f64>, CmdError> {
         let show = self.appctl(&["dpif-netdev/pmd-stats-show"], 5)?;
         let _ = fs::write(self.rundir.join("pmd-stats.txt"), &show);
         Ok(ovs_cycles(&show))
@@ -292,7 +292,7 @@ fn start_db(
     let conf_s = conf.display().to_string();
     let schema_s = schema.display().to_string();
     ovs.run("ovsdb-tool", &["create", &conf_s, &schema_s], Duration::from_secs(10))
-        .map_err(|msg| PeerError::Start { peer: PeerKind::Ovs, msg, log: ovs.cmdlog.clone() })?;
+        .map_err(|e| PeerError::Start { peer: PeerKind::Ovs, msg: e.to_string(), log: ovs.cmdlog.clone() })?;
     let mut db_cmd = ovs.command("ovsdb-server");
     db_cmd
         .arg(&conf)
@@ -340,7 +340,7 @@ fn start_vswitchd(peer: &mut Peer, ovs: &Ovs, opts: &PeerOptions) -> Result<(), 
 
 /// Adds the bridge and its ports in one transaction (type, fixed OpenFlow number, VLAN tag),
 /// then replaces the flows with a single `actions=NORMAL` (MAC learning).
-fn add_bridge(ovs: &Ovs, opts: &PeerOptions, names: &[String]) -> Result<(), String> {
+fn add_bridge(ovs: &Ovs, opts: &PeerOptions, names: &[String]) -> Result<(), CmdError> {
     let br = ovs.bridge.as_str();
     let mut args: Vec<String> = ["add-br", br, "--", "set", "bridge", br, "datapath_type=netdev"]
         .iter()

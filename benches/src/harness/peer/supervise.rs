@@ -15,6 +15,52 @@ use std::time::{Duration, Instant};
 use super::PeerError;
 use crate::harness::sys;
 
+/// Why a short command did not give its output (or failed, for callers that require success).
+#[derive(thiserror::Error, Debug)]
+pub enum CmdError {
+    /// cannot run {program}: {source}
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why it could not be started.
+        source: io::Error,
+    },
+    /// {program} did not finish within {secs} s and was killed
+    #[error("{program} did not finish within {secs} s and was killed")]
+    Timeout {
+        /// The program.
+        program: String,
+        /// The time it was given.
+        secs: u64,
+    },
+    /// waiting for {program}: {source}
+    #[error("waiting for {program}: {source}")]
+    Wait {
+        /// The program.
+        program: String,
+        /// Why waiting failed.
+        source: io::Error,
+    },
+    /// `{command}` failed ({status}): {tail}
+    #[error("`{command}` failed ({status}): {tail}")]
+    Failed {
+        /// The command line, as the user would type it.
+        command: String,
+        /// How it exited.
+        status: ExitStatus,
+        /// The last lines of its output.
+        tail: String,
+    },
+}
+
+impl CmdError {
+    /// The error for `out`, a run of `command` that exited unsuccessfully.
+    pub(super) fn failed(command: impl Into<String>, out: &Output) -> CmdError {
+        CmdError::Failed { command: command.into(), status: out.status, tail: tail(out) }
+    }
+}
+
 pub(super) fn is_executable(p: &Path) -> bool {
     fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
@@ -48,12 +94,12 @@ fn program(cmd: &Command) -> String {
 }
 
 /// Runs a short command to completion with its output captured, killing it after `timeout`.
-/// `Err` says what failed (could not start, timed out); a non-zero exit is *not* an error
+/// `Err` says what failed (could not start, timed out; never [`CmdError::Failed`]); a non-zero exit is *not* an error
 /// here: check `status`.
-pub(super) fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
+pub(super) fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output, CmdError> {
     let name = program(cmd);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run {name}: {e}"))?;
+    let mut child = cmd.spawn().map_err(|source| CmdError::Spawn { program: name.clone(), source })?;
     // Drain both pipes in threads so a chatty command cannot block on a full pipe.
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
         pipe.and_then(|mut p| {
@@ -71,8 +117,8 @@ pub(super) fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output
     let err = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
     let status = match wait_deadline(&mut child, timeout) {
         Ok(Some(st)) => Ok(st),
-        Ok(None) => Err(format!("{name} did not finish within {} s and was killed", timeout.as_secs())),
-        Err(e) => Err(format!("waiting for {name}: {e}")),
+        Ok(None) => Err(CmdError::Timeout { program: name, secs: timeout.as_secs() }),
+        Err(source) => Err(CmdError::Wait { program: name, source }),
     };
     if status.is_err() {
         let _ = child.kill();
@@ -231,7 +277,7 @@ mod tests {
         assert_eq!(tail(&out), "err");
         let t = Instant::now();
         let slow = run_bounded(Command::new("sleep").arg("10"), Duration::from_millis(200));
-        assert!(slow.is_err_and(|e| e.contains("did not finish")));
+        assert!(slow.is_err_and(|e| e.to_string().contains("did not finish")));
         assert!(t.elapsed() < Duration::from_secs(5));
         assert!(run_bounded(&mut Command::new("/nonexistent/program"), Duration::from_secs(1)).is_err());
     }

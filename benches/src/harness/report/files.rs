@@ -1,51 +1,103 @@
 //! Results files: loading them (with the schema version checked) and merging several into one.
 
+use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::harness::results::{Machine, Params, Results, SCHEMA_VERSION};
 use crate::harness::spec::{Rate, Topology};
 
+/// Why results files cannot be used; each names the file and says what was wrong.
+#[derive(thiserror::Error, Debug)]
+pub enum LoadError {
+    /// no results files given; pass one or more files written by `vswitch-bench run --json`
+    #[error("no results files given; pass one or more files written by `vswitch-bench run --json`")]
+    NoFiles,
+    /// cannot read results file {path}: {source}
+    #[error("cannot read results file {}: {source}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why it cannot be read.
+        source: io::Error,
+    },
+    /// {path} is not valid JSON ({source}); expected a file written by `vswitch-bench run --json`
+    #[error("{} is not valid JSON ({source}); expected a file written by `vswitch-bench run --json`", .path.display())]
+    NotJson {
+        /// The file.
+        path: PathBuf,
+        /// Where the JSON breaks.
+        source: serde_json::Error,
+    },
+    /// {path} is not a vswitch-bench results file (it has no "schema" field); expected a file
+    /// written by `vswitch-bench run --json`
+    #[error(
+        "{} is not a vswitch-bench results file (it has no \"schema\" field); expected a file \
+         written by `vswitch-bench run --json`",
+        .path.display()
+    )]
+    NoSchema {
+        /// The file.
+        path: PathBuf,
+    },
+    /// {path} uses results schema version {version}, but this vswitch-bench reads version
+    /// {SCHEMA_VERSION}; use the vswitch-bench that wrote it, or measure again
+    #[error(
+        "{} uses results schema version {version}, but this vswitch-bench reads version \
+         {SCHEMA_VERSION}; use the vswitch-bench that wrote it, or measure again",
+        .path.display()
+    )]
+    OtherVersion {
+        /// The file.
+        path: PathBuf,
+        /// The version it was written with.
+        version: u64,
+    },
+    /// {path} has an invalid "schema" field ({schema}); expected the number {SCHEMA_VERSION}
+    #[error(
+        "{} has an invalid \"schema\" field ({schema}); expected the number {SCHEMA_VERSION}",
+        .path.display()
+    )]
+    BadSchema {
+        /// The file.
+        path: PathBuf,
+        /// The field as found.
+        schema: serde_json::Value,
+    },
+    /// {path} does not match results schema version {SCHEMA_VERSION}: {source}
+    #[error("{} does not match results schema version {SCHEMA_VERSION}: {source}", .path.display())]
+    Mismatch {
+        /// The file.
+        path: PathBuf,
+        /// What does not match.
+        source: serde_json::Error,
+    },
+}
+
 /// Reads and parses results files, checking the schema version of each.
 ///
 /// Errors name the file and say what was wrong: unreadable, not JSON, written by an incompatible
 /// version, or JSON that is not a results file.
-pub fn load(paths: &[PathBuf]) -> Result<Vec<Results>, String> {
+pub fn load(paths: &[PathBuf]) -> Result<Vec<Results>, LoadError> {
     if paths.is_empty() {
-        return Err("no results files given; pass one or more files written by `vswitch-bench run --json`"
-            .to_string());
+        return Err(LoadError::NoFiles);
     }
     paths.iter().map(|p| load_one(p)).collect()
 }
 
 /// Reads and parses one results file.
-fn load_one(path: &Path) -> Result<Results, String> {
-    let shown = path.display();
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read results file {shown}: {e}"))?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        format!("{shown} is not valid JSON ({e}); expected a file written by `vswitch-bench run --json`")
-    })?;
-    let schema = value.get("schema").ok_or_else(|| {
-        format!(
-            "{shown} is not a vswitch-bench results file (it has no \"schema\" field); expected a file \
-             written by `vswitch-bench run --json`"
-        )
-    })?;
+fn load_one(path: &Path) -> Result<Results, LoadError> {
+    let path_buf = || path.to_path_buf();
+    let text =
+        std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path_buf(), source })?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| LoadError::NotJson { path: path_buf(), source })?;
+    let schema = value.get("schema").ok_or_else(|| LoadError::NoSchema { path: path_buf() })?;
     match schema.as_u64() {
         Some(v) if v == u64::from(SCHEMA_VERSION) => {}
-        Some(v) => {
-            return Err(format!(
-                "{shown} uses results schema version {v}, but this vswitch-bench reads version \
-                 {SCHEMA_VERSION}; use the vswitch-bench that wrote it, or measure again"
-            ))
-        }
-        None => {
-            return Err(format!(
-                "{shown} has an invalid \"schema\" field ({schema}); expected the number {SCHEMA_VERSION}"
-            ))
-        }
+        Some(version) => return Err(LoadError::OtherVersion { path: path_buf(), version }),
+        None => return Err(LoadError::BadSchema { path: path_buf(), schema: schema.clone() }),
     }
-    serde_json::from_value(value)
-        .map_err(|e| format!("{shown} does not match results schema version {SCHEMA_VERSION}: {e}"))
+    serde_json::from_value(value).map_err(|source| LoadError::Mismatch { path: path_buf(), source })
 }
 
 /// Merges results files: the machine and parameters of the first, the runs of all, in order.
@@ -116,24 +168,24 @@ mod tests {
     fn load_errors_name_the_file_and_the_problem() {
         let d = temp_dir("errors");
         let missing = d.join("missing.json");
-        let e = load(&[missing]).unwrap_err();
+        let e = load(&[missing]).unwrap_err().to_string();
         assert!(e.contains("cannot read results file") && e.contains("missing.json"), "{e}");
 
         let bad = d.join("bad.json");
         std::fs::write(&bad, "{ not json").unwrap();
-        let e = load(&[bad]).unwrap_err();
+        let e = load(&[bad]).unwrap_err().to_string();
         assert!(e.contains("bad.json is not valid JSON"), "{e}");
 
         let noschema = d.join("noschema.json");
         std::fs::write(&noschema, "{\"runs\": []}").unwrap();
-        let e = load(&[noschema]).unwrap_err();
+        let e = load(&[noschema]).unwrap_err().to_string();
         assert!(e.contains("noschema.json is not a vswitch-bench results file"), "{e}");
 
         let mut v = serde_json::to_value(results(sample_runs())).unwrap();
         v["schema"] = serde_json::json!(SCHEMA_VERSION + 1);
         let newer = d.join("newer.json");
         std::fs::write(&newer, v.to_string()).unwrap();
-        let e = load(&[newer]).unwrap_err();
+        let e = load(&[newer]).unwrap_err().to_string();
         assert!(
             e.contains("newer.json uses results schema version 2") && e.contains("reads version 1"),
             "{e}"
@@ -143,10 +195,10 @@ mod tests {
         v["runs"][0]["size"] = serde_json::json!("huge");
         let wrong = d.join("wrong.json");
         std::fs::write(&wrong, v.to_string()).unwrap();
-        let e = load(&[wrong]).unwrap_err();
+        let e = load(&[wrong]).unwrap_err().to_string();
         assert!(e.contains("wrong.json does not match results schema version 1"), "{e}");
 
-        assert!(load(&[]).unwrap_err().contains("no results files"));
+        assert!(load(&[]).unwrap_err().to_string().contains("no results files"));
         let _ = std::fs::remove_dir_all(&d);
     }
 }

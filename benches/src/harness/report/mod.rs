@@ -16,7 +16,7 @@ mod table;
 #[cfg(test)]
 mod testdata;
 
-pub use files::{load, merge};
-pub use plot::write_svg;
+pub use files::{load, merge, LoadError};
+pub use plot::{write_svg, PlotError};
 pub use stats::{summarize, Summary};
 pub use table::{print_table, warnings};

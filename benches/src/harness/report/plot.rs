@@ -2,7 +2,7 @@
 //! above the latency CDF of each peer × size that timed frames.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -41,12 +41,33 @@ fn color(i: usize, t: f64) -> plotters::style::RGBColor {
 ///
 /// Text is emitted as SVG `<text>` elements and laid out with plotters' built-in size estimate, so
 /// no font files or system font libraries are needed to write the file; the viewer picks the font.
-pub fn write_svg(path: &Path, results: &Results) -> Result<(), String> {
+pub fn write_svg(path: &Path, results: &Results) -> Result<(), PlotError> {
     let summaries = summarize(&results.runs);
     let mut svg = String::new();
     draw_svg(&mut svg, &results.machine, &summaries)
-        .map_err(|e| format!("cannot draw the plot for {}: {e}", path.display()))?;
-    std::fs::write(path, svg).map_err(|e| format!("cannot write the plot to {}: {e}", path.display()))
+        .map_err(|source| PlotError::Draw { path: path.to_path_buf(), source })?;
+    std::fs::write(path, svg).map_err(|source| PlotError::Write { path: path.to_path_buf(), source })
+}
+
+/// Why the plot was not written.
+#[derive(thiserror::Error, Debug)]
+pub enum PlotError {
+    /// cannot draw the plot for {path}: {source}
+    #[error("cannot draw the plot for {}: {source}", .path.display())]
+    Draw {
+        /// Where it was to go.
+        path: PathBuf,
+        /// What plotters said.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// cannot write the plot to {path}: {source}
+    #[error("cannot write the plot to {}: {source}", .path.display())]
+    Write {
+        /// Where it was to go.
+        path: PathBuf,
+        /// Why it could not be written.
+        source: std::io::Error,
+    },
 }
 
 /// One throughput series: a peer (and topology, when several are present).
@@ -177,7 +198,7 @@ fn draw_svg(
     svg: &mut String,
     machine: &Machine,
     summaries: &[Summary],
-) -> Result<(), Box<dyn std::error::Error>> {
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let layout = Layout::new(machine, summaries);
     let root = SVGBackend::with_string(svg, (PANEL.0, PANEL.1 * 2)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -193,7 +214,7 @@ fn draw_throughput(
     area: &Panel<'_>,
     layout: &Layout<'_>,
     summaries: &[Summary],
-) -> Result<(), Box<dyn std::error::Error>> {
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let series = &layout.series;
     let ymax = summaries.iter().map(|s| s.mpps_max).fold(0.0, f64::max);
     let ymax = if ymax > 0.0 { ymax * 1.15 } else { 1.0 };
@@ -250,7 +271,10 @@ fn draw_throughput(
 }
 
 /// Panel 2: latency CDF, or a note that no run timed frames.
-fn draw_latency(area: &Panel<'_>, layout: &Layout<'_>) -> Result<(), Box<dyn std::error::Error>> {
+fn draw_latency(
+    area: &Panel<'_>,
+    layout: &Layout<'_>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let caption = format!("One-way latency CDF, {}", layout.title);
     let timed = &layout.timed;
     if timed.is_empty() {
@@ -337,7 +361,7 @@ mod tests {
 
         write_svg(&d.join("empty.svg"), &results(Vec::new())).unwrap();
         let e = write_svg(&d.join("no/such/dir/x.svg"), &results(sample_runs())).unwrap_err();
-        assert!(e.contains("cannot write the plot to"), "{e}");
+        assert!(e.to_string().contains("cannot write the plot to"), "{e}");
         if std::env::var_os("REPORT_SVG_KEEP").is_some() {
             let _ = std::fs::copy(&p, std::env::temp_dir().join("vswitch-report-example.svg"));
         } else {
