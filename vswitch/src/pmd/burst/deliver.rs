@@ -1,8 +1,9 @@
 use super::*;
+use crate::clock::now_ns;
 use crate::l2::flow::{flow_hash, FLOW_LOOK};
 use crate::l2::VlanMode;
 use crate::offload::{self, How};
-use crate::policy::{now_ns, Held};
+use crate::policy::Held;
 use crate::virtio::{QueueStats, VirtQueue};
 use shaping::Shaper;
 

@@ -1,7 +1,7 @@
 use super::*;
 use iommu::{Access, FaultReason, GrantWriter};
 
-use crate::policy::now_ns;
+use crate::clock::now_ns;
 use crate::vhost::iotlb::{MISS_TIMEOUT_NS, PARK_MAX};
 use crate::virtio::{QueueStats, VirtQueue};
 
