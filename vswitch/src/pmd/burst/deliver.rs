@@ -8,7 +8,7 @@ use crate::virtio::{QueueStats, VirtQueue};
 use shaping::Shaper;
 
 use super::super::copy::{out_len, read_bytes, Frame};
-use super::fill::{Tally, Unit};
+use super::fill::Tally;
 use super::shaped::release_held;
 use super::viommu::{drain_parked, has_parked};
 
