@@ -124,7 +124,7 @@ impl Switch {
     /// Starts polling threads, the control thread and every configured port.
     pub fn start(cfg: SwitchConfig) -> Result<Switch, SwitchError> {
         // Calibrate the policy clock here, not in a polling thread's first burst.
-        crate::policy::now_ns();
+        crate::clock::now_ns();
         cfg.validate()?;
         let poll = Poll::new().map_err(SwitchError::Start)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(SwitchError::Start)?);
@@ -377,7 +377,7 @@ impl Control {
 
     /// Rings waiting for an IOTLB translation ask again (see `VhostDevice::retry_waiting`).
     fn retry_iotlb(&mut self) {
-        let now = crate::policy::now_ns();
+        let now = crate::clock::now_ns();
         let mut waiting = false;
         for st in self.ports.values() {
             if st.conn.is_some() {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use crate::pmd::{ticks, ticks_per_us};
+use crate::clock::{ticks, ticks_per_us};
 
 /// Longest a write to a guest's eventfd may block before it is interrupted.
 pub const FD_BOUND: Duration = Duration::from_millis(20);

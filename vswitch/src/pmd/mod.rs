@@ -420,29 +420,4 @@ fn pin_to(core: usize) {
     }
 }
 
-/// `ticks()` per microsecond, measured once against the monotonic clock (over 20 ms).
-pub fn ticks_per_us() -> u64 {
-    static RATE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *RATE.get_or_init(|| {
-        let (t0, i0) = (ticks(), Instant::now());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        let (dt, di) = (ticks().wrapping_sub(t0), i0.elapsed().as_nanos().max(1) as u64);
-        (dt.saturating_mul(1000) / di).max(1)
-    })
-}
-
-/// TSC ticks (x86-64), nanoseconds elsewhere.
-#[inline(always)]
-pub fn ticks() -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: rdtsc has no preconditions.
-    unsafe {
-        core::arch::x86_64::_rdtsc()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        use std::sync::OnceLock;
-        static T0: OnceLock<Instant> = OnceLock::new();
-        T0.get_or_init(Instant::now).elapsed().as_nanos() as u64
-    }
-}
+pub use crate::clock::{ticks, ticks_per_us};

@@ -23,8 +23,7 @@ pub mod spoof;
 pub mod units;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
-use std::time::Instant;
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use shaping::{Policer, RateLimiter, Shaper, SrTcm, TrTcm};
@@ -177,52 +176,7 @@ impl PolicyConfig {
     }
 }
 
-/// Nanoseconds on the switch's policy clock (monotonic). Read once per burst, so it must be
-/// cheap: on x86-64 with an invariant TSC it is the TSC scaled by a factor measured against
-/// the monotonic clock once (about 20 ns cheaper than `clock_gettime` here); elsewhere it is
-/// `Instant`. Call it once before traffic starts (the switch does) to take the calibration's
-/// 20 ms off the datapath.
-#[inline]
-pub fn now_ns() -> u64 {
-    static CLOCK: OnceLock<TscClock> = OnceLock::new();
-    CLOCK.get_or_init(TscClock::calibrate).now_ns()
-}
-
-struct TscClock {
-    origin: Instant,
-    /// (ticks at calibration start, nanoseconds per tick × 2³²), when the TSC can be used.
-    tsc: Option<(u64, u64)>,
-}
-
-impl TscClock {
-    fn calibrate() -> Self {
-        let origin = Instant::now();
-        let invariant = std::fs::read_to_string("/proc/cpuinfo")
-            .map(|c| c.contains(" constant_tsc") && c.contains(" nonstop_tsc"))
-            .unwrap_or(false);
-        if !cfg!(target_arch = "x86_64") || !invariant {
-            return TscClock { origin, tsc: None };
-        }
-        let (t0, c0) = (Instant::now(), crate::pmd::ticks());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        let (dt, dc) = (t0.elapsed().as_nanos() as u64, crate::pmd::ticks().wrapping_sub(c0));
-        if dc == 0 {
-            return TscClock { origin, tsc: None };
-        }
-        let per_tick = ((dt as u128) << 32) / dc as u128;
-        TscClock { origin, tsc: Some((c0, per_tick as u64)) }
-    }
-
-    #[inline]
-    fn now_ns(&self) -> u64 {
-        match self.tsc {
-            Some((c0, per_tick)) => {
-                ((crate::pmd::ticks().wrapping_sub(c0) as u128 * per_tick as u128) >> 32) as u64
-            }
-            None => self.origin.elapsed().as_nanos() as u64,
-        }
-    }
-}
+pub use crate::clock::now_ns;
 
 /// What a port's sending side checks.
 #[derive(Default)]
@@ -432,14 +386,6 @@ mod tests {
         assert!(c.limiter(0).unwrap_err().contains("below 1518"));
         let c = ShaperConfig { rate: BitRate(1_000_000), burst: None, queue: Some(0), pps: None };
         assert!(c.limiter(0).unwrap_err().contains("outside 1..4096"));
-    }
-
-    #[test]
-    fn test_policy_clock_keeps_time_with_the_monotonic_clock() {
-        let (a, t) = (now_ns(), Instant::now());
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let (d, real) = (now_ns() - a, t.elapsed().as_nanos() as u64);
-        assert!(d.abs_diff(real) < real / 50, "policy clock {d} ns vs monotonic {real} ns");
     }
 
     #[test]

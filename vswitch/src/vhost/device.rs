@@ -359,7 +359,7 @@ impl VhostDevice {
             Err(RingError::Miss { what, iova, write }) => {
                 // Starts when the translation arrives (see `iotlb_msg`).
                 tracing::debug!(port = %self.port.name, queue = idx, "{what} ring at IOVA {iova:#x} not in the IOTLB yet: asking");
-                let now = crate::policy::now_ns();
+                let now = crate::clock::now_ns();
                 self.vrings[idx].waiting_iotlb = true;
                 self.vrings[idx].asked = now;
                 self.vrings[idx].missing = (iova, write);

@@ -1,8 +1,8 @@
 use super::*;
 use shaping::Colour;
 
+use crate::clock::now_ns;
 use crate::l2::{is_group, Mac};
-use crate::policy::now_ns;
 use crate::policy::spoof::{SpoofReason, Verdict};
 
 impl Datapath {

@@ -1,13 +1,14 @@
 use super::*;
+use crate::clock::now_ns;
 use crate::l2::flow::{flow_hash, FLOW_LOOK};
 use crate::l2::VlanMode;
 use crate::offload::{self, How};
-use crate::policy::{now_ns, Held};
+use crate::policy::Held;
 use crate::virtio::{QueueStats, VirtQueue};
 use shaping::Shaper;
 
 use super::super::copy::{out_len, read_bytes, Frame};
-use super::fill::{Tally, Unit};
+use super::fill::Tally;
 use super::shaped::release_held;
 use super::viommu::{drain_parked, has_parked};
 

@@ -3,10 +3,10 @@ use shaping::{Offer, Shaper};
 
 use crate::offload::{self, How};
 use crate::policy::Held;
-use crate::virtio::chain::ChainError;
-use crate::virtio::{walk_chain, VirtQueue};
+use crate::virtio::VirtQueue;
 
 use super::super::copy::{copy_frame, Frame};
+use super::rxbufs::{push_used_spread, take_one_rx, take_rx};
 use super::viommu::{has_parked, rx_misses};
 
 /// Starts fetching a destination buffer's first lines: the line(s) the frame will fill for
@@ -176,17 +176,6 @@ impl Datapath {
     }
 }
 
-/// One thing to deliver into one receive queue: a packet, or one segment of it.
-#[derive(Clone, Copy)]
-pub(super) struct Unit {
-    pub(super) pkt: usize,
-    pub(super) edit: TagEdit,
-    /// 0: the whole packet; k: segment k - 1.
-    pub(super) seg: u16,
-    /// Bytes after the receiver's virtio-net header.
-    pub(super) wire_len: u32,
-}
-
 /// What one delivery into one queue did.
 #[derive(Default)]
 pub(super) struct Tally {
@@ -202,80 +191,4 @@ pub(super) struct Tally {
     pub(super) whole: u64,
     pub(super) segmented: u64,
     pub(super) completed: u64,
-}
-
-/// The usual case: the next receive chain is one buffer with room for `need` bytes. Leaves
-/// the ring untouched otherwise (the general `take_rx` decides).
-#[inline(always)]
-pub(super) fn take_one_rx(rq: &mut VirtQueue, need: u32) -> Option<(u16, Grant<Rw>)> {
-    if rq.ring.avail_pending().ok()? == 0 {
-        return None;
-    }
-    let head = rq.ring.peek_head(0);
-    if head >= rq.ring.size() {
-        return None;
-    }
-    let d = rq.ring.desc(head);
-    if d.flags != crate::virtio::ring::DESC_F_WRITE || d.len < need {
-        return None;
-    }
-    let g = rq.dma.grant::<Rw>(d.addr, d.len).ok()?;
-    rq.ring.pop_head();
-    Some((head, g))
-}
-
-/// Reserves receive buffers for `need` bytes: one chain, or several with MRG_RXBUF.
-/// On shortage the chains taken go back to the available ring untouched.
-pub(super) fn take_rx(
-    rq: &mut VirtQueue,
-    need: u32,
-    segs: &mut [Grant<Rw>; RX_SEGS],
-    chains: &mut [(u16, u32); MAX_RX_CHAINS],
-) -> Result<(usize, usize), RxFail> {
-    let (mut nseg, mut nch, mut cap) = (0usize, 0usize, 0u32);
-    while cap < need {
-        let limit = if rq.mrg_rxbuf { MAX_RX_CHAINS } else { 1 };
-        let pending = rq.ring.avail_pending().unwrap_or_else(|_| {
-            rq.broken = true;
-            0
-        });
-        if nch == limit || pending == 0 || nseg == RX_SEGS {
-            rq.ring.unpop(nch as u16);
-            return Err(RxFail::NoBuffer);
-        }
-        let head = rq.ring.pop_head();
-        match walk_chain(&rq.ring, &mut rq.dma, head, rq.indirect, u32::MAX >> 1, &mut segs[nseg..]) {
-            Ok(ch) => {
-                chains[nch] = (head, ch.len);
-                nch += 1;
-                nseg += ch.nseg as usize;
-                cap = cap.saturating_add(ch.len);
-            }
-            Err(ChainError::Miss { iova }) => {
-                rq.ring.unpop(nch as u16 + 1);
-                return Err(RxFail::Miss(iova));
-            }
-            Err(e) => {
-                // A bad buffer is consumed (returned empty) along with any taken before it:
-                // the guest sees zero-length completions, never our bytes in a bad place.
-                if e != ChainError::BadHead {
-                    chains[nch] = (head, 0);
-                    nch += 1;
-                }
-                return Err(RxFail::Malformed(nch));
-            }
-        }
-    }
-    Ok((nseg, nch))
-}
-
-/// Used entries for a packet spread over `chains` (head, capacity): each buffer reports
-/// what it holds of the `wrote` bytes.
-pub(super) fn push_used_spread(rq: &mut VirtQueue, chains: &[(u16, u32)], wrote: u32) {
-    let mut left = wrote;
-    for &(head, cap) in chains {
-        let k = left.min(cap);
-        rq.ring.push_used(head, k);
-        left -= k;
-    }
 }

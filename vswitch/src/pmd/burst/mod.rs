@@ -17,6 +17,7 @@ mod describe;
 mod fill;
 mod receive;
 mod render;
+mod rxbufs;
 mod send;
 mod shaped;
 mod viommu;
@@ -288,4 +289,15 @@ impl SrcCounts {
         bump(&s.drop_policy, self.policy);
         bump(&s.kernel_copies, self.kernel_copies);
     }
+}
+
+/// One thing to deliver into one receive queue: a packet, or one segment of it.
+#[derive(Clone, Copy)]
+pub(super) struct Unit {
+    pub(super) pkt: usize,
+    pub(super) edit: TagEdit,
+    /// 0: the whole packet; k: segment k - 1.
+    pub(super) seg: u16,
+    /// Bytes after the receiver's virtio-net header.
+    pub(super) wire_len: u32,
 }

@@ -88,7 +88,7 @@ pub(super) fn batch_hold(q: &mut VirtQueue, n: usize, b: &mut Batching) -> Optio
         q.wait_since = 0;
         return Some((n - full).min(BURST));
     }
-    let now = crate::pmd::ticks();
+    let now = crate::clock::ticks();
     if q.wait_since == 0 {
         q.wait_since = now;
         b.holds += 1;

@@ -1,7 +1,8 @@
 use super::*;
 use shaping::Shaper;
 
-use crate::policy::{now_ns, Held};
+use crate::clock::now_ns;
+use crate::policy::Held;
 use crate::virtio::VirtQueue;
 
 impl Datapath {

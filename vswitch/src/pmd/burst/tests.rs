@@ -3,11 +3,11 @@ use std::collections::HashMap;
 
 use super::viommu::{drain_parked, rx_lookahead, LOOKAHEAD};
 use super::*;
+use crate::clock::now_ns;
 use crate::l2::vlan::VlanSet;
 use crate::l2::VlanMode;
 use crate::offload::csum::Sum;
 use crate::offload::{self, Caps, NetHdr};
-use crate::policy::now_ns;
 use crate::virtio::mock::{MockGuest, MockRing};
 use crate::virtio::ring::DESC_F_WRITE;
 use crate::virtio::VirtQueue;

@@ -1,11 +1,11 @@
 use super::*;
 use iommu::{Access, FaultReason, GrantWriter};
 
-use crate::policy::now_ns;
+use crate::clock::now_ns;
 use crate::vhost::iotlb::{MISS_TIMEOUT_NS, PARK_MAX};
 use crate::virtio::{QueueStats, VirtQueue};
 
-use super::fill::{push_used_spread, take_rx, Unit};
+use super::rxbufs::{push_used_spread, take_rx};
 
 impl Datapath {
     /// Looks at the receive buffers guests behind a vIOMMU posted since the last look and asks
