@@ -100,6 +100,14 @@ pub enum ConfigError {
         /// What is wrong.
         why: String,
     },
+    /// refused policy
+    #[error("port '{port}': {source}")]
+    Policy {
+        /// Port name.
+        port: String,
+        /// What is wrong.
+        source: crate::policy::PolicyError,
+    },
     /// unreadable file
     #[error("cannot read config file {path}: {source}")]
     Read {
@@ -169,7 +177,7 @@ impl PortConfig {
                 Some(("mac", v)) => pc.mac = Some(v.to_string()),
                 Some(("mtu", v)) => pc.mtu = Some(v.parse().map_err(|_| bad("mtu must be a number"))?),
                 Some(("police", v)) => {
-                    let rate = v.parse::<BitRate>().map_err(|e| bad(&e))?;
+                    let rate = v.parse::<BitRate>().map_err(|e| bad(&e.to_string()))?;
                     pc.ingress = Some(PolicerConfig {
                         rate,
                         burst: None,
@@ -179,7 +187,7 @@ impl PortConfig {
                     });
                 }
                 Some(("shape", v)) => {
-                    let rate = v.parse::<BitRate>().map_err(|e| bad(&e))?;
+                    let rate = v.parse::<BitRate>().map_err(|e| bad(&e.to_string()))?;
                     pc.egress = Some(ShaperConfig { rate, burst: None, queue: None, pps: None });
                 }
                 None if opt == "anti-spoof" => pc.anti_spoof = Some(SpoofConfig::default()),
@@ -252,7 +260,9 @@ impl PortConfig {
         if let Some(m) = &self.mac {
             parse_mac(m).ok_or_else(|| err(format!("mac '{m}' is not of the form 52:54:00:12:34:56")))?;
         }
-        self.policy().validate(self.mac_bytes()).map_err(err)?;
+        self.policy()
+            .validate(self.mac_bytes())
+            .map_err(|source| ConfigError::Policy { port: self.name.clone(), source })?;
         Ok(())
     }
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use crossbeam_utils::CachePadded;
 
 use crate::l2::VlanMode;
-use crate::policy::{PolicyConfig, PortPolicy};
+use crate::policy::{PolicyConfig, PolicyError, PortPolicy};
 use crate::sync::{Spin, SpinGuard};
 use crate::uplink::tap::TapQueue;
 use crate::virtio::queue::CallFault;
@@ -221,7 +221,7 @@ impl Port {
 
     /// Changes the port's policy at run time, without touching its connection. Everything is
     /// validated first: a refused change leaves the old policy in force.
-    pub fn set_policy(&self, cfg: &PolicyConfig) -> Result<(), String> {
+    pub fn set_policy(&self, cfg: &PolicyConfig) -> Result<(), PolicyError> {
         cfg.validate(self.mac)?;
         self.policy.apply_ingress(cfg, self.mac)?;
         if cfg.egress.is_none() {

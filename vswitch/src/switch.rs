@@ -494,7 +494,8 @@ impl Control {
         let mut port = Port::new(id, cfg.name.clone(), cfg.vlan_mode(), cfg.mac_bytes(), cfg.queues);
         port.offloads = cfg.offloads;
         let port = Arc::new(port);
-        port.set_policy(&cfg.policy()).map_err(|why| ConfigError::Port { port: cfg.name.clone(), why })?;
+        port.set_policy(&cfg.policy())
+            .map_err(|source| ConfigError::Policy { port: cfg.name.clone(), source })?;
         let device = VhostDevice::new(port.clone(), self.wake_pmds.clone()).with_mem_policy(self.mem_policy);
         let device = Arc::new(Mutex::new(device));
         let mut listener = None;
@@ -575,7 +576,7 @@ impl Control {
     /// Replaces a port's policy while its guest stays connected.
     fn set_policy(&mut self, name: &str, policy: PolicyConfig) -> Result<PolicyReport, SwitchError> {
         let st = self.port_named(name)?;
-        st.port.set_policy(&policy).map_err(|why| ConfigError::Port { port: name.into(), why })?;
+        st.port.set_policy(&policy).map_err(|source| ConfigError::Policy { port: name.into(), source })?;
         st.cfg.set_policy(policy);
         tracing::info!(port = %name, "policy changed");
         self.policy_report(name)

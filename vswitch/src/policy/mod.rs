@@ -19,6 +19,7 @@
 //! burst. A polling thread takes each lock here once per burst, and only for ports that have a
 //! policy (one relaxed load otherwise).
 
+pub mod error;
 pub mod spoof;
 pub mod units;
 
@@ -29,8 +30,9 @@ use serde::{Deserialize, Serialize};
 use shaping::{Policer, RateLimiter, Shaper, SrTcm, TrTcm};
 
 use crate::sync::Spin;
+pub use error::PolicyError;
 use spoof::{SpoofConfig, SpoofFilter, SpoofReason};
-pub use units::{BitRate, ByteSize};
+pub use units::{BitRate, ByteSize, UnitError};
 
 /// Smallest burst accepted: a full-size Ethernet frame (a smaller one could never pass it).
 pub const MIN_BURST: u64 = 1518;
@@ -97,46 +99,41 @@ fn default_burst(rate: BitRate) -> u64 {
     (rate.0 / 800).max(2 * 9220)
 }
 
-fn check_burst(what: &str, b: u64) -> Result<u64, String> {
-    if b < MIN_BURST {
-        return Err(format!("{what} burst {b} B is below {MIN_BURST} B: a full-size frame could never pass"));
+fn check_burst(what: &'static str, burst: u64) -> Result<u64, PolicyError> {
+    if burst < MIN_BURST {
+        return Err(PolicyError::BurstTooSmall { what, burst, min: MIN_BURST });
     }
-    Ok(b)
+    Ok(burst)
 }
 
-fn check_rate(what: &str, r: BitRate) -> Result<u64, String> {
+fn check_rate(what: &'static str, r: BitRate) -> Result<u64, PolicyError> {
     if r.0 == 0 {
-        return Err(format!("{what} rate must be above 0 (remove the {what} setting for no limit)"));
+        return Err(PolicyError::ZeroRate { what });
     }
     Ok(r.0)
 }
 
 impl PolicerConfig {
     /// Builds the policer these settings describe.
-    pub fn build(&self, now_ns: u64) -> Result<Policer, String> {
+    pub fn build(&self, now_ns: u64) -> Result<Policer, PolicyError> {
         let rate = check_rate("ingress", self.rate)?;
         let cbs = check_burst("ingress", self.burst.map_or(default_burst(self.rate), |b| b.0))?;
-        let e = |e: shaping::BucketError| format!("ingress policer: {e}");
-        let mut p =
-            match (self.excess_burst, self.excess_rate) {
-                (None, None) => {
-                    let mut l = RateLimiter::bits(rate, cbs).map_err(e)?;
-                    if let Some(pps) = self.pps {
-                        l = l.with_packets(pps, (pps / 100).max(32)).map_err(e)?;
-                    }
-                    Policer::Single(l.starting_at(now_ns))
+        let e = |source| PolicyError::Bucket { what: "ingress policer", source };
+        let mut p = match (self.excess_burst, self.excess_rate) {
+            (None, None) => {
+                let mut l = RateLimiter::bits(rate, cbs).map_err(e)?;
+                if let Some(pps) = self.pps {
+                    l = l.with_packets(pps, (pps / 100).max(32)).map_err(e)?;
                 }
-                _ if self.pps.is_some() => return Err(
-                    "ingress: pps applies to the single-rate policer only (drop excess_burst/excess_rate, \
-                            or pps)"
-                        .into(),
-                ),
-                (Some(ebs), None) => Policer::SrTcm(SrTcm::new(rate, cbs, ebs.0).map_err(e)?),
-                (ebs, Some(eir)) => {
-                    let ebs = ebs.map_or(default_burst(eir), |b| b.0);
-                    Policer::TrTcm(TrTcm::new(rate, cbs, eir.0, ebs).map_err(e)?)
-                }
-            };
+                Policer::Single(l.starting_at(now_ns))
+            }
+            _ if self.pps.is_some() => return Err(PolicyError::PpsNeedsSingleRate),
+            (Some(ebs), None) => Policer::SrTcm(SrTcm::new(rate, cbs, ebs.0).map_err(e)?),
+            (ebs, Some(eir)) => {
+                let ebs = ebs.map_or(default_burst(eir), |b| b.0);
+                Policer::TrTcm(TrTcm::new(rate, cbs, eir.0, ebs).map_err(e)?)
+            }
+        };
         p.advance(now_ns);
         Ok(p)
     }
@@ -144,17 +141,17 @@ impl PolicerConfig {
 
 impl ShaperConfig {
     /// The rate limiter and queue bound these settings describe.
-    pub fn limiter(&self, now_ns: u64) -> Result<(RateLimiter, usize), String> {
+    pub fn limiter(&self, now_ns: u64) -> Result<(RateLimiter, usize), PolicyError> {
         let rate = check_rate("egress", self.rate)?;
         let burst = check_burst("egress", self.burst.map_or(default_burst(self.rate), |b| b.0))?;
-        let e = |e: shaping::BucketError| format!("egress shaper: {e}");
+        let e = |source| PolicyError::Bucket { what: "egress shaper", source };
         let mut l = RateLimiter::bits(rate, burst).map_err(e)?;
         if let Some(pps) = self.pps {
             l = l.with_packets(pps, (pps / 100).max(32)).map_err(e)?;
         }
         let q = self.queue.unwrap_or(DEFAULT_SHAPER_QUEUE);
         if !(1..=MAX_SHAPER_QUEUE).contains(&q) {
-            return Err(format!("egress queue {q} is outside 1..{MAX_SHAPER_QUEUE} packets"));
+            return Err(PolicyError::QueueRange { queue: q, max: MAX_SHAPER_QUEUE });
         }
         Ok((l.starting_at(now_ns), q as usize))
     }
@@ -162,7 +159,7 @@ impl ShaperConfig {
 
 impl PolicyConfig {
     /// Checks every part (what `apply` would refuse).
-    pub fn validate(&self, port_mac: [u8; 6]) -> Result<(), String> {
+    pub fn validate(&self, port_mac: [u8; 6]) -> Result<(), PolicyError> {
         if let Some(i) = &self.ingress {
             i.build(0)?;
         }
@@ -315,7 +312,7 @@ impl PortPolicy {
 
     /// Installs the ingress side of `cfg` (policer, anti-spoofing). Validates everything first,
     /// so a refused change leaves the old settings whole.
-    pub(crate) fn apply_ingress(&self, cfg: &PolicyConfig, port_mac: [u8; 6]) -> Result<(), String> {
+    pub(crate) fn apply_ingress(&self, cfg: &PolicyConfig, port_mac: [u8; 6]) -> Result<(), PolicyError> {
         let now = now_ns();
         let policer = cfg.ingress.as_ref().map(|i| i.build(now)).transpose()?;
         let spoof = cfg.anti_spoof.as_ref().map(|s| SpoofFilter::new(s, port_mac)).transpose()?;
@@ -333,7 +330,7 @@ impl PortPolicy {
     /// Installs the egress side: a new shaper, or new rates for the running one (its held
     /// packets and earned credit kept). Removing the shaper must release what it holds first:
     /// see `Port::set_policy`.
-    pub(crate) fn apply_egress(&self, cfg: Option<&ShaperConfig>) -> Result<(), String> {
+    pub(crate) fn apply_egress(&self, cfg: Option<&ShaperConfig>) -> Result<(), PolicyError> {
         let new = cfg.map(|e| e.limiter(now_ns())).transpose()?;
         let mut g = self.egress.lock();
         match (g.as_mut(), new) {
@@ -374,18 +371,18 @@ mod tests {
         c.excess_rate = Some(BitRate(5_000_000));
         assert!(matches!(c.build(0).unwrap(), Policer::TrTcm(_)));
         c.pps = Some(1000);
-        assert!(c.build(0).unwrap_err().contains("single-rate"));
+        assert!(c.build(0).unwrap_err().to_string().contains("single-rate"));
     }
 
     #[test]
     fn test_bad_settings_are_refused_with_reasons() {
         let c =
             PolicerConfig { rate: BitRate(0), burst: None, excess_burst: None, excess_rate: None, pps: None };
-        assert!(c.build(0).unwrap_err().contains("above 0"));
+        assert!(c.build(0).unwrap_err().to_string().contains("above 0"));
         let c = ShaperConfig { rate: BitRate(1_000_000), burst: Some(ByteSize(100)), queue: None, pps: None };
-        assert!(c.limiter(0).unwrap_err().contains("below 1518"));
+        assert!(c.limiter(0).unwrap_err().to_string().contains("below 1518"));
         let c = ShaperConfig { rate: BitRate(1_000_000), burst: None, queue: Some(0), pps: None };
-        assert!(c.limiter(0).unwrap_err().contains("outside 1..4096"));
+        assert!(c.limiter(0).unwrap_err().to_string().contains("outside 1..4096"));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //!
 //! Without IP checking only the MAC rules apply (the ARP sender MAC included).
 
+use super::error::PolicyError;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -108,29 +109,28 @@ fn mac_at(b: &[u8], at: usize) -> Option<Mac> {
 }
 
 /// Parses `addr` or `addr/len`.
-fn parse_prefix(s: &str) -> Result<(IpAddr, u8), String> {
+fn parse_prefix(s: &str) -> Result<(IpAddr, u8), PolicyError> {
     let (a, len) = match s.split_once('/') {
-        Some((a, l)) => (a, Some(l.parse::<u8>().map_err(|_| format!("'{s}': bad prefix length"))?)),
+        Some((a, l)) => (a, Some(l.parse::<u8>().map_err(|_| PolicyError::BadPrefixLen(s.to_string()))?)),
         None => (s, None),
     };
-    let ip: IpAddr = a.parse().map_err(|_| format!("'{s}' is not an IPv4 or IPv6 address"))?;
+    let ip: IpAddr = a.parse().map_err(|_| PolicyError::BadIp(s.to_string()))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     let len = len.unwrap_or(max);
     if len > max {
-        return Err(format!("'{s}': prefix length {len} is longer than {max}"));
+        return Err(PolicyError::PrefixTooLong { text: s.to_string(), len, max });
     }
     Ok((ip, len))
 }
 
 impl SpoofFilter {
     /// Compiles settings; `port_mac` is the default allowed MAC.
-    pub fn new(cfg: &SpoofConfig, port_mac: [u8; 6]) -> Result<Self, String> {
+    pub fn new(cfg: &SpoofConfig, port_mac: [u8; 6]) -> Result<Self, PolicyError> {
         let mut macs = Vec::new();
         for m in &cfg.macs {
-            let b = parse_mac(m)
-                .ok_or_else(|| format!("allowed MAC '{m}' is not of the form 52:54:00:12:34:56"))?;
+            let b = parse_mac(m).ok_or_else(|| PolicyError::BadMac(m.clone()))?;
             if b[0] & 1 != 0 {
-                return Err(format!("allowed MAC '{m}' is a group address; a guest never sends from one"));
+                return Err(PolicyError::GroupMac(m.clone()));
             }
             macs.push(mac_from_bytes(b));
         }
@@ -510,9 +510,9 @@ mod tests {
             };
             SpoofFilter::new(&cfg, GUEST).unwrap_err()
         };
-        assert!(bad(&["52:54:00"], &[]).contains("not of the form"));
-        assert!(bad(&["01:00:5e:00:00:01"], &[]).contains("group address"));
-        assert!(bad(&[], &["10.0.0.300"]).contains("not an IPv4 or IPv6"));
-        assert!(bad(&[], &["10.0.0.0/33"]).contains("longer than 32"));
+        assert!(bad(&["52:54:00"], &[]).to_string().contains("not of the form"));
+        assert!(bad(&["01:00:5e:00:00:01"], &[]).to_string().contains("group address"));
+        assert!(bad(&[], &["10.0.0.300"]).to_string().contains("not an IPv4 or IPv6"));
+        assert!(bad(&[], &["10.0.0.0/33"]).to_string().contains("longer than 32"));
     }
 }

@@ -22,26 +22,53 @@ enum NumOrText {
     Text(String),
 }
 
+/// A rate or size that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    /// no number
+    #[error("'{0}' does not start with a number")]
+    NotANumber(String),
+    /// too big
+    #[error("'{0}' is out of range")]
+    OutOfRange(String),
+    /// unknown rate unit
+    #[error("'{text}': unknown rate unit '{unit}' (write bits per second, e.g. 800k, 100Mbit, 1.5G)")]
+    RateUnit {
+        /// What the user wrote.
+        text: String,
+        /// The unit in it.
+        unit: String,
+    },
+    /// unknown size unit
+    #[error("'{text}': unknown size unit '{unit}' (write bytes, e.g. 9000, 64KiB, 1MB, 1TiB)")]
+    SizeUnit {
+        /// What the user wrote.
+        text: String,
+        /// The unit in it.
+        unit: String,
+    },
+}
+
 /// Splits `1.5Gbit` into 1.5 and `Gbit`.
-fn split_number(s: &str) -> Result<(f64, &str), String> {
+fn split_number(s: &str) -> Result<(f64, &str), UnitError> {
     let s = s.trim();
     let end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(end);
-    let v: f64 = num.parse().map_err(|_| format!("'{s}' does not start with a number"))?;
+    let v: f64 = num.parse().map_err(|_| UnitError::NotANumber(s.to_string()))?;
     Ok((v, unit.trim()))
 }
 
-fn scaled(v: f64, mult: f64, s: &str) -> Result<u64, String> {
+fn scaled(v: f64, mult: f64, s: &str) -> Result<u64, UnitError> {
     let x = (v * mult).round();
     if !(0.0..1.8e19).contains(&x) {
-        return Err(format!("'{s}' is out of range"));
+        return Err(UnitError::OutOfRange(s.to_string()));
     }
     Ok(x as u64)
 }
 
 impl FromStr for BitRate {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnitError;
+    fn from_str(s: &str) -> Result<Self, UnitError> {
         let (v, unit) = split_number(s)?;
         let prefix = unit.trim_end_matches("bps").trim_end_matches("bit").trim_end_matches("b");
         let mult = match prefix {
@@ -50,19 +77,15 @@ impl FromStr for BitRate {
             "m" | "M" => 1e6,
             "g" | "G" => 1e9,
             "t" | "T" => 1e12,
-            _ => {
-                return Err(format!(
-                    "'{s}': unknown rate unit '{unit}' (write bits per second, e.g. 800k, 100Mbit, 1.5G)"
-                ))
-            }
+            _ => return Err(UnitError::RateUnit { text: s.to_string(), unit: unit.to_string() }),
         };
         scaled(v, mult, s).map(BitRate)
     }
 }
 
 impl FromStr for ByteSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnitError;
+    fn from_str(s: &str) -> Result<Self, UnitError> {
         let (v, unit) = split_number(s)?;
         let mult = match unit.trim_end_matches('B') {
             "" => 1.0,
@@ -74,11 +97,7 @@ impl FromStr for ByteSize {
             "Gi" => 1024.0 * 1024.0 * 1024.0,
             "T" => 1e12,
             "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-            _ => {
-                return Err(format!(
-                    "'{s}': unknown size unit '{unit}' (write bytes, e.g. 9000, 64KiB, 1MB, 1TiB)"
-                ))
-            }
+            _ => return Err(UnitError::SizeUnit { text: s.to_string(), unit: unit.to_string() }),
         };
         scaled(v, mult, s).map(ByteSize)
     }
@@ -112,8 +131,8 @@ impl fmt::Display for ByteSize {
 }
 
 impl TryFrom<NumOrText> for BitRate {
-    type Error = String;
-    fn try_from(v: NumOrText) -> Result<Self, String> {
+    type Error = UnitError;
+    fn try_from(v: NumOrText) -> Result<Self, UnitError> {
         match v {
             NumOrText::Num(n) => Ok(BitRate(n)),
             NumOrText::Text(s) => s.parse(),
@@ -122,8 +141,8 @@ impl TryFrom<NumOrText> for BitRate {
 }
 
 impl TryFrom<NumOrText> for ByteSize {
-    type Error = String;
-    fn try_from(v: NumOrText) -> Result<Self, String> {
+    type Error = UnitError;
+    fn try_from(v: NumOrText) -> Result<Self, UnitError> {
         match v {
             NumOrText::Num(n) => Ok(ByteSize(n)),
             NumOrText::Text(s) => s.parse(),
@@ -154,8 +173,8 @@ mod tests {
         assert_eq!("800kbps".parse::<BitRate>().unwrap(), BitRate(800_000));
         assert_eq!("12345".parse::<BitRate>().unwrap(), BitRate(12345));
         let e = "10 furlongs".parse::<BitRate>().unwrap_err();
-        assert!(e.contains("unknown rate unit"), "{e}");
-        assert!("fast".parse::<BitRate>().unwrap_err().contains("number"));
+        assert!(e.to_string().contains("unknown rate unit"), "{e}");
+        assert!("fast".parse::<BitRate>().unwrap_err().to_string().contains("number"));
     }
 
     #[test]
