@@ -11,12 +11,13 @@
 
 use std::sync::Arc;
 
+use virtq::mock::{MockGuest, MockRing};
+use virtq::ring::DESC_F_WRITE;
 use vswitch::l2::{Fdb, VlanMode};
 use vswitch::pmd::burst::Datapath;
 use vswitch::pmd::ticks;
 use vswitch::port::Port;
-use vswitch::virtio::mock::{MockGuest, MockRing};
-use vswitch::virtio::ring::DESC_F_WRITE;
+use vswitch::virtio::mock::MockQueue;
 
 const RING: u16 = 256;
 const BURST: usize = 32;

@@ -1,10 +1,10 @@
 use super::*;
 use shaping::{Offer, Shaper};
+use virtq::{walk_chain, ChainError};
 
 use crate::offload::{self, How};
 use crate::policy::Held;
-use crate::virtio::chain::ChainError;
-use crate::virtio::{walk_chain, VirtQueue};
+use crate::virtio::VirtQueue;
 
 use super::super::copy::{copy_frame, Frame};
 use super::viommu::{has_parked, rx_misses};
@@ -216,7 +216,7 @@ pub(super) fn take_one_rx(rq: &mut VirtQueue, need: u32) -> Option<(u16, Grant<R
         return None;
     }
     let d = rq.ring.desc(head);
-    if d.flags != crate::virtio::ring::DESC_F_WRITE || d.len < need {
+    if d.flags != virtq::ring::DESC_F_WRITE || d.len < need {
         return None;
     }
     let g = rq.dma.grant::<Rw>(d.addr, d.len).ok()?;

@@ -11,6 +11,8 @@ use std::sync::atomic::{fence, AtomicU16, Ordering};
 
 use iommu::{Access, Dma, DmaError};
 
+use crate::state::RingState;
+
 /// `VRING_DESC_F_NEXT`: the chain continues at `next`.
 pub const DESC_F_NEXT: u16 = 1;
 /// `VRING_DESC_F_WRITE`: the device writes this buffer.
@@ -48,17 +50,6 @@ pub struct RingAddrs {
     pub avail: u64,
     /// Used ring.
     pub used: u64,
-}
-
-/// The part of a ring's state that is not in guest memory: what must move when a queue changes
-/// hands (a polling thread, an accelerator, a reconnect) for nothing to be lost or repeated.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RingState {
-    /// Next available-ring entry the device will consume.
-    pub last_avail: u16,
-    /// Next used-ring entry the device will fill. On (re)start this is read back from the
-    /// used ring itself, which is authoritative.
-    pub used_idx: u16,
 }
 
 /// Why a ring could not be set up or had to be stopped.
@@ -115,8 +106,9 @@ pub struct SplitRing {
 
 const _: () = assert!(std::mem::size_of::<SplitRing>() <= 64);
 
-// SAFETY: the pointers refer to guest memory kept mapped by the `VirtQueue` that owns this ring;
-// a ring is used by one thread at a time (its queue slot's lock).
+// SAFETY: the pointers refer to guest memory that the ring's owner keeps mapped (it holds the
+// `Dma`, and so the address space, the ring was translated through: the switch's `VirtQueue`, or
+// an accelerator's queue); a ring is used by one thread at a time (its owner's lock).
 unsafe impl Send for SplitRing {}
 
 impl SplitRing {
