@@ -13,17 +13,22 @@ use iommu::{Access, Dma, DmaError};
 
 use crate::state::RingState;
 
+use virtio_bindings::virtio_ring::{
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+};
+
 /// `VRING_DESC_F_NEXT`: the chain continues at `next`.
-pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
 /// `VRING_DESC_F_WRITE`: the device writes this buffer.
-pub const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 /// `VRING_DESC_F_INDIRECT`: the buffer is a table of descriptors.
-pub const DESC_F_INDIRECT: u16 = 4;
+pub const DESC_F_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 /// `VRING_USED_F_NO_NOTIFY`: the device asks the driver not to kick.
-pub const USED_F_NO_NOTIFY: u16 = 1;
+pub const USED_F_NO_NOTIFY: u16 = VRING_USED_F_NO_NOTIFY as u16;
 /// `VRING_AVAIL_F_NO_INTERRUPT`: the driver asks the device not to interrupt.
-pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
-/// Largest split ring the spec allows.
+pub const AVAIL_F_NO_INTERRUPT: u16 = VRING_AVAIL_F_NO_INTERRUPT as u16;
+/// Largest split ring the spec allows (virtio 1.x, 2.7; not in `virtio-bindings`).
 pub const MAX_RING_SIZE: u16 = 32768;
 
 /// One descriptor as the guest laid it out.
@@ -353,4 +358,15 @@ fn map_part(
         return Err(RingError::Misaligned(what));
     }
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_flags_are_the_spec_numbers() {
+        assert_eq!((DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT), (1, 2, 4));
+        assert_eq!((USED_F_NO_NOTIFY, AVAIL_F_NO_INTERRUPT), (1, 1));
+    }
 }
