@@ -1,8 +1,8 @@
 //! A split virtqueue seen from the device side, over host pointers validated once.
 //!
 //! Layout (virtio 1.x, 2.7): descriptor table (16 B × size, align 16), available ring
-//! (flags, idx, ring[size], used_event; align 2), used ring (flags, idx, ring[size] of
-//! {id: u32, len: u32}, avail_event; align 4). Every field the guest writes is read with a
+//! (flags, idx, `ring[size]`, used_event; align 2), used ring (flags, idx, `ring[size]` of
+//! `{id: u32, len: u32}`, avail_event; align 4). Every field the guest writes is read with a
 //! volatile load into a local and checked there; nothing here holds a reference into guest
 //! memory.
 
