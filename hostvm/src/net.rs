@@ -26,6 +26,11 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
+use virtq::features::{
+    NET_F_CSUM, NET_F_GUEST_CSUM, NET_F_GUEST_ECN, NET_F_GUEST_TSO4, NET_F_GUEST_TSO6, NET_F_HOST_ECN,
+    NET_F_HOST_TSO4, NET_F_HOST_TSO6, NET_F_MRG_RXBUF, RING_F_EVENT_IDX, RING_F_INDIRECT_DESC,
+    VHOST_USER_F_PROTOCOL_FEATURES as F_PROTOCOL_FEATURES,
+};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -37,27 +42,25 @@ pub const QUEUES: usize = 2;
 /// Largest queue a guest may configure.
 pub const QUEUE_MAX: u16 = 1024;
 
-/// `VIRTIO_NET_F_MAC`: hostvm serves the MAC from its own config space.
-pub const F_MAC: u64 = 1 << 5;
-/// `VHOST_USER_F_PROTOCOL_FEATURES`.
-const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// `VIRTIO_F_VERSION_1`.
-pub const F_VERSION_1: u64 = 1 << 32;
+pub use virtq::features::F_VERSION_1;
+/// `VIRTIO_NET_F_MAC`: hostvm serves the MAC from its own config space.
+pub use virtq::features::NET_F_MAC as F_MAC;
 
 /// Device features a guest may negotiate with the switch through hostvm: checksum and TSO
 /// offloads, mergeable buffers, event index, indirect descriptors, VERSION_1. Not MQ (one
 /// queue pair per NIC), not ACCESS_PLATFORM (no vIOMMU), not packed rings.
-pub const PASS_FEATURES: u64 = (1 << 0) // CSUM
-    | (1 << 1) // GUEST_CSUM
-    | (1 << 7) // GUEST_TSO4
-    | (1 << 8) // GUEST_TSO6
-    | (1 << 9) // GUEST_ECN
-    | (1 << 11) // HOST_TSO4
-    | (1 << 12) // HOST_TSO6
-    | (1 << 13) // HOST_ECN
-    | (1 << 15) // MRG_RXBUF
-    | (1 << 28) // INDIRECT_DESC
-    | (1 << 29) // EVENT_IDX
+pub const PASS_FEATURES: u64 = NET_F_CSUM
+    | NET_F_GUEST_CSUM
+    | NET_F_GUEST_TSO4
+    | NET_F_GUEST_TSO6
+    | NET_F_GUEST_ECN
+    | NET_F_HOST_TSO4
+    | NET_F_HOST_TSO6
+    | NET_F_HOST_ECN
+    | NET_F_MRG_RXBUF
+    | RING_F_INDIRECT_DESC
+    | RING_F_EVENT_IDX
     | F_VERSION_1;
 
 /// How long a (re)connection may take before the link reports the switch unreachable.

@@ -22,6 +22,7 @@ use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{Frontend as VuFrontend, VhostUserFrontend};
 use vhost::VhostBackend;
 use vswitch::control::{request, PortInfo, Request};
+use vswitch::virtio::features::F_ACCESS_PLATFORM;
 use vswitch_bench::frontend::FrontendConfig;
 use vswitch_bench::harness::peer::vswitch_binary;
 
@@ -101,7 +102,7 @@ fn negotiated(dir: &Scratch, name: &str) -> (UnixStream, VuFrontend) {
     f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     f.set_owner().unwrap();
     // Everything but a vIOMMU (ACCESS_PLATFORM needs the backend channel set up first).
-    let feats = f.get_features().unwrap() & !(1 << 33);
+    let feats = f.get_features().unwrap() & !F_ACCESS_PLATFORM;
     f.set_features(feats).unwrap();
     let pf = f.get_protocol_features().unwrap();
     f.set_protocol_features(pf).unwrap();

@@ -11,6 +11,7 @@ use e2e_tests::{send_raw, wait_until, Scratch};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+use vswitch::virtio::features::{F_VERSION_1, NET_F_MRG_RXBUF, VHOST_USER_F_PROTOCOL_FEATURES};
 use vswitch::{PortConfig, Switch, SwitchConfig};
 
 fn switch(dir: &Scratch, names: &[&str]) -> Switch {
@@ -56,7 +57,7 @@ fn port_still_works(dir: &Scratch, name: &str) {
     let f = Frontend::connect(dir.path(&format!("{name}.sock")), 1).expect("connect");
     f.set_owner().unwrap();
     let feats = f.get_features().unwrap();
-    assert!(feats & (1 << 32) != 0, "VERSION_1 offered");
+    assert!(feats & F_VERSION_1 != 0, "VERSION_1 offered");
 }
 
 #[test]
@@ -217,7 +218,7 @@ fn test_ring_enabled_before_set_features_starts_running() {
         assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 18);
         assert_eq!(u64::from_le_bytes(reply[12..20].try_into().unwrap()), 0, "enable acked as success");
     }
-    f.set_features(feats & ((1 << 32) | (1 << 30) | (1 << 15))).unwrap();
+    f.set_features(feats & (F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | NET_F_MRG_RXBUF)).unwrap();
     let mem = memfd(1 << 20);
     // SAFETY: mapping our own memfd for the frontend's view of guest memory.
     let base = unsafe {

@@ -11,12 +11,13 @@
 
 use std::sync::Arc;
 
+use virtq::mock::{MockGuest, MockRing};
+use virtq::ring::DESC_F_WRITE;
 use vswitch::l2::{Fdb, VlanMode};
 use vswitch::pmd::burst::Datapath;
 use vswitch::pmd::ticks;
 use vswitch::port::Port;
-use vswitch::virtio::mock::{MockGuest, MockRing};
-use vswitch::virtio::ring::DESC_F_WRITE;
+use vswitch::virtio::mock::MockQueue;
 
 const RING: u16 = 256;
 const BURST: usize = 32;
@@ -48,8 +49,8 @@ fn main() {
     let mut dp = Datapath::new(0, fdb);
     let pa = Arc::new(Port::new(0, "a".into(), VlanMode::default(), [0x52, 0, 0, 0, 0, 1], 1));
     let pb = Arc::new(Port::new(1, "b".into(), VlanMode::default(), [0x52, 0, 0, 0, 0, 2], 1));
-    *pa.txq[0].lock() = Some(a.tx.queue(&a.g, true));
-    *pb.rxq[0].lock() = Some(b.rx.queue(&b.g, true));
+    *pa.txq[0].lock() = Some(a.tx.queue(&a.g, true).into());
+    *pb.rxq[0].lock() = Some(b.rx.queue(&b.g, true).into());
     dp.add_port(pa.clone());
     dp.add_port(pb.clone());
     // Frames A→B (B's MAC learned once by a frame from B is not needed: unknown unicast to

@@ -21,24 +21,13 @@ use super::viommu::SharedCtl;
 use super::watchdog::Watchdog;
 use std::sync::{Arc, Mutex};
 
-/// `VIRTIO_NET_F_MAC`.
-pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-/// `VIRTIO_NET_F_MRG_RXBUF`.
-pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
-/// `VIRTIO_NET_F_MQ`.
-pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
-/// `VIRTIO_F_ANY_LAYOUT` (legacy devices).
-pub const VIRTIO_F_ANY_LAYOUT: u64 = 1 << 27;
-/// `VIRTIO_RING_F_INDIRECT_DESC`.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-/// `VIRTIO_RING_F_EVENT_IDX`.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-/// `VHOST_USER_F_PROTOCOL_FEATURES`.
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-/// `VIRTIO_F_VERSION_1`.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// `VIRTIO_F_ACCESS_PLATFORM` (the device sits behind a vIOMMU).
-pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
+// The feature bits (masks) under their spec names: virtq's, the workspace's one copy.
+pub use virtq::features::{
+    F_ACCESS_PLATFORM as VIRTIO_F_ACCESS_PLATFORM, F_ANY_LAYOUT as VIRTIO_F_ANY_LAYOUT,
+    F_VERSION_1 as VIRTIO_F_VERSION_1, NET_F_MAC as VIRTIO_NET_F_MAC, NET_F_MQ as VIRTIO_NET_F_MQ,
+    NET_F_MRG_RXBUF as VIRTIO_NET_F_MRG_RXBUF, RING_F_EVENT_IDX as VIRTIO_RING_F_EVENT_IDX,
+    RING_F_INDIRECT_DESC as VIRTIO_RING_F_INDIRECT_DESC, VHOST_USER_F_PROTOCOL_FEATURES,
+};
 
 /// `VHOST_USER_GET_QUEUE_NUM`.
 const REQ_GET_QUEUE_NUM: u32 = 17;

@@ -17,16 +17,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::error::{Error, Result};
 use super::memory::{DESC_SIZE, USED_ELEM_SIZE};
 
-/// Descriptor continues via `next`.
-pub const VIRTQ_DESC_F_NEXT: u16 = 1;
-/// Buffer is device-writable.
-pub const VIRTQ_DESC_F_WRITE: u16 = 2;
-/// Buffer holds a table of indirect descriptors.
-pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
-/// `avail.flags`: the driver does not want used-buffer notifications.
-pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
-/// `used.flags`: the device does not want available-buffer notifications.
-pub const VRING_USED_F_NO_NOTIFY: u16 = 1;
+// Descriptor and ring flags under their spec names: virtq's, the workspace's one copy.
+pub use virtq::ring::{
+    AVAIL_F_NO_INTERRUPT as VRING_AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT as VIRTQ_DESC_F_INDIRECT,
+    DESC_F_NEXT as VIRTQ_DESC_F_NEXT, DESC_F_WRITE as VIRTQ_DESC_F_WRITE,
+    USED_F_NO_NOTIFY as VRING_USED_F_NO_NOTIFY,
+};
 
 /// `vring_need_event` from the virtio spec: whether moving an index from
 /// `old` to `new` crosses the `event` index the other side asked for.

@@ -20,10 +20,13 @@ use crate::l2::{Fdb, VlanMode};
 use crate::offload::Caps;
 use crate::pmd::burst::Datapath;
 use crate::port::Port;
-use crate::virtio::mock::{MockGuest, UVA_BASE};
+use virtq::features::{self, Negotiated};
+use virtq::mock::{MockGuest, UVA_BASE};
+use virtq::ring::{Desc, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+use virtq::RingAddrs;
+
 use crate::virtio::queue::QueueSetup;
-use crate::virtio::ring::{Desc, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
-use crate::virtio::{RingAddrs, VirtQueue};
+use crate::virtio::VirtQueue;
 
 const MEM: u64 = 0x10000;
 const DATA: u64 = 0x8000;
@@ -102,16 +105,16 @@ pub struct Input {
 
 fn caps(bits: u8) -> Caps {
     let b = |i: u8| bits & (1 << i) != 0;
-    Caps::from_features(crate::virtio::features::Negotiated {
+    Caps::from_features(Negotiated {
         bits: [
-            (0, crate::virtio::features::NET_F_CSUM),
-            (1, crate::virtio::features::NET_F_GUEST_CSUM),
-            (2, crate::virtio::features::NET_F_HOST_TSO4),
-            (3, crate::virtio::features::NET_F_HOST_TSO6),
-            (4, crate::virtio::features::NET_F_GUEST_TSO4),
-            (5, crate::virtio::features::NET_F_GUEST_TSO6),
-            (6, crate::virtio::features::NET_F_HOST_ECN),
-            (7, crate::virtio::features::NET_F_GUEST_ECN),
+            (0, features::NET_F_CSUM),
+            (1, features::NET_F_GUEST_CSUM),
+            (2, features::NET_F_HOST_TSO4),
+            (3, features::NET_F_HOST_TSO6),
+            (4, features::NET_F_GUEST_TSO4),
+            (5, features::NET_F_GUEST_TSO6),
+            (6, features::NET_F_HOST_ECN),
+            (7, features::NET_F_GUEST_ECN),
         ]
         .iter()
         .filter(|(i, _)| b(*i))

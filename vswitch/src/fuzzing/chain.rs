@@ -13,9 +13,9 @@ use iommu::{Grant, Ro, Rw};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
-use crate::virtio::mock::{MockGuest, UVA_BASE};
-use crate::virtio::ring::{Desc, DESC_F_INDIRECT};
-use crate::virtio::{walk_chain, RingAddrs, SplitRing, MAX_SEGS};
+use virtq::mock::{MockGuest, UVA_BASE};
+use virtq::ring::{Desc, DESC_F_INDIRECT};
+use virtq::{walk_chain, ChainError, RingAddrs, SplitRing, MAX_SEGS};
 
 const MEM: u64 = 0x10000;
 const DESC: u64 = 0x1000;
@@ -175,7 +175,7 @@ fn walk<D: Direction>(
     indirect_ok: bool,
     max_len: u32,
     nsegs: usize,
-) -> Result<Vec<(u64, u32)>, crate::virtio::ChainError> {
+) -> Result<Vec<(u64, u32)>, ChainError> {
     let mut segs = [Grant::<D>::default(); MAX_SEGS];
     let c = walk_chain(ring, dma, head, indirect_ok, max_len, &mut segs[..nsegs])?;
     let host = g.mem.regions()[0].host() as u64;

@@ -20,7 +20,7 @@ pub mod csum;
 pub mod gso;
 
 use crate::l2::TagEdit;
-use crate::virtio::features::{self, Negotiated};
+use virtq::features::{self, Negotiated};
 
 /// `VIRTIO_NET_HDR_F_NEEDS_CSUM`.
 pub const F_NEEDS_CSUM: u8 = 1;
@@ -295,7 +295,7 @@ mod tests {
     use super::*;
 
     fn all() -> Caps {
-        Caps::from_features(Negotiated { bits: features::OFFLOADS })
+        Caps::from_features(Negotiated { bits: crate::virtio::features::OFFLOADS })
     }
 
     #[test]

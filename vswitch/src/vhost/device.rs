@@ -11,6 +11,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
+use virtq::{RingAddrs, RingError, MAX_RING_SIZE};
 
 use super::eventfd::{vring_eventfd, VringFdError};
 use super::iotlb::{
@@ -20,8 +21,7 @@ use super::iotlb::{
 use crate::port::Port;
 use crate::virtio::features::{self, Negotiated};
 use crate::virtio::queue::QueueSetup;
-use crate::virtio::ring::{RingError, MAX_RING_SIZE};
-use crate::virtio::{RingAddrs, VirtQueue};
+use crate::virtio::VirtQueue;
 
 /// Memory slots offered with CONFIGURE_MEM_SLOTS: as many regions as an address space holds.
 pub const MAX_MEM_SLOTS: u64 = iommu::MAX_REGIONS as u64;

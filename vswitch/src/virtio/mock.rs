@@ -1,206 +1,25 @@
-//! A driver-side mock of a guest and its split rings, for the switch's own unit tests.
-//!
-//! Memory is one memfd seen two ways: as an [`AddressSpace`] (what the switch uses) and, for
-//! oracle tests, as a `vm_memory::GuestMemoryMmap` that rust-vmm's virtio-queue can read.
-#![allow(clippy::undocumented_unsafe_blocks, missing_docs)]
+//! The switch's half of the mock guest: [`virtq::mock`]'s guest and rings (re-exported here),
+//! plus a running [`VirtQueue`] over a mock ring ([`MockQueue`]).
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
-use std::sync::Arc;
-
-use iommu::{AddressSpace, Dma, MemoryRegionDesc, Region};
+pub use virtq::mock::*;
 
 use super::queue::QueueSetup;
-use super::ring::{Desc, RingAddrs, DESC_F_NEXT};
 use super::VirtQueue;
+use crate::offload::Caps;
 
-/// Frontend virtual address of guest-physical 0 (rings are given in these).
-pub const UVA_BASE: u64 = 0x7f00_0000_0000;
-
-pub struct MockGuest {
-    pub mem: Arc<AddressSpace>,
-    pub file: File,
-    host: *mut u8,
-    size: u64,
-    next: u64,
-    /// The inaccessible page after guest memory, when `guarded` placed one.
-    _guards: [Option<GuardPage>; 2],
-}
-
-/// A `PROT_NONE` page of our own, unmapped on drop.
-struct GuardPage(*mut libc::c_void);
-
-impl Drop for GuardPage {
-    fn drop(&mut self) {
-        unsafe { libc::munmap(self.0, PAGE) };
-    }
-}
-
-const PAGE: usize = 4096;
-
-/// A `size`-byte memfd mapped as guest memory at guest-physical 0.
-fn map_memfd(size: u64) -> (File, Region) {
-    let fd = unsafe { libc::memfd_create(c"mock-guest".as_ptr(), 0) };
-    assert!(fd >= 0);
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).unwrap();
-    let desc =
-        MemoryRegionDesc { guest_phys_addr: 0, memory_size: size, userspace_addr: UVA_BASE, mmap_offset: 0 };
-    let region = Region::map(desc, file.try_clone().unwrap(), iommu::Unsealed::Guard).unwrap();
-    (file, region)
-}
-
-impl MockGuest {
-    pub fn new(size: u64) -> Self {
-        let (file, region) = map_memfd(size);
-        let host = region.host();
-        let mem = Arc::new(AddressSpace::new(vec![region]).unwrap());
-        MockGuest { mem, file, host, size, next: 0x1000, _guards: [None, None] }
-    }
-
-    /// Like `new` (`size` a multiple of 4 KiB), with an inaccessible page right before and
-    /// right after guest memory, so any access outside it faults (fuzzing under ASan or not).
-    /// The guard pages are best effort: the bool says whether both sit right against it.
-    pub fn guarded(size: u64) -> (Self, bool) {
-        assert!(size > 0 && size.is_multiple_of(PAGE as u64));
-        // Reserve [r, r + page + size + page), free all but the last page, and let the region's
-        // mapping (size long, placed top-down) fill the hole right below that page; then put
-        // an inaccessible page right below the region if that address is free.
-        let total = 2 * PAGE + size as usize;
-        let prot_none = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        let r = unsafe { libc::mmap(std::ptr::null_mut(), total, libc::PROT_NONE, prot_none, -1, 0) };
-        assert_ne!(r, libc::MAP_FAILED);
-        let after = unsafe { r.cast::<u8>().add(total - PAGE) };
-        unsafe { libc::munmap(r, total - PAGE) };
-        let guard_after = GuardPage(after.cast());
-        let (file, region) = map_memfd(size);
-        let host = region.host();
-        let want = unsafe { host.sub(PAGE) }.cast::<libc::c_void>();
-        let fixed = prot_none | libc::MAP_FIXED_NOREPLACE;
-        let b = unsafe { libc::mmap(want, PAGE, libc::PROT_NONE, fixed, -1, 0) };
-        let guard_before = (b == want).then(|| GuardPage(b));
-        if b != libc::MAP_FAILED && b != want {
-            unsafe { libc::munmap(b, PAGE) };
-        }
-        let adjacent = unsafe { host.add(size as usize) } == after && guard_before.is_some();
-        let mem = Arc::new(AddressSpace::new(vec![region]).unwrap());
-        let guards = [Some(guard_after), guard_before];
-        (MockGuest { mem, file, host, size, next: 0x1000, _guards: guards }, adjacent)
-    }
-
-    /// A guest-physical translator over this guest's memory (domain 0, its own fault log).
-    pub fn dma(&self) -> Dma {
-        Dma::gpa(self.mem.clone(), 0, Default::default())
-    }
-
-    /// Bump-allocates `len` bytes aligned to `align`.
-    pub fn alloc(&mut self, len: u64, align: u64) -> u64 {
-        let a = self.next.div_ceil(align) * align;
-        assert!(a + len <= self.size, "mock guest out of memory");
-        self.next = a + len;
-        a
-    }
-
-    pub fn write(&self, gpa: u64, data: &[u8]) {
-        assert!(gpa + data.len() as u64 <= self.size);
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.add(gpa as usize), data.len()) };
-    }
-
-    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
-        assert!(gpa + len as u64 <= self.size);
-        let mut v = vec![0u8; len];
-        unsafe { std::ptr::copy_nonoverlapping(self.host.add(gpa as usize), v.as_mut_ptr(), len) };
-        v
-    }
-
-    pub fn write_u16(&self, gpa: u64, v: u16) {
-        self.write(gpa, &v.to_le_bytes());
-    }
-
-    pub fn read_u16(&self, gpa: u64) -> u16 {
-        u16::from_le_bytes(self.read(gpa, 2).try_into().unwrap())
-    }
-
-    pub fn read_u32(&self, gpa: u64) -> u32 {
-        u32::from_le_bytes(self.read(gpa, 4).try_into().unwrap())
-    }
-
-    pub fn ring(&mut self, size: u16) -> MockRing {
-        let desc = self.alloc(16 * size as u64, 16);
-        let avail = self.alloc(6 + 2 * size as u64, 2);
-        let used = self.alloc(6 + 8 * size as u64, 4);
-        MockRing { desc, avail, used, size, free: 0, avail_idx: 0, used_seen: 0 }
-    }
-}
-
-/// A split ring driven from the driver side.
-pub struct MockRing {
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
-    pub size: u16,
-    /// Next descriptor slot to write (wraps; tests keep chains short).
-    pub free: u16,
-    pub avail_idx: u16,
-    used_seen: u16,
-}
-
-impl MockRing {
-    pub fn addrs(&self) -> RingAddrs {
-        RingAddrs { desc: UVA_BASE + self.desc, avail: UVA_BASE + self.avail, used: UVA_BASE + self.used }
-    }
-
-    pub fn write_desc(&self, g: &MockGuest, i: u16, d: Desc) {
-        let mut b = [0u8; 16];
-        b[0..8].copy_from_slice(&d.addr.to_le_bytes());
-        b[8..12].copy_from_slice(&d.len.to_le_bytes());
-        b[12..14].copy_from_slice(&d.flags.to_le_bytes());
-        b[14..16].copy_from_slice(&d.next.to_le_bytes());
-        g.write(self.desc + 16 * i as u64, &b);
-    }
-
-    /// Writes a chain of (addr, len, flags) at consecutive slots, linking with NEXT, and
-    /// publishes it. Returns the head.
-    pub fn add_chain(&mut self, g: &MockGuest, bufs: &[(u64, u32, u16)]) -> u16 {
-        let head = self.free;
-        for (k, &(addr, len, flags)) in bufs.iter().enumerate() {
-            let i = (head + k as u16) % self.size;
-            let last = k + 1 == bufs.len();
-            let next = (i + 1) % self.size;
-            let flags = if last { flags } else { flags | DESC_F_NEXT };
-            self.write_desc(g, i, Desc { addr, len, flags, next: if last { 0 } else { next } });
-        }
-        self.free = (head + bufs.len() as u16) % self.size;
-        self.publish(g, head);
-        head
-    }
-
-    /// Puts `head` in the available ring and moves the index.
-    pub fn publish(&mut self, g: &MockGuest, head: u16) {
-        g.write_u16(self.avail + 4 + 2 * (self.avail_idx % self.size) as u64, head);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        g.write_u16(self.avail + 2, self.avail_idx);
-    }
-
-    /// New used entries since the last call.
-    pub fn take_used(&mut self, g: &MockGuest) -> Vec<(u32, u32)> {
-        let idx = g.read_u16(self.used + 2);
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let e = self.used + 4 + 8 * (self.used_seen % self.size) as u64;
-            out.push((g.read_u32(e), g.read_u32(e + 4)));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
-    }
-
+/// Builds the switch's queue over a [`MockRing`].
+pub trait MockQueue {
     /// A running device-side queue over this ring.
-    pub fn queue(&self, g: &MockGuest, mrg_rxbuf: bool) -> VirtQueue {
+    fn queue(&self, g: &MockGuest, mrg_rxbuf: bool) -> VirtQueue {
         self.queue_with(g, mrg_rxbuf, Default::default())
     }
 
     /// A running queue whose guest negotiated the offloads `caps`.
-    pub fn queue_with(&self, g: &MockGuest, mrg_rxbuf: bool, caps: crate::offload::Caps) -> VirtQueue {
+    fn queue_with(&self, g: &MockGuest, mrg_rxbuf: bool, caps: Caps) -> VirtQueue;
+}
+
+impl MockQueue for MockRing {
+    fn queue_with(&self, g: &MockGuest, mrg_rxbuf: bool, caps: Caps) -> VirtQueue {
         let s = QueueSetup {
             addrs: self.addrs(),
             size: self.size as u32,

@@ -1,16 +1,15 @@
-//! The virtio side of a port: split virtqueues over pre-translated guest memory, descriptor
-//! chains walked with every check the guest could try to dodge, and virtio-net constants.
+//! The virtio side of a port: a running virtqueue ([`VirtQueue`]: its ring, the memory it lives
+//! in, its eventfds, IOTLB link, offloads and counters) and the feature bits the switch offers.
 //!
-//! This is the hot path's own ring accessor. rust-vmm's `virtio-queue` is the reference it is
-//! tested against (same rings in, same chains out), not what the polling loop calls.
+//! The rings themselves (layout, the device-side accessor, chain walking, ring state, feature
+//! bits) are the `virtq` crate's; they are re-exported here so that `vswitch::virtio::ring` and
+//! friends keep naming them.
 
-pub mod chain;
 pub mod features;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
 pub mod queue;
-pub mod ring;
 
-pub use chain::{walk_chain, ChainError, MAX_SEGS};
 pub use queue::{QueueStats, VirtQueue};
-pub use ring::{RingAddrs, RingError, RingState, SplitRing};
+pub use virtq::{chain, ring};
+pub use virtq::{walk_chain, ChainError, RingAddrs, RingError, RingState, SplitRing, MAX_SEGS};

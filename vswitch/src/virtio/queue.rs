@@ -9,12 +9,11 @@ static EPOCHS: AtomicU64 = AtomicU64::new(1);
 use std::sync::Arc;
 
 use iommu::Dma;
+use virtq::{RingAddrs, RingError, SplitRing};
 
 use crate::limits::MAX_FRAME;
 use crate::offload::{Caps, MAX_GSO_FRAME};
 use crate::vhost::iotlb::IotlbLink;
-
-use super::ring::{RingAddrs, RingError, SplitRing};
 
 /// A queue as a polling thread uses it. Owned by its port's queue slot; a thread touches it
 /// only while holding that slot's lock, so the memory it points into cannot be swapped or

@@ -1,8 +1,8 @@
 use super::*;
 use crate::l2::mac_from_bytes;
 use crate::offload::{self, Caps};
-use crate::virtio::chain::ChainError;
-use crate::virtio::{walk_chain, VirtQueue};
+use crate::virtio::VirtQueue;
+use virtq::{walk_chain, ChainError};
 
 use super::super::copy::{read_bytes, read_prefix, Frame};
 use super::viommu::tx_miss;

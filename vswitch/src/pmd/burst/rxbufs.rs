@@ -2,8 +2,9 @@
 //! mergeable set), and giving them back used. Shared by the copy pass and the vIOMMU drain.
 
 use super::*;
-use crate::virtio::chain::ChainError;
-use crate::virtio::{walk_chain, VirtQueue};
+use virtq::{walk_chain, ChainError};
+
+use crate::virtio::VirtQueue;
 
 /// The usual case: the next receive chain is one buffer with room for `need` bytes. Leaves
 /// the ring untouched otherwise (the general `take_rx` decides).
@@ -17,7 +18,7 @@ pub(super) fn take_one_rx(rq: &mut VirtQueue, need: u32) -> Option<(u16, Grant<R
         return None;
     }
     let d = rq.ring.desc(head);
-    if d.flags != crate::virtio::ring::DESC_F_WRITE || d.len < need {
+    if d.flags != virtq::ring::DESC_F_WRITE || d.len < need {
         return None;
     }
     let g = rq.dma.grant::<Rw>(d.addr, d.len).ok()?;

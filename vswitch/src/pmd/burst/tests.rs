@@ -8,9 +8,9 @@ use crate::l2::vlan::VlanSet;
 use crate::l2::VlanMode;
 use crate::offload::csum::Sum;
 use crate::offload::{self, Caps, NetHdr};
-use crate::virtio::mock::{MockGuest, MockRing};
-use crate::virtio::ring::DESC_F_WRITE;
+use crate::virtio::mock::{MockGuest, MockQueue, MockRing};
 use crate::virtio::VirtQueue;
+use virtq::ring::DESC_F_WRITE;
 
 const MACS: [[u8; 6]; 4] =
     [[0x52, 0, 0, 0, 0, 1], [0x52, 0, 0, 0, 0, 2], [0x52, 0, 0, 0, 0, 3], [0x52, 0, 0, 0, 0, 4]];

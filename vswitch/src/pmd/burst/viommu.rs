@@ -215,7 +215,7 @@ pub(super) fn rx_lookahead(rq: &mut VirtQueue) {
             continue;
         }
         let d = rq.ring.desc(head);
-        if d.len == 0 || d.flags & crate::virtio::ring::DESC_F_INDIRECT != 0 {
+        if d.len == 0 || d.flags & virtq::ring::DESC_F_INDIRECT != 0 {
             continue;
         }
         if let Err(iommu::DmaError::Miss { iova, .. }) = rq.dma.translate(d.addr, d.len, Access::Write) {

@@ -7,7 +7,7 @@
 use iommu::grant::Direction;
 use iommu::{Access, Dma, DmaError, FaultReason, Grant};
 
-use super::ring::{Desc, SplitRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MAX_RING_SIZE};
+use crate::ring::{Desc, SplitRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MAX_RING_SIZE};
 
 /// Most buffers one packet may span. Linux and DPDK use one or two for frames without
 /// offloads; a Linux TSO frame takes up to MAX_SKB_FRAGS + 2 (19), and so does a receive
@@ -242,17 +242,17 @@ fn walk_indirect<D: Direction>(dma: &mut Dma, ind: &Desc, acc: &mut Acc<'_, D>) 
 mod tests {
     #![allow(clippy::undocumented_unsafe_blocks)]
     use super::*;
-    use crate::virtio::mock::{MockGuest, MockRing};
-    use crate::virtio::ring::{Desc, SplitRing};
+    use crate::mock::{MockDevice, MockGuest, MockRing};
+    use crate::ring::{Desc, SplitRing};
 
     fn walk(
-        q: &mut crate::virtio::VirtQueue,
+        q: &mut MockDevice,
         head: u16,
         write: bool,
         indirect: bool,
     ) -> Result<Vec<(u64, u32)>, ChainError> {
         fn go<D: Direction>(
-            q: &mut crate::virtio::VirtQueue,
+            q: &mut MockDevice,
             head: u16,
             indirect: bool,
         ) -> Result<Vec<(u64, u32)>, ChainError> {
@@ -268,10 +268,10 @@ mod tests {
         }
     }
 
-    fn setup() -> (MockGuest, MockRing, crate::virtio::VirtQueue) {
+    fn setup() -> (MockGuest, MockRing, MockDevice) {
         let mut g = MockGuest::new(1 << 20);
         let r = g.ring(16);
-        let q = r.queue(&g, false);
+        let q = r.device(&g);
         (g, r, q)
     }
 
@@ -312,7 +312,7 @@ mod tests {
     fn test_chain_longer_than_max_segments_is_refused() {
         let mut g = MockGuest::new(1 << 20);
         let mut r = g.ring(64);
-        let mut q = r.queue(&g, false);
+        let mut q = r.device(&g);
         let bufs: Vec<_> = (0..MAX_SEGS as u64 + 1).map(|i| (0x8000 + i * 64, 64, 0)).collect();
         let h = r.add_chain(&g, &bufs);
         assert_eq!(walk(&mut q, h, false, false), Err(ChainError::TooManySegments));
@@ -322,7 +322,7 @@ mod tests {
     fn test_chain_loop_longer_than_ring_stops() {
         let mut g = MockGuest::new(1 << 20);
         let r = g.ring(4);
-        let mut q = r.queue(&g, false);
+        let mut q = r.device(&g);
         for i in 0..4 {
             r.write_desc(&g, i, Desc { addr: 0x8000, len: 1, flags: DESC_F_NEXT, next: (i + 1) % 4 });
         }
@@ -382,7 +382,7 @@ mod tests {
 
         let mut g = MockGuest::new(4 << 20);
         let mut r = g.ring(256);
-        let mut q = r.queue(&g, false);
+        let mut q = r.device(&g);
         let gm = GuestMemoryMmap::<()>::from_ranges_with_files([(
             GuestAddress(0),
             4 << 20,

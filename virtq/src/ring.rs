@@ -1,8 +1,8 @@
 //! A split virtqueue seen from the device side, over host pointers validated once.
 //!
 //! Layout (virtio 1.x, 2.7): descriptor table (16 B × size, align 16), available ring
-//! (flags, idx, ring[size], used_event; align 2), used ring (flags, idx, ring[size] of
-//! {id: u32, len: u32}, avail_event; align 4). Every field the guest writes is read with a
+//! (flags, idx, `ring[size]`, used_event; align 2), used ring (flags, idx, `ring[size]` of
+//! `{id: u32, len: u32}`, avail_event; align 4). Every field the guest writes is read with a
 //! volatile load into a local and checked there; nothing here holds a reference into guest
 //! memory.
 
@@ -11,17 +11,24 @@ use std::sync::atomic::{fence, AtomicU16, Ordering};
 
 use iommu::{Access, Dma, DmaError};
 
+use crate::state::RingState;
+
+use virtio_bindings::virtio_ring::{
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+};
+
 /// `VRING_DESC_F_NEXT`: the chain continues at `next`.
-pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
 /// `VRING_DESC_F_WRITE`: the device writes this buffer.
-pub const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 /// `VRING_DESC_F_INDIRECT`: the buffer is a table of descriptors.
-pub const DESC_F_INDIRECT: u16 = 4;
+pub const DESC_F_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 /// `VRING_USED_F_NO_NOTIFY`: the device asks the driver not to kick.
-pub const USED_F_NO_NOTIFY: u16 = 1;
+pub const USED_F_NO_NOTIFY: u16 = VRING_USED_F_NO_NOTIFY as u16;
 /// `VRING_AVAIL_F_NO_INTERRUPT`: the driver asks the device not to interrupt.
-pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
-/// Largest split ring the spec allows.
+pub const AVAIL_F_NO_INTERRUPT: u16 = VRING_AVAIL_F_NO_INTERRUPT as u16;
+/// Largest split ring the spec allows (virtio 1.x, 2.7; not in `virtio-bindings`).
 pub const MAX_RING_SIZE: u16 = 32768;
 
 /// One descriptor as the guest laid it out.
@@ -48,17 +55,6 @@ pub struct RingAddrs {
     pub avail: u64,
     /// Used ring.
     pub used: u64,
-}
-
-/// The part of a ring's state that is not in guest memory: what must move when a queue changes
-/// hands (a polling thread, an accelerator, a reconnect) for nothing to be lost or repeated.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RingState {
-    /// Next available-ring entry the device will consume.
-    pub last_avail: u16,
-    /// Next used-ring entry the device will fill. On (re)start this is read back from the
-    /// used ring itself, which is authoritative.
-    pub used_idx: u16,
 }
 
 /// Why a ring could not be set up or had to be stopped.
@@ -115,8 +111,9 @@ pub struct SplitRing {
 
 const _: () = assert!(std::mem::size_of::<SplitRing>() <= 64);
 
-// SAFETY: the pointers refer to guest memory kept mapped by the `VirtQueue` that owns this ring;
-// a ring is used by one thread at a time (its queue slot's lock).
+// SAFETY: the pointers refer to guest memory that the ring's owner keeps mapped (it holds the
+// `Dma`, and so the address space, the ring was translated through: the switch's `VirtQueue`, or
+// an accelerator's queue); a ring is used by one thread at a time (its owner's lock).
 unsafe impl Send for SplitRing {}
 
 impl SplitRing {
@@ -361,4 +358,15 @@ fn map_part(
         return Err(RingError::Misaligned(what));
     }
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_flags_are_the_spec_numbers() {
+        assert_eq!((DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT), (1, 2, 4));
+        assert_eq!((USED_F_NO_NOTIFY, AVAIL_F_NO_INTERRUPT), (1, 1));
+    }
 }
