@@ -179,8 +179,12 @@ impl Common {
     }
 }
 
+/// A failed command: the harness's typed errors and this program's own messages alike, printed
+/// as `vswitch-bench: {message}`.
+type CmdResult = Result<(), Box<dyn std::error::Error>>;
+
 fn main() -> ExitCode {
-    let res = match Cli::parse().cmd {
+    let res: CmdResult = match Cli::parse().cmd {
         Cmd::Demo { ports, size, duration, busy_poll, pmd_cores } => demo::run(DemoConfig {
             ports,
             size,
@@ -189,30 +193,25 @@ fn main() -> ExitCode {
             pmd_cores,
             dir: std::env::temp_dir().join(format!("vswitch-demo-{}", std::process::id())),
         })
-        .map(|_| ()),
+        .map(|_| ())
+        .map_err(Into::into),
         Cmd::Run { common, sizes, rate, reps } => {
-            common.options("run").and_then(|o| run::run(&RunOptions { sizes, rate, reps, ..o })).map(|_| ())
+            measure(common, "run", |o| RunOptions { sizes, rate, reps, ..o })
         }
-        Cmd::Latency { common, size, rate, reps } => common
-            .options("latency")
-            .and_then(|o| run::run(&RunOptions { sizes: vec![size], rate, reps, latency: true, ..o }))
-            .map(|_| ()),
+        Cmd::Latency { common, size, rate, reps } => {
+            measure(common, "latency", |o| RunOptions { sizes: vec![size], rate, reps, latency: true, ..o })
+        }
         Cmd::Ndr { common, size, loss, precision } => {
             if !((0.0..100.0).contains(&loss) && precision > 0.0 && precision < 100.0) {
                 Err("--loss must be in [0, 100) and --precision in (0, 100) percent".into())
             } else {
-                common
-                    .options("ndr")
-                    .and_then(|o| {
-                        run::run(&RunOptions {
-                            sizes: vec![size],
-                            reps: 1,
-                            ndr_loss: loss / 100.0,
-                            ndr_precision: precision / 100.0,
-                            ..o
-                        })
-                    })
-                    .map(|_| ())
+                measure(common, "ndr", |o| RunOptions {
+                    sizes: vec![size],
+                    reps: 1,
+                    ndr_loss: loss / 100.0,
+                    ndr_precision: precision / 100.0,
+                    ..o
+                })
             }
         }
         Cmd::Report { files, svg, json } => report_cmd(&files, svg, json),
@@ -226,7 +225,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn report_cmd(files: &[PathBuf], svg: Option<PathBuf>, json: Option<PathBuf>) -> Result<(), String> {
+/// `run`, `latency` or `ndr`: the common options, completed by `finish`, then the harness.
+fn measure(common: Common, command: &str, finish: impl FnOnce(RunOptions) -> RunOptions) -> CmdResult {
+    let o = common.options(command)?;
+    run::run(&finish(o))?;
+    Ok(())
+}
+
+fn report_cmd(files: &[PathBuf], svg: Option<PathBuf>, json: Option<PathBuf>) -> CmdResult {
     let merged = report::merge(report::load(files)?);
     let summaries = report::summarize(&merged.runs);
     let mut out = std::io::stdout().lock();

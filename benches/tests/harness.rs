@@ -174,10 +174,10 @@ fn a_missing_peer_is_skipped_with_a_message_and_nothing_to_run_is_an_error() {
         ..low_rate(&dir, vec![PeerKind::Ours], Topology::P2p, 1000.0)
     };
     let err = run(&opts).unwrap_err();
-    assert!(err.contains("none of the requested peers"), "{err}");
+    assert!(err.to_string().contains("none of the requested peers"), "{err}");
     let opts = RunOptions { ..low_rate(&dir, vec![PeerKind::Dpdk], Topology::Mesh, 1000.0) };
     let err = run(&opts).unwrap_err();
-    assert!(err.contains("none of the requested peers"), "{err}");
+    assert!(err.to_string().contains("none of the requested peers"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -15,21 +15,37 @@ pub struct Clock {
     origin: Instant,
 }
 
+/// Why the TSC cannot serve as the harness's clock.
+#[derive(thiserror::Error, Debug)]
+pub enum ClockError {
+    /// this CPU has no invariant TSC (constant_tsc and nonstop_tsc); latency and rate figures
+    /// would be wrong
+    #[error(
+        "this CPU has no invariant TSC (constant_tsc and nonstop_tsc); \
+         latency and rate figures would be wrong"
+    )]
+    NotInvariant,
+    /// TSC calibration gave {hz} Hz; the TSC does not count
+    #[error("TSC calibration gave {hz} Hz; the TSC does not count")]
+    NotCounting {
+        /// The rate measured.
+        hz: f64,
+    },
+}
+
 impl Clock {
     /// Measures the tick rate over `over` (50 ms gives ~0.1 % accuracy).
     ///
     /// Returns an error when the TSC is not invariant, since timestamps taken on different
     /// CPUs would then not compare.
-    pub fn calibrate(over: Duration) -> Result<Clock, String> {
+    pub fn calibrate(over: Duration) -> Result<Clock, ClockError> {
         #[cfg(target_arch = "x86_64")]
         {
             if let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") {
                 let flags = info.lines().find(|l| l.starts_with("flags")).unwrap_or("");
                 let has = |f: &str| flags.split_whitespace().any(|x| x == f);
                 if !has("constant_tsc") || !has("nonstop_tsc") {
-                    return Err("this CPU has no invariant TSC (constant_tsc and nonstop_tsc); \
-                                latency and rate figures would be wrong"
-                        .into());
+                    return Err(ClockError::NotInvariant);
                 }
             }
             let t0 = Instant::now();
@@ -41,7 +57,7 @@ impl Clock {
             let secs = t0.elapsed().as_secs_f64();
             let hz = (c1.wrapping_sub(c0)) as f64 / secs;
             if hz.is_nan() || hz <= 1e6 {
-                return Err(format!("TSC calibration gave {hz} Hz; the TSC does not count"));
+                return Err(ClockError::NotCounting { hz });
             }
             Ok(Clock { hz })
         }

@@ -21,7 +21,7 @@ use hdrhistogram::Histogram;
 
 use super::clock::Clock;
 use super::results::Latency;
-use super::spec::{FrameSize, Topology};
+use super::spec::{FrameSize, SpecError, Topology};
 use crate::frame::ipv4_checksum;
 use crate::frontend::Frontend;
 
@@ -114,15 +114,45 @@ pub struct Plan {
     headers: Vec<[u8; TAG_OFFSET]>,
 }
 
+/// Why traffic cannot be planned or generated.
+#[derive(thiserror::Error, Debug)]
+pub enum GenError {
+    /// The topology does not take that many ports (its message as is).
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// at most {MAX_PORTS} ports
+    #[error("at most {MAX_PORTS} ports")]
+    TooManyPorts,
+    /// --flows must be in 1..={MAX_FLOWS}, not {0}
+    #[error("--flows must be in 1..={MAX_FLOWS}, not {0}")]
+    Flows(usize),
+    /// {streams} streams ({ports} ports, {flows} flows) exceed {MAX_STREAMS}; use fewer flows
+    #[error("{streams} streams ({ports} ports, {flows} flows) exceed {MAX_STREAMS}; use fewer flows")]
+    TooManyStreams {
+        /// Streams the plan would have.
+        streams: usize,
+        /// Ports.
+        ports: usize,
+        /// Flows per port.
+        flows: usize,
+    },
+    /// latency histogram: {0}
+    #[error("latency histogram: {0}")]
+    Histogram(#[from] hdrhistogram::CreationError),
+    /// port {0}: the switch does not take frames from its TX ring (learning phase)
+    #[error("port {0}: the switch does not take frames from its TX ring (learning phase)")]
+    Stuck(usize),
+}
+
 impl Plan {
     /// Builds the streams of `topology` over `ports` ports with `flows` flows per sender.
-    pub fn new(topology: Topology, ports: usize, flows: usize, size: FrameSize) -> Result<Plan, String> {
+    pub fn new(topology: Topology, ports: usize, flows: usize, size: FrameSize) -> Result<Plan, GenError> {
         topology.check_ports(ports)?;
         if ports > MAX_PORTS {
-            return Err(format!("at most {MAX_PORTS} ports"));
+            return Err(GenError::TooManyPorts);
         }
         if flows == 0 || flows > MAX_FLOWS {
-            return Err(format!("--flows must be in 1..={MAX_FLOWS}, not {flows}"));
+            return Err(GenError::Flows(flows));
         }
         let bit = |p: usize| 1u64 << p;
         let mut streams = Vec::new();
@@ -161,11 +191,7 @@ impl Plan {
             }
         }
         if streams.len() > MAX_STREAMS {
-            return Err(format!(
-                "{} streams ({} ports, {flows} flows) exceed {MAX_STREAMS}; use fewer flows",
-                streams.len(),
-                ports
-            ));
+            return Err(GenError::TooManyStreams { streams: streams.len(), ports, flows });
         }
         let mut per_port = vec![Vec::new(); ports];
         for (i, s) in streams.iter().enumerate() {
@@ -355,7 +381,7 @@ struct Sink {
 
 impl Sink {
     /// Bookkeeping for `plan`, timing latencies of up to `max_ticks`.
-    fn new(plan: &Plan, max_ticks: u64) -> Result<Sink, String> {
+    fn new(plan: &Plan, max_ticks: u64) -> Result<Sink, GenError> {
         Ok(Sink {
             must: plan.streams.iter().map(|s| s.must).collect(),
             may: plan.streams.iter().map(|s| s.may).collect(),
@@ -369,8 +395,7 @@ impl Sink {
             misdelivered: 0,
             foreign: 0,
             in_window: false,
-            hist: Histogram::new_with_bounds(1, max_ticks.max(2), 3)
-                .map_err(|e| format!("latency histogram: {e}"))?,
+            hist: Histogram::new_with_bounds(1, max_ticks.max(2), 3)?,
         })
     }
 
@@ -421,7 +446,7 @@ struct Sender {
 
 /// Sends the learning frames (one broadcast per flow MAC of every port) and waits until the
 /// switch has forwarded them, so unicast traffic is not flooded while MACs are unknown.
-fn learn(ports: &mut [Frontend], plan: &Plan, clock: &Clock, base: u64) -> Result<(), String> {
+fn learn(ports: &mut [Frontend], plan: &Plan, clock: &Clock, base: u64) -> Result<(), GenError> {
     for (p, fe) in ports.iter_mut().enumerate() {
         for f in 0..plan.flows {
             let s = StreamSpec { src: p, flow: f, dst_mac: BROADCAST, must: 0, may: 0 };
@@ -441,9 +466,7 @@ fn learn(ports: &mut [Frontend], plan: &Plan, clock: &Clock, base: u64) -> Resul
                 fe.reclaim_tx(0);
             }
             if !queued {
-                return Err(format!(
-                    "port {p}: the switch does not take frames from its TX ring (learning phase)"
-                ));
+                return Err(GenError::Stuck(p));
             }
             if f % 32 == 31 {
                 fe.flush_tx(0);
@@ -496,7 +519,7 @@ pub fn run(
     clock: &Clock,
     measure_latency: bool,
     on: &mut dyn FnMut(Event),
-) -> Result<GenResult, String> {
+) -> Result<GenResult, GenError> {
     assert_eq!(ports.len(), plan.ports, "one frontend per plan port");
     let base = clock.now();
     learn(ports, plan, clock, base)?;

@@ -6,7 +6,7 @@
 //! * [`gen`]: the generator/sink: drives every port's rings from one pinned thread.
 //! * [`peer`]: starts, pins, measures and stops the switch under test (ours, DPDK, OVS).
 //! * [`sys`]: machine description and CPU accounting from `/proc`.
-//! * [`report`]: the terminal table, summaries and the SVG plot.
+//! * [`report`]: summaries (statistics), the terminal table, results files and the SVG plot.
 //! * [`run`]: the orchestration of peers × sizes × repetitions.
 
 pub mod clock;

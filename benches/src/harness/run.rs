@@ -4,19 +4,111 @@
 //! Peers alternate within a repetition (ours, dpdk, ours, dpdk, ...) rather than running all
 //! repetitions of one peer first, so slow drifts in machine load hit every peer alike.
 
-use std::io::Write;
+use std::collections::BTreeMap;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::clock::Clock;
-use super::gen::{self, Event, GenConfig, GenResult, Plan};
-use super::peer::{self, Peer, PeerOptions};
-use super::report;
+use super::clock::{Clock, ClockError};
+use super::gen::{self, Event, GenConfig, GenError, GenResult, Plan};
+use super::peer::{self, Peer, PeerError, PeerOptions};
+use super::report::{self, PlotError};
 use super::results::{Params, Results, RunResult, SCHEMA_VERSION};
-use super::spec::{FrameSize, PeerKind, Rate, Topology};
+use super::spec::{FrameSize, PeerKind, Rate, SpecError, Topology};
 use super::sys;
 use crate::frontend::IommuConfig;
 use crate::frontend::{Frontend, FrontendConfig};
+
+/// Why a benchmark, or one measurement of it, failed.
+#[derive(thiserror::Error, Debug)]
+pub enum RunError {
+    /// An unusable parameter (its message as is).
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// no frame sizes given (--sizes 64,1518)
+    #[error("no frame sizes given (--sizes 64,1518)")]
+    NoSizes,
+    /// --reps must be at least 1
+    #[error("--reps must be at least 1")]
+    NoReps,
+    /// The TSC cannot be used (its message as is).
+    #[error(transparent)]
+    Clock(#[from] ClockError),
+    /// none of the requested peers can run here (see the messages above)
+    #[error("none of the requested peers can run here (see the messages above)")]
+    NoPeers,
+    /// cannot create work directory {path}: {source}
+    #[error("cannot create work directory {}: {source}", .path.display())]
+    Workdir {
+        /// The directory.
+        path: PathBuf,
+        /// Why it cannot be created.
+        source: io::Error,
+    },
+    /// cannot pin the generator to CPU {cpu}: {source}
+    #[error("cannot pin the generator to CPU {cpu}: {source}")]
+    Pin {
+        /// The CPU asked for.
+        cpu: usize,
+        /// Why not.
+        source: io::Error,
+    },
+    /// The generator cannot plan or send the traffic (its message as is).
+    #[error(transparent)]
+    Gen(#[from] GenError),
+    /// The peer failed to start or stop (its message as is).
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    /// port {port}: cannot connect to {socket}: {source}
+    #[error("port {port}: cannot connect to {}: {source}", .socket.display())]
+    Connect {
+        /// The port.
+        port: usize,
+        /// Its vhost-user socket.
+        socket: PathBuf,
+        /// Why the frontend could not connect.
+        source: crate::frontend::Error,
+    },
+    /// the measurement window never started
+    #[error("the measurement window never started")]
+    NoWindow,
+    /// no offered rate down to {mpps:.3} Mpps met the loss limit {loss}
+    #[error("no offered rate down to {mpps:.3} Mpps met the loss limit {loss}")]
+    NoNdr {
+        /// The lowest failing rate, Mpps.
+        mpps: f64,
+        /// The loss limit (a ratio).
+        loss: f64,
+    },
+    /// stdout: {0}
+    #[error("stdout: {0}")]
+    Stdout(#[source] io::Error),
+    /// The results file cannot be written (its message as is).
+    #[error(transparent)]
+    Json(#[from] WriteJsonError),
+    /// The plot cannot be written (its message as is).
+    #[error(transparent)]
+    Plot(#[from] PlotError),
+    /// no run completed (see the messages above)
+    #[error("no run completed (see the messages above)")]
+    NoRuns,
+}
+
+/// Why the results could not be written as JSON.
+#[derive(thiserror::Error, Debug)]
+pub enum WriteJsonError {
+    /// cannot encode results: {0}
+    #[error("cannot encode results: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// cannot write {path}: {source}
+    #[error("cannot write {}: {source}", .path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why it cannot be written.
+        source: io::Error,
+    },
+}
 
 /// Everything a `run`, `latency` or `ndr` command needs.
 #[derive(Clone, Debug)]
@@ -103,14 +195,14 @@ impl Default for RunOptions {
 }
 
 /// Runs the benchmark, prints the table and writes the files; returns the results.
-pub fn run(opts: &RunOptions) -> Result<Results, String> {
+pub fn run(opts: &RunOptions) -> Result<Results, RunError> {
     let ports = opts.ports.unwrap_or(opts.topology.default_ports());
     opts.topology.check_ports(ports)?;
     if opts.sizes.is_empty() {
-        return Err("no frame sizes given (--sizes 64,1518)".into());
+        return Err(RunError::NoSizes);
     }
     if opts.reps == 0 {
-        return Err("--reps must be at least 1".into());
+        return Err(RunError::NoReps);
     }
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     if opts.backend_cpu == opts.generator_cpu && cpus > 1 {
@@ -120,32 +212,9 @@ pub fn run(opts: &RunOptions) -> Result<Results, String> {
     let mut machine = sys::machine(clock.hz());
     machine.versions.insert("vswitch-bench".into(), env!("CARGO_PKG_VERSION").into());
 
-    // Which peers can run here, and what they are.
-    let mut peers = Vec::new();
-    for &kind in &opts.peers {
-        if peers.contains(&kind) {
-            continue;
-        }
-        let probed = match kind {
-            PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu => {
-                peer::probe_vswitch(opts.vswitch_bin.as_deref())
-            }
-            _ => peer::probe(kind),
-        };
-        match probed {
-            Ok(version) => {
-                if let Err(why) = peer::supports(kind, opts.topology, ports) {
-                    eprintln!("skipping peer {kind}: {why}");
-                    continue;
-                }
-                machine.versions.insert(kind.to_string(), version);
-                peers.push(kind);
-            }
-            Err(e) => eprintln!("skipping peer {kind}: {e}"),
-        }
-    }
+    let peers = usable_peers(opts, ports, &mut machine.versions);
     if peers.is_empty() {
-        return Err("none of the requested peers can run here (see the messages above)".into());
+        return Err(RunError::NoPeers);
     }
 
     let hugepages = opts.hugepages
@@ -154,9 +223,9 @@ pub fn run(opts: &RunOptions) -> Result<Results, String> {
             false
         });
     std::fs::create_dir_all(&opts.workdir)
-        .map_err(|e| format!("cannot create work directory {}: {e}", opts.workdir.display()))?;
+        .map_err(|source| RunError::Workdir { path: opts.workdir.clone(), source })?;
     sys::pin_current_thread(opts.generator_cpu)
-        .map_err(|e| format!("cannot pin the generator to CPU {}: {e}", opts.generator_cpu))?;
+        .map_err(|source| RunError::Pin { cpu: opts.generator_cpu, source })?;
 
     let params = Params {
         command: opts.command.clone(),
@@ -185,20 +254,7 @@ pub fn run(opts: &RunOptions) -> Result<Results, String> {
             }
             continue;
         }
-        // For a fraction of the maximum rate, measure the maximum first.
-        let mut rate_of = Vec::new();
-        for &kind in &peers {
-            let pps = match opts.rate {
-                Rate::Max => None,
-                Rate::Pps(p) => Some(p),
-                Rate::Fraction(f) => {
-                    let probe = ctx.measure(kind, &plan, size, None, 0, short(opts.duration))?;
-                    eprintln!("{kind} {size}: maximum {:.3} Mpps; offering {:.0} %", probe.mpps, f * 100.0);
-                    Some(probe.mpps * 1e6 * f)
-                }
-            };
-            rate_of.push(pps);
-        }
+        let rate_of = offered_rates(&ctx, &peers, &plan, size)?;
         for rep in 1..=opts.reps {
             for (i, &kind) in peers.iter().enumerate() {
                 match ctx.measure(kind, &plan, size, rate_of[i], rep, opts.duration) {
@@ -209,32 +265,92 @@ pub fn run(opts: &RunOptions) -> Result<Results, String> {
         }
     }
 
+    write_outputs(opts, &results)?;
+    let _ = std::fs::remove_dir_all(&opts.workdir);
+    if results.runs.is_empty() {
+        return Err(RunError::NoRuns);
+    }
+    Ok(results)
+}
+
+/// The offered rate of each peer for `size`, in frames per second (`None`: as fast as the
+/// rings take them). For a fraction of the maximum rate, each peer's maximum is measured first.
+fn offered_rates(
+    ctx: &Ctx<'_>,
+    peers: &[PeerKind],
+    plan: &Plan,
+    size: FrameSize,
+) -> Result<Vec<Option<f64>>, RunError> {
+    let mut rate_of = Vec::new();
+    for &kind in peers {
+        let pps = match ctx.opts.rate {
+            Rate::Max => None,
+            Rate::Pps(p) => Some(p),
+            Rate::Fraction(f) => {
+                let probe = ctx.measure(kind, plan, size, None, 0, short(ctx.opts.duration))?;
+                eprintln!("{kind} {size}: maximum {:.3} Mpps; offering {:.0} %", probe.mpps, f * 100.0);
+                Some(probe.mpps * 1e6 * f)
+            }
+        };
+        rate_of.push(pps);
+    }
+    Ok(rate_of)
+}
+
+/// The requested peers that are installed and can run the topology with `ports` ports, each
+/// once, in the order asked; records their versions. Says on stderr why others are skipped.
+fn usable_peers(opts: &RunOptions, ports: usize, versions: &mut BTreeMap<String, String>) -> Vec<PeerKind> {
+    let mut peers = Vec::new();
+    for &kind in &opts.peers {
+        if peers.contains(&kind) {
+            continue;
+        }
+        let probed = match kind {
+            PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu => {
+                peer::probe_vswitch(opts.vswitch_bin.as_deref())
+            }
+            _ => peer::probe(kind),
+        };
+        match probed {
+            Ok(version) => {
+                if let Err(why) = peer::supports(kind, opts.topology, ports) {
+                    eprintln!("skipping peer {kind}: {why}");
+                    continue;
+                }
+                versions.insert(kind.to_string(), version);
+                peers.push(kind);
+            }
+            Err(e) => eprintln!("skipping peer {kind}: {e}"),
+        }
+    }
+    peers
+}
+
+/// Prints the table and its warnings, then writes the JSON and SVG files asked for.
+fn write_outputs(opts: &RunOptions, results: &Results) -> Result<(), RunError> {
     let summaries = report::summarize(&results.runs);
     let mut out = std::io::stdout().lock();
-    report::print_table(&mut out, &results.machine, &summaries).map_err(|e| format!("stdout: {e}"))?;
+    report::print_table(&mut out, &results.machine, &summaries).map_err(RunError::Stdout)?;
     for w in report::warnings(&summaries) {
         let _ = writeln!(out, "warning: {w}");
     }
     drop(out);
     if let Some(path) = &opts.json {
-        write_json(path, &results)?;
+        write_json(path, results)?;
         eprintln!("results written to {}", path.display());
     }
     if let Some(path) = &opts.svg {
-        report::write_svg(path, &results)?;
+        report::write_svg(path, results)?;
         eprintln!("plot written to {}", path.display());
     }
-    let _ = std::fs::remove_dir_all(&opts.workdir);
-    if results.runs.is_empty() {
-        return Err("no run completed (see the messages above)".into());
-    }
-    Ok(results)
+    Ok(())
 }
 
 /// Writes `results` as pretty JSON.
-pub fn write_json(path: &Path, results: &Results) -> Result<(), String> {
-    let text = serde_json::to_string_pretty(results).map_err(|e| format!("cannot encode results: {e}"))?;
-    std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))
+pub fn write_json(path: &Path, results: &Results) -> Result<(), WriteJsonError> {
+    let text = serde_json::to_string_pretty(results)?;
+    std::fs::write(path, text + "\n")
+        .map_err(|source| WriteJsonError::Write { path: path.to_path_buf(), source })
 }
 
 /// A shorter run for probing the maximum rate and for search trials.
@@ -259,7 +375,7 @@ impl Ctx<'_> {
         rate_pps: Option<f64>,
         rep: u32,
         duration: Duration,
-    ) -> Result<RunResult, String> {
+    ) -> Result<RunResult, RunError> {
         let o = self.opts;
         let popts = PeerOptions {
             kind,
@@ -272,7 +388,7 @@ impl Ctx<'_> {
             busy_poll: o.busy_poll,
             flows: o.flows,
         };
-        let mut peer = Peer::start(&popts).map_err(|e| e.to_string())?;
+        let mut peer = Peer::start(&popts)?;
         let mut frontends = Vec::with_capacity(self.ports);
         let mut fcfg = frontend_config(plan.max_len(), o.ring_size, self.hugepages);
         if kind == PeerKind::OursViommu {
@@ -280,7 +396,7 @@ impl Ctx<'_> {
         }
         for (i, sock) in peer.sockets().iter().enumerate() {
             let fe = Frontend::connect(sock, fcfg.clone(), Duration::from_secs(15))
-                .map_err(|e| format!("port {i}: cannot connect to {}: {e}", sock.display()))?;
+                .map_err(|source| RunError::Connect { port: i, socket: sock.clone(), source })?;
             frontends.push(fe);
         }
         let gcfg = GenConfig { rate_pps, warmup: o.warmup, duration, burst: o.burst, ..GenConfig::default() };
@@ -308,11 +424,11 @@ impl Ctx<'_> {
             gen::run(&mut frontends, plan, &gcfg, &self.clock, o.latency, &mut on)
         };
         drop(frontends);
-        let report = peer.stop().map_err(|e| e.to_string())?;
+        let report = peer.stop()?;
         let g = result?;
         let (a, b) = match (snap_a, snap_b) {
             (Some(a), Some(b)) => (a, b),
-            _ => return Err("the measurement window never started".into()),
+            _ => return Err(RunError::NoWindow),
         };
         // CPU of the switch's processes; "other" load excludes the generator (this process) too.
         let switch_secs = sys::pids_cpu_seconds(&a.0, &b.0);
@@ -409,7 +525,7 @@ fn one_line(label: &str, r: &RunResult) -> String {
 
 /// Binary search for the highest offered rate with loss at or below the threshold.
 /// Returns the last passing trial (at the NDR rate).
-fn ndr(ctx: &Ctx<'_>, kind: PeerKind, plan: &Plan, size: FrameSize) -> Result<RunResult, String> {
+fn ndr(ctx: &Ctx<'_>, kind: PeerKind, plan: &Plan, size: FrameSize) -> Result<RunResult, RunError> {
     let o = ctx.opts;
     let max = ctx.measure(kind, plan, size, None, 0, short(o.duration))?;
     let mut hi = max.mpps * 1e6 * 1.05;
@@ -439,9 +555,7 @@ fn ndr(ctx: &Ctx<'_>, kind: PeerKind, plan: &Plan, size: FrameSize) -> Result<Ru
         }
         rate = (lo + hi) / 2.0;
     }
-    let mut best = best.ok_or_else(|| {
-        format!("no offered rate down to {:.3} Mpps met the loss limit {}", hi / 1e6, o.ndr_loss)
-    })?;
+    let mut best = best.ok_or(RunError::NoNdr { mpps: hi / 1e6, loss: o.ndr_loss })?;
     best.rep = 1;
     eprintln!("NDR {kind} {size}: {:.3} Mpps (loss <= {} %)", lo / 1e6, o.ndr_loss * 100.0);
     Ok(best)
@@ -464,10 +578,10 @@ mod tests {
     #[test]
     fn unknown_sizes_and_reps_are_refused_before_anything_starts() {
         let o = RunOptions { sizes: vec![], ..RunOptions::default() };
-        assert!(run(&o).unwrap_err().contains("no frame sizes"));
+        assert!(run(&o).unwrap_err().to_string().contains("no frame sizes"));
         let o = RunOptions { reps: 0, ..RunOptions::default() };
-        assert!(run(&o).unwrap_err().contains("--reps"));
+        assert!(run(&o).unwrap_err().to_string().contains("--reps"));
         let o = RunOptions { ports: Some(3), ..RunOptions::default() };
-        assert!(run(&o).unwrap_err().contains("exactly 2"));
+        assert!(run(&o).unwrap_err().to_string().contains("exactly 2"));
     }
 }

@@ -5,6 +5,53 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+/// A benchmark parameter that cannot be used: unparsable, out of range, or a port count the
+/// topology does not take.
+#[derive(thiserror::Error, Debug, Clone, PartialEq)]
+pub enum SpecError {
+    /// frame size {0:?} is not a number or "imix"
+    #[error("frame size {0:?} is not a number or \"imix\"")]
+    FrameSizeSyntax(String),
+    /// frame size {0} is outside 64..=9018 (nominal size including the 4-byte FCS)
+    #[error(
+        "frame size {0} is outside {min}..={max} (nominal size including the 4-byte FCS)",
+        min = FrameSize::MIN,
+        max = FrameSize::MAX
+    )]
+    FrameSizeRange(u16),
+    /// topology {topology} takes {allowed} ports, not {ports}
+    #[error("topology {topology} takes {allowed} ports, not {ports}")]
+    Ports {
+        /// The topology.
+        topology: Topology,
+        /// The port counts it takes, in words.
+        allowed: &'static str,
+        /// The port count asked for.
+        ports: usize,
+    },
+    /// unknown topology {0:?}; choose one of p2p, p2p-uni, mesh, flood, vlan
+    #[error("unknown topology {0:?}; choose one of {names}", names = topology_names())]
+    UnknownTopology(String),
+    /// unknown peer {0:?}; choose from ours, ours+policy, ours+viommu, dpdk, ovs
+    #[error("unknown peer {0:?}; choose from ours, ours+policy, ours+viommu, dpdk, ovs")]
+    UnknownPeer(String),
+    /// rate {0:?} is not one of: max, N%, Nmpps, Nkpps, Npps
+    #[error("rate {0:?} is not one of: max, N%, Nmpps, Nkpps, Npps")]
+    RateSyntax(String),
+    /// rate {0:?}: a percentage must be in (0, 100]
+    #[error("rate {0:?}: a percentage must be in (0, 100]")]
+    RatePercent(String),
+    /// rate {0:?} must be positive
+    #[error("rate {0:?} must be positive")]
+    RateNotPositive(String),
+}
+
+/// The names of every topology, for [`SpecError::UnknownTopology`].
+fn topology_names() -> String {
+    let names: Vec<String> = Topology::ALL.iter().map(|t| t.to_string()).collect();
+    names.join(", ")
+}
+
 /// Frame sizes are nominal Ethernet sizes *including* the 4-byte FCS, as in RFC 2544 and
 /// DPDK's `--txpkts` in flowgen mode: `64` puts 60-byte frames on the rings.
 pub const FCS_LEN: usize = 4;
@@ -79,18 +126,14 @@ impl fmt::Display for FrameSize {
 }
 
 impl FromStr for FrameSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
         if s.eq_ignore_ascii_case("imix") {
             return Ok(FrameSize::Imix);
         }
-        let n: u16 = s.parse().map_err(|_| format!("frame size {s:?} is not a number or \"imix\""))?;
+        let n: u16 = s.parse().map_err(|_| SpecError::FrameSizeSyntax(s.to_string()))?;
         if !(FrameSize::MIN..=FrameSize::MAX).contains(&n) {
-            return Err(format!(
-                "frame size {n} is outside {}..={} (nominal size including the 4-byte FCS)",
-                FrameSize::MIN,
-                FrameSize::MAX
-            ));
+            return Err(SpecError::FrameSizeRange(n));
         }
         Ok(FrameSize::Fixed(n))
     }
@@ -103,8 +146,8 @@ impl From<FrameSize> for String {
 }
 
 impl TryFrom<String> for FrameSize {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = SpecError;
+    fn try_from(s: String) -> Result<Self, SpecError> {
         s.parse()
     }
 }
@@ -141,7 +184,7 @@ impl Topology {
     }
 
     /// Checks a port count; returns a message saying what is allowed.
-    pub fn check_ports(self, n: usize) -> Result<(), String> {
+    pub fn check_ports(self, n: usize) -> Result<(), SpecError> {
         let ok = match self {
             Topology::P2p | Topology::P2pUni => n == 2,
             Topology::Mesh | Topology::Flood => (2..=64).contains(&n),
@@ -150,14 +193,15 @@ impl Topology {
         if ok {
             Ok(())
         } else {
-            Err(format!(
-                "topology {self} takes {} ports, not {n}",
-                match self {
+            Err(SpecError::Ports {
+                topology: self,
+                allowed: match self {
                     Topology::P2p | Topology::P2pUni => "exactly 2",
                     Topology::Mesh | Topology::Flood => "2 to 64",
                     Topology::Vlan => "exactly 4",
-                }
-            ))
+                },
+                ports: n,
+            })
         }
     }
 
@@ -183,12 +227,12 @@ impl fmt::Display for Topology {
 }
 
 impl FromStr for Topology {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Topology::ALL.into_iter().find(|t| t.to_string() == s).ok_or_else(|| {
-            let names: Vec<String> = Topology::ALL.iter().map(|t| t.to_string()).collect();
-            format!("unknown topology {s:?}; choose one of {}", names.join(", "))
-        })
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        Topology::ALL
+            .into_iter()
+            .find(|t| t.to_string() == s)
+            .ok_or_else(|| SpecError::UnknownTopology(s.to_string()))
     }
 }
 
@@ -234,15 +278,15 @@ impl fmt::Display for PeerKind {
 }
 
 impl FromStr for PeerKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
         match s {
             "ours" => Ok(PeerKind::Ours),
             "ours+policy" => Ok(PeerKind::OursPolicy),
             "ours+viommu" => Ok(PeerKind::OursViommu),
             "dpdk" => Ok(PeerKind::Dpdk),
             "ovs" => Ok(PeerKind::Ovs),
-            _ => Err(format!("unknown peer {s:?}; choose from ours, ours+policy, ours+viommu, dpdk, ovs")),
+            _ => Err(SpecError::UnknownPeer(s.to_string())),
         }
     }
 }
@@ -270,18 +314,18 @@ impl fmt::Display for Rate {
 }
 
 impl FromStr for Rate {
-    type Err = String;
+    type Err = SpecError;
     /// `max`, `50%`, `2.5mpps`, `300kpps`, `1000pps` or a bare number of frames per second.
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, SpecError> {
         let t = s.trim().to_ascii_lowercase();
-        let bad = || format!("rate {s:?} is not one of: max, N%, Nmpps, Nkpps, Npps");
+        let bad = || SpecError::RateSyntax(s.to_string());
         if t == "max" {
             return Ok(Rate::Max);
         }
         if let Some(p) = t.strip_suffix('%') {
             let x: f64 = p.parse().map_err(|_| bad())?;
             if !(x > 0.0 && x <= 100.0) {
-                return Err(format!("rate {s:?}: a percentage must be in (0, 100]"));
+                return Err(SpecError::RatePercent(s.to_string()));
             }
             return Ok(Rate::Fraction(x / 100.0));
         }
@@ -296,7 +340,7 @@ impl FromStr for Rate {
         };
         let x: f64 = num.trim().parse().map_err(|_| bad())?;
         if !(x > 0.0 && x.is_finite()) {
-            return Err(format!("rate {s:?} must be positive"));
+            return Err(SpecError::RateNotPositive(s.to_string()));
         }
         Ok(Rate::Pps(x * mult))
     }

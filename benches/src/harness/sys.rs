@@ -220,6 +220,31 @@ fn hugetlbfs_mounted() -> bool {
         .unwrap_or(false)
 }
 
+/// A surprise while reserving huge pages or mounting hugetlbfs (the expected refusals, such as
+/// not being root, are `Ok(false)` from [`hugepages`]).
+#[derive(thiserror::Error, Debug)]
+pub enum HugePagesError {
+    /// cannot read {0}
+    #[error("cannot read {0}")]
+    Read(String),
+    /// cannot reserve {want} huge pages in {path}: {source}
+    #[error("cannot reserve {want} huge pages in {path}: {source}")]
+    Reserve {
+        /// Pages asked for in total.
+        want: u64,
+        /// The `nr_hugepages` file written.
+        path: String,
+        /// What the kernel said.
+        source: io::Error,
+    },
+    /// cannot create /dev/hugepages to mount hugetlbfs on: {0}
+    #[error("cannot create {HUGEPAGES_MOUNT} to mount hugetlbfs on: {0}")]
+    MountPoint(#[source] io::Error),
+    /// cannot mount hugetlbfs on /dev/hugepages: {0}
+    #[error("cannot mount hugetlbfs on {HUGEPAGES_MOUNT}: {0}")]
+    Mount(#[source] io::Error),
+}
+
 /// Ensures at least `min_free_pages` free 2 MiB huge pages and hugetlbfs mounted at
 /// [`HUGEPAGES_MOUNT`], reserving more pages and mounting as root when needed.
 ///
@@ -227,7 +252,7 @@ fn hugetlbfs_mounted() -> bool {
 /// enough memory, mounting not permitted) and the caller should use 4 KiB pages; pages
 /// reserved by a failed attempt are given back. `Err` is kept for surprises (the kernel
 /// rejecting a write as root, an unreadable pool).
-pub fn hugepages(min_free_pages: u64) -> Result<bool, String> {
+pub fn hugepages(min_free_pages: u64) -> Result<bool, HugePagesError> {
     if !Path::new(HUGEPAGES_2M).is_dir() {
         return Ok(false);
     }
@@ -235,19 +260,19 @@ pub fn hugepages(min_free_pages: u64) -> Result<bool, String> {
     let root = unsafe { libc::geteuid() } == 0;
     let free_path = format!("{HUGEPAGES_2M}/free_hugepages");
     let nr_path = format!("{HUGEPAGES_2M}/nr_hugepages");
-    let free = read_u64(&free_path).ok_or_else(|| format!("cannot read {free_path}"))?;
+    let free = read_u64(&free_path).ok_or_else(|| HugePagesError::Read(free_path.clone()))?;
     if free < min_free_pages {
         if !root {
             return Ok(false);
         }
-        let nr = read_u64(&nr_path).ok_or_else(|| format!("cannot read {nr_path}"))?;
+        let nr = read_u64(&nr_path).ok_or_else(|| HugePagesError::Read(nr_path.clone()))?;
         let want = nr + (min_free_pages - free);
         match fs::write(&nr_path, format!("{want}\n")) {
             Ok(()) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES | libc::EROFS)) => {
                 return Ok(false)
             }
-            Err(e) => return Err(format!("cannot reserve {want} huge pages in {nr_path}: {e}")),
+            Err(source) => return Err(HugePagesError::Reserve { want, path: nr_path, source }),
         }
         let now_free = read_u64(&free_path).unwrap_or(0);
         if now_free < min_free_pages {
@@ -261,7 +286,7 @@ pub fn hugepages(min_free_pages: u64) -> Result<bool, String> {
             return Ok(false);
         }
         if let Err(e) = fs::create_dir_all(HUGEPAGES_MOUNT) {
-            return Err(format!("cannot create {HUGEPAGES_MOUNT} to mount hugetlbfs on: {e}"));
+            return Err(HugePagesError::MountPoint(e));
         }
         // SAFETY: all arguments are valid NUL-terminated strings that outlive the call.
         let rc = unsafe {
@@ -278,7 +303,7 @@ pub fn hugepages(min_free_pages: u64) -> Result<bool, String> {
             if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) {
                 return Ok(false);
             }
-            return Err(format!("cannot mount hugetlbfs on {HUGEPAGES_MOUNT}: {e}"));
+            return Err(HugePagesError::Mount(e));
         }
     }
     Ok(true)
