@@ -1,4 +1,4 @@
-//! Guest side of a virtio-net device over vhost-user, in-process.
+//! The guest side of a virtio-net device over vhost-user, written once.
 //!
 //! [`Frontend`] plays the role of QEMU or DPDK's virtio-user: it owns a
 //! memfd-backed "guest memory" region, lays out split virtqueues and packet
@@ -19,18 +19,20 @@
 //!
 //! ```no_run
 //! use std::{path::Path, time::Duration};
-//! use vswitch_bench::frame::{build_frame, frame_seq};
-//! use vswitch_bench::frontend::{Frontend, FrontendConfig};
+//! use netfront::{Frontend, FrontendConfig};
 //!
 //! let t = Duration::from_secs(5);
 //! let mut a = Frontend::connect(Path::new("/tmp/a.sock"), FrontendConfig::default(), t)?;
 //! let mut b = Frontend::connect(Path::new("/tmp/b.sock"), FrontendConfig::default(), t)?;
-//! let f = build_frame([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], None, 100, 1);
-//! assert!(a.send(0, &f));
+//! let mut frame = [0u8; 60];
+//! frame[..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]); // destination
+//! frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]); // source
+//! assert!(a.send(0, &frame));
 //! let got = b.recv_frames(0, 1, t);
-//! assert_eq!(frame_seq(&got[0]), Some(1));
-//! # Ok::<(), vswitch_bench::frontend::Error>(())
+//! assert_eq!(got[0], frame);
+//! # Ok::<(), netfront::Error>(())
 //! ```
+#![deny(missing_docs)]
 
 mod config;
 mod device;
