@@ -63,14 +63,14 @@ pub enum Error {
         reason: String,
     },
     /// A NIC's vhost-user connection failed.
-    #[error("NIC {nic} ({path}): {what}")]
+    #[error("NIC {nic} ({path}): {source}")]
     Net {
         /// NIC index.
         nic: usize,
         /// Its socket.
         path: PathBuf,
         /// What went wrong.
-        what: String,
+        source: crate::net::NetError,
     },
     /// Another OS call failed.
     #[error("{what}: {source}")]

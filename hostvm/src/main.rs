@@ -109,7 +109,7 @@ fn parse_dst_mac(s: &str) -> Result<[u8; 6], String> {
     if s.eq_ignore_ascii_case("ff:ff:ff:ff:ff:ff") {
         return Ok([0xff; 6]);
     }
-    parse_mac(s)
+    parse_mac(s).map_err(|e| e.to_string())
 }
 
 fn parse_serial(s: &str) -> Result<SerialOut, String> {

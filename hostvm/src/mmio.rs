@@ -46,6 +46,23 @@ const STATUS_FAILED: u32 = 0x80;
 /// "Used buffer" interrupt cause.
 const INT_VRING: u32 = 1;
 
+/// Why the device refuses the driver's DRIVER_OK.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    /// FEATURES_OK was not accepted first
+    #[error("FEATURES_OK was not accepted first")]
+    NoFeaturesOk,
+    /// queue {0} is not ready
+    #[error("queue {0} is not ready")]
+    NotReady(usize),
+    /// queue {queue} size {size} is not a power of two up to QUEUE_MAX
+    #[error("queue {queue} size {size} is not a power of two up to {QUEUE_MAX}")]
+    BadSize { queue: usize, size: u16 },
+    /// queue {0} rings are misaligned
+    #[error("queue {0} rings are misaligned")]
+    Misaligned(usize),
+}
+
 #[derive(Clone, Copy, Default)]
 struct Queue {
     addrs: QueueAddrs,
@@ -228,21 +245,21 @@ impl VirtioMmioNet {
         self.status = v;
     }
 
-    fn activation(&self) -> Result<Activation, String> {
+    fn activation(&self) -> Result<Activation, Refusal> {
         if self.status & STATUS_FEATURES_OK == 0 {
-            return Err("FEATURES_OK was not accepted first".into());
+            return Err(Refusal::NoFeaturesOk);
         }
         let mut queues = [QueueAddrs::default(); QUEUES];
         for (i, q) in self.queues.iter().enumerate() {
             let a = q.addrs;
             if !q.ready {
-                return Err(format!("queue {i} is not ready"));
+                return Err(Refusal::NotReady(i));
             }
             if a.size == 0 || a.size > QUEUE_MAX || !a.size.is_power_of_two() {
-                return Err(format!("queue {i} size {} is not a power of two up to {QUEUE_MAX}", a.size));
+                return Err(Refusal::BadSize { queue: i, size: a.size });
             }
             if a.desc % 16 != 0 || a.avail % 2 != 0 || a.used % 4 != 0 {
-                return Err(format!("queue {i} rings are misaligned"));
+                return Err(Refusal::Misaligned(i));
             }
             queues[i] = a;
         }

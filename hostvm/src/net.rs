@@ -6,31 +6,28 @@
 //! payload an fd the idle vCPU waits on). From then on the switch and the guest talk through
 //! shared memory and those two eventfds.
 //!
-//! The link survives the switch: a supervisor thread watches the socket, and when the switch
-//! goes away it reconnects (client mode: retries the socket; server mode: accepts again on
-//! the listener it keeps), negotiates again, and if the device is live re-sends the memory
-//! table and ring state, resuming each ring at the guest's used index (QEMU's rule: what the
-//! old switch took but never returned is offered again).
+//! Every vhost-user message goes through `netfront`'s [`Session`] (the sequence exists once,
+//! shared with the in-process frontend): this file only decides what to send, and when. Each
+//! request is bounded by [`CONTROL_TIMEOUT`]; a switch that does not answer in time is treated
+//! as gone.
+//!
+//! The link survives the switch: a supervisor thread watches the socket ([`PeerWatch`]), and
+//! when the switch goes away it reconnects (client mode: retries the socket; server mode:
+//! accepts again on the listener the [`Endpoint`] keeps), negotiates again, and if the device
+//! is live re-sends the memory table and ring state, resuming each ring at the guest's used
+//! index (QEMU's rule: what the old switch took but never returned is offered again).
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VringConfigData};
-use virtq::features::{
-    NET_F_CSUM, NET_F_GUEST_CSUM, NET_F_GUEST_ECN, NET_F_GUEST_TSO4, NET_F_GUEST_TSO6, NET_F_HOST_ECN,
-    NET_F_HOST_TSO4, NET_F_HOST_TSO6, NET_F_MRG_RXBUF, RING_F_EVENT_IDX, RING_F_INDIRECT_DESC,
-    VHOST_USER_F_PROTOCOL_FEATURES as F_PROTOCOL_FEATURES,
-};
+use netfront::{Endpoint, PeerWatch, Session, VringSetup};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -42,29 +39,116 @@ pub const QUEUES: usize = 2;
 /// Largest queue a guest may configure.
 pub const QUEUE_MAX: u16 = 1024;
 
-/// `VIRTIO_F_VERSION_1`.
-pub use virtq::features::F_VERSION_1;
 /// `VIRTIO_NET_F_MAC`: hostvm serves the MAC from its own config space.
-pub use virtq::features::NET_F_MAC as F_MAC;
+pub const F_MAC: u64 = netfront::VIRTIO_NET_F_MAC;
+/// `VIRTIO_F_VERSION_1`.
+pub const F_VERSION_1: u64 = netfront::VIRTIO_F_VERSION_1;
 
 /// Device features a guest may negotiate with the switch through hostvm: checksum and TSO
 /// offloads, mergeable buffers, event index, indirect descriptors, VERSION_1. Not MQ (one
 /// queue pair per NIC), not ACCESS_PLATFORM (no vIOMMU), not packed rings.
-pub const PASS_FEATURES: u64 = NET_F_CSUM
-    | NET_F_GUEST_CSUM
-    | NET_F_GUEST_TSO4
-    | NET_F_GUEST_TSO6
-    | NET_F_GUEST_ECN
-    | NET_F_HOST_TSO4
-    | NET_F_HOST_TSO6
-    | NET_F_HOST_ECN
-    | NET_F_MRG_RXBUF
-    | RING_F_INDIRECT_DESC
-    | RING_F_EVENT_IDX
+pub const PASS_FEATURES: u64 = netfront::VIRTIO_NET_F_CSUM
+    | netfront::VIRTIO_NET_F_GUEST_CSUM
+    | netfront::VIRTIO_NET_F_GUEST_TSO4
+    | netfront::VIRTIO_NET_F_GUEST_TSO6
+    | netfront::VIRTIO_NET_F_GUEST_ECN
+    | netfront::VIRTIO_NET_F_HOST_TSO4
+    | netfront::VIRTIO_NET_F_HOST_TSO6
+    | netfront::VIRTIO_NET_F_HOST_ECN
+    | netfront::VIRTIO_NET_F_MRG_RXBUF
+    | netfront::VIRTIO_RING_F_INDIRECT_DESC
+    | netfront::VIRTIO_RING_F_EVENT_IDX
     | F_VERSION_1;
 
-/// How long a (re)connection may take before the link reports the switch unreachable.
+/// Protocol features hostvm acks: only REPLY_ACK (one memory table, no config space, no MQ).
+const PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::REPLY_ACK;
+
+/// How long one vhost-user request may take before the switch counts as gone.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a reconnection attempt waits before the supervisor looks around again.
 const CONNECT_RETRY: Duration = Duration::from_millis(100);
+/// How long the supervisor waits for a hang-up before checking for a stop.
+const WATCH_TICK: Duration = Duration::from_millis(100);
+
+/// Why a NIC's link to the switch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The vhost-user session failed (socket, request, timeout).
+    #[error(transparent)]
+    Session(#[from] netfront::Error),
+    /// no switch listening after {secs} s: start the switch with this port first, or use
+    /// `server` and a client-mode switch port
+    #[error(
+        "no switch listening after {secs} s: start the switch with this port first, or use \
+         `server` and a client-mode switch port"
+    )]
+    NoSwitch {
+        /// The wait.
+        secs: u64,
+    },
+    /// no switch connected within {secs} s (is the port in client mode?)
+    #[error("no switch connected within {secs} s (is the port in client mode?)")]
+    NoClient {
+        /// The wait.
+        secs: u64,
+    },
+    /// the switch does not offer VIRTIO_F_VERSION_1, which hostvm needs
+    #[error("the switch does not offer VIRTIO_F_VERSION_1, which hostvm needs")]
+    NoVersion1,
+    /// the switch no longer offers features {0:#x} the guest uses; the NIC stays down
+    #[error("the switch no longer offers features {0:#x} the guest uses; the NIC stays down")]
+    FeaturesGone(u64),
+    /// queue {queue} {ring} at {gpa:#x} is outside guest RAM
+    #[error("queue {queue} {ring} at {gpa:#x} is outside guest RAM")]
+    RingOutsideRam {
+        /// The queue.
+        queue: usize,
+        /// Which of its rings.
+        ring: &'static str,
+        /// Where the driver put it.
+        gpa: u64,
+    },
+    /// queue {queue} used index: {source}
+    #[error("queue {queue} used index: {source}")]
+    UsedIndex {
+        /// The queue.
+        queue: usize,
+        /// Why it could not be read.
+        source: vm_memory::GuestMemoryError,
+    },
+    /// eventfd: {0}
+    #[error("eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+/// A bad `--net` value.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// bad --net item `{0}`: expected socket=PATH, mac=XX:XX:XX:XX:XX:XX, server or client
+    #[error("bad --net item `{0}`: expected socket=PATH, mac=XX:XX:XX:XX:XX:XX, server or client")]
+    Item(String),
+    /// --net needs socket=PATH (the switch port's vhost-user socket)
+    #[error("--net needs socket=PATH (the switch port's vhost-user socket)")]
+    NoSocket,
+    /// --net needs mac=XX:XX:XX:XX:XX:XX
+    #[error("--net needs mac=XX:XX:XX:XX:XX:XX")]
+    NoMac,
+    /// bad MAC `{0}`: expected six hex bytes like 52:54:00:00:00:01
+    #[error("bad MAC `{0}`: expected six hex bytes like 52:54:00:00:00:01")]
+    MacLength(String),
+    /// bad MAC `{mac}`: `{byte}` is not a hex byte
+    #[error("bad MAC `{mac}`: `{byte}` is not a hex byte")]
+    MacByte {
+        /// The MAC given.
+        mac: String,
+        /// The offending part.
+        byte: String,
+    },
+    /// bad MAC `{0}`: a NIC's address cannot be multicast
+    #[error("bad MAC `{0}`: a NIC's address cannot be multicast")]
+    MacMulticast(String),
+}
 
 /// `--net socket=PATH,mac=MAC[,server]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,9 +162,9 @@ pub struct NetSpec {
 }
 
 impl FromStr for NetSpec {
-    type Err = String;
+    type Err = SpecError;
 
-    fn from_str(s: &str) -> std::result::Result<NetSpec, String> {
+    fn from_str(s: &str) -> std::result::Result<NetSpec, SpecError> {
         let (mut socket, mut mac, mut server) = (None, None, false);
         for part in s.split(',') {
             match part.split_once('=') {
@@ -88,31 +172,28 @@ impl FromStr for NetSpec {
                 Some(("mac", m)) => mac = Some(parse_mac(m)?),
                 None if part == "server" => server = true,
                 None if part == "client" => server = false,
-                _ => {
-                    return Err(format!(
-                    "bad --net item `{part}`: expected socket=PATH, mac=XX:XX:XX:XX:XX:XX, server or client"
-                ))
-                }
+                _ => return Err(SpecError::Item(part.to_owned())),
             }
         }
-        let socket = socket.ok_or("--net needs socket=PATH (the switch port's vhost-user socket)")?;
-        let mac = mac.ok_or("--net needs mac=XX:XX:XX:XX:XX:XX")?;
+        let socket = socket.ok_or(SpecError::NoSocket)?;
+        let mac = mac.ok_or(SpecError::NoMac)?;
         Ok(NetSpec { socket, mac, server })
     }
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> std::result::Result<[u8; 6], String> {
+pub fn parse_mac(s: &str) -> std::result::Result<[u8; 6], SpecError> {
     let mut mac = [0u8; 6];
     let parts: Vec<&str> = s.split(':').collect();
     if parts.len() != 6 {
-        return Err(format!("bad MAC `{s}`: expected six hex bytes like 52:54:00:00:00:01"));
+        return Err(SpecError::MacLength(s.to_owned()));
     }
     for (b, p) in mac.iter_mut().zip(parts) {
-        *b = u8::from_str_radix(p, 16).map_err(|_| format!("bad MAC `{s}`: `{p}` is not a hex byte"))?;
+        *b = u8::from_str_radix(p, 16)
+            .map_err(|_| SpecError::MacByte { mac: s.to_owned(), byte: p.to_owned() })?;
     }
     if mac[0] & 1 != 0 {
-        return Err(format!("bad MAC `{s}`: a NIC's address cannot be multicast"));
+        return Err(SpecError::MacMulticast(s.to_owned()));
     }
     Ok(mac)
 }
@@ -150,11 +231,9 @@ pub struct Activation {
 }
 
 struct Conn {
-    fe: Frontend,
-    /// Another handle on the socket, watched for hang-up.
-    sock: UnixStream,
-    /// What the switch offers (virtio features).
-    offered: u64,
+    session: Session,
+    /// Polled for hang-up by the supervisor without the state lock.
+    watch: Arc<PeerWatch>,
 }
 
 struct State {
@@ -170,7 +249,8 @@ struct Shared {
     ram: Arc<GuestRam>,
     kick: [EventFd; QUEUES],
     call: [EventFd; QUEUES],
-    listener: Option<UnixListener>,
+    /// Where connections come from; in server mode it owns the socket file.
+    endpoint: Endpoint,
     state: Mutex<State>,
     stop: AtomicBool,
     /// Connections made so far (1 after start; more after reconnects).
@@ -187,23 +267,27 @@ impl Link {
     /// Connects to the switch (or waits for it, in server mode) for up to `wait`, negotiates,
     /// and starts watching the connection.
     pub fn connect(nic: usize, spec: NetSpec, ram: Arc<GuestRam>, wait: Duration) -> Result<Link> {
-        let net_err = |what: String| Error::Net { nic, path: spec.socket.clone(), what };
-        let efd = || EventFd::new(EFD_NONBLOCK).map_err(|e| net_err(format!("eventfd: {e}")));
-        let listener = if spec.server { Some(listen(&spec.socket).map_err(net_err)?) } else { None };
-        let stream = open(&spec.socket, listener.as_ref(), wait, &AtomicBool::new(false)).map_err(net_err)?;
-        let conn = negotiate(stream).map_err(net_err)?;
-        let device_features = (conn.offered & PASS_FEATURES) | F_MAC;
+        let net_err = |source: NetError| Error::Net { nic, path: spec.socket.clone(), source };
+        let efd = || EventFd::new(EFD_NONBLOCK).map_err(|e| net_err(NetError::EventFd(e)));
+        let endpoint = if spec.server {
+            Endpoint::listen(&spec.socket).map_err(|e| net_err(e.into()))?
+        } else {
+            Endpoint::client(&spec.socket)
+        };
+        let conn = open(&endpoint, wait, &AtomicBool::new(false)).map_err(net_err)?;
+        let offered = conn.session.offered_features();
+        let device_features = (offered & PASS_FEATURES) | F_MAC;
         if device_features & F_VERSION_1 == 0 {
-            return Err(net_err("the switch does not offer VIRTIO_F_VERSION_1, which hostvm needs".into()));
+            return Err(net_err(NetError::NoVersion1));
         }
-        tracing::info!(nic, "connected to {} (offers {:#x})", spec.socket.display(), conn.offered);
+        tracing::info!(nic, "connected to {} (offers {offered:#x})", spec.socket.display());
         let shared = Arc::new(Shared {
             nic,
             kick: [efd()?, efd()?],
             call: [efd()?, efd()?],
             spec,
             ram,
-            listener,
+            endpoint,
             state: Mutex::new(State { conn: Some(conn), device_features, active: None }),
             stop: AtomicBool::new(false),
             connections: AtomicU64::new(1),
@@ -245,7 +329,7 @@ impl Link {
             None => Ok(()),
         };
         drop(st);
-        res.map_err(|what| self.err(what))
+        res.map_err(|source| self.err(source))
     }
 
     /// The driver reset the device: stop the switch's rings (GET_VRING_BASE).
@@ -254,7 +338,7 @@ impl Link {
         if st.active.take().is_some() {
             if let Some(conn) = st.conn.as_mut() {
                 for q in 0..QUEUES {
-                    if let Err(e) = conn.fe.get_vring_base(q) {
+                    if let Err(e) = conn.session.stop_vring(q) {
                         tracing::warn!(nic = self.shared.nic, "stopping ring {q}: {e}");
                     }
                 }
@@ -270,17 +354,15 @@ impl Link {
         }
     }
 
-    fn err(&self, what: String) -> Error {
-        Error::Net { nic: self.shared.nic, path: self.shared.spec.socket.clone(), what }
+    fn err(&self, source: NetError) -> Error {
+        Error::Net { nic: self.shared.nic, path: self.shared.spec.socket.clone(), source }
     }
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
+        // In server mode the socket file goes with the endpoint, once the supervisor let go.
         self.shutdown();
-        if self.shared.spec.server {
-            let _ = std::fs::remove_file(&self.shared.spec.socket);
-        }
     }
 }
 
@@ -290,79 +372,20 @@ impl Shared {
     }
 }
 
-fn listen(path: &Path) -> std::result::Result<UnixListener, String> {
-    if let Ok(md) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if md.file_type().is_socket() {
-            let _ = std::fs::remove_file(path);
+/// Connects (client) or accepts (server) within `wait`, giving up early on `stop`, and runs
+/// the session's handshake (SET_OWNER, features, protocol features), as QEMU does on
+/// connection.
+fn open(endpoint: &Endpoint, wait: Duration, stop: &AtomicBool) -> std::result::Result<Conn, NetError> {
+    let stream = endpoint.open(wait, stop).map_err(|e| match e {
+        netfront::Error::ConnectTimeout { .. } if endpoint.is_server() => {
+            NetError::NoClient { secs: wait.as_secs() }
         }
-    }
-    let l = UnixListener::bind(path).map_err(|e| format!("cannot listen: {e}"))?;
-    l.set_nonblocking(true).map_err(|e| format!("listener: {e}"))?;
-    Ok(l)
-}
-
-/// Connects (client) or accepts (server) within `wait`, giving up early on `stop`.
-fn open(
-    path: &Path,
-    listener: Option<&UnixListener>,
-    wait: Duration,
-    stop: &AtomicBool,
-) -> std::result::Result<UnixStream, String> {
-    let deadline = Instant::now() + wait;
-    loop {
-        let attempt = match listener {
-            Some(l) => match l.accept() {
-                Ok((s, _)) => Ok(Some(s)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-                Err(e) => Err(format!("accept: {e}")),
-            },
-            None => match UnixStream::connect(path) {
-                Ok(s) => Ok(Some(s)),
-                Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
-                    Ok(None)
-                }
-                Err(e) => Err(format!("connect: {e}")),
-            },
-        };
-        if let Some(s) = attempt? {
-            s.set_nonblocking(false).map_err(|e| format!("socket: {e}"))?;
-            return Ok(s);
-        }
-        if stop.load(Ordering::Relaxed) {
-            return Err("stopped".into());
-        }
-        if Instant::now() >= deadline {
-            return Err(if listener.is_some() {
-                format!("no switch connected within {} s (is the port in client mode?)", wait.as_secs())
-            } else {
-                format!(
-                    "no switch listening after {} s: start the switch with this port first, or use \
-                     `server` and a client-mode switch port",
-                    wait.as_secs()
-                )
-            });
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// SET_OWNER, features and protocol features, as QEMU does on connection.
-fn negotiate(stream: UnixStream) -> std::result::Result<Conn, String> {
-    let sock = stream.try_clone().map_err(|e| format!("socket: {e}"))?;
-    let mut fe = Frontend::from_stream(stream, QUEUES as u64);
-    let e = |req: &'static str| move |err: vhost::Error| format!("{req} failed: {err}");
-    fe.set_owner().map_err(e("SET_OWNER"))?;
-    let offered = fe.get_features().map_err(e("GET_FEATURES"))?;
-    if offered & F_PROTOCOL_FEATURES != 0 {
-        let pf = fe.get_protocol_features().map_err(e("GET_PROTOCOL_FEATURES"))?;
-        let protocol = pf & VhostUserProtocolFeatures::REPLY_ACK;
-        fe.set_protocol_features(protocol).map_err(e("SET_PROTOCOL_FEATURES"))?;
-        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
-    }
-    Ok(Conn { fe, sock, offered })
+        netfront::Error::ConnectTimeout { .. } => NetError::NoSwitch { secs: wait.as_secs() },
+        e => e.into(),
+    })?;
+    let session = Session::new(stream, QUEUES as u64, CONTROL_TIMEOUT, PROTOCOL)?;
+    let watch = Arc::new(session.watch()?);
+    Ok(Conn { session, watch })
 }
 
 /// Sends features, memory table and both rings; `resume` starts each ring at the guest's
@@ -372,49 +395,18 @@ fn start_rings(
     conn: &mut Conn,
     act: &Activation,
     resume: bool,
-) -> std::result::Result<(), String> {
-    let e = |req: &'static str| move |err: vhost::Error| format!("{req} failed: {err}");
-    let missing = act.features & !F_MAC & !conn.offered;
+) -> std::result::Result<(), NetError> {
+    let offered = conn.session.offered_features();
+    let missing = act.features & !F_MAC & !offered;
     if missing != 0 {
-        return Err(format!(
-            "the switch no longer offers features {missing:#x} the guest uses; the NIC stays down"
-        ));
+        return Err(NetError::FeaturesGone(missing));
     }
-    let features = (act.features & conn.offered & !F_MAC) | (conn.offered & F_PROTOCOL_FEATURES);
-    conn.fe.set_features(features).map_err(e("SET_FEATURES"))?;
-    conn.fe.set_mem_table(&sh.ram.vhost_regions()).map_err(e("SET_MEM_TABLE"))?;
+    conn.session.set_features(act.features & offered & !F_MAC)?;
+    conn.session.set_memory(&sh.ram.vhost_regions())?;
     for (q, qa) in act.queues.iter().enumerate() {
-        let hva = |gpa: u64, len: usize, what: &str| {
-            sh.ram
-                .host_addr(gpa, len)
-                .ok_or_else(|| format!("queue {q} {what} at {gpa:#x} is outside guest RAM"))
-        };
-        let n = usize::from(qa.size);
-        let cfg = VringConfigData {
-            queue_max_size: QUEUE_MAX,
-            queue_size: qa.size,
-            flags: 0,
-            desc_table_addr: hva(qa.desc, 16 * n, "descriptor table")?,
-            used_ring_addr: hva(qa.used, 6 + 8 * n, "used ring")?,
-            avail_ring_addr: hva(qa.avail, 6 + 2 * n, "available ring")?,
-            log_addr: None,
-        };
-        let base = if resume {
-            sh.ram.mem().read_obj::<u16>(GuestAddress(qa.used + 2)).map_err(|e| format!("used index: {e}"))?
-        } else {
-            0
-        };
-        conn.fe.set_vring_num(q, qa.size).map_err(e("SET_VRING_NUM"))?;
-        conn.fe.set_vring_base(q, base).map_err(e("SET_VRING_BASE"))?;
-        conn.fe.set_vring_addr(q, &cfg).map_err(e("SET_VRING_ADDR"))?;
-        conn.fe.set_vring_kick(q, &sh.kick[q]).map_err(e("SET_VRING_KICK"))?;
-        conn.fe.set_vring_call(q, &sh.call[q]).map_err(e("SET_VRING_CALL"))?;
+        conn.session.setup_vring(q, &vring(sh, q, qa, resume)?)?;
     }
-    if features & F_PROTOCOL_FEATURES != 0 {
-        for q in 0..QUEUES {
-            conn.fe.set_vring_enable(q, true).map_err(e("SET_VRING_ENABLE"))?;
-        }
-    }
+    conn.session.enable_vrings(QUEUES)?;
     if resume {
         // Wake both sides: the switch looks at the rings, the guest at its used rings.
         for q in 0..QUEUES {
@@ -425,57 +417,76 @@ fn start_rings(
     Ok(())
 }
 
-/// Whether the peer of socket `fd` hung up (checked without reading: replies belong to
-/// requests).
-fn hung_up(fd: RawFd, timeout_ms: i32) -> bool {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+/// Queue `q` as the session sends it: the driver's guest-physical ring addresses made host
+/// addresses (each ring checked to lie wholly in guest RAM), our eventfds, and the base.
+fn vring<'a>(
+    sh: &'a Shared,
+    q: usize,
+    qa: &QueueAddrs,
+    resume: bool,
+) -> std::result::Result<VringSetup<'a>, NetError> {
+    let hva = |gpa: u64, len: usize, ring: &'static str| {
+        sh.ram.host_addr(gpa, len).ok_or(NetError::RingOutsideRam { queue: q, ring, gpa })
+    };
+    let n = usize::from(qa.size);
+    let base = if resume {
+        let used_idx = GuestAddress(qa.used + 2);
+        sh.ram.mem().read_obj::<u16>(used_idx).map_err(|source| NetError::UsedIndex { queue: q, source })?
+    } else {
+        0
+    };
+    Ok(VringSetup {
+        size: qa.size,
+        base,
+        desc: hva(qa.desc, 16 * n, "descriptor table")?,
+        avail: hva(qa.avail, 6 + 2 * n, "available ring")?,
+        used: hva(qa.used, 6 + 8 * n, "used ring")?,
+        kick: &sh.kick[q],
+        call: &sh.call[q],
+    })
 }
 
 /// Watches the connection; reconnects and restores the device when the switch comes back.
 fn supervise(sh: &Shared) {
     while !sh.stop.load(Ordering::Relaxed) {
-        // Only this thread replaces or drops the connection, so its fd stays open while
-        // polled without the lock.
-        let fd = sh.lock().conn.as_ref().map(|c| c.sock.as_raw_fd());
-        match fd {
-            Some(fd) => {
-                if !hung_up(fd, 100) {
+        let watch = sh.lock().conn.as_ref().map(|c| c.watch.clone());
+        match watch {
+            Some(w) => {
+                if !w.hung_up(WATCH_TICK) {
                     continue;
                 }
                 tracing::warn!(nic = sh.nic, "the switch closed {}; reconnecting", sh.spec.socket.display());
                 sh.lock().conn = None;
             }
-            None => {
-                let stream = match open(&sh.spec.socket, sh.listener.as_ref(), CONNECT_RETRY * 5, &sh.stop) {
-                    Ok(s) => s,
-                    Err(_) => continue,
-                };
-                let mut conn = match negotiate(stream) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(nic = sh.nic, "reconnect: {e}");
-                        thread::sleep(CONNECT_RETRY);
-                        continue;
-                    }
-                };
-                let mut st = sh.lock();
-                if let Some(act) = st.active {
-                    if let Err(e) = start_rings(sh, &mut conn, &act, true) {
-                        tracing::error!(nic = sh.nic, "restoring the NIC after reconnect: {e}");
-                        drop(st);
-                        thread::sleep(CONNECT_RETRY);
-                        continue;
-                    }
-                }
-                st.conn = Some(conn);
-                sh.connections.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(nic = sh.nic, "reconnected to the switch; rings restored");
-            }
+            None => reconnect(sh),
         }
     }
+}
+
+/// One reconnection attempt: a new session, and if the device is live its rings restored.
+fn reconnect(sh: &Shared) {
+    let mut conn = match open(&sh.endpoint, CONNECT_RETRY * 5, &sh.stop) {
+        Ok(c) => c,
+        Err(NetError::NoSwitch { .. } | NetError::NoClient { .. })
+        | Err(NetError::Session(netfront::Error::Stopped { .. })) => return,
+        Err(e) => {
+            tracing::warn!(nic = sh.nic, "reconnect: {e}");
+            thread::sleep(CONNECT_RETRY);
+            return;
+        }
+    };
+    let mut st = sh.lock();
+    if let Some(act) = st.active {
+        if let Err(e) = start_rings(sh, &mut conn, &act, true) {
+            tracing::error!(nic = sh.nic, "restoring the NIC after reconnect: {e}");
+            drop(st);
+            thread::sleep(CONNECT_RETRY);
+            return;
+        }
+    }
+    st.conn = Some(conn);
+    sh.connections.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(nic = sh.nic, "reconnected to the switch; rings restored");
 }
 
 #[cfg(test)]
@@ -491,12 +502,13 @@ mod tests {
         );
         let s: NetSpec = "mac=02:00:00:00:00:0a,socket=x.sock,server".parse().unwrap();
         assert!(s.server);
-        assert!("socket=x".parse::<NetSpec>().unwrap_err().contains("mac="));
-        assert!("mac=02:00:00:00:00:01".parse::<NetSpec>().unwrap_err().contains("socket="));
-        assert!("socket=x,mac=01:00:00:00:00:01".parse::<NetSpec>().unwrap_err().contains("multicast"));
-        assert!("socket=x,mac=02:00:00:00:00".parse::<NetSpec>().unwrap_err().contains("six hex"));
-        assert!("socket=x,mac=02:00:00:00:00:zz".parse::<NetSpec>().unwrap_err().contains("zz"));
-        assert!("socket=x,mac=02:00:00:00:00:01,vlan=3".parse::<NetSpec>().unwrap_err().contains("vlan=3"));
+        let err = |s: &str| s.parse::<NetSpec>().unwrap_err().to_string();
+        assert!(err("socket=x").contains("mac="));
+        assert!(err("mac=02:00:00:00:00:01").contains("socket="));
+        assert!(err("socket=x,mac=01:00:00:00:00:01").contains("multicast"));
+        assert!(err("socket=x,mac=02:00:00:00:00").contains("six hex"));
+        assert!(err("socket=x,mac=02:00:00:00:00:zz").contains("zz"));
+        assert!(err("socket=x,mac=02:00:00:00:00:01,vlan=3").contains("vlan=3"));
         assert_eq!(Mac([0x52, 0x54, 0, 0xab, 0, 1]).to_string(), "52:54:00:ab:00:01");
     }
 }

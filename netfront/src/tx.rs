@@ -269,8 +269,8 @@ unsafe fn write_raw_desc(p: *mut u8, addr: u64, len: u32, flags: u16, next: u16)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frontend::config::FrontendConfig;
-    use crate::frontend::fake_device::{Desc, TestMem};
+    use crate::config::FrontendConfig;
+    use crate::fake_device::{Desc, TestMem};
 
     const HDR: usize = 12;
 

@@ -309,7 +309,7 @@ impl SplitRing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frontend::memory::GuestMemory;
+    use crate::memory::GuestMemory;
 
     #[test]
     fn need_event_matches_spec() {

@@ -1,4 +1,4 @@
-//! Guest side of a virtio-net device over vhost-user, in-process.
+//! The guest side of a virtio-net device over vhost-user, written once.
 //!
 //! [`Frontend`] plays the role of QEMU or DPDK's virtio-user: it owns a
 //! memfd-backed "guest memory" region, lays out split virtqueues and packet
@@ -19,27 +19,32 @@
 //!
 //! ```no_run
 //! use std::{path::Path, time::Duration};
-//! use vswitch_bench::frame::{build_frame, frame_seq};
-//! use vswitch_bench::frontend::{Frontend, FrontendConfig};
+//! use netfront::{Frontend, FrontendConfig};
 //!
 //! let t = Duration::from_secs(5);
 //! let mut a = Frontend::connect(Path::new("/tmp/a.sock"), FrontendConfig::default(), t)?;
 //! let mut b = Frontend::connect(Path::new("/tmp/b.sock"), FrontendConfig::default(), t)?;
-//! let f = build_frame([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], None, 100, 1);
-//! assert!(a.send(0, &f));
+//! let mut frame = [0u8; 60];
+//! frame[..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]); // destination
+//! frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]); // source
+//! assert!(a.send(0, &frame));
 //! let got = b.recv_frames(0, 1, t);
-//! assert_eq!(frame_seq(&got[0]), Some(1));
-//! # Ok::<(), vswitch_bench::frontend::Error>(())
+//! assert_eq!(got[0], frame);
+//! # Ok::<(), netfront::Error>(())
 //! ```
+#![deny(missing_docs)]
 
 mod config;
-mod device;
+mod endpoint;
 mod error;
 #[cfg(test)]
 mod fake_device;
+mod features;
 mod memory;
+mod negotiate;
 mod ring;
 mod rx;
+pub mod session;
 mod tx;
 mod viommu;
 mod watchdog;
@@ -47,24 +52,23 @@ mod watchdog;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::slice;
+use std::sync::atomic::AtomicBool;
 use std::thread;
 use std::time::{Duration, Instant};
 
 pub use config::FrontendConfig;
-pub use device::{
-    feature_names, VringFile, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1,
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
-};
+pub use endpoint::Endpoint;
 pub use error::{Error, Result};
+pub use features::*;
 pub use ring::{
     VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VRING_AVAIL_F_NO_INTERRUPT,
     VRING_USED_F_NO_NOTIFY,
 };
+pub use session::{PeerWatch, Session, VringFile, VringSetup};
 pub use viommu::{IommuConfig, IotlbMsg, ACCESS_RO, ACCESS_RW, ACCESS_WO, IOTLB_INVALIDATE, IOTLB_UPDATE};
 
-use device::{Control, Negotiated, VringAddrs};
 use memory::{GuestMemory, Layout};
+use negotiate::Negotiated;
 use ring::{RingPtrs, SplitRing};
 use rx::RxQueue;
 use tx::{TxLayout, TxQueue};
@@ -148,7 +152,7 @@ struct QueuePair {
 pub struct Frontend {
     // Declared before `mem`: rings point into it and are dropped first.
     pairs: Vec<QueuePair>,
-    ctl: Control,
+    ctl: Session,
     neg: Negotiated,
     hdr_len: usize,
     ring_size: u16,
@@ -184,7 +188,7 @@ impl Frontend {
     /// Connects as vhost-user client to a backend listening on `path`,
     /// retrying until `timeout`, and sets up the device.
     pub fn connect(path: &Path, cfg: FrontendConfig, timeout: Duration) -> Result<Frontend> {
-        let stream = device::connect(path, timeout)?;
+        let stream = Endpoint::client(path).open(timeout, &AtomicBool::new(false))?;
         Self::from_stream(stream, cfg)
     }
 
@@ -194,7 +198,7 @@ impl Frontend {
     /// connection is accepted (or the wait failed): reconnecting is not
     /// supported.
     pub fn listen_accept(path: &Path, cfg: FrontendConfig, timeout: Duration) -> Result<Frontend> {
-        let stream = device::listen_accept(path, timeout)?;
+        let stream = Endpoint::listen(path)?.open(timeout, &AtomicBool::new(false))?;
         Self::from_stream(stream, cfg)
     }
 
@@ -206,10 +210,12 @@ impl Frontend {
             return Err(Error::MemoryTooSmall { needed: layout.total, have: cfg.mem_size });
         }
         let mem = GuestMemory::new(cfg.mem_size, cfg.hugepages, cfg.gpa_base, cfg.seal_memory)?;
-        let mut ctl = Control::new(stream, 2 * u64::from(cfg.queue_pairs), cfg.control_timeout)?;
-        let neg = ctl.negotiate(&cfg)?;
+        let nvrings = 2 * u64::from(cfg.queue_pairs);
+        let want = negotiate::wanted_protocol(&cfg);
+        let mut ctl = Session::new(stream, nvrings, cfg.control_timeout, want)?;
+        let neg = negotiate::negotiate(&mut ctl, &cfg)?;
         let viommu = match &cfg.iommu {
-            Some(icfg) if neg.has(device::VIRTIO_F_ACCESS_PLATFORM) => {
+            Some(icfg) if neg.has(VIRTIO_F_ACCESS_PLATFORM) => {
                 let backend = ctl.backend_channel()?;
                 let v =
                     viommu::Viommu::start(icfg.clone(), mem.uva(0), mem.len() as u64, ctl.shared(), backend)
@@ -259,7 +265,7 @@ impl Frontend {
             pairs.push(QueuePair { rx, tx });
         }
 
-        ctl.register_memory(&neg, &mem)?;
+        ctl.set_memory(&[mem.region_info()])?;
         if let Some(v) = viommu.as_ref().filter(|_| cfg.iommu.as_ref().is_some_and(|c| c.prefill)) {
             v.prefill().map_err(|source| Error::RawProtocol { request: "IOTLB prefill", source })?;
         }
@@ -271,15 +277,19 @@ impl Frontend {
         for (k, pair) in pairs.iter().enumerate() {
             for (i, ring) in [(2 * k, &pair.rx.ring), (2 * k + 1, &pair.tx.ring)] {
                 let v = &layout.vrings[i];
-                let addrs = VringAddrs {
+                let setup = VringSetup {
+                    size: ring.size(),
+                    base: 0,
                     desc: ring_addr(v.desc),
                     avail: ring_addr(v.avail),
                     used: ring_addr(v.used),
+                    kick: ring.kick_fd(),
+                    call: ring.call_fd(),
                 };
-                ctl.setup_vring(i, ring, &addrs)?;
+                ctl.setup_vring(i, &setup)?;
             }
         }
-        ctl.enable_vrings(&neg, 2 * pairs.len())?;
+        ctl.enable_vrings(2 * pairs.len())?;
         // RX buffers were posted before the rings existed for the backend.
         for pair in &mut pairs {
             pair.rx.ring.kick();

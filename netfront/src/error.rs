@@ -1,4 +1,4 @@
-//! Error type of the frontend.
+//! Error type of the session and the polling frontend.
 
 use std::io;
 use std::path::PathBuf;
@@ -32,6 +32,20 @@ pub enum Error {
         path: PathBuf,
         /// The OS error.
         source: io::Error,
+    },
+    /// The wait for a peer was cancelled.
+    #[error("vhost-user socket {path}: stopped while waiting for a connection")]
+    Stopped {
+        /// Socket path.
+        path: PathBuf,
+    },
+    /// The backend has fewer memory slots than there are regions to register.
+    #[error("backend has {slots} memory slots, {regions} regions need registering")]
+    TooFewMemSlots {
+        /// GET_MAX_MEM_SLOTS.
+        slots: u64,
+        /// Regions to register.
+        regions: usize,
     },
     /// No peer within the timeout.
     #[error("vhost-user socket {path}: no connection within {timeout_ms} ms")]
@@ -74,7 +88,7 @@ pub enum Error {
     EventFd(io::Error),
 }
 
-/// Result alias of this module.
+/// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Wraps a vhost crate error with the name of the request that failed.

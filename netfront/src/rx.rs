@@ -200,8 +200,8 @@ impl RxQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frontend::config::FrontendConfig;
-    use crate::frontend::fake_device::{FakeDevice, TestMem};
+    use crate::config::FrontendConfig;
+    use crate::fake_device::{FakeDevice, TestMem};
 
     const HDR: usize = 12;
 
