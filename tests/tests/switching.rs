@@ -292,7 +292,10 @@ fn test_batching_under_load_holds_back_briefly_and_loses_nothing() {
         assert_eq!(got.len(), sent.len(), "burst {burst}: the held-back frames came through");
     }
     assert!(got == sent, "frames arrived altered or out of order");
-    let s = wait_stats(&sw, T, |s| s.pmds.iter().map(|p| p.batch_expired).sum::<u64>() >= 1);
+    let s = wait_stats(&sw, T, |s| {
+        s.pmds.iter().map(|p| p.batch_expired).sum::<u64>() >= 1
+            && find(s, "b").tx.packets >= sent.len() as u64
+    });
     let (holds, expired) = s.pmds.iter().fold((0, 0), |(h, e), p| (h + p.batch_holds, e + p.batch_expired));
     assert!(holds >= 1 && expired >= 1, "the switch waited for a second burst: {:?}", s.pmds);
     assert_eq!(find(&s, "b").tx.packets, sent.len() as u64);

@@ -209,6 +209,8 @@ impl Datapath {
         }
         self.fill(rq, planned, src_hdr, &mut t);
         rq.held += t.new_held;
+        // Counted before the guest can see the packets: counters never lag what arrived.
+        t.count(&d.slot.stats);
         rq.publish();
         if rq.notify() {
             bump(&d.slot.stats.interrupts, 1);
@@ -219,7 +221,6 @@ impl Datapath {
             bump(&d.port.policy.stats.shaped_dropped, t.shaped_drop);
         }
         drop(eg);
-        t.count(&d.slot.stats);
     }
 
     /// Sets up the segmenter for packet `i` going to `d` (None: its headers no longer parse,

@@ -235,13 +235,15 @@ impl Datapath {
         let slot: &QueueSlot = &src.txq[pair];
         let Some(mut guard) = slot.try_lock() else { return 0 };
         let mut c = SrcCounts::default();
-        let n = match guard.as_mut() {
+        match guard.as_mut() {
             Some(Queue::Virtio(q)) => self.burst_virtio(src, q, slot, pair, now, &mut c),
-            Some(Queue::Tap(t)) => self.burst_tap(src, t, now, &mut c),
-            None => return 0,
-        };
-        c.count(&slot.stats);
-        n
+            Some(Queue::Tap(t)) => {
+                let n = self.burst_tap(src, t, now, &mut c);
+                c.count(&slot.stats);
+                n
+            }
+            None => 0,
+        }
     }
 
     /// One burst from a guest's virtio transmit ring.
@@ -262,6 +264,8 @@ impl Datapath {
             return 0; // the first chain waits for an IOTLB translation
         }
         self.forward(src, q.hdr_len as u32, n, now, c);
+        // Counted before the sender sees its buffers back.
+        c.count(&slot.stats);
         complete(q, &self.pkts[..n], &slot.stats);
         n
     }
