@@ -18,18 +18,18 @@ impl Datapath {
         }
         let (mut red, mut yellow) = (0u64, 0u64);
         for i in 0..n {
-            if self.pkts[i].action == Action::Drop {
+            if self.desc.pkts[i].action == Action::Drop {
                 continue;
             }
             if let Some(f) = &ing.spoof {
-                let p = &self.pkts[i];
-                let mut v = f.check(&self.heads[i][..p.head_len as usize]);
+                let p = &self.desc.pkts[i];
+                let mut v = f.check(&self.desc.heads[i][..p.head_len as usize]);
                 let truncated = (p.head_len as u32) < p.len && (p.head_len as usize) < HEAD;
                 if matches!(v, Verdict::NeedBytes(_)) || (matches!(v, Verdict::Drop(_)) && truncated) {
                     // A longer look (neighbour discovery, IPv4 options): take a longer
                     // snapshot and decide on it alone.
                     v = match self.snapshot(i, hdr, HEAD, c) {
-                        true => match f.check(&self.heads[i][..self.pkts[i].head_len as usize]) {
+                        true => match f.check(&self.desc.heads[i][..self.desc.pkts[i].head_len as usize]) {
                             // Longer than any snapshot: cannot be checked atomically, refused.
                             Verdict::NeedBytes(_) => Verdict::Drop(SpoofReason::Nd),
                             v => v,
@@ -38,16 +38,16 @@ impl Datapath {
                     };
                 }
                 if let Verdict::Drop(r) = v {
-                    self.pkts[i].action = Action::Drop;
+                    self.desc.pkts[i].action = Action::Drop;
                     bump(pol.stats.spoof(r), 1);
                     c.policy += 1;
                     continue;
                 }
             }
-            let p = &mut self.pkts[i];
+            let p = &mut self.desc.pkts[i];
             if let Some(pl) = &mut ing.policer {
                 // A segmentation request is charged as the packets it becomes.
-                let (segs, bytes) = if p.offload { self.vhdrs[i].wire_cost(p.len) } else { (1, p.len) };
+                let (segs, bytes) = if p.offload { self.desc.vhdrs[i].wire_cost(p.len) } else { (1, p.len) };
                 match pl.colour_n(bytes, segs) {
                     Colour::Green => {}
                     Colour::Yellow => yellow += 1,
@@ -68,7 +68,7 @@ impl Datapath {
     #[inline(always)]
     pub(super) fn decide(&mut self, src: &Port, n: usize, now: u32, c: &mut SrcCounts) {
         let mut prev: Option<(Option<u16>, Mac, Mac, u16, Action)> = None;
-        for p in &mut self.pkts[..n] {
+        for p in &mut self.desc.pkts[..n] {
             if p.action == Action::Drop {
                 continue;
             }

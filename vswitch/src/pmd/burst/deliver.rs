@@ -8,7 +8,7 @@ use crate::virtio::{QueueStats, VirtQueue};
 use shaping::Shaper;
 
 use super::super::copy::{out_len, read_bytes, Frame};
-use super::fill::Tally;
+use super::fill::{Tally, VirtSink};
 use super::shaped::release_held;
 use super::viommu::{drain_parked, has_parked};
 
@@ -18,14 +18,14 @@ impl Datapath {
     pub(super) fn deliver(&mut self, src: &Port, src_hdr: u32, n: usize, c: &mut SrcCounts) {
         let mut any_flood = false;
         let mut any = false;
-        for p in &self.pkts[..n] {
+        for p in &self.desc.pkts[..n] {
             any_flood |= p.action == Action::Flood;
             any |= p.action != Action::Drop;
         }
         if !any {
             return;
         }
-        self.hashed = 0;
+        self.spread.hashed = 0;
         // Borrow the port table out of self for the loop (no Arc clone per destination).
         let ports = std::mem::take(&mut self.ports);
         for k in 0..self.port_ids.len() {
@@ -33,7 +33,7 @@ impl Datapath {
             if d == src.id {
                 continue;
             }
-            let wanted = self.pkts[..n].iter().any(|p| p.action == Action::Unicast(d));
+            let wanted = self.desc.pkts[..n].iter().any(|p| p.action == Action::Unicast(d));
             if !wanted && !any_flood {
                 continue;
             }
@@ -43,7 +43,7 @@ impl Datapath {
         self.ports = ports;
         // Floods that found no member port of their VLAN.
         c.no_route +=
-            self.pkts[..n].iter().filter(|p| p.action == Action::Flood && p.targets == 0).count() as u64;
+            self.desc.pkts[..n].iter().filter(|p| p.action == Action::Flood && p.targets == 0).count() as u64;
     }
 
     /// Delivers the burst's packets bound to `dport`. A port with several queue pairs gets
@@ -70,16 +70,16 @@ impl Datapath {
         }
         let mut chosen = 0u32;
         for i in 0..n {
-            let p = &self.pkts[i];
+            let p = &self.desc.pkts[i];
             if p.action != Action::Unicast(dport.id) && p.action != Action::Flood {
                 continue;
             }
-            if self.hashed & (1 << i) == 0 {
-                self.hashes[i] = self.flow_hash(i, src_hdr);
-                self.hashed |= 1 << i;
+            if self.spread.hashed & (1 << i) == 0 {
+                self.spread.hashes[i] = self.flow_hash(i, src_hdr);
+                self.spread.hashed |= 1 << i;
             }
-            let q = live[(self.hashes[i] % nl as u32) as usize];
-            self.qsel[i] = q;
+            let q = live[(self.spread.hashes[i] % nl as u32) as usize];
+            self.spread.qsel[i] = q;
             chosen |= 1 << q;
         }
         for q in 0..pairs {
@@ -93,9 +93,9 @@ impl Datapath {
     /// guest racing it can only pick another queue of the same receiver).
     #[inline(never)]
     pub(super) fn flow_hash(&self, i: usize, src_hdr: u32) -> u32 {
-        let p = &self.pkts[i];
+        let p = &self.desc.pkts[i];
         let mut b = [0u8; FLOW_LOOK];
-        let f = Frame { segs: &self.segs[i][..p.nseg as usize], skip: src_hdr, len: p.len, head: &[] };
+        let f = Frame { segs: &self.desc.segs[i][..p.nseg as usize], skip: src_hdr, len: p.len, head: &[] };
         // SAFETY: the chain was walked and checked; the sender's queue lock is held.
         let got = unsafe { read_bytes(&f, &mut b) };
         flow_hash(&b[..got])
@@ -127,8 +127,8 @@ impl Datapath {
     #[cold]
     fn lost(&mut self, d: &Dest<'_>, n: usize) {
         let mut lost = 0;
-        for (i, p) in self.pkts[..n].iter_mut().enumerate() {
-            if d.by_queue && self.qsel[i] != d.pick {
+        for (i, p) in self.desc.pkts[..n].iter_mut().enumerate() {
+            if d.by_queue && self.spread.qsel[i] != d.pick {
                 continue;
             }
             let member = d.port.vlan.egress(p.vlan).is_some();
@@ -144,10 +144,10 @@ impl Datapath {
     /// target). A unicast the port's VLAN rule refuses is counted filtered.
     #[inline(always)]
     pub(super) fn edit_for(&mut self, d: &Dest<'_>, i: usize, c: &mut SrcCounts) -> Option<TagEdit> {
-        if d.by_queue && self.qsel[i] != d.pick {
+        if d.by_queue && self.spread.qsel[i] != d.pick {
             return None;
         }
-        let p = &mut self.pkts[i];
+        let p = &mut self.desc.pkts[i];
         let out_tagged = match p.action {
             Action::Unicast(x) if x == d.port.id => match d.port.vlan.egress(p.vlan) {
                 Some(t) => t,
@@ -168,7 +168,7 @@ impl Datapath {
     /// without a buffer costs no copy); pass 2 (`fill`) copies; then publish and signal once.
     fn fill_virtio(&mut self, d: &Dest<'_>, rq: &mut VirtQueue, src_hdr: u32, n: usize, c: &mut SrcCounts) {
         let shaped = d.port.policy.egress_on();
-        let mut t = Tally::default();
+        let t = Tally::default();
         // The shaper, if any: taken after the queue's lock, released with it.
         let mut eg = if shaped { Some(d.port.policy.egress.lock()) } else { None };
         let mut shaper: Option<&mut Shaper<Held>> = eg.as_mut().and_then(|g| g.as_mut());
@@ -187,27 +187,27 @@ impl Datapath {
         for k in 0..pending.min(n) {
             rq.ring.prefetch_desc(rq.ring.peek_head(k as u16));
         }
-        let mut planned = 0usize;
+        let mut s = VirtSink { rq, shaper, parking, src_hdr, planned: 0, t };
         for i in 0..n {
             let Some(edit) = self.edit_for(d, i, c) else { continue };
-            let p = &self.pkts[i];
-            if !(p.offload && offload::how(&self.vhdrs[i], rq.caps) == How::Segment) {
-                let u = Unit { pkt: i, edit, seg: 0, wire_len: out_len(p.len, edit) };
-                planned = self.reserve(rq, shaper.as_deref_mut(), parking, u, planned, src_hdr, &mut t);
+            let p = &self.desc.pkts[i];
+            if !(p.offload && offload::how(&self.desc.vhdrs[i], s.rq.caps) == How::Segment) {
+                self.reserve(&mut s, Unit { pkt: i, edit, seg: 0, wire_len: out_len(p.len, edit) });
                 continue;
             }
             // A 64 KiB TCP frame for a receiver without TSO: cut in software, each segment a
             // packet of its own. Its segments are copied in a pass of their own, so one
             // segmenter serves them.
-            planned = self.fill(rq, planned, src_hdr, &mut t);
-            let Some(sg) = self.segmenter(d, i, edit, &mut t) else { continue };
+            self.fill(&mut s);
+            let Some(sg) = self.segmenter(d, i, edit, &mut s.t) else { continue };
             for k in 0..sg.count() {
-                let u = Unit { pkt: i, edit, seg: k as u16 + 1, wire_len: sg.header_len() + sg.payload(k).1 };
-                planned = self.reserve(rq, shaper.as_deref_mut(), parking, u, planned, src_hdr, &mut t);
+                let wire_len = sg.header_len() + sg.payload(k).1;
+                self.reserve(&mut s, Unit { pkt: i, edit, seg: k as u16 + 1, wire_len });
             }
-            planned = self.fill(rq, planned, src_hdr, &mut t);
+            self.fill(&mut s);
         }
-        self.fill(rq, planned, src_hdr, &mut t);
+        self.fill(&mut s);
+        let VirtSink { rq, shaper, t, .. } = s;
         rq.held += t.new_held;
         // Counted before the guest can see the packets: counters never lag what arrived.
         t.count(&d.slot.stats);
@@ -227,8 +227,14 @@ impl Datapath {
     /// counted).
     #[cold]
     fn segmenter(&mut self, d: &Dest<'_>, i: usize, edit: TagEdit, t: &mut Tally) -> Option<Segmenter> {
-        let (p, vh) = (&self.pkts[i], self.vhdrs[i]);
-        match Segmenter::new(&self.heads[i][..p.head_len as usize], p.len, vh.gso_size, vh.gso_v6(), edit) {
+        let (p, vh) = (&self.desc.pkts[i], self.desc.vhdrs[i]);
+        match Segmenter::new(
+            &self.desc.heads[i][..p.head_len as usize],
+            p.len,
+            vh.gso_size,
+            vh.gso_v6(),
+            edit,
+        ) {
             Ok(sg) => {
                 self.seg = Some(sg);
                 t.segmented += 1;

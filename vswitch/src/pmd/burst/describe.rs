@@ -57,9 +57,9 @@ impl Datapath {
         // reads each header in turn instead. Long frames are (see `PREFETCH_FRAME_MIN`).
         for i in 0..n {
             let head = q.ring.pop_head();
-            let p = &mut self.pkts[i];
+            let p = &mut self.desc.pkts[i];
             *p = PacketRef { head, give_back: true, ..PacketRef::default() };
-            let segs = &mut self.segs[i];
+            let segs = &mut self.desc.segs[i];
             let chain = walk_chain(&q.ring, &mut q.dma, head, q.indirect, q.max_frame + hdr, segs);
             match chain {
                 Ok(ch) if ch.len >= hdr + 14 => {
@@ -108,7 +108,7 @@ impl Datapath {
     ) {
         let want = if spoof_check { spoof::PREFIX } else { L2_HEAD };
         for i in 0..n {
-            if self.pkts[i].action == Action::Drop {
+            if self.desc.pkts[i].action == Action::Drop {
                 continue;
             }
             if !self.snapshot(i, hdr, want, c) {
@@ -118,7 +118,7 @@ impl Datapath {
                 continue;
             }
             c.packets += 1;
-            c.bytes += self.pkts[i].len as u64;
+            c.bytes += self.desc.pkts[i].len as u64;
         }
     }
 
@@ -127,7 +127,7 @@ impl Datapath {
     /// False: refused, the packet dropped (counted malformed).
     #[inline(always)]
     pub(super) fn read_request(&mut self, i: usize, caps: Caps, hdr: u32, c: &mut SrcCounts) -> bool {
-        let s0 = self.segs[i][0];
+        let s0 = self.desc.segs[i][0];
         if s0.len() >= 2 {
             // The usual case, nothing asked: flags and GSO type both zero, one load.
             // SAFETY: the chain walk checked the first segment, which holds 2 bytes.
@@ -141,9 +141,9 @@ impl Datapath {
     #[cold]
     #[inline(never)]
     pub(super) fn read_request_slow(&mut self, i: usize, caps: Caps, hdr: u32, c: &mut SrcCounts) -> bool {
-        let p = &self.pkts[i];
+        let p = &self.desc.pkts[i];
         let mut b = [0u8; 10];
-        let f = Frame { segs: &self.segs[i][..p.nseg as usize], skip: 0, len: hdr, head: &[] };
+        let f = Frame { segs: &self.desc.segs[i][..p.nseg as usize], skip: 0, len: hdr, head: &[] };
         // SAFETY: the chain was walked and checked; the queue's lock keeps it mapped.
         unsafe { read_bytes(&f, &mut b) };
         let l2 = if p.tci.is_some() { 18 } else { 14 };
@@ -154,8 +154,8 @@ impl Datapath {
                 if !self.snapshot(i, hdr, HEAD, c) {
                     return false;
                 }
-                let p = &self.pkts[i];
-                let head = &self.heads[i][..p.head_len as usize];
+                let p = &self.desc.pkts[i];
+                let head = &self.desc.heads[i][..p.head_len as usize];
                 Segmenter::new(head, p.len, h.gso_size, h.gso_v6(), TagEdit::Keep)
                     .map(|sg| h.canonical_gso(&sg))
                     .map_err(offload::BadRequest::Gso)
@@ -164,13 +164,13 @@ impl Datapath {
         };
         match checked {
             Ok(h) => {
-                self.vhdrs[i] = h;
-                self.pkts[i].offload = true;
+                self.desc.vhdrs[i] = h;
+                self.desc.pkts[i].offload = true;
                 true
             }
             Err(e) => {
                 tracing::debug!("offload request refused: {e}");
-                self.pkts[i].action = Action::Drop;
+                self.desc.pkts[i].action = Action::Drop;
                 c.malformed += 1;
                 false
             }
@@ -181,9 +181,9 @@ impl Datapath {
     /// there. False (packet dropped, counted) if it is too short for its VLAN tag.
     #[inline(always)]
     pub(super) fn snapshot(&mut self, i: usize, hdr: u32, want: usize, c: &mut SrcCounts) -> bool {
-        let p = &mut self.pkts[i];
-        let f = Frame { segs: &self.segs[i][..p.nseg as usize], skip: hdr, len: p.len, head: &[] };
-        let h = &mut self.heads[i];
+        let p = &mut self.desc.pkts[i];
+        let f = Frame { segs: &self.desc.segs[i][..p.nseg as usize], skip: hdr, len: p.len, head: &[] };
+        let h = &mut self.desc.heads[i];
         // SAFETY: the chain walk translated and bounds-checked every segment, and the
         // queue's lock keeps the memory mapped.
         let got = unsafe {

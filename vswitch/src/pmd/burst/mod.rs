@@ -93,24 +93,46 @@ pub struct Datapath {
     pub port_ids: Vec<u16>,
     /// The shared forwarding table.
     pub fdb: Arc<Fdb>,
+    /// The burst's packets as receive and describe leave them (decide fills in their fate).
+    desc: Described,
+    /// Delivery's choice of receive queue on a multi-queue destination.
+    spread: Spread,
+    /// The copy pass's plans for the destination being filled.
+    copy: Plans,
+    /// The frame being cut into segments for one receiver.
+    seg: Option<Segmenter>,
+    /// Batching under load (see `batch_hold`).
+    pub batch: Batching,
+}
+
+/// What the receive and describe stages know of each packet of a burst, by packet index. Kept
+/// as arrays of one kind each (the decide and deliver loops scan only the `PacketRef`s, 32 of
+/// them in a few cache lines), typed as this stage's output.
+struct Described {
     pkts: [PacketRef; BURST],
+    /// Each packet's chain in the sender's memory (read grants).
     segs: [[Grant<Ro>; MAX_SEGS]; BURST],
-    plans: [Plan; BURST],
-    rx: Box<[RxBufs; BURST]>,
     /// Each packet's first bytes, read once from the sender's memory: decisions and policy
     /// checks use them and the copy delivers them (no double fetch of what was checked).
     heads: Box<[[u8; HEAD]; BURST]>,
     /// Offload requests of the packets whose `offload` is set, checked when received.
     vhdrs: [NetHdr; BURST],
-    /// The frame being cut into segments for one receiver.
-    seg: Option<Segmenter>,
+}
+
+/// Delivery's scratch for a multi-queue destination.
+struct Spread {
     /// Flow hashes of the burst's packets (those whose bit is set in `hashed`).
     hashes: [u32; BURST],
     hashed: u32,
     /// The receive queue each packet goes to, for the multi-queue port being delivered to.
     qsel: [u8; BURST],
-    /// Batching under load (see `batch_hold`).
-    pub batch: Batching,
+}
+
+/// The copy pass's scratch: per planned unit, where it goes.
+struct Plans {
+    plans: [Plan; BURST],
+    /// The receive buffers of plans that need more than one.
+    rx: Box<[RxBufs; BURST]>,
 }
 
 /// Batching under load: a transmit queue whose guest sends full bursts is taken from only
@@ -196,16 +218,18 @@ impl Datapath {
             ports: Vec::new(),
             port_ids: Vec::new(),
             fdb,
-            pkts: [PacketRef::default(); BURST],
-            segs: [[Grant::default(); MAX_SEGS]; BURST],
-            plans: [Plan::default(); BURST],
-            rx: Box::new(std::array::from_fn(|_| RxBufs::default())),
-            heads: Box::new([[0u8; HEAD]; BURST]),
-            vhdrs: [NetHdr::default(); BURST],
+            desc: Described {
+                pkts: [PacketRef::default(); BURST],
+                segs: [[Grant::default(); MAX_SEGS]; BURST],
+                heads: Box::new([[0u8; HEAD]; BURST]),
+                vhdrs: [NetHdr::default(); BURST],
+            },
+            spread: Spread { hashes: [0; BURST], hashed: 0, qsel: [0; BURST] },
+            copy: Plans {
+                plans: [Plan::default(); BURST],
+                rx: Box::new(std::array::from_fn(|_| RxBufs::default())),
+            },
             seg: None,
-            hashes: [0; BURST],
-            hashed: 0,
-            qsel: [0; BURST],
             batch: Batching::default(),
         }
     }
@@ -266,7 +290,7 @@ impl Datapath {
         self.forward(src, q.hdr_len as u32, n, now, c);
         // Counted before the sender sees its buffers back.
         c.count(&slot.stats);
-        complete(q, &self.pkts[..n], &slot.stats);
+        complete(q, &self.desc.pkts[..n], &slot.stats);
         n
     }
 

@@ -43,10 +43,10 @@ impl Datapath {
                 Recv::Frame(g) => g,
                 Recv::Empty | Recv::Gone => break,
             };
-            let p = &mut self.pkts[n];
+            let p = &mut self.desc.pkts[n];
             *p = PacketRef { give_back: false, ..PacketRef::default() };
             if g.len() >= VNET_HDR + 14 {
-                self.segs[n][0] = g;
+                self.desc.segs[n][0] = g;
                 p.nseg = 1;
                 p.len = g.len() - VNET_HDR;
                 p.action = Action::Flood;

@@ -36,18 +36,18 @@ impl Datapath {
                 k.full += 1;
                 continue;
             }
-            let p = &self.pkts[i];
+            let p = &self.desc.pkts[i];
             let mut hdr = [0u8; VNET_HDR as usize];
             if p.offload {
-                let (vh, mut b) = (self.vhdrs[i].edited(edit), [0u8; 10]);
+                let (vh, mut b) = (self.desc.vhdrs[i].edited(edit), [0u8; 10]);
                 vh.write(&mut b);
                 hdr[..10].copy_from_slice(&b);
             }
             let f = Frame {
-                segs: &self.segs[i][..p.nseg as usize],
+                segs: &self.desc.segs[i][..p.nseg as usize],
                 skip: src_hdr,
                 len: p.len,
-                head: &self.heads[i][..p.head_len as usize],
+                head: &self.desc.heads[i][..p.head_len as usize],
             };
             let mut head = [0u8; HEAD + 4];
             let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_SEGS + 2];
@@ -60,7 +60,7 @@ impl Datapath {
             match t.send(&iov[..m + 1]) {
                 Sent::Ok => {
                     k.sent += 1;
-                    k.whole += (p.offload && self.vhdrs[i].gso_type != crate::offload::GSO_NONE) as u64;
+                    k.whole += (p.offload && self.desc.vhdrs[i].gso_type != crate::offload::GSO_NONE) as u64;
                     k.bytes += out_len(p.len, edit) as u64;
                 }
                 Sent::Full | Sent::Gone => k.full += 1,

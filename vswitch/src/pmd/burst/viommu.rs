@@ -5,6 +5,7 @@ use crate::clock::now_ns;
 use crate::vhost::iotlb::{MISS_TIMEOUT_NS, PARK_MAX};
 use crate::virtio::{QueueStats, VirtQueue};
 
+use super::render::Headers;
 use super::rxbufs::{push_used_spread, take_rx};
 
 impl Datapath {
@@ -57,7 +58,8 @@ impl Datapath {
         // and its queue lock is held by our caller.
         let wrote = unsafe {
             let dst = Grant::<Rw>::from_raw(buf.as_mut_ptr(), buf.len() as u32);
-            self.render(u.pkt, u.edit, u.seg, 1, caps, hdr_len, src_hdr, std::slice::from_ref(&dst)).0
+            let fmt = Headers { caps, hdr_len, src_hdr };
+            self.render(u, 1, fmt, std::slice::from_ref(&dst)).0
         };
         buf.truncate(wrote as usize);
         l.parked.push_back((buf, now_ns()));
