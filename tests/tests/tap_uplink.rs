@@ -88,35 +88,15 @@ fn test_multiqueue_tap_ports_spread_flows_over_queues_and_polling_threads() {
     let mut server = nb.spawn(&["iperf3", "-s", "-B", "10.88.0.2"], &dir.path("iperf3.log"));
     std::thread::sleep(Duration::from_millis(300));
     // Eight flows each way: the kernel hashes each to one queue of the device.
-    let out = na.run(&[
-        "timeout",
-        "60",
-        "iperf3",
-        "-c",
-        "10.88.0.2",
-        "-t",
-        "2",
-        "-P",
-        "8",
-        "--connect-timeout",
-        "5000",
-    ]);
-    assert!(out.status.success(), "iperf3: {}", String::from_utf8_lossy(&out.stderr));
-    let out = na.run(&[
-        "timeout",
-        "60",
-        "iperf3",
-        "-c",
-        "10.88.0.2",
-        "-t",
-        "2",
-        "-P",
-        "8",
-        "-R",
-        "--connect-timeout",
-        "5000",
-    ]);
-    assert!(out.status.success(), "iperf3 -R: {}", String::from_utf8_lossy(&out.stderr));
+    for reverse in [false, true] {
+        let mut cmd = vec!["timeout", "60", "iperf3", "-c", "10.88.0.2", "-t", "2", "-P", "8"];
+        cmd.extend(["--connect-timeout", "5000"]);
+        if reverse {
+            cmd.push("-R");
+        }
+        let out = na.run(&cmd);
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
     server.kill();
     let s = sw.stats().expect("stats");
     // Queue reports: 2k = the device's receive side (the switch delivers), 2k+1 = its transmit
