@@ -56,14 +56,6 @@ pub struct FrontendConfig {
     pub iommu: Option<super::IommuConfig>,
 }
 
-impl FrontendConfig {
-    /// Smallest `mem_size` that holds the rings, buffers and scratch area
-    /// this configuration asks for.
-    pub fn required_mem_size(&self) -> usize {
-        super::memory::Layout::new(self).total
-    }
-}
-
 impl Default for FrontendConfig {
     fn default() -> Self {
         FrontendConfig {

@@ -199,6 +199,15 @@ fn align(x: usize, a: usize) -> usize {
     x.div_ceil(a) * a
 }
 
+impl FrontendConfig {
+    /// Smallest `mem_size` that holds the rings, buffers and scratch area
+    /// this configuration asks for (here, beside the layout it measures, so the config
+    /// does not import the memory module back).
+    pub fn required_mem_size(&self) -> usize {
+        Layout::new(self).total
+    }
+}
+
 impl Layout {
     /// Computes the layout for `cfg`. Rings are page aligned; the used ring
     /// (written by the backend) gets its own cache lines.
