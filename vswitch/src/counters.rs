@@ -4,6 +4,51 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Single-writer add: a plain load and store, no locked instruction.
+#[inline(always)]
+pub fn bump(c: &AtomicU64, n: u64) {
+    if n != 0 {
+        c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+}
+
+/// Why a packet was dropped: each reason is one counter of a queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The destination had no (or too few) buffers, its device queue was full, or it is down.
+    NoBuffer,
+    /// Malformed: a bad chain, a runt, a refused offload request, a frame the kernel refused.
+    Malformed,
+    /// The port's VLAN rule does not allow it.
+    Filtered,
+    /// Nowhere to go (only the source, or an empty VLAN).
+    NoRoute,
+    /// The port's policy: anti-spoofing, the policer, the shaper's full queue.
+    Policy,
+}
+
+impl DropReason {
+    /// Every reason, in the order `ctl stats` shows them.
+    pub const ALL: [DropReason; 5] = [
+        DropReason::NoBuffer,
+        DropReason::Malformed,
+        DropReason::Filtered,
+        DropReason::NoRoute,
+        DropReason::Policy,
+    ];
+
+    /// Its name in `ctl stats` and the JSON counters (`drop_` + name).
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::NoBuffer => "no_buffer",
+            DropReason::Malformed => "malformed",
+            DropReason::Filtered => "filtered",
+            DropReason::NoRoute => "no_route",
+            DropReason::Policy => "policy",
+        }
+    }
+}
+
 macro_rules! queue_counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
         /// Counters of one queue. Written by whichever polling thread holds the queue (one at
@@ -69,4 +114,62 @@ queue_counters! {
     gso_segmented,
     /// Checksums completed in software for this receiver.
     csum_completed,
+}
+
+impl QueueStats {
+    /// The counter of drops for `why`.
+    #[inline(always)]
+    pub fn drops(&self, why: DropReason) -> &AtomicU64 {
+        match why {
+            DropReason::NoBuffer => &self.drop_no_buffer,
+            DropReason::Malformed => &self.drop_malformed,
+            DropReason::Filtered => &self.drop_filtered,
+            DropReason::NoRoute => &self.drop_no_route,
+            DropReason::Policy => &self.drop_policy,
+        }
+    }
+
+    /// Counts `n` drops for `why` (single writer: the queue's holder).
+    #[inline(always)]
+    pub fn drop(&self, why: DropReason, n: u64) {
+        bump(self.drops(why), n);
+    }
+}
+
+impl QueueCounters {
+    /// Drops for `why`.
+    pub fn drops(&self, why: DropReason) -> u64 {
+        match why {
+            DropReason::NoBuffer => self.drop_no_buffer,
+            DropReason::Malformed => self.drop_malformed,
+            DropReason::Filtered => self.drop_filtered,
+            DropReason::NoRoute => self.drop_no_route,
+            DropReason::Policy => self.drop_policy,
+        }
+    }
+
+    /// Drops for every reason.
+    pub fn dropped(&self) -> u64 {
+        DropReason::ALL.iter().map(|&r| self.drops(r)).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_each_drop_reason_has_its_own_counter_under_its_name() {
+        let s = QueueStats::default();
+        for (k, r) in DropReason::ALL.iter().enumerate() {
+            s.drop(*r, k as u64 + 1);
+        }
+        let c = s.snapshot();
+        let json = serde_json::to_value(c).expect("serialises");
+        for (k, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(c.drops(*r), k as u64 + 1);
+            assert_eq!(json[format!("drop_{}", r.name())], k as u64 + 1, "{r:?}");
+        }
+        assert_eq!(c.dropped(), 15);
+    }
 }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use vswitch::control::{request, PolicyReport, PortInfo, Request, Stats};
+use vswitch::counters::DropReason;
 use vswitch::l2::FdbEntry;
 use vswitch::policy::spoof::SpoofConfig;
 use vswitch::policy::{BitRate, ByteSize, PolicerConfig, PolicyConfig, ShaperConfig};
@@ -429,35 +430,20 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
         }
         Request::Stats => {
             let s: Stats = serde_json::from_value(v).map_err(bad)?;
-            println!(
-                "{:<12} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>12}",
-                "port",
-                "rx_pkts",
-                "rx_bytes",
-                "tx_pkts",
-                "tx_bytes",
-                "no_buf",
-                "malformd",
-                "filtered",
-                "no_route",
-                "policy",
-                "copies"
+            // One column per drop reason, counted on either side of the port.
+            print!(
+                "{:<12} {:>12} {:>12} {:>12} {:>12}",
+                "port", "rx_pkts", "rx_bytes", "tx_pkts", "tx_bytes"
             );
+            DropReason::ALL.iter().for_each(|&r| print!(" {:>9}", r.name()));
+            println!(" {:>12} {:>12}", "copies", "kernel_cp");
             for p in &s.ports {
-                println!(
-                    "{:<12} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>12}",
-                    p.name,
-                    p.rx.packets,
-                    p.rx.bytes,
-                    p.tx.packets,
-                    p.tx.bytes,
-                    p.tx.drop_no_buffer,
-                    p.rx.drop_malformed + p.tx.drop_malformed,
-                    p.rx.drop_filtered,
-                    p.rx.drop_no_route,
-                    p.rx.drop_policy + p.tx.drop_policy,
-                    p.tx.copies
+                print!(
+                    "{:<12} {:>12} {:>12} {:>12} {:>12}",
+                    p.name, p.rx.packets, p.rx.bytes, p.tx.packets, p.tx.bytes
                 );
+                DropReason::ALL.iter().for_each(|&r| print!(" {:>9}", p.rx.drops(r) + p.tx.drops(r)));
+                println!(" {:>12} {:>12}", p.tx.copies, p.rx.kernel_copies + p.tx.kernel_copies);
             }
             for m in &s.pmds {
                 print!(

@@ -409,7 +409,7 @@ impl VhostDevice {
         }
         self.iotlb_stats.rx_miss_drops.fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
         if let Some(slot) = self.port.slot(i) {
-            crate::virtio::queue::bump(&slot.stats.drop_no_buffer, lost);
+            slot.stats.drop(crate::counters::DropReason::NoBuffer, lost);
         }
     }
 

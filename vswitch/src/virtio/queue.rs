@@ -185,12 +185,4 @@ impl Drop for VirtQueue {
     }
 }
 
-/// Single-writer add: a plain load and store, no locked instruction.
-#[inline(always)]
-pub fn bump(c: &AtomicU64, n: u64) {
-    if n != 0 {
-        c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
-    }
-}
-
-pub use crate::counters::{QueueCounters, QueueStats};
+pub use crate::counters::{bump, QueueCounters, QueueStats};

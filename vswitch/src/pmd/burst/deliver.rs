@@ -137,7 +137,7 @@ impl Datapath {
                 p.targets += 1;
             }
         }
-        bump(&d.slot.stats.drop_no_buffer, lost);
+        d.slot.stats.drop(DropReason::NoBuffer, lost);
     }
 
     /// Whether packet `i` goes into `d` and with which tag edit (it then counts `d` as a
@@ -266,9 +266,9 @@ impl Tally {
         bump(&s.bytes, self.by);
         bump(&s.copies, self.pk);
         bump(&s.bytes_copied, self.copied);
-        bump(&s.drop_no_buffer, self.no_buf + self.missed);
-        bump(&s.drop_malformed, self.bad);
-        bump(&s.drop_policy, self.shaped_drop);
+        s.drop(DropReason::NoBuffer, self.no_buf + self.missed);
+        s.drop(DropReason::Malformed, self.bad);
+        s.drop(DropReason::Policy, self.shaped_drop);
         bump(&s.gso_whole, self.whole);
         bump(&s.gso_segmented, self.segmented);
         bump(&s.csum_completed, self.completed);

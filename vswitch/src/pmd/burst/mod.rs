@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use iommu::{Grant, Ro, Rw};
 
+use crate::counters::DropReason;
 use crate::l2::{Fdb, Mac, TagEdit};
 use crate::offload::gso::{self, Segmenter};
 use crate::offload::NetHdr;
@@ -311,10 +312,10 @@ impl SrcCounts {
     fn count(&self, s: &QueueStats) {
         bump(&s.packets, self.packets);
         bump(&s.bytes, self.bytes);
-        bump(&s.drop_malformed, self.malformed);
-        bump(&s.drop_filtered, self.filtered);
-        bump(&s.drop_no_route, self.no_route);
-        bump(&s.drop_policy, self.policy);
+        s.drop(DropReason::Malformed, self.malformed);
+        s.drop(DropReason::Filtered, self.filtered);
+        s.drop(DropReason::NoRoute, self.no_route);
+        s.drop(DropReason::Policy, self.policy);
         bump(&s.kernel_copies, self.kernel_copies);
     }
 }

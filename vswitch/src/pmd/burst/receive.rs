@@ -25,7 +25,7 @@ pub(super) fn heads(
         Ok(n) => batch_hold(q, n as usize, b),
         Err(e) => {
             q.broken = true;
-            bump(&stats.drop_malformed, 1);
+            stats.drop(DropReason::Malformed, 1);
             tracing::warn!(port, pair, "stopping transmit queue: {e}");
             None
         }

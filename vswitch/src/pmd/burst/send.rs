@@ -71,8 +71,8 @@ impl Datapath {
         bump(&s.packets, k.sent);
         bump(&s.bytes, k.bytes);
         bump(&s.kernel_copies, k.sent);
-        bump(&s.drop_no_buffer, k.full);
-        bump(&s.drop_malformed, k.refused);
+        s.drop(DropReason::NoBuffer, k.full);
+        s.drop(DropReason::Malformed, k.refused);
         bump(&s.gso_whole, k.whole);
     }
 }

@@ -119,8 +119,8 @@ impl Drained {
         bump(&s.bytes, self.bytes);
         bump(&s.copies, self.packets);
         bump(&s.bytes_copied, self.bytes);
-        bump(&s.drop_malformed, self.malformed);
-        bump(&s.drop_no_buffer, self.timed_out);
+        s.drop(DropReason::Malformed, self.malformed);
+        s.drop(DropReason::NoBuffer, self.timed_out);
     }
 }
 
