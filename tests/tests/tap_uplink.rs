@@ -121,6 +121,24 @@ fn test_jumbo_frames_cross_tap_ports_with_mtu_9000() {
     na.ping("10.88.0.2", 3, &["-s", "8972", "-M", "do"]).unwrap_or_else(|e| panic!("jumbo ping: {e}"));
 }
 
+#[test]
+fn test_a_frame_longer_than_the_switch_takes_is_dropped_and_counted_not_read_past() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("tap-long");
+    let (a, b) = (ifname("l"), ifname("k"));
+    // Without offloads the switch reads frames of up to 9220 bytes; the administrator of the
+    // namespace raises the device's MTU far past that.
+    let specs = [format!("a=tap:{a},offloads=off"), format!("b=tap:{b},offloads=off")];
+    let sw = start(&dir, &specs);
+    let (na, _nb) = two_hosts(&specs, &a, &b);
+    na.ip(&["link", "set", &a, "mtu", "16000"]);
+    let _ = na.ping("10.88.0.2", 2, &["-s", "12000", "-M", "do"]);
+    let s = port_stats(&sw, "a");
+    assert!(s.rx.drop_malformed >= 1, "the long frames were dropped as malformed: {s:?}");
+    // Frames that fit still cross.
+    na.ping("10.88.0.2", 2, &[]).unwrap_or_else(|e| panic!("ping after: {e}"));
+}
+
 /// An ARP frame: request (`op` 1) or reply (2), optionally tagged.
 fn arp(
     dst: [u8; 6],

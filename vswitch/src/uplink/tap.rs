@@ -153,7 +153,8 @@ impl TapDevice {
     /// Queue `i`'s source side (frames from the kernel).
     pub fn source(&self, i: usize) -> TapQueue {
         let big = self.caps.tx_tso4 || self.caps.tx_tso6;
-        let buf_len = VNET_HDR as usize + if big { MAX_GSO_FRAME } else { MAX_FRAME } as usize;
+        // One byte more than the longest frame taken: a read that fills the buffer was cut.
+        let buf_len = VNET_HDR as usize + if big { MAX_GSO_FRAME } else { MAX_FRAME } as usize + 1;
         TapQueue::new(self, i, buf_len)
     }
 
@@ -180,6 +181,8 @@ pub struct TapQueue {
 pub enum Recv {
     /// A frame (virtio-net header first) in staging buffer `i`.
     Frame(Grant<Ro>),
+    /// A frame longer than the staging buffer (cut by the kernel): dropped.
+    Truncated,
     /// Nothing more now.
     Empty,
     /// The device is gone; the queue is broken.
@@ -231,6 +234,11 @@ impl TapQueue {
         // SAFETY: reading into our own buffer, within its length.
         let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n >= 0 {
+            // The kernel cuts a frame longer than the buffer to fit (and says it read the
+            // buffer's length): a full buffer means a frame too long to take, dropped.
+            if n as usize >= buf.len() {
+                return Recv::Truncated;
+            }
             // SAFETY: the buffer is ours, lives as long as this queue (whose slot lock the
             // burst holds while the grant is used) and holds `n` bytes.
             return Recv::Frame(unsafe { Grant::from_raw(buf.as_mut_ptr(), n as u32) });

@@ -38,9 +38,18 @@ impl Datapath {
     #[inline(always)]
     pub(super) fn burst_tap(&mut self, src: &Port, t: &mut TapQueue, now: u32, c: &mut SrcCounts) -> usize {
         let mut n = 0;
-        while n < BURST {
+        // Frames dropped on reading (cut by the kernel) take a try each: a device full of them
+        // cannot keep the thread here.
+        for _ in 0..2 * BURST {
+            if n == BURST {
+                break;
+            }
             let g = match t.recv(n) {
                 Recv::Frame(g) => g,
+                Recv::Truncated => {
+                    c.malformed += 1;
+                    continue;
+                }
                 Recv::Empty | Recv::Gone => break,
             };
             let p = &mut self.desc.pkts[n];
