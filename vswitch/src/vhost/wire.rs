@@ -178,16 +178,36 @@ pub(crate) fn iotlb_msg(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(), St
     Ok(())
 }
 
+/// Receives a header and the one fd that should come with it. Room is made for 8 fds, an even
+/// count: `recv_with_fd` asks for one, but the control buffer the kernel is given has room for
+/// two (alignment), and vmm-sys-util 0.15 keeps the first and leaves a second installed and
+/// open: a frontend sending two fds would leak one per message (found by fuzzing). Every fd
+/// received is owned here, and more than one is refused.
+fn recv_one_fd(conn: &UnixStream, hdr: &mut [u8; 12]) -> Result<(usize, Option<std::fs::File>), String> {
+    use std::os::fd::FromRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut fds: [RawFd; 8] = [-1; 8];
+    let mut iov = [libc::iovec { iov_base: hdr.as_mut_ptr().cast(), iov_len: hdr.len() }];
+    // SAFETY: the iovec points into `hdr`, which outlives the call.
+    let (n, nfds) = unsafe { conn.recv_with_fds(&mut iov, &mut fds) }
+        .map_err(|e| format!("cannot read SET_BACKEND_REQ_FD: {e}"))?;
+    // SAFETY: each received descriptor is this process's alone (closed when dropped).
+    let mut files: Vec<std::fs::File> =
+        fds[..nfds.min(fds.len())].iter().map(|&f| unsafe { std::fs::File::from_raw_fd(f) }).collect();
+    if files.len() > 1 {
+        return Err(format!("SET_BACKEND_REQ_FD came with {} file descriptors, not one", files.len()));
+    }
+    Ok((n, files.pop()))
+}
+
 /// SET_BACKEND_REQ_FD: the socket for requests to the frontend (IOTLB misses). The fd comes
 /// with the message (SCM_RIGHTS) and must be a stream socket.
 pub(crate) fn backend_req_fd(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(), String> {
     use std::os::fd::{FromRawFd, IntoRawFd};
-    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     // SAFETY: borrows the connection's fd for one receive; ManuallyDrop never closes it.
     let conn = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(fd) });
     let mut hdr = [0u8; 12];
-    let (n, file) =
-        conn.recv_with_fd(&mut hdr).map_err(|e| format!("cannot read SET_BACKEND_REQ_FD: {e}"))?;
+    let (n, file) = recv_one_fd(&conn, &mut hdr)?;
     let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
     if n != 12 || word(8) != 0 || word(4) & VERSION.bits() != VERSION_1 {
         return Err(format!("malformed SET_BACKEND_REQ_FD ({n} bytes, size {})", word(8)));
@@ -216,4 +236,48 @@ pub(crate) fn backend_req_fd(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(
         send_status(fd, FrontendReq::SET_BACKEND_REQ_FD, res.is_err())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+    fn pipe() -> (std::fs::File, OwnedFd) {
+        let mut p = [0; 2];
+        // SAFETY: pipe2 fills two fds on success.
+        assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }, 0);
+        // SAFETY: both are new fds owned by nobody else.
+        unsafe { (std::fs::File::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
+    }
+
+    #[test]
+    fn test_backend_req_fd_with_two_fds_is_refused_and_closes_both() {
+        let (frontend, backend) = UnixStream::pair().expect("socketpair");
+        let device = Mutex::new(crate::vhost::VhostDevice::new(
+            std::sync::Arc::new(crate::port::Port::new(
+                0,
+                "t".into(),
+                crate::l2::VlanMode::Access(1),
+                [2, 0, 0, 0, 0, 1],
+                1,
+            )),
+            std::sync::Arc::new(|| {}),
+        ));
+        // Two pipe write ends go with the message; the test keeps only the read ends, so each
+        // reads end-of-file once every copy of its write end is closed.
+        let (mut r1, w1) = pipe();
+        let (mut r2, w2) = pipe();
+        let mut m = u32::from(FrontendReq::SET_BACKEND_REQ_FD).to_le_bytes().to_vec();
+        m.extend(VERSION_1.to_le_bytes());
+        m.extend(0u32.to_le_bytes());
+        frontend.send_with_fds(&[&m[..]], &[w1.as_raw_fd(), w2.as_raw_fd()]).expect("send");
+        drop((w1, w2));
+        assert!(backend_req_fd(backend.as_raw_fd(), &device).is_err(), "two fds are one too many");
+        let mut b = [0u8; 1];
+        assert_eq!(r1.read(&mut b).expect("first fd closed"), 0);
+        assert_eq!(r2.read(&mut b).expect("second fd closed"), 0, "the second fd was left open");
+    }
 }
