@@ -3,8 +3,8 @@
 #  - dpdk-dev: dpdk-testpmd, the real vhost-user frontend (virtio-user) the interop tests use.
 #  - lz4: unpacks the guest kernel for PVH boot (faster under TCG).
 #  - acpica-tools: iasl, the reference decoder hostvm's ACPI tables are checked against.
-#  - iproute2, iputils-ping, iperf3: the TAP uplink tests put test hosts in network namespaces
-#    and ping and stream through the switch.
+#  - iproute2, iputils-ping, iperf3, tcpdump: the TAP uplink tests put test hosts in network
+#    namespaces, ping and stream through the switch, and look at tags on the wire.
 #  - the Linux test guest and QEMU 7.2 (tests/guest/build.sh: Debian packages downloaded and
 #    unpacked, not installed; cached in /var/tmp/vswitch-guestkit).
 set -eu
@@ -16,6 +16,7 @@ command -v iasl >/dev/null 2>&1 || need="$need acpica-tools"
 command -v ip >/dev/null 2>&1 || need="$need iproute2"
 command -v ping >/dev/null 2>&1 || need="$need iputils-ping"
 command -v iperf3 >/dev/null 2>&1 || need="$need iperf3"
+command -v tcpdump >/dev/null 2>&1 || need="$need tcpdump"
 if [ -n "$need" ]; then
     echo "installing:$need" >&2
     export DEBIAN_FRONTEND=noninteractive

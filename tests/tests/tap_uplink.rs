@@ -210,6 +210,29 @@ fn test_tap_on_an_access_vlan_reaches_a_trunk_port_tagged_and_back_untagged() {
 }
 
 #[test]
+fn test_an_access_tap_reaches_a_trunk_tap_tagged() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("tap-trunk");
+    let (a, b) = (ifname("t"), ifname("u"));
+    let specs = [format!("a=tap:{a},vlan=10"), format!("b=tap:{b},trunk=10")];
+    let _sw = start(&dir, &specs);
+    let (na, nb) = two_hosts(&specs, &a, &b);
+    // This kernel has no 8021q module, so namespace b cannot answer on VLAN 10; it can show
+    // what arrives: a's ARP requests, tagged 10 on the trunk.
+    let cap = dir.path("tcpdump.txt");
+    let log = dir.path("tcpdump.log");
+    let cap_s = cap.to_string_lossy().to_string();
+    let mut dump = nb.spawn(&["sh", "-c", &format!("exec tcpdump -l -e -n -c 2 -i {b} arp > {cap_s}")], &log);
+    std::thread::sleep(Duration::from_millis(800));
+    let _ = na.ping("10.88.0.2", 3, &[]);
+    let _ = dump.wait_exit(Duration::from_secs(5));
+    dump.kill();
+    let seen = std::fs::read_to_string(&cap).unwrap_or_default();
+    assert!(seen.contains("vlan 10"), "the trunk saw a's frames tagged with VLAN 10: {seen:?}");
+    assert!(seen.contains("Request who-has 10.88.0.2"), "{seen:?}");
+}
+
+#[test]
 fn test_a_deleted_tap_takes_only_its_port_down() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = Scratch::new("tap-gone");
