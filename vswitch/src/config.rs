@@ -63,14 +63,25 @@ pub struct PortConfig {
     /// See `allow_uids`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_gids: Vec<u32>,
-    /// Most MAC addresses learned from this guest (a guest cannot fill the forwarding table;
-    /// frames from further source MACs are forwarded but not learned, and counted).
-    #[serde(default = "default_max_macs")]
-    pub max_macs: u32,
+    /// Most MAC addresses learned from this port (a guest cannot fill the forwarding table;
+    /// frames from further source MACs are forwarded but not learned, and counted). Default:
+    /// 1024 for a guest; 16384 for an uplink, which has a whole network segment behind it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_macs: Option<u32>,
 }
 
-fn default_max_macs() -> u32 {
-    crate::l2::fdb::DEFAULT_MAC_LIMIT
+/// Default MAC limit of an uplink port (a quarter of the forwarding table).
+pub const UPLINK_MAC_LIMIT: u32 = 16384;
+
+impl PortConfig {
+    /// The MAC limit in force: the one set, else the default for the port's kind.
+    pub fn mac_limit(&self) -> u32 {
+        self.max_macs.unwrap_or(if self.tap.is_some() {
+            UPLINK_MAC_LIMIT
+        } else {
+            crate::l2::fdb::DEFAULT_MAC_LIMIT
+        })
+    }
 }
 
 fn one() -> u16 {
@@ -156,7 +167,7 @@ impl PortConfig {
             offloads: true,
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
-            max_macs: default_max_macs(),
+            max_macs: None,
         };
         let ids = |v: &str, what: &str| {
             v.split(':').map(|x| x.parse::<u32>()).collect::<Result<Vec<_>, _>>().map_err(|_| bad(what))
@@ -192,7 +203,7 @@ impl PortConfig {
                 }
                 None if opt == "anti-spoof" => pc.anti_spoof = Some(SpoofConfig::default()),
                 Some(("max-macs", v)) => {
-                    pc.max_macs = v.parse().map_err(|_| bad("max-macs must be a number"))?
+                    pc.max_macs = Some(v.parse().map_err(|_| bad("max-macs must be a number"))?)
                 }
                 Some(("allow-uid", v)) => {
                     pc.allow_uids = ids(v, "allow-uid must be user ids separated by ':'")?
@@ -254,8 +265,8 @@ impl PortConfig {
         if !(1..=16).contains(&self.queues) {
             return Err(err(format!("queues={} is outside 1..16", self.queues)));
         }
-        if !(1..=65536).contains(&self.max_macs) {
-            return Err(err(format!("max_macs={} is outside 1..65536", self.max_macs)));
+        if !(1..=65536).contains(&self.mac_limit()) {
+            return Err(err(format!("max_macs={} is outside 1..65536", self.mac_limit())));
         }
         if let Some(m) = &self.mac {
             parse_mac(m).ok_or_else(|| err(format!("mac '{m}' is not of the form 52:54:00:12:34:56")))?;
@@ -570,6 +581,10 @@ mod tests {
         let p = PortConfig::parse("up=tap:tap0,queues=2,mtu=9000,vlan=5").unwrap();
         assert_eq!((p.tap.as_deref(), p.queues, p.mtu, p.vlan), (Some("tap0"), 2, Some(9000), Some(5)));
         assert!(p.socket.as_os_str().is_empty());
+        // An uplink has a network segment behind it: it may learn more MACs than a guest.
+        assert_eq!(p.mac_limit(), UPLINK_MAC_LIMIT);
+        assert_eq!(PortConfig::parse("up=tap:tap0,max-macs=50").unwrap().mac_limit(), 50);
+        assert_eq!(PortConfig::parse("g=/run/g.sock").unwrap().mac_limit(), crate::l2::fdb::DEFAULT_MAC_LIMIT);
         let err = |s: &str| PortConfig::parse(s).unwrap_err().to_string();
         assert!(err("up=tap:tap0,client").contains("client mode is for sockets"));
         assert!(err("up=tap:waytoolongname0123").contains("1-15 bytes"));

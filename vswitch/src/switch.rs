@@ -523,7 +523,7 @@ impl Control {
             let port = port.clone();
             pmd.call(|done| PmdCmd::AddPort { port, poll_pairs, done });
         }
-        self.fdb.set_limit(id, cfg.max_macs);
+        self.fdb.set_limit(id, cfg.mac_limit());
         match &tap {
             Some(dev) => {
                 tracing::info!(port = %cfg.name, id, tap = %dev.name, queues = dev.queues(), "port added")
