@@ -17,6 +17,7 @@ pub mod fault;
 pub mod grant;
 pub mod guard;
 pub mod iotlb;
+pub mod iotlb_msg;
 pub mod pagetable;
 mod region;
 mod space;

@@ -22,18 +22,9 @@ const BACKEND_IOTLB_MSG: u32 = 1;
 const HDR_VERSION: u32 = 0x1;
 const HDR_REPLY: u32 = 0x4;
 const HDR_NEED_REPLY: u32 = 0x8;
-/// `VHOST_IOTLB_*` message types.
-pub const IOTLB_MISS: u8 = 1;
-/// See [`IOTLB_MISS`].
-pub const IOTLB_UPDATE: u8 = 2;
-/// See [`IOTLB_MISS`].
-pub const IOTLB_INVALIDATE: u8 = 3;
-/// `VHOST_ACCESS_*`.
-pub const ACCESS_RO: u8 = 1;
-/// See [`ACCESS_RO`].
-pub const ACCESS_WO: u8 = 2;
-/// See [`ACCESS_RO`].
-pub const ACCESS_RW: u8 = 3;
+pub use iommu::iotlb_msg::{
+    IotlbMsg, ACCESS_RO, ACCESS_RW, ACCESS_WO, IOTLB_INVALIDATE, IOTLB_MISS, IOTLB_UPDATE,
+};
 
 /// How the frontend plays a vIOMMU.
 #[derive(Clone, Debug)]
@@ -52,38 +43,6 @@ pub struct IommuConfig {
 impl Default for IommuConfig {
     fn default() -> Self {
         IommuConfig { iova_base: 0x1_0000_0000, page: 4096, serve_misses: true, prefill: false }
-    }
-}
-
-/// One `vhost_iotlb_msg`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IotlbMsg {
-    /// IOVA.
-    pub iova: u64,
-    /// Bytes.
-    pub size: u64,
-    /// Frontend virtual address.
-    pub uaddr: u64,
-    /// `ACCESS_*`.
-    pub perm: u8,
-    /// `IOTLB_*`.
-    pub kind: u8,
-}
-
-impl IotlbMsg {
-    fn encode(&self) -> [u8; 32] {
-        let mut b = [0u8; 32];
-        b[0..8].copy_from_slice(&self.iova.to_le_bytes());
-        b[8..16].copy_from_slice(&self.size.to_le_bytes());
-        b[16..24].copy_from_slice(&self.uaddr.to_le_bytes());
-        b[24] = self.perm;
-        b[25] = self.kind;
-        b
-    }
-
-    fn decode(b: &[u8; 32]) -> Self {
-        let q = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
-        IotlbMsg { iova: q(0), size: q(8), uaddr: q(16), perm: b[24], kind: b[25] }
     }
 }
 
@@ -272,7 +231,13 @@ fn serve_misses(
             tracing::warn!("unexpected backend request {} of {} bytes", word(0), word(8));
             return;
         }
-        let m = IotlbMsg::decode(buf[12..44].try_into().unwrap_or(&[0u8; 32]));
+        let m = IotlbMsg::decode(&buf[12..44]).unwrap_or(IotlbMsg {
+            iova: 0,
+            size: 0,
+            uaddr: 0,
+            perm: 0,
+            kind: 0,
+        });
         if m.kind != IOTLB_MISS {
             continue;
         }

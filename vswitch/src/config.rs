@@ -584,7 +584,10 @@ mod tests {
         // An uplink has a network segment behind it: it may learn more MACs than a guest.
         assert_eq!(p.mac_limit(), UPLINK_MAC_LIMIT);
         assert_eq!(PortConfig::parse("up=tap:tap0,max-macs=50").unwrap().mac_limit(), 50);
-        assert_eq!(PortConfig::parse("g=/run/g.sock").unwrap().mac_limit(), crate::l2::fdb::DEFAULT_MAC_LIMIT);
+        assert_eq!(
+            PortConfig::parse("g=/run/g.sock").unwrap().mac_limit(),
+            crate::l2::fdb::DEFAULT_MAC_LIMIT
+        );
         let err = |s: &str| PortConfig::parse(s).unwrap_err().to_string();
         assert!(err("up=tap:tap0,client").contains("client mode is for sockets"));
         assert!(err("up=tap:waytoolongname0123").contains("1-15 bytes"));
