@@ -353,7 +353,9 @@ pub fn send_raw(
     msg.extend(size.to_le_bytes());
     msg.extend(body);
     let mut iov = libc::iovec { iov_base: msg.as_mut_ptr().cast(), iov_len: msg.len() };
-    let mut cbuf = [0u64; 16];
+    // Room for up to 120 fds (a hostile frontend's share).
+    let mut cbuf = [0u64; 64];
+    assert!(fds.len() <= 120, "send_raw sends at most 120 fds");
     // SAFETY: a well-formed msghdr over local buffers; CMSG macros stay inside cbuf.
     unsafe {
         let mut mh: libc::msghdr = std::mem::zeroed();

@@ -68,6 +68,25 @@ fn a_frontend_that_never_reads_its_replies_costs_only_its_port() {
 }
 
 #[test]
+fn a_message_with_too_many_fds_costs_only_its_connection() {
+    let dir = Scratch::new("ctl-fdspray");
+    let sw = start_switch(&dir, &["a", "b", "c", "d"]);
+    let s = UnixStream::connect(sock(&dir, "a")).unwrap();
+    // GET_FEATURES (1) with 40 eventfds attached, more than any message may carry. The vhost
+    // crate would read the header, refuse the fds and wait for ever for the header again.
+    let efds: Vec<vmm_sys_util::eventfd::EventFd> =
+        (0..40).map(|_| vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd")).collect();
+    let raw: Vec<i32> = efds.iter().map(|e| e.as_raw_fd()).collect();
+    e2e_tests::send_raw(&s, 1, 1, 0, &[], &raw);
+    std::thread::sleep(Duration::from_millis(200));
+    let _d = negotiates(&dir, "d", Duration::from_secs(2));
+    liveness(&sw, &dir);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 64];
+    assert!(matches!((&s).read(&mut b), Ok(0) | Err(_)), "the connection that sent them is closed");
+}
+
+#[test]
 fn a_message_flood_does_not_starve_other_ports() {
     let dir = Scratch::new("ctl-flood");
     let sw = start_switch(&dir, &["a", "b", "c", "d"]);

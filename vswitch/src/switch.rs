@@ -740,6 +740,12 @@ impl Control {
             }
             st.blocked_since = None;
             match waiting {
+                Waiting::TooManyFds(n) => {
+                    let n = if n == usize::MAX { "too many".to_string() } else { n.to_string() };
+                    tracing::warn!(port = %st.cfg.name, "closing vhost-user connection: a message came with {n} file descriptors (most 32)");
+                    self.disconnect(id);
+                    return;
+                }
                 Waiting::Nothing | Waiting::Partial | Waiting::Whole => {}
                 w @ (Waiting::VringEnable | Waiting::IotlbMsg | Waiting::BackendReqFd) => {
                     let res = match w {

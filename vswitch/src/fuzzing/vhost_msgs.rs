@@ -316,6 +316,7 @@ fn service(conn: &mut Conn, device: &Mutex<VhostDevice>) -> bool {
             return true;
         }
         let res = match waiting {
+            Waiting::TooManyFds(n) => Err(format!("{n} fds with one message")),
             Waiting::VringEnable => vring_enable(fd, device),
             Waiting::IotlbMsg => iotlb_msg(fd, device),
             Waiting::BackendReqFd => backend_req_fd(fd, device),

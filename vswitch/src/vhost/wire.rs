@@ -31,14 +31,67 @@ pub(crate) enum Waiting {
     BackendReqFd,
     /// A whole message, end of stream, an error, or a header the handler refuses by itself.
     Whole,
+    /// A header that comes with more file descriptors than a message may carry: the vhost
+    /// crate would lose the header's bytes and wait for ever for new ones, so the connection
+    /// must be closed instead.
+    TooManyFds(usize),
+}
+
+/// Most fds the vhost crate takes with one message (its `MAX_ATTACHED_FD_ENTRIES`).
+const MAX_FDS: usize = 32;
+
+/// Peeks a message header and counts the fds that come with it, closing the copies a peek
+/// installs. Returns the bytes peeked (or -1) and the fd count (`usize::MAX` if there were
+/// more than the control buffer holds).
+fn peek_header(fd: RawFd, hdr: &mut [u8; 12]) -> (isize, usize) {
+    const PEEK_FDS: usize = MAX_FDS + 8;
+    // 8-byte aligned room for one cmsghdr (16 bytes) and PEEK_FDS descriptors.
+    let mut cbuf = [0u64; 2 + PEEK_FDS.div_ceil(2)];
+    let mut iov = libc::iovec { iov_base: hdr.as_mut_ptr().cast(), iov_len: hdr.len() };
+    // SAFETY: msghdr is plain data; zero is a valid value for every field.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+    // SAFETY: the iovec and control buffer are local and as long as msghdr says; MSG_DONTWAIT
+    // never blocks; MSG_PEEK leaves the bytes (and the fds) queued.
+    let n =
+        unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
+    let mut count = 0usize;
+    if n >= 0 {
+        // SAFETY: walking the control messages the kernel wrote into `cbuf`, with libc's
+        // macros, each bounded by msg_controllen; the fds in them were just installed for us.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let k =
+                        ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                    let p = libc::CMSG_DATA(c) as *const RawFd;
+                    for i in 0..k {
+                        libc::close(p.add(i).read_unaligned());
+                    }
+                    count += k;
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            count = usize::MAX;
+        }
+    }
+    (n, count)
 }
 
 /// What waits on a vhost-user socket, without reading it.
 pub(crate) fn waiting_message(fd: RawFd) -> Waiting {
     const HDR: usize = 12;
     let mut hdr = [0u8; HDR];
-    // SAFETY: peek into a local buffer; MSG_DONTWAIT never blocks. Attached fds stay queued.
-    let n = unsafe { libc::recv(fd, hdr.as_mut_ptr().cast(), HDR, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    let (n, fds) = peek_header(fd, &mut hdr);
+    if n > 0 && fds > MAX_FDS {
+        return Waiting::TooManyFds(fds);
+    }
     if n < 0 {
         let e = std::io::Error::last_os_error();
         return if e.kind() == std::io::ErrorKind::WouldBlock { Waiting::Nothing } else { Waiting::Whole };
