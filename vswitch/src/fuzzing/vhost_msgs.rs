@@ -317,9 +317,9 @@ fn service(conn: &mut Conn, device: &Mutex<VhostDevice>) -> bool {
         }
         let res = match waiting {
             Waiting::TooManyFds(n) => Err(format!("{n} fds with one message")),
-            Waiting::VringEnable => vring_enable(fd, device),
-            Waiting::IotlbMsg => iotlb_msg(fd, device),
-            Waiting::BackendReqFd => backend_req_fd(fd, device),
+            Waiting::VringEnable => vring_enable(fd, device).map_err(|e| e.to_string()),
+            Waiting::IotlbMsg => iotlb_msg(fd, device).map_err(|e| e.to_string()),
+            Waiting::BackendReqFd => backend_req_fd(fd, device).map_err(|e| e.to_string()),
             _ => match conn.handler.handle_request() {
                 Ok(()) => Ok(()),
                 Err(e) if crate::switch::keeps_connection(&e) => {

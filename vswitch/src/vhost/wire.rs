@@ -17,6 +17,44 @@ const VERSION: VhostUserHeaderFlag = VhostUserHeaderFlag::VERSION;
 const REPLY: VhostUserHeaderFlag = VhostUserHeaderFlag::REPLY;
 const NEED_REPLY: VhostUserHeaderFlag = VhostUserHeaderFlag::NEED_REPLY;
 
+/// Why a connection's message stream is unusable: the connection is closed.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// malformed message
+    #[error("malformed {req} ({bytes} bytes, flags {flags:#x}, size {size})")]
+    Malformed {
+        /// The request.
+        req: &'static str,
+        /// Bytes read.
+        bytes: isize,
+        /// Header flags.
+        flags: u32,
+        /// Header size field.
+        size: u32,
+    },
+    /// short read
+    #[error("short vhost-user {0}")]
+    Short(&'static str),
+    /// payload too large
+    #[error("payload of {0} bytes is larger than this message allows")]
+    TooLarge(usize),
+    /// bad flags
+    #[error("bad header flags {0:#x}")]
+    Flags(u32),
+    /// reply not sent
+    #[error("cannot send the reply to {0:?}")]
+    Reply(FrontendReq),
+    /// receive failed
+    #[error("cannot read SET_BACKEND_REQ_FD: {0}")]
+    Recv(vmm_sys_util::errno::Error),
+    /// more than one fd
+    #[error("SET_BACKEND_REQ_FD came with {0} file descriptors, not one")]
+    Fds(usize),
+    /// poisoned lock
+    #[error("device state poisoned")]
+    Poisoned,
+}
+
 /// What waits on a vhost-user socket.
 pub(crate) enum Waiting {
     /// No bytes.
@@ -133,17 +171,17 @@ const VERSION_1: u32 = 0x1;
 /// before SET_FEATURES, when the guest driver attaches its queues, and the crate refuses it
 /// until PROTOCOL_FEATURES has been acked, leaving the rings disabled for good. DPDK accepts it
 /// at any time; so does this. Errors mean the stream is unusable.
-pub(crate) fn vring_enable(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(), String> {
+pub(crate) fn vring_enable(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(), WireError> {
     let mut msg = [0u8; 20];
     // SAFETY: reads into a local buffer; the whole message is known to be queued.
     let n = unsafe { libc::recv(fd, msg.as_mut_ptr().cast(), msg.len(), libc::MSG_DONTWAIT) };
     let word = |i: usize| u32::from_le_bytes([msg[i], msg[i + 1], msg[i + 2], msg[i + 3]]);
     let flags = word(4);
     if n != 20 || word(8) != 8 || flags & VERSION.bits() != VERSION_1 || flags & REPLY.bits() != 0 {
-        return Err(format!("malformed SET_VRING_ENABLE ({n} bytes, flags {:#x}, size {})", flags, word(8)));
+        return Err(WireError::Malformed { req: "SET_VRING_ENABLE", bytes: n, flags, size: word(8) });
     }
     let (index, num) = (word(12), word(16));
-    let mut d = device.lock().map_err(|_| "device state poisoned".to_string())?;
+    let mut d = device.lock().map_err(|_| WireError::Poisoned)?;
     let res = match num {
         0 | 1 => d.set_vring_enable(index, num == 1),
         _ => Err(VuError::InvalidParam),
@@ -158,7 +196,7 @@ pub(crate) fn vring_enable(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(),
 }
 
 /// Sends a REPLY_ACK status (0 = success).
-fn send_status(fd: RawFd, req: FrontendReq, failed: bool) -> Result<(), String> {
+fn send_status(fd: RawFd, req: FrontendReq, failed: bool) -> Result<(), WireError> {
     let mut reply = [0u8; 20];
     reply[0..4].copy_from_slice(&u32::from(req).to_le_bytes());
     reply[4..8].copy_from_slice(&(VERSION_1 | REPLY.bits()).to_le_bytes());
@@ -170,7 +208,7 @@ fn send_status(fd: RawFd, req: FrontendReq, failed: bool) -> Result<(), String> 
         libc::send(fd, reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
     };
     if sent != reply.len() as isize {
-        return Err(format!("cannot send the reply to {req:?}"));
+        return Err(WireError::Reply(req));
     }
     Ok(())
 }
@@ -188,24 +226,24 @@ fn socket_type(s: &UnixStream) -> Option<i32> {
 }
 
 /// Reads a whole message known to be queued: header words and payload.
-fn read_whole(fd: RawFd, buf: &mut [u8]) -> Result<(u32, usize), String> {
+fn read_whole(fd: RawFd, buf: &mut [u8]) -> Result<(u32, usize), WireError> {
     // SAFETY: reads into the caller's buffer; the whole message is known to be queued.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), 12, libc::MSG_DONTWAIT) };
     if n != 12 {
-        return Err("short vhost-user header".into());
+        return Err(WireError::Short("header"));
     }
     let word = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let (flags, size) = (word(buf, 4), word(buf, 8) as usize);
     if size > buf.len() - 12 {
-        return Err(format!("payload of {size} bytes is larger than this message allows"));
+        return Err(WireError::TooLarge(size));
     }
     // SAFETY: as above, `size` bytes fit after the header.
     let n = unsafe { libc::recv(fd, buf[12..].as_mut_ptr().cast(), size, libc::MSG_DONTWAIT) };
     if n != size as isize {
-        return Err("short vhost-user payload".into());
+        return Err(WireError::Short("payload"));
     }
     if flags & VERSION.bits() != VERSION_1 || flags & REPLY.bits() != 0 {
-        return Err(format!("bad header flags {flags:#x}"));
+        return Err(WireError::Flags(flags));
     }
     Ok((flags, size))
 }
@@ -213,10 +251,10 @@ fn read_whole(fd: RawFd, buf: &mut [u8]) -> Result<(u32, usize), String> {
 /// IOTLB_MSG: an update or invalidation from the frontend's vIOMMU. A refused one (outside
 /// the guest's memory, a type a frontend does not send) is counted and answered with a failure
 /// status; the stream stays usable. QEMU always asks for the status and waits for it.
-pub(crate) fn iotlb_msg(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(), String> {
+pub(crate) fn iotlb_msg(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(), WireError> {
     let mut buf = [0u8; 12 + MAX_MSG_SIZE];
     let (flags, size) = read_whole(fd, &mut buf)?;
-    let mut d = device.lock().map_err(|_| "device state poisoned".to_string())?;
+    let mut d = device.lock().map_err(|_| WireError::Poisoned)?;
     let res = match IotlbMsg::decode(&buf[12..12 + size]) {
         Some(m) => d.iotlb_msg(m),
         None => Err(format!("IOTLB_MSG payload of {size} bytes (a vhost_iotlb_msg has {IOTLB_MSG_LEN})")),
@@ -236,26 +274,25 @@ pub(crate) fn iotlb_msg(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(), St
 /// two (alignment), and vmm-sys-util 0.15 keeps the first and leaves a second installed and
 /// open: a frontend sending two fds would leak one per message (found by fuzzing). Every fd
 /// received is owned here, and more than one is refused.
-fn recv_one_fd(conn: &UnixStream, hdr: &mut [u8; 12]) -> Result<(usize, Option<std::fs::File>), String> {
+fn recv_one_fd(conn: &UnixStream, hdr: &mut [u8; 12]) -> Result<(usize, Option<std::fs::File>), WireError> {
     use std::os::fd::FromRawFd;
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     let mut fds: [RawFd; 8] = [-1; 8];
     let mut iov = [libc::iovec { iov_base: hdr.as_mut_ptr().cast(), iov_len: hdr.len() }];
     // SAFETY: the iovec points into `hdr`, which outlives the call.
-    let (n, nfds) = unsafe { conn.recv_with_fds(&mut iov, &mut fds) }
-        .map_err(|e| format!("cannot read SET_BACKEND_REQ_FD: {e}"))?;
+    let (n, nfds) = unsafe { conn.recv_with_fds(&mut iov, &mut fds) }.map_err(WireError::Recv)?;
     // SAFETY: each received descriptor is this process's alone (closed when dropped).
     let mut files: Vec<std::fs::File> =
         fds[..nfds.min(fds.len())].iter().map(|&f| unsafe { std::fs::File::from_raw_fd(f) }).collect();
     if files.len() > 1 {
-        return Err(format!("SET_BACKEND_REQ_FD came with {} file descriptors, not one", files.len()));
+        return Err(WireError::Fds(files.len()));
     }
     Ok((n, files.pop()))
 }
 
 /// SET_BACKEND_REQ_FD: the socket for requests to the frontend (IOTLB misses). The fd comes
 /// with the message (SCM_RIGHTS) and must be a stream socket.
-pub(crate) fn backend_req_fd(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(), String> {
+pub(crate) fn backend_req_fd(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(), WireError> {
     use std::os::fd::{FromRawFd, IntoRawFd};
     // SAFETY: borrows the connection's fd for one receive; ManuallyDrop never closes it.
     let conn = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(fd) });
@@ -263,10 +300,15 @@ pub(crate) fn backend_req_fd(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(
     let (n, file) = recv_one_fd(&conn, &mut hdr)?;
     let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
     if n != 12 || word(8) != 0 || word(4) & VERSION.bits() != VERSION_1 {
-        return Err(format!("malformed SET_BACKEND_REQ_FD ({n} bytes, size {})", word(8)));
+        return Err(WireError::Malformed {
+            req: "SET_BACKEND_REQ_FD",
+            bytes: n as isize,
+            flags: word(4),
+            size: word(8),
+        });
     }
     let flags = word(4);
-    let mut d = device.lock().map_err(|_| "device state poisoned".to_string())?;
+    let mut d = device.lock().map_err(|_| WireError::Poisoned)?;
     let res = match file {
         Some(f) => {
             // SAFETY: the received descriptor is ours alone.
