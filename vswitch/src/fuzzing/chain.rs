@@ -192,7 +192,8 @@ fn walk<D: Direction>(
 /// virtio-queue's walk: `Some` only for a chain it walks to a last descriptor, every buffer
 /// non-empty, inside memory and of the direction the device wants.
 fn oracle(g: &MockGuest, size: u16, head: u16, write: bool) -> Option<Vec<(u64, u32)>> {
-    let file = FileOffset::new(g.file.try_clone().ok()?, 4096);
+    // Guest-physical 0 is the memfd's first byte (as the mock maps it).
+    let file = FileOffset::new(g.file.try_clone().ok()?, 0);
     let gm =
         GuestMemoryMmap::<()>::from_ranges_with_files([(GuestAddress(0), MEM as usize, Some(file))]).ok()?;
     let mut q = Queue::new(size).ok()?;
