@@ -79,8 +79,28 @@ impl Netns {
     }
 
     /// Runs an iperf3 client here against `server` for `secs` (`reverse`: the server sends);
+    /// the received rate in Gbit/s. A refused or failed connection is retried for up to
+    /// `patience`: a server in a TCG guest starts late and re-arms its listener slowly after
+    /// each test.
+    pub fn iperf3_patient(&self, server: &str, secs: u32, reverse: bool, patience: Duration) -> f64 {
+        let start = std::time::Instant::now();
+        loop {
+            match self.try_iperf3(server, secs, reverse) {
+                Ok(gbps) => return gbps,
+                Err(e) if start.elapsed() >= patience => panic!("iperf3 to {server}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
+    }
+
+    /// Runs an iperf3 client here against `server` for `secs` (`reverse`: the server sends);
     /// the received rate in Gbit/s.
     pub fn iperf3(&self, server: &str, secs: u32, reverse: bool) -> f64 {
+        self.try_iperf3(server, secs, reverse).unwrap_or_else(|e| panic!("iperf3 to {server}: {e}"))
+    }
+
+    /// One iperf3 run; what iperf3 said when it measured nothing.
+    pub fn try_iperf3(&self, server: &str, secs: u32, reverse: bool) -> Result<f64, String> {
         let t = secs.to_string();
         let mut cmd =
             vec!["timeout", "60", "iperf3", "-c", server, "-t", &t, "-J", "--connect-timeout", "5000"];
@@ -89,11 +109,10 @@ impl Netns {
         }
         let out = self.run(&cmd);
         let text = String::from_utf8_lossy(&out.stdout);
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| {
-            panic!("iperf3 gave no JSON ({e}): {text} {}", String::from_utf8_lossy(&out.stderr))
-        });
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("no JSON ({e}): {text} {}", String::from_utf8_lossy(&out.stderr)))?;
         let bps = v["end"]["sum_received"]["bits_per_second"].as_f64();
-        bps.unwrap_or_else(|| panic!("iperf3 failed: {}", v["error"])) / 1e9
+        bps.map(|b| b / 1e9).ok_or_else(|| format!("failed: {}", v["error"]))
     }
 }
 
