@@ -28,10 +28,12 @@ pub mod account;
 pub mod classify;
 pub mod engines;
 pub mod itr;
+pub mod nic;
 pub mod regs;
 pub mod rxq;
 
 pub use account::{DeviceCounters, PcieCost};
 pub use classify::{Classifier, PoolMask, PoolOptions, RarEntry, TableError, TableSizes, Verdict, VlvfEntry};
 pub use itr::{Moderator, Profile};
-pub use rxq::{RxDrop, RxQueue};
+pub use nic::{BindError, Level, Nic, Steer};
+pub use rxq::{dma_rx, RxDrop, RxFormat, RxQueue, RxScratch};

@@ -47,16 +47,173 @@ pub enum RxDrop {
     Broken(RingError),
 }
 
-/// A device RX queue over a guest's receive ring.
+/// How a guest's receive ring is laid out: what it negotiated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RxFormat {
+    /// The virtio-net header length (10, or 12 with VERSION_1 or mergeable buffers).
+    pub hdr_len: u32,
+    /// Whether a frame may span several buffers (MRG_RXBUF).
+    pub mergeable: bool,
+    /// Whether the guest may post indirect tables.
+    pub indirect: bool,
+    /// The bus cost table the TLP counts follow.
+    pub cost: PcieCost,
+}
+
+/// The DMA engine's working space (reused across frames).
+pub struct RxScratch {
+    segs: [Grant<Rw>; MAX_SEGS],
+    heads: [(u16, u32, u8); MAX_HEADS],
+}
+
+impl Default for RxScratch {
+    fn default() -> Self {
+        RxScratch { segs: [Grant::default(); MAX_SEGS], heads: [(0, 0, 0); MAX_HEADS] }
+    }
+}
+
+/// DMAs one frame, given as `parts` laid end to end (a VLAN tag the device strips is left
+/// out between two parts), with its virtio-net header `hdr` (at least `hdr_len` bytes; the
+/// first `hdr_len` are written, `num_buffers` filled in) into the next buffer(s) of `ring`,
+/// translating through `dma`. The used entries become visible when the ring's owner publishes.
+pub fn dma_rx(
+    ring: &mut SplitRing,
+    dma: &mut Dma,
+    fmt: &RxFormat,
+    s: &mut RxScratch,
+    c: &mut DeviceCounters,
+    hdr: &[u8],
+    parts: &[&[u8]],
+) -> Result<(), RxDrop> {
+    let flen: usize = parts.iter().map(|p| p.len()).sum();
+    let need = fmt.hdr_len + flen as u32;
+    if need > MAX_RX || (hdr.len() as u32) < fmt.hdr_len || fmt.hdr_len > 12 {
+        return Err(RxDrop::TooSmall);
+    }
+    let (nheads, nseg) = match take(ring, dma, fmt, s, c, need) {
+        Ok(t) => t,
+        Err(e) => {
+            if e == RxDrop::NoBuffer {
+                c.no_buffer += 1;
+            }
+            return Err(e);
+        }
+    };
+    let mut h = [0u8; 12];
+    let hl = fmt.hdr_len as usize;
+    h[..hl].copy_from_slice(&hdr[..hl]);
+    if fmt.mergeable && hl >= 12 {
+        h[10..12].copy_from_slice(&(nheads as u16).to_le_bytes());
+    }
+    let segs = &s.segs[..nseg];
+    let mut w = GrantWriter::new(segs);
+    // SAFETY: the grants were made by walking `ring` through `dma`, whose address space the
+    // caller keeps mapped while it holds the ring; they cover exactly the guest's buffers.
+    let mut ok = unsafe { w.put(&h[..hl]) };
+    for p in parts {
+        // SAFETY: as above.
+        ok &= unsafe { w.put(p) };
+    }
+    debug_assert!(ok, "buffers were sized before writing");
+    // The used entries: each head gets the bytes that landed in its segments.
+    let mut left = need;
+    let mut first_seg = 0usize;
+    for &(head, cap, n) in &s.heads[..nheads] {
+        let put = left.min(cap);
+        left -= put;
+        ring.push_used(head, put);
+        let mut here_left = put;
+        for g in &segs[first_seg..first_seg + n as usize] {
+            // Every contiguous piece the device writes is a run of MPS-sized TLPs.
+            let here = g.len().min(here_left);
+            here_left -= here;
+            if here > 0 {
+                c.tlps += fmt.cost.write_tlps(here);
+            }
+        }
+        first_seg += n as usize;
+    }
+    c.packets += 1;
+    c.bytes += u64::from(need);
+    c.dma_write_bytes += u64::from(need) + 8 * nheads as u64;
+    c.desc_writebacks += nheads as u64;
+    c.tlps += nheads as u64;
+    Ok(())
+}
+
+/// Takes enough buffers for `need` bytes: one chain, or several with mergeable buffers.
+/// Returns (heads, segments).
+fn take(
+    ring: &mut SplitRing,
+    dma: &mut Dma,
+    fmt: &RxFormat,
+    s: &mut RxScratch,
+    c: &mut DeviceCounters,
+    need: u32,
+) -> Result<(usize, usize), RxDrop> {
+    let mut nheads = 0usize;
+    let mut nseg = 0usize;
+    let mut have = 0u32;
+    while have < need {
+        let pending = ring.avail_pending().map_err(RxDrop::Broken)?;
+        if pending == 0 || nheads == MAX_HEADS || nseg == MAX_SEGS {
+            ring.unpop(nheads as u16);
+            return Err(RxDrop::NoBuffer);
+        }
+        let head = ring.pop_head();
+        // The available-ring entry (2 bytes) and the descriptors behind it.
+        c.desc_fetches += 1;
+        c.dma_read_bytes += 2;
+        c.tlps += fmt.cost.read_tlps(2);
+        match walk_chain::<Rw>(ring, dma, head, fmt.indirect, MAX_RX, &mut s.segs[nseg..]) {
+            Ok(ch) => {
+                c.desc_fetches += u64::from(ch.nseg);
+                c.dma_read_bytes += 16 * u64::from(ch.nseg);
+                c.tlps += fmt.cost.read_tlps(16 * u32::from(ch.nseg));
+                c.iotlb_lookups += u64::from(ch.nseg);
+                s.heads[nheads] = (head, ch.len, ch.nseg);
+                nheads += 1;
+                nseg += ch.nseg as usize;
+                have += ch.len;
+            }
+            Err(ChainError::Miss { iova }) => {
+                c.iotlb_lookups += 1;
+                ring.unpop(nheads as u16 + 1);
+                return Err(RxDrop::Miss { iova });
+            }
+            Err(e) => {
+                // Never trusted: the faulting buffer goes back empty. In a split ring the
+                // buffers taken before it cannot be skipped without being used, so they go
+                // back empty too and the guest reposts them (only a guest that posts a bad
+                // buffer loses anything to it).
+                c.dma_faults += 1;
+                c.iotlb_lookups += 1;
+                for &(h, _, _) in &s.heads[..nheads] {
+                    ring.push_used(h, 0);
+                }
+                ring.push_used(head, 0);
+                c.desc_writebacks += nheads as u64 + 1;
+                c.dma_write_bytes += 8 * (nheads as u64 + 1);
+                return Err(RxDrop::Fault(e));
+            }
+        }
+        if !fmt.mergeable && have < need {
+            // One chain per frame: a guest that posts small buffers without mergeable buffers
+            // cannot take this frame; its buffer stays posted.
+            ring.unpop(1);
+            return Err(RxDrop::TooSmall);
+        }
+    }
+    Ok((nheads, nseg))
+}
+
+/// A device RX queue that owns a guest's receive ring (a standalone model, the harness, a
+/// Level 2 queue pair); the switch runs [`dma_rx`] on the rings it holds instead.
 pub struct RxQueue {
     ring: SplitRing,
     dma: Dma,
-    /// The virtio-net header length the guest negotiated (10, or 12 with VERSION_1 or
-    /// mergeable buffers).
-    hdr_len: u32,
-    mergeable: bool,
-    cost: PcieCost,
-    segs: [Grant<Rw>; MAX_SEGS],
+    fmt: RxFormat,
+    scratch: RxScratch,
     /// What the queue has done.
     pub counters: DeviceCounters,
 }
@@ -74,20 +231,13 @@ impl RxQueue {
         mergeable: bool,
     ) -> Result<Self, RingError> {
         let ring = SplitRing::new(&mut dma, addrs, size, state.last_avail, event_idx)?;
-        Ok(RxQueue {
-            ring,
-            dma,
-            hdr_len,
-            mergeable,
-            cost: PcieCost::default(),
-            segs: [Grant::default(); MAX_SEGS],
-            counters: DeviceCounters::default(),
-        })
+        let fmt = RxFormat { hdr_len, mergeable, indirect: true, cost: PcieCost::default() };
+        Ok(RxQueue { ring, dma, fmt, scratch: RxScratch::default(), counters: DeviceCounters::default() })
     }
 
     /// Sets the bus cost table the TLP counts follow.
     pub fn set_cost(&mut self, cost: PcieCost) {
-        self.cost = cost;
+        self.fmt.cost = cost;
     }
 
     /// The ring state to hand back (after [`publish`](Self::publish)).
@@ -100,129 +250,10 @@ impl RxQueue {
         &mut self.dma
     }
 
-    /// DMAs one frame with its virtio-net header `hdr` (at least `hdr_len` bytes; the first
-    /// `hdr_len` are written, `num_buffers` filled in) into the guest's next buffer(s). The
-    /// used entries become visible at [`publish`](Self::publish).
+    /// DMAs one frame with its virtio-net header into the guest's next buffer(s); see
+    /// [`dma_rx`].
     pub fn receive(&mut self, hdr: &[u8], frame: &[u8]) -> Result<(), RxDrop> {
-        let need = self.hdr_len + frame.len() as u32;
-        if need > MAX_RX || (hdr.len() as u32) < self.hdr_len {
-            return Err(RxDrop::TooSmall);
-        }
-        let mut heads = [(0u16, 0u32, 0u8); MAX_HEADS];
-        let (nheads, nseg) = match self.take(need, &mut heads) {
-            Ok(t) => t,
-            Err(e) => {
-                if e == RxDrop::NoBuffer {
-                    self.counters.no_buffer += 1;
-                }
-                return Err(e);
-            }
-        };
-        let mut h = [0u8; 12];
-        let hl = self.hdr_len as usize;
-        h[..hl].copy_from_slice(&hdr[..hl]);
-        if self.mergeable && hl >= 12 {
-            h[10..12].copy_from_slice(&(nheads as u16).to_le_bytes());
-        }
-        let segs = &self.segs[..nseg];
-        let mut w = GrantWriter::new(segs);
-        // SAFETY: the grants were made by walking this ring through `self.dma`, which keeps the
-        // guest's memory mapped while the queue lives; they cover exactly the guest's buffers.
-        let ok = unsafe { w.put(&h[..hl]) && w.put(frame) };
-        debug_assert!(ok, "buffers were sized before writing");
-        // The used entries: each head gets the bytes that landed in its segments.
-        let mut left = need;
-        let mut first_seg = 0usize;
-        for &(head, cap, n) in &heads[..nheads] {
-            let put = left.min(cap);
-            left -= put;
-            self.ring.push_used(head, put);
-            for s in &segs[first_seg..first_seg + n as usize] {
-                // Every contiguous piece the device writes is a run of MPS-sized TLPs.
-                let here = s.len().min(put);
-                if here > 0 {
-                    self.counters.tlps += self.cost.write_tlps(here);
-                }
-            }
-            first_seg += n as usize;
-        }
-        let c = &mut self.counters;
-        c.packets += 1;
-        c.bytes += u64::from(need);
-        c.dma_write_bytes += u64::from(need) + 8 * nheads as u64;
-        c.desc_writebacks += nheads as u64;
-        c.tlps += nheads as u64;
-        Ok(())
-    }
-
-    /// Takes enough buffers for `need` bytes: one chain, or several with mergeable buffers.
-    /// Returns (heads, segments).
-    fn take(&mut self, need: u32, heads: &mut [(u16, u32, u8); MAX_HEADS]) -> Result<(usize, usize), RxDrop> {
-        let mut nheads = 0usize;
-        let mut nseg = 0usize;
-        let mut have = 0u32;
-        while have < need {
-            let pending = self.ring.avail_pending().map_err(RxDrop::Broken)?;
-            if pending == 0 || nheads == MAX_HEADS || nseg == MAX_SEGS {
-                self.ring.unpop(nheads as u16);
-                return Err(RxDrop::NoBuffer);
-            }
-            let head = self.ring.pop_head();
-            let c = &mut self.counters;
-            // The available-ring entry (2 bytes) and the descriptors behind it.
-            c.desc_fetches += 1;
-            c.dma_read_bytes += 2;
-            c.tlps += self.cost.read_tlps(2);
-            match walk_chain::<Rw>(&self.ring, &mut self.dma, head, true, MAX_RX, &mut self.segs[nseg..]) {
-                Ok(ch) => {
-                    let c = &mut self.counters;
-                    c.desc_fetches += u64::from(ch.nseg);
-                    c.dma_read_bytes += 16 * u64::from(ch.nseg);
-                    c.tlps += self.cost.read_tlps(16 * u32::from(ch.nseg));
-                    c.iotlb_lookups += u64::from(ch.nseg);
-                    heads[nheads] = (head, ch.len, ch.nseg);
-                    nheads += 1;
-                    nseg += ch.nseg as usize;
-                    have += ch.len;
-                }
-                Err(ChainError::Miss { iova }) => {
-                    self.counters.iotlb_lookups += 1;
-                    self.ring.unpop(nheads as u16 + 1);
-                    return Err(RxDrop::Miss { iova });
-                }
-                Err(e) => {
-                    // Never trusted: the faulting buffer goes back empty, the ones taken before
-                    // it go back to the ring for the next frame.
-                    self.counters.dma_faults += 1;
-                    self.counters.iotlb_lookups += 1;
-                    self.ring.unpop(nheads as u16 + 1);
-                    // Re-take just the faulting head to return it: the heads before it are
-                    // fine and stay available.
-                    self.return_faulted(nheads);
-                    return Err(RxDrop::Fault(e));
-                }
-            }
-            if !self.mergeable && have < need {
-                // One chain per frame: a guest that posts small buffers without mergeable
-                // buffers cannot take this frame; its buffer stays posted.
-                self.ring.unpop(1);
-                return Err(RxDrop::TooSmall);
-            }
-        }
-        Ok((nheads, nseg))
-    }
-
-    /// Returns the faulting buffer (the `skip`-th from the next) with length 0. The good ones
-    /// before it cannot be skipped in a split ring without using them, so they go back with
-    /// length 0 too: the guest reposts them. (Only a guest that posts a bad buffer loses
-    /// buffers to it.)
-    fn return_faulted(&mut self, skip: usize) {
-        for _ in 0..=skip {
-            let head = self.ring.pop_head();
-            self.ring.push_used(head, 0);
-            self.counters.desc_writebacks += 1;
-            self.counters.dma_write_bytes += 8;
-        }
+        dma_rx(&mut self.ring, &mut self.dma, &self.fmt, &mut self.scratch, &mut self.counters, hdr, &[frame])
     }
 
     /// Makes the used entries visible (one index write); whether the guest asked to be
