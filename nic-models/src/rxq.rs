@@ -66,6 +66,10 @@ pub struct RxScratch {
     heads: [(u16, u32, u8); MAX_HEADS],
 }
 
+// SAFETY: the grants in the scratch are only meaningful during one `dma_rx` call, under the
+// lock of the ring they point into; between calls they are dead values.
+unsafe impl Send for RxScratch {}
+
 impl Default for RxScratch {
     fn default() -> Self {
         RxScratch { segs: [Grant::default(); MAX_SEGS], heads: [(0, 0, 0); MAX_HEADS] }

@@ -45,6 +45,52 @@ impl Netns {
         self.ip(&["link", "set", ifname, "up"]);
     }
 
+    /// Sends `frames` as they are out of interface `ifname` here: an `AF_PACKET` socket opened
+    /// by a thread that joined this namespace, so what arrives at the other end of a TAP is
+    /// exactly these bytes (tagged frames included, which this kernel's missing 8021q module
+    /// would not let the stack send).
+    pub fn inject(&self, ifname: &str, frames: &[Vec<u8>]) {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let path = format!("/var/run/netns/{}", self.name);
+        let ifname = std::ffi::CString::new(ifname).expect("interface name");
+        let frames = frames.to_vec();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns on this thread only, with a namespace file we hold open.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            // SAFETY: plain socket(2); the result is checked and owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            // SAFETY: a fresh descriptor nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: a NUL-terminated name.
+            let index = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
+            assert!(index > 0, "no interface {ifname:?} in the namespace");
+            // SAFETY: plain data; zeroes are valid.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = index as i32;
+            sll.sll_halen = 6;
+            for f in &frames {
+                sll.sll_addr[..6].copy_from_slice(&f[..6]);
+                // SAFETY: the frame and the address are ours and live across the call.
+                let n = unsafe {
+                    libc::sendto(
+                        fd.as_raw_fd(),
+                        f.as_ptr().cast(),
+                        f.len(),
+                        0,
+                        (&sll as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    )
+                };
+                assert_eq!(n, f.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+            }
+        })
+        .join()
+        .expect("inject thread");
+    }
+
     /// Runs a command here to completion.
     pub fn run(&self, cmd: &[&str]) -> Output {
         Command::new("ip")

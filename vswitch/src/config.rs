@@ -22,6 +22,10 @@ pub struct PortConfig {
     /// instead of a socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
+    /// A modelled NIC between the TAP device (its wire) and the guests (`nic:IFNAME`): the
+    /// tier and its table sizes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nic: Option<NicConfig>,
     /// MTU to give the TAP device (default: the kernel's, 1500).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
@@ -70,6 +74,42 @@ pub struct PortConfig {
     pub max_macs: Option<u32>,
 }
 
+/// A NIC model on an uplink port (`nic:IFNAME[,level=0|1][,pools=N][,filters=N]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicConfig {
+    /// The tier: 0 (one queue to the host, offload engines) or 1 (pools bound to guests'
+    /// receive rings, a MAC/VLAN classifier to choose them).
+    #[serde(default = "level_one")]
+    pub level: u8,
+    /// Pools, the host's default pool included (the 82576 has 8, the 82599 64): at most
+    /// `pools - 1` guests are served by the device, the rest by the software path.
+    #[serde(default = "eight")]
+    pub pools: u8,
+    /// Exact-MAC filter entries (the 82576 has 24, the 82599 128): guests' MACs beyond them
+    /// are served by the software path.
+    #[serde(default = "twenty_four")]
+    pub filters: u16,
+}
+
+impl Default for NicConfig {
+    fn default() -> Self {
+        NicConfig { level: 1, pools: 8, filters: 24 }
+    }
+}
+
+fn level_one() -> u8 {
+    1
+}
+
+fn eight() -> u8 {
+    8
+}
+
+fn twenty_four() -> u16 {
+    24
+}
+
 /// Default MAC limit of an uplink port (a quarter of the forwarding table).
 pub const UPLINK_MAC_LIMIT: u32 = 16384;
 
@@ -96,7 +136,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client] or NAME=tap:IFNAME[,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME[,level=0|1][,pools=N][,filters=N][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -147,14 +187,16 @@ impl PortConfig {
         let (name, rest) = spec.split_once('=').ok_or_else(|| bad("missing '='"))?;
         let mut parts = rest.split(',');
         let socket = parts.next().filter(|s| !s.is_empty()).ok_or_else(|| bad("missing socket path"))?;
-        let (socket, tap) = match socket.strip_prefix("tap:") {
-            Some(ifname) => ("", Some(ifname.to_string())),
-            None => (socket, None),
+        let (socket, tap, nic) = match (socket.strip_prefix("tap:"), socket.strip_prefix("nic:")) {
+            (Some(ifname), _) => ("", Some(ifname.to_string()), None),
+            (_, Some(ifname)) => ("", Some(ifname.to_string()), Some(NicConfig::default())),
+            _ => (socket, None, None),
         };
         let mut pc = PortConfig {
             name: name.to_string(),
             socket: socket.into(),
             tap,
+            nic,
             mtu: None,
             client: false,
             vlan: None,
@@ -211,6 +253,15 @@ impl PortConfig {
                 Some(("allow-gid", v)) => {
                     pc.allow_gids = ids(v, "allow-gid must be group ids separated by ':'")?
                 }
+                Some((k @ ("level" | "pools" | "filters"), v)) => {
+                    let n = pc.nic.as_mut().ok_or_else(|| bad(&format!("{k}= is for nic: ports")))?;
+                    let num = |what: &str| bad(&format!("{what} must be a number"));
+                    match k {
+                        "level" => n.level = v.parse().map_err(|_| num("level"))?,
+                        "pools" => n.pools = v.parse().map_err(|_| num("pools"))?,
+                        _ => n.filters = v.parse().map_err(|_| num("filters"))?,
+                    }
+                }
                 Some(("offloads", v)) => {
                     pc.offloads = match v {
                         "on" => true,
@@ -241,6 +292,23 @@ impl PortConfig {
                 return Err(err("client mode is for sockets, not tap devices".into()))
             }
             _ => {}
+        }
+        if let Some(n) = &self.nic {
+            if self.tap.is_none() {
+                return Err(err("a NIC model needs a wire: nic:IFNAME (a TAP device)".into()));
+            }
+            if n.level > 1 {
+                return Err(err(format!("level={} is not modelled yet (0 and 1 are)", n.level)));
+            }
+            if !(2..=64).contains(&n.pools) {
+                return Err(err(format!(
+                    "pools={} is outside 2..64 (the host's pool and one or more guests')",
+                    n.pools
+                )));
+            }
+            if !(1..=4096).contains(&n.filters) {
+                return Err(err(format!("filters={} is outside 1..4096", n.filters)));
+            }
         }
         if let Some(m) = self.mtu {
             let max = crate::uplink::tap::MAX_MTU;
@@ -574,6 +642,24 @@ mod tests {
         let p = PortConfig::parse("vm1=/s").unwrap();
         assert_eq!(p.mac_bytes(), p.mac_bytes());
         assert_eq!(p.mac_bytes()[0] & 1, 0);
+    }
+
+    #[test]
+    fn test_nic_port_spec_and_its_errors() {
+        let p = PortConfig::parse("up=nic:tap0,level=1,pools=4,filters=128,trunk=10:20").unwrap();
+        assert_eq!(p.tap.as_deref(), Some("tap0"));
+        assert_eq!(p.nic, Some(NicConfig { level: 1, pools: 4, filters: 128 }));
+        assert_eq!(PortConfig::parse("up=nic:tap0").unwrap().nic, Some(NicConfig::default()));
+        let err = |s: &str| PortConfig::parse(s).unwrap_err().to_string();
+        assert!(err("up=tap:tap0,level=1").contains("level= is for nic: ports"));
+        assert!(err("up=nic:tap0,level=2").contains("not modelled yet"));
+        assert!(err("up=nic:tap0,pools=1").contains("outside 2..64"));
+        assert!(err("up=nic:tap0,filters=0").contains("outside 1..4096"));
+        let t: SwitchConfig =
+            toml::from_str("[[port]]\nname = \"up\"\ntap = \"t1\"\nnic = { level = 0 }\n").unwrap();
+        assert_eq!(t.ports[0].nic, Some(NicConfig { level: 0, pools: 8, filters: 24 }));
+        let t: SwitchConfig = toml::from_str("[[port]]\nname = \"up\"\nsocket = \"/x\"\nnic = {}\n").unwrap();
+        assert!(t.ports[0].validate().unwrap_err().to_string().contains("needs a wire"));
     }
 
     #[test]

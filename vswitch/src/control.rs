@@ -56,6 +56,11 @@ pub enum Request {
         /// The new policy.
         policy: PolicyConfig,
     },
+    /// A NIC model's filters, pools and device counters.
+    Nic {
+        /// Port name.
+        name: String,
+    },
 }
 
 /// A port's policy as `policy` reports it.
@@ -71,6 +76,68 @@ pub struct PolicyReport {
     pub shaper_queued: u64,
     /// Their bytes.
     pub shaper_queued_bytes: u64,
+}
+
+/// `ctl nic NAME`: a NIC model's state.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NicReport {
+    /// Port name.
+    pub name: String,
+    /// The tier (0 or 1).
+    pub level: u8,
+    /// Pools, the host's included.
+    pub pools: u8,
+    /// Exact-MAC filter entries.
+    pub filters: u16,
+    /// Entries in use.
+    pub filters_used: u16,
+    /// Guest ports with a pool.
+    pub bound: Vec<NicBinding>,
+    /// Guest ports the device does not serve, and why.
+    pub unserved: Vec<(String, String)>,
+    /// Frames from the wire.
+    pub wire_frames: u64,
+    /// Frames the device steered into guests' rings.
+    pub to_pools: u64,
+    /// Frames given to the software path (the default pool).
+    pub to_default: u64,
+    /// Steered frames the guest could not take as they were, handed to the software path.
+    pub fallbacks: u64,
+    /// Frames the filters dropped.
+    pub filtered: u64,
+    /// MACs that found no free filter entry.
+    pub mac_overflow: u64,
+    /// Packets the DMA engine wrote into guests' buffers.
+    pub dma_packets: u64,
+    /// Bytes it wrote (headers and used entries included).
+    pub dma_write_bytes: u64,
+    /// Bytes it read (descriptors).
+    pub dma_read_bytes: u64,
+    /// Descriptors fetched.
+    pub desc_fetches: u64,
+    /// Descriptors written back.
+    pub desc_writebacks: u64,
+    /// PCIe transactions those took.
+    pub tlps: u64,
+    /// Buffers the IOMMU domain refused.
+    pub dma_faults: u64,
+    /// CPU copies the device made (always 0: it is the DMA engine's work).
+    pub cpu_copies: u64,
+    /// Time in the device's work (steering and DMA), ns.
+    pub device_ns: u64,
+}
+
+/// One guest port served by a pool.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NicBinding {
+    /// The pool.
+    pub pool: u8,
+    /// The guest port.
+    pub port: String,
+    /// Its MACs in the filters.
+    pub macs: Vec<String>,
+    /// The VLAN tag the device strips, if any.
+    pub strip_vlan: Option<u16>,
 }
 
 /// A reply.

@@ -106,6 +106,9 @@ queue_counters! {
     /// Packets the kernel copied (an uplink: read into the switch's staging buffer, or written
     /// from the sender's buffers straight to the device, the switch copying nothing).
     kernel_copies,
+    /// Packets a NIC model's DMA engine wrote into this queue's buffers (Level 1: the device
+    /// steered them from the wire; no CPU copy).
+    device_dma,
     /// Interrupts sent to the guest.
     interrupts,
     /// TCP frames of up to 64 KiB delivered whole (the receiver negotiated TSO).

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vswitch::control::{request, PolicyReport, PortInfo, Request, Stats};
+use vswitch::control::{request, NicReport, PolicyReport, PortInfo, Request, Stats};
 use vswitch::counters::DropReason;
 use vswitch::l2::FdbEntry;
 use vswitch::policy::spoof::SpoofConfig;
@@ -104,6 +104,11 @@ enum CtlCmd {
     /// Show a port's policy and drops by reason; with options, change it (the guest stays
     /// connected; what is not mentioned is kept).
     Policy(PolicyArgs),
+    /// Show a NIC model's filters, pools (the guest ports it serves) and what the device did.
+    Nic {
+        /// Port name (a nic: port).
+        name: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -363,6 +368,7 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
             Request::PortAdd { port: PortConfig::parse(&spec).map_err(|e| e.to_string())? }
         }
         CtlCmd::PortDel { name } => Request::PortDel { name },
+        CtlCmd::Nic { name } => Request::Nic { name },
         CtlCmd::Policy(a) => {
             let name = a.name.clone();
             if a.changes_anything() {
@@ -470,9 +476,44 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
             let r: PolicyReport = serde_json::from_value(v).map_err(bad)?;
             print_policy(&r);
         }
+        Request::Nic { .. } => {
+            let r: NicReport = serde_json::from_value(v).map_err(bad)?;
+            print_nic(&r);
+        }
         _ => println!("ok"),
     }
     Ok(())
+}
+
+fn print_nic(r: &NicReport) {
+    println!(
+        "nic {}: level {}, {} pools, {} of {} MAC filters in use",
+        r.name, r.level, r.pools, r.filters_used, r.filters
+    );
+    for b in &r.bound {
+        let strip = b.strip_vlan.map(|v| format!(" (strips VLAN {v})")).unwrap_or_default();
+        println!("  pool {:<3} {:<12} {}{}", b.pool, b.port, b.macs.join(","), strip);
+    }
+    for (port, why) in &r.unserved {
+        println!("  {port:<16} not served: {why}");
+    }
+    println!(
+        "  wire {} frames: {} to guests' rings, {} to the software path ({} handed back), {} filtered; {} MACs overflowed",
+        r.wire_frames, r.to_pools, r.to_default, r.fallbacks, r.filtered, r.mac_overflow
+    );
+    let per = |x: u64| if r.dma_packets > 0 { x as f64 / r.dma_packets as f64 } else { 0.0 };
+    println!(
+        "  device DMA: {} packets, {:.1} bytes written, {:.1} read, {:.2} descriptor fetches, {:.2} write-backs, {:.2} TLPs per packet; {} faults; {} CPU copies; {:.0} ns device time per packet",
+        r.dma_packets,
+        per(r.dma_write_bytes),
+        per(r.dma_read_bytes),
+        per(r.desc_fetches),
+        per(r.desc_writebacks),
+        per(r.tlps),
+        r.dma_faults,
+        r.cpu_copies,
+        if r.wire_frames > 0 { r.device_ns as f64 / r.wire_frames as f64 } else { 0.0 }
+    );
 }
 
 fn print_policy(r: &PolicyReport) {

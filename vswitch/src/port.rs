@@ -22,6 +22,7 @@ use crossbeam_utils::CachePadded;
 use crate::l2::VlanMode;
 use crate::policy::{PolicyConfig, PolicyError, PortPolicy};
 use crate::sync::{Spin, SpinGuard};
+use crate::uplink::nic::NicQueue;
 use crate::uplink::tap::TapQueue;
 use crate::virtio::queue::CallFault;
 use crate::virtio::{QueueStats, VirtQueue};
@@ -36,6 +37,9 @@ pub enum Queue {
     Virtio(VirtQueue),
     /// One queue of a TAP uplink: read from as a source, written to as a sink.
     Tap(TapQueue),
+    /// The wire side of a NIC-model uplink: a TAP device read by the modelled device, which
+    /// steers frames into bound guests' receive rings or to the software path.
+    Nic(Box<NicQueue>),
 }
 
 impl Queue {
@@ -45,6 +49,7 @@ impl Queue {
         match self {
             Queue::Virtio(q) => !q.broken,
             Queue::Tap(t) => !t.broken(),
+            Queue::Nic(n) => !n.wire.broken(),
         }
     }
 

@@ -7,6 +7,7 @@
 //! ```
 
 mod ctlsock;
+mod nics;
 pub mod sockets;
 
 use std::collections::{HashMap, VecDeque};
@@ -29,6 +30,7 @@ use crate::l2::{format_mac, mac_from_bytes, Fdb, FdbEntry, VlanMode};
 use crate::pmd::{PmdCmd, PmdHandle};
 use crate::policy::PolicyConfig;
 use crate::port::{Port, Queue, MAX_PORTS};
+use crate::uplink::nic::NicQueue;
 use crate::uplink::tap::TapDevice;
 use crate::vhost::wire::{backend_req_fd, iotlb_msg, vring_enable, waiting_message, Waiting};
 use crate::vhost::{MemPolicy, VhostDevice};
@@ -175,6 +177,7 @@ impl Switch {
             ready: VecDeque::new(),
             mem_policy: MemPolicy::from(&cfg),
             memory_faults_seen: iommu::guard::faults(),
+            next_nic_sync: Instant::now(),
         };
         if let Some(c) = &mut ctl.ctl {
             c.register(ctl.poll.registry(), CTL_LISTENER).map_err(SwitchError::Start)?;
@@ -239,6 +242,11 @@ impl Switch {
         self.typed(Request::PolicySet { name: name.into(), policy })
     }
 
+    /// A NIC model's filters, pools and device counters (`ctl nic`).
+    pub fn nic(&self, name: &str) -> Result<crate::control::NicReport, SwitchError> {
+        self.typed(Request::Nic { name: name.into() })
+    }
+
     fn typed<T: serde::de::DeserializeOwned>(&self, req: Request) -> Result<T, SwitchError> {
         let v = self.request(req)?;
         serde_json::from_value(v).map_err(|e| SwitchError::Refused(e.to_string()))
@@ -278,6 +286,8 @@ struct Control {
     mem_policy: MemPolicy,
     /// `iommu::guard::faults()` when last looked at.
     memory_faults_seen: u64,
+    /// When NIC models' filters next follow the forwarding table.
+    next_nic_sync: Instant,
 }
 
 impl Control {
@@ -329,6 +339,9 @@ impl Control {
             faulted.into_iter().for_each(|id| self.disconnect(id));
             self.drop_faulted_memory();
             self.retry_iotlb();
+            if self.nics_due() {
+                self.sync_nics();
+            }
             if self.now() != last_recount {
                 last_recount = self.now();
                 self.fdb.recount(last_recount);
@@ -438,6 +451,7 @@ impl Control {
             .unwrap_or(watch)
             .min(watch)
             .min(if self.iotlb_waiting { IOTLB_RETRY } else { watch })
+            .min(if self.ports.values().any(|p| p.cfg.nic.is_some()) { nics::SYNC } else { watch })
     }
 
     fn handle(&mut self, req: Request) -> Reply {
@@ -457,6 +471,10 @@ impl Control {
             }
             Request::Policy { name } => self
                 .policy_report(&name)
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .map_err(|e| e.to_string()),
+            Request::Nic { name } => self
+                .nic_report(&name)
                 .map(|r| serde_json::to_value(r).unwrap_or_default())
                 .map_err(|e| e.to_string()),
             Request::PolicySet { name, policy } => self
@@ -503,7 +521,14 @@ impl Control {
         if let Some(name) = &cfg.tap {
             let dev = TapDevice::open(name, cfg.queues, cfg.offloads, cfg.mtu)?;
             for k in 0..dev.queues() {
-                *port.txq[k].lock() = Some(Queue::Tap(dev.source(k)));
+                let source = match &cfg.nic {
+                    Some(n) => Queue::Nic(Box::new(
+                        NicQueue::new(dev.source(k), n)
+                            .map_err(|e| ConfigError::Port { port: cfg.name.clone(), why: e.to_string() })?,
+                    )),
+                    None => Queue::Tap(dev.source(k)),
+                };
+                *port.txq[k].lock() = Some(source);
                 *port.rxq[k].lock() = Some(Queue::Tap(dev.sink(k)));
             }
             tap = Some(dev);

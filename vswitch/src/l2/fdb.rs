@@ -260,6 +260,22 @@ impl Fdb {
         }
     }
 
+    /// Live entries learned on `ports` (a port-indexed mask), as (port, VLAN, MAC): what a NIC
+    /// model's filters are programmed from. No strings, no sort.
+    pub fn learned_on(&self, ports: &[bool], now: u32) -> Vec<(u16, u16, Mac)> {
+        let mut out = Vec::new();
+        for b in self.buckets.iter() {
+            for s in &b.slots {
+                let (k, v) = (s[0].load(Relaxed), s[1].load(Relaxed));
+                let port = (v >> 48) as u16;
+                if k & VALID != 0 && ports.get(port as usize) == Some(&true) && self.live(k, v, now) {
+                    out.push((port, ((k >> 48) & 0xfff) as u16, k & 0xffff_ffff_ffff));
+                }
+            }
+        }
+        out
+    }
+
     /// Live entries, sorted by VLAN then MAC.
     pub fn dump(&self, now: u32) -> Vec<FdbEntry> {
         let mut out = Vec::new();

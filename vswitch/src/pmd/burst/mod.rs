@@ -15,6 +15,7 @@ mod decide;
 mod deliver;
 mod describe;
 mod fill;
+mod nic;
 mod receive;
 mod render;
 mod rxbufs;
@@ -264,6 +265,11 @@ impl Datapath {
             Some(Queue::Virtio(q)) => self.burst_virtio(src, q, slot, pair, now, &mut c),
             Some(Queue::Tap(t)) => {
                 let n = self.burst_tap(src, t, now, &mut c);
+                c.count(&slot.stats);
+                n
+            }
+            Some(Queue::Nic(nq)) => {
+                let n = self.burst_nic(src, nq, now, &mut c);
                 c.count(&slot.stats);
                 n
             }

@@ -1,0 +1,205 @@
+//! NIC-model uplinks (`nic:IFNAME`): a modelled 82576-class NIC between a TAP device (the
+//! wire, in a network namespace of its own) and in-process guests. At Level 1 the device
+//! steers a bound guest's unicast straight into its receive ring (the switch's CPU copies
+//! nothing: `device_dma` counts them, `copies` does not), and everything else takes the
+//! software path.
+//!
+//! Needs root (CAP_NET_ADMIN) and `ip` (scripts/install-test-deps.sh).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use e2e_tests::netns::Netns;
+use e2e_tests::{connect_default, drain, init_log, port_stats, wait_until, Scratch};
+use vswitch::config::{PortConfig, SwitchConfig};
+use vswitch::control::NicReport;
+use vswitch::switch::Switch;
+use vswitch_bench::frame::build_frame;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const A: [u8; 6] = [0x52, 0x54, 0x00, 0x4e, 0x00, 0x0a];
+const B: [u8; 6] = [0x52, 0x54, 0x00, 0x4e, 0x00, 0x0b];
+const WIRE: [u8; 6] = [0x52, 0x54, 0x00, 0x4e, 0x00, 0xee];
+
+fn ifname(tag: &str) -> String {
+    format!("vn{}{tag}", std::process::id() % 100_000)
+}
+
+fn start(dir: &Scratch, specs: &[String]) -> Switch {
+    init_log();
+    let ports = specs
+        .iter()
+        .map(|s| {
+            let s = s.replace("SOCK:", &format!("{}/", dir.0.display()));
+            PortConfig::parse(&s).unwrap_or_else(|e| panic!("{s}: {e}"))
+        })
+        .collect();
+    Switch::start(SwitchConfig { fdb_aging_secs: 300, ports, ..Default::default() }).expect("switch starts")
+}
+
+/// Waits until the NIC serves `n` guests with a MAC each programmed.
+fn wait_bound(sw: &Switch, nic: &str, n: usize) -> NicReport {
+    let mut r = NicReport::default();
+    let ok = wait_until(Duration::from_secs(5), || {
+        r = sw.nic(nic).expect("ctl nic");
+        r.bound.iter().filter(|b| !b.macs.is_empty()).count() == n
+    });
+    assert!(ok, "{n} guests bound with their MACs: {r:?}");
+    r
+}
+
+/// A guest's frame that makes the switch learn `mac` on its port (a broadcast, as a guest's
+/// gratuitous ARP would be).
+fn hello(mac: [u8; 6]) -> Vec<u8> {
+    build_frame([0xff; 6], mac, None, 18, 0)
+}
+
+#[test]
+fn level1_puts_a_guests_unicast_from_the_wire_into_its_ring_with_no_cpu_copy() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("nic-l1");
+    let up = ifname("a");
+    let specs = [format!("up=nic:{up}"), "a=SOCK:a.sock".to_string(), "b=SOCK:b.sock".to_string()];
+    let sw = start(&dir, &specs);
+    let (mut fa, mut fb) = (connect_default(&dir, "a"), connect_default(&dir, "b"));
+    let ns = Netns::new("n1");
+    ns.adopt(&up, "10.89.0.1/24");
+    e2e_tests::send(&mut fa, 0, &hello(A));
+    e2e_tests::send(&mut fb, 0, &hello(B));
+    let r = wait_bound(&sw, "up", 2);
+    assert_eq!(r.level, 1);
+    let pool_of = |name: &str| r.bound.iter().find(|b| b.port == name).map(|b| (b.pool, b.macs.clone()));
+    assert_eq!(pool_of("a").map(|p| p.1), Some(vec!["52:54:00:4e:00:0a".to_string()]));
+    assert!(pool_of("b").is_some());
+    drain(&mut fa, Duration::from_millis(100));
+    drain(&mut fb, Duration::from_millis(100));
+    let before = (port_stats(&sw, "a").tx, port_stats(&sw, "b").tx);
+    // 40 unicast frames to a, 10 to b, and 5 broadcasts, from the wire.
+    let mut frames: Vec<Vec<u8>> = (0..40).map(|i| build_frame(A, WIRE, None, 200, i)).collect();
+    frames.extend((0..10).map(|i| build_frame(B, WIRE, None, 1000, 100 + i)));
+    frames.extend((0..5).map(|i| build_frame([0xff; 6], WIRE, None, 60, 200 + i)));
+    ns.inject(&up, &frames);
+    let mut got_a = Vec::new();
+    let mut got_b = Vec::new();
+    wait_until(Duration::from_secs(5), || {
+        got_a.extend(fa.recv_frames(0, 64, Duration::from_millis(50)));
+        got_b.extend(fb.recv_frames(0, 64, Duration::from_millis(50)));
+        got_a.len() >= 45 && got_b.len() >= 15
+    });
+    // Each guest got exactly its unicast, in order and unaltered, and every broadcast.
+    let uni = |got: &[Vec<u8>], mac: [u8; 6]| -> Vec<Vec<u8>> {
+        got.iter().filter(|f| f[..6] == mac).cloned().collect()
+    };
+    assert_eq!(uni(&got_a, A), frames[..40].to_vec(), "a's unicast, as sent");
+    assert_eq!(uni(&got_b, B), frames[40..50].to_vec(), "b's unicast, as sent");
+    assert!(uni(&got_a, B).is_empty() && uni(&got_b, A).is_empty(), "no guest sees the other's unicast");
+    let bcast = |got: &[Vec<u8>]| got.iter().filter(|f| f[..6] == [0xff; 6] && f[6..12] == WIRE).count();
+    assert_eq!((bcast(&got_a), bcast(&got_b)), (5, 5), "broadcasts reach both through the software path");
+    // The device's DMA delivered the unicast; the switch's CPU copied only the broadcasts.
+    let after = (port_stats(&sw, "a").tx, port_stats(&sw, "b").tx);
+    assert_eq!(after.0.device_dma - before.0.device_dma, 40, "{:?}", after.0);
+    assert_eq!(after.1.device_dma - before.1.device_dma, 10, "{:?}", after.1);
+    assert_eq!(after.0.copies - before.0.copies, 5, "a: only the broadcasts were copied by the CPU");
+    assert_eq!(after.1.copies - before.1.copies, 5);
+    let r = sw.nic("up").unwrap();
+    assert!(r.to_pools >= 50 && r.to_default >= 5, "{r:?}");
+    assert_eq!((r.cpu_copies, r.dma_faults), (0, 0));
+    assert!(r.dma_packets >= 50 && r.desc_fetches >= 100 && r.tlps >= 100, "{r:?}");
+    // The wire's source was learned from the steered frames too: a's reply is unicast to
+    // the uplink, not flooded to b.
+    drain(&mut fb, Duration::from_millis(50));
+    e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 60, 999));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        drain(&mut fb, Duration::from_millis(50)).iter().all(|f| f[6..12] != A),
+        "a's reply was not flooded"
+    );
+}
+
+#[test]
+fn more_guests_than_pools_and_level0_use_the_software_path_and_say_why() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("nic-pools");
+    let up = ifname("p");
+    // Two pools: the host's and one guest's.
+    let specs = [format!("up=nic:{up},pools=2"), "a=SOCK:a.sock".to_string(), "b=SOCK:b.sock".to_string()];
+    let sw = start(&dir, &specs);
+    let (mut fa, mut fb) = (connect_default(&dir, "a"), connect_default(&dir, "b"));
+    let ns = Netns::new("n2");
+    ns.adopt(&up, "10.89.1.1/24");
+    e2e_tests::send(&mut fa, 0, &hello(A));
+    e2e_tests::send(&mut fb, 0, &hello(B));
+    let r = wait_bound(&sw, "up", 1);
+    assert_eq!(r.bound[0].port, "a");
+    assert_eq!(r.unserved.len(), 1);
+    assert!(r.unserved[0].1.contains("every pool is bound"), "{:?}", r.unserved);
+    drain(&mut fb, Duration::from_millis(100));
+    let before = port_stats(&sw, "b").tx;
+    let frames: Vec<Vec<u8>> = (0..20).map(|i| build_frame(B, WIRE, None, 100, i)).collect();
+    ns.inject(&up, &frames);
+    let mut got = Vec::new();
+    wait_until(Duration::from_secs(5), || {
+        got.extend(fb.recv_frames(0, 32, Duration::from_millis(50)));
+        got.len() >= 20
+    });
+    assert_eq!(got, frames, "b gets its unicast through the software path");
+    let after = port_stats(&sw, "b").tx;
+    assert_eq!((after.copies - before.copies, after.device_dma - before.device_dma), (20, 0));
+    drop(sw);
+    // Level 0: one queue, every guest on the software path.
+    let dir = Scratch::new("nic-l0");
+    let up = ifname("z");
+    let sw = start(&dir, &[format!("up=nic:{up},level=0"), "a=SOCK:a.sock".to_string()]);
+    let mut fa = connect_default(&dir, "a");
+    let ns = Netns::new("n3");
+    ns.adopt(&up, "10.89.2.1/24");
+    e2e_tests::send(&mut fa, 0, &hello(A));
+    std::thread::sleep(Duration::from_millis(300));
+    let r = sw.nic("up").unwrap();
+    assert!(r.bound.is_empty() && r.unserved[0].1.contains("Level 0"), "{r:?}");
+    ns.inject(&up, &[build_frame(A, WIRE, None, 100, 1)]);
+    assert!(wait_until(Duration::from_secs(3), || fa
+        .recv_frames(0, 4, Duration::from_millis(50))
+        .iter()
+        .any(|f| f[..6] == A)));
+    assert_eq!(port_stats(&sw, "a").tx.device_dma, 0);
+}
+
+#[test]
+fn a_guest_on_a_vlan_the_uplink_trunks_gets_its_frames_untagged_from_the_device() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("nic-vlan");
+    let up = ifname("v");
+    let specs = [
+        format!("up=nic:{up},trunk=10:20"),
+        "a=SOCK:a.sock,vlan=10".to_string(),
+        "b=SOCK:b.sock,vlan=20".to_string(),
+    ];
+    let sw = start(&dir, &specs);
+    let (mut fa, mut fb) = (connect_default(&dir, "a"), connect_default(&dir, "b"));
+    let ns = Netns::new("n4");
+    ns.adopt(&up, "10.89.3.1/24");
+    e2e_tests::send(&mut fa, 0, &hello(A));
+    e2e_tests::send(&mut fb, 0, &hello(B));
+    let r = wait_bound(&sw, "up", 2);
+    assert!(r.bound.iter().all(|b| b.strip_vlan.is_some()), "{r:?}");
+    drain(&mut fa, Duration::from_millis(100));
+    drain(&mut fb, Duration::from_millis(100));
+    // Tagged 10 to a: stripped by the device. Tagged 20 to a's MAC: not a's VLAN, the
+    // software path floods it in VLAN 20 (b sees it untagged), a never does.
+    let to_a: Vec<Vec<u8>> = (0..10).map(|i| build_frame(A, WIRE, Some(10), 100, i)).collect();
+    let wrong: Vec<Vec<u8>> = (0..3).map(|i| build_frame(A, WIRE, Some(20), 100, 50 + i)).collect();
+    ns.inject(&up, &[to_a.clone(), wrong.clone()].concat());
+    let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+    wait_until(Duration::from_secs(5), || {
+        got_a.extend(fa.recv_frames(0, 32, Duration::from_millis(50)));
+        got_b.extend(fb.recv_frames(0, 32, Duration::from_millis(50)));
+        got_a.len() >= 10 && got_b.len() >= 3
+    });
+    let untag = |f: &Vec<u8>| [&f[..12], &f[16..]].concat();
+    assert_eq!(got_a, to_a.iter().map(untag).collect::<Vec<_>>(), "a: its frames, untagged, nothing else");
+    assert_eq!(got_b, wrong.iter().map(untag).collect::<Vec<_>>());
+    assert_eq!(port_stats(&sw, "a").tx.device_dma, 10);
+    assert_eq!(port_stats(&sw, "b").tx.device_dma, 0);
+}

@@ -1,0 +1,274 @@
+//! A NIC model's receive side. The device reads frames off the wire and steers them: frames
+//! its classifier puts in a bound guest's pool are written by its DMA engine straight into
+//! that guest's receive ring (through the ring's IOMMU domain, no CPU copy); the rest (the
+//! default pool) take the software path like any uplink's frames. The device's part is timed
+//! apart from the host's.
+
+use super::*;
+use nic_models::{dma_rx, PcieCost, RxDrop, RxFormat, Steer};
+
+use super::viommu::has_parked;
+use crate::clock::ticks;
+use crate::l2::flow::{flow_hash, FLOW_LOOK};
+use crate::l2::{is_group, mac_from_bytes};
+use crate::offload::{self, Caps};
+use crate::uplink::nic::NicQueue;
+use crate::uplink::tap::{Recv, VNET_HDR};
+
+/// A frame the device put in a guest's pool.
+#[derive(Clone, Copy, Default)]
+struct Steered {
+    /// Index in the burst's wire frames.
+    frame: u8,
+    owner: u16,
+    strip: bool,
+}
+
+/// The frames of one burst that go to the software path, by index, in arrival order.
+struct Soft {
+    idx: [u8; BURST],
+    n: usize,
+}
+
+impl Soft {
+    fn push(&mut self, i: u8) {
+        self.idx[self.n] = i;
+        self.n += 1;
+    }
+}
+
+/// The bytes of a staging buffer the wire filled.
+#[inline(always)]
+fn bytes(g: &Grant<Ro>) -> &[u8] {
+    // SAFETY: the grant is one of the wire queue's own staging buffers (made by `recv`), which
+    // live as long as the queue whose slot lock the burst holds.
+    unsafe { std::slice::from_raw_parts(g.as_ptr(), g.len() as usize) }
+}
+
+/// The wire frame's virtio-net header as guest `caps` may receive it, or None if the guest
+/// did not negotiate what it asks (the software path then completes or cuts it).
+#[inline(always)]
+fn header_for(caps: Caps, h: &[u8], strip: bool) -> Option<[u8; 12]> {
+    let mut out = [0u8; 12];
+    out.copy_from_slice(&h[..12]);
+    let (flags, gso) = (h[0], h[1]);
+    let plain_gso = gso & 0x7f;
+    let ok = match plain_gso {
+        offload::GSO_NONE => true,
+        offload::GSO_TCPV4 => caps.rx_tso4,
+        offload::GSO_TCPV6 => caps.rx_tso6,
+        _ => false,
+    };
+    let needs_csum = flags & offload::F_NEEDS_CSUM != 0;
+    if !ok || (gso & offload::GSO_ECN != 0 && !caps.rx_ecn) || (needs_csum && !caps.rx_csum) {
+        return None;
+    }
+    // An offset into the frame would move with a stripped tag: the software path does that.
+    if strip && (needs_csum || plain_gso != offload::GSO_NONE) {
+        return None;
+    }
+    if !caps.rx_csum {
+        out[0] &= !offload::F_DATA_VALID;
+    }
+    Some(out)
+}
+
+impl Datapath {
+    /// One burst from a NIC model's wire queue.
+    #[inline(never)]
+    pub(super) fn burst_nic(&mut self, src: &Port, nq: &mut NicQueue, now: u32, c: &mut SrcCounts) -> usize {
+        let mut wire = [Grant::<Ro>::default(); BURST];
+        let m = read_wire(nq, &mut wire, c);
+        if m == 0 {
+            return 0;
+        }
+        c.kernel_copies += m as u64;
+        let t0 = ticks();
+        let mut steered = [Steered::default(); BURST];
+        let mut ns = 0;
+        let mut soft = Soft { idx: [0; BURST], n: 0 };
+        // The uplink's policy (policer, anti-spoofing) is applied by the software path: with
+        // one on, the device steers nothing.
+        let steer_on = !src.policy.ingress_on();
+        for (i, g) in wire[..m].iter().enumerate() {
+            let b = bytes(g);
+            if b.len() < VNET_HDR as usize + 14 {
+                c.malformed += 1;
+                continue;
+            }
+            match steer_on.then(|| nq.nic.steer(&b[VNET_HDR as usize..])) {
+                Some(Steer::Pool { owner, strip, .. }) => {
+                    // Kept in arrival order per owner (insertion; a burst is 32 frames).
+                    let mut k = ns;
+                    while k > 0 && steered[k - 1].owner > owner {
+                        steered[k] = steered[k - 1];
+                        k -= 1;
+                    }
+                    steered[k] = Steered { frame: i as u8, owner, strip };
+                    ns += 1;
+                }
+                Some(Steer::Drop(_)) => c.filtered += 1,
+                _ => soft.push(i as u8),
+            }
+        }
+        let before = soft.n;
+        let ports = std::mem::take(&mut self.ports);
+        let mut k = 0;
+        while k < ns {
+            let owner = steered[k].owner;
+            let end = k + steered[k..ns].iter().take_while(|s| s.owner == owner).count();
+            match ports.get(owner as usize).and_then(|p| p.as_deref()) {
+                Some(dport) => self.device_rx(nq, dport, &wire, &steered[k..end], &mut soft, c),
+                None => steered[k..end].iter().for_each(|s| soft.push(s.frame)),
+            }
+            k = end;
+        }
+        self.ports = ports;
+        nq.device_ticks += ticks().wrapping_sub(t0);
+        if soft.n > before {
+            nq.fallbacks += (soft.n - before) as u64;
+            soft.idx[..soft.n].sort_unstable();
+        }
+        // Host work for what the device delivered: its sources are learned as the software
+        // path would have (replies must not flood).
+        for s in &steered[..ns] {
+            let f = &bytes(&wire[s.frame as usize])[VNET_HDR as usize..];
+            let tagged = f[12] == 0x81 && f[13] == 0 && f.len() >= 18;
+            let tci = tagged.then(|| u16::from_be_bytes([f[14], f[15]]));
+            let mac = mac_from_bytes(f[6..12].try_into().expect("6 bytes"));
+            if let (Some(vlan), false) = (src.vlan.ingress(tci), is_group(mac)) {
+                self.fdb.learn(vlan, mac, src.id, now);
+            }
+        }
+        for (j, &i) in soft.idx[..soft.n].iter().enumerate() {
+            let g = wire[i as usize];
+            self.desc.pkts[j] = PacketRef {
+                give_back: false,
+                nseg: 1,
+                len: g.len() - VNET_HDR,
+                action: Action::Flood,
+                ..PacketRef::default()
+            };
+            self.desc.segs[j][0] = g;
+        }
+        if soft.n > 0 {
+            let spoof = src.policy.ingress_on() && src.policy.spoof_on();
+            self.describe_frames(soft.n, VNET_HDR, nq.wire.caps, spoof, c);
+            self.forward(src, VNET_HDR, soft.n, now, c);
+        }
+        m
+    }
+
+    /// The device's DMA of `frames` (all bound to `dport`) into the guest's receive ring(s);
+    /// what the guest cannot take as it is goes to `soft`.
+    fn device_rx(
+        &mut self,
+        nq: &mut NicQueue,
+        dport: &Port,
+        wire: &[Grant<Ro>; BURST],
+        frames: &[Steered],
+        soft: &mut Soft,
+        c: &mut SrcCounts,
+    ) {
+        // A shaped guest's used ring holds packets back: only the software path may add to it.
+        if dport.policy.egress_on() {
+            return frames.iter().for_each(|s| soft.push(s.frame));
+        }
+        let pairs = dport.rxq.len();
+        let queue_of = |s: &Steered| -> usize {
+            match pairs {
+                1 => 0,
+                _ => {
+                    let f = &bytes(&wire[s.frame as usize])[VNET_HDR as usize..];
+                    flow_hash(&f[..f.len().min(FLOW_LOOK)]) as usize % pairs
+                }
+            }
+        };
+        for q in 0..pairs {
+            if pairs > 1 && !frames.iter().any(|s| queue_of(s) == q) {
+                continue;
+            }
+            let slot = &dport.rxq[q];
+            let mut g = slot.lock();
+            let rq = match g.as_mut() {
+                Some(Queue::Virtio(rq)) if !rq.broken && rq.held == 0 && !has_parked(rq) => rq,
+                _ => {
+                    frames.iter().filter(|s| queue_of(s) == q).for_each(|s| soft.push(s.frame));
+                    continue;
+                }
+            };
+            let fmt = RxFormat {
+                hdr_len: rq.hdr_len as u32,
+                mergeable: rq.mrg_rxbuf,
+                indirect: rq.indirect,
+                cost: PcieCost::default(),
+            };
+            let (mut pk, mut by, mut no_buf, mut bad) = (0u64, 0u64, 0u64, 0u64);
+            for s in frames.iter().filter(|s| queue_of(s) == q) {
+                let b = bytes(&wire[s.frame as usize]);
+                let (h, f) = b.split_at(VNET_HDR as usize);
+                let Some(hdr) = header_for(rq.caps, h, s.strip) else {
+                    soft.push(s.frame);
+                    continue;
+                };
+                let tagged = f.len() >= 18 && f[12] == 0x81 && f[13] == 0;
+                let (p0, p1): (&[u8], &[u8]) =
+                    if s.strip && tagged { (&f[..12], &f[16..]) } else { (f, &[]) };
+                match dma_rx(
+                    &mut rq.ring,
+                    &mut rq.dma,
+                    &fmt,
+                    &mut nq.scratch,
+                    &mut nq.device,
+                    &hdr,
+                    &[p0, p1],
+                ) {
+                    Ok(()) => {
+                        pk += 1;
+                        by += (p0.len() + p1.len()) as u64;
+                    }
+                    // The translation is the software path's to ask for (it parks the frame).
+                    Err(RxDrop::Miss { .. }) => soft.push(s.frame),
+                    Err(RxDrop::NoBuffer | RxDrop::TooSmall) => no_buf += 1,
+                    Err(RxDrop::Fault(_)) => bad += 1,
+                    Err(RxDrop::Broken(e)) => {
+                        rq.broken = true;
+                        no_buf += 1;
+                        tracing::warn!(port = %dport.name, "stopping receive queue: {e}");
+                    }
+                }
+            }
+            c.packets += pk + no_buf + bad;
+            c.bytes += by;
+            bump(&slot.stats.packets, pk);
+            bump(&slot.stats.bytes, by);
+            bump(&slot.stats.device_dma, pk);
+            slot.stats.drop(DropReason::NoBuffer, no_buf);
+            slot.stats.drop(DropReason::Malformed, bad);
+            rq.publish();
+            if rq.notify() {
+                bump(&slot.stats.interrupts, 1);
+            }
+        }
+    }
+}
+
+/// Reads up to a burst of frames off the wire into the queue's staging buffers (the wire's
+/// copy); frames the kernel cut are counted and skipped.
+fn read_wire(nq: &mut NicQueue, wire: &mut [Grant<Ro>; BURST], c: &mut SrcCounts) -> usize {
+    let mut n = 0;
+    for _ in 0..2 * BURST {
+        if n == BURST {
+            break;
+        }
+        match nq.wire.recv(n) {
+            Recv::Frame(g) => {
+                wire[n] = g;
+                n += 1;
+            }
+            Recv::Truncated => c.malformed += 1,
+            Recv::Empty | Recv::Gone => break,
+        }
+    }
+    n
+}

@@ -1,0 +1,163 @@
+//! The control thread's side of NIC-model uplinks: which guest ports the device serves
+//! (Level 1 pools), the MACs programmed for them, and `ctl nic`.
+//!
+//! A guest port gets a pool when the device can deliver its frames exactly as the software
+//! path would: its VLAN rule matches the uplink's without a tag to add (an access port of the
+//! uplink's access VLAN; an access port of a VLAN the uplink trunks, the device stripping the
+//! tag; two ports trunking every VLAN), and no egress shaper holds its receive ring. Its
+//! unicast MACs are the ones the switch learned on it, re-read every `SYNC`; until a MAC is
+//! learned, or when pools or filters run out, its frames take the software path.
+
+use std::time::{Duration, Instant};
+
+use super::Control;
+use crate::control::{NicBinding, NicReport};
+use crate::l2::{format_mac, mac_to_bytes, VlanMode};
+use crate::port::Queue;
+
+/// How often the filters follow the forwarding table.
+pub(super) const SYNC: Duration = Duration::from_millis(100);
+
+/// How frames for a guest port arrive on the wire and in the forwarding table, if the device
+/// can serve it: (the tag the device strips, the VLAN its MACs are learned in).
+fn served(nic: &VlanMode, guest: &VlanMode) -> Option<(Option<u16>, u16)> {
+    match (nic, guest) {
+        (VlanMode::Access(a), VlanMode::Access(b)) if a == b => Some((None, *b)),
+        (VlanMode::Trunk(set), VlanMode::Access(b)) if set.as_ref().is_none_or(|s| s.contains(*b)) => {
+            Some((Some(*b), *b))
+        }
+        (VlanMode::Trunk(None), VlanMode::Trunk(None)) => Some((None, 0)),
+        _ => None,
+    }
+}
+
+impl Control {
+    /// Binds guest ports to every NIC model's pools and programs their learned MACs.
+    pub(super) fn sync_nics(&mut self) {
+        let nics: Vec<u16> = self.ports.values().filter(|p| p.cfg.nic.is_some()).map(|p| p.port.id).collect();
+        if nics.is_empty() {
+            return;
+        }
+        let mut guests = vec![false; crate::port::MAX_PORTS];
+        for p in self.ports.values().filter(|p| p.tap.is_none()) {
+            guests[p.port.id as usize] = true;
+        }
+        let learned = self.fdb.learned_on(&guests, self.now());
+        for id in nics {
+            let nic = self.ports[&id].port.clone();
+            let mut want: Vec<(u16, Option<u16>, Vec<[u8; 6]>)> = Vec::new();
+            let mut ids: Vec<u16> = self.ports.keys().copied().filter(|k| guests[*k as usize]).collect();
+            ids.sort_unstable();
+            for g in ids {
+                let gp = &self.ports[&g].port;
+                let Some((strip, vlan)) = served(&nic.vlan, &gp.vlan) else { continue };
+                if gp.policy.egress_on() {
+                    continue;
+                }
+                let macs =
+                    learned.iter().filter(|e| e.0 == g && e.1 == vlan).map(|e| mac_to_bytes(e.2)).collect();
+                want.push((g, strip, macs));
+            }
+            for slot in nic.txq.iter() {
+                let mut q = slot.lock();
+                let Some(Queue::Nic(nq)) = q.as_mut() else { continue };
+                for (_, owner, _) in nq.nic.bindings() {
+                    if !want.iter().any(|w| w.0 == owner) {
+                        nq.nic.unbind(owner);
+                    }
+                }
+                for (g, strip, macs) in &want {
+                    if nq.nic.bind(*g, *strip).is_ok() {
+                        nq.nic.set_macs(*g, macs);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether a NIC model needs its filters synced now.
+    pub(super) fn nics_due(&mut self) -> bool {
+        if !self.ports.values().any(|p| p.cfg.nic.is_some()) {
+            return false;
+        }
+        let now = Instant::now();
+        if now < self.next_nic_sync {
+            return false;
+        }
+        self.next_nic_sync = now + SYNC;
+        true
+    }
+
+    /// `ctl nic NAME`.
+    pub(super) fn nic_report(&mut self, name: &str) -> Result<NicReport, super::SwitchError> {
+        let st = self.port_named(name)?;
+        let Some(cfg) = st.cfg.nic else {
+            return Err(super::SwitchError::Refused(format!(
+                "port '{name}' is not a NIC model (nic:IFNAME)"
+            )));
+        };
+        let nic = st.port.clone();
+        let mut r = NicReport {
+            name: name.to_string(),
+            level: cfg.level,
+            pools: cfg.pools,
+            filters: cfg.filters,
+            ..NicReport::default()
+        };
+        let tpu = crate::clock::ticks_per_us().max(1);
+        let mut bound: Vec<(u8, u16, Vec<[u8; 6]>)> = Vec::new();
+        for slot in nic.txq.iter() {
+            let q = slot.lock();
+            let Some(Queue::Nic(nq)) = q.as_ref() else { continue };
+            let (s, d) = (&nq.nic.counters, &nq.device);
+            r.wire_frames += s.wire_frames;
+            r.to_pools += s.to_pools;
+            r.to_default += s.to_default;
+            r.filtered += s.filtered;
+            r.mac_overflow += s.mac_overflow;
+            r.fallbacks += nq.fallbacks;
+            r.dma_packets += d.packets;
+            r.dma_write_bytes += d.dma_write_bytes;
+            r.dma_read_bytes += d.dma_read_bytes;
+            r.desc_fetches += d.desc_fetches;
+            r.desc_writebacks += d.desc_writebacks;
+            r.tlps += d.tlps;
+            r.dma_faults += d.dma_faults;
+            r.cpu_copies += d.cpu_copies;
+            r.device_ns += nq.device_ticks * 1000 / tpu;
+            if bound.is_empty() {
+                bound = nq.nic.bindings();
+                r.filters_used = (0..cfg.filters as usize)
+                    .filter(|i| nq.nic.classifier().rar(*i).is_some())
+                    .count() as u16;
+            }
+        }
+        for (pool, owner, macs) in bound {
+            let Some(g) = self.ports.get(&owner) else { continue };
+            r.bound.push(NicBinding {
+                pool,
+                port: g.cfg.name.clone(),
+                macs: macs.iter().map(|m| format_mac(crate::l2::mac_from_bytes(*m))).collect(),
+                strip_vlan: served(&nic.vlan, &g.port.vlan).and_then(|s| s.0),
+            });
+        }
+        let mut others: Vec<_> = self.ports.values().filter(|p| p.tap.is_none()).collect();
+        others.sort_by_key(|p| p.port.id);
+        for g in others {
+            if r.bound.iter().any(|b| b.port == g.cfg.name) {
+                continue;
+            }
+            let why = if cfg.level == 0 {
+                "Level 0 has one queue: the software path serves every guest"
+            } else if served(&nic.vlan, &g.port.vlan).is_none() {
+                "its VLAN rule would need a tag added on delivery: the software path does that"
+            } else if g.port.policy.egress_on() {
+                "an egress shaper holds its receive ring: the software path serves it"
+            } else {
+                "every pool is bound: the software path serves it"
+            };
+            r.unserved.push((g.cfg.name.clone(), why.to_string()));
+        }
+        Ok(r)
+    }
+}

@@ -1,0 +1,58 @@
+//! A NIC-model uplink (`nic:IFNAME`): a modelled 82576-class NIC between the wire (a TAP
+//! device) and the guests.
+//!
+//! ```text
+//!  wire (TAP) ──read──▶ device: classifier ──pool──▶ DMA into the bound guest's own receive
+//!                                 │                 ring (through its IOMMU domain): no CPU copy
+//!                                 └──default pool──▶ the switch's software path (broadcast,
+//!                                                    multicast, unknown, unbound guests)
+//! ```
+//!
+//! At Level 1 the control thread binds guest ports to pools (`switch::nics`) and programs the
+//! MACs the switch learned for them; a frame the classifier puts in a guest's pool is written
+//! by the model's DMA engine into that guest's receive ring, under the ring's slot lock, so the
+//! software path's deliveries to the same guest (broadcast, other guests) interleave with the
+//! device's in ring order. At Level 0 every frame goes to the host.
+//!
+//! The device's work runs on the polling thread (this machine has two CPUs; a device thread
+//! would take the other one) and is timed apart (`device_ticks`), so the host's cost per
+//! packet can be read without it.
+
+use nic_models::{DeviceCounters, Level, Nic, RxScratch, TableSizes};
+
+use crate::config::NicConfig;
+use crate::uplink::tap::TapQueue;
+
+/// One queue of a NIC-model uplink as a polling thread uses it (under its slot's lock): the
+/// wire, the device's filters and DMA engine, and what the device did.
+pub struct NicQueue {
+    /// The wire: frames arrive from (and leave to) the TAP device.
+    pub wire: TapQueue,
+    /// The device's filters and pool bindings.
+    pub nic: Nic,
+    /// The DMA engine's scratch.
+    pub scratch: RxScratch,
+    /// What the device's DMA engine did.
+    pub device: DeviceCounters,
+    /// Time-stamp-counter ticks spent in the device's work (steering and DMA).
+    pub device_ticks: u64,
+    /// Frames the device steered that the guest could not take as they were (an offload it
+    /// did not negotiate, an IOTLB miss, a shaper or held packets): the software path took them.
+    pub fallbacks: u64,
+}
+
+impl NicQueue {
+    /// A queue over `wire` with a model configured as `cfg` says.
+    pub fn new(wire: TapQueue, cfg: &NicConfig) -> Result<Self, nic_models::TableError> {
+        let level = if cfg.level == 0 { Level::L0 } else { Level::L1 };
+        let sizes = TableSizes { pools: cfg.pools, rar: cfg.filters, vlvf: 32 };
+        Ok(NicQueue {
+            wire,
+            nic: Nic::new(level, sizes)?,
+            scratch: RxScratch::default(),
+            device: DeviceCounters::default(),
+            device_ticks: 0,
+            fallbacks: 0,
+        })
+    }
+}
