@@ -395,6 +395,13 @@ impl Classifier {
     /// Where `frame` (from the destination MAC on, without FCS) goes.
     #[inline]
     pub fn classify(&self, frame: &[u8]) -> Verdict {
+        self.classify_len(frame, frame.len())
+    }
+
+    /// [`classify`](Self::classify) for a frame that stands for wire frames of `wire_len`
+    /// bytes: a TSO/GSO frame from a host stack is checked as the segments it becomes.
+    #[inline]
+    pub fn classify_len(&self, frame: &[u8], wire_len: usize) -> Verdict {
         if frame.len() < 14 {
             return Verdict::Runt;
         }
@@ -402,7 +409,7 @@ impl Classifier {
         let tpid = u16::from_be_bytes([frame[12], frame[13]]);
         let tagged = tpid == 0x8100 && frame.len() >= 18;
         let vid = if tagged { u16::from_be_bytes([frame[14], frame[15]]) & 0xfff } else { 0 };
-        let size = frame.len();
+        let size = wire_len;
         if !self.store_bad && oversized(size, tagged, self.long_packets, self.max_len) {
             return Verdict::Oversized;
         }

@@ -207,12 +207,19 @@ impl Nic {
     /// Where a frame from the wire goes.
     #[inline]
     pub fn steer(&mut self, frame: &[u8]) -> Steer {
+        self.steer_len(frame, frame.len())
+    }
+
+    /// [`steer`](Self::steer) for a frame that stands for wire frames of `wire_len` bytes (a
+    /// host stack's TSO frame: its length is checked as its segments').
+    #[inline]
+    pub fn steer_len(&mut self, frame: &[u8], wire_len: usize) -> Steer {
         self.counters.wire_frames += 1;
         if self.level == Level::L0 {
             self.counters.to_default += 1;
             return Steer::Default;
         }
-        match self.classifier.classify(frame) {
+        match self.classifier.classify_len(frame, wire_len) {
             Verdict::Pools(m) if m & 1 == 0 && m.count_ones() == 1 => {
                 let pool = m.trailing_zeros() as u8;
                 match self.owners[pool as usize] {
@@ -275,6 +282,17 @@ mod tests {
         n.unbind(7);
         assert_eq!(n.steer(&frame(A, None)), Steer::Default);
         assert_eq!(n.counters.to_pools, 1);
+    }
+
+    #[test]
+    fn a_host_stacks_tso_frame_is_checked_as_its_segments() {
+        let mut n = Nic::new(Level::L1, TableSizes::I82576).unwrap();
+        let p = n.bind(7, None).unwrap();
+        n.set_macs(7, &[A]);
+        let mut big = frame(A, None);
+        big.resize(20_000, 0);
+        assert_eq!(n.steer(&big), Steer::Drop(Verdict::Oversized));
+        assert_eq!(n.steer_len(&big, 1514), Steer::Pool { pool: p, owner: 7, strip: false });
     }
 
     #[test]

@@ -19,10 +19,14 @@ use virtq::RingState;
 
 use crate::account::{DeviceCounters, PcieCost};
 
-/// Largest frame a queue takes (a 64 KiB TSO/LRO frame and its header).
-pub const MAX_RX: u32 = 65_550;
-/// Most buffers one frame may take with mergeable receive buffers.
-const MAX_HEADS: usize = MAX_SEGS;
+/// Largest frame a queue takes with its header: a 12-byte virtio-net header, an Ethernet
+/// header with one VLAN tag and a 64 KiB IP datagram (a TSO/LRO frame).
+pub const MAX_RX: u32 = 12 + 18 + 65_535;
+/// Most buffers one frame may take with mergeable receive buffers: a 64 KiB frame in Linux's
+/// smallest mergeable buffers (1536 bytes) takes 43.
+const MAX_HEADS: usize = 64;
+/// Most segments one frame may be written into.
+const RX_SEGS: usize = 2 * MAX_SEGS;
 
 /// Why a frame did not reach the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -62,7 +66,7 @@ pub struct RxFormat {
 
 /// The DMA engine's working space (reused across frames).
 pub struct RxScratch {
-    segs: [Grant<Rw>; MAX_SEGS],
+    segs: [Grant<Rw>; RX_SEGS],
     heads: [(u16, u32, u8); MAX_HEADS],
 }
 
@@ -72,7 +76,7 @@ unsafe impl Send for RxScratch {}
 
 impl Default for RxScratch {
     fn default() -> Self {
-        RxScratch { segs: [Grant::default(); MAX_SEGS], heads: [(0, 0, 0); MAX_HEADS] }
+        RxScratch { segs: [Grant::default(); RX_SEGS], heads: [(0, 0, 0); MAX_HEADS] }
     }
 }
 
@@ -160,7 +164,7 @@ fn take(
     let mut have = 0u32;
     while have < need {
         let pending = ring.avail_pending().map_err(RxDrop::Broken)?;
-        if pending == 0 || nheads == MAX_HEADS || nseg == MAX_SEGS {
+        if pending == 0 || nheads == MAX_HEADS || nseg == RX_SEGS {
             ring.unpop(nheads as u16);
             return Err(RxDrop::NoBuffer);
         }

@@ -74,6 +74,30 @@ fn a_large_frame_spans_mergeable_buffers_and_says_how_many() {
 }
 
 #[test]
+fn a_64k_tso_frame_fills_43_of_linuxs_smallest_mergeable_buffers() {
+    let mut g = MockGuest::new(4 << 20);
+    let mut r = g.ring(256);
+    let bufs: Vec<u64> = (0..64).map(|_| g.alloc(1536, 64)).collect();
+    for &b in &bufs {
+        r.add_chain(&g, &[(b, 1536, DESC_F_WRITE)]);
+    }
+    let mut q = queue(&g, &r, true);
+    // A 12-byte header, an Ethernet header with a tag, a 65,535-byte IP datagram.
+    let f = frame(18 + 65_535);
+    q.receive(&[0; 12], &f).unwrap();
+    q.publish();
+    let used = r.take_used(&g);
+    assert_eq!(used.len(), (12 + f.len()).div_ceil(1536));
+    assert_eq!(used.len(), 43);
+    let mut got = Vec::new();
+    for (k, &(_, len)) in used.iter().enumerate() {
+        got.extend(g.read(bufs[k], len as usize));
+    }
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 43);
+    assert_eq!(&got[12..], &f[..]);
+}
+
+#[test]
 fn no_posted_buffer_is_a_counted_drop() {
     let mut g = MockGuest::new(1 << 20);
     let r = g.ring(16);

@@ -203,3 +203,55 @@ fn a_guest_on_a_vlan_the_uplink_trunks_gets_its_frames_untagged_from_the_device(
     assert_eq!(port_stats(&sw, "a").tx.device_dma, 10);
     assert_eq!(port_stats(&sw, "b").tx.device_dma, 0);
 }
+
+#[test]
+fn a_qemu_linux_guest_behind_a_level1_nic_pings_and_streams_with_its_unicast_dmaed_by_the_device() {
+    use e2e_tests::linux::{Guest, GuestSpec, Kit};
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let kit = Kit::get();
+    let dir = Scratch::new("nic-guest");
+    let up = ifname("q");
+    let sw = start(&dir, &[format!("up=nic:{up}"), "g=SOCK:g.sock".to_string()]);
+    let ns = Netns::new("nq");
+    ns.adopt(&up, "10.88.0.1/24");
+    let spec = GuestSpec::new(
+        "g",
+        &dir.path("g.sock"),
+        "52:54:00:4b:00:02",
+        &["role=server", "ip=10.88.0.2/24", "peer=10.88.0.1", "tests=ping,iperf3"],
+    );
+    let mut guest = Guest::start(&kit, &dir, &spec);
+    let booted =
+        wait_until(Duration::from_secs(180), || ns.ping("10.88.0.2", 1, &[]).is_ok() || !guest.running());
+    assert!(booted && guest.running(), "the guest never answered\n{}", guest.report());
+    // Its MAC was learned from its ARP reply; the device serves it from the next sync on.
+    let r = wait_bound(&sw, "up", 1);
+    assert_eq!(r.bound[0].macs, vec!["52:54:00:4b:00:02".to_string()]);
+    let before = port_stats(&sw, "g").tx;
+    ns.ping("10.88.0.2", 10, &[]).unwrap_or_else(|e| panic!("ping the guest: {e}\n{}", guest.report()));
+    let to_guest = ns.iperf3_patient("10.88.0.2", 3, false, Duration::from_secs(30));
+    let from_guest = ns.iperf3_patient("10.88.0.2", 3, true, Duration::from_secs(30));
+    let after = port_stats(&sw, "g").tx;
+    let r = sw.nic("up").unwrap();
+    println!(
+        "iperf3 TCP namespace->guest {to_guest:.2} Gbit/s, guest->namespace {from_guest:.2} Gbit/s through a Level 1 NIC (guest under TCG); \
+         device DMA {} packets ({} copies by the CPU), {:.0} bytes and {:.1} TLPs per packet",
+        after.device_dma - before.device_dma,
+        after.copies - before.copies,
+        r.dma_write_bytes as f64 / r.dma_packets.max(1) as f64,
+        r.tlps as f64 / r.dma_packets.max(1) as f64
+    );
+    assert!(to_guest > 0.1 && from_guest > 0.1, "both directions stream");
+    assert!(after.drop_no_buffer - before.drop_no_buffer < 50, "{after:?}");
+    let dma = after.device_dma - before.device_dma;
+    let copies = after.copies - before.copies;
+    // Pings, the TCP streams' segments and ACKs to the guest: the device's; what the CPU
+    // copied is the odd broadcast (ARP) on the software path.
+    assert!(dma >= 100, "the device delivered the guest's unicast: {after:?}");
+    assert!(copies * 20 < dma, "the CPU copied next to nothing: {copies} copies, {dma} by DMA");
+    assert_eq!((r.cpu_copies, r.dma_faults), (0, 0));
+    let _ = ns.run(&["bash", "-c", "echo done ok=1 > /dev/tcp/10.88.0.2/5999"]);
+    let res = guest.wait_result(Duration::from_secs(60));
+    let res = res.unwrap_or_else(|| panic!("no result from the guest\n{}", guest.report()));
+    assert!(res.pass, "{}\n{}", res.line, guest.report());
+}

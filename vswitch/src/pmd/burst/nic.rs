@@ -45,6 +45,19 @@ fn bytes(g: &Grant<Ro>) -> &[u8] {
     unsafe { std::slice::from_raw_parts(g.as_ptr(), g.len() as usize) }
 }
 
+/// How long the frames on the wire are that staging buffer `b` (header, frame) stands for: a
+/// TSO frame from the kernel is as long as its segments (header length plus `gso_size`).
+#[inline(always)]
+fn wire_len(b: &[u8]) -> usize {
+    let frame = b.len() - VNET_HDR as usize;
+    if b[1] & 0x7f == offload::GSO_NONE {
+        return frame;
+    }
+    let hdr_len = u16::from_le_bytes([b[2], b[3]]) as usize;
+    let gso_size = u16::from_le_bytes([b[4], b[5]]) as usize;
+    frame.min(hdr_len + gso_size)
+}
+
 /// The wire frame's virtio-net header as guest `caps` may receive it, or None if the guest
 /// did not negotiate what it asks (the software path then completes or cuts it).
 #[inline(always)]
@@ -96,7 +109,7 @@ impl Datapath {
                 c.malformed += 1;
                 continue;
             }
-            match steer_on.then(|| nq.nic.steer(&b[VNET_HDR as usize..])) {
+            match steer_on.then(|| nq.nic.steer_len(&b[VNET_HDR as usize..], wire_len(b))) {
                 Some(Steer::Pool { owner, strip, .. }) => {
                     // Kept in arrival order per owner (insertion; a burst is 32 frames).
                     let mut k = ns;
