@@ -79,6 +79,22 @@ enum Cmd {
         #[arg(long, default_value_t = 2.0)]
         precision: f64,
     },
+    /// The co-design table: the same uplink-to-guests traffic through tier 0 (software), a
+    /// Level 0 and a Level 1 NIC model; host and device cost per packet. Needs root.
+    Tiers {
+        /// Nominal frame sizes (with FCS), comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "64,1518")]
+        sizes: Vec<usize>,
+        /// Measured seconds per run.
+        #[arg(long, default_value_t = 3.0)]
+        duration: f64,
+        /// CPU for the switch's polling thread.
+        #[arg(long)]
+        pmd_core: Option<usize>,
+        /// Write the rows as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Table (and plot) from saved results; several files are merged.
     Report {
         /// JSON files written by `run --json`.
@@ -91,6 +107,24 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+}
+
+fn tiers(sizes: Vec<usize>, duration: f64, pmd_core: Option<usize>, json: Option<PathBuf>) -> CmdResult {
+    use vswitch_bench::tiers::{self, TiersConfig};
+    let cfg = TiersConfig {
+        sizes,
+        duration: seconds("duration", duration)?,
+        dir: std::env::temp_dir().join(format!("vswitch-tiers-{}", std::process::id())),
+        pmd_core,
+    };
+    let rows = tiers::run(&cfg);
+    let _ = std::fs::remove_dir_all(&cfg.dir);
+    let rows = rows?;
+    tiers::print(&rows);
+    if let Some(p) = json {
+        std::fs::write(&p, serde_json::to_string_pretty(&rows)?)?;
+    }
+    Ok(())
 }
 
 /// Options every measuring command takes.
@@ -195,6 +229,7 @@ fn main() -> ExitCode {
         })
         .map(|_| ())
         .map_err(Into::into),
+        Cmd::Tiers { sizes, duration, pmd_core, json } => tiers(sizes, duration, pmd_core, json),
         Cmd::Run { common, sizes, rate, reps } => {
             measure(common, "run", |o| RunOptions { sizes, rate, reps, ..o })
         }
