@@ -251,6 +251,29 @@ proptest! {
     }
 }
 
+#[test]
+fn lro_can_leave_the_tcp_checksum_partial_for_the_receiver_to_complete() {
+    let mut lro = Lro::new(LroConfig { partial: true, ..LroConfig::default() });
+    let mut out = Vec::new();
+    for i in 0..3u32 {
+        lro.receive(&seg(i * 1000, 1000, |s| s.id = 1), 0, &mut out);
+    }
+    lro.flush_all(&mut out);
+    assert_eq!(out.len(), 1);
+    let mut f = out.pop().unwrap().frame;
+    let l = layout(&f).unwrap();
+    assert!(!pnet_check(&f).0, "partial: not yet a valid checksum");
+    let end = f.len();
+    assert!(complete_partial(&mut f, l.l4, 16, end));
+    let (ok, p) = pnet_check(&f);
+    assert!(ok && p.len() == 3000);
+    // Buffers come back for reuse.
+    lro.recycle(f);
+    lro.receive(&seg(0, 100, |_| {}), 0, &mut out);
+    lro.flush_all(&mut out);
+    assert_eq!(out[0].frame.len(), seg(0, 100, |_| {}).len());
+}
+
 fn seg(seq_off: u32, len: usize, edit: impl Fn(&mut Spec)) -> Vec<u8> {
     let mut s = Spec::tcp(vec![seq_off as u8; len]);
     s.seq = 1000 + seq_off;

@@ -90,11 +90,16 @@ pub struct NicConfig {
     /// are served by the software path.
     #[serde(default = "twenty_four")]
     pub filters: u16,
+    /// Large receive offload: TCP segments from the wire coalesced by the kernel's GRO rules
+    /// before they reach the host or a guest (only with `offloads=off` on the wire: with
+    /// offloads on, the kernel hands over frames it already coalesced).
+    #[serde(default = "yes")]
+    pub lro: bool,
 }
 
 impl Default for NicConfig {
     fn default() -> Self {
-        NicConfig { level: 1, pools: 8, filters: 24 }
+        NicConfig { level: 1, pools: 8, filters: 24, lro: true }
     }
 }
 
@@ -136,7 +141,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME[,level=0|1][,pools=N][,filters=N][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME[,level=0|1][,pools=N][,filters=N][,lro=on|off][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -252,6 +257,14 @@ impl PortConfig {
                 }
                 Some(("allow-gid", v)) => {
                     pc.allow_gids = ids(v, "allow-gid must be group ids separated by ':'")?
+                }
+                Some(("lro", v)) => {
+                    let n = pc.nic.as_mut().ok_or_else(|| bad("lro= is for nic: ports"))?;
+                    n.lro = match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad("lro must be 'on' or 'off'")),
+                    }
                 }
                 Some((k @ ("level" | "pools" | "filters"), v)) => {
                     let n = pc.nic.as_mut().ok_or_else(|| bad(&format!("{k}= is for nic: ports")))?;
@@ -648,7 +661,8 @@ mod tests {
     fn test_nic_port_spec_and_its_errors() {
         let p = PortConfig::parse("up=nic:tap0,level=1,pools=4,filters=128,trunk=10:20").unwrap();
         assert_eq!(p.tap.as_deref(), Some("tap0"));
-        assert_eq!(p.nic, Some(NicConfig { level: 1, pools: 4, filters: 128 }));
+        assert_eq!(p.nic, Some(NicConfig { level: 1, pools: 4, filters: 128, lro: true }));
+        assert!(!PortConfig::parse("up=nic:tap0,lro=off").unwrap().nic.unwrap().lro);
         assert_eq!(PortConfig::parse("up=nic:tap0").unwrap().nic, Some(NicConfig::default()));
         let err = |s: &str| PortConfig::parse(s).unwrap_err().to_string();
         assert!(err("up=tap:tap0,level=1").contains("level= is for nic: ports"));
@@ -657,7 +671,7 @@ mod tests {
         assert!(err("up=nic:tap0,filters=0").contains("outside 1..4096"));
         let t: SwitchConfig =
             toml::from_str("[[port]]\nname = \"up\"\ntap = \"t1\"\nnic = { level = 0 }\n").unwrap();
-        assert_eq!(t.ports[0].nic, Some(NicConfig { level: 0, pools: 8, filters: 24 }));
+        assert_eq!(t.ports[0].nic, Some(NicConfig { level: 0, pools: 8, filters: 24, lro: true }));
         let t: SwitchConfig = toml::from_str("[[port]]\nname = \"up\"\nsocket = \"/x\"\nnic = {}\n").unwrap();
         assert!(t.ports[0].validate().unwrap_err().to_string().contains("needs a wire"));
     }

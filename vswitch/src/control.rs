@@ -123,8 +123,14 @@ pub struct NicReport {
     pub dma_faults: u64,
     /// CPU copies the device made (always 0: it is the DMA engine's work).
     pub cpu_copies: u64,
-    /// Time in the device's work (steering and DMA), ns.
+    /// Time in the device's work (steering, LRO, checksums and DMA), ns.
     pub device_ns: u64,
+    /// TCP segments the LRO engine merged into a frame before them.
+    pub lro_merged: u64,
+    /// Frames it gave on with more than one segment.
+    pub lro_coalesced: u64,
+    /// Frames whose checksums the device verified for a guest (`DATA_VALID`).
+    pub csum_verified: u64,
 }
 
 /// One guest port served by a pool.

@@ -501,6 +501,10 @@ fn print_nic(r: &NicReport) {
         "  wire {} frames: {} to guests' rings, {} to the software path ({} handed back), {} filtered; {} MACs overflowed",
         r.wire_frames, r.to_pools, r.to_default, r.fallbacks, r.filtered, r.mac_overflow
     );
+    println!(
+        "  offloads: LRO merged {} segments into {} frames; checksums verified for guests {}",
+        r.lro_merged, r.lro_coalesced, r.csum_verified
+    );
     let per = |x: u64| if r.dma_packets > 0 { x as f64 / r.dma_packets as f64 } else { 0.0 };
     println!(
         "  device DMA: {} packets, {:.1} bytes written, {:.1} read, {:.2} descriptor fetches, {:.2} write-backs, {:.2} TLPs per packet; {} faults; {} CPU copies; {:.0} ns device time per packet",

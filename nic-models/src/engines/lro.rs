@@ -19,7 +19,7 @@
 //! A merged frame comes out with its IP length and checksum and its TCP checksum rewritten, and
 //! the MSS and segment count a guest's virtio-net header needs (`GSO_TCPV4/6`, `gso_size`).
 
-use super::csum::{insert_ip4, insert_l4, verify};
+use super::csum::{fold, insert_ip4, insert_l4, pseudo, verify};
 use super::{ip_end, layout, Layout, TCP};
 
 const FIN: u8 = 0x01;
@@ -39,11 +39,15 @@ pub struct LroConfig {
     pub max_segs: u16,
     /// Longest a frame is held, ns.
     pub timeout_ns: u64,
+    /// Give coalesced frames a partial TCP checksum (the pseudo-header sum, for the receiver
+    /// or the next hop to complete: virtio's `NEEDS_CSUM` with `csum_start` at the TCP header
+    /// and `csum_offset` 16), as a host stack hands GRO's frames on, rather than a whole one.
+    pub partial: bool,
 }
 
 impl Default for LroConfig {
     fn default() -> Self {
-        LroConfig { flows: 8, max_segs: 18, timeout_ns: 20_000 }
+        LroConfig { flows: 8, max_segs: 18, timeout_ns: 20_000, partial: false }
     }
 }
 
@@ -87,6 +91,8 @@ pub struct LroCounters {
 pub struct Lro {
     cfg: LroConfig,
     flows: Vec<Flow>,
+    /// Frame buffers given back by the engine's user, reused (no allocation once warm).
+    free: Vec<Vec<u8>>,
     /// What the engine did.
     pub counters: LroCounters,
 }
@@ -122,7 +128,23 @@ fn holdable(f: &[u8], l: &Layout) -> bool {
 impl Lro {
     /// An engine with no flow held.
     pub fn new(cfg: LroConfig) -> Self {
-        Lro { cfg, flows: Vec::with_capacity(cfg.flows), counters: LroCounters::default() }
+        Lro { cfg, flows: Vec::with_capacity(cfg.flows), free: Vec::new(), counters: LroCounters::default() }
+    }
+
+    /// Takes back a frame buffer the engine gave out, to reuse.
+    pub fn recycle(&mut self, mut frame: Vec<u8>) {
+        if self.free.len() < 2 * self.cfg.flows + 64 {
+            frame.clear();
+            self.free.push(frame);
+        }
+    }
+
+    /// A buffer holding a copy of `bytes`.
+    fn buf(&mut self, bytes: &[u8]) -> Vec<u8> {
+        let mut b = self.free.pop().unwrap_or_default();
+        b.clear();
+        b.extend_from_slice(bytes);
+        b
     }
 
     /// Flows held now.
@@ -164,8 +186,9 @@ impl Lro {
         }
         let seq = u32::from_be_bytes(f[l.l4 + 4..l.l4 + 8].try_into().expect("4 bytes"));
         let first_id = u16::from_be_bytes([f[l.l3 + 4], f[l.l3 + 5]]);
+        let frame = self.buf(&f[..ip_end(f, &l)]);
         self.flows.push(Flow {
-            frame: f[..ip_end(f, &l)].to_vec(),
+            frame,
             l,
             key,
             next_seq: seq.wrapping_add(u32::from(len)),
@@ -234,7 +257,8 @@ impl Lro {
             Some(l) => ((ip_end(f, &l) - l.payload) as u16, l.v6),
             None => (0, false),
         };
-        out.push(Out { frame: f.to_vec(), segs: 1, mss, v6 });
+        let frame = self.buf(f);
+        out.push(Out { frame, segs: 1, mss, v6 });
     }
 
     fn emit(&mut self, mut fl: Flow, out: &mut Vec<Out>) {
@@ -253,7 +277,14 @@ impl Lro {
             f[l.l3 + 2..l.l3 + 4].copy_from_slice(&total.to_be_bytes());
             insert_ip4(f, &l);
         }
-        insert_l4(f, &l);
+        if self.cfg.partial {
+            let end = f.len();
+            let at = l.l4 + 16;
+            let ph = fold(pseudo(f, &l, end - l.l4));
+            f[at..at + 2].copy_from_slice(&ph.to_be_bytes());
+        } else {
+            insert_l4(f, &l);
+        }
         self.counters.coalesced += 1;
         out.push(Out { frame: fl.frame, segs: fl.segs, mss: fl.mss, v6: l.v6 });
     }

@@ -125,6 +125,11 @@ impl Control {
             r.dma_faults += d.dma_faults;
             r.cpu_copies += d.cpu_copies;
             r.device_ns += nq.device_ticks * 1000 / tpu;
+            r.csum_verified += nq.csum_verified;
+            if let Some(l) = &nq.lro {
+                r.lro_merged += l.counters.merged;
+                r.lro_coalesced += l.counters.coalesced;
+            }
             if bound.is_empty() {
                 bound = nq.nic.bindings();
                 r.filters_used = (0..cfg.filters as usize)

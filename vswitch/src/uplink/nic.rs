@@ -18,6 +18,7 @@
 //! would take the other one) and is timed apart (`device_ticks`), so the host's cost per
 //! packet can be read without it.
 
+use nic_models::engines::lro::{Lro, LroConfig, Out};
 use nic_models::{DeviceCounters, Level, Nic, RxScratch, TableSizes};
 
 use crate::config::NicConfig;
@@ -39,6 +40,17 @@ pub struct NicQueue {
     /// Frames the device steered that the guest could not take as they were (an offload it
     /// did not negotiate, an IOTLB miss, a shaper or held packets): the software path took them.
     pub fallbacks: u64,
+    /// Frames whose checksums the device verified for a guest (virtio `DATA_VALID`).
+    pub csum_verified: u64,
+    /// The large-receive-offload engine, when the wire carries plain frames.
+    pub lro: Option<Lro>,
+    /// The engine's output of the burst being processed.
+    pub lro_out: Vec<Out>,
+    /// This burst's coalesced frames, each behind its virtio-net header (the burst's grants
+    /// point into them until the next burst).
+    pub lro_bufs: Vec<Vec<u8>>,
+    /// Buffers for `lro_bufs`, reused.
+    pub lro_pool: Vec<Vec<u8>>,
 }
 
 impl NicQueue {
@@ -46,6 +58,14 @@ impl NicQueue {
     pub fn new(wire: TapQueue, cfg: &NicConfig) -> Result<Self, nic_models::TableError> {
         let level = if cfg.level == 0 { Level::L0 } else { Level::L1 };
         let sizes = TableSizes { pools: cfg.pools, rar: cfg.filters, vlvf: 32 };
+        // With offloads on, the kernel hands over frames it has coalesced already.
+        let lro = (cfg.lro && !wire.caps.any_tx()).then(|| {
+            Lro::new(LroConfig {
+                partial: true,
+                max_segs: crate::limits::BURST as u16,
+                ..LroConfig::default()
+            })
+        });
         Ok(NicQueue {
             wire,
             nic: Nic::new(level, sizes)?,
@@ -53,6 +73,11 @@ impl NicQueue {
             device: DeviceCounters::default(),
             device_ticks: 0,
             fallbacks: 0,
+            csum_verified: 0,
+            lro,
+            lro_out: Vec::new(),
+            lro_bufs: Vec::new(),
+            lro_pool: Vec::new(),
         })
     }
 }

@@ -5,6 +5,8 @@
 //! apart from the host's.
 
 use super::*;
+use nic_models::engines::lro::Out;
+use nic_models::engines::{csum, layout, TCP};
 use nic_models::{dma_rx, PcieCost, RxDrop, RxFormat, Steer};
 
 use super::viommu::has_parked;
@@ -61,7 +63,7 @@ fn wire_len(b: &[u8]) -> usize {
 /// The wire frame's virtio-net header as guest `caps` may receive it, or None if the guest
 /// did not negotiate what it asks (the software path then completes or cuts it).
 #[inline(always)]
-fn header_for(caps: Caps, h: &[u8], strip: bool) -> Option<[u8; 12]> {
+fn header_for(caps: Caps, h: &[u8], f: &[u8], strip: bool, verified: &mut u64) -> Option<[u8; 12]> {
     let mut out = [0u8; 12];
     out.copy_from_slice(&h[..12]);
     let (flags, gso) = (h[0], h[1]);
@@ -82,6 +84,10 @@ fn header_for(caps: Caps, h: &[u8], strip: bool) -> Option<[u8; 12]> {
     }
     if !caps.rx_csum {
         out[0] &= !offload::F_DATA_VALID;
+    } else if flags == 0 && gso == 0 && csum::verify(f).data_valid() {
+        // The receive checksum offload: the device checked it, the guest need not.
+        out[0] |= offload::F_DATA_VALID;
+        *verified += 1;
     }
     Some(out)
 }
@@ -97,6 +103,7 @@ impl Datapath {
         }
         c.kernel_copies += m as u64;
         let t0 = ticks();
+        let m = if nq.lro.is_some() { coalesce(nq, &mut wire, m) } else { m };
         let mut steered = [Steered::default(); BURST];
         let mut ns = 0;
         let mut soft = Soft { idx: [0; BURST], n: 0 };
@@ -166,7 +173,12 @@ impl Datapath {
         }
         if soft.n > 0 {
             let spoof = src.policy.ingress_on() && src.policy.spoof_on();
-            self.describe_frames(soft.n, VNET_HDR, nq.wire.caps, spoof, c);
+            // Coalesced frames carry an offload request, as a TAP's kernel frames would.
+            let caps = match nq.lro.is_some() {
+                true => Caps { tx_csum: true, tx_tso4: true, tx_tso6: true, ..nq.wire.caps },
+                false => nq.wire.caps,
+            };
+            self.describe_frames(soft.n, VNET_HDR, caps, spoof, c);
             self.forward(src, VNET_HDR, soft.n, now, c);
         }
         m
@@ -220,7 +232,7 @@ impl Datapath {
             for s in frames.iter().filter(|s| queue_of(s) == q) {
                 let b = bytes(&wire[s.frame as usize]);
                 let (h, f) = b.split_at(VNET_HDR as usize);
-                let Some(hdr) = header_for(rq.caps, h, s.strip) else {
+                let Some(hdr) = header_for(rq.caps, h, f, s.strip, &mut nq.csum_verified) else {
                     soft.push(s.frame);
                     continue;
                 };
@@ -264,6 +276,56 @@ impl Datapath {
             }
         }
     }
+}
+
+/// The device's large receive offload over a burst: plain TCP frames go through the engine
+/// (flushed at the end of the burst, as NAPI flushes GRO at the end of a poll), the rest stay
+/// as they are; returns how many frames the burst now has. A coalesced frame goes on behind a
+/// virtio-net header asking for TSO with a partial checksum, as the kernel's own would.
+fn coalesce(nq: &mut NicQueue, wire: &mut [Grant<Ro>; BURST], m: usize) -> usize {
+    let Some(lro) = nq.lro.as_mut() else { return m };
+    nq.lro_pool.append(&mut nq.lro_bufs);
+    let mut out = std::mem::take(&mut nq.lro_out);
+    out.clear();
+    let mut keep = 0;
+    for i in 0..m {
+        let b = bytes(&wire[i]);
+        let f = &b[VNET_HDR as usize..];
+        if b[0] == 0 && b[1] == 0 && layout(f).is_some_and(|l| l.proto == TCP) {
+            lro.receive(f, 0, &mut out);
+        } else {
+            wire[keep] = wire[i];
+            keep += 1;
+        }
+    }
+    lro.flush_all(&mut out);
+    for o in out.drain(..) {
+        let mut buf = nq.lro_pool.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(&lro_header(&o));
+        buf.extend_from_slice(&o.frame);
+        lro.recycle(o.frame);
+        // SAFETY: the buffer is the queue's own and stays untouched in `lro_bufs` (its heap
+        // block does not move with the Vec) until the next burst, under the queue's slot lock.
+        wire[keep] = unsafe { Grant::from_raw(buf.as_mut_ptr(), buf.len() as u32) };
+        nq.lro_bufs.push(buf);
+        keep += 1;
+    }
+    nq.lro_out = out;
+    keep
+}
+
+/// The virtio-net header of a frame the LRO engine gave back.
+fn lro_header(o: &Out) -> [u8; 12] {
+    let mut h = [0u8; 12];
+    let Some(l) = layout(&o.frame).filter(|_| o.segs > 1) else { return h };
+    h[0] = offload::F_NEEDS_CSUM;
+    h[1] = if o.v6 { offload::GSO_TCPV6 } else { offload::GSO_TCPV4 };
+    h[2..4].copy_from_slice(&(l.payload as u16).to_le_bytes());
+    h[4..6].copy_from_slice(&o.mss.to_le_bytes());
+    h[6..8].copy_from_slice(&(l.l4 as u16).to_le_bytes());
+    h[8..10].copy_from_slice(&16u16.to_le_bytes());
+    h
 }
 
 /// Reads up to a burst of frames off the wire into the queue's staging buffers (the wire's
