@@ -85,6 +85,10 @@ enum Cmd {
         /// Nominal frame sizes (with FCS), comma separated.
         #[arg(long, value_delimiter = ',', default_value = "64,1518")]
         sizes: Vec<usize>,
+        /// What the wire carries: udp (timed for latency), tcp (two in-order streams the
+        /// NIC's LRO can coalesce), comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "udp,tcp")]
+        traffic: Vec<vswitch_bench::tiers::Traffic>,
         /// Measured seconds per run.
         #[arg(long, default_value_t = 3.0)]
         duration: f64,
@@ -109,10 +113,17 @@ enum Cmd {
     },
 }
 
-fn tiers(sizes: Vec<usize>, duration: f64, pmd_core: Option<usize>, json: Option<PathBuf>) -> CmdResult {
+fn tiers(
+    sizes: Vec<usize>,
+    traffic: Vec<vswitch_bench::tiers::Traffic>,
+    duration: f64,
+    pmd_core: Option<usize>,
+    json: Option<PathBuf>,
+) -> CmdResult {
     use vswitch_bench::tiers::{self, TiersConfig};
     let cfg = TiersConfig {
         sizes,
+        traffic,
         duration: seconds("duration", duration)?,
         dir: std::env::temp_dir().join(format!("vswitch-tiers-{}", std::process::id())),
         pmd_core,
@@ -229,7 +240,9 @@ fn main() -> ExitCode {
         })
         .map(|_| ())
         .map_err(Into::into),
-        Cmd::Tiers { sizes, duration, pmd_core, json } => tiers(sizes, duration, pmd_core, json),
+        Cmd::Tiers { sizes, traffic, duration, pmd_core, json } => {
+            tiers(sizes, traffic, duration, pmd_core, json)
+        }
         Cmd::Run { common, sizes, rate, reps } => {
             measure(common, "run", |o| RunOptions { sizes, rate, reps, ..o })
         }

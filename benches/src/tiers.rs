@@ -34,11 +34,36 @@ use crate::frontend::{Frontend, FrontendConfig};
 pub const TIERS: [(&str, &str); 3] =
     [("tier 0 (software)", "tap:"), ("Level 0 NIC", "nic:,level=0"), ("Level 1 NIC", "nic:,level=1")];
 
+/// What the wire carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Traffic {
+    /// UDP frames (one flow per guest), one in 16 broadcast; timed for latency.
+    #[default]
+    Udp,
+    /// Two in-order TCP streams (one per guest, segments of the frame size) and one frame in
+    /// 16 a UDP broadcast; the guests take TSO frames (what LRO makes). Not timed.
+    Tcp,
+}
+
+impl std::str::FromStr for Traffic {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "udp" => Ok(Traffic::Udp),
+            "tcp" => Ok(Traffic::Tcp),
+            _ => Err(format!("traffic '{s}' is not udp or tcp")),
+        }
+    }
+}
+
 /// Settings.
 #[derive(Clone, Debug)]
 pub struct TiersConfig {
     /// Nominal frame sizes (with FCS), 64..1518.
     pub sizes: Vec<usize>,
+    /// What the wire carries, each a set of rows.
+    pub traffic: Vec<Traffic>,
     /// Measured seconds per run.
     pub duration: Duration,
     /// Where sockets go.
@@ -52,11 +77,14 @@ pub struct TiersConfig {
 pub struct TierRow {
     /// The tier.
     pub tier: String,
+    /// What the wire carried.
+    pub traffic: Traffic,
     /// Nominal frame size.
     pub size: usize,
     /// Frames the sender put on the wire, millions per second.
     pub offered_mpps: f64,
-    /// Frames delivered into the guests, millions per second (a broadcast counts per guest).
+    /// Wire frames delivered into the guests, millions per second (a broadcast counts per
+    /// guest; a coalesced TCP frame counts as the segments it holds).
     pub mpps: f64,
     /// The switch's polling-thread cycles per delivered frame, the device's excluded.
     pub host_cycles: f64,
@@ -202,19 +230,32 @@ struct Rx {
     frames: AtomicU64,
 }
 
-/// Polls both guests until `stop`, counting frames and recording latency when `hist` is on.
+/// The wire frames a received frame stands for: a TCP frame of more than `mss` payload bytes
+/// is that many segments coalesced.
+fn wire_frames(f: &[u8], mss: usize) -> usize {
+    if f.len() > 54 && f[12..14] == [0x08, 0x00] && f[23] == 6 {
+        (f.len() - 54).div_ceil(mss.max(1)).max(1)
+    } else {
+        1
+    }
+}
+
+/// Polls both guests until `stop`, counting wire frames and recording latency when `hist` is
+/// on.
 fn receive(
     guests: &mut [Frontend],
     rx: &Rx,
     stop: &AtomicBool,
     hist: &mut Histogram<u64>,
     timed: &AtomicBool,
+    mss: usize,
 ) {
     while !stop.load(Ordering::Relaxed) {
         let mut got = 0usize;
         let on = timed.load(Ordering::Relaxed);
         for g in guests.iter_mut() {
-            got += g.poll_rx(0, |f| {
+            g.poll_rx(0, |f| {
+                got += wire_frames(f, mss);
                 if on {
                     if let Some(t) = frame_seq(f) {
                         let _ = hist.record(now_ns().saturating_sub(t).max(1));
@@ -266,8 +307,63 @@ fn snap(sw: &Switch, nic: bool) -> Snap {
     x
 }
 
+/// A TCP/IPv4 segment from the wire to `dst` with `len` payload bytes at `seq`, checksums right.
+fn tcp_segment(dst: [u8; 6], seq: u32, id: u16, len: usize) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&WIRE);
+    f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+    f.extend_from_slice(&((40 + len) as u16).to_be_bytes());
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(&[0x40, 0, 64, 6, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2]);
+    let c = crate::frame::ipv4_checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&[0x30, 0x39, dst[5], 0x51]);
+    f.extend_from_slice(&seq.to_be_bytes());
+    f.extend_from_slice(&7u32.to_be_bytes());
+    f.extend_from_slice(&[0x50, 0x10, 0x01, 0xf5, 0, 0, 0, 0]);
+    f.extend((0..len).map(|i| (seq as usize + i) as u8));
+    // The TCP checksum over the pseudo header and the segment.
+    let mut pseudo = f[26..34].to_vec();
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&((20 + len) as u16).to_be_bytes());
+    pseudo.extend_from_slice(&f[34..]);
+    let c = crate::frame::ipv4_checksum(&pseudo);
+    f[50..52].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// The sender's frames (64, one in 16 a broadcast, the rest for the two guests in turn) and
+/// the TCP segments' payload size.
+fn wire_frames_for(traffic: Traffic, size: usize) -> (Vec<Vec<u8>>, usize) {
+    let udp = size.saturating_sub(4 + 42).max(18);
+    let mss = size.saturating_sub(4 + 54).max(6);
+    let mut seq = [1000u32; 2];
+    let frames = (0..64)
+        .map(|i| {
+            if i % 16 == 15 {
+                return build_frame([0xff; 6], WIRE, None, udp, 0);
+            }
+            match traffic {
+                Traffic::Udp => build_frame(G[i % 2], WIRE, None, udp, 0),
+                Traffic::Tcp => {
+                    let f = tcp_segment(G[i % 2], seq[i % 2], (i / 2) as u16, mss);
+                    seq[i % 2] += mss as u32;
+                    f
+                }
+            }
+        })
+        .collect();
+    (frames, mss)
+}
+
 /// Measures one tier at one size.
-fn one(cfg: &TiersConfig, tier: (&str, &str), size: usize, k: usize) -> Result<TierRow, String> {
+fn one(
+    cfg: &TiersConfig,
+    traffic: Traffic,
+    tier: (&str, &str),
+    size: usize,
+    k: usize,
+) -> Result<TierRow, String> {
     let ifname = format!("vbt{}{k}", std::process::id() % 100_000);
     let dir = cfg.dir.join(format!("t{k}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -292,7 +388,11 @@ fn one(cfg: &TiersConfig, tier: (&str, &str), size: usize, k: usize) -> Result<T
         let path = dir.join(format!("g{g}.sock"));
         let mut fe = Frontend::connect(
             &path,
-            FrontendConfig { ring_size: 1024, ..FrontendConfig::default() },
+            FrontendConfig {
+                ring_size: 1024,
+                guest_offloads: traffic == Traffic::Tcp,
+                ..FrontendConfig::default()
+            },
             Duration::from_secs(5),
         )
         .map_err(|e| format!("guest g{g}: {e}"))?;
@@ -309,20 +409,15 @@ fn one(cfg: &TiersConfig, tier: (&str, &str), size: usize, k: usize) -> Result<T
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let payload = size.saturating_sub(4 + 42).max(18);
-    let frames: Vec<Vec<u8>> = (0..64)
-        .map(|i| {
-            let dst = if i % 16 == 15 { [0xff; 6] } else { G[i % 2] };
-            build_frame(dst, WIRE, None, payload, 0)
-        })
-        .collect();
+    let (frames, mss) = wire_frames_for(traffic, size);
     // Phase 1: as fast as the sender goes.
     let (mpps, offered, d, delivered, _) =
-        run_phase(&sw, &ns.0, &ifname, &frames, 0, cfg.duration, &mut guests, nic, false)?;
+        run_phase(&sw, &ns.0, &ifname, &frames, 0, cfg.duration, &mut guests, nic, false, mss)?;
     let per = |x: u64| if delivered > 0 { x as f64 / delivered as f64 } else { 0.0 };
     let tpns = tsc_per_ns();
     let mut row = TierRow {
         tier: tier.0.to_string(),
+        traffic,
         size,
         offered_mpps: offered,
         mpps,
@@ -337,10 +432,12 @@ fn one(cfg: &TiersConfig, tier: (&str, &str), size: usize, k: usize) -> Result<T
         latency_us: [0.0; 3],
     };
     // Phase 2: a tenth of that, for latency.
-    let pps = ((mpps * 1e6 / 10.0) as u64).max(1000);
-    let (_, _, _, _, hist) =
-        run_phase(&sw, &ns.0, &ifname, &frames, pps, cfg.duration, &mut guests, nic, true)?;
-    row.latency_us = [0.5, 0.99, 0.999].map(|q| hist.value_at_quantile(q) as f64 / 1000.0);
+    if traffic == Traffic::Udp {
+        let pps = ((mpps * 1e6 / 10.0) as u64).max(1000);
+        let (_, _, _, _, hist) =
+            run_phase(&sw, &ns.0, &ifname, &frames, pps, cfg.duration, &mut guests, nic, true, mss)?;
+        row.latency_us = [0.5, 0.99, 0.999].map(|q| hist.value_at_quantile(q) as f64 / 1000.0);
+    }
     drop(guests);
     drop(sw);
     drop(ns);
@@ -374,6 +471,7 @@ fn run_phase(
     guests: &mut [Frontend],
     nic: bool,
     timed: bool,
+    mss: usize,
 ) -> Result<(f64, f64, Snap, u64, Histogram<u64>), String> {
     let stop_tx = Arc::new(AtomicBool::new(false));
     let stop_rx = AtomicBool::new(false);
@@ -387,7 +485,7 @@ fn run_phase(
                 (ns.to_string(), ifname.to_string(), frames.to_vec(), stop_tx.clone());
             s.spawn(move || send_wire(&ns, &ifname, frames, pps, stop))
         };
-        let receiver = s.spawn(|| receive(guests, &rx, &stop_rx, &mut hist, &on));
+        let receiver = s.spawn(|| receive(guests, &rx, &stop_rx, &mut hist, &on, mss));
         std::thread::sleep(warmup);
         let (s0, r0, t0) = (snap(sw, nic), rx.frames.load(Ordering::Relaxed), Instant::now());
         on.store(timed, Ordering::Relaxed);
@@ -420,15 +518,17 @@ fn run_phase(
 pub fn run(cfg: &TiersConfig) -> Result<Vec<TierRow>, String> {
     let mut rows = Vec::new();
     let mut k = 0;
-    for &size in &cfg.sizes {
-        if !(64..=1518).contains(&size) {
-            return Err(format!("size {size} is outside 64..1518 (nominal, with FCS)"));
-        }
-        for tier in TIERS {
-            let row = one(cfg, tier, size, k)?;
-            k += 1;
-            eprintln!("{:<18} {:>5} B: {:.3} Mpps", row.tier, size, row.mpps);
-            rows.push(row);
+    for &traffic in &cfg.traffic {
+        for &size in &cfg.sizes {
+            if !(64..=1518).contains(&size) {
+                return Err(format!("size {size} is outside 64..1518 (nominal, with FCS)"));
+            }
+            for tier in TIERS {
+                let row = one(cfg, traffic, tier, size, k)?;
+                k += 1;
+                eprintln!("{:<18} {traffic:?} {:>5} B: {:.3} Mpps", row.tier, size, row.mpps);
+                rows.push(row);
+            }
         }
     }
     Ok(rows)
@@ -437,8 +537,9 @@ pub fn run(cfg: &TiersConfig) -> Result<Vec<TierRow>, String> {
 /// The table.
 pub fn print(rows: &[TierRow]) {
     println!(
-        "{:<18} {:>5} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>6} {:>22}",
+        "{:<18} {:<4} {:>5} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>6} {:>22}",
         "tier",
+        "wire",
         "size",
         "offered",
         "Mpps",
@@ -454,8 +555,9 @@ pub fn print(rows: &[TierRow]) {
     );
     for r in rows {
         println!(
-            "{:<18} {:>5} {:>8.3} {:>8.3} {:>9.0} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.0} {:>6.1} {:>6.3} {:>8.1}/{:.1}/{:.1}",
+            "{:<18} {:<4} {:>5} {:>8.3} {:>8.3} {:>9.0} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.0} {:>6.1} {:>6.3} {:>8.1}/{:.1}/{:.1}",
             r.tier,
+            if r.traffic == Traffic::Udp { "udp" } else { "tcp" },
             r.size,
             r.offered_mpps,
             r.mpps,
@@ -472,5 +574,6 @@ pub fn print(rows: &[TierRow]) {
             r.latency_us[2]
         );
     }
-    println!("(per frame delivered into a guest; host cycles exclude the modelled device's, which dev ns shows; kern cp: the TAP wire's read)");
+    println!("(per wire frame delivered into a guest, a coalesced TCP frame counting as its segments; host cycles exclude the");
+    println!(" modelled device's, which dev ns shows; kern cp: the TAP wire's read; tcp rows are not timed for latency)");
 }

@@ -49,6 +49,9 @@ pub struct FrontendConfig {
     pub tx_buf_size: u32,
     /// Bytes reserved for [`guest_mem`](super::Frontend::guest_mem) (hostile-input tests).
     pub scratch_size: usize,
+    /// Ask for `GUEST_CSUM`, `GUEST_TSO4` and `GUEST_TSO6`: take frames with checksums left to
+    /// do and TCP frames of up to 64 KiB (with mergeable buffers, as Linux's driver does).
+    pub guest_offloads: bool,
     /// Upper bound for every control-socket send and receive.
     pub control_timeout: Duration,
     /// Put the device behind a vIOMMU played by this frontend (needs the backend to offer
@@ -74,6 +77,7 @@ impl Default for FrontendConfig {
             rx_buf_size: 2048,
             tx_buf_size: 2048,
             scratch_size: 64 << 10,
+            guest_offloads: false,
             control_timeout: Duration::from_secs(5),
             iommu: None,
         }

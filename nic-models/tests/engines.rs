@@ -274,6 +274,17 @@ fn lro_can_leave_the_tcp_checksum_partial_for_the_receiver_to_complete() {
     assert_eq!(out[0].frame.len(), seg(0, 100, |_| {}).len());
 }
 
+#[test]
+fn lro_leaves_segments_under_the_minimum_mss_alone() {
+    let mut lro = Lro::new(LroConfig { min_mss: 88, ..LroConfig::default() });
+    let mut out = Vec::new();
+    for i in 0..4u32 {
+        lro.receive(&seg(i * 50, 50, |s| s.id = 1), 0, &mut out);
+    }
+    lro.flush_all(&mut out);
+    assert_eq!(out.iter().map(|o| o.segs).collect::<Vec<_>>(), vec![1, 1, 1, 1]);
+}
+
 fn seg(seq_off: u32, len: usize, edit: impl Fn(&mut Spec)) -> Vec<u8> {
     let mut s = Spec::tcp(vec![seq_off as u8; len]);
     s.seq = 1000 + seq_off;

@@ -43,11 +43,14 @@ pub struct LroConfig {
     /// or the next hop to complete: virtio's `NEEDS_CSUM` with `csum_start` at the TCP header
     /// and `csum_offset` 16), as a host stack hands GRO's frames on, rather than a whole one.
     pub partial: bool,
+    /// Segments with less payload are not held: a GSO frame with a segment size under the
+    /// receiver's minimum (Linux's TCP_MIN_MSS, 88) would be refused by whoever takes it.
+    pub min_mss: u16,
 }
 
 impl Default for LroConfig {
     fn default() -> Self {
-        LroConfig { flows: 8, max_segs: 18, timeout_ns: 20_000, partial: false }
+        LroConfig { flows: 8, max_segs: 18, timeout_ns: 20_000, partial: false, min_mss: 0 }
     }
 }
 
@@ -176,7 +179,7 @@ impl Lro {
         let len = (ip_end(f, &l) - l.payload) as u16;
         let fl = f[l.l4 + 13];
         let ends = fl & (PSH | FIN) != 0;
-        if !holdable(f, &l) || ends {
+        if !holdable(f, &l) || ends || len < self.cfg.min_mss {
             return self.pass(f, out);
         }
         if self.flows.len() == self.cfg.flows {

@@ -63,6 +63,8 @@ impl NicQueue {
             Lro::new(LroConfig {
                 partial: true,
                 max_segs: crate::limits::BURST as u16,
+                // The switch refuses smaller GSO segments (F12), as Linux does.
+                min_mss: crate::offload::MIN_GSO_SIZE,
                 ..LroConfig::default()
             })
         });
