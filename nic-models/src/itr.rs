@@ -139,6 +139,16 @@ impl Moderator {
         self.pending.then(|| self.due(now))
     }
 
+    /// Raises a held interrupt now, interval or not (the queue went idle: holding it gains
+    /// nothing); whether one was held.
+    pub fn flush(&mut self, now: u64) -> bool {
+        let held = self.pending;
+        if held {
+            self.fire(now);
+        }
+        held
+    }
+
     fn due(&mut self, now: u64) -> Signal {
         let at = self.last_irq.saturating_add(self.interval);
         if now < at && self.raised > 0 {
@@ -186,6 +196,11 @@ mod tests {
         assert_eq!(m.poll(1_100_000), Some(Signal::Now));
         assert_eq!(m.poll(1_200_000), None);
         assert_eq!((m.raised, m.suppressed), (2, 1));
+        // Going idle raises a held interrupt at once.
+        assert_eq!(m.complete(1_150_000, 1, 64), Signal::At(1_200_000));
+        assert!(m.flush(1_160_000));
+        assert!(!m.flush(1_170_000), "nothing held any more");
+        assert_eq!(m.raised, 3);
     }
 
     #[test]

@@ -124,6 +124,11 @@ impl Nic {
         &self.classifier
     }
 
+    /// The switch port bound to `pool`.
+    pub fn owner_of(&self, pool: u8) -> Option<u16> {
+        self.owners.get(pool as usize).copied().flatten()
+    }
+
     /// The pool bound to `owner`.
     pub fn pool_of(&self, owner: u16) -> Option<u8> {
         self.owners.iter().position(|o| *o == Some(owner)).map(|p| p as u8)

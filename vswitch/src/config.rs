@@ -75,7 +75,7 @@ pub struct PortConfig {
 }
 
 /// A NIC model on an uplink port (`nic:IFNAME[,level=0|1][,pools=N][,filters=N]`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NicConfig {
     /// The tier: 0 (one queue to the host, offload engines) or 1 (pools bound to guests'
@@ -95,11 +95,34 @@ pub struct NicConfig {
     /// offloads on, the kernel hands over frames it already coalesced).
     #[serde(default = "yes")]
     pub lro: bool,
+    /// Interrupt moderation of the guests the device serves: `adaptive` (igb's three load
+    /// classes, 14-250 us between interrupts), `off`, or a fixed interval in microseconds.
+    /// Held interrupts are raised when the interval is up or the device goes idle.
+    #[serde(default = "adaptive")]
+    pub itr: String,
+}
+
+fn adaptive() -> String {
+    "adaptive".into()
+}
+
+impl NicConfig {
+    /// The moderation profile `itr` names.
+    pub fn itr_profile(&self) -> Result<nic_models::Profile, String> {
+        match self.itr.as_str() {
+            "adaptive" => Ok(nic_models::Profile::Adaptive),
+            "off" | "0" => Ok(nic_models::Profile::Off),
+            us => match us.parse::<u64>() {
+                Ok(n) if n <= 10_000 => Ok(nic_models::Profile::Fixed(n * 1000)),
+                _ => Err(format!("itr={us} is not adaptive, off or microseconds (at most 10000)")),
+            },
+        }
+    }
 }
 
 impl Default for NicConfig {
     fn default() -> Self {
-        NicConfig { level: 1, pools: 8, filters: 24, lro: true }
+        NicConfig { level: 1, pools: 8, filters: 24, lro: true, itr: adaptive() }
     }
 }
 
@@ -141,7 +164,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME[,level=0|1][,pools=N][,filters=N][,lro=on|off][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME[,level=0|1][,pools=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -258,6 +281,10 @@ impl PortConfig {
                 Some(("allow-gid", v)) => {
                     pc.allow_gids = ids(v, "allow-gid must be group ids separated by ':'")?
                 }
+                Some(("itr", v)) => {
+                    let n = pc.nic.as_mut().ok_or_else(|| bad("itr= is for nic: ports"))?;
+                    n.itr = v.to_string();
+                }
                 Some(("lro", v)) => {
                     let n = pc.nic.as_mut().ok_or_else(|| bad("lro= is for nic: ports"))?;
                     n.lro = match v {
@@ -322,6 +349,7 @@ impl PortConfig {
             if !(1..=4096).contains(&n.filters) {
                 return Err(err(format!("filters={} is outside 1..4096", n.filters)));
             }
+            n.itr_profile().map_err(err)?;
         }
         if let Some(m) = self.mtu {
             let max = crate::uplink::tap::MAX_MTU;
@@ -661,17 +689,22 @@ mod tests {
     fn test_nic_port_spec_and_its_errors() {
         let p = PortConfig::parse("up=nic:tap0,level=1,pools=4,filters=128,trunk=10:20").unwrap();
         assert_eq!(p.tap.as_deref(), Some("tap0"));
-        assert_eq!(p.nic, Some(NicConfig { level: 1, pools: 4, filters: 128, lro: true }));
+        assert_eq!(p.nic, Some(NicConfig { level: 1, pools: 4, filters: 128, ..NicConfig::default() }));
+        assert_eq!(
+            PortConfig::parse("up=nic:t0,itr=50").unwrap().nic.unwrap().itr_profile(),
+            Ok(nic_models::Profile::Fixed(50_000))
+        );
         assert!(!PortConfig::parse("up=nic:tap0,lro=off").unwrap().nic.unwrap().lro);
         assert_eq!(PortConfig::parse("up=nic:tap0").unwrap().nic, Some(NicConfig::default()));
         let err = |s: &str| PortConfig::parse(s).unwrap_err().to_string();
+        assert!(err("up=nic:tap0,itr=fast").contains("not adaptive, off or microseconds"));
         assert!(err("up=tap:tap0,level=1").contains("level= is for nic: ports"));
         assert!(err("up=nic:tap0,level=2").contains("not modelled yet"));
         assert!(err("up=nic:tap0,pools=1").contains("outside 2..64"));
         assert!(err("up=nic:tap0,filters=0").contains("outside 1..4096"));
         let t: SwitchConfig =
             toml::from_str("[[port]]\nname = \"up\"\ntap = \"t1\"\nnic = { level = 0 }\n").unwrap();
-        assert_eq!(t.ports[0].nic, Some(NicConfig { level: 0, pools: 8, filters: 24, lro: true }));
+        assert_eq!(t.ports[0].nic, Some(NicConfig { level: 0, ..NicConfig::default() }));
         let t: SwitchConfig = toml::from_str("[[port]]\nname = \"up\"\nsocket = \"/x\"\nnic = {}\n").unwrap();
         assert!(t.ports[0].validate().unwrap_err().to_string().contains("needs a wire"));
     }

@@ -131,6 +131,13 @@ pub struct NicReport {
     pub lro_coalesced: u64,
     /// Frames whose checksums the device verified for a guest (`DATA_VALID`).
     pub csum_verified: u64,
+    /// Interrupt moderation in force (`adaptive`, `off` or microseconds).
+    pub itr: String,
+    /// Interrupts the device raised to guests (each still subject to the guest's own
+    /// suppression).
+    pub irqs_raised: u64,
+    /// Completions whose interrupt moderation folded into a later one.
+    pub irqs_folded: u64,
 }
 
 /// One guest port served by a pool.

@@ -502,8 +502,8 @@ fn print_nic(r: &NicReport) {
         r.wire_frames, r.to_pools, r.to_default, r.fallbacks, r.filtered, r.mac_overflow
     );
     println!(
-        "  offloads: LRO merged {} segments into {} frames; checksums verified for guests {}",
-        r.lro_merged, r.lro_coalesced, r.csum_verified
+        "  offloads: LRO merged {} segments into {} frames; checksums verified for guests {}; interrupts ({}) raised {}, folded {}",
+        r.lro_merged, r.lro_coalesced, r.csum_verified, r.itr, r.irqs_raised, r.irqs_folded
     );
     let per = |x: u64| if r.dma_packets > 0 { x as f64 / r.dma_packets as f64 } else { 0.0 };
     println!(

@@ -292,7 +292,13 @@ impl Pmd {
                 // A device's file is readable when a frame waits (edge-triggered: the burst
                 // read it empty before we got here, so any frame after that wakes us).
                 Some(Queue::Tap(t)) => sleeper.watch(port.id, *pair, t.file(), 0),
-                Some(Queue::Nic(n)) => sleeper.watch(port.id, *pair, n.wire.file(), 0),
+                Some(Queue::Nic(n)) => {
+                    // Going idle: the device holds no interrupt back.
+                    if n.irq_held != 0 {
+                        self.dp.raise_held(n, true);
+                    }
+                    sleeper.watch(port.id, *pair, n.wire.file(), 0)
+                }
                 None => sleeper.unwatch(port.id, *pair),
             }
         }

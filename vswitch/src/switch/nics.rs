@@ -91,17 +91,19 @@ impl Control {
     /// `ctl nic NAME`.
     pub(super) fn nic_report(&mut self, name: &str) -> Result<NicReport, super::SwitchError> {
         let st = self.port_named(name)?;
-        let Some(cfg) = st.cfg.nic else {
+        let Some(cfg) = st.cfg.nic.clone() else {
             return Err(super::SwitchError::Refused(format!(
                 "port '{name}' is not a NIC model (nic:IFNAME)"
             )));
         };
         let nic = st.port.clone();
+        let itr = cfg.itr.clone();
         let mut r = NicReport {
             name: name.to_string(),
             level: cfg.level,
             pools: cfg.pools,
             filters: cfg.filters,
+            itr,
             ..NicReport::default()
         };
         let tpu = crate::clock::ticks_per_us().max(1);
@@ -126,6 +128,9 @@ impl Control {
             r.cpu_copies += d.cpu_copies;
             r.device_ns += nq.device_ticks * 1000 / tpu;
             r.csum_verified += nq.csum_verified;
+            let (raised, folded) = nq.irq_counts();
+            r.irqs_raised += raised;
+            r.irqs_folded += folded;
             if let Some(l) = &nq.lro {
                 r.lro_merged += l.counters.merged;
                 r.lro_coalesced += l.counters.coalesced;

@@ -19,7 +19,8 @@
 //! packet can be read without it.
 
 use nic_models::engines::lro::{Lro, LroConfig, Out};
-use nic_models::{DeviceCounters, Level, Nic, RxScratch, TableSizes};
+use nic_models::itr::Signal;
+use nic_models::{DeviceCounters, Level, Moderator, Nic, Profile, RxScratch, TableSizes};
 
 use crate::config::NicConfig;
 use crate::uplink::tap::TapQueue;
@@ -51,6 +52,11 @@ pub struct NicQueue {
     pub lro_bufs: Vec<Vec<u8>>,
     /// Buffers for `lro_bufs`, reused.
     pub lro_pool: Vec<Vec<u8>>,
+    /// Interrupt moderation, one vector per pool.
+    pub itr: Profile,
+    mods: Vec<Moderator>,
+    /// Pools whose interrupt is held back.
+    pub irq_held: u64,
 }
 
 impl NicQueue {
@@ -80,6 +86,52 @@ impl NicQueue {
             lro_out: Vec::new(),
             lro_bufs: Vec::new(),
             lro_pool: Vec::new(),
+            itr: cfg.itr_profile().unwrap_or(Profile::Adaptive),
+            mods: Vec::new(),
+            irq_held: 0,
         })
+    }
+
+    /// `packets` frames of `bytes` were written into pool `pool`'s ring at `now`: whether to
+    /// interrupt its guest now (else it is held, `irq_held`).
+    pub fn moderate(&mut self, pool: u8, now: u64, packets: u64, bytes: u64) -> bool {
+        let m = self.moderator(pool);
+        match m.complete(now, packets, bytes) {
+            Signal::Now => {
+                self.irq_held &= !(1u64 << pool);
+                true
+            }
+            Signal::At(_) => {
+                self.irq_held |= 1u64 << pool;
+                false
+            }
+        }
+    }
+
+    /// Whether pool `pool`'s held interrupt is due at `now` (`idle`: the device has nothing
+    /// more to do, so nothing is gained by holding it).
+    pub fn due(&mut self, pool: u8, now: u64, idle: bool) -> bool {
+        if self.irq_held & (1u64 << pool) == 0 {
+            return false;
+        }
+        let m = self.moderator(pool);
+        let fire = if idle { m.flush(now) } else { m.poll(now) == Some(Signal::Now) };
+        if fire {
+            self.irq_held &= !(1u64 << pool);
+        }
+        fire
+    }
+
+    fn moderator(&mut self, pool: u8) -> &mut Moderator {
+        let p = pool as usize;
+        while self.mods.len() <= p {
+            self.mods.push(Moderator::new(self.itr));
+        }
+        &mut self.mods[p]
+    }
+
+    /// Interrupts raised and held back over all pools.
+    pub fn irq_counts(&self) -> (u64, u64) {
+        self.mods.iter().fold((0, 0), |(r, s), m| (r + m.raised, s + m.suppressed))
     }
 }

@@ -22,6 +22,7 @@ use crate::uplink::tap::{Recv, VNET_HDR};
 struct Steered {
     /// Index in the burst's wire frames.
     frame: u8,
+    pool: u8,
     owner: u16,
     strip: bool,
 }
@@ -98,6 +99,9 @@ impl Datapath {
     pub(super) fn burst_nic(&mut self, src: &Port, nq: &mut NicQueue, now: u32, c: &mut SrcCounts) -> usize {
         let mut wire = [Grant::<Ro>::default(); BURST];
         let m = read_wire(nq, &mut wire, c);
+        if nq.irq_held != 0 {
+            self.raise_held(nq, m == 0);
+        }
         if m == 0 {
             return 0;
         }
@@ -117,14 +121,14 @@ impl Datapath {
                 continue;
             }
             match steer_on.then(|| nq.nic.steer_len(&b[VNET_HDR as usize..], wire_len(b))) {
-                Some(Steer::Pool { owner, strip, .. }) => {
+                Some(Steer::Pool { pool, owner, strip }) => {
                     // Kept in arrival order per owner (insertion; a burst is 32 frames).
                     let mut k = ns;
                     while k > 0 && steered[k - 1].owner > owner {
                         steered[k] = steered[k - 1];
                         k -= 1;
                     }
-                    steered[k] = Steered { frame: i as u8, owner, strip };
+                    steered[k] = Steered { frame: i as u8, pool, owner, strip };
                     ns += 1;
                 }
                 Some(Steer::Drop(_)) => c.filtered += 1,
@@ -182,6 +186,29 @@ impl Datapath {
             self.forward(src, VNET_HDR, soft.n, now, c);
         }
         m
+    }
+
+    /// Raises the guests' held interrupts that are due (all of them when the device is `idle`).
+    pub fn raise_held(&mut self, nq: &mut NicQueue, idle: bool) {
+        let now = crate::clock::now_ns();
+        let mut held = nq.irq_held;
+        while held != 0 {
+            let pool = held.trailing_zeros() as u8;
+            held &= held - 1;
+            if !nq.due(pool, now, idle) {
+                continue;
+            }
+            let Some(owner) = nq.nic.owner_of(pool) else { continue };
+            let Some(dport) = self.ports.get(owner as usize).and_then(|p| p.as_deref()) else { continue };
+            for slot in dport.rxq.iter() {
+                let mut g = slot.lock();
+                if let Some(Queue::Virtio(rq)) = g.as_mut() {
+                    if rq.notify() {
+                        bump(&slot.stats.interrupts, 1);
+                    }
+                }
+            }
+        }
     }
 
     /// The device's DMA of `frames` (all bound to `dport`) into the guest's receive ring(s);
@@ -271,7 +298,9 @@ impl Datapath {
             slot.stats.drop(DropReason::NoBuffer, no_buf);
             slot.stats.drop(DropReason::Malformed, bad);
             rq.publish();
-            if rq.notify() {
+            // The device's interrupt, moderated: now, or held until the interval is up.
+            let pool = frames[0].pool;
+            if nq.moderate(pool, crate::clock::now_ns(), pk, by) && rq.notify() {
                 bump(&slot.stats.interrupts, 1);
             }
         }
