@@ -178,6 +178,36 @@ pub fn verify_frame(frame: &[u8]) -> Option<u64> {
     (pattern_ok && pad_ok).then_some(seq)
 }
 
+/// A TCP/IPv4 segment from `src` to `dst` with `len` payload bytes (a pattern from `seq`) at
+/// sequence number `seq`, IP id `id`, only ACK set, both checksums right: what a sender's stack
+/// puts on a wire without offloads.
+pub fn build_tcp_segment(dst: [u8; 6], src: [u8; 6], seq: u32, id: u16, len: usize) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+    f.extend_from_slice(&((40 + len) as u16).to_be_bytes());
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(&[0x40, 0, 64, 6, 0, 0]);
+    f.extend_from_slice(&SRC_IP);
+    f.extend_from_slice(&DST_IP);
+    let c = ipv4_checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&SRC_PORT.to_be_bytes());
+    f.extend_from_slice(&(DST_PORT + u16::from(dst[5])).to_be_bytes());
+    f.extend_from_slice(&seq.to_be_bytes());
+    f.extend_from_slice(&7u32.to_be_bytes());
+    f.extend_from_slice(&[0x50, 0x10, 0x01, 0xf5, 0, 0, 0, 0]);
+    f.extend((0..len).map(|i| (seq as usize + i) as u8));
+    // The TCP checksum over the pseudo header and the segment.
+    let mut pseudo = f[26..34].to_vec();
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&((20 + len) as u16).to_be_bytes());
+    pseudo.extend_from_slice(&f[34..]);
+    let c = ipv4_checksum(&pseudo);
+    f[50..52].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
 /// RFC 791 header checksum of `hdr`: compute it over a header whose checksum field is zero;
 /// over a correct header (checksum included) it gives 0.
 pub fn ipv4_checksum(hdr: &[u8]) -> u16 {

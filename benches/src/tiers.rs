@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use vswitch::control::Stats;
 use vswitch::{PortConfig, Switch, SwitchConfig};
 
-use crate::frame::{build_frame, frame_seq};
+use crate::frame::{build_frame, build_tcp_segment, frame_seq};
 use crate::frontend::{Frontend, FrontendConfig};
 
 /// The tiers measured, in table order.
@@ -307,31 +307,6 @@ fn snap(sw: &Switch, nic: bool) -> Snap {
     x
 }
 
-/// A TCP/IPv4 segment from the wire to `dst` with `len` payload bytes at `seq`, checksums right.
-fn tcp_segment(dst: [u8; 6], seq: u32, id: u16, len: usize) -> Vec<u8> {
-    let mut f = dst.to_vec();
-    f.extend_from_slice(&WIRE);
-    f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
-    f.extend_from_slice(&((40 + len) as u16).to_be_bytes());
-    f.extend_from_slice(&id.to_be_bytes());
-    f.extend_from_slice(&[0x40, 0, 64, 6, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2]);
-    let c = crate::frame::ipv4_checksum(&f[14..34]);
-    f[24..26].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&[0x30, 0x39, dst[5], 0x51]);
-    f.extend_from_slice(&seq.to_be_bytes());
-    f.extend_from_slice(&7u32.to_be_bytes());
-    f.extend_from_slice(&[0x50, 0x10, 0x01, 0xf5, 0, 0, 0, 0]);
-    f.extend((0..len).map(|i| (seq as usize + i) as u8));
-    // The TCP checksum over the pseudo header and the segment.
-    let mut pseudo = f[26..34].to_vec();
-    pseudo.extend_from_slice(&[0, 6]);
-    pseudo.extend_from_slice(&((20 + len) as u16).to_be_bytes());
-    pseudo.extend_from_slice(&f[34..]);
-    let c = crate::frame::ipv4_checksum(&pseudo);
-    f[50..52].copy_from_slice(&c.to_be_bytes());
-    f
-}
-
 /// The sender's frames (64, one in 16 a broadcast, the rest for the two guests in turn) and
 /// the TCP segments' payload size.
 fn wire_frames_for(traffic: Traffic, size: usize) -> (Vec<Vec<u8>>, usize) {
@@ -346,7 +321,7 @@ fn wire_frames_for(traffic: Traffic, size: usize) -> (Vec<Vec<u8>>, usize) {
             match traffic {
                 Traffic::Udp => build_frame(G[i % 2], WIRE, None, udp, 0),
                 Traffic::Tcp => {
-                    let f = tcp_segment(G[i % 2], seq[i % 2], (i / 2) as u16, mss);
+                    let f = build_tcp_segment(G[i % 2], WIRE, seq[i % 2], (i / 2) as u16, mss);
                     seq[i % 2] += mss as u32;
                     f
                 }

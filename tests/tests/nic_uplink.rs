@@ -14,7 +14,7 @@ use e2e_tests::{connect_default, drain, init_log, port_stats, wait_until, Scratc
 use vswitch::config::{PortConfig, SwitchConfig};
 use vswitch::control::NicReport;
 use vswitch::switch::Switch;
-use vswitch_bench::frame::build_frame;
+use vswitch_bench::frame::{build_frame, build_tcp_segment};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -299,27 +299,6 @@ fn qemu_guest_behind_level1(offloads: bool) {
     assert!(res.pass, "{}\n{}", res.line, guest.report());
 }
 
-/// A TCP/IPv4 segment from the wire to `dst`: `len` payload bytes at sequence `seq`, IP id
-/// `id`, ACK set, checksums right.
-fn tcp_segment(dst: [u8; 6], seq: u32, id: u16, len: usize) -> Vec<u8> {
-    use nic_models::engines::{csum, layout};
-    let mut f = dst.to_vec();
-    f.extend_from_slice(&WIRE);
-    f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
-    f.extend_from_slice(&((40 + len) as u16).to_be_bytes());
-    f.extend_from_slice(&id.to_be_bytes());
-    f.extend_from_slice(&[0x40, 0, 64, 6, 0, 0, 10, 89, 4, 1, 10, 89, 4, 2]);
-    f.extend_from_slice(&[0x30, 0x39, 0x14, 0x51]);
-    f.extend_from_slice(&seq.to_be_bytes());
-    f.extend_from_slice(&7u32.to_be_bytes());
-    f.extend_from_slice(&[0x50, 0x10, 0x01, 0xf5, 0, 0, 0, 0]);
-    f.extend((0..len).map(|i| (seq as usize + i) as u8));
-    let l = layout(&f).expect("a TCP frame");
-    csum::insert_ip4(&mut f, &l);
-    csum::insert_l4(&mut f, &l);
-    f
-}
-
 #[test]
 fn lro_on_a_plain_wire_coalesces_a_tcp_stream_and_the_guest_gets_every_byte() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -333,7 +312,8 @@ fn lro_on_a_plain_wire_coalesces_a_tcp_stream_and_the_guest_gets_every_byte() {
     e2e_tests::send(&mut fa, 0, &hello(A));
     wait_bound(&sw, "up", 1);
     drain(&mut fa, Duration::from_millis(100));
-    let segs: Vec<Vec<u8>> = (0..16).map(|i| tcp_segment(A, 1000 + 1000 * i, 1 + i as u16, 1000)).collect();
+    let segs: Vec<Vec<u8>> =
+        (0..16).map(|i| build_tcp_segment(A, WIRE, 1000 + 1000 * i, 1 + i as u16, 1000)).collect();
     ns.inject(&up, &segs);
     let mut got = Vec::new();
     wait_until(Duration::from_secs(5), || {

@@ -19,8 +19,8 @@
 //! A merged frame comes out with its IP length and checksum and its TCP checksum rewritten, and
 //! the MSS and segment count a guest's virtio-net header needs (`GSO_TCPV4/6`, `gso_size`).
 
-use super::csum::{fold, insert_ip4, insert_l4, pseudo, verify};
-use super::{ip_end, layout, Layout, TCP};
+use super::csum::{fold, insert_l4, pseudo, verify};
+use super::{ip_end, layout, set_ip_len, Layout, TCP};
 
 const FIN: u8 = 0x01;
 const SYN: u8 = 0x02;
@@ -272,14 +272,7 @@ impl Lro {
         }
         let l = fl.l;
         let f = &mut fl.frame;
-        if l.v6 {
-            let plen = (f.len() - l.l3 - 40) as u16;
-            f[l.l3 + 4..l.l3 + 6].copy_from_slice(&plen.to_be_bytes());
-        } else {
-            let total = (f.len() - l.l3) as u16;
-            f[l.l3 + 2..l.l3 + 4].copy_from_slice(&total.to_be_bytes());
-            insert_ip4(f, &l);
-        }
+        set_ip_len(f, &l, None);
         if self.cfg.partial {
             let end = f.len();
             let at = l.l4 + 16;

@@ -73,6 +73,22 @@ pub fn layout(f: &[u8]) -> Option<Layout> {
     Some(Layout { l3, l4, payload: l4 + l4_len, v6, proto })
 }
 
+/// Makes the IP header's length field say the datagram runs to the end of `f` (and, for IPv4,
+/// gives it identification `id` if asked and a fresh header checksum).
+pub fn set_ip_len(f: &mut [u8], l: &Layout, id: Option<u16>) {
+    if l.v6 {
+        let plen = (f.len() - l.l3 - 40) as u16;
+        f[l.l3 + 4..l.l3 + 6].copy_from_slice(&plen.to_be_bytes());
+    } else {
+        let total = (f.len() - l.l3) as u16;
+        f[l.l3 + 2..l.l3 + 4].copy_from_slice(&total.to_be_bytes());
+        if let Some(id) = id {
+            f[l.l3 + 4..l.l3 + 6].copy_from_slice(&id.to_be_bytes());
+        }
+        csum::insert_ip4(f, l);
+    }
+}
+
 /// The end of the IP datagram (the frame may carry Ethernet padding after it).
 pub fn ip_end(f: &[u8], l: &Layout) -> usize {
     match l.v6 {

@@ -5,8 +5,8 @@
 //! PSH stay only on the last segment and CWR only on the first (the DTXTCPFLGL/H defaults);
 //! every checksum is computed anew.
 
-use super::csum::{insert_ip4, insert_l4};
-use super::{ip_end, layout, TCP};
+use super::csum::insert_l4;
+use super::{ip_end, layout, set_ip_len, TCP};
 
 /// Why a frame could not be segmented.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -49,15 +49,7 @@ pub fn segment(
         out.extend_from_slice(&frame[..l.payload]);
         out.extend_from_slice(&payload[lo..hi]);
         let (first, last) = (i == 0, i + 1 == chunks);
-        if l.v6 {
-            let plen = (out.len() - l.l3 - 40) as u16;
-            out[l.l3 + 4..l.l3 + 6].copy_from_slice(&plen.to_be_bytes());
-        } else {
-            let total = (out.len() - l.l3) as u16;
-            out[l.l3 + 2..l.l3 + 4].copy_from_slice(&total.to_be_bytes());
-            out[l.l3 + 4..l.l3 + 6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
-            insert_ip4(out, &l);
-        }
+        set_ip_len(out, &l, Some(id0.wrapping_add(i as u16)));
         let seq = seq0.wrapping_add(lo as u32);
         out[l.l4 + 4..l.l4 + 8].copy_from_slice(&seq.to_be_bytes());
         let mut fl = flags;
