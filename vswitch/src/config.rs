@@ -107,6 +107,13 @@ fn adaptive() -> String {
 }
 
 impl NicConfig {
+    /// What the model is built with.
+    pub fn params(&self) -> Result<crate::uplink::nic::NicParams, String> {
+        let level = if self.level == 0 { nic_models::Level::L0 } else { nic_models::Level::L1 };
+        let sizes = nic_models::TableSizes { pools: self.pools, rar: self.filters, vlvf: 32 };
+        Ok(crate::uplink::nic::NicParams { level, sizes, lro: self.lro, itr: self.itr_profile()? })
+    }
+
     /// The moderation profile `itr` names.
     pub fn itr_profile(&self) -> Result<nic_models::Profile, String> {
         match self.itr.as_str() {

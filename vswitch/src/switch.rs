@@ -8,6 +8,7 @@
 
 mod ctlsock;
 mod nics;
+mod report;
 pub mod sockets;
 
 use std::collections::{HashMap, VecDeque};
@@ -23,10 +24,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use crate::config::{ConfigError, PortConfig, SwitchConfig};
-use crate::control::{
-    MacUsage, PmdReport, PolicyReport, PortInfo, PortStats, QueueReport, Reply, Request, Stats,
-};
-use crate::l2::{format_mac, mac_from_bytes, Fdb, FdbEntry, VlanMode};
+use crate::control::{PolicyReport, PortInfo, Reply, Request, Stats};
+use crate::l2::{Fdb, FdbEntry};
 use crate::pmd::{PmdCmd, PmdHandle};
 use crate::policy::PolicyConfig;
 use crate::port::{Port, Queue, MAX_PORTS};
@@ -34,7 +33,6 @@ use crate::uplink::nic::NicQueue;
 use crate::uplink::tap::TapDevice;
 use crate::vhost::wire::{backend_req_fd, iotlb_msg, vring_enable, waiting_message, Waiting};
 use crate::vhost::{MemPolicy, VhostDevice};
-use crate::virtio::queue::QueueCounters;
 
 const WAKER: Token = Token(usize::MAX - 1);
 const CTL_LISTENER: Token = Token(usize::MAX - 2);
@@ -522,10 +520,11 @@ impl Control {
             let dev = TapDevice::open(name, cfg.queues, cfg.offloads, cfg.mtu)?;
             for k in 0..dev.queues() {
                 let source = match &cfg.nic {
-                    Some(n) => Queue::Nic(Box::new(
-                        NicQueue::new(dev.source(k), n)
-                            .map_err(|e| ConfigError::Port { port: cfg.name.clone(), why: e.to_string() })?,
-                    )),
+                    Some(n) => {
+                        let bad = |why: String| ConfigError::Port { port: cfg.name.clone(), why };
+                        let q = NicQueue::new(dev.source(k), n.params().map_err(bad)?);
+                        Queue::Nic(Box::new(q.map_err(|e| bad(e.to_string()))?))
+                    }
                     None => Queue::Tap(dev.source(k)),
                 };
                 *port.txq[k].lock() = Some(source);
@@ -815,92 +814,6 @@ impl Control {
         if !self.ready.contains(&id) {
             self.ready.push_back(id);
         }
-    }
-
-    fn port_infos(&self) -> Vec<PortInfo> {
-        let mut v: Vec<PortInfo> = self
-            .ports
-            .values()
-            .map(|st| PortInfo {
-                id: st.port.id,
-                name: st.cfg.name.clone(),
-                socket: match &st.tap {
-                    Some(dev) => format!("tap:{}", dev.name),
-                    None => st.cfg.socket.display().to_string(),
-                },
-                mode: if st.tap.is_some() {
-                    "uplink"
-                } else if st.cfg.client {
-                    "client"
-                } else {
-                    "server"
-                }
-                .into(),
-                vlan: match &st.port.vlan {
-                    VlanMode::Access(n) => format!("access {n}"),
-                    VlanMode::Trunk(None) => "trunk all".into(),
-                    VlanMode::Trunk(Some(s)) => format!("trunk {:?}", s),
-                },
-                mac: format_mac(mac_from_bytes(st.port.mac)),
-                queue_pairs: st.port.pairs(),
-                // An uplink is "connected" while its device is there.
-                connected: st.conn.is_some() || (st.tap.is_some() && st.port.txq.iter().all(|s| s.live())),
-                connects: st.connects,
-                macs: {
-                    let (learned, limit, refused) = self.fdb.port_usage(st.port.id);
-                    MacUsage { learned, limit, refused }
-                },
-                device: st.device.lock().map(|d| d.info()).unwrap_or_default(),
-            })
-            .collect();
-        v.sort_by_key(|p| p.id);
-        v
-    }
-
-    fn stats(&self) -> Stats {
-        let mut ports: Vec<PortStats> = self
-            .ports
-            .values()
-            .map(|st| {
-                let (mut rx, mut tx) = (QueueCounters::default(), QueueCounters::default());
-                let mut queues = Vec::new();
-                for k in 0..st.port.pairs() as usize {
-                    let r = st.port.rxq[k].stats.snapshot();
-                    let t = st.port.txq[k].stats.snapshot();
-                    tx += r;
-                    rx += t;
-                    queues.push(QueueReport { queue: 2 * k, counters: r });
-                    queues.push(QueueReport { queue: 2 * k + 1, counters: t });
-                }
-                let policy = st.port.policy.stats.snapshot();
-                PortStats { name: st.cfg.name.clone(), id: st.port.id, rx, tx, queues, policy }
-            })
-            .collect();
-        ports.sort_by_key(|p| p.id);
-        let pmds = self
-            .pmds
-            .iter()
-            .map(|p| {
-                let s = &p.stats;
-                let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-                let (packets, busy) = (ld(&s.packets), ld(&s.busy_ticks));
-                PmdReport {
-                    pmd: p.idx,
-                    core: p.core,
-                    packets,
-                    busy_ticks: busy,
-                    idle_ticks: ld(&s.idle_ticks),
-                    ticks_per_packet: if packets > 0 { busy as f64 / packets as f64 } else { 0.0 },
-                    mean_burst: packets as f64 / ld(&s.busy_iterations).max(1) as f64,
-                    sleeps: ld(&s.sleeps),
-                    batch_holds: ld(&s.batch_holds),
-                    batch_expired: ld(&s.batch_expired),
-                    stalls: p.heartbeat.stalls(),
-                    fd_interrupts: p.heartbeat.interrupts(),
-                }
-            })
-            .collect();
-        Stats { ports, pmds }
     }
 
     fn shutdown(&mut self) {

@@ -22,8 +22,20 @@ use nic_models::engines::lro::{Lro, LroConfig, Out};
 use nic_models::itr::Signal;
 use nic_models::{DeviceCounters, Level, Moderator, Nic, Profile, RxScratch, TableSizes};
 
-use crate::config::NicConfig;
 use crate::uplink::tap::TapQueue;
+
+/// What a NIC model is built with (from the port's `nic` settings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NicParams {
+    /// The tier.
+    pub level: Level,
+    /// Pools and filter tables.
+    pub sizes: TableSizes,
+    /// Coalesce TCP segments (when the wire carries plain frames).
+    pub lro: bool,
+    /// Interrupt moderation.
+    pub itr: Profile,
+}
 
 /// One queue of a NIC-model uplink as a polling thread uses it (under its slot's lock): the
 /// wire, the device's filters and DMA engine, and what the device did.
@@ -60,12 +72,11 @@ pub struct NicQueue {
 }
 
 impl NicQueue {
-    /// A queue over `wire` with a model configured as `cfg` says.
-    pub fn new(wire: TapQueue, cfg: &NicConfig) -> Result<Self, nic_models::TableError> {
-        let level = if cfg.level == 0 { Level::L0 } else { Level::L1 };
-        let sizes = TableSizes { pools: cfg.pools, rar: cfg.filters, vlvf: 32 };
+    /// A queue over `wire` with a model built as `p` says.
+    pub fn new(wire: TapQueue, p: NicParams) -> Result<Self, nic_models::TableError> {
+        let (level, sizes) = (p.level, p.sizes);
         // With offloads on, the kernel hands over frames it has coalesced already.
-        let lro = (cfg.lro && !wire.caps.any_tx()).then(|| {
+        let lro = (p.lro && !wire.caps.any_tx()).then(|| {
             Lro::new(LroConfig {
                 partial: true,
                 max_segs: crate::limits::BURST as u16,
@@ -86,7 +97,7 @@ impl NicQueue {
             lro_out: Vec::new(),
             lro_bufs: Vec::new(),
             lro_pool: Vec::new(),
-            itr: cfg.itr_profile().unwrap_or(Profile::Adaptive),
+            itr: p.itr,
             mods: Vec::new(),
             irq_held: 0,
         })
