@@ -492,6 +492,13 @@ impl Frontend {
     /// needed. Returns the head index, or `None` if `descs` is empty or no
     /// run of enough free descriptors exists.
     ///
+    /// For hostile-input tests: points every receive buffer of queue `q` (posted or to be
+    /// reposted) at `addr`, `len` bytes, e.g. outside [`guest_region`](Self::guest_region).
+    /// A device must refuse them (the buffers come back empty) and write nothing.
+    pub fn poison_rx(&mut self, q: u16, addr: u64, len: u32) {
+        self.pairs[q as usize].rx.poison(addr, len);
+    }
+
     /// For hostile-input tests: combine with [`guest_mem`](Self::guest_mem)
     /// to point descriptors at crafted data, or at addresses outside
     /// [`guest_region`](Self::guest_region). Whatever head the backend

@@ -191,6 +191,14 @@ impl RxQueue {
         self.ring.publish(true);
     }
 
+    /// For hostile-input tests: points every receive descriptor at `addr` with length `len`
+    /// (still device-writable). Reposted buffers keep the poisoned descriptors.
+    pub(crate) fn poison(&mut self, addr: u64, len: u32) {
+        for i in 0..self.ring.size() {
+            self.ring.write_desc(i, addr, len, VIRTQ_DESC_F_WRITE, 0);
+        }
+    }
+
     /// Whether the device has returned buffers not consumed yet.
     pub(crate) fn has_pending(&self) -> bool {
         self.ring.pending_used() != 0

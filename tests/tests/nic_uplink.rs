@@ -329,3 +329,52 @@ fn lro_on_a_plain_wire_coalesces_a_tcp_stream_and_the_guest_gets_every_byte() {
     let s = port_stats(&sw, "a").tx;
     assert!(s.gso_segmented >= 1, "the software path cut the coalesced frames: {s:?}");
 }
+
+#[test]
+fn a_guest_posting_buffers_outside_its_memory_gets_dma_faults_and_nobody_else_notices() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("nic-hostile");
+    let up = ifname("h");
+    let specs = [format!("up=nic:{up}"), "a=SOCK:a.sock".to_string(), "b=SOCK:b.sock".to_string()];
+    let sw = start(&dir, &specs);
+    let (mut fa, mut fb) = (connect_default(&dir, "a"), connect_default(&dir, "b"));
+    let ns = quiet_ns("n6");
+    ns.adopt(&up, "10.89.6.1/24");
+    e2e_tests::send(&mut fa, 0, &hello(A));
+    e2e_tests::send(&mut fb, 0, &hello(B));
+    wait_bound(&sw, "up", 2);
+    drain(&mut fa, Duration::from_millis(100));
+    drain(&mut fb, Duration::from_millis(100));
+    // b points its receive buffers just past the end of its memory (where, on a host, the
+    // next guest's memory could be), then at an address that wraps.
+    let (base, len) = fb.guest_region();
+    fb.poison_rx(0, base + len, 2048);
+    let mut frames: Vec<Vec<u8>> = (0..30).map(|i| build_frame(B, WIRE, None, 500, i)).collect();
+    frames.extend((0..30).map(|i| build_frame(A, WIRE, None, 500, 100 + i)));
+    ns.inject(&up, &frames);
+    let mut got_a = Vec::new();
+    wait_until(Duration::from_secs(5), || {
+        got_a.extend(from_wire(fa.recv_frames(0, 64, Duration::from_millis(50))));
+        got_a.len() >= 30
+    });
+    assert_eq!(got_a, frames[30..].to_vec(), "a gets all of its frames");
+    assert!(wait_until(Duration::from_secs(3), || sw.nic("up").unwrap().dma_faults >= 30));
+    fb.poison_rx(0, u64::MAX - 100, 2048);
+    ns.inject(&up, &frames[..10]);
+    assert!(wait_until(Duration::from_secs(3), || sw.nic("up").unwrap().dma_faults >= 40));
+    let r = sw.nic("up").unwrap();
+    assert_eq!(r.cpu_copies, 0);
+    let sb = port_stats(&sw, "b").tx;
+    assert_eq!(sb.device_dma, 0, "nothing was written for b: {sb:?}");
+    assert!(sb.drop_malformed >= 40, "b's refused buffers are counted: {sb:?}");
+    assert!(drain(&mut fb, Duration::from_millis(100)).iter().all(|f| f.len() < 12 || f[6..12] != WIRE));
+    // The switch goes on: a still gets its traffic.
+    let more: Vec<Vec<u8>> = (0..5).map(|i| build_frame(A, WIRE, None, 60, 500 + i)).collect();
+    ns.inject(&up, &more);
+    let mut again = Vec::new();
+    wait_until(Duration::from_secs(3), || {
+        again.extend(from_wire(fa.recv_frames(0, 8, Duration::from_millis(50))));
+        again.len() >= 5
+    });
+    assert_eq!(again, more);
+}
