@@ -35,7 +35,7 @@ enum Edit {
 
 /// A frame: raw bytes, or a TCP/IP frame built from a few fields and then patched.
 #[derive(Arbitrary, Debug)]
-enum Frame {
+pub(crate) enum Frame {
     Raw(Vec<u8>),
     Tcp {
         v6: bool,
@@ -49,7 +49,7 @@ enum Frame {
 }
 
 impl Frame {
-    fn bytes(&self) -> Vec<u8> {
+    pub(crate) fn bytes(&self) -> Vec<u8> {
         let Frame::Tcp { v6, tci, ip_opts, tcp_opts, payload, seed, patch } = self else {
             let Frame::Raw(b) = self else { unreachable!() };
             return b.clone();
