@@ -98,6 +98,9 @@ enum Cmd {
         /// Write the rows as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Write a bar chart (CPU copies, host cycles, PCIe transactions per frame) as SVG.
+        #[arg(long)]
+        svg: Option<PathBuf>,
     },
     /// Table (and plot) from saved results; several files are merged.
     Report {
@@ -119,6 +122,7 @@ fn tiers(
     duration: f64,
     pmd_core: Option<usize>,
     json: Option<PathBuf>,
+    svg: Option<PathBuf>,
 ) -> CmdResult {
     use vswitch_bench::tiers::{self, TiersConfig};
     let cfg = TiersConfig {
@@ -134,6 +138,9 @@ fn tiers(
     tiers::print(&rows);
     if let Some(p) = json {
         std::fs::write(&p, serde_json::to_string_pretty(&rows)?)?;
+    }
+    if let Some(p) = svg {
+        tiers::write_svg(&p, &rows)?;
     }
     Ok(())
 }
@@ -240,8 +247,8 @@ fn main() -> ExitCode {
         })
         .map(|_| ())
         .map_err(Into::into),
-        Cmd::Tiers { sizes, traffic, duration, pmd_core, json } => {
-            tiers(sizes, traffic, duration, pmd_core, json)
+        Cmd::Tiers { sizes, traffic, duration, pmd_core, json, svg } => {
+            tiers(sizes, traffic, duration, pmd_core, json, svg)
         }
         Cmd::Run { common, sizes, rate, reps } => {
             measure(common, "run", |o| RunOptions { sizes, rate, reps, ..o })

@@ -552,3 +552,105 @@ pub fn print(rows: &[TierRow]) {
     println!("(per wire frame delivered into a guest, a coalesced TCP frame counting as its segments; host cycles exclude the");
     println!(" modelled device's, which dev ns shows; kern cp: the TAP wire's read; tcp rows are not timed for latency)");
 }
+
+/// Writes the table as an SVG: per traffic and size, one bar per tier, for CPU copies, host
+/// cycles and PCIe transactions per frame.
+pub fn write_svg(path: &std::path::Path, rows: &[TierRow]) -> Result<(), String> {
+    use plotters::prelude::*;
+    let mut groups: Vec<(Traffic, usize)> = Vec::new();
+    for r in rows {
+        if !groups.contains(&(r.traffic, r.size)) {
+            groups.push((r.traffic, r.size));
+        }
+    }
+    let label =
+        |g: &(Traffic, usize)| format!("{} {} B", if g.0 == Traffic::Udp { "udp" } else { "tcp" }, g.1);
+    type Metric = (&'static str, fn(&TierRow) -> f64);
+    let metrics: [Metric; 3] = [
+        ("CPU copies per frame", |r| r.cpu_copies),
+        ("host cycles per frame (device's excluded)", |r| r.host_cycles),
+        ("PCIe transactions per frame", |r| r.tlps),
+    ];
+    let colors = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44)];
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (1000, 330 * metrics.len() as u32)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        for (panel, (title, f)) in root.split_evenly((metrics.len(), 1)).iter().zip(metrics) {
+            let top = rows.iter().map(f).fold(0.0f64, f64::max).max(1e-9) * 1.15;
+            let n = groups.len().max(1);
+            let mut chart = ChartBuilder::on(panel)
+                .caption(title, ("sans-serif", 18))
+                .margin(10)
+                .x_label_area_size(30)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0f64..n as f64, 0f64..top)
+                .map_err(|e| e.to_string())?;
+            chart.configure_mesh().disable_x_mesh().x_labels(0).draw().map_err(|e| e.to_string())?;
+            // Each group's name above its bars.
+            let names = groups.iter().enumerate().map(|(g, grp)| {
+                Text::new(label(grp), (g as f64 + 0.35, top * 0.97), ("sans-serif", 14).into_font())
+            });
+            chart.draw_series(names).map_err(|e| e.to_string())?;
+            for (t, (name, _)) in TIERS.iter().enumerate() {
+                let bars = rows.iter().filter(|r| r.tier == *name).filter_map(|r| {
+                    let g = groups.iter().position(|g| *g == (r.traffic, r.size))? as f64;
+                    let x0 = g + 0.15 + 0.23 * t as f64;
+                    Some(Rectangle::new([(x0, 0.0), (x0 + 0.2, f(r))], colors[t].filled()))
+                });
+                chart
+                    .draw_series(bars)
+                    .map_err(|e| e.to_string())?
+                    .label(*name)
+                    .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colors[t].filled()));
+            }
+            chart.configure_series_labels().border_style(BLACK).draw().map_err(|e| e.to_string())?;
+        }
+        root.present().map_err(|e| e.to_string())?;
+    }
+    std::fs::write(path, svg).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_draws_as_svg_with_every_tier() {
+        let mut rows = Vec::new();
+        for traffic in [Traffic::Udp, Traffic::Tcp] {
+            for (t, (name, _)) in TIERS.iter().enumerate() {
+                rows.push(TierRow {
+                    tier: name.to_string(),
+                    traffic,
+                    size: 64,
+                    cpu_copies: 1.0 - 0.4 * t as f64,
+                    host_cycles: 1500.0,
+                    tlps: 2.0 * t as f64,
+                    ..TierRow::default()
+                });
+            }
+        }
+        let path = std::env::temp_dir().join(format!("tiers-{}.svg", std::process::id()));
+        write_svg(&path, &rows).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        for name in [
+            "tier 0 (software)",
+            "Level 0 NIC",
+            "Level 1 NIC",
+            "udp 64 B",
+            "tcp 64 B",
+            "CPU copies per frame",
+        ] {
+            assert!(svg.contains(name), "{name} in the plot");
+        }
+    }
+
+    #[test]
+    fn a_coalesced_tcp_frame_counts_as_its_segments() {
+        let f = build_tcp_segment([2; 6], WIRE, 1, 1, 4000);
+        assert_eq!(wire_frames(&f, 1000), 4);
+        assert_eq!(wire_frames(&build_frame([2; 6], WIRE, None, 100, 0), 1000), 1);
+    }
+}
