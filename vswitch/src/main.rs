@@ -492,7 +492,12 @@ fn print_nic(r: &NicReport) {
     );
     for b in &r.bound {
         let strip = b.strip_vlan.map(|v| format!(" (strips VLAN {v})")).unwrap_or_default();
-        println!("  pool {:<3} {:<12} {}{}", b.pool, b.port, b.macs.join(","), strip);
+        let macs = if b.macs.is_empty() {
+            "(no MAC learned yet: the software path serves it)".to_string()
+        } else {
+            b.macs.join(",")
+        };
+        println!("  pool {:<3} {:<12} {}{}", b.pool, b.port, macs, strip);
     }
     for (port, why) in &r.unserved {
         println!("  {port:<16} not served: {why}");
