@@ -71,20 +71,28 @@ impl Netns {
             sll.sll_family = libc::AF_PACKET as u16;
             sll.sll_ifindex = index as i32;
             sll.sll_halen = 6;
-            for f in &frames {
-                sll.sll_addr[..6].copy_from_slice(&f[..6]);
-                // SAFETY: the frame and the address are ours and live across the call.
+            // All at once (sendmmsg), so they reach the device close together, as a burst would.
+            let mut iov: Vec<libc::iovec> = frames
+                .iter()
+                .map(|f| libc::iovec { iov_base: f.as_ptr() as *mut _, iov_len: f.len() })
+                .collect();
+            // SAFETY: plain data; zeroes are valid.
+            let mut msgs: Vec<libc::mmsghdr> =
+                (0..frames.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+            for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+                m.msg_hdr.msg_iov = v;
+                m.msg_hdr.msg_iovlen = 1;
+                m.msg_hdr.msg_name = (&mut sll as *mut libc::sockaddr_ll).cast();
+                m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            }
+            let mut sent = 0;
+            while sent < msgs.len() {
+                // SAFETY: every message points at a live frame and at `sll`.
                 let n = unsafe {
-                    libc::sendto(
-                        fd.as_raw_fd(),
-                        f.as_ptr().cast(),
-                        f.len(),
-                        0,
-                        (&sll as *const libc::sockaddr_ll).cast(),
-                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                    )
+                    libc::sendmmsg(fd.as_raw_fd(), msgs[sent..].as_mut_ptr(), (msgs.len() - sent) as u32, 0)
                 };
-                assert_eq!(n, f.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+                assert!(n > 0, "sendmmsg: {}", std::io::Error::last_os_error());
+                sent += n as usize;
             }
         })
         .join()
