@@ -71,7 +71,7 @@ struct Flow {
     frame: Vec<u8>,
     l: Layout,
     /// The flow's identity: the bytes a segment must match (addresses, ports, VLAN).
-    key: Vec<u8>,
+    key: Key,
     next_seq: u32,
     first_id: u16,
     segs: u16,
@@ -100,15 +100,21 @@ pub struct Lro {
     pub counters: LroCounters,
 }
 
-/// The bytes that name a segment's flow: VLAN tag, addresses, ports.
-fn flow_key(f: &[u8], l: &Layout) -> Vec<u8> {
-    let mut k = Vec::with_capacity(44);
-    k.extend_from_slice(&f[12..l.l3]);
-    match l.v6 {
-        true => k.extend_from_slice(&f[l.l3 + 8..l.l3 + 40]),
-        false => k.extend_from_slice(&f[l.l3 + 12..l.l3 + 20]),
+/// The bytes that name a segment's flow: VLAN tag, addresses, ports (at most 4 + 32 + 4).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Key {
+    b: [u8; 40],
+    n: u8,
+}
+
+fn flow_key(f: &[u8], l: &Layout) -> Key {
+    let mut k = Key { b: [0; 40], n: 0 };
+    let addrs = if l.v6 { l.l3 + 8..l.l3 + 40 } else { l.l3 + 12..l.l3 + 20 };
+    for part in [&f[14..l.l3], &f[addrs], &f[l.l4..l.l4 + 4]] {
+        let n = k.n as usize;
+        k.b[n..n + part.len()].copy_from_slice(part);
+        k.n += part.len() as u8;
     }
-    k.extend_from_slice(&f[l.l4..l.l4 + 4]);
     k
 }
 
