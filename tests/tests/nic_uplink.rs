@@ -391,3 +391,27 @@ fn a_guest_posting_buffers_outside_its_memory_gets_dma_faults_and_nobody_else_no
     });
     assert_eq!(again, more);
 }
+
+#[test]
+fn a_removed_guests_macs_are_not_steered_to_the_port_that_takes_its_id() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("nic-reuse");
+    let up = ifname("r");
+    let sw = start(&dir, &[format!("up=nic:{up}"), "a=SOCK:a.sock".to_string()]);
+    let mut fa = connect_default(&dir, "a");
+    let ns = quiet_ns("n7");
+    ns.adopt(&up, "10.89.7.1/24");
+    e2e_tests::send(&mut fa, 0, &hello(A));
+    wait_bound(&sw, "up", 1);
+    drop(fa);
+    sw.del_port("a").unwrap();
+    // The next port takes a's id at once, before the filters' next periodic sync.
+    sw.add_port(e2e_tests::port_config(&dir, "c")).unwrap();
+    let mut fc = connect_default(&dir, "c");
+    ns.inject(&up, &(0..10).map(|i| build_frame(A, WIRE, None, 100, i)).collect::<Vec<_>>());
+    // a's MAC is unknown now: the software path floods its frames (c may see them, as on any
+    // switch), but the device must not put them in c's ring as if they were c's.
+    let got = from_wire(drain(&mut fc, Duration::from_millis(300)));
+    assert!(got.len() <= 10);
+    assert_eq!(port_stats(&sw, "c").tx.device_dma, 0, "steered into the new port's ring");
+}

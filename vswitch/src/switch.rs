@@ -629,6 +629,8 @@ impl Control {
         }
         drop(removed);
         self.fdb.flush_port(id);
+        // A NIC model must not steer the gone port's MACs to whatever port gets its id next.
+        self.sync_nics();
         tracing::info!(port = name, "port removed");
         Ok(())
     }
