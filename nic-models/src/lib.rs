@@ -31,9 +31,11 @@ pub mod itr;
 pub mod nic;
 pub mod regs;
 pub mod rxq;
+pub mod txq;
 
 pub use account::{DeviceCounters, PcieCost};
 pub use classify::{Classifier, PoolMask, PoolOptions, RarEntry, TableError, TableSizes, Verdict, VlvfEntry};
 pub use itr::{Moderator, Profile};
 pub use nic::{BindError, Level, Nic, Steer};
 pub use rxq::{dma_rx, RxDrop, RxFormat, RxQueue, RxScratch};
+pub use txq::{TxError, TxPoolCounters, TxScheduler};
