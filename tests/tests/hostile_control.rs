@@ -171,7 +171,7 @@ fn port_paths_that_are_not_sockets_of_ours_are_refused_and_left_alone() {
         let e = sw.add_port(p.clone()).unwrap_err().to_string();
         assert!(e.contains("is not a socket"), "{e}");
         // The same through the control socket, as `vswitch ctl port-add` sends it.
-        let e = request(&control, &Request::PortAdd { port: p }).unwrap_err().to_string();
+        let e = request(&control, &Request::PortAdd { port: Box::new(p) }).unwrap_err().to_string();
         assert!(e.contains("is not a socket"), "{e}");
         assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
     }

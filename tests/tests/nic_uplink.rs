@@ -415,3 +415,52 @@ fn a_removed_guests_macs_are_not_steered_to_the_port_that_takes_its_id() {
     assert!(got.len() <= 10);
     assert_eq!(port_stats(&sw, "c").tx.device_dma, 0, "steered into the new port's ring");
 }
+
+/// Frames the namespace's end of the wire has received.
+fn wire_rx(ns: &Netns, ifname: &str) -> u64 {
+    let out = ns.run(&["cat", &format!("/sys/class/net/{ifname}/statistics/rx_packets")]);
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+}
+
+#[test]
+fn a_guests_pool_is_shaped_on_transmit_and_does_not_hold_up_the_others() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("nic-tx");
+    let up = ifname("t");
+    // Two pools: a gets the guest pool, shaped to 1 Mbit/s; b sends from the host's.
+    let specs = [
+        format!("up=nic:{up},pools=2,pool-rate=1M"),
+        "a=SOCK:a.sock".to_string(),
+        "b=SOCK:b.sock".to_string(),
+    ];
+    let sw = start(&dir, &specs);
+    let (mut fa, mut fb) = (connect_default(&dir, "a"), connect_default(&dir, "b"));
+    let ns = quiet_ns("n8");
+    ns.adopt(&up, "10.89.8.1/24");
+    e2e_tests::send(&mut fa, 0, &hello(A));
+    e2e_tests::send(&mut fb, 0, &hello(B));
+    let r = wait_bound(&sw, "up", 1);
+    assert_eq!(r.bound[0].port, "a");
+    // The wire's MAC, learned, so the guests' frames go to the uplink alone.
+    ns.inject(&up, &[build_frame([0xff; 6], WIRE, None, 60, 0)]);
+    std::thread::sleep(Duration::from_millis(200));
+    let rx0 = wire_rx(&ns, &up);
+    let t0 = std::time::Instant::now();
+    for i in 0..200 {
+        e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 1000, i));
+    }
+    for i in 0..50 {
+        e2e_tests::send(&mut fb, 0, &build_frame(WIRE, B, None, 1000, 1000 + i));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (got, el) = (wire_rx(&ns, &up) - rx0, t0.elapsed().as_secs_f64());
+    // a: its bucket (64 KiB: 63 frames of 1042 bytes) at once, then 1 Mbit/s (120 frames/s).
+    let most = 63 + 50 + (el * 120.0) as u64 + 5;
+    assert!(got <= most, "{got} frames on the wire after {el:.3} s: a was not shaped (at most {most})");
+    assert!(got >= 63 + 50, "{got} frames after {el:.3} s: b was held up behind a");
+    let r = sw.nic("up").unwrap();
+    assert!(r.tx_queued > 0 && r.tx_shaped > 0, "{r:?}");
+    // Nothing is lost: a's queue drains at its rate.
+    assert!(wait_until(Duration::from_secs(5), || wire_rx(&ns, &up) - rx0 >= 250), "all 250 frames went out");
+    assert_eq!(sw.nic("up").unwrap().tx_dropped, 0);
+}

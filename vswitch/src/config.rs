@@ -100,6 +100,10 @@ pub struct NicConfig {
     /// Held interrupts are raised when the interval is up or the device goes idle.
     #[serde(default = "adaptive")]
     pub itr: String,
+    /// Each guest pool's transmit rate (`100M`, `1G`): the device shapes what a guest sends to
+    /// the wire. None: the wire's rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_rate: Option<BitRate>,
 }
 
 fn adaptive() -> String {
@@ -111,7 +115,8 @@ impl NicConfig {
     pub fn params(&self) -> Result<crate::uplink::nic::NicParams, String> {
         let level = if self.level == 0 { nic_models::Level::L0 } else { nic_models::Level::L1 };
         let sizes = nic_models::TableSizes { pools: self.pools, rar: self.filters, vlvf: 32 };
-        Ok(crate::uplink::nic::NicParams { level, sizes, lro: self.lro, itr: self.itr_profile()? })
+        let pool_rate = self.pool_rate.map(|r| r.0);
+        Ok(crate::uplink::nic::NicParams { level, sizes, lro: self.lro, itr: self.itr_profile()?, pool_rate })
     }
 
     /// The moderation profile `itr` names.
@@ -129,7 +134,7 @@ impl NicConfig {
 
 impl Default for NicConfig {
     fn default() -> Self {
-        NicConfig { level: 1, pools: 8, filters: 24, lro: true, itr: adaptive() }
+        NicConfig { level: 1, pools: 8, filters: 24, lro: true, itr: adaptive(), pool_rate: None }
     }
 }
 
@@ -171,7 +176,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME[,level=0|1][,pools=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME[,level=0|1][,pools=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -287,6 +292,10 @@ impl PortConfig {
                 }
                 Some(("allow-gid", v)) => {
                     pc.allow_gids = ids(v, "allow-gid must be group ids separated by ':'")?
+                }
+                Some(("pool-rate", v)) => {
+                    let n = pc.nic.as_mut().ok_or_else(|| bad("pool-rate= is for nic: ports"))?;
+                    n.pool_rate = Some(v.parse::<BitRate>().map_err(|e| bad(&e.to_string()))?);
                 }
                 Some(("itr", v)) => {
                     let n = pc.nic.as_mut().ok_or_else(|| bad("itr= is for nic: ports"))?;

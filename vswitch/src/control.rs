@@ -37,7 +37,7 @@ pub enum Request {
     /// Add a port.
     PortAdd {
         /// Its configuration.
-        port: PortConfig,
+        port: Box<PortConfig>,
     },
     /// Remove a port.
     PortDel {
@@ -138,6 +138,14 @@ pub struct NicReport {
     pub irqs_raised: u64,
     /// Completions whose interrupt moderation folded into a later one.
     pub irqs_folded: u64,
+    /// Frames the device's TX queues put on the wire.
+    pub tx_sent: u64,
+    /// Frames dropped because their pool's TX queue was full.
+    pub tx_dropped: u64,
+    /// Times a pool's head frame waited for its shaper.
+    pub tx_shaped: u64,
+    /// Frames in the TX queues now.
+    pub tx_queued: u64,
 }
 
 /// One guest port served by a pool.

@@ -365,7 +365,7 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
         CtlCmd::Fdb => Request::Fdb,
         CtlCmd::FdbFlush => Request::FdbFlush,
         CtlCmd::PortAdd { spec } => {
-            Request::PortAdd { port: PortConfig::parse(&spec).map_err(|e| e.to_string())? }
+            Request::PortAdd { port: Box::new(PortConfig::parse(&spec).map_err(|e| e.to_string())?) }
         }
         CtlCmd::PortDel { name } => Request::PortDel { name },
         CtlCmd::Nic { name } => Request::Nic { name },
@@ -509,6 +509,10 @@ fn print_nic(r: &NicReport) {
     println!(
         "  offloads: LRO merged {} segments into {} frames; checksums verified for guests {}; interrupts ({}) raised {}, folded {}",
         r.lro_merged, r.lro_coalesced, r.csum_verified, r.itr, r.irqs_raised, r.irqs_folded
+    );
+    println!(
+        "  transmit: {} frames to the wire, {} queued, {} dropped (pool queue full), {} waits for a pool's shaper",
+        r.tx_sent, r.tx_queued, r.tx_dropped, r.tx_shaped
     );
     let per = |x: u64| if r.dma_packets > 0 { x as f64 / r.dma_packets as f64 } else { 0.0 };
     println!(

@@ -22,7 +22,7 @@ use crossbeam_utils::CachePadded;
 use crate::l2::VlanMode;
 use crate::policy::{PolicyConfig, PolicyError, PortPolicy};
 use crate::sync::{Spin, SpinGuard};
-use crate::uplink::nic::NicQueue;
+use crate::uplink::nic::{NicQueue, NicTxQueue};
 use crate::uplink::tap::TapQueue;
 use crate::virtio::queue::CallFault;
 use crate::virtio::{QueueStats, VirtQueue};
@@ -40,6 +40,9 @@ pub enum Queue {
     /// The wire side of a NIC-model uplink: a TAP device read by the modelled device, which
     /// steers frames into bound guests' receive rings or to the software path.
     Nic(Box<NicQueue>),
+    /// The transmit side of a NIC-model uplink: the device's per-pool TX queues, scheduled
+    /// onto the wire.
+    NicTx(Box<NicTxQueue>),
 }
 
 impl Queue {
@@ -50,6 +53,7 @@ impl Queue {
             Queue::Virtio(q) => !q.broken,
             Queue::Tap(t) => !t.broken(),
             Queue::Nic(n) => !n.wire.broken(),
+            Queue::NicTx(t) => !t.wire.broken(),
         }
     }
 

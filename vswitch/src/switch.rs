@@ -29,7 +29,7 @@ use crate::l2::{Fdb, FdbEntry};
 use crate::pmd::{PmdCmd, PmdHandle};
 use crate::policy::PolicyConfig;
 use crate::port::{Port, Queue, MAX_PORTS};
-use crate::uplink::nic::NicQueue;
+use crate::uplink::nic::{NicQueue, NicTxQueue};
 use crate::uplink::tap::TapDevice;
 use crate::vhost::wire::{backend_req_fd, iotlb_msg, vring_enable, waiting_message, Waiting};
 use crate::vhost::{MemPolicy, VhostDevice};
@@ -207,7 +207,7 @@ impl Switch {
 
     /// Adds a port.
     pub fn add_port(&self, cfg: PortConfig) -> Result<(), SwitchError> {
-        self.request(Request::PortAdd { port: cfg }).map(|_| ())
+        self.request(Request::PortAdd { port: Box::new(cfg) }).map(|_| ())
     }
 
     /// Removes a port.
@@ -462,7 +462,7 @@ impl Control {
                 Ok(serde_json::Value::Null)
             }
             Request::PortAdd { port } => {
-                self.add_port(port).map(|_| serde_json::Value::Null).map_err(|e| e.to_string())
+                self.add_port(*port).map(|_| serde_json::Value::Null).map_err(|e| e.to_string())
             }
             Request::PortDel { name } => {
                 self.del_port(&name).map(|_| serde_json::Value::Null).map_err(|e| e.to_string())
@@ -527,8 +527,17 @@ impl Control {
                     }
                     None => Queue::Tap(dev.source(k)),
                 };
+                let sink = match &cfg.nic {
+                    Some(n) => {
+                        let bad = |why: String| ConfigError::Port { port: cfg.name.clone(), why };
+                        let q =
+                            NicTxQueue::new(dev.sink(k), n.params().map_err(bad)?, crate::clock::now_ns());
+                        Queue::NicTx(Box::new(q.map_err(|e| bad(e.to_string()))?))
+                    }
+                    None => Queue::Tap(dev.sink(k)),
+                };
                 *port.txq[k].lock() = Some(source);
-                *port.rxq[k].lock() = Some(Queue::Tap(dev.sink(k)));
+                *port.rxq[k].lock() = Some(sink);
             }
             tap = Some(dev);
         } else if !cfg.client {

@@ -269,6 +269,7 @@ impl Pmd {
         let mut work = false;
         let mut blind = false; // a running queue we cannot be woken for
         let mut short_sleep = false; // IOTLB work: a stalled queue, or receive buffers to look at
+        let mut nic_tx_ms: Option<i32> = None; // a NIC's shaped transmit queue
         for (port, pair) in &self.polls {
             let mut g = port.txq[*pair as usize].lock();
             // A stopped queue's kick may belong to a frontend that has gone, and a broken one
@@ -297,14 +298,27 @@ impl Pmd {
                     if n.irq_held != 0 {
                         self.dp.raise_held(n, true);
                     }
+                    // Frames its shapers hold must go out on time.
+                    if let Some(ns) = burst::tx_wait_ns(port) {
+                        nic_tx_ms = Some(
+                            nic_tx_ms
+                                .unwrap_or(i32::MAX)
+                                .min(ns.div_ceil(1_000_000).clamp(1, MAX_SLEEP_MS as u64) as i32),
+                        );
+                    }
                     sleeper.watch(port.id, *pair, n.wire.file(), 0)
                 }
+                Some(Queue::NicTx(_)) => sleeper.unwatch(port.id, *pair),
                 None => sleeper.unwatch(port.id, *pair),
             }
         }
         // Packets a shaper holds back must go out on time even if nothing kicks us.
         let shaped_ms =
             self.dp.release_shaped().map(|ns| ns.div_ceil(1_000_000).clamp(1, MAX_SLEEP_MS as u64) as i32);
+        let shaped_ms = match (shaped_ms, nic_tx_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         // Receive buffers posted by guests behind a vIOMMU get their translations asked for
         // within a short sleep, before packets need them (no kick tells us they were posted).
         if self.dp.translate_rx_ahead() {

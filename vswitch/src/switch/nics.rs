@@ -58,6 +58,7 @@ impl Control {
                     learned.iter().filter(|e| e.0 == g && e.1 == vlan).map(|e| mac_to_bytes(e.2)).collect();
                 want.push((g, strip, macs));
             }
+            let mut bindings = Vec::new();
             for slot in nic.txq.iter() {
                 let mut q = slot.lock();
                 let Some(Queue::Nic(nq)) = q.as_mut() else { continue };
@@ -70,6 +71,13 @@ impl Control {
                     if nq.nic.bind(*g, *strip).is_ok() {
                         nq.nic.set_macs(*g, macs);
                     }
+                }
+                bindings = nq.nic.bindings();
+            }
+            // A guest sends from its pool's TX queue; everyone else from the host's.
+            for slot in nic.rxq.iter() {
+                if let Some(Queue::NicTx(t)) = slot.lock().as_mut() {
+                    t.set_pools(&bindings);
                 }
             }
         }
@@ -140,6 +148,18 @@ impl Control {
                 r.filters_used = (0..cfg.filters as usize)
                     .filter(|i| nq.nic.classifier().rar(*i).is_some())
                     .count() as u16;
+            }
+        }
+        for slot in nic.rxq.iter() {
+            if let Some(Queue::NicTx(t)) = slot.lock().as_ref() {
+                for p in 0..cfg.pools as usize {
+                    let c = t.sched.counters(p);
+                    r.tx_sent += c.sent;
+                    r.tx_dropped += c.dropped;
+                    r.tx_shaped += c.shaped;
+                }
+                r.tx_queued += t.sched.queued() as u64;
+                r.dma_read_bytes += t.device.dma_read_bytes;
             }
         }
         for (pool, owner, macs) in bound {

@@ -20,7 +20,10 @@
 
 use nic_models::engines::lro::{Lro, LroConfig, Out};
 use nic_models::itr::Signal;
-use nic_models::{DeviceCounters, Level, Moderator, Nic, Profile, RxScratch, TableSizes};
+use nic_models::{DeviceCounters, Level, Moderator, Nic, Profile, RxScratch, TableSizes, TxScheduler};
+
+use crate::port::MAX_PORTS;
+use crate::uplink::tap::Sent;
 
 use crate::uplink::tap::TapQueue;
 
@@ -35,6 +38,8 @@ pub struct NicParams {
     pub lro: bool,
     /// Interrupt moderation.
     pub itr: Profile,
+    /// Each guest pool's transmit rate, bits/s (None: the wire's).
+    pub pool_rate: Option<u64>,
 }
 
 /// One queue of a NIC-model uplink as a polling thread uses it (under its slot's lock): the
@@ -144,5 +149,105 @@ impl NicQueue {
     /// Interrupts raised and held back over all pools.
     pub fn irq_counts(&self) -> (u64, u64) {
         self.mods.iter().fold((0, 0), |(r, s), m| (r + m.raised, s + m.suppressed))
+    }
+}
+
+/// The transmit side of a NIC-model uplink (under its slot's lock): the device's per-pool TX
+/// queues in its packet buffer, scheduled onto the wire by DRR, each guest pool shaped.
+pub struct NicTxQueue {
+    /// The wire.
+    pub wire: TapQueue,
+    /// The TX queues and their scheduler.
+    pub sched: TxScheduler,
+    /// The pool each switch port sends from (0: the host's, for ports without a pool).
+    pools: Box<[u8]>,
+    free: Vec<Vec<u8>>,
+    /// What the device's DMA read for transmit.
+    pub device: DeviceCounters,
+    /// Frames the wire refused.
+    pub refused: u64,
+}
+
+impl NicTxQueue {
+    /// A transmit side over `wire` with `p`'s pools and rates.
+    pub fn new(wire: TapQueue, p: NicParams, now: u64) -> Result<Self, nic_models::TxError> {
+        let pools = if p.level == Level::L0 { 1 } else { p.sizes.pools as usize };
+        // A pool's share of the packet buffer: 256 KiB, room for four 64 KiB TSO frames.
+        let mut sched = TxScheduler::new(&vec![1; pools], 65_600, 256 << 10)?;
+        if let Some(bps) = p.pool_rate {
+            // A bucket of 10 ms at the rate, and never less than one TSO frame.
+            let burst = (bps / 800).max(65_600);
+            for pool in 1..pools {
+                sched.set_rate(pool, Some((bps, burst)), now)?;
+            }
+        }
+        Ok(NicTxQueue {
+            wire,
+            sched,
+            pools: vec![0; MAX_PORTS].into_boxed_slice(),
+            free: Vec::new(),
+            device: DeviceCounters::default(),
+            refused: 0,
+        })
+    }
+
+    /// The pool switch port `port` sends from.
+    #[inline]
+    pub fn pool_of(&self, port: u16) -> usize {
+        self.pools.get(port as usize).copied().unwrap_or(0) as usize
+    }
+
+    /// Sets which port sends from which pool (every other port: the host's).
+    pub fn set_pools(&mut self, bindings: &[(u8, u16, Vec<[u8; 6]>)]) {
+        self.pools.fill(0);
+        for (pool, owner, _) in bindings {
+            if let Some(p) = self.pools.get_mut(*owner as usize) {
+                *p = *pool;
+            }
+        }
+    }
+
+    /// An empty packet buffer.
+    pub fn buffer(&mut self) -> Vec<u8> {
+        let mut b = self.free.pop().unwrap_or_default();
+        b.clear();
+        b
+    }
+
+    /// Takes back a packet buffer.
+    pub fn recycle(&mut self, b: Vec<u8>) {
+        if self.free.len() < 256 {
+            self.free.push(b);
+        }
+    }
+
+    /// Puts on the wire what the scheduler lets go at `now`; (frames sent, their bytes without
+    /// the header, frames lost to a wire that went away).
+    pub fn service(&mut self, now: u64) -> (u64, u64, u64) {
+        let (mut sent, mut bytes, mut gone) = (0, 0, 0);
+        while let Some((pool, f)) = self.sched.next(now) {
+            let iov = [libc::iovec { iov_base: f.as_ptr() as *mut _, iov_len: f.len() }];
+            match self.wire.send(&iov) {
+                Sent::Ok => {
+                    sent += 1;
+                    bytes += f.len().saturating_sub(crate::uplink::tap::VNET_HDR as usize) as u64;
+                    self.recycle(f);
+                }
+                Sent::Full => {
+                    self.sched.requeue(pool, f);
+                    break;
+                }
+                Sent::Gone => {
+                    gone += 1;
+                    self.recycle(f);
+                    break;
+                }
+                Sent::Refused => {
+                    self.refused += 1;
+                    self.recycle(f);
+                }
+            }
+        }
+        (sent, bytes, gone)
     }
 }

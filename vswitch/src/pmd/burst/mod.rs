@@ -43,6 +43,7 @@ use crate::virtio::{QueueStats, VirtQueue};
 pub use crate::limits::{BURST, MAX_FRAME};
 
 use complete::complete;
+pub use nic::tx_wait_ns;
 
 /// Most receive buffers (chains) one packet may fill with MRG_RXBUF: a 64 KiB TSO frame in
 /// Linux's smallest mergeable buffers (1536 bytes) takes 43.
@@ -105,6 +106,8 @@ pub struct Datapath {
     seg: Option<Segmenter>,
     /// Batching under load (see `batch_hold`).
     pub batch: Batching,
+    /// The port whose burst is being forwarded (a NIC's transmit side queues by sender).
+    cur_src: u16,
 }
 
 /// What the receive and describe stages know of each packet of a burst, by packet index. Kept
@@ -233,6 +236,7 @@ impl Datapath {
             },
             seg: None,
             batch: Batching::default(),
+            cur_src: 0,
         }
     }
 
@@ -273,6 +277,8 @@ impl Datapath {
                 c.count(&slot.stats);
                 n
             }
+            // A transmit side sits in a receive slot, never here.
+            Some(Queue::NicTx(_)) => 0,
             None => 0,
         }
     }
@@ -304,6 +310,7 @@ impl Datapath {
     /// What every source shares once its packets are described: policy, decisions, delivery.
     #[inline(always)]
     fn forward(&mut self, src: &Port, hdr: u32, n: usize, now: u32, c: &mut SrcCounts) {
+        self.cur_src = src.id;
         if src.policy.ingress_on() {
             self.ingress(src, hdr, n, c);
         }

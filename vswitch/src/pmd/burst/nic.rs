@@ -97,6 +97,7 @@ impl Datapath {
     /// One burst from a NIC model's wire queue.
     #[inline(never)]
     pub(super) fn burst_nic(&mut self, src: &Port, nq: &mut NicQueue, now: u32, c: &mut SrcCounts) -> usize {
+        service_tx(src);
         let mut wire = [Grant::<Ro>::default(); BURST];
         let m = read_wire(nq, &mut wire, c);
         if nq.irq_held != 0 {
@@ -355,6 +356,34 @@ fn lro_header(o: &Out) -> [u8; 12] {
     h[6..8].copy_from_slice(&(l.l4 as u16).to_le_bytes());
     h[8..10].copy_from_slice(&16u16.to_le_bytes());
     h
+}
+
+/// Lets a NIC's transmit side put out what its shapers allow now (no sender's burst may come
+/// to do it). Skips a queue another thread holds.
+fn service_tx(nic: &Port) {
+    for slot in nic.rxq.iter() {
+        let Some(mut g) = slot.try_lock() else { continue };
+        if let Some(Queue::NicTx(t)) = g.as_mut() {
+            if t.sched.queued() > 0 {
+                let (sent, bytes, gone) = t.service(crate::clock::now_ns());
+                bump(&slot.stats.packets, sent);
+                bump(&slot.stats.bytes, bytes);
+                bump(&slot.stats.kernel_copies, sent);
+                slot.stats.drop(DropReason::NoBuffer, gone);
+            }
+        }
+    }
+}
+
+/// When a NIC's transmit side has a shaped frame to put out next, ns from now.
+pub fn tx_wait_ns(nic: &Port) -> Option<u64> {
+    nic.rxq
+        .iter()
+        .filter_map(|slot| match slot.try_lock()?.as_ref() {
+            Some(Queue::NicTx(t)) => t.sched.wait_ns(),
+            _ => None,
+        })
+        .min()
 }
 
 /// Reads up to a burst of frames off the wire into the queue's staging buffers (the wire's

@@ -3,6 +3,7 @@
 //! header: the kernel checksums or segments as the header asks, wherever the frame goes next.
 
 use super::*;
+use crate::uplink::nic::NicTxQueue;
 use crate::uplink::tap::{Sent, TapQueue, VNET_HDR};
 
 use super::super::copy::{frame_iov, out_len, Frame};
@@ -19,7 +20,95 @@ struct Sends {
     whole: u64,
 }
 
+/// One packet as it leaves for a device: its virtio-net header, the checked head (edited),
+/// and pieces of the sender's buffers.
+struct Out {
+    hdr: [u8; VNET_HDR as usize],
+    head: [u8; HEAD + 4],
+    iov: [libc::iovec; MAX_SEGS + 2],
+}
+
+impl Out {
+    fn new() -> Self {
+        Out {
+            hdr: [0; VNET_HDR as usize],
+            head: [0; HEAD + 4],
+            iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_SEGS + 2],
+        }
+    }
+}
+
 impl Datapath {
+    /// Points `out.iov` at packet `i` as it leaves (header first, `edit` applied); the number
+    /// of pieces, 0 if the frame cannot be expressed.
+    fn packet_iov(&self, i: usize, edit: TagEdit, src_hdr: u32, out: &mut Out) -> usize {
+        let p = &self.desc.pkts[i];
+        if p.offload {
+            let (vh, mut b) = (self.desc.vhdrs[i].edited(edit), [0u8; 10]);
+            vh.write(&mut b);
+            out.hdr[..10].copy_from_slice(&b);
+        }
+        let f = Frame {
+            segs: &self.desc.segs[i][..p.nseg as usize],
+            skip: src_hdr,
+            len: p.len,
+            head: &self.desc.heads[i][..p.head_len as usize],
+        };
+        out.iov[0] = libc::iovec { iov_base: out.hdr.as_mut_ptr().cast(), iov_len: out.hdr.len() };
+        match frame_iov(&f, edit, &mut out.head, &mut out.iov[1..]) {
+            0 => 0,
+            m => m + 1,
+        }
+    }
+
+    /// A NIC model's transmit side: every packet bound to `d` is read by the device's DMA into
+    /// its packet buffer, queued on the sender's pool, and the scheduler puts what it may on
+    /// the wire.
+    pub(super) fn send_nic(
+        &mut self,
+        d: &Dest<'_>,
+        t: &mut NicTxQueue,
+        src_hdr: u32,
+        n: usize,
+        c: &mut SrcCounts,
+    ) {
+        let pool = t.pool_of(self.cur_src);
+        let (mut queued, mut full, mut refused) = (0u64, 0u64, 0u64);
+        for i in 0..n {
+            let Some(edit) = self.edit_for(d, i, c) else { continue };
+            let mut out = Out::new();
+            let m = self.packet_iov(i, edit, src_hdr, &mut out);
+            if m == 0 {
+                refused += 1;
+                continue;
+            }
+            let mut buf = t.buffer();
+            for v in &out.iov[..m] {
+                // SAFETY: each piece is the header or head above, or a grant of the sender's
+                // memory, which the sender's queue lock (held by our caller) keeps mapped.
+                buf.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                });
+            }
+            t.device.dma_read_bytes += buf.len() as u64;
+            match t.sched.enqueue(pool, buf) {
+                Ok(()) => queued += 1,
+                Err(b) => {
+                    t.recycle(b);
+                    full += 1;
+                }
+            }
+        }
+        let _ = queued;
+        let (sent, bytes, gone) = t.service(crate::clock::now_ns());
+        let s = &d.slot.stats;
+        bump(&s.packets, sent);
+        bump(&s.bytes, bytes);
+        bump(&s.kernel_copies, sent);
+        s.drop(DropReason::NoBuffer, full + gone);
+        s.drop(DropReason::Malformed, refused);
+    }
+
     /// Writes every packet bound to `d` to the TAP queue `t`.
     pub(super) fn send_tap(
         &mut self,
@@ -37,27 +126,13 @@ impl Datapath {
                 continue;
             }
             let p = &self.desc.pkts[i];
-            let mut hdr = [0u8; VNET_HDR as usize];
-            if p.offload {
-                let (vh, mut b) = (self.desc.vhdrs[i].edited(edit), [0u8; 10]);
-                vh.write(&mut b);
-                hdr[..10].copy_from_slice(&b);
-            }
-            let f = Frame {
-                segs: &self.desc.segs[i][..p.nseg as usize],
-                skip: src_hdr,
-                len: p.len,
-                head: &self.desc.heads[i][..p.head_len as usize],
-            };
-            let mut head = [0u8; HEAD + 4];
-            let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_SEGS + 2];
-            iov[0] = libc::iovec { iov_base: hdr.as_mut_ptr().cast(), iov_len: hdr.len() };
-            let m = frame_iov(&f, edit, &mut head, &mut iov[1..]);
+            let mut out = Out::new();
+            let m = self.packet_iov(i, edit, src_hdr, &mut out);
             if m == 0 {
                 k.refused += 1;
                 continue;
             }
-            match t.send(&iov[..m + 1]) {
+            match t.send(&out.iov[..m]) {
                 Sent::Ok => {
                     k.sent += 1;
                     k.whole += (p.offload && self.desc.vhdrs[i].gso_type != crate::offload::GSO_NONE) as u64;
