@@ -52,6 +52,9 @@ pub struct FrontendConfig {
     /// Ask for `GUEST_CSUM`, `GUEST_TSO4` and `GUEST_TSO6`: take frames with checksums left to
     /// do and TCP frames of up to 64 KiB (with mergeable buffers, as Linux's driver does).
     pub guest_offloads: bool,
+    /// Ask for `CSUM`, `HOST_TSO4` and `HOST_TSO6`: send frames with checksums left to do and
+    /// TCP frames of up to 64 KiB ([`send_offloaded`](super::Frontend::send_offloaded)).
+    pub host_offloads: bool,
     /// Upper bound for every control-socket send and receive.
     pub control_timeout: Duration,
     /// Put the device behind a vIOMMU played by this frontend (needs the backend to offer
@@ -78,6 +81,7 @@ impl Default for FrontendConfig {
             tx_buf_size: 2048,
             scratch_size: 64 << 10,
             guest_offloads: false,
+            host_offloads: false,
             control_timeout: Duration::from_secs(5),
             iommu: None,
         }

@@ -385,6 +385,17 @@ impl Frontend {
         self.pairs[q as usize].tx.ring.publish(true);
     }
 
+    /// Sends `frame` with an offload request: the virtio-net header starts with `hdr` (flags,
+    /// GSO type, header length, GSO size, checksum start and offset; little-endian as the
+    /// spec has it), which needs `host_offloads`. False if the ring is full.
+    pub fn send_offloaded(&mut self, q: u16, hdr: &[u8], frame: &[u8]) -> bool {
+        let ok = self.pairs[q as usize].tx.enqueue_hdr_with(hdr, frame.len(), |b| b.copy_from_slice(frame));
+        if ok {
+            self.flush_tx(q);
+        }
+        ok
+    }
+
     /// [`enqueue_tx`](Self::enqueue_tx) followed by [`flush_tx`](Self::flush_tx).
     pub fn send(&mut self, q: u16, frame: &[u8]) -> bool {
         let ok = self.enqueue_tx(q, frame);

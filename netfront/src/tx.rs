@@ -122,6 +122,12 @@ impl TxQueue {
     /// # Panics
     /// If `len` is larger than [`max_frame`](Self::max_frame).
     pub(crate) fn enqueue_with(&mut self, len: usize, fill: impl FnOnce(&mut [u8])) -> bool {
+        self.enqueue_hdr_with(&[], len, fill)
+    }
+
+    /// [`enqueue_with`](Self::enqueue_with) with the virtio-net header's first bytes set to
+    /// `hdr` (an offload request: `NEEDS_CSUM`, a GSO type and size); the rest are zeros.
+    pub(crate) fn enqueue_hdr_with(&mut self, hdr: &[u8], len: usize, fill: impl FnOnce(&mut [u8])) -> bool {
         assert!(
             len <= self.max_frame(),
             "TX frame of {len} bytes exceeds tx_buf_size - header ({} bytes)",
@@ -144,6 +150,7 @@ impl TxQueue {
         unsafe {
             let slot = self.buf_ptr.add(off);
             ptr::write_bytes(slot, 0, self.hdr_len);
+            ptr::copy_nonoverlapping(hdr.as_ptr(), slot, hdr.len().min(self.hdr_len));
             fill(std::slice::from_raw_parts_mut(slot.add(self.hdr_len), len));
         }
         let hdr_len = self.hdr_len as u32;

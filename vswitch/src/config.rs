@@ -104,6 +104,11 @@ pub struct NicConfig {
     /// the wire. None: the wire's rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_rate: Option<BitRate>,
+    /// An in-process wire instead of a TAP device (`nic:wire:NAME`): its other end is another
+    /// switch's NIC model in this process (back to back) or a traffic generator. It carries
+    /// plain frames, so the device segments (TSO) and checksums what it sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wire: Option<String>,
 }
 
 fn adaptive() -> String {
@@ -134,7 +139,7 @@ impl NicConfig {
 
 impl Default for NicConfig {
     fn default() -> Self {
-        NicConfig { level: 1, pools: 8, filters: 24, lro: true, itr: adaptive(), pool_rate: None }
+        NicConfig { level: 1, pools: 8, filters: 24, lro: true, itr: adaptive(), pool_rate: None, wire: None }
     }
 }
 
@@ -154,9 +159,14 @@ fn twenty_four() -> u16 {
 pub const UPLINK_MAC_LIMIT: u32 = 16384;
 
 impl PortConfig {
+    /// Whether the port is an uplink (a TAP device or a NIC model's wire), not a guest's.
+    pub fn is_uplink(&self) -> bool {
+        self.tap.is_some() || self.nic.as_ref().is_some_and(|n| n.wire.is_some())
+    }
+
     /// The MAC limit in force: the one set, else the default for the port's kind.
     pub fn mac_limit(&self) -> u32 {
-        self.max_macs.unwrap_or(if self.tap.is_some() {
+        self.max_macs.unwrap_or(if self.is_uplink() {
             UPLINK_MAC_LIMIT
         } else {
             crate::l2::fdb::DEFAULT_MAC_LIMIT
@@ -229,6 +239,11 @@ impl PortConfig {
         let socket = parts.next().filter(|s| !s.is_empty()).ok_or_else(|| bad("missing socket path"))?;
         let (socket, tap, nic) = match (socket.strip_prefix("tap:"), socket.strip_prefix("nic:")) {
             (Some(ifname), _) => ("", Some(ifname.to_string()), None),
+            (_, Some(w)) if w.starts_with("wire:") => (
+                "",
+                None,
+                Some(NicConfig { wire: Some(w["wire:".len()..].to_string()), ..NicConfig::default() }),
+            ),
             (_, Some(ifname)) => ("", Some(ifname.to_string()), Some(NicConfig::default())),
             _ => (socket, None, None),
         };
@@ -338,9 +353,16 @@ impl PortConfig {
         if self.name.is_empty() || self.name.len() > 64 || self.name.contains(char::is_whitespace) {
             return Err(err("name must be 1-64 characters without spaces".into()));
         }
+        let wire = self.nic.as_ref().and_then(|n| n.wire.as_deref());
         match (&self.tap, self.socket.as_os_str().is_empty()) {
             (Some(_), false) => return Err(err("a port has a socket or a tap device, not both".into())),
-            (None, true) => return Err(err("a port needs a socket path (or a tap device)".into())),
+            (None, false) if wire.is_some() => {
+                return Err(err("a port has a socket or a NIC model's wire, not both".into()))
+            }
+            (None, true) if wire.is_none() => {
+                return Err(err("a port needs a socket path (or a tap device, or nic:wire:NAME)".into()))
+            }
+            (None, true) if self.client => return Err(err("client mode is for sockets, not wires".into())),
             (Some(t), true) if !crate::uplink::tap::valid_name(t) => {
                 return Err(err(format!("tap device name '{t}' must be 1-15 bytes")));
             }
@@ -350,8 +372,25 @@ impl PortConfig {
             _ => {}
         }
         if let Some(n) = &self.nic {
-            if self.tap.is_none() {
-                return Err(err("a NIC model needs a wire: nic:IFNAME (a TAP device)".into()));
+            match (&self.tap, &n.wire) {
+                (None, None) => {
+                    return Err(err(
+                        "a NIC model needs a wire: nic:IFNAME (a TAP device) or nic:wire:NAME (in-process)"
+                            .into(),
+                    ))
+                }
+                (Some(_), Some(_)) => {
+                    return Err(err("a NIC model has one wire: a TAP device or wire=, not both".into()))
+                }
+                (None, Some(w)) if !crate::uplink::link::valid_name(w) => {
+                    return Err(err(format!(
+                        "wire name '{w}' must be 1-64 bytes of letters, digits, '-', '_' or '.'"
+                    )))
+                }
+                (None, Some(_)) if self.queues != 1 => {
+                    return Err(err(format!("queues={}: an in-process wire has one queue pair", self.queues)))
+                }
+                _ => {}
             }
             if n.level > 1 {
                 return Err(err(format!("level={} is not modelled yet (0 and 1 are)", n.level)));
@@ -718,6 +757,19 @@ mod tests {
         assert!(err("up=nic:tap0,level=2").contains("not modelled yet"));
         assert!(err("up=nic:tap0,pools=1").contains("outside 2..64"));
         assert!(err("up=nic:tap0,filters=0").contains("outside 1..4096"));
+        let w = PortConfig::parse("up=nic:wire:w-1,level=0").unwrap();
+        assert!(w.tap.is_none() && w.is_uplink() && w.socket.as_os_str().is_empty());
+        assert_eq!(w.nic, Some(NicConfig { level: 0, wire: Some("w-1".into()), ..NicConfig::default() }));
+        assert!(err("up=nic:wire:a b").contains("wire name 'a b'"));
+        assert!(err("up=nic:wire:w,queues=2").contains("one queue pair"));
+        assert!(err("up=nic:wire:w,mtu=9000").contains("mtu= is for tap devices"));
+        let t: SwitchConfig =
+            toml::from_str("[[port]]\nname = \"up\"\nnic = { wire = \"w\", level = 1 }\n").unwrap();
+        assert!(t.ports[0].is_uplink());
+        t.ports[0].validate().unwrap();
+        let t: SwitchConfig =
+            toml::from_str("[[port]]\nname = \"up\"\ntap = \"t\"\nnic = { wire = \"w\" }\n").unwrap();
+        assert!(t.ports[0].validate().unwrap_err().to_string().contains("not both"));
         let t: SwitchConfig =
             toml::from_str("[[port]]\nname = \"up\"\ntap = \"t1\"\nnic = { level = 0 }\n").unwrap();
         assert_eq!(t.ports[0].nic, Some(NicConfig { level: 0, ..NicConfig::default() }));

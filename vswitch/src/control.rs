@@ -146,6 +146,17 @@ pub struct NicReport {
     pub tx_shaped: u64,
     /// Frames in the TX queues now.
     pub tx_queued: u64,
+    /// Large TCP frames the device's TSO engine cut for a wire of plain frames (an in-process
+    /// wire; a TAP takes them whole).
+    pub tso_frames: u64,
+    /// The segments it made of them.
+    pub tso_segments: u64,
+    /// Partial checksums the device completed on transmit.
+    pub csum_inserted: u64,
+    /// Address translations the DMA engine asked of the guests' IOMMU domains.
+    pub iotlb_lookups: u64,
+    /// What the wire is: `tap:IFNAME` or `wire:NAME`.
+    pub wire: String,
 }
 
 /// One guest port served by a pool.

@@ -487,8 +487,8 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
 
 fn print_nic(r: &NicReport) {
     println!(
-        "nic {}: level {}, {} pools, {} of {} MAC filters in use",
-        r.name, r.level, r.pools, r.filters_used, r.filters
+        "nic {} on {}: level {}, {} pools, {} of {} MAC filters in use",
+        r.name, r.wire, r.level, r.pools, r.filters_used, r.filters
     );
     for b in &r.bound {
         let strip = b.strip_vlan.map(|v| format!(" (strips VLAN {v})")).unwrap_or_default();
@@ -511,18 +511,19 @@ fn print_nic(r: &NicReport) {
         r.lro_merged, r.lro_coalesced, r.csum_verified, r.itr, r.irqs_raised, r.irqs_folded
     );
     println!(
-        "  transmit: {} frames to the wire, {} queued, {} dropped (pool queue full), {} waits for a pool's shaper",
-        r.tx_sent, r.tx_queued, r.tx_dropped, r.tx_shaped
+        "  transmit: {} frames to the wire, {} queued, {} dropped (pool queue full), {} waits for a pool's shaper; TSO cut {} frames into {} segments, {} checksums inserted",
+        r.tx_sent, r.tx_queued, r.tx_dropped, r.tx_shaped, r.tso_frames, r.tso_segments, r.csum_inserted
     );
     let per = |x: u64| if r.dma_packets > 0 { x as f64 / r.dma_packets as f64 } else { 0.0 };
     println!(
-        "  device DMA: {} packets, {:.1} bytes written, {:.1} read, {:.2} descriptor fetches, {:.2} write-backs, {:.2} TLPs per packet; {} faults; {} CPU copies; {:.0} ns device time per packet",
+        "  device DMA: {} packets, {:.1} bytes written, {:.1} read, {:.2} descriptor fetches, {:.2} write-backs, {:.2} TLPs, {:.2} IOTLB lookups per packet; {} faults; {} CPU copies; {:.0} ns device time per packet",
         r.dma_packets,
         per(r.dma_write_bytes),
         per(r.dma_read_bytes),
         per(r.desc_fetches),
         per(r.desc_writebacks),
         per(r.tlps),
+        per(r.iotlb_lookups),
         r.dma_faults,
         r.cpu_copies,
         if r.wire_frames > 0 { r.device_ns as f64 / r.wire_frames as f64 } else { 0.0 }

@@ -29,7 +29,8 @@ use crate::l2::{Fdb, FdbEntry};
 use crate::pmd::{PmdCmd, PmdHandle};
 use crate::policy::PolicyConfig;
 use crate::port::{Port, Queue, MAX_PORTS};
-use crate::uplink::nic::{NicQueue, NicTxQueue};
+use crate::uplink::link::LinkEnd;
+use crate::uplink::nic::{NicQueue, NicTxQueue, Wire};
 use crate::uplink::tap::TapDevice;
 use crate::vhost::wire::{backend_req_fd, iotlb_msg, vring_enable, waiting_message, Waiting};
 use crate::vhost::{MemPolicy, VhostDevice};
@@ -86,6 +87,23 @@ pub enum SwitchError {
 
 type Handler = BackendReqHandler<Mutex<VhostDevice>>;
 
+/// What an uplink port's queues are attached to.
+enum Uplink {
+    Tap(TapDevice),
+    /// An in-process wire's end (freed when the port goes).
+    Wire(LinkEnd),
+}
+
+impl Uplink {
+    /// How `ctl ports` names it.
+    pub(crate) fn label(&self) -> String {
+        match self {
+            Uplink::Tap(d) => format!("tap:{}", d.name),
+            Uplink::Wire(l) => format!("wire:{}", l.name()),
+        }
+    }
+}
+
 struct PortState {
     cfg: PortConfig,
     port: Arc<Port>,
@@ -93,7 +111,7 @@ struct PortState {
     listener: Option<(UnixListener, sockets::SocketFile)>,
     /// An uplink port's device (its queues sit in the port's slots; closing it removes a
     /// device the switch created).
-    tap: Option<TapDevice>,
+    uplink: Option<Uplink>,
     conn: Option<(Handler, RawFd)>,
     /// When an incomplete message started waiting on the connection.
     partial_since: Option<Instant>,
@@ -496,7 +514,7 @@ impl Control {
             if p.cfg.name == cfg.name {
                 return Err(SwitchError::PortExists(cfg.name));
             }
-            if cfg.tap.is_none() && p.cfg.socket == cfg.socket {
+            if !cfg.is_uplink() && !p.cfg.is_uplink() && p.cfg.socket == cfg.socket {
                 return Err(SwitchError::SocketInUse(cfg.socket.display().to_string(), p.cfg.name.clone()));
             }
             if let (Some(a), Some(b)) = (&cfg.tap, &p.cfg.tap) {
@@ -515,32 +533,35 @@ impl Control {
         let device = VhostDevice::new(port.clone(), self.wake_pmds.clone()).with_mem_policy(self.mem_policy);
         let device = Arc::new(Mutex::new(device));
         let mut listener = None;
-        let mut tap = None;
-        if let Some(name) = &cfg.tap {
-            let dev = TapDevice::open(name, cfg.queues, cfg.offloads, cfg.mtu)?;
-            for k in 0..dev.queues() {
-                let source = match &cfg.nic {
-                    Some(n) => {
-                        let bad = |why: String| ConfigError::Port { port: cfg.name.clone(), why };
-                        let q = NicQueue::new(dev.source(k), n.params().map_err(bad)?);
-                        Queue::Nic(Box::new(q.map_err(|e| bad(e.to_string()))?))
-                    }
-                    None => Queue::Tap(dev.source(k)),
-                };
-                let sink = match &cfg.nic {
-                    Some(n) => {
-                        let bad = |why: String| ConfigError::Port { port: cfg.name.clone(), why };
-                        let q =
-                            NicTxQueue::new(dev.sink(k), n.params().map_err(bad)?, crate::clock::now_ns());
-                        Queue::NicTx(Box::new(q.map_err(|e| bad(e.to_string()))?))
-                    }
-                    None => Queue::Tap(dev.sink(k)),
-                };
-                *port.txq[k].lock() = Some(source);
-                *port.rxq[k].lock() = Some(sink);
+        let bad = |why: String| ConfigError::Port { port: cfg.name.clone(), why };
+        let params = cfg.nic.as_ref().map(|n| n.params().map_err(bad)).transpose()?;
+        let uplink = match (&cfg.tap, cfg.nic.as_ref().and_then(|n| n.wire.as_deref())) {
+            (Some(name), _) => Some(Uplink::Tap(TapDevice::open(name, cfg.queues, cfg.offloads, cfg.mtu)?)),
+            (None, Some(w)) => Some(Uplink::Wire(LinkEnd::attach(w).map_err(|e| bad(e.to_string()))?)),
+            (None, None) => None,
+        };
+        let queues = match &uplink {
+            Some(Uplink::Tap(dev)) => {
+                (0..dev.queues()).map(|k| (Wire::Tap(dev.source(k)), Wire::Tap(dev.sink(k)))).collect()
             }
-            tap = Some(dev);
-        } else if !cfg.client {
+            Some(Uplink::Wire(end)) => vec![(Wire::Link(end.source()), Wire::Link(end.sink()))],
+            None => Vec::new(),
+        };
+        for (k, (source, sink)) in queues.into_iter().enumerate() {
+            let (source, sink) = match (params, source, sink) {
+                (Some(p), source, sink) => {
+                    let rx = NicQueue::new(source, p).map_err(|e| bad(e.to_string()))?;
+                    let tx =
+                        NicTxQueue::new(sink, p, crate::clock::now_ns()).map_err(|e| bad(e.to_string()))?;
+                    (Queue::Nic(Box::new(rx)), Queue::NicTx(Box::new(tx)))
+                }
+                (None, Wire::Tap(source), Wire::Tap(sink)) => (Queue::Tap(source), Queue::Tap(sink)),
+                (None, _, _) => unreachable!("an in-process wire is only a NIC model's (validated)"),
+            };
+            *port.txq[k].lock() = Some(source);
+            *port.rxq[k].lock() = Some(sink);
+        }
+        if uplink.is_none() && !cfg.client {
             let (l, file) = sockets::listen(&cfg.socket, self.access)?;
             let mut l = UnixListener::from_std(l);
             if let Err(e) = self.poll.registry().register(&mut l, token_of(id, false), Interest::READABLE) {
@@ -557,9 +578,9 @@ impl Control {
             pmd.call(|done| PmdCmd::AddPort { port, poll_pairs, done });
         }
         self.fdb.set_limit(id, cfg.mac_limit());
-        match &tap {
-            Some(dev) => {
-                tracing::info!(port = %cfg.name, id, tap = %dev.name, queues = dev.queues(), "port added")
+        match &uplink {
+            Some(u) => {
+                tracing::info!(port = %cfg.name, id, uplink = %u.label(), queues = cfg.queues, "port added")
             }
             None => {
                 tracing::info!(port = %cfg.name, id, socket = %cfg.socket.display(), client = cfg.client, "port added")
@@ -572,7 +593,7 @@ impl Control {
                 port,
                 device,
                 listener,
-                tap,
+                uplink,
                 conn: None,
                 partial_since: None,
                 blocked_since: None,

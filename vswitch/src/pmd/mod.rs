@@ -306,6 +306,10 @@ impl Pmd {
                                 .min(ns.div_ceil(1_000_000).clamp(1, MAX_SLEEP_MS as u64) as i32),
                         );
                     }
+                    // An in-process wire rings its bell only for an armed receiver.
+                    if n.wire.arm() {
+                        work = true;
+                    }
                     sleeper.watch(port.id, *pair, n.wire.file(), 0)
                 }
                 Some(Queue::NicTx(_)) => sleeper.unwatch(port.id, *pair),

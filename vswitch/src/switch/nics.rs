@@ -39,7 +39,7 @@ impl Control {
             return;
         }
         let mut guests = vec![false; crate::port::MAX_PORTS];
-        for p in self.ports.values().filter(|p| p.tap.is_none()) {
+        for p in self.ports.values().filter(|p| p.uplink.is_none()) {
             guests[p.port.id as usize] = true;
         }
         let learned = self.fdb.learned_on(&guests, self.now());
@@ -101,17 +101,19 @@ impl Control {
         let st = self.port_named(name)?;
         let Some(cfg) = st.cfg.nic.clone() else {
             return Err(super::SwitchError::Refused(format!(
-                "port '{name}' is not a NIC model (nic:IFNAME)"
+                "port '{name}' is not a NIC model (nic:IFNAME or nic:wire:NAME)"
             )));
         };
         let nic = st.port.clone();
         let itr = cfg.itr.clone();
+        let wire = st.uplink.as_ref().map(|u| u.label()).unwrap_or_default();
         let mut r = NicReport {
             name: name.to_string(),
             level: cfg.level,
             pools: cfg.pools,
             filters: cfg.filters,
             itr,
+            wire,
             ..NicReport::default()
         };
         let tpu = crate::clock::ticks_per_us().max(1);
@@ -134,6 +136,7 @@ impl Control {
             r.tlps += d.tlps;
             r.dma_faults += d.dma_faults;
             r.cpu_copies += d.cpu_copies;
+            r.iotlb_lookups += d.iotlb_lookups;
             r.device_ns += nq.device_ticks * 1000 / tpu;
             r.csum_verified += nq.csum_verified;
             let (raised, folded) = nq.irq_counts();
@@ -159,6 +162,9 @@ impl Control {
                     r.tx_shaped += c.shaped;
                 }
                 r.tx_queued += t.sched.queued() as u64;
+                r.tso_frames += t.tso_frames;
+                r.tso_segments += t.tso_segments;
+                r.csum_inserted += t.csum_inserted;
                 r.dma_read_bytes += t.device.dma_read_bytes;
             }
         }
@@ -171,7 +177,7 @@ impl Control {
                 strip_vlan: served(&nic.vlan, &g.port.vlan).and_then(|s| s.0),
             });
         }
-        let mut others: Vec<_> = self.ports.values().filter(|p| p.tap.is_none()).collect();
+        let mut others: Vec<_> = self.ports.values().filter(|p| p.uplink.is_none()).collect();
         others.sort_by_key(|p| p.port.id);
         for g in others {
             if r.bound.iter().any(|b| b.port == g.cfg.name) {

@@ -13,11 +13,11 @@ impl Control {
             .map(|st| PortInfo {
                 id: st.port.id,
                 name: st.cfg.name.clone(),
-                socket: match &st.tap {
-                    Some(dev) => format!("tap:{}", dev.name),
+                socket: match &st.uplink {
+                    Some(u) => u.label(),
                     None => st.cfg.socket.display().to_string(),
                 },
-                mode: if st.tap.is_some() {
+                mode: if st.uplink.is_some() {
                     "uplink"
                 } else if st.cfg.client {
                     "client"
@@ -33,7 +33,7 @@ impl Control {
                 mac: format_mac(mac_from_bytes(st.port.mac)),
                 queue_pairs: st.port.pairs(),
                 // An uplink is "connected" while its device is there.
-                connected: st.conn.is_some() || (st.tap.is_some() && st.port.txq.iter().all(|s| s.live())),
+                connected: st.conn.is_some() || (st.uplink.is_some() && st.port.txq.iter().all(|s| s.live())),
                 connects: st.connects,
                 macs: {
                     let (learned, limit, refused) = self.fdb.port_usage(st.port.id);

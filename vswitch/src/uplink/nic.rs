@@ -22,10 +22,69 @@ use nic_models::engines::lro::{Lro, LroConfig, Out};
 use nic_models::itr::Signal;
 use nic_models::{DeviceCounters, Level, Moderator, Nic, Profile, RxScratch, TableSizes, TxScheduler};
 
-use crate::port::MAX_PORTS;
-use crate::uplink::tap::Sent;
+use nic_models::engines::{csum, layout, tso};
 
-use crate::uplink::tap::TapQueue;
+use crate::offload::{self, Caps};
+use crate::port::MAX_PORTS;
+use crate::uplink::link::LinkQueue;
+use crate::uplink::tap::{Recv, Sent, TapQueue, VNET_HDR};
+
+/// A NIC model's wire: a TAP device (the host's stack; it takes and gives TSO frames whole) or
+/// an in-process wire (another model back to back, or a generator), which carries plain frames
+/// only, so the device segments and checksums what it sends.
+pub enum Wire {
+    /// A TAP device.
+    Tap(TapQueue),
+    /// An in-process wire.
+    Link(LinkQueue),
+}
+
+impl Wire {
+    /// The offloads frames on the wire may ask of the device (`tx_*`) and the wire takes
+    /// (`rx_*`), in guest terms.
+    #[inline]
+    pub fn caps(&self) -> Caps {
+        match self {
+            Wire::Tap(t) => t.caps,
+            Wire::Link(_) => Caps::default(),
+        }
+    }
+
+    /// Whether the wire has gone away.
+    #[inline]
+    pub fn broken(&self) -> bool {
+        match self {
+            Wire::Tap(t) => t.broken(),
+            Wire::Link(_) => false,
+        }
+    }
+
+    /// What a polling thread watches for frames.
+    pub fn file(&self) -> &std::sync::Arc<std::fs::File> {
+        match self {
+            Wire::Tap(t) => t.file(),
+            Wire::Link(l) => l.file(),
+        }
+    }
+
+    /// Before the polling thread sleeps: true if frames already wait (an in-process wire rings
+    /// its bell only for an armed receiver; a TAP's file is watched edge-triggered).
+    pub fn arm(&self) -> bool {
+        match self {
+            Wire::Tap(_) => false,
+            Wire::Link(l) => l.arm(),
+        }
+    }
+
+    /// Reads one frame into staging buffer `i`.
+    #[inline]
+    pub fn recv(&mut self, i: usize) -> Recv {
+        match self {
+            Wire::Tap(t) => t.recv(i),
+            Wire::Link(l) => l.recv(i),
+        }
+    }
+}
 
 /// What a NIC model is built with (from the port's `nic` settings).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,8 +104,8 @@ pub struct NicParams {
 /// One queue of a NIC-model uplink as a polling thread uses it (under its slot's lock): the
 /// wire, the device's filters and DMA engine, and what the device did.
 pub struct NicQueue {
-    /// The wire: frames arrive from (and leave to) the TAP device.
-    pub wire: TapQueue,
+    /// The wire frames arrive from.
+    pub wire: Wire,
     /// The device's filters and pool bindings.
     pub nic: Nic,
     /// The DMA engine's scratch.
@@ -78,10 +137,10 @@ pub struct NicQueue {
 
 impl NicQueue {
     /// A queue over `wire` with a model built as `p` says.
-    pub fn new(wire: TapQueue, p: NicParams) -> Result<Self, nic_models::TableError> {
+    pub fn new(wire: Wire, p: NicParams) -> Result<Self, nic_models::TableError> {
         let (level, sizes) = (p.level, p.sizes);
         // With offloads on, the kernel hands over frames it has coalesced already.
-        let lro = (p.lro && !wire.caps.any_tx()).then(|| {
+        let lro = (p.lro && !wire.caps().any_tx()).then(|| {
             Lro::new(LroConfig {
                 partial: true,
                 max_segs: crate::limits::BURST as u16,
@@ -155,8 +214,8 @@ impl NicQueue {
 /// The transmit side of a NIC-model uplink (under its slot's lock): the device's per-pool TX
 /// queues in its packet buffer, scheduled onto the wire by DRR, each guest pool shaped.
 pub struct NicTxQueue {
-    /// The wire.
-    pub wire: TapQueue,
+    /// The wire frames leave on.
+    pub wire: Wire,
     /// The TX queues and their scheduler.
     pub sched: TxScheduler,
     /// The pool each switch port sends from (0: the host's, for ports without a pool).
@@ -166,11 +225,28 @@ pub struct NicTxQueue {
     pub device: DeviceCounters,
     /// Frames the wire refused.
     pub refused: u64,
+    /// Engines' work for a wire of plain frames: TSO frames cut, the segments they made,
+    /// partial checksums completed.
+    pub tso_frames: u64,
+    /// See `tso_frames`.
+    pub tso_segments: u64,
+    /// See `tso_frames`.
+    pub csum_inserted: u64,
+    seg: Vec<u8>,
+}
+
+/// Why a frame did not go onto the wire.
+enum Put {
+    /// Not now: put it back at the head of its queue.
+    Later(Vec<u8>),
+    /// Lost (the wire refused it or went away).
+    Refused,
+    Gone,
 }
 
 impl NicTxQueue {
     /// A transmit side over `wire` with `p`'s pools and rates.
-    pub fn new(wire: TapQueue, p: NicParams, now: u64) -> Result<Self, nic_models::TxError> {
+    pub fn new(wire: Wire, p: NicParams, now: u64) -> Result<Self, nic_models::TxError> {
         let pools = if p.level == Level::L0 { 1 } else { p.sizes.pools as usize };
         // A pool's share of the packet buffer: 256 KiB, room for four 64 KiB TSO frames.
         let mut sched = TxScheduler::new(&vec![1; pools], 65_600, 256 << 10)?;
@@ -188,6 +264,10 @@ impl NicTxQueue {
             free: Vec::new(),
             device: DeviceCounters::default(),
             refused: 0,
+            tso_frames: 0,
+            tso_segments: 0,
+            csum_inserted: 0,
+            seg: Vec::new(),
         })
     }
 
@@ -226,28 +306,95 @@ impl NicTxQueue {
     pub fn service(&mut self, now: u64) -> (u64, u64, u64) {
         let (mut sent, mut bytes, mut gone) = (0, 0, 0);
         while let Some((pool, f)) = self.sched.next(now) {
-            let iov = [libc::iovec { iov_base: f.as_ptr() as *mut _, iov_len: f.len() }];
-            match self.wire.send(&iov) {
-                Sent::Ok => {
+            let len = f.len().saturating_sub(VNET_HDR as usize) as u64;
+            match self.put(f) {
+                Ok(()) => {
                     sent += 1;
-                    bytes += f.len().saturating_sub(crate::uplink::tap::VNET_HDR as usize) as u64;
-                    self.recycle(f);
+                    bytes += len;
                 }
-                Sent::Full => {
+                Err(Put::Later(f)) => {
                     self.sched.requeue(pool, f);
                     break;
                 }
-                Sent::Gone => {
-                    gone += 1;
-                    self.recycle(f);
-                    break;
-                }
-                Sent::Refused => {
-                    self.refused += 1;
-                    self.recycle(f);
-                }
+                // Nothing at the far end (a deleted TAP, an unplugged wire): dropped, counted.
+                Err(Put::Gone) => gone += 1,
+                Err(Put::Refused) => self.refused += 1,
             }
         }
         (sent, bytes, gone)
+    }
+
+    /// One frame (header first) onto the wire.
+    fn put(&mut self, mut f: Vec<u8>) -> Result<(), Put> {
+        let l = match &mut self.wire {
+            Wire::Tap(t) => {
+                let iov = [libc::iovec { iov_base: f.as_ptr() as *mut _, iov_len: f.len() }];
+                let r = match t.send(&iov) {
+                    Sent::Ok => Ok(()),
+                    Sent::Full => return Err(Put::Later(f)),
+                    Sent::Gone => Err(Put::Gone),
+                    Sent::Refused => Err(Put::Refused),
+                };
+                self.recycle(f);
+                return r;
+            }
+            Wire::Link(l) => l,
+        };
+        let h = VNET_HDR as usize;
+        let (flags, gso) = (f[0], f[1] & 0x7f);
+        if gso != offload::GSO_NONE {
+            // The device's TSO engine: the wire carries frames of at most MSS payload.
+            let mss = u16::from_le_bytes([f[4], f[5]]);
+            let Some(lay) =
+                layout(&f[h..]).filter(|_| matches!(gso, offload::GSO_TCPV4 | offload::GSO_TCPV6))
+            else {
+                self.recycle(f);
+                return Err(Put::Refused);
+            };
+            if mss == 0 {
+                self.recycle(f);
+                return Err(Put::Refused);
+            }
+            let payload = nic_models::engines::ip_end(&f[h..], &lay).saturating_sub(lay.payload);
+            if l.room() < payload.div_ceil(mss as usize).max(1) {
+                return Err(Put::Later(f));
+            }
+            let mut lost = false;
+            let r = tso::segment(&f[h..], mss, &mut self.seg, |s| {
+                let mut b = l.buffer();
+                b.resize(h, 0);
+                b.extend_from_slice(s);
+                lost |= l.send_owned(b).is_err();
+            });
+            self.recycle(f);
+            return match r {
+                Ok(n) if !lost => {
+                    self.tso_frames += 1;
+                    self.tso_segments += n as u64;
+                    Ok(())
+                }
+                _ => Err(Put::Refused),
+            };
+        }
+        if flags & offload::F_NEEDS_CSUM != 0 {
+            // The checksum insertion engine completes what the sender left partial.
+            let start = u16::from_le_bytes([f[6], f[7]]) as usize;
+            let off = u16::from_le_bytes([f[8], f[9]]) as usize;
+            let end = f.len() - h;
+            if !csum::complete_partial(&mut f[h..], start, off, end) {
+                self.recycle(f);
+                return Err(Put::Refused);
+            }
+            self.csum_inserted += 1;
+        }
+        f[..h].fill(0);
+        match l.send_owned(f) {
+            Ok(()) => Ok(()),
+            Err((Sent::Full, f)) => Err(Put::Later(f)),
+            Err((s, f)) => {
+                self.recycle(f);
+                Err(if s == Sent::Gone { Put::Gone } else { Put::Refused })
+            }
+        }
     }
 }

@@ -180,8 +180,8 @@ impl Datapath {
             let spoof = src.policy.ingress_on() && src.policy.spoof_on();
             // Coalesced frames carry an offload request, as a TAP's kernel frames would.
             let caps = match nq.lro.is_some() {
-                true => Caps { tx_csum: true, tx_tso4: true, tx_tso6: true, ..nq.wire.caps },
-                false => nq.wire.caps,
+                true => Caps { tx_csum: true, tx_tso4: true, tx_tso6: true, ..nq.wire.caps() },
+                false => nq.wire.caps(),
             };
             self.describe_frames(soft.n, VNET_HDR, caps, spoof, c);
             self.forward(src, VNET_HDR, soft.n, now, c);
