@@ -80,8 +80,12 @@ enum Cmd {
         precision: f64,
     },
     /// The co-design table: the same uplink-to-guests traffic through tier 0 (software), a
-    /// Level 0 and a Level 1 NIC model; host and device cost per packet. Needs root.
+    /// Level 0 and a Level 1 NIC model; host and device cost per packet.
     Tiers {
+        /// The wire: gen (an in-process wire, this harness's generator at its far end) or tap
+        /// (a TAP device and an AF_PACKET sender in a network namespace; needs root).
+        #[arg(long, default_value = "gen")]
+        wire: vswitch_bench::tiers::WireKind,
         /// Nominal frame sizes (with FCS), comma separated.
         #[arg(long, value_delimiter = ',', default_value = "64,1518")]
         sizes: Vec<usize>,
@@ -95,6 +99,10 @@ enum Cmd {
         /// CPU for the switch's polling thread.
         #[arg(long)]
         pmd_core: Option<usize>,
+        /// Frames per second of the fixed-rate run that measures latency (default: 100000 on a
+        /// generator wire, 20000 on a TAP).
+        #[arg(long)]
+        rate: Option<u64>,
         /// Write the rows as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -117,20 +125,24 @@ enum Cmd {
 }
 
 fn tiers(
+    wire: vswitch_bench::tiers::WireKind,
     sizes: Vec<usize>,
     traffic: Vec<vswitch_bench::tiers::Traffic>,
     duration: f64,
     pmd_core: Option<usize>,
-    json: Option<PathBuf>,
-    svg: Option<PathBuf>,
+    rate: Option<u64>,
+    out: (Option<PathBuf>, Option<PathBuf>),
 ) -> CmdResult {
+    let (json, svg) = out;
     use vswitch_bench::tiers::{self, TiersConfig};
     let cfg = TiersConfig {
+        wire,
         sizes,
         traffic,
         duration: seconds("duration", duration)?,
         dir: std::env::temp_dir().join(format!("vswitch-tiers-{}", std::process::id())),
         pmd_core,
+        rate,
     };
     let rows = tiers::run(&cfg);
     let _ = std::fs::remove_dir_all(&cfg.dir);
@@ -247,8 +259,8 @@ fn main() -> ExitCode {
         })
         .map(|_| ())
         .map_err(Into::into),
-        Cmd::Tiers { sizes, traffic, duration, pmd_core, json, svg } => {
-            tiers(sizes, traffic, duration, pmd_core, json, svg)
+        Cmd::Tiers { wire, sizes, traffic, duration, pmd_core, rate, json, svg } => {
+            tiers(wire, sizes, traffic, duration, pmd_core, rate, (json, svg))
         }
         Cmd::Run { common, sizes, rate, reps } => {
             measure(common, "run", |o| RunOptions { sizes, rate, reps, ..o })

@@ -81,6 +81,15 @@ impl TxScheduler {
         Ok(())
     }
 
+    /// Gives pool `pool` DRR weight `weight` (its share of the wire when every pool is
+    /// backlogged, against the others' weights).
+    pub fn set_weight(&mut self, pool: usize, weight: u32) -> Result<(), TxError> {
+        if pool >= self.pools.len() {
+            return Err(TxError::Pool(pool));
+        }
+        self.drr.set_weight(pool, weight).map_err(|e| TxError::Weights(e.to_string()))
+    }
+
     /// Queues `frame` on pool `pool`; gives it back if the pool's queue is full (counted).
     pub fn enqueue(&mut self, pool: usize, frame: Vec<u8>) -> Result<(), Vec<u8>> {
         let Some(p) = self.pools.get_mut(pool) else { return Err(frame) };

@@ -28,6 +28,8 @@ impl std::error::Error for DrrError {}
 /// A DRR scheduler over a fixed number of queues.
 #[derive(Clone, Debug)]
 pub struct Drr {
+    /// Bytes per weight unit and round.
+    base: u64,
     quantum: Box<[u64]>,
     deficit: Box<[u64]>,
     cur: usize,
@@ -46,11 +48,23 @@ impl Drr {
             return Err(DrrError::ZeroWeight);
         }
         Ok(Drr {
+            base: quantum as u64,
             quantum: weights.iter().map(|&w| w as u64 * quantum as u64).collect(),
             deficit: vec![0; weights.len()].into_boxed_slice(),
             cur: 0,
             in_turn: false,
         })
+    }
+
+    /// Gives queue `q` a new weight, from its next turn on (its credit so far is kept).
+    pub fn set_weight(&mut self, q: usize, weight: u32) -> Result<(), DrrError> {
+        if weight == 0 {
+            return Err(DrrError::ZeroWeight);
+        }
+        if let Some(x) = self.quantum.get_mut(q) {
+            *x = weight as u64 * self.base;
+        }
+        Ok(())
     }
 
     /// Number of queues.
@@ -97,6 +111,20 @@ impl Drr {
 mod tests {
     use super::*;
     use std::collections::VecDeque;
+
+    #[test]
+    fn a_changed_weight_changes_the_share() {
+        let mut d = Drr::new(&[1, 1], 1000).unwrap();
+        assert_eq!(d.set_weight(0, 0), Err(DrrError::ZeroWeight));
+        d.set_weight(0, 3).unwrap();
+        let mut bytes = [0u64; 2];
+        for _ in 0..4000 {
+            let q = d.next(|_| Some(500)).unwrap();
+            bytes[q] += 500;
+        }
+        let ratio = bytes[0] as f64 / bytes[1] as f64;
+        assert!((ratio - 3.0).abs() < 0.01, "{bytes:?}");
+    }
 
     /// Backlogged queues with the given packet sizes; returns bytes served per queue.
     fn serve(weights: &[u32], sizes: &[&[u32]], packets: usize) -> Vec<u64> {

@@ -10,12 +10,14 @@ use nic_models::engines::{csum, layout};
 use vswitch::config::{PortConfig, SwitchConfig};
 use vswitch::control::NicReport;
 use vswitch::switch::Switch;
+use vswitch::uplink::link::LinkEnd;
 use vswitch_bench::frame::{build_frame, build_tcp_segment};
 use vswitch_bench::frontend::FrontendConfig;
 
 const A: [u8; 6] = [0x52, 0x54, 0x00, 0x57, 0x00, 0x0a];
 const B: [u8; 6] = [0x52, 0x54, 0x00, 0x57, 0x00, 0x0b];
 const C: [u8; 6] = [0x52, 0x54, 0x00, 0x57, 0x00, 0x0c];
+const WIRE: [u8; 6] = [0x52, 0x54, 0x00, 0x57, 0x00, 0xee];
 
 fn start(dir: &Scratch, specs: &[&str]) -> Switch {
     init_log();
@@ -180,4 +182,52 @@ fn two_switches_back_to_back_segment_checksum_steer_and_coalesce_in_their_device
     // A new far end takes the freed end of the wire.
     let sw3 = start(&d2, &["up=nic:wire:b2b-main"]);
     assert_eq!(sw3.nic("up").unwrap().wire, "wire:b2b-main");
+}
+
+#[test]
+fn a_guests_own_nic_rate_shapes_only_its_pool_on_the_device() {
+    let d = Scratch::new("wire-rate");
+    let sw = start(&d, &["up=nic:wire:rate-main", "a=SOCK:a.sock,nic-rate=2M,nic-weight=3", "b=SOCK:b.sock"]);
+    let far = LinkEnd::attach("rate-main").expect("the wire's free end");
+    let (mut fa, mut fb) = (connect_default(&d, "a"), connect_default(&d, "b"));
+    e2e_tests::send(&mut fa, 0, &hello(A));
+    e2e_tests::send(&mut fb, 0, &hello(B));
+    let r = wait_nic(&sw, |r| r.bound.iter().filter(|b| !b.macs.is_empty()).count() == 2);
+    let tx = |p: &str| r.bound.iter().find(|b| b.port == p).map(|b| (b.tx_rate, b.tx_weight));
+    assert_eq!(tx("a"), Some((Some(2_000_000), 3)), "{r:?}");
+    assert_eq!(tx("b"), Some((None, 1)));
+    // The wire's far end says hello, so the guests' frames to it are unicast to the uplink.
+    assert_eq!(far.send([hello(WIRE).as_slice()]), 1);
+    wait_until(Duration::from_secs(2), || port_stats(&sw, "a").tx.packets >= 1);
+    let mut back = Vec::new();
+    while far.recv(&mut back, 64) > 0 {}
+    back.clear();
+    // a sends 200 KB (its bucket holds 64 KiB), then b 50 frames.
+    let t0 = std::time::Instant::now();
+    for i in 0..200 {
+        e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 1000, i));
+    }
+    for i in 0..50 {
+        e2e_tests::send(&mut fb, 0, &build_frame(WIRE, B, None, 1000, i));
+    }
+    let (mut last_a, mut last_b, mut na, mut nb) = (Duration::ZERO, Duration::ZERO, 0, 0);
+    wait_until(Duration::from_secs(5), || {
+        far.wait(Duration::from_millis(10));
+        let mut got = Vec::new();
+        far.recv(&mut got, 256);
+        for f in &got {
+            match &f[12 + 6..12 + 12] {
+                s if s == A => (na, last_a) = (na + 1, t0.elapsed()),
+                s if s == B => (nb, last_b) = (nb + 1, t0.elapsed()),
+                _ => {}
+            }
+        }
+        far.recycle(got);
+        na == 200 && nb == 50
+    });
+    assert_eq!((na, nb), (200, 50), "nothing lost");
+    println!("a's last frame after {last_a:?}, b's after {last_b:?}");
+    // (200 × 1,042 bytes − 65,600) × 8 / 2 Mbit/s ≈ 0.57 s for a; b is not held behind it.
+    assert!(last_a >= Duration::from_millis(400), "a's pool is shaped to 2 Mbit/s: {last_a:?}");
+    assert!(last_b < last_a / 2, "b's frames did not wait for a's: {last_b:?} vs {last_a:?}");
 }

@@ -72,6 +72,14 @@ pub struct PortConfig {
     /// 1024 for a guest; 16384 for an uplink, which has a whole network segment behind it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_macs: Option<u32>,
+    /// When a NIC model's pool serves this guest, the rate the device shapes what it sends to
+    /// the wire to (`nic-rate=100M`; default: the NIC's `pool_rate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nic_rate: Option<BitRate>,
+    /// ... and its pool's weight in the device's DRR onto the wire (`nic-weight=N`, 1..=100,
+    /// default 1; the host's pool has 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nic_weight: Option<u32>,
 }
 
 /// A NIC model on an uplink port (`nic:IFNAME[,level=0|1][,pools=N][,filters=N]`).
@@ -186,7 +194,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME[,level=0|1][,pools=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1][,pools=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -265,6 +273,8 @@ impl PortConfig {
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
             max_macs: None,
+            nic_rate: None,
+            nic_weight: None,
         };
         let ids = |v: &str, what: &str| {
             v.split(':').map(|x| x.parse::<u32>()).collect::<Result<Vec<_>, _>>().map_err(|_| bad(what))
@@ -307,6 +317,12 @@ impl PortConfig {
                 }
                 Some(("allow-gid", v)) => {
                     pc.allow_gids = ids(v, "allow-gid must be group ids separated by ':'")?
+                }
+                Some(("nic-rate", v)) => {
+                    pc.nic_rate = Some(v.parse::<BitRate>().map_err(|e| bad(&e.to_string()))?)
+                }
+                Some(("nic-weight", v)) => {
+                    pc.nic_weight = Some(v.parse().map_err(|_| bad("nic-weight must be a number"))?)
                 }
                 Some(("pool-rate", v)) => {
                     let n = pc.nic.as_mut().ok_or_else(|| bad("pool-rate= is for nic: ports"))?;
@@ -405,6 +421,14 @@ impl PortConfig {
                 return Err(err(format!("filters={} is outside 1..4096", n.filters)));
             }
             n.itr_profile().map_err(err)?;
+        }
+        if (self.nic_rate.is_some() || self.nic_weight.is_some()) && self.is_uplink() {
+            return Err(err("nic-rate= and nic-weight= are a guest port's (its pool's on a NIC model); a NIC's own is pool-rate=".into()));
+        }
+        if let Some(w) = self.nic_weight {
+            if !(1..=100).contains(&w) {
+                return Err(err(format!("nic-weight={w} is outside 1..100")));
+            }
         }
         if let Some(m) = self.mtu {
             let max = crate::uplink::tap::MAX_MTU;
@@ -757,6 +781,10 @@ mod tests {
         assert!(err("up=nic:tap0,level=2").contains("not modelled yet"));
         assert!(err("up=nic:tap0,pools=1").contains("outside 2..64"));
         assert!(err("up=nic:tap0,filters=0").contains("outside 1..4096"));
+        let g = PortConfig::parse("vm=/s,nic-rate=10M,nic-weight=3").unwrap();
+        assert_eq!((g.nic_rate.map(|r| r.0), g.nic_weight), (Some(10_000_000), Some(3)));
+        assert!(err("vm=/s,nic-weight=0").contains("outside 1..100"));
+        assert!(err("up=nic:tap0,nic-rate=1M").contains("a guest port's"));
         let w = PortConfig::parse("up=nic:wire:w-1,level=0").unwrap();
         assert!(w.tap.is_none() && w.is_uplink() && w.socket.as_os_str().is_empty());
         assert_eq!(w.nic, Some(NicConfig { level: 0, wire: Some("w-1".into()), ..NicConfig::default() }));

@@ -125,6 +125,9 @@ pub struct NicReport {
     pub cpu_copies: u64,
     /// Time in the device's work (steering, LRO, checksums and DMA), ns.
     pub device_ns: u64,
+    /// The same in time-stamp-counter ticks (the unit of `ctl stats`' busy ticks).
+    #[serde(default)]
+    pub device_ticks: u64,
     /// TCP segments the LRO engine merged into a frame before them.
     pub lro_merged: u64,
     /// Frames it gave on with more than one segment.
@@ -170,6 +173,12 @@ pub struct NicBinding {
     pub macs: Vec<String>,
     /// The VLAN tag the device strips, if any.
     pub strip_vlan: Option<u16>,
+    /// The rate its pool's transmit queue is shaped to, bits/s (None: the wire's).
+    #[serde(default)]
+    pub tx_rate: Option<u64>,
+    /// Its pool's weight in the device's DRR onto the wire.
+    #[serde(default)]
+    pub tx_weight: u32,
 }
 
 /// A reply.

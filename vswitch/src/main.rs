@@ -497,7 +497,11 @@ fn print_nic(r: &NicReport) {
         } else {
             b.macs.join(",")
         };
-        println!("  pool {:<3} {:<12} {}{}", b.pool, b.port, macs, strip);
+        let rate = b.tx_rate.map(|r| format!(", sends at most {r} bit/s")).unwrap_or_default();
+        println!(
+            "  pool {:<3} {:<12} {}{} (transmit weight {}{})",
+            b.pool, b.port, macs, strip, b.tx_weight, rate
+        );
     }
     for (port, why) in &r.unserved {
         println!("  {port:<16} not served: {why}");

@@ -74,10 +74,17 @@ impl Control {
                 }
                 bindings = nq.nic.bindings();
             }
-            // A guest sends from its pool's TX queue; everyone else from the host's.
+            // A guest sends from its pool's TX queue, shaped and weighted as its port says;
+            // everyone else from the host's.
+            let ports = &self.ports;
+            let tx = |owner: u16| {
+                ports
+                    .get(&owner)
+                    .map_or((None, 1), |g| (g.cfg.nic_rate.map(|r| r.0), g.cfg.nic_weight.unwrap_or(1)))
+            };
             for slot in nic.rxq.iter() {
                 if let Some(Queue::NicTx(t)) = slot.lock().as_mut() {
-                    t.set_pools(&bindings);
+                    t.set_pools(&bindings, tx, crate::clock::now_ns());
                 }
             }
         }
@@ -138,6 +145,7 @@ impl Control {
             r.cpu_copies += d.cpu_copies;
             r.iotlb_lookups += d.iotlb_lookups;
             r.device_ns += nq.device_ticks * 1000 / tpu;
+            r.device_ticks += nq.device_ticks;
             r.csum_verified += nq.csum_verified;
             let (raised, folded) = nq.irq_counts();
             r.irqs_raised += raised;
@@ -168,9 +176,20 @@ impl Control {
                 r.dma_read_bytes += t.device.dma_read_bytes;
             }
         }
+        let mut pool_tx = vec![(None, 1); cfg.pools as usize];
+        for slot in nic.rxq.iter().take(1) {
+            if let Some(Queue::NicTx(t)) = slot.lock().as_ref() {
+                for (p, x) in pool_tx.iter_mut().enumerate() {
+                    *x = t.pool_tx(p);
+                }
+            }
+        }
         for (pool, owner, macs) in bound {
             let Some(g) = self.ports.get(&owner) else { continue };
+            let (tx_rate, tx_weight) = pool_tx.get(pool as usize).copied().unwrap_or((None, 1));
             r.bound.push(NicBinding {
+                tx_rate,
+                tx_weight,
                 pool,
                 port: g.cfg.name.clone(),
                 macs: macs.iter().map(|m| format_mac(crate::l2::mac_from_bytes(*m))).collect(),

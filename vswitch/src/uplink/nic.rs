@@ -225,6 +225,10 @@ pub struct NicTxQueue {
     pub device: DeviceCounters,
     /// Frames the wire refused.
     pub refused: u64,
+    /// A guest pool's rate unless its guest has its own.
+    pool_rate: Option<u64>,
+    /// Each pool's rate and weight in force.
+    applied: Vec<(Option<u64>, u32)>,
     /// Engines' work for a wire of plain frames: TSO frames cut, the segments they made,
     /// partial checksums completed.
     pub tso_frames: u64,
@@ -233,6 +237,11 @@ pub struct NicTxQueue {
     /// See `tso_frames`.
     pub csum_inserted: u64,
     seg: Vec<u8>,
+}
+
+/// A pool's token bucket at `bps`: 10 ms at the rate, and never less than one TSO frame.
+fn bucket(bps: u64) -> (u64, u64) {
+    (bps, (bps / 800).max(65_600))
 }
 
 /// Why a frame did not go onto the wire.
@@ -250,14 +259,12 @@ impl NicTxQueue {
         let pools = if p.level == Level::L0 { 1 } else { p.sizes.pools as usize };
         // A pool's share of the packet buffer: 256 KiB, room for four 64 KiB TSO frames.
         let mut sched = TxScheduler::new(&vec![1; pools], 65_600, 256 << 10)?;
-        if let Some(bps) = p.pool_rate {
-            // A bucket of 10 ms at the rate, and never less than one TSO frame.
-            let burst = (bps / 800).max(65_600);
-            for pool in 1..pools {
-                sched.set_rate(pool, Some((bps, burst)), now)?;
-            }
+        for pool in 1..pools {
+            sched.set_rate(pool, p.pool_rate.map(bucket), now)?;
         }
         Ok(NicTxQueue {
+            pool_rate: p.pool_rate,
+            applied: vec![(p.pool_rate, 1); pools],
             wire,
             sched,
             pools: vec![0; MAX_PORTS].into_boxed_slice(),
@@ -277,14 +284,41 @@ impl NicTxQueue {
         self.pools.get(port as usize).copied().unwrap_or(0) as usize
     }
 
-    /// Sets which port sends from which pool (every other port: the host's).
-    pub fn set_pools(&mut self, bindings: &[(u8, u16, Vec<[u8; 6]>)]) {
+    /// Sets which port sends from which pool (every other port: the host's), and each guest
+    /// pool's rate and DRR weight: `tx(owner)` gives the guest's own (rate, weight), a rate of
+    /// None meaning the NIC's `pool_rate`. A pool whose settings did not change keeps its
+    /// bucket.
+    pub fn set_pools(
+        &mut self,
+        bindings: &[(u8, u16, Vec<[u8; 6]>)],
+        tx: impl Fn(u16) -> (Option<u64>, u32),
+        now: u64,
+    ) {
         self.pools.fill(0);
+        let mut want = vec![(self.pool_rate, 1); self.applied.len()];
         for (pool, owner, _) in bindings {
             if let Some(p) = self.pools.get_mut(*owner as usize) {
                 *p = *pool;
             }
+            let (rate, weight) = tx(*owner);
+            if let Some(w) = want.get_mut(*pool as usize) {
+                *w = (rate.or(self.pool_rate), weight.max(1));
+            }
         }
+        for (pool, w) in want.into_iter().enumerate().skip(1) {
+            if self.applied[pool] == w {
+                continue;
+            }
+            // Both are valid (a rate from a parsed BitRate, a weight of at least 1).
+            let _ = self.sched.set_rate(pool, w.0.map(bucket), now);
+            let _ = self.sched.set_weight(pool, w.1);
+            self.applied[pool] = w;
+        }
+    }
+
+    /// Pool `pool`'s transmit rate (bits/s; None: the wire's) and DRR weight.
+    pub fn pool_tx(&self, pool: usize) -> (Option<u64>, u32) {
+        self.applied.get(pool).copied().unwrap_or((None, 1))
     }
 
     /// An empty packet buffer.

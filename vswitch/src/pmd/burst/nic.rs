@@ -14,7 +14,7 @@ use crate::clock::ticks;
 use crate::l2::flow::{flow_hash, FLOW_LOOK};
 use crate::l2::{is_group, mac_from_bytes};
 use crate::offload::{self, Caps};
-use crate::uplink::nic::NicQueue;
+use crate::uplink::nic::{NicQueue, Wire};
 use crate::uplink::tap::{Recv, VNET_HDR};
 
 /// A frame the device put in a guest's pool.
@@ -106,7 +106,10 @@ impl Datapath {
         if m == 0 {
             return 0;
         }
-        c.kernel_copies += m as u64;
+        // A TAP's read is the kernel's copy; an in-process wire hands its frames over whole.
+        if matches!(nq.wire, Wire::Tap(_)) {
+            c.kernel_copies += m as u64;
+        }
         let t0 = ticks();
         let m = if nq.lro.is_some() { coalesce(nq, &mut wire, m) } else { m };
         let mut steered = [Steered::default(); BURST];
