@@ -154,6 +154,9 @@ pub struct TierRow {
     /// One-way latency at a fixed rate (`rate`), the same for every tier, µs: 50th, 99th,
     /// 99.9th percentile.
     pub latency_us: [f64; 3],
+    /// The latency the tier adds (or saves): its median less tier 0's in the same run, µs.
+    #[serde(default)]
+    pub latency_added_us: f64,
 }
 
 /// A network namespace holding the wire's far end, deleted on drop.
@@ -532,6 +535,7 @@ fn one(
         tlps: per(d.tlps),
         irqs: per(d.irqs),
         latency_us: [0.0; 3],
+        latency_added_us: 0.0,
     };
     // Phase 2: a fixed rate, the same for every tier, for latency.
     if traffic == Traffic::Udp {
@@ -627,9 +631,12 @@ pub fn run(cfg: &TiersConfig) -> Result<Vec<TierRow>, String> {
                 return Err(format!("size {size} is outside 64..1518 (nominal, with FCS)"));
             }
             let tiers = if cfg.wire == WireKind::Gen { GEN_TIERS } else { TIERS };
+            let mut base = None;
             for tier in tiers {
-                let row = one(cfg, traffic, tier, size, k)?;
+                let mut row = one(cfg, traffic, tier, size, k)?;
                 k += 1;
+                let p50 = row.latency_us[0];
+                row.latency_added_us = p50 - *base.get_or_insert(p50);
                 eprintln!("{:<18} {traffic:?} {:>5} B: {:.3} Mpps", row.tier, size, row.mpps);
                 rows.push(row);
             }
@@ -641,7 +648,7 @@ pub fn run(cfg: &TiersConfig) -> Result<Vec<TierRow>, String> {
 /// The table.
 pub fn print(rows: &[TierRow]) {
     println!(
-        "{:<18} {:<4} {:>5} {:>8} {:>8} {:>6} {:>9} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>6} {:>22}",
+        "{:<18} {:<4} {:>5} {:>8} {:>8} {:>6} {:>9} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>6} {:>22} {:>6}",
         "tier",
         "wire",
         "size",
@@ -656,11 +663,12 @@ pub fn print(rows: &[TierRow]) {
         "DMA B",
         "TLPs",
         "irqs",
-        "latency p50/p99/p99.9 us"
+        "latency p50/p99/p99.9 us",
+        "added"
     );
     for r in rows {
         println!(
-            "{:<18} {:<4} {:>5} {:>8.3} {:>8.3} {:>6.3} {:>9.0} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.0} {:>6.1} {:>6.3} {:>8.1}/{:.1}/{:.1}",
+            "{:<18} {:<4} {:>5} {:>8.3} {:>8.3} {:>6.3} {:>9.0} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.0} {:>6.1} {:>6.3} {:>8.1}/{:.1}/{:.1} {:>+6.1}",
             r.tier,
             if r.traffic == Traffic::Udp { "udp" } else { "tcp" },
             r.size,
@@ -677,13 +685,15 @@ pub fn print(rows: &[TierRow]) {
             r.irqs,
             r.latency_us[0],
             r.latency_us[1],
-            r.latency_us[2]
+            r.latency_us[2],
+            r.latency_added_us
         );
     }
     let wire = rows.first().map(|r| r.wire).unwrap_or_default();
     println!("(the sender as fast as it goes: deliv, wire frames delivered per frame offered; then per wire frame delivered into");
     println!(" a guest, a coalesced TCP frame counting as its segments; host cycles exclude the modelled device's, which dev ns");
-    println!(" shows; kern cp: the TAP wire's read. Latency at a fixed rate, the same for every tier; tcp rows are not timed.");
+    println!(" shows; kern cp: the TAP wire's read. Latency at a fixed rate, the same for every tier (added: the median less");
+    println!(" tier 0's); tcp rows are not timed.");
     println!(" Wire: {wire:?})");
 }
 

@@ -29,6 +29,9 @@ pub struct DeviceCounters {
     pub cpu_copies: u64,
     /// Address translations asked of the IOMMU domain.
     pub iotlb_lookups: u64,
+    /// Of those, translations the domain did not have yet (a vIOMMU miss: the buffer is put
+    /// back untouched until the guest's IOMMU answers).
+    pub iotlb_misses: u64,
     /// Addresses the IOMMU refused (out of range, wrong permission, unmapped): the buffer is
     /// returned empty and counted, never written.
     pub dma_faults: u64,
@@ -52,6 +55,7 @@ impl DeviceCounters {
         self.tlps += o.tlps;
         self.cpu_copies += o.cpu_copies;
         self.iotlb_lookups += o.iotlb_lookups;
+        self.iotlb_misses += o.iotlb_misses;
         self.dma_faults += o.dma_faults;
         self.no_buffer += o.no_buffer;
         self.irqs += o.irqs;

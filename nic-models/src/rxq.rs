@@ -186,6 +186,7 @@ fn take(
             }
             Err(ChainError::Miss { iova }) => {
                 c.iotlb_lookups += 1;
+                c.iotlb_misses += 1;
                 ring.unpop(nheads as u16 + 1);
                 return Err(RxDrop::Miss { iova });
             }

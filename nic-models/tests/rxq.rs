@@ -192,3 +192,27 @@ fn a_guest_rewriting_its_descriptors_meanwhile_gets_faults_or_frames_never_a_str
         assert_eq!(u64::from(outcomes[1]), q.counters.dma_faults);
     });
 }
+
+#[test]
+fn a_buffer_the_viommu_has_not_translated_yet_is_a_counted_miss_and_stays_posted() {
+    use iommu::{Dma, Iotlb};
+    use nic_models::{dma_rx, DeviceCounters, PcieCost, RxFormat, RxScratch};
+    let mut g = MockGuest::new(1 << 20);
+    let mut r = g.ring(16);
+    let buf = g.alloc(2048, 64);
+    let head = r.add_chain(&g, &[(buf, 2048, DESC_F_WRITE)]);
+    // The ring was translated when it was plugged; the buffer's IOVA is not in the IOTLB yet.
+    let mut ring = virtq::SplitRing::new(&mut g.dma(), r.addrs(), 16, 0, false).unwrap();
+    let mut iova = Dma::iova(g.mem.clone(), Iotlb::new(64), 0, Default::default());
+    let fmt = RxFormat { hdr_len: HDR, mergeable: true, indirect: true, cost: PcieCost::default() };
+    let (mut s, mut c) = (RxScratch::default(), DeviceCounters::default());
+    let f = frame(100);
+    let got = dma_rx(&mut ring, &mut iova, &fmt, &mut s, &mut c, &[0; 12], &[&f]);
+    assert_eq!(got, Err(RxDrop::Miss { iova: buf }));
+    assert_eq!((c.iotlb_misses, c.iotlb_lookups, c.dma_faults, c.packets), (1, 1, 0, 0));
+    // Nothing was taken: once translated (here: the guest-physical view), the same buffer
+    // takes the frame.
+    dma_rx(&mut ring, &mut g.dma(), &fmt, &mut s, &mut c, &[0; 12], &[&f]).unwrap();
+    ring.publish_used();
+    assert_eq!(r.take_used(&g), vec![(head as u32, HDR + 100)]);
+}

@@ -158,6 +158,9 @@ pub struct NicReport {
     pub csum_inserted: u64,
     /// Address translations the DMA engine asked of the guests' IOMMU domains.
     pub iotlb_lookups: u64,
+    /// Of those, vIOMMU misses (the frame took the software path, which parks it).
+    #[serde(default)]
+    pub iotlb_misses: u64,
     /// What the wire is: `tap:IFNAME` or `wire:NAME`.
     pub wire: String,
 }

@@ -520,7 +520,7 @@ fn print_nic(r: &NicReport) {
     );
     let per = |x: u64| if r.dma_packets > 0 { x as f64 / r.dma_packets as f64 } else { 0.0 };
     println!(
-        "  device DMA: {} packets, {:.1} bytes written, {:.1} read, {:.2} descriptor fetches, {:.2} write-backs, {:.2} TLPs, {:.2} IOTLB lookups per packet; {} faults; {} CPU copies; {:.0} ns device time per packet",
+        "  device DMA: {} packets, {:.1} bytes written, {:.1} read, {:.2} descriptor fetches, {:.2} write-backs, {:.2} TLPs, {:.2} IOTLB lookups per packet; {} IOTLB misses; {} faults; {} CPU copies; {:.0} ns device time per packet",
         r.dma_packets,
         per(r.dma_write_bytes),
         per(r.dma_read_bytes),
@@ -528,6 +528,7 @@ fn print_nic(r: &NicReport) {
         per(r.desc_writebacks),
         per(r.tlps),
         per(r.iotlb_lookups),
+        r.iotlb_misses,
         r.dma_faults,
         r.cpu_copies,
         if r.wire_frames > 0 { r.device_ns as f64 / r.wire_frames as f64 } else { 0.0 }

@@ -144,6 +144,7 @@ impl Control {
             r.dma_faults += d.dma_faults;
             r.cpu_copies += d.cpu_copies;
             r.iotlb_lookups += d.iotlb_lookups;
+            r.iotlb_misses += d.iotlb_misses;
             r.device_ns += nq.device_ticks * 1000 / tpu;
             r.device_ticks += nq.device_ticks;
             r.csum_verified += nq.csum_verified;
