@@ -90,7 +90,7 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "64,1518")]
         sizes: Vec<usize>,
         /// What the wire carries: udp (timed for latency), tcp (two in-order streams the
-        /// NIC's LRO can coalesce), comma separated.
+        /// NIC's LRO can coalesce), back (the guests send to the wire), comma separated.
         #[arg(long, value_delimiter = ',', default_value = "udp,tcp")]
         traffic: Vec<vswitch_bench::tiers::Traffic>,
         /// Measured seconds per run.

@@ -1,7 +1,9 @@
 //! `vswitch-bench tiers`: the co-design table. The same traffic (a wire, the uplink, sending
 //! to two guests: unicast to each, one frame in 16 broadcast) goes through tier 0 (the
 //! software switch on a TAP uplink), a Level 0 NIC model and a Level 1 NIC model, and the
-//! table says per tier what the host paid and what the device did.
+//! table says per tier what the host paid and what the device did. `--traffic back` measures
+//! the way back: both guests send to the wire's far end (the device's DMA reads, its pools'
+//! scheduler), on the generator wire.
 //!
 //! ```text
 //!  netns: AF_PACKET sender ──▶ TAP (the wire) ──▶ switch port `up` (tap: | nic:,level=0 | nic:,level=1)
@@ -51,6 +53,20 @@ pub enum Traffic {
     /// Two in-order TCP streams (one per guest, segments of the frame size) and one frame in
     /// 16 a UDP broadcast; the guests take TSO frames (what LRO makes). Not timed.
     Tcp,
+    /// The way back: both guests send UDP frames to the wire's far end (generator wire only);
+    /// timed for latency, guest to wire.
+    Back,
+}
+
+impl Traffic {
+    /// Its name on the command line and in the table.
+    pub fn name(self) -> &'static str {
+        match self {
+            Traffic::Udp => "udp",
+            Traffic::Tcp => "tcp",
+            Traffic::Back => "back",
+        }
+    }
 }
 
 impl std::str::FromStr for Traffic {
@@ -59,7 +75,8 @@ impl std::str::FromStr for Traffic {
         match s {
             "udp" => Ok(Traffic::Udp),
             "tcp" => Ok(Traffic::Tcp),
-            _ => Err(format!("traffic '{s}' is not udp or tcp")),
+            "back" => Ok(Traffic::Back),
+            _ => Err(format!("traffic '{s}' is not udp, tcp or back")),
         }
     }
 }
@@ -303,6 +320,10 @@ fn gen_and_receive(
     let (mut sent, mut k) = (0u64, 0usize);
     let mut back = Vec::new();
     let start = Instant::now();
+    // The way back: the guests send (each its own frames), the wire's far end receives.
+    if frames.first().is_some_and(|f| f[..6] == WIRE) {
+        return guests_to_wire(end, &mut frames, pps, stop_tx, guests, rx, stop_rx, hist, timed);
+    }
     while !stop_rx.load(Ordering::Relaxed) {
         let due = pps == 0 || start.elapsed() >= Duration::from_secs_f64(sent as f64 / pps as f64);
         if due && !stop_tx.load(Ordering::Relaxed) {
@@ -321,6 +342,67 @@ fn gen_and_receive(
         }
         poll_guests(guests, rx, hist, timed, mss);
         if end.recv(&mut back, 256) > 0 {
+            end.recycle(back.drain(..));
+        }
+    }
+    sent
+}
+
+/// [`gen_and_receive`] the other way: `frames` (each from one guest, by source MAC) sent by
+/// their guests, 32 per pass (16 each), the wire's far end counting what arrives.
+#[allow(clippy::too_many_arguments)]
+fn guests_to_wire(
+    end: &LinkEnd,
+    frames: &mut [Vec<u8>],
+    pps: u64,
+    stop_tx: &AtomicBool,
+    guests: &mut [Frontend],
+    rx: &Rx,
+    stop_rx: &AtomicBool,
+    hist: &mut Histogram<u64>,
+    timed: &AtomicBool,
+) -> u64 {
+    let n = frames.len();
+    let (mut sent, mut k) = (0u64, 0usize);
+    let mut back = Vec::new();
+    let start = Instant::now();
+    let hdr = vswitch::uplink::tap::VNET_HDR as usize;
+    // The far end speaks first, so the switch learns where WIRE is and does not flood.
+    end.send([build_frame([0xff; 6], WIRE, None, 18, 0).as_slice()]);
+    while !stop_rx.load(Ordering::Relaxed) {
+        let due = pps == 0 || start.elapsed() >= Duration::from_secs_f64(sent as f64 / pps as f64);
+        if due && !stop_tx.load(Ordering::Relaxed) {
+            let batch = if pps > 0 { ((pps / 10_000).clamp(1, 32)) as usize } else { 32 };
+            let t = now_ns();
+            let mut queued = [false; 2];
+            for _ in 0..batch {
+                let f = &mut frames[k % n];
+                let g = G.iter().position(|m| f[6..12] == *m).unwrap_or(0);
+                let off = crate::frame::SEQ_OFFSET;
+                f[off..off + 8].copy_from_slice(&t.to_be_bytes());
+                guests[g].reclaim_tx(0);
+                if !guests[g].enqueue_tx(0, f) {
+                    break;
+                }
+                queued[g] = true;
+                sent += 1;
+                k += 1;
+            }
+            for (g, _) in queued.iter().enumerate().filter(|q| *q.1) {
+                guests[g].flush_tx(0);
+            }
+        }
+        for g in guests.iter_mut() {
+            g.poll_rx(0, |_| {});
+        }
+        let got = end.recv(&mut back, 256);
+        if got > 0 {
+            if timed.load(Ordering::Relaxed) {
+                for f in back.iter().filter_map(|b| frame_seq(&b[hdr..])) {
+                    let _ = hist.record(now_ns().saturating_sub(f).max(1));
+                }
+            }
+            rx.frames.fetch_add(got as u64, Ordering::Relaxed);
             end.recycle(back.drain(..));
         }
     }
@@ -436,11 +518,14 @@ fn wire_frames_for(traffic: Traffic, size: usize) -> (Vec<Vec<u8>>, usize) {
     let mut seq = [1000u32; 2];
     let frames = (0..64)
         .map(|i| {
+            if traffic == Traffic::Back {
+                return build_frame(WIRE, G[i % 2], None, udp, 0);
+            }
             if i % 16 == 15 {
                 return build_frame([0xff; 6], WIRE, None, udp, 0);
             }
             match traffic {
-                Traffic::Udp => build_frame(G[i % 2], WIRE, None, udp, 0),
+                Traffic::Udp | Traffic::Back => build_frame(G[i % 2], WIRE, None, udp, 0),
                 Traffic::Tcp => {
                     let f = build_tcp_segment(G[i % 2], WIRE, seq[i % 2], (i / 2) as u16, mss);
                     seq[i % 2] += mss as u32;
@@ -468,6 +553,9 @@ fn one(
         WireKind::Tap => format!("up={kind}:{ifname}{opts},offloads=off"),
         WireKind::Gen => format!("up=nic:wire:{ifname}{opts}"),
     };
+    if traffic == Traffic::Back && cfg.wire != WireKind::Gen {
+        return Err("traffic 'back' needs the generator wire (--wire gen)".into());
+    }
     let mut ports = vec![PortConfig::parse(&up).map_err(|e| e.to_string())?];
     for g in 0..2 {
         ports.push(
@@ -524,8 +612,12 @@ fn one(
         size,
         offered_mpps: sent,
         mpps: got,
-        // A broadcast (one frame in 16) is delivered to both guests.
-        delivered: if sent > 0.0 { got / (sent * 17.0 / 16.0) } else { 0.0 },
+        // A broadcast (one frame in 16; none on the way back) is delivered to both guests.
+        delivered: match (sent > 0.0, traffic) {
+            (false, _) => 0.0,
+            (true, Traffic::Back) => got / sent,
+            (true, _) => got / (sent * 17.0 / 16.0),
+        },
         host_cycles: per(d.busy.saturating_sub(d.device_ticks)),
         device_ns: per(d.device_ns),
         cpu_copies: per(d.copies),
@@ -538,7 +630,7 @@ fn one(
         latency_added_us: 0.0,
     };
     // Phase 2: a fixed rate, the same for every tier, for latency.
-    if traffic == Traffic::Udp {
+    if traffic != Traffic::Tcp {
         let pps = cfg.rate.unwrap_or(if cfg.wire == WireKind::Gen { 100_000 } else { 20_000 });
         let (.., hist) = run_phase(&sw, &far, &frames, pps, cfg.duration, &mut guests, nic, true, mss)?;
         row.latency_us = [0.5, 0.99, 0.999].map(|q| hist.value_at_quantile(q) as f64 / 1000.0);
@@ -670,7 +762,7 @@ pub fn print(rows: &[TierRow]) {
         println!(
             "{:<18} {:<4} {:>5} {:>8.3} {:>8.3} {:>6.3} {:>9.0} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.0} {:>6.1} {:>6.3} {:>8.1}/{:.1}/{:.1} {:>+6.1}",
             r.tier,
-            if r.traffic == Traffic::Udp { "udp" } else { "tcp" },
+            r.traffic.name(),
             r.size,
             r.offered_mpps,
             r.mpps,
@@ -707,8 +799,7 @@ pub fn write_svg(path: &std::path::Path, rows: &[TierRow]) -> Result<(), String>
             groups.push((r.traffic, r.size));
         }
     }
-    let label =
-        |g: &(Traffic, usize)| format!("{} {} B", if g.0 == Traffic::Udp { "udp" } else { "tcp" }, g.1);
+    let label = |g: &(Traffic, usize)| format!("{} {} B", g.0.name(), g.1);
     type Metric = (&'static str, fn(&TierRow) -> f64);
     let metrics: [Metric; 3] = [
         ("CPU copies per frame", |r| r.cpu_copies),

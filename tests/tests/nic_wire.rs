@@ -98,6 +98,7 @@ fn two_switches_back_to_back_segment_checksum_steer_and_coalesce_in_their_device
     drain(&mut fb, Duration::from_millis(100));
     drain(&mut fc, Duration::from_millis(100));
     let before_b = port_stats(&sw2, "b").tx;
+    let before_tx = sw1.nic("up").unwrap();
 
     // 1. Unicast from a to b: out of sw1's device onto the wire, into b's ring by sw2's DMA.
     let uni: Vec<Vec<u8>> = (0..20).map(|i| build_frame(B, A, None, 300, i)).collect();
@@ -113,6 +114,11 @@ fn two_switches_back_to_back_segment_checksum_steer_and_coalesce_in_their_device
     let s = port_stats(&sw2, "b").tx;
     assert_eq!(s.device_dma - before_b.device_dma, 20, "sw2's device DMAed them: {s:?}");
     assert_eq!(s.copies, before_b.copies, "sw2's CPU copied none");
+    // sw1's device read them out of a's memory: its transmit work is counted as device work.
+    let r = wait_nic(&sw1, |r| r.dma_packets - before_tx.dma_packets == 20);
+    assert!(r.desc_fetches - before_tx.desc_fetches >= 20, "{r:?}");
+    assert!(r.dma_read_bytes - before_tx.dma_read_bytes >= 20 * 342, "{r:?}");
+    assert!(r.device_ticks > before_tx.device_ticks && r.tlps > before_tx.tlps, "{r:?}");
     assert!(
         drain(&mut fc, Duration::from_millis(50)).iter().all(|f| f[..6] != B),
         "c saw none of b's unicast"

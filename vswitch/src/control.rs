@@ -107,11 +107,11 @@ pub struct NicReport {
     pub filtered: u64,
     /// MACs that found no free filter entry.
     pub mac_overflow: u64,
-    /// Packets the DMA engine wrote into guests' buffers.
+    /// Packets the DMA engine wrote into guests' buffers or read from them to transmit.
     pub dma_packets: u64,
     /// Bytes it wrote (headers and used entries included).
     pub dma_write_bytes: u64,
-    /// Bytes it read (descriptors).
+    /// Bytes it read (descriptors, and frames to transmit).
     pub dma_read_bytes: u64,
     /// Descriptors fetched.
     pub desc_fetches: u64,
@@ -123,7 +123,7 @@ pub struct NicReport {
     pub dma_faults: u64,
     /// CPU copies the device made (always 0: it is the DMA engine's work).
     pub cpu_copies: u64,
-    /// Time in the device's work (steering, LRO, checksums and DMA), ns.
+    /// Time in the device's work (steering, LRO, checksums and DMA, both directions), ns.
     pub device_ns: u64,
     /// The same in time-stamp-counter ticks (the unit of `ctl stats`' busy ticks).
     #[serde(default)]

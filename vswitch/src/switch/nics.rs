@@ -174,7 +174,14 @@ impl Control {
                 r.tso_frames += t.tso_frames;
                 r.tso_segments += t.tso_segments;
                 r.csum_inserted += t.csum_inserted;
-                r.dma_read_bytes += t.device.dma_read_bytes;
+                let d = &t.device;
+                r.dma_read_bytes += d.dma_read_bytes;
+                r.dma_packets += d.packets;
+                r.desc_fetches += d.desc_fetches;
+                r.desc_writebacks += d.desc_writebacks;
+                r.tlps += d.tlps;
+                r.device_ns += t.device_ticks * 1000 / tpu;
+                r.device_ticks += t.device_ticks;
             }
         }
         let mut pool_tx = vec![(None, 1); cfg.pools as usize];

@@ -223,6 +223,8 @@ pub struct NicTxQueue {
     free: Vec<Vec<u8>>,
     /// What the device's DMA read for transmit.
     pub device: DeviceCounters,
+    /// Polling-thread ticks spent as the device (descriptor fetches, DMA reads, queueing).
+    pub device_ticks: u64,
     /// Frames the wire refused.
     pub refused: u64,
     /// A guest pool's rate unless its guest has its own.
@@ -270,6 +272,7 @@ impl NicTxQueue {
             pools: vec![0; MAX_PORTS].into_boxed_slice(),
             free: Vec::new(),
             device: DeviceCounters::default(),
+            device_ticks: 0,
             refused: 0,
             tso_frames: 0,
             tso_segments: 0,

@@ -74,6 +74,9 @@ impl Datapath {
     ) {
         let pool = t.pool_of(self.cur_src);
         let (mut queued, mut full, mut refused) = (0u64, 0u64, 0u64);
+        // The device's work (descriptor fetches, the DMA read, queueing) is timed apart.
+        let t0 = crate::clock::ticks();
+        let cost = nic_models::PcieCost::default();
         for i in 0..n {
             let Some(edit) = self.edit_for(d, i, c) else { continue };
             let mut out = Out::new();
@@ -83,7 +86,12 @@ impl Datapath {
                 continue;
             }
             let mut buf = t.buffer();
+            // One descriptor per piece, read by the device, and one completion written back.
+            t.device.desc_fetches += m as u64;
+            t.device.desc_writebacks += 1;
+            t.device.tlps += 1;
             for v in &out.iov[..m] {
+                t.device.tlps += cost.read_tlps(v.iov_len as u32);
                 // SAFETY: each piece is the header or head above, or a grant of the sender's
                 // memory, which the sender's queue lock (held by our caller) keeps mapped.
                 buf.extend_from_slice(unsafe {
@@ -91,6 +99,8 @@ impl Datapath {
                 });
             }
             t.device.dma_read_bytes += buf.len() as u64;
+            t.device.packets += 1;
+            t.device.bytes += buf.len() as u64;
             match t.sched.enqueue(pool, buf) {
                 Ok(()) => queued += 1,
                 Err(b) => {
@@ -100,6 +110,7 @@ impl Datapath {
             }
         }
         let _ = queued;
+        t.device_ticks += crate::clock::ticks().wrapping_sub(t0);
         let (sent, bytes, gone) = t.service(crate::clock::now_ns());
         let s = &d.slot.stats;
         bump(&s.packets, sent);
