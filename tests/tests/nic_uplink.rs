@@ -464,3 +464,57 @@ fn a_guests_pool_is_shaped_on_transmit_and_does_not_hold_up_the_others() {
     assert!(wait_until(Duration::from_secs(5), || wire_rx(&ns, &up) - rx0 >= 250), "all 250 frames went out");
     assert_eq!(sw.nic("up").unwrap().tx_dropped, 0);
 }
+
+/// A real Linux guest (QEMU, TCG) behind a Level 1 NIC on a TAP uplink: a namespace pings it
+/// and streams TCP to and from it. The namespace's unicast to the guest (iperf3 and ping, TSO
+/// frames included) is written into the guest's ring by the device, no CPU copy; ARP's
+/// broadcasts take the software path. Needs the guest kit (scripts/install-test-deps.sh).
+#[test]
+fn level1_a_qemu_linux_guest_gets_a_namespaces_unicast_by_dma_and_its_broadcasts_by_software() {
+    use e2e_tests::linux::{Guest, GuestSpec, Kit};
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let kit = Kit::get();
+    let dir = Scratch::new("nic-guest");
+    let up = ifname("q");
+    let sw = start(&dir, &[format!("up=nic:{up}"), "g=SOCK:g.sock".to_string()]);
+    let na = Netns::new("q");
+    na.adopt(&up, "10.88.0.1/24");
+    // The guest serves iperf3 and waits for "done" on tcp/5999; the namespace is the client.
+    let spec = GuestSpec::new(
+        "g",
+        &dir.path("g.sock"),
+        "52:54:00:4e:00:02",
+        &["role=server", "ip=10.88.0.2/24", "peer=10.88.0.1", "tests=ping,iperf3"],
+    );
+    let mut guest = Guest::start(&kit, &dir, &spec);
+    let booted =
+        wait_until(Duration::from_secs(180), || na.ping("10.88.0.2", 1, &[]).is_ok() || !guest.running());
+    assert!(booted && guest.running(), "the guest never answered\n{}", guest.report());
+    let bound = wait_bound(&sw, "up", 1);
+    assert_eq!(bound.bound[0].macs, vec!["52:54:00:4e:00:02".to_string()], "{bound:?}");
+    let (s0, n0) = (port_stats(&sw, "g").tx, sw.nic("up").expect("ctl nic"));
+    na.ping("10.88.0.2", 5, &[]).unwrap_or_else(|e| panic!("ping the guest: {e}\n{}", guest.report()));
+    let to_guest = na.iperf3_patient("10.88.0.2", 3, false, Duration::from_secs(30));
+    let from_guest = na.iperf3_patient("10.88.0.2", 3, true, Duration::from_secs(30));
+    println!("iperf3 TCP namespace->guest {to_guest:.2} Gbit/s, guest->namespace {from_guest:.2} Gbit/s (guest under TCG)");
+    assert!(to_guest > 0.0 && from_guest > 0.0);
+    let (s1, n1) = (port_stats(&sw, "g").tx, sw.nic("up").expect("ctl nic"));
+    let (dma, copies) = (s1.device_dma - s0.device_dma, s1.copies - s0.copies);
+    println!(
+        "to the guest: {dma} frames by the device's DMA, {copies} by the switch's CPU; the device: {} to the \
+         guest's pool, {} to the software path, {} fallbacks",
+        n1.to_pools - n0.to_pools,
+        n1.to_default - n0.to_default,
+        n1.fallbacks - n0.fallbacks
+    );
+    assert!(dma > 1000, "the stream reached the guest by DMA: {dma} frames, {copies} copies");
+    assert!(copies * 20 < dma, "the software path carried only the odd frame: {copies} copies, {dma} DMAed");
+    assert_eq!(n1.dma_faults, 0, "{n1:?}");
+    assert!(n1.to_default > n0.to_default, "ARP's broadcasts took the software path: {n1:?}");
+    // Tell the guest it is done; it pings back and powers off.
+    let _ = na.run(&["bash", "-c", "echo done ok=1 > /dev/tcp/10.88.0.2/5999"]);
+    let r = guest.wait_result(Duration::from_secs(60));
+    let r = r.unwrap_or_else(|| panic!("no result from the guest\n{}", guest.report()));
+    assert!(r.pass, "{}\n{}", r.line, guest.report());
+    assert_eq!(r.get("ping_loss"), "0%", "the guest's pings to the namespace: {}", r.line);
+}
