@@ -18,6 +18,10 @@
 //!        └─▶ default pool = the switch's software path
 //! ```
 //!
+//! - **Level 2**, direct queue pairs ([`direct`]): the device drives a guest's own transmit and
+//!   receive rings (as a vDPA NIC does), enforcing the switch's source policy and shaping in
+//!   the device, plugged and unplugged under a running guest through the accelerator contract.
+//!
 //! Device work is not host work: every engine counts what the silicon would do (descriptor
 //! fetches and write-backs, DMA bytes and PCIe transactions, IOTLB lookups, interrupts raised
 //! and suppressed) in [`account::DeviceCounters`], apart from the host's cycles.
@@ -26,6 +30,7 @@
 
 pub mod account;
 pub mod classify;
+pub mod direct;
 pub mod engines;
 pub mod itr;
 pub mod nic;
@@ -35,6 +40,7 @@ pub mod txq;
 
 pub use account::{DeviceCounters, PcieCost};
 pub use classify::{Classifier, PoolMask, PoolOptions, RarEntry, TableError, TableSizes, Verdict, VlvfEntry};
+pub use direct::{DirectCounters, DirectPair, Drained, Ledger, PairSetup, Phase, SourceCheck, Wire};
 pub use itr::{Moderator, Profile};
 pub use nic::{BindError, Level, Nic, Steer};
 pub use rxq::{dma_rx, RxDrop, RxFormat, RxQueue, RxScratch};

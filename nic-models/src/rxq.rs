@@ -40,6 +40,9 @@ pub enum RxDrop {
     /// a buffer the IOMMU domain refused; the buffer went back with length 0
     #[error("DMA fault: {0}")]
     Fault(ChainError),
+    /// the queue was quiesced for a hand-over; the frame is for the ring's next owner
+    #[error("queue quiesced")]
+    Quiesced,
     /// an address the IOTLB does not hold yet; the buffer was put back, ask for `iova`
     #[error("IOTLB miss at {iova:#x}")]
     Miss {
@@ -220,6 +223,7 @@ fn take(
 /// Level 2 queue pair); the switch runs [`dma_rx`] on the rings it holds instead.
 pub struct RxQueue {
     ring: SplitRing,
+    handoff: virtq::RingHandoff,
     dma: Dma,
     fmt: RxFormat,
     scratch: RxScratch,
@@ -241,7 +245,15 @@ impl RxQueue {
     ) -> Result<Self, RingError> {
         let ring = SplitRing::new(&mut dma, addrs, size, state.last_avail, event_idx)?;
         let fmt = RxFormat { hdr_len, mergeable, indirect: true, cost: PcieCost::default() };
-        Ok(RxQueue { ring, dma, fmt, scratch: RxScratch::default(), counters: DeviceCounters::default() })
+        let handoff = virtq::RingHandoff { addrs, size: ring.size(), state, event_idx };
+        Ok(RxQueue {
+            ring,
+            handoff,
+            dma,
+            fmt,
+            scratch: RxScratch::default(),
+            counters: DeviceCounters::default(),
+        })
     }
 
     /// Sets the bus cost table the TLP counts follow.
@@ -254,6 +266,11 @@ impl RxQueue {
         self.ring.state()
     }
 
+    /// The ring as it would be handed on now (after [`publish`](Self::publish)).
+    pub fn handoff(&self) -> virtq::RingHandoff {
+        virtq::RingHandoff { state: self.ring.state(), ..self.handoff }
+    }
+
     /// The IOMMU domain the queue translates through (to add IOTLB entries after a miss).
     pub fn dma_mut(&mut self) -> &mut Dma {
         &mut self.dma
@@ -262,7 +279,12 @@ impl RxQueue {
     /// DMAs one frame with its virtio-net header into the guest's next buffer(s); see
     /// [`dma_rx`].
     pub fn receive(&mut self, hdr: &[u8], frame: &[u8]) -> Result<(), RxDrop> {
-        dma_rx(&mut self.ring, &mut self.dma, &self.fmt, &mut self.scratch, &mut self.counters, hdr, &[frame])
+        self.receive_parts(hdr, &[frame])
+    }
+
+    /// [`receive`](Self::receive) of a frame in pieces (a stripped VLAN tag leaves two).
+    pub fn receive_parts(&mut self, hdr: &[u8], frame: &[&[u8]]) -> Result<(), RxDrop> {
+        dma_rx(&mut self.ring, &mut self.dma, &self.fmt, &mut self.scratch, &mut self.counters, hdr, frame)
     }
 
     /// Makes the used entries visible (one index write); whether the guest asked to be

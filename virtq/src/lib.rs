@@ -26,4 +26,4 @@ pub mod state;
 pub use chain::{walk_chain, Chain, ChainError, MAX_SEGS};
 pub use features::Negotiated;
 pub use ring::{Desc, RingAddrs, RingError, SplitRing, MAX_RING_SIZE};
-pub use state::RingState;
+pub use state::{RingHandoff, RingState};

@@ -30,3 +30,18 @@ pub struct RingState {
     /// hand-over, the two agree.
     pub used_idx: u16,
 }
+
+/// A ring as it changes hands between owners (the switch's polling thread and an accelerator):
+/// where its three parts are, its size, where the giver stopped, and whether EVENT_IDX
+/// suppresses notifications. The new owner translates `addrs` through its own IOMMU domain.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingHandoff {
+    /// The ring's parts, in the addresses the frontend gave (IOVAs behind a vIOMMU).
+    pub addrs: crate::ring::RingAddrs,
+    /// Entries (a power of two).
+    pub size: u16,
+    /// Where the giver stopped, every used entry it wrote published.
+    pub state: RingState,
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated.
+    pub event_idx: bool,
+}

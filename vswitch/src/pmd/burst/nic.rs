@@ -284,7 +284,7 @@ impl Datapath {
                         by += (p0.len() + p1.len()) as u64;
                     }
                     // The translation is the software path's to ask for (it parks the frame).
-                    Err(RxDrop::Miss { .. }) => soft.push(s.frame),
+                    Err(RxDrop::Miss { .. } | RxDrop::Quiesced) => soft.push(s.frame),
                     Err(RxDrop::NoBuffer | RxDrop::TooSmall) => no_buf += 1,
                     Err(RxDrop::Fault(_)) => bad += 1,
                     Err(RxDrop::Broken(e)) => {
