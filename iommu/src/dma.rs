@@ -59,6 +59,11 @@ impl Dma {
         Dma { mem, hint: 0, iova, domain, faults }
     }
 
+    /// The IOMMU domain (the port) these translations belong to, as faults name it.
+    pub fn domain(&self) -> u32 {
+        self.domain
+    }
+
     /// The guest memory behind the translations.
     pub fn mem(&self) -> &Arc<AddressSpace> {
         &self.mem

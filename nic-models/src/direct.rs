@@ -109,8 +109,13 @@ pub struct DirectTx {
     pub counters: DeviceCounters,
 }
 
+// SAFETY: `segs` holds grants only during one `fetch`, which also holds `dma` (which keeps
+// their memory mapped); between calls they are dead values. The ring is `Send` itself.
+unsafe impl Send for DirectTx {}
+
 impl DirectTx {
-    fn new(mut dma: Dma, h: RingHandoff, hdr_len: u32, indirect: bool) -> Result<Self, RingError> {
+    /// Takes over a transmit ring at `h` (the contract's plug), translating through `dma`.
+    pub fn new(mut dma: Dma, h: RingHandoff, hdr_len: u32, indirect: bool) -> Result<Self, RingError> {
         let ring = SplitRing::new(&mut dma, h.addrs, u32::from(h.size), h.state.last_avail, h.event_idx)?;
         Ok(DirectTx {
             ring,
@@ -124,6 +129,12 @@ impl DirectTx {
             cost: PcieCost::default(),
             counters: DeviceCounters::default(),
         })
+    }
+
+    /// Turns the guest's kicks (doorbells) on before the device's poller sleeps, or off while
+    /// it polls; true if chains are already waiting.
+    pub fn set_kicks(&mut self, on: bool) -> bool {
+        self.ring.set_kicks(on)
     }
 
     /// Chains fetched and not yet completed.
@@ -264,6 +275,50 @@ impl DirectTx {
         n
     }
 
+    /// One poll of the device's transmit work: fetch up to `max` chains, give the FIFO to
+    /// `wire`, publish. Returns (chains fetched, chains completed, the guest asked to be
+    /// interrupted, an IOVA to ask the frontend for).
+    #[allow(clippy::too_many_arguments)]
+    pub fn poll(
+        &mut self,
+        max: usize,
+        check: &dyn SourceCheck,
+        rate: Option<&mut RateLimiter>,
+        now_ns: u64,
+        wire: &mut dyn FnMut(Vec<u8>) -> Result<(), Wire>,
+        k: &mut DirectCounters,
+    ) -> Result<(usize, usize, bool, Option<u64>), RingError> {
+        let f = self.fetch(max, check, rate, now_ns, k)?;
+        let done = self.transmit(usize::MAX, wire, k);
+        let irq = done > 0 && {
+            self.ring.publish_used();
+            self.ring.needs_interrupt()
+        };
+        Ok((f.chains, done, irq, f.miss))
+    }
+
+    /// The contract's drain for this ring: every in-flight frame to `wire` (one it cannot
+    /// take now is dropped and counted: a hand-over does not wait on the wire), every used
+    /// entry published. Returns (chains completed, the guest is owed an interrupt).
+    pub fn drain(
+        &mut self,
+        wire: &mut dyn FnMut(Vec<u8>) -> Result<(), Wire>,
+        k: &mut DirectCounters,
+    ) -> (u64, bool) {
+        let mut lossy = |f: Vec<u8>| match wire(f) {
+            Ok(()) => Ok(()),
+            Err(_) => Err(Wire::Lost),
+        };
+        let n = self.transmit(usize::MAX, &mut lossy, k);
+        self.ring.publish_used();
+        (n as u64, n > 0 && self.ring.needs_interrupt())
+    }
+
+    /// The ring as it would be handed on now (after [`drain`](Self::drain)).
+    pub fn handoff(&self) -> RingHandoff {
+        RingHandoff { state: self.ring.state(), ..self.handoff }
+    }
+
     /// A buffer the wire is done with, for the next fetch.
     pub fn recycle(&mut self, b: Vec<u8>) {
         if self.free.len() < TX_FIFO {
@@ -343,7 +398,7 @@ impl DirectPair {
             s.mergeable,
         )?;
         let tx = DirectTx::new(tx_dma, s.tx, s.hdr_len, s.indirect)?;
-        let start = (rx.state(), tx.ring.state());
+        let start = (rx.state(), tx.handoff().state);
         Ok(DirectPair { rx, tx, phase: Phase::Running, start, counters: DirectCounters::default() })
     }
 
@@ -367,13 +422,7 @@ impl DirectPair {
         if self.phase != Phase::Running {
             return Ok((0, 0, false, None));
         }
-        let f = self.tx.fetch(max, check, rate, now_ns, &mut self.counters)?;
-        let done = self.tx.transmit(usize::MAX, wire, &mut self.counters);
-        let irq = done > 0 && {
-            self.tx.ring.publish_used();
-            self.tx.ring.needs_interrupt()
-        };
-        Ok((f.chains, done, irq, f.miss))
+        self.tx.poll(max, check, rate, now_ns, wire, &mut self.counters)
     }
 
     /// DMAs one frame (with its virtio-net header) into the guest's next receive buffer(s).
@@ -407,17 +456,9 @@ impl DirectPair {
     /// the wire) and publishes both rings' used entries.
     pub fn drain(&mut self, wire: &mut dyn FnMut(Vec<u8>) -> Result<(), Wire>) -> Drained {
         debug_assert_eq!(self.phase, Phase::Quiesced, "drain before quiesce");
-        let mut k = self.counters;
-        let mut lossy = |f: Vec<u8>| match wire(f) {
-            Ok(()) => Ok(()),
-            Err(_) => Err(Wire::Lost),
-        };
-        let n = self.tx.transmit(usize::MAX, &mut lossy, &mut k);
-        self.counters = k;
-        self.tx.ring.publish_used();
-        let tx_irq = n > 0 && self.tx.ring.needs_interrupt();
+        let (tx_completed, tx_irq) = self.tx.drain(wire, &mut self.counters);
         let rx_irq = self.rx.publish();
-        Drained { tx_completed: n as u64, tx_irq, rx_irq }
+        Drained { tx_completed, tx_irq, rx_irq }
     }
 
     /// The contract's hand back (after [`drain`](Self::drain)): each ring's handoff, at the
@@ -427,11 +468,8 @@ impl DirectPair {
         if self.phase != Phase::Quiesced || self.tx.in_flight() > 0 {
             return Err(Box::new(self));
         }
-        let (rx, tx) = (self.rx.state(), self.tx.ring.state());
-        let ledger = Ledger::between(self.start, (rx, tx));
-        let rx = RingHandoff { state: rx, ..self.rx.handoff() };
-        let tx = RingHandoff { state: tx, ..self.tx.handoff };
-        Ok((rx, tx, ledger))
+        let (rx, tx) = (self.rx.handoff(), self.tx.handoff());
+        Ok((rx, tx, Ledger::between(self.start, (rx.state, tx.state))))
     }
 }
 

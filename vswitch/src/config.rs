@@ -82,7 +82,8 @@ pub struct PortConfig {
     pub nic_weight: Option<u32>,
 }
 
-/// A NIC model on an uplink port (`nic:IFNAME[,level=0|1][,pools=N][,filters=N]`).
+/// A NIC model on an uplink port (`nic:IFNAME[,level=0|1|2][,pools=N][,filters=N]`). Level 2 is
+/// Level 1 plus direct queue pairs: `ctl accel plug PORT` gives a guest's rings to the device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NicConfig {
@@ -194,7 +195,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1][,pools=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2][,pools=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -408,8 +409,8 @@ impl PortConfig {
                 }
                 _ => {}
             }
-            if n.level > 1 {
-                return Err(err(format!("level={} is not modelled yet (0 and 1 are)", n.level)));
+            if n.level > 2 {
+                return Err(err(format!("level={} is not modelled yet (0, 1 and 2 are)", n.level)));
             }
             if !(2..=64).contains(&n.pools) {
                 return Err(err(format!(
@@ -778,7 +779,8 @@ mod tests {
         let err = |s: &str| PortConfig::parse(s).unwrap_err().to_string();
         assert!(err("up=nic:tap0,itr=fast").contains("not adaptive, off or microseconds"));
         assert!(err("up=tap:tap0,level=1").contains("level= is for nic: ports"));
-        assert!(err("up=nic:tap0,level=2").contains("not modelled yet"));
+        assert!(err("up=nic:tap0,level=3").contains("not modelled yet"));
+        assert_eq!(PortConfig::parse("up=nic:tap0,level=2").unwrap().nic.unwrap().level, 2);
         assert!(err("up=nic:tap0,pools=1").contains("outside 2..64"));
         assert!(err("up=nic:tap0,filters=0").contains("outside 1..4096"));
         let g = PortConfig::parse("vm=/s,nic-rate=10M,nic-weight=3").unwrap();

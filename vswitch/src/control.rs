@@ -61,6 +61,89 @@ pub enum Request {
         /// Port name.
         name: String,
     },
+    /// Give a guest port's queue pair to a NIC tier (the accelerator contract's plug).
+    AccelPlug {
+        /// Port name.
+        name: String,
+        /// The tier (`l2`).
+        tier: String,
+    },
+    /// Take it back (quiesce, drain, hand back).
+    AccelUnplug {
+        /// Port name.
+        name: String,
+    },
+    /// Which guest ports are plugged, since when, and what the device did.
+    AccelStatus {
+        /// One port, or all guest ports.
+        name: Option<String>,
+    },
+}
+
+/// The last hand-over of a port's queue pair between the device and the software path.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverReport {
+    /// How long the plug took (the swap under the pair's locks), µs.
+    pub plug_us: u64,
+    /// How long quiesce, drain and hand back took, µs.
+    pub unplug_us: u64,
+    /// In-flight transmits the drain completed.
+    pub drained: u64,
+    /// Receive chains the device took from the available ring while plugged.
+    pub rx_taken: u16,
+    /// Receive used entries it wrote.
+    pub rx_completed: u16,
+    /// Transmit chains it took.
+    pub tx_taken: u16,
+    /// Transmit used entries it wrote.
+    pub tx_completed: u16,
+    /// Every descriptor taken was completed exactly once.
+    pub balanced: bool,
+    /// Where the software path resumed: (last avail, used index) of the receive ring.
+    pub rx_state: (u16, u16),
+    /// The same for the transmit ring.
+    pub tx_state: (u16, u16),
+}
+
+/// `ctl accel status`: one guest port.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccelReport {
+    /// Port name.
+    pub port: String,
+    /// The tier it is plugged into, if it is.
+    pub tier: Option<String>,
+    /// The NIC port's id and name.
+    pub nic: Option<u16>,
+    /// See `nic`.
+    pub nic_name: Option<String>,
+    /// Plugged for, ms.
+    pub plugged_ms: Option<u64>,
+    /// Plugs, unplugs and refused plugs so far.
+    pub plugs: u64,
+    /// See `plugs`.
+    pub unplugs: u64,
+    /// See `plugs`.
+    pub refusals: u64,
+    /// Why the last plug was refused.
+    pub last_refusal: Option<String>,
+    /// Frames the device sent for the guest (to the wire or the software path), all plugs.
+    pub tx_frames: u64,
+    /// Frames the device's source check refused.
+    pub spoofed: u64,
+    /// Times the device's rate left the guest's next frame posted.
+    pub shaped: u64,
+    /// Transmit chains the device refused as malformed or outside the guest.
+    pub tx_faults: u64,
+    /// Frames the device wrote into the guest's buffers, all plugs.
+    pub rx_frames: u64,
+    /// Receive buffers the IOMMU domain refused (this plug).
+    pub rx_faults: u64,
+    /// In-flight transmits drains completed, all unplugs.
+    pub drained: u64,
+    /// The device's transmit time for this guest (this plug), ns.
+    pub device_ns: u64,
+    /// The last hand-over.
+    pub last: Option<HandoverReport>,
 }
 
 /// A port's policy as `policy` reports it.

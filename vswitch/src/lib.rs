@@ -7,6 +7,7 @@
 //! thread), [`control`] (the JSON control socket).
 #![deny(missing_docs)]
 
+pub mod accel;
 pub mod clock;
 pub mod config;
 pub mod control;

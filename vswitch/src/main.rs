@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vswitch::control::{request, NicReport, PolicyReport, PortInfo, Request, Stats};
+use vswitch::control::{request, AccelReport, NicReport, PolicyReport, PortInfo, Request, Stats};
 use vswitch::counters::DropReason;
 use vswitch::l2::FdbEntry;
 use vswitch::policy::spoof::SpoofConfig;
@@ -108,6 +108,33 @@ enum CtlCmd {
     Nic {
         /// Port name (a nic: port).
         name: String,
+    },
+    /// Accelerator modules: give a guest port's queue pair to a NIC tier and take it back, the
+    /// guest noticing nothing.
+    #[command(subcommand)]
+    Accel(AccelCmd),
+}
+
+#[derive(Subcommand)]
+enum AccelCmd {
+    /// Plug a guest port into a tier (the reason is printed if the tier refuses; the port then
+    /// stays on the software path).
+    Plug {
+        /// Guest port name.
+        name: String,
+        /// The tier: l2 (direct queue pairs on a nic:...,level=2 port).
+        #[arg(long, default_value = "l2")]
+        tier: String,
+    },
+    /// Unplug it: quiesce, drain, hand the rings back to the software path.
+    Unplug {
+        /// Guest port name.
+        name: String,
+    },
+    /// Tier, since when, packets the device handled, drains and refusals.
+    Status {
+        /// One guest port (all if left out).
+        name: Option<String>,
     },
 }
 
@@ -369,6 +396,9 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
         }
         CtlCmd::PortDel { name } => Request::PortDel { name },
         CtlCmd::Nic { name } => Request::Nic { name },
+        CtlCmd::Accel(AccelCmd::Plug { name, tier }) => Request::AccelPlug { name, tier },
+        CtlCmd::Accel(AccelCmd::Unplug { name }) => Request::AccelUnplug { name },
+        CtlCmd::Accel(AccelCmd::Status { name }) => Request::AccelStatus { name },
         CtlCmd::Policy(a) => {
             let name = a.name.clone();
             if a.changes_anything() {
@@ -480,9 +510,56 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
             let r: NicReport = serde_json::from_value(v).map_err(bad)?;
             print_nic(&r);
         }
+        Request::AccelPlug { .. } | Request::AccelUnplug { .. } => {
+            let r: AccelReport = serde_json::from_value(v).map_err(bad)?;
+            print_accel(&[r]);
+        }
+        Request::AccelStatus { .. } => {
+            let r: Vec<AccelReport> = serde_json::from_value(v).map_err(bad)?;
+            print_accel(&r);
+        }
         _ => println!("ok"),
     }
     Ok(())
+}
+
+fn print_accel(rows: &[AccelReport]) {
+    for r in rows {
+        match (&r.tier, &r.nic_name) {
+            (Some(t), Some(n)) => println!(
+                "{}: plugged into {n} ({t}) for {:.1} s",
+                r.port,
+                r.plugged_ms.unwrap_or(0) as f64 / 1000.0
+            ),
+            _ => println!("{}: software path", r.port),
+        }
+        println!(
+            "  {} plugs, {} unplugs, {} refused{}",
+            r.plugs,
+            r.unplugs,
+            r.refusals,
+            r.last_refusal.as_ref().map(|w| format!(" (last: {w})")).unwrap_or_default()
+        );
+        println!(
+            "  device: {} frames sent, {} received, {} spoofed, {} held by the rate, {} transmit faults, {} receive faults, \
+             {} in-flight transmits drained",
+            r.tx_frames, r.rx_frames, r.spoofed, r.shaped, r.tx_faults, r.rx_faults, r.drained
+        );
+        if let Some(h) = &r.last {
+            println!(
+                "  last hand-over: plug {} us, unplug {} us; ledger rx {}/{} tx {}/{} ({}); resumed at rx {:?} tx {:?}",
+                h.plug_us,
+                h.unplug_us,
+                h.rx_completed,
+                h.rx_taken,
+                h.tx_completed,
+                h.tx_taken,
+                if h.balanced { "balanced" } else { "NOT balanced" },
+                h.rx_state,
+                h.tx_state
+            );
+        }
+    }
 }
 
 fn print_nic(r: &NicReport) {

@@ -43,6 +43,10 @@ pub enum Queue {
     /// The transmit side of a NIC-model uplink: the device's per-pool TX queues, scheduled
     /// onto the wire.
     NicTx(Box<NicTxQueue>),
+    /// A guest's receive ring plugged into a Level 2 NIC: the device's DMA fills it.
+    AccelRx(Box<crate::accel::AccelRx>),
+    /// A guest's transmit ring plugged into a Level 2 NIC: the device fetches from it.
+    AccelTx(Box<crate::accel::AccelTx>),
 }
 
 impl Queue {
@@ -54,6 +58,8 @@ impl Queue {
             Queue::Tap(t) => !t.broken(),
             Queue::Nic(n) => !n.wire.broken(),
             Queue::NicTx(t) => !t.wire.broken(),
+            Queue::AccelRx(a) => !a.shell.broken,
+            Queue::AccelTx(a) => !a.shell.broken,
         }
     }
 
@@ -131,10 +137,14 @@ impl SlotGuard<'_> {
         self.g.as_mut().and_then(Queue::virtio_mut)
     }
 
-    /// Takes the virtio queue out of the slot (leaving any other kind in place).
+    /// Takes the virtio queue out of the slot (leaving any other kind in place). A ring
+    /// plugged into a device is handed back first (in-flight transmits dropped and counted:
+    /// the frontend is stopping or resetting the ring, which a device cannot outlive).
     pub fn take_virtio(&mut self) -> Option<VirtQueue> {
         match self.g.take() {
             Some(Queue::Virtio(q)) => Some(q),
+            Some(Queue::AccelRx(a)) => Some(a.unplug().0),
+            Some(Queue::AccelTx(a)) => Some(a.unplug(&mut |_| Err(nic_models::direct::Wire::Lost)).0),
             other => {
                 *self.g = other;
                 None

@@ -6,6 +6,7 @@
 //!   vswitch ctl ──control socket──▶ control thread           (bursts, late copy)
 //! ```
 
+mod accel;
 mod ctlsock;
 mod nics;
 mod report;
@@ -194,6 +195,7 @@ impl Switch {
             mem_policy: MemPolicy::from(&cfg),
             memory_faults_seen: iommu::guard::faults(),
             next_nic_sync: Instant::now(),
+            accel: Default::default(),
         };
         if let Some(c) = &mut ctl.ctl {
             c.register(ctl.poll.registry(), CTL_LISTENER).map_err(SwitchError::Start)?;
@@ -263,6 +265,22 @@ impl Switch {
         self.typed(Request::Nic { name: name.into() })
     }
 
+    /// Gives a guest port's queue pair to a NIC tier (`ctl accel plug`); the reason if the
+    /// tier refuses (the port stays on the software path).
+    pub fn accel_plug(&self, name: &str, tier: &str) -> Result<crate::control::AccelReport, SwitchError> {
+        self.typed(Request::AccelPlug { name: name.into(), tier: tier.into() })
+    }
+
+    /// Takes it back: quiesce, drain, hand back (`ctl accel unplug`).
+    pub fn accel_unplug(&self, name: &str) -> Result<crate::control::AccelReport, SwitchError> {
+        self.typed(Request::AccelUnplug { name: name.into() })
+    }
+
+    /// Plug state and device counters of one guest port, or all (`ctl accel status`).
+    pub fn accel_status(&self, name: Option<&str>) -> Result<Vec<crate::control::AccelReport>, SwitchError> {
+        self.typed(Request::AccelStatus { name: name.map(Into::into) })
+    }
+
     fn typed<T: serde::de::DeserializeOwned>(&self, req: Request) -> Result<T, SwitchError> {
         let v = self.request(req)?;
         serde_json::from_value(v).map_err(|e| SwitchError::Refused(e.to_string()))
@@ -304,6 +322,8 @@ struct Control {
     memory_faults_seen: u64,
     /// When NIC models' filters next follow the forwarding table.
     next_nic_sync: Instant,
+    /// Plugs into NIC tiers, per guest port.
+    accel: accel::AccelBooks,
 }
 
 impl Control {
@@ -491,6 +511,18 @@ impl Control {
                 .map_err(|e| e.to_string()),
             Request::Nic { name } => self
                 .nic_report(&name)
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .map_err(|e| e.to_string()),
+            Request::AccelPlug { name, tier } => self
+                .accel_plug(&name, &tier)
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .map_err(|e| e.to_string()),
+            Request::AccelUnplug { name } => self
+                .accel_unplug(&name)
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .map_err(|e| e.to_string()),
+            Request::AccelStatus { name } => self
+                .accel_status(name.as_deref())
                 .map(|r| serde_json::to_value(r).unwrap_or_default())
                 .map_err(|e| e.to_string()),
             Request::PolicySet { name, policy } => self

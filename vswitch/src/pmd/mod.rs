@@ -312,7 +312,21 @@ impl Pmd {
                     }
                     sleeper.watch(port.id, *pair, n.wire.file(), 0)
                 }
-                Some(Queue::NicTx(_)) => sleeper.unwatch(port.id, *pair),
+                // The device polls a plugged ring: the guest's doorbell wakes it as it would
+                // the software path, and frames it holds for the wire or a rate are work soon.
+                Some(Queue::AccelTx(a)) => {
+                    if a.q.set_kicks(true) {
+                        work = true;
+                    }
+                    if a.q.in_flight() > 0 {
+                        short_sleep = true;
+                    }
+                    match &a.shell.kick {
+                        Some((file, gen)) => sleeper.watch(port.id, *pair, file, *gen),
+                        None => blind = true,
+                    }
+                }
+                Some(Queue::NicTx(_) | Queue::AccelRx(_)) => sleeper.unwatch(port.id, *pair),
                 None => sleeper.unwatch(port.id, *pair),
             }
         }
@@ -343,8 +357,14 @@ impl Pmd {
         }
         for (port, pair) in &self.polls {
             let mut g = port.txq[*pair as usize].lock();
-            if let Some(q) = g.virtio_mut() {
-                q.ring.set_kicks(false);
+            match g.as_mut() {
+                Some(Queue::Virtio(q)) => {
+                    q.ring.set_kicks(false);
+                }
+                Some(Queue::AccelTx(a)) => {
+                    a.q.set_kicks(false);
+                }
+                _ => {}
             }
         }
     }

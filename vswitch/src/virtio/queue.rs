@@ -21,6 +21,10 @@ use crate::vhost::iotlb::IotlbLink;
 pub struct VirtQueue {
     /// The ring itself (hot).
     pub ring: SplitRing,
+    /// Where the ring is and how it notifies: what an accelerator is handed with its state.
+    pub addrs: virtq::RingAddrs,
+    /// VIRTIO_RING_F_EVENT_IDX.
+    pub event_idx: bool,
     /// How the guest's addresses become host memory (guest-physical, or IOVAs through this
     /// queue's IOTLB copy), with the memory it keeps mapped.
     pub dma: Dma,
@@ -91,6 +95,8 @@ impl VirtQueue {
         ring.set_kicks(false);
         Ok(VirtQueue {
             ring,
+            addrs: s.addrs,
+            event_idx: s.event_idx,
             dma,
             iotlb: None,
             hdr_len: s.hdr_len,
@@ -121,6 +127,12 @@ impl VirtQueue {
         if !self.ring.needs_interrupt() {
             return false;
         }
+        self.signal()
+    }
+
+    /// Interrupts the guest whether or not its ring asks (a ring handed over owes the guest
+    /// the interrupt its last owner did not send); returns whether it did.
+    pub fn signal(&mut self) -> bool {
         let Some(call) = &self.call else { return false };
         // The frontend shares this eventfd's file description and may have made it blocking
         // again: the write runs under the watchdog, which interrupts it (EINTR) if it blocks.

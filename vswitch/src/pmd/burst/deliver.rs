@@ -118,6 +118,7 @@ impl Datapath {
             Some(Queue::Virtio(rq)) if !rq.broken => self.fill_virtio(&d, rq, src_hdr, n, c),
             Some(Queue::Tap(t)) if !t.broken() => self.send_tap(&d, t, src_hdr, n, c),
             Some(Queue::NicTx(t)) if !t.wire.broken() => self.send_nic(&d, t, src_hdr, n, c),
+            Some(Queue::AccelRx(a)) if !a.shell.broken => self.send_accel(&d, a, src_hdr, n, c),
             // Not running (not connected, stopped, its device gone): every packet for it has
             // no buffer, floods included (as a down port counts what it could not send).
             _ => self.lost(&d, n),

@@ -10,6 +10,7 @@
 //! Nothing here allocates, takes a lock other than the destination queue's slot (once per
 //! destination per burst), or makes a syscall other than an interrupt a guest asked for.
 
+mod accel;
 mod complete;
 mod decide;
 mod deliver;
@@ -277,8 +278,13 @@ impl Datapath {
                 c.count(&slot.stats);
                 n
             }
+            Some(Queue::AccelTx(a)) => {
+                let n = self.burst_accel(src, a, now, &mut c);
+                c.count(&slot.stats);
+                n
+            }
             // A transmit side sits in a receive slot, never here.
-            Some(Queue::NicTx(_)) => 0,
+            Some(Queue::NicTx(_) | Queue::AccelRx(_)) => 0,
             None => 0,
         }
     }

@@ -246,6 +246,12 @@ impl Datapath {
             }
             let slot = &dport.rxq[q];
             let mut g = slot.lock();
+            // A ring plugged into the device (Level 2): its own queue takes the frames.
+            if let Some(Queue::AccelRx(a)) = g.as_mut() {
+                let mine = frames.iter().filter(|s| queue_of(s) == q);
+                accel_rx(nq, a, slot, wire, mine, soft, c);
+                continue;
+            }
             let rq = match g.as_mut() {
                 Some(Queue::Virtio(rq)) if !rq.broken && rq.held == 0 && !has_parked(rq) => rq,
                 _ => {
@@ -308,6 +314,57 @@ impl Datapath {
                 bump(&slot.stats.interrupts, 1);
             }
         }
+    }
+}
+
+/// The device's DMA of `frames` into a receive ring plugged into it (Level 2): what the guest
+/// cannot take as it is goes to `soft`.
+fn accel_rx<'a>(
+    nq: &mut NicQueue,
+    a: &mut crate::accel::AccelRx,
+    slot: &QueueSlot,
+    wire: &[Grant<Ro>; BURST],
+    frames: impl Iterator<Item = &'a Steered>,
+    soft: &mut Soft,
+    c: &mut SrcCounts,
+) {
+    if a.shell.broken {
+        return frames.for_each(|s| soft.push(s.frame));
+    }
+    let (mut pk, mut by, mut no_buf, mut bad) = (0u64, 0u64, 0u64, 0u64);
+    for s in frames {
+        let b = bytes(&wire[s.frame as usize]);
+        let (h, f) = b.split_at(VNET_HDR as usize);
+        let Some(hdr) = header_for(a.shell.caps, h, f, s.strip, &mut nq.csum_verified) else {
+            soft.push(s.frame);
+            continue;
+        };
+        let tagged = f.len() >= 18 && f[12] == 0x81 && f[13] == 0;
+        let (p0, p1): (&[u8], &[u8]) = if s.strip && tagged { (&f[..12], &f[16..]) } else { (f, &[]) };
+        match a.q.receive_parts(&hdr, &[p0, p1]) {
+            Ok(()) => {
+                pk += 1;
+                by += (p0.len() + p1.len()) as u64;
+            }
+            Err(RxDrop::NoBuffer | RxDrop::TooSmall) => no_buf += 1,
+            Err(RxDrop::Fault(_)) => bad += 1,
+            Err(RxDrop::Miss { .. } | RxDrop::Quiesced) => soft.push(s.frame),
+            Err(RxDrop::Broken(e)) => {
+                a.shell.broken = true;
+                no_buf += 1;
+                tracing::warn!("stopping a plugged receive queue: {e}");
+            }
+        }
+    }
+    c.packets += pk + no_buf + bad;
+    c.bytes += by;
+    bump(&slot.stats.packets, pk);
+    bump(&slot.stats.bytes, by);
+    bump(&slot.stats.device_dma, pk);
+    slot.stats.drop(DropReason::NoBuffer, no_buf);
+    slot.stats.drop(DropReason::Malformed, bad);
+    if pk > 0 && a.q.publish() && a.shell.signal() {
+        bump(&slot.stats.interrupts, 1);
     }
 }
 

@@ -162,3 +162,64 @@ impl Datapath {
         bump(&s.gso_whole, k.whole);
     }
 }
+
+impl Datapath {
+    /// A guest's receive ring plugged into a Level 2 NIC: the software path hands each packet
+    /// bound to it to the device (a host transmit the device loops back to the guest's pool),
+    /// whose DMA writes it into the guest's posted buffer, so no CPU copies it. An offload
+    /// request the guest did not negotiate cannot be handed over as it is: dropped, counted.
+    pub(super) fn send_accel(
+        &mut self,
+        d: &Dest<'_>,
+        a: &mut crate::accel::AccelRx,
+        src_hdr: u32,
+        n: usize,
+        c: &mut SrcCounts,
+    ) {
+        use crate::offload::{F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_TCPV6};
+        use nic_models::RxDrop;
+        let (mut sent, mut bytes, mut no_buf, mut bad) = (0u64, 0u64, 0u64, 0u64);
+        let caps = a.shell.caps;
+        for i in 0..n {
+            let Some(edit) = self.edit_for(d, i, c) else { continue };
+            let mut out = Out::new();
+            let m = self.packet_iov(i, edit, src_hdr, &mut out);
+            let (flags, gso) = (out.hdr[0], out.hdr[1]);
+            let takes = match gso & 0x7f {
+                GSO_NONE => true,
+                GSO_TCPV4 => caps.rx_tso4,
+                GSO_TCPV6 => caps.rx_tso6,
+                _ => false,
+            } && (flags & F_NEEDS_CSUM == 0 || caps.rx_csum);
+            if m == 0 || !takes {
+                bad += 1;
+                continue;
+            }
+            let mut parts: [&[u8]; MAX_SEGS + 1] = [&[]; MAX_SEGS + 1];
+            let mut len = 0usize;
+            for (k, v) in out.iov[1..m].iter().enumerate() {
+                // SAFETY: each piece is the head above or a grant of the sender's memory, which
+                // the sender's queue lock (held by our caller) keeps mapped.
+                parts[k] = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+                len += v.iov_len;
+            }
+            match a.q.receive_parts(&out.hdr, &parts[..m - 1]) {
+                Ok(()) => {
+                    sent += 1;
+                    bytes += len as u64;
+                }
+                Err(RxDrop::NoBuffer | RxDrop::TooSmall) => no_buf += 1,
+                Err(_) => bad += 1,
+            }
+        }
+        let s = &d.slot.stats;
+        bump(&s.packets, sent);
+        bump(&s.bytes, bytes);
+        bump(&s.device_dma, sent);
+        s.drop(DropReason::NoBuffer, no_buf);
+        s.drop(DropReason::Malformed, bad);
+        if sent > 0 && a.q.publish() && a.shell.signal() {
+            bump(&s.interrupts, 1);
+        }
+    }
+}

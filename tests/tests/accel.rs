@@ -1,0 +1,286 @@
+//! Accelerator modules: a guest port's queue pair plugged into a Level 2 NIC model (the device
+//! drives the guest's own rings) and unplugged again, under traffic both ways, losing nothing.
+//! An in-process wire (`nic:wire:NAME`) with the test at its far end; needs no root.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use e2e_tests::{connect_default, drain, init_log, port_stats, wait_until, Scratch};
+use vswitch::config::{PortConfig, SwitchConfig};
+use vswitch::control::AccelReport;
+use vswitch::switch::Switch;
+use vswitch::uplink::link::LinkEnd;
+use vswitch_bench::frame::{build_frame, frame_seq};
+
+const A: [u8; 6] = [0x52, 0x54, 0x00, 0x5a, 0x00, 0x0a];
+const B: [u8; 6] = [0x52, 0x54, 0x00, 0x5a, 0x00, 0x0b];
+const WIRE: [u8; 6] = [0x52, 0x54, 0x00, 0x5a, 0x00, 0xee];
+/// Frames in flight per direction: below every ring and queue on the way, so a frame can only
+/// go missing if a hand-over loses it.
+const WINDOW: u64 = 48;
+
+fn start(dir: &Scratch, specs: &[String]) -> Switch {
+    init_log();
+    let ports = specs
+        .iter()
+        .map(|s| {
+            let s = s.replace("SOCK:", &format!("{}/", dir.0.display()));
+            PortConfig::parse(&s).unwrap_or_else(|e| panic!("{s}: {e}"))
+        })
+        .collect();
+    Switch::start(SwitchConfig { fdb_aging_secs: 300, ports, ..Default::default() }).expect("switch starts")
+}
+
+fn hello(mac: [u8; 6]) -> Vec<u8> {
+    build_frame([0xff; 6], mac, None, 18, 0)
+}
+
+/// Checks that `got` is exactly 0..n in order; says what is wrong otherwise.
+fn in_order(what: &str, got: &[u64], n: u64) {
+    let dups = got.windows(2).filter(|w| w[1] <= w[0]).count();
+    let missing = (0..n).filter(|s| got.binary_search(s).is_err()).count();
+    assert!(
+        got.len() as u64 == n && dups == 0 && missing == 0,
+        "{what}: {} of {n} arrived, {dups} out of order or repeated, {missing} missing",
+        got.len()
+    );
+}
+
+/// A switch with a Level 2 NIC on an in-process wire and guests a and b, the wire's far end,
+/// and both guests known to the switch and the device.
+fn setup(
+    dir: &Scratch,
+    wire: &str,
+) -> (Switch, LinkEnd, vswitch_bench::frontend::Frontend, vswitch_bench::frontend::Frontend) {
+    let sw = start(
+        dir,
+        &[format!("up=nic:wire:{wire},level=2,pools=4"), "a=SOCK:a.sock".into(), "b=SOCK:b.sock".into()],
+    );
+    let end = LinkEnd::attach(wire).expect("the wire's far end");
+    let mut fa = connect_default(dir, "a");
+    let mut fb = connect_default(dir, "b");
+    assert_eq!(end.send([hello(WIRE).as_slice()]), 1);
+    e2e_tests::send(&mut fa, 0, &hello(A));
+    e2e_tests::send(&mut fb, 0, &hello(B));
+    let ok = wait_until(Duration::from_secs(5), || {
+        sw.nic("up").is_ok_and(|r| r.bound.iter().filter(|b| !b.macs.is_empty()).count() == 2)
+    });
+    assert!(ok, "the NIC binds both guests: {:?}", sw.nic("up"));
+    drain(&mut fa, Duration::from_millis(50));
+    drain(&mut fb, Duration::from_millis(50));
+    let mut back = Vec::new();
+    end.recv(&mut back, 64);
+    (sw, end, fa, fb)
+}
+
+#[test]
+fn plugged_and_unplugged_100_times_under_traffic_both_ways_nothing_is_lost_or_repeated() {
+    let dir = Scratch::new("accel-loop");
+    let wire = format!("accel-{}", std::process::id());
+    let (sw, end, mut fa, _fb) = setup(&dir, &wire);
+    let stop = AtomicBool::new(false);
+    // Sent by the wire to a, received by a; sent by a to the wire, received by the wire.
+    let (w_sent, a_got, a_sent, w_got) =
+        (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let mut reports: Vec<AccelReport> = Vec::new();
+    let (to_a, to_wire) = std::thread::scope(|s| {
+        // The wire's far end: sends to a within the window, takes what a sends.
+        let far = s.spawn(|| {
+            let (mut seqs, mut back) = (Vec::new(), Vec::new());
+            let mut next = 0u64;
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(60) {
+                let done = stop.load(Ordering::Relaxed);
+                if !done && next.saturating_sub(a_got.load(Ordering::Relaxed)) < WINDOW {
+                    let f = build_frame(A, WIRE, None, 100, next);
+                    if end.send([f.as_slice()]) == 1 {
+                        next += 1;
+                        w_sent.store(next, Ordering::Relaxed);
+                    }
+                }
+                if end.recv(&mut back, 64) > 0 {
+                    for f in back.drain(..) {
+                        if let Some(q) = frame_seq(&f[12..]) {
+                            seqs.push(q);
+                        }
+                    }
+                    w_got.store(seqs.len() as u64, Ordering::Relaxed);
+                } else if done && seqs.len() as u64 >= a_sent.load(Ordering::Relaxed) {
+                    break;
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+            seqs
+        });
+        // Guest a: sends to the wire within the window, takes what the wire sends.
+        let guest = s.spawn(|| {
+            let mut seqs = Vec::new();
+            let mut next = 0u64;
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(60) {
+                let done = stop.load(Ordering::Relaxed);
+                fa.reclaim_tx(0);
+                if !done && next.saturating_sub(w_got.load(Ordering::Relaxed)) < WINDOW {
+                    let f = build_frame(WIRE, A, None, 100, next);
+                    if fa.send(0, &f) {
+                        next += 1;
+                        a_sent.store(next, Ordering::Relaxed);
+                    }
+                }
+                let n = fa.poll_rx(0, |f| {
+                    if let Some(q) = frame_seq(f) {
+                        seqs.push(q);
+                    }
+                });
+                a_got.store(seqs.len() as u64, Ordering::Relaxed);
+                if n == 0 {
+                    if done && seqs.len() as u64 >= w_sent.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    std::thread::yield_now();
+                }
+            }
+            seqs
+        });
+        for i in 0..100 {
+            let r = sw.accel_plug("a", "l2").unwrap_or_else(|e| panic!("plug {i}: {e}"));
+            assert_eq!(r.tier.as_deref(), Some("l2"));
+            std::thread::sleep(Duration::from_millis(3));
+            reports.push(sw.accel_unplug("a").unwrap_or_else(|e| panic!("unplug {i}: {e}")));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        stop.store(true, Ordering::Relaxed);
+        (guest.join().expect("guest"), far.join().expect("far end"))
+    });
+    let (sent_to_a, sent_by_a) = (w_sent.load(Ordering::Relaxed), a_sent.load(Ordering::Relaxed));
+    let last = reports.last().expect("reports").clone();
+    println!(
+        "{sent_to_a} frames wire->a, {sent_by_a} a->wire across 100 plugs; the device sent {} and received {}; \
+         {} in-flight transmits drained; last plug {} us, unplug {} us",
+        last.tx_frames,
+        last.rx_frames,
+        last.drained,
+        last.last.as_ref().map_or(0, |h| h.plug_us),
+        last.last.as_ref().map_or(0, |h| h.unplug_us)
+    );
+    assert!(sent_to_a > 1000 && sent_by_a > 1000, "traffic flowed: {sent_to_a} and {sent_by_a}");
+    in_order("wire -> a", &to_a, sent_to_a);
+    in_order("a -> wire", &to_wire, sent_by_a);
+    for (i, r) in reports.iter().enumerate() {
+        let h = r.last.as_ref().expect("a hand-over report");
+        assert!(h.balanced, "unplug {i}: every descriptor the device took was completed once: {h:?}");
+    }
+    assert_eq!((last.plugs, last.unplugs, last.refusals), (100, 100, 0));
+    assert!(last.tx_frames > 0 && last.rx_frames > 0, "the device carried traffic while plugged: {last:?}");
+    let s = port_stats(&sw, "a");
+    assert_eq!((s.tx.drop_no_buffer, s.tx.drop_malformed), (0, 0), "nothing dropped on the way to a: {s:?}");
+}
+
+/// Frames from the wire's far end with source `WIRE` seen since the last call.
+fn from_wire_end(end: &LinkEnd, wait: Duration) -> Vec<Vec<u8>> {
+    let (mut out, mut back) = (Vec::new(), Vec::new());
+    let t = Instant::now();
+    while t.elapsed() < wait {
+        if end.recv(&mut back, 64) > 0 {
+            out.extend(back.drain(..).map(|f| f[12..].to_vec()));
+        } else {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_plugged_guest_keeps_the_software_path_for_broadcast_and_other_guests_and_the_device_enforces_its_policy()
+{
+    use vswitch::policy::spoof::SpoofConfig;
+    use vswitch::policy::PolicyConfig;
+    let dir = Scratch::new("accel-paths");
+    let wire = format!("accel-p{}", std::process::id());
+    // pools=2: pool 0 is the host's, so the device has one queue pair for guests.
+    let sw = start(
+        &dir,
+        &[format!("up=nic:wire:{wire},level=2,pools=2"), "a=SOCK:a.sock".into(), "b=SOCK:b.sock".into()],
+    );
+    let end = LinkEnd::attach(&wire).expect("the wire's far end");
+    let mut fa = connect_default(&dir, "a");
+    let mut fb = connect_default(&dir, "b");
+    assert_eq!(end.send([hello(WIRE).as_slice()]), 1);
+    e2e_tests::send(&mut fa, 0, &hello(A));
+    e2e_tests::send(&mut fb, 0, &hello(B));
+    assert!(wait_until(Duration::from_secs(5), || sw.nic("up").is_ok_and(|r| !r.bound.is_empty())));
+    drain(&mut fa, Duration::from_millis(50));
+    drain(&mut fb, Duration::from_millis(50));
+    from_wire_end(&end, Duration::from_millis(20));
+
+    // Refusals say why, and leave the port on the software path.
+    let err = |r: Result<AccelReport, vswitch::switch::SwitchError>| r.expect_err("refused").to_string();
+    assert!(err(sw.accel_plug("up", "l2")).contains("is an uplink"));
+    assert!(err(sw.accel_plug("a", "l3")).contains("not built yet"));
+    assert!(err(sw.accel_unplug("a")).contains("not plugged"));
+    sw.accel_plug("a", "l2").expect("plug a");
+    assert!(err(sw.accel_plug("a", "l2")).contains("already plugged"));
+    let no_pair = err(sw.accel_plug("b", "l2"));
+    assert!(no_pair.contains("no free queue pair"), "{no_pair}");
+    let st = sw.accel_status(Some("b")).unwrap();
+    assert_eq!((st[0].tier.as_deref(), st[0].refusals), (None, 1), "{st:?}");
+    assert!(st[0].last_refusal.as_deref().is_some_and(|w| w.contains("no free queue pair")));
+
+    // Plugged, a still gets the wire's broadcast and b's unicast (the software path hands
+    // them to the device), and what a sends to b or to everyone takes the software path.
+    assert_eq!(end.send([build_frame([0xff; 6], WIRE, None, 60, 1).as_slice()]), 1);
+    e2e_tests::send(&mut fb, 0, &build_frame(A, B, None, 60, 2));
+    let got = fa.recv_frames(0, 2, Duration::from_secs(5));
+    let seqs: Vec<_> = got.iter().filter_map(|f| frame_seq(f)).collect();
+    assert_eq!(seqs, vec![1, 2], "broadcast from the wire and unicast from b");
+    e2e_tests::send(&mut fa, 0, &build_frame(B, A, None, 60, 3));
+    e2e_tests::send(&mut fa, 0, &build_frame([0xff; 6], A, None, 60, 4));
+    e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 60, 5));
+    let got = fb.recv_frames(0, 3, Duration::from_secs(5));
+    assert_eq!(
+        got.iter().filter_map(|f| frame_seq(f)).collect::<Vec<_>>(),
+        vec![1, 3, 4],
+        "b: the wire's broadcast, a's unicast and broadcast"
+    );
+    let on_wire: Vec<_> =
+        from_wire_end(&end, Duration::from_millis(300)).iter().filter_map(|f| frame_seq(f)).collect();
+    assert_eq!(on_wire, vec![4, 5], "a's broadcast and its unicast for the wire");
+    let st = &sw.accel_status(Some("a")).unwrap()[0];
+    assert!(st.rx_frames >= 2 && st.tx_frames >= 3, "the device carried them: {st:?}");
+
+    // One policy, two enforcers: a may only send from A. Plugged, the device drops a forged
+    // source; unplugged, the software path drops the same frame.
+    let spoof = SpoofConfig { macs: vec!["52:54:00:5a:00:0a".into()], ips: None };
+    sw.set_policy("a", PolicyConfig { anti_spoof: Some(spoof), ..Default::default() }).expect("policy");
+    let forged = |seq| build_frame(WIRE, [0x52, 0x54, 0, 0x5a, 0, 0x66], None, 60, seq);
+    e2e_tests::send(&mut fa, 0, &forged(10));
+    e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 60, 11));
+    let on_wire: Vec<_> =
+        from_wire_end(&end, Duration::from_millis(300)).iter().filter_map(|f| frame_seq(f)).collect();
+    assert_eq!(on_wire, vec![11], "the device stopped the forged frame");
+    assert_eq!(sw.accel_status(Some("a")).unwrap()[0].spoofed, 1);
+    let h = sw.accel_unplug("a").expect("unplug").last.expect("hand-over");
+    assert!(h.balanced, "{h:?}");
+    let before = sw.policy("a").unwrap().counters;
+    e2e_tests::send(&mut fa, 0, &forged(12));
+    e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 60, 13));
+    let on_wire: Vec<_> =
+        from_wire_end(&end, Duration::from_millis(300)).iter().filter_map(|f| frame_seq(f)).collect();
+    assert_eq!(on_wire, vec![13], "the software path stopped the same frame");
+    assert_ne!(sw.policy("a").unwrap().counters, before, "counted by the software path's policy");
+
+    // A guest that goes away while plugged leaves the device clean for the next one.
+    sw.set_policy("a", PolicyConfig::default()).expect("policy off");
+    sw.accel_plug("a", "l2").expect("plug a again");
+    drop(fa);
+    let freed =
+        wait_until(Duration::from_secs(5), || sw.accel_status(Some("a")).is_ok_and(|s| s[0].tier.is_none()));
+    assert!(freed, "a's disconnect handed its rings back: {:?}", sw.accel_status(Some("a")));
+    sw.accel_plug("b", "l2").expect("b takes the freed queue pair");
+    e2e_tests::send(&mut fb, 0, &build_frame(WIRE, B, None, 60, 20));
+    let on_wire: Vec<_> =
+        from_wire_end(&end, Duration::from_millis(300)).iter().filter_map(|f| frame_seq(f)).collect();
+    assert_eq!(on_wire, vec![20]);
+    assert!(sw.accel_unplug("b").unwrap().last.unwrap().balanced);
+}

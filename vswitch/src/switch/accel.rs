@@ -1,0 +1,254 @@
+//! `ctl accel`: plugging a guest port's queue pair into a Level 2 NIC and unplugging it, from
+//! the control thread. The swap happens under the pair's two slot locks (transmit first, then
+//! receive, the polling threads' own order), so it falls between two bursts: a polling thread
+//! waits at most for the other's burst, never for the control thread's work beyond the swap.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use accel::{DeviceFacts, PortFacts, Refusal, Tier};
+use nic_models::direct::Wire;
+use shaping::RateLimiter;
+
+use super::{Control, SwitchError};
+use crate::control::{AccelReport, HandoverReport};
+use crate::port::Queue;
+
+/// What the switch remembers of a port's plugs (it outlives each plug).
+#[derive(Default)]
+pub(super) struct AccelBook {
+    plugs: u64,
+    unplugs: u64,
+    refusals: u64,
+    last_refusal: Option<String>,
+    drained: u64,
+    plug_us: u64,
+    last: Option<HandoverReport>,
+    /// Device work of earlier plugs (the queue's own counters go with it at unplug).
+    tx_frames: u64,
+    spoofed: u64,
+    shaped: u64,
+    rx_frames: u64,
+}
+
+/// Per port.
+pub(super) type AccelBooks = HashMap<u16, AccelBook>;
+
+impl Control {
+    /// `ctl accel plug PORT --tier T`.
+    pub(super) fn accel_plug(&mut self, name: &str, tier: &str) -> Result<AccelReport, SwitchError> {
+        let tier: Tier = tier.parse().map_err(SwitchError::Refused)?;
+        let id = self.port_named(name)?.port.id;
+        let r = self.try_plug(id, name, tier);
+        let book = self.accel.entry(id).or_default();
+        match r {
+            Ok(us) => {
+                book.plugs += 1;
+                book.plug_us = us;
+                tracing::info!(port = name, tier = %tier, "plugged into the device in {us} us");
+                self.accel_report(name)
+            }
+            Err(e) => {
+                book.refusals += 1;
+                book.last_refusal = Some(e.to_string());
+                tracing::info!(port = name, "plug refused: {e}");
+                Err(SwitchError::Refused(e.to_string()))
+            }
+        }
+    }
+
+    fn try_plug(&mut self, id: u16, name: &str, tier: Tier) -> Result<u64, Refusal> {
+        let st = &self.ports[&id];
+        let bad = |why: &str| Refusal::Port { port: name.into(), why: why.into() };
+        if st.uplink.is_some() || st.cfg.nic.is_some() {
+            return Err(bad("it is an uplink, not a guest port"));
+        }
+        let nic = self
+            .ports
+            .values()
+            .filter(|p| p.cfg.nic.as_ref().is_some_and(|n| n.level >= 2))
+            .min_by_key(|p| p.port.id)
+            .ok_or(Refusal::NoDevice)?;
+        let (nic_id, nic_name) = (nic.port.id, nic.cfg.name.clone());
+        let pools = nic.cfg.nic.as_ref().map_or(0, |n| n.pools);
+        let port = st.port.clone();
+        let mut facts = PortFacts { egress_shaped: port.policy.egress_on(), ..PortFacts::default() };
+        for slot in port.txq.iter() {
+            match slot.lock().as_ref() {
+                Some(Queue::Virtio(q)) if !q.broken => {
+                    facts.pairs += 1;
+                    facts.viommu |= q.dma.is_iova();
+                }
+                Some(Queue::AccelTx(_)) => facts.plugged = true,
+                _ => {}
+            }
+        }
+        facts.running = facts.pairs > 0
+            && port
+                .rxq
+                .first()
+                .is_some_and(|s| matches!(s.lock().as_ref(), Some(Queue::Virtio(q)) if !q.broken));
+        let in_use = self
+            .ports
+            .values()
+            .filter(|p| {
+                matches!(p.port.txq.first().map(|s| s.lock()).as_deref(), Some(Some(Queue::AccelTx(a))) if a.nic == nic_id)
+            })
+            .count() as u16;
+        // Pool 0 is the host's (the software path).
+        let dev =
+            DeviceFacts { tier, pairs: u16::from(pools.saturating_sub(1)), in_use, follows_viommu: false };
+        accel::admit(name, &nic_name, &facts, &dev)?;
+        if port.policy.config().ingress.is_some() {
+            return Err(bad(
+                "its policer (police=) is enforced by the software path; use nic-rate= for the device's shaping",
+            ));
+        }
+        let rate = match st.cfg.nic_rate {
+            Some(r) => Some(
+                RateLimiter::bits(r.0, (r.0 / 800).max(65_600))
+                    .map_err(|e| bad(&format!("nic-rate: {e}")))?
+                    .starting_at(crate::clock::now_ns()),
+            ),
+            None => None,
+        };
+        let t0 = Instant::now();
+        let mut gt = port.txq[0].lock();
+        let mut gr = port.rxq[0].lock();
+        let (tx, rx) = (gt.take_virtio(), gr.take_virtio());
+        match (rx, tx) {
+            (Some(rx), Some(tx)) => match crate::accel::plug(rx, tx, nic_id, rate) {
+                Ok((ar, at)) => {
+                    *gr = Some(Queue::AccelRx(ar));
+                    *gt = Some(Queue::AccelTx(at));
+                }
+                Err(back) => {
+                    let (rx, tx, why) = *back;
+                    *gr = Some(Queue::Virtio(rx));
+                    *gt = Some(Queue::Virtio(tx));
+                    return Err(bad(&why));
+                }
+            },
+            (rx, tx) => {
+                *gr = rx.map(Queue::Virtio);
+                *gt = tx.map(Queue::Virtio);
+                return Err(bad("its rings stopped meanwhile"));
+            }
+        }
+        drop((gr, gt));
+        (self.wake_pmds)();
+        Ok(t0.elapsed().as_micros() as u64)
+    }
+
+    /// `ctl accel unplug PORT`: quiesce, drain, hand back; the software path resumes exactly
+    /// where the device stopped.
+    pub(super) fn accel_unplug(&mut self, name: &str) -> Result<AccelReport, SwitchError> {
+        let port = self.port_named(name)?.port.clone();
+        let t0 = Instant::now();
+        let mut gt = port.txq[0].lock();
+        let mut gr = port.rxq[0].lock();
+        if !matches!(gt.as_ref(), Some(Queue::AccelTx(_))) || !matches!(gr.as_ref(), Some(Queue::AccelRx(_)))
+        {
+            return Err(SwitchError::Refused(Refusal::NotPlugged(name.into()).to_string()));
+        }
+        let (Some(Queue::AccelTx(at)), Some(Queue::AccelRx(ar))) = (gt.take(), gr.take()) else {
+            unreachable!("checked above under the same locks");
+        };
+        let (mut at, mut ar) = (*at, *ar);
+        // In-flight transmits go to the wire the device was sending them to.
+        let nic = self.ports.get(&at.nic).map(|p| p.port.clone());
+        let mut nic_tx = nic.as_ref().map(|p| p.rxq[0].lock());
+        let src = port.id;
+        let mut wire = |f: Vec<u8>| -> Result<(), Wire> {
+            match nic_tx.as_deref_mut() {
+                Some(Some(Queue::NicTx(t))) => t.sched.enqueue(t.pool_of(src), f).map_err(|_| Wire::Lost),
+                _ => Err(Wire::Lost),
+            }
+        };
+        let h = accel::hand_back(&mut ar.q, &mut at.q, (ar.start, at.start), &mut wire, &mut at.k);
+        if let Some(Some(Queue::NicTx(t))) = nic_tx.as_deref_mut() {
+            t.service(crate::clock::now_ns());
+        }
+        drop(nic_tx);
+        let k = at.k;
+        let rx_frames = ar.q.counters.packets;
+        *gr = Some(Queue::Virtio(crate::accel::resume(ar.shell, &h.rx, h.rx_irq)));
+        *gt = Some(Queue::Virtio(crate::accel::resume(at.shell, &h.tx, h.tx_irq)));
+        drop((gr, gt));
+        (self.wake_pmds)();
+        let took = t0.elapsed().as_micros() as u64;
+        if !h.ledger.balanced() {
+            tracing::error!(port = name, "the device broke the contract: {:?}", h.ledger);
+        }
+        let book = self.accel.entry(port.id).or_default();
+        book.unplugs += 1;
+        book.drained += h.drained;
+        book.tx_frames += k.tx_frames;
+        book.spoofed += k.spoofed;
+        book.shaped += k.shaped;
+        book.rx_frames += rx_frames;
+        book.last = Some(HandoverReport {
+            plug_us: book.plug_us,
+            unplug_us: took,
+            drained: h.drained,
+            rx_taken: h.ledger.rx_taken,
+            rx_completed: h.ledger.rx_completed,
+            tx_taken: h.ledger.tx_taken,
+            tx_completed: h.ledger.tx_completed,
+            balanced: h.ledger.balanced(),
+            rx_state: (h.rx.state.last_avail, h.rx.state.used_idx),
+            tx_state: (h.tx.state.last_avail, h.tx.state.used_idx),
+        });
+        tracing::info!(port = name, "unplugged in {took} us, {} in-flight transmits drained", h.drained);
+        self.accel_report(name)
+    }
+
+    /// `ctl accel status [PORT]`.
+    pub(super) fn accel_status(&mut self, name: Option<&str>) -> Result<Vec<AccelReport>, SwitchError> {
+        let mut names: Vec<String> = match name {
+            Some(n) => vec![self.port_named(n)?.cfg.name.clone()],
+            None => self
+                .ports
+                .values()
+                .filter(|p| p.uplink.is_none() && p.cfg.nic.is_none())
+                .map(|p| p.cfg.name.clone())
+                .collect(),
+        };
+        names.sort();
+        names.iter().map(|n| self.accel_report(n)).collect()
+    }
+
+    fn accel_report(&mut self, name: &str) -> Result<AccelReport, SwitchError> {
+        let st = self.port_named(name)?;
+        let port = st.port.clone();
+        let mut r = AccelReport { port: name.to_string(), ..AccelReport::default() };
+        if let Some(Some(Queue::AccelTx(a))) = port.txq.first().map(|s| s.lock()).as_deref() {
+            r.tier = Some(Tier::L2.to_string());
+            r.plugged_ms = Some(a.since.elapsed().as_millis() as u64);
+            r.nic = Some(a.nic);
+            r.tx_frames = a.k.tx_frames;
+            r.spoofed = a.k.spoofed;
+            r.shaped = a.k.shaped;
+            r.tx_faults = a.k.tx_faults;
+            r.device_ns = a.device_ticks * 1000 / crate::clock::ticks_per_us().max(1);
+        }
+        if let Some(Some(Queue::AccelRx(a))) = port.rxq.first().map(|s| s.lock()).as_deref() {
+            r.rx_frames = a.q.counters.packets;
+            r.rx_faults = a.q.counters.dma_faults;
+        }
+        let nic_name = r.nic.and_then(|id| self.ports.get(&id)).map(|p| p.cfg.name.clone());
+        let book = self.accel.entry(port.id).or_default();
+        r.nic_name = nic_name;
+        r.plugs = book.plugs;
+        r.unplugs = book.unplugs;
+        r.refusals = book.refusals;
+        r.last_refusal = book.last_refusal.clone();
+        r.drained = book.drained;
+        r.tx_frames += book.tx_frames;
+        r.spoofed += book.spoofed;
+        r.shaped += book.shaped;
+        r.rx_frames += book.rx_frames;
+        r.last = book.last.clone();
+        Ok(r)
+    }
+}
