@@ -40,8 +40,8 @@ use crate::frame::{build_frame, build_tcp_segment, frame_seq};
 use crate::frontend::{Frontend, FrontendConfig};
 
 /// The tiers measured, in table order.
-pub const TIERS: [(&str, &str); 3] =
-    [("tier 0 (software)", "tap:"), ("Level 0 NIC", "nic:,level=0"), ("Level 1 NIC", "nic:,level=1")];
+pub const TIERS: &[(&str, &str)] =
+    &[("tier 0 (software)", "tap:"), ("Level 0 NIC", "nic:,level=0"), ("Level 1 NIC", "nic:,level=1")];
 
 /// What the wire carries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,10 +104,12 @@ impl std::str::FromStr for WireKind {
 }
 
 /// The tiers on a generator wire: tier 0 is a NIC with no engines on.
-pub const GEN_TIERS: [(&str, &str); 3] = [
+/// Level 2 (the generator wire only): both guests' queue pairs plugged into the device.
+pub const GEN_TIERS: &[(&str, &str)] = &[
     ("tier 0 (software)", "nic:,level=0,lro=off,itr=off"),
     ("Level 0 NIC", "nic:,level=0"),
     ("Level 1 NIC", "nic:,level=1"),
+    ("Level 2 NIC", "nic:,level=2"),
 ];
 
 /// Settings.
@@ -590,13 +592,18 @@ fn one(
         guests.push(fe);
     }
     let nic = kind == "nic";
-    if nic && opts.contains("level=1") {
+    if nic && (opts.contains("level=1") || opts.contains("level=2")) {
         let t = Instant::now();
         while sw.nic("up").map(|r| r.bound.iter().filter(|b| !b.macs.is_empty()).count()).unwrap_or(0) < 2 {
             if t.elapsed() > Duration::from_secs(5) {
                 return Err("the Level 1 NIC did not bind both guests in 5 s".into());
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        if opts.contains("level=2") {
+            for g in ["g0", "g1"] {
+                sw.accel_plug(g, "l2").map_err(|e| format!("plugging {g}: {e}"))?;
+            }
         }
     }
     let (frames, mss) = wire_frames_for(traffic, size);
@@ -724,7 +731,7 @@ pub fn run(cfg: &TiersConfig) -> Result<Vec<TierRow>, String> {
             }
             let tiers = if cfg.wire == WireKind::Gen { GEN_TIERS } else { TIERS };
             let mut base = None;
-            for tier in tiers {
+            for &tier in tiers {
                 let mut row = one(cfg, traffic, tier, size, k)?;
                 k += 1;
                 let p50 = row.latency_us[0];
@@ -806,7 +813,8 @@ pub fn write_svg(path: &std::path::Path, rows: &[TierRow]) -> Result<(), String>
         ("host cycles per frame (device's excluded)", |r| r.host_cycles),
         ("PCIe transactions per frame", |r| r.tlps),
     ];
-    let colors = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44)];
+    let colors =
+        [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)];
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (1000, 330 * metrics.len() as u32)).into_drawing_area();
@@ -827,11 +835,11 @@ pub fn write_svg(path: &std::path::Path, rows: &[TierRow]) -> Result<(), String>
                 Text::new(label(grp), (g as f64 + 0.35, top * 0.97), ("sans-serif", 14).into_font())
             });
             chart.draw_series(names).map_err(|e| e.to_string())?;
-            for (t, (name, _)) in TIERS.iter().enumerate() {
+            for (t, (name, _)) in GEN_TIERS.iter().enumerate() {
                 let bars = rows.iter().filter(|r| r.tier == *name).filter_map(|r| {
                     let g = groups.iter().position(|g| *g == (r.traffic, r.size))? as f64;
-                    let x0 = g + 0.15 + 0.23 * t as f64;
-                    Some(Rectangle::new([(x0, 0.0), (x0 + 0.2, f(r))], colors[t].filled()))
+                    let x0 = g + 0.1 + 0.2 * t as f64;
+                    Some(Rectangle::new([(x0, 0.0), (x0 + 0.17, f(r))], colors[t].filled()))
                 });
                 chart
                     .draw_series(bars)

@@ -284,3 +284,71 @@ fn a_plugged_guest_keeps_the_software_path_for_broadcast_and_other_guests_and_th
     assert_eq!(on_wire, vec![20]);
     assert!(sw.accel_unplug("b").unwrap().last.unwrap().balanced);
 }
+
+#[test]
+fn a_port_that_asks_for_a_tier_in_its_configuration_is_plugged_whenever_its_rings_run() {
+    let dir = Scratch::new("accel-config");
+    let wire = format!("accel-c{}", std::process::id());
+    let sw = start(
+        &dir,
+        &[
+            format!("up=nic:wire:{wire},level=2,pools=4"),
+            "a=SOCK:a.sock,accel=l2".into(),
+            "b=SOCK:b.sock".into(),
+        ],
+    );
+    let end = LinkEnd::attach(&wire).expect("the wire's far end");
+    let plugged = |want: bool| {
+        wait_until(Duration::from_secs(5), || {
+            sw.accel_status(Some("a")).is_ok_and(|s| s[0].tier.is_some() == want)
+        })
+    };
+    for round in 0..2 {
+        let mut fa = connect_default(&dir, "a");
+        assert!(plugged(true), "round {round}: plugged once its rings ran: {:?}", sw.accel_status(Some("a")));
+        e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 60, round));
+        let on_wire: Vec<_> =
+            from_wire_end(&end, Duration::from_millis(300)).iter().filter_map(|f| frame_seq(f)).collect();
+        assert_eq!(on_wire, vec![round], "round {round}: a's frame reached the wire");
+        drop(fa);
+        assert!(plugged(false), "round {round}: its rings came back when it went away");
+    }
+    let st = &sw.accel_status(Some("a")).unwrap()[0];
+    assert!(st.plugs >= 2 && st.refusals == 0, "{st:?}");
+    // Unplugged by hand, it stays on the software path until plugged by hand.
+    let _fa = connect_default(&dir, "a");
+    assert!(plugged(true));
+    sw.accel_unplug("a").expect("unplug");
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        sw.accel_status(Some("a")).unwrap()[0].tier.is_none(),
+        "not plugged again behind the user's back"
+    );
+}
+
+#[test]
+fn without_a_level_2_nic_a_port_asking_for_one_stays_on_the_software_path_and_says_why() {
+    let dir = Scratch::new("accel-none");
+    let wire = format!("accel-n{}", std::process::id());
+    let sw = start(
+        &dir,
+        &[format!("up=nic:wire:{wire},level=1"), "a=SOCK:a.sock,accel=l2".into(), "b=SOCK:b.sock".into()],
+    );
+    let mut fa = connect_default(&dir, "a");
+    let mut fb = connect_default(&dir, "b");
+    let refused = wait_until(Duration::from_secs(5), || {
+        sw.accel_status(Some("a"))
+            .is_ok_and(|s| s[0].last_refusal.as_deref().is_some_and(|w| w.contains("level=2")))
+    });
+    assert!(refused, "{:?}", sw.accel_status(Some("a")));
+    std::thread::sleep(Duration::from_millis(300));
+    let st = &sw.accel_status(Some("a")).unwrap()[0];
+    assert_eq!((st.tier.as_deref(), st.refusals), (None, 1), "refused once, not every retry: {st:?}");
+    e2e_tests::send(&mut fa, 0, &build_frame(B, A, None, 60, 7));
+    let got = fb.recv_frames(0, 1, Duration::from_secs(5));
+    assert_eq!(
+        got.iter().filter_map(|f| frame_seq(f)).collect::<Vec<_>>(),
+        vec![7],
+        "the software path serves a"
+    );
+}

@@ -80,6 +80,11 @@ pub struct PortConfig {
     /// default 1; the host's pool has 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nic_weight: Option<u32>,
+    /// A NIC tier to plug this guest port into whenever its rings run (`accel=l2`): tried again
+    /// after each reconnect; refused (the reason logged once), the port stays on the software
+    /// path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
 }
 
 /// A NIC model on an uplink port (`nic:IFNAME[,level=0|1|2][,pools=N][,filters=N]`). Level 2 is
@@ -195,7 +200,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2][,pools=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2][,pools=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N][,accel=l2])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -276,6 +281,7 @@ impl PortConfig {
             max_macs: None,
             nic_rate: None,
             nic_weight: None,
+            accel: None,
         };
         let ids = |v: &str, what: &str| {
             v.split(':').map(|x| x.parse::<u32>()).collect::<Result<Vec<_>, _>>().map_err(|_| bad(what))
@@ -322,6 +328,7 @@ impl PortConfig {
                 Some(("nic-rate", v)) => {
                     pc.nic_rate = Some(v.parse::<BitRate>().map_err(|e| bad(&e.to_string()))?)
                 }
+                Some(("accel", v)) => pc.accel = Some(v.to_string()),
                 Some(("nic-weight", v)) => {
                     pc.nic_weight = Some(v.parse().map_err(|_| bad("nic-weight must be a number"))?)
                 }
@@ -425,6 +432,12 @@ impl PortConfig {
         }
         if (self.nic_rate.is_some() || self.nic_weight.is_some()) && self.is_uplink() {
             return Err(err("nic-rate= and nic-weight= are a guest port's (its pool's on a NIC model); a NIC's own is pool-rate=".into()));
+        }
+        if let Some(t) = &self.accel {
+            t.parse::<accel::Tier>().map_err(err)?;
+            if self.is_uplink() {
+                return Err(err("accel= is for guest ports (an uplink is the device)".into()));
+            }
         }
         if let Some(w) = self.nic_weight {
             if !(1..=100).contains(&w) {
@@ -785,6 +798,9 @@ mod tests {
         assert!(err("up=nic:tap0,filters=0").contains("outside 1..4096"));
         let g = PortConfig::parse("vm=/s,nic-rate=10M,nic-weight=3").unwrap();
         assert_eq!((g.nic_rate.map(|r| r.0), g.nic_weight), (Some(10_000_000), Some(3)));
+        assert_eq!(PortConfig::parse("g=/tmp/g.sock,accel=l2").unwrap().accel.as_deref(), Some("l2"));
+        assert!(err("g=/tmp/g.sock,accel=l9").contains("not l2"));
+        assert!(err("up=nic:wire:w,accel=l2").contains("for guest ports"));
         assert!(err("vm=/s,nic-weight=0").contains("outside 1..100"));
         assert!(err("up=nic:tap0,nic-rate=1M").contains("a guest port's"));
         let w = PortConfig::parse("up=nic:wire:w-1,level=0").unwrap();

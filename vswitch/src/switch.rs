@@ -377,6 +377,7 @@ impl Control {
             self.retry_iotlb();
             if self.nics_due() {
                 self.sync_nics();
+                self.auto_plug();
             }
             if self.now() != last_recount {
                 last_recount = self.now();

@@ -26,6 +26,9 @@ pub(super) struct AccelBook {
     last: Option<HandoverReport>,
     /// Device work of earlier plugs (the queue's own counters go with it at unplug).
     tx_frames: u64,
+    /// Unplugged by hand: `accel=` in the configuration does not plug it again until a
+    /// `ctl accel plug`.
+    held_off: bool,
     spoofed: u64,
     shaped: u64,
     rx_frames: u64,
@@ -41,6 +44,7 @@ impl Control {
         let id = self.port_named(name)?.port.id;
         let r = self.try_plug(id, name, tier);
         let book = self.accel.entry(id).or_default();
+        book.held_off = false;
         match r {
             Ok(us) => {
                 book.plugs += 1;
@@ -140,6 +144,48 @@ impl Control {
         Ok(t0.elapsed().as_micros() as u64)
     }
 
+    /// Plugs the guest ports whose configuration asks for a tier (`accel=`) once their rings
+    /// run (again after a reconnect). A refusal leaves the port on the software path; each new
+    /// reason is counted and logged once.
+    pub(super) fn auto_plug(&mut self) {
+        let want: Vec<(u16, String, String)> = self
+            .ports
+            .values()
+            .filter_map(|p| p.cfg.accel.as_ref().map(|t| (p.port.id, p.cfg.name.clone(), t.clone())))
+            .collect();
+        for (id, name, tier) in want {
+            let Ok(tier) = tier.parse::<Tier>() else { continue };
+            if self.accel.get(&id).is_some_and(|b| b.held_off) {
+                continue;
+            }
+            let port = &self.ports[&id].port;
+            let running = |s: Option<&crate::port::QueueSlot>| {
+                s.is_some_and(|s| matches!(s.lock().as_ref(), Some(Queue::Virtio(q)) if !q.broken))
+            };
+            if !running(port.txq.first().map(|s| &**s)) || !running(port.rxq.first().map(|s| &**s)) {
+                continue;
+            }
+            let r = self.try_plug(id, &name, tier);
+            let book = self.accel.entry(id).or_default();
+            match r {
+                Ok(us) => {
+                    book.plugs += 1;
+                    book.plug_us = us;
+                    book.last_refusal = None;
+                    tracing::info!(port = %name, tier = %tier, "plugged into the device (accel= in its configuration)");
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    if book.last_refusal.as_deref() != Some(why.as_str()) {
+                        book.refusals += 1;
+                        tracing::warn!(port = %name, "accel={tier} refused, the port stays on the software path: {why}");
+                        book.last_refusal = Some(why);
+                    }
+                }
+            }
+        }
+    }
+
     /// `ctl accel unplug PORT`: quiesce, drain, hand back; the software path resumes exactly
     /// where the device stopped.
     pub(super) fn accel_unplug(&mut self, name: &str) -> Result<AccelReport, SwitchError> {
@@ -182,6 +228,7 @@ impl Control {
         }
         let book = self.accel.entry(port.id).or_default();
         book.unplugs += 1;
+        book.held_off = true;
         book.drained += h.drained;
         book.tx_frames += k.tx_frames;
         book.spoofed += k.spoofed;

@@ -31,6 +31,22 @@ fn served(nic: &VlanMode, guest: &VlanMode) -> Option<(Option<u16>, u16)> {
     }
 }
 
+/// Adds one queue's device work (and its polling-thread ticks as the device) to `r`.
+fn add_device(r: &mut NicReport, d: &nic_models::DeviceCounters, ticks: u64, tpu: u64) {
+    r.dma_packets += d.packets;
+    r.dma_write_bytes += d.dma_write_bytes;
+    r.dma_read_bytes += d.dma_read_bytes;
+    r.desc_fetches += d.desc_fetches;
+    r.desc_writebacks += d.desc_writebacks;
+    r.tlps += d.tlps;
+    r.dma_faults += d.dma_faults;
+    r.cpu_copies += d.cpu_copies;
+    r.iotlb_lookups += d.iotlb_lookups;
+    r.iotlb_misses += d.iotlb_misses;
+    r.device_ns += ticks * 1000 / tpu;
+    r.device_ticks += ticks;
+}
+
 impl Control {
     /// Binds guest ports to every NIC model's pools and programs their learned MACs.
     pub(super) fn sync_nics(&mut self) {
@@ -135,18 +151,7 @@ impl Control {
             r.filtered += s.filtered;
             r.mac_overflow += s.mac_overflow;
             r.fallbacks += nq.fallbacks;
-            r.dma_packets += d.packets;
-            r.dma_write_bytes += d.dma_write_bytes;
-            r.dma_read_bytes += d.dma_read_bytes;
-            r.desc_fetches += d.desc_fetches;
-            r.desc_writebacks += d.desc_writebacks;
-            r.tlps += d.tlps;
-            r.dma_faults += d.dma_faults;
-            r.cpu_copies += d.cpu_copies;
-            r.iotlb_lookups += d.iotlb_lookups;
-            r.iotlb_misses += d.iotlb_misses;
-            r.device_ns += nq.device_ticks * 1000 / tpu;
-            r.device_ticks += nq.device_ticks;
+            add_device(&mut r, d, nq.device_ticks, tpu);
             r.csum_verified += nq.csum_verified;
             let (raised, folded) = nq.irq_counts();
             r.irqs_raised += raised;
@@ -174,14 +179,20 @@ impl Control {
                 r.tso_frames += t.tso_frames;
                 r.tso_segments += t.tso_segments;
                 r.csum_inserted += t.csum_inserted;
-                let d = &t.device;
-                r.dma_read_bytes += d.dma_read_bytes;
-                r.dma_packets += d.packets;
-                r.desc_fetches += d.desc_fetches;
-                r.desc_writebacks += d.desc_writebacks;
-                r.tlps += d.tlps;
-                r.device_ns += t.device_ticks * 1000 / tpu;
-                r.device_ticks += t.device_ticks;
+                add_device(&mut r, &t.device, t.device_ticks, tpu);
+            }
+        }
+        // Guest queue pairs plugged into the device (Level 2): its work for them.
+        for g in self.ports.values() {
+            if let Some(Some(Queue::AccelTx(a))) = g.port.txq.first().map(|s| s.lock()).as_deref() {
+                if a.nic == nic.id {
+                    add_device(&mut r, &a.q.counters, a.device_ticks, tpu);
+                }
+            }
+            if let Some(Some(Queue::AccelRx(a))) = g.port.rxq.first().map(|s| s.lock()).as_deref() {
+                if a.nic == nic.id {
+                    add_device(&mut r, &a.q.counters, 0, tpu);
+                }
             }
         }
         let mut pool_tx = vec![(None, 1); cfg.pools as usize];
