@@ -27,13 +27,28 @@ use virtq::{RingHandoff, RingState};
 /// A tier that can be plugged under a port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Tier {
+    /// Level 1: the device demultiplexes the wire by the port's MACs (and VLAN) and writes
+    /// its frames straight into the guest's posted receive buffers; its transmits leave from
+    /// the port's own pool. The rings stay the software path's: nothing is handed over.
+    L1,
     /// Level 2: direct queue pairs, the device driving the guest's own rings.
     L2,
+}
+
+impl Tier {
+    /// The NIC level (`nic:...,level=N`) a tier needs.
+    pub fn level(self) -> u8 {
+        match self {
+            Tier::L1 => 1,
+            Tier::L2 => 2,
+        }
+    }
 }
 
 impl std::fmt::Display for Tier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Tier::L1 => "l1",
             Tier::L2 => "l2",
         })
     }
@@ -43,14 +58,10 @@ impl std::str::FromStr for Tier {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
+            "l1" | "1" => Ok(Tier::L1),
             "l2" | "2" => Ok(Tier::L2),
-            "l1" | "1" => {
-                Err("tier l1 is not plugged by hand: a Level 1 NIC serves every guest port it can \
-                 (nic:IFNAME,level=1; see `vswitch ctl nic`)"
-                    .into())
-            }
             "l3" | "3" => Err("tier l3 (SR-IOV VFs) is not built yet".into()),
-            _ => Err(format!("tier '{s}' is not l2")),
+            _ => Err(format!("tier '{s}' is neither l1 nor l2")),
         }
     }
 }
@@ -59,8 +70,8 @@ impl std::str::FromStr for Tier {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     /// No NIC of the tier is on the switch.
-    #[error("no Level 2 NIC on this switch: add a port nic:IFNAME,level=2 (or nic:wire:NAME,level=2)")]
-    NoDevice,
+    #[error("no Level {n} NIC on this switch: add a port nic:IFNAME,level={n} (or nic:wire:NAME,level={n})", n = .0.level())]
+    NoDevice(Tier),
     /// Every queue pair the device has is in use.
     #[error("the {tier} NIC '{nic}' has no free queue pair ({pairs} in use): unplug another port or give it more pools (pools=N)")]
     NoFreePair {
@@ -236,7 +247,9 @@ mod tests {
         assert!(why(PortFacts { plugged: true, ..port() }, dev(0)).contains("already plugged"));
         let full = why(port(), dev(2));
         assert!(full.contains("no free queue pair") && full.contains("pools=N"), "{full}");
-        assert!("l1".parse::<Tier>().unwrap_err().contains("serves every guest port"));
         assert_eq!("L2".parse::<Tier>(), Ok(Tier::L2));
+        assert_eq!("l1".parse::<Tier>(), Ok(Tier::L1));
+        assert!("l3".parse::<Tier>().unwrap_err().contains("not built yet"));
+        assert!(Refusal::NoDevice(Tier::L1).to_string().contains("level=1"));
     }
 }

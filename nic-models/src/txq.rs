@@ -138,6 +138,20 @@ impl TxScheduler {
         }
     }
 
+    /// Moves what pool `from` holds to the tail of pool `to`, in order (the pool's owner now
+    /// sends from `to`: its queued frames must not be overtaken by its new ones). The queue
+    /// may go past its share for a while; nothing is dropped.
+    pub fn move_queued(&mut self, from: usize, to: usize) {
+        if from == to || from >= self.pools.len() || to >= self.pools.len() {
+            return;
+        }
+        let fifo = std::mem::take(&mut self.pools[from].fifo);
+        let bytes = std::mem::take(&mut self.pools[from].bytes);
+        let t = &mut self.pools[to];
+        t.bytes += bytes;
+        t.fifo.extend(fifo);
+    }
+
     /// Nanoseconds from `now` until some waiting head conforms (None: nothing waits).
     pub fn wait_ns(&self) -> Option<u64> {
         self.pools.iter().filter_map(|p| p.fifo.front().and_then(|f| p.limit.wait_ns(f.len() as u32))).min()
@@ -167,6 +181,20 @@ mod tests {
         while let Some((p, f)) = s.next(now) {
             per_pool[p] += f.len() as u64;
         }
+    }
+
+    #[test]
+    fn a_moved_queue_goes_behind_the_new_pools_frames_in_order() {
+        let mut s = TxScheduler::new(&[1, 1], 1600, 1 << 20).unwrap();
+        s.set_rate(1, Some((8_000, 64)), 0).unwrap();
+        for i in 0..3u8 {
+            s.enqueue(0, vec![i; 60]).unwrap();
+            s.enqueue(1, vec![10 + i; 60]).unwrap();
+        }
+        s.move_queued(1, 0);
+        let order: Vec<u8> = std::iter::from_fn(|| s.next(0)).map(|(p, f)| (p as u8) * 100 + f[0]).collect();
+        assert_eq!(order, vec![0, 1, 2, 10, 11, 12], "pool 1's frames after pool 0's, unshaped now");
+        assert_eq!(s.queued(), 0);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Accelerator modules: a guest port's queue pair plugged into a Level 2 NIC model (the device
-//! drives the guest's own rings) and unplugged again, under traffic both ways, losing nothing.
+//! Accelerator modules: a guest port plugged into a Level 1 NIC model (the device's MAC demux
+//! writes the wire's frames into the guest's buffers) or a Level 2 one (the device drives the
+//! guest's own rings) and unplugged again, under traffic both ways, losing nothing.
 //! An in-process wire (`nic:wire:NAME`) with the test at its far end; needs no root.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -74,7 +75,8 @@ fn setup(
 }
 
 #[test]
-fn plugged_and_unplugged_100_times_under_traffic_both_ways_nothing_is_lost_or_repeated() {
+fn plugged_at_l1_and_l2_alternately_and_unplugged_100_times_under_traffic_both_ways_nothing_is_lost_or_repeated(
+) {
     let dir = Scratch::new("accel-loop");
     let wire = format!("accel-{}", std::process::id());
     let (sw, end, mut fa, _fb) = setup(&dir, &wire);
@@ -83,6 +85,11 @@ fn plugged_and_unplugged_100_times_under_traffic_both_ways_nothing_is_lost_or_re
     let (w_sent, a_got, a_sent, w_got) =
         (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let mut reports: Vec<AccelReport> = Vec::new();
+    // A Level 1 NIC serves every guest it can; the loop starts from the software path.
+    assert_eq!(sw.accel_status(Some("a")).unwrap()[0].tier.as_deref(), Some("l1"), "bound by default");
+    let off = sw.accel_unplug("a").expect("unplug from l1");
+    assert_eq!(off.tier, None, "unplugged: {off:?}");
+    let dma0 = sw.nic("up").expect("nic").dma_packets;
     let (to_a, to_wire) = std::thread::scope(|s| {
         // The wire's far end: sends to a within the window, takes what a sends.
         let far = s.spawn(|| {
@@ -144,10 +151,13 @@ fn plugged_and_unplugged_100_times_under_traffic_both_ways_nothing_is_lost_or_re
             seqs
         });
         for i in 0..100 {
-            let r = sw.accel_plug("a", "l2").unwrap_or_else(|e| panic!("plug {i}: {e}"));
-            assert_eq!(r.tier.as_deref(), Some("l2"));
+            let tier = if i % 2 == 0 { "l1" } else { "l2" };
+            let r = sw.accel_plug("a", tier).unwrap_or_else(|e| panic!("plug {i} ({tier}): {e}"));
+            assert_eq!(r.tier.as_deref(), Some(tier));
             std::thread::sleep(Duration::from_millis(3));
-            reports.push(sw.accel_unplug("a").unwrap_or_else(|e| panic!("unplug {i}: {e}")));
+            let r = sw.accel_unplug("a").unwrap_or_else(|e| panic!("unplug {i} ({tier}): {e}"));
+            assert_eq!(r.tier, None, "unplug {i}: back on the software path: {r:?}");
+            reports.push(r);
             std::thread::sleep(Duration::from_millis(2));
         }
         stop.store(true, Ordering::Relaxed);
@@ -169,10 +179,15 @@ fn plugged_and_unplugged_100_times_under_traffic_both_ways_nothing_is_lost_or_re
     in_order("a -> wire", &to_wire, sent_by_a);
     for (i, r) in reports.iter().enumerate() {
         let h = r.last.as_ref().expect("a hand-over report");
+        assert_eq!(h.tier, if i % 2 == 0 { "l1" } else { "l2" });
         assert!(h.balanced, "unplug {i}: every descriptor the device took was completed once: {h:?}");
     }
-    assert_eq!((last.plugs, last.unplugs, last.refusals), (100, 100, 0));
+    assert_eq!((last.plugs, last.unplugs, last.refusals), (100, 101, 0));
     assert!(last.tx_frames > 0 && last.rx_frames > 0, "the device carried traffic while plugged: {last:?}");
+    // The NIC's DMA wrote frames into a at both tiers (at Level 2 its pair's work is counted
+    // while plugged only, so more than that is Level 1's).
+    let dma = sw.nic("up").expect("nic").dma_packets - dma0;
+    assert!(dma > 0, "the device wrote into a's ring while plugged");
     let s = port_stats(&sw, "a");
     assert_eq!((s.tx.drop_no_buffer, s.tx.drop_malformed), (0, 0), "nothing dropped on the way to a: {s:?}");
 }
@@ -218,7 +233,9 @@ fn a_plugged_guest_keeps_the_software_path_for_broadcast_and_other_guests_and_th
     let err = |r: Result<AccelReport, vswitch::switch::SwitchError>| r.expect_err("refused").to_string();
     assert!(err(sw.accel_plug("up", "l2")).contains("is an uplink"));
     assert!(err(sw.accel_plug("a", "l3")).contains("not built yet"));
-    assert!(err(sw.accel_unplug("a")).contains("not plugged"));
+    // One guest pool: a has it (Level 1, by default), b is on the software path.
+    assert!(err(sw.accel_unplug("b")).contains("not plugged"));
+    assert!(err(sw.accel_plug("a", "l1")).contains("already plugged"));
     sw.accel_plug("a", "l2").expect("plug a");
     assert!(err(sw.accel_plug("a", "l2")).contains("already plugged"));
     let no_pair = err(sw.accel_plug("b", "l2"));
@@ -226,6 +243,8 @@ fn a_plugged_guest_keeps_the_software_path_for_broadcast_and_other_guests_and_th
     let st = sw.accel_status(Some("b")).unwrap();
     assert_eq!((st[0].tier.as_deref(), st[0].refusals), (None, 1), "{st:?}");
     assert!(st[0].last_refusal.as_deref().is_some_and(|w| w.contains("no free queue pair")));
+    let no_pool = err(sw.accel_plug("b", "l1"));
+    assert!(no_pool.contains("l1 NIC 'up' has no free queue pair"), "{no_pool}");
 
     // Plugged, a still gets the wire's broadcast and b's unicast (the software path hands
     // them to the device), and what a sends to b or to everyone takes the software path.
@@ -300,7 +319,7 @@ fn a_port_that_asks_for_a_tier_in_its_configuration_is_plugged_whenever_its_ring
     let end = LinkEnd::attach(&wire).expect("the wire's far end");
     let plugged = |want: bool| {
         wait_until(Duration::from_secs(5), || {
-            sw.accel_status(Some("a")).is_ok_and(|s| s[0].tier.is_some() == want)
+            sw.accel_status(Some("a")).is_ok_and(|s| (s[0].tier.as_deref() == Some("l2")) == want)
         })
     };
     for round in 0..2 {
@@ -320,14 +339,16 @@ fn a_port_that_asks_for_a_tier_in_its_configuration_is_plugged_whenever_its_ring
     assert!(plugged(true));
     sw.accel_unplug("a").expect("unplug");
     std::thread::sleep(Duration::from_millis(400));
-    assert!(
-        sw.accel_status(Some("a")).unwrap()[0].tier.is_none(),
-        "not plugged again behind the user's back"
+    assert_eq!(
+        sw.accel_status(Some("a")).unwrap()[0].tier,
+        None,
+        "not plugged again behind the user's back, at any tier"
     );
+    assert!(sw.nic("up").unwrap().bound.iter().all(|b| b.port != "a"), "the NIC unbound it");
 }
 
 #[test]
-fn without_a_level_2_nic_a_port_asking_for_one_stays_on_the_software_path_and_says_why() {
+fn without_a_level_2_nic_a_port_asking_for_one_stays_at_level_1_and_says_why() {
     let dir = Scratch::new("accel-none");
     let wire = format!("accel-n{}", std::process::id());
     let sw = start(
@@ -343,7 +364,11 @@ fn without_a_level_2_nic_a_port_asking_for_one_stays_on_the_software_path_and_sa
     assert!(refused, "{:?}", sw.accel_status(Some("a")));
     std::thread::sleep(Duration::from_millis(300));
     let st = &sw.accel_status(Some("a")).unwrap()[0];
-    assert_eq!((st.tier.as_deref(), st.refusals), (None, 1), "refused once, not every retry: {st:?}");
+    assert_eq!((st.tier.as_deref(), st.refusals), (Some("l1"), 1), "refused once, not every retry: {st:?}");
+    assert!(
+        sw.accel_plug("b", "l2").unwrap_err().to_string().contains("no Level 2 NIC"),
+        "a hand plug says the same"
+    );
     e2e_tests::send(&mut fa, 0, &build_frame(B, A, None, 60, 7));
     let got = fb.recv_frames(0, 1, Duration::from_secs(5));
     assert_eq!(

@@ -83,6 +83,8 @@ pub enum Request {
 /// The last hand-over of a port's queue pair between the device and the software path.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandoverReport {
+    /// The tier the port left ("l1": no ring was handed over, the ring fields are 0).
+    pub tier: String,
     /// How long the plug took (the swap under the pair's locks), µs.
     pub plug_us: u64,
     /// How long quiesce, drain and hand back took, µs.

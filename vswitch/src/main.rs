@@ -122,11 +122,14 @@ enum AccelCmd {
     Plug {
         /// Guest port name.
         name: String,
-        /// The tier: l2 (direct queue pairs on a nic:...,level=2 port).
+        /// The tier: l1 (the NIC's MAC/VLAN demux writes the wire's frames into the guest's
+        /// posted buffers; on a nic:...,level=1 or 2 port) or l2 (direct queue pairs: the
+        /// device drives the guest's own rings; on a nic:...,level=2 port).
         #[arg(long, default_value = "l2")]
         tier: String,
     },
-    /// Unplug it: quiesce, drain, hand the rings back to the software path.
+    /// Unplug it: quiesce, drain, hand the rings back to the software path (from l1: the NIC
+    /// unbinds it). It stays on the software path until plugged again.
     Unplug {
         /// Guest port name.
         name: String,
@@ -527,9 +530,9 @@ fn print_accel(rows: &[AccelReport]) {
     for r in rows {
         match (&r.tier, &r.nic_name) {
             (Some(t), Some(n)) => println!(
-                "{}: plugged into {n} ({t}) for {:.1} s",
+                "{}: plugged into {n} ({t}){}",
                 r.port,
-                r.plugged_ms.unwrap_or(0) as f64 / 1000.0
+                r.plugged_ms.map(|ms| format!(" for {:.1} s", ms as f64 / 1000.0)).unwrap_or_default()
             ),
             _ => println!("{}: software path", r.port),
         }
@@ -545,9 +548,12 @@ fn print_accel(rows: &[AccelReport]) {
              {} in-flight transmits drained",
             r.tx_frames, r.rx_frames, r.spoofed, r.shaped, r.tx_faults, r.rx_faults, r.drained
         );
-        if let Some(h) = &r.last {
+        if let Some(h) = r.last.as_ref().filter(|h| h.tier == "l1") {
+            println!("  last unplug (from l1): {} us, no ring handed over", h.unplug_us);
+        } else if let Some(h) = &r.last {
             println!(
-                "  last hand-over: plug {} us, unplug {} us; ledger rx {}/{} tx {}/{} ({}); resumed at rx {:?} tx {:?}",
+                "  last hand-over (from {}): plug {} us, unplug {} us; ledger rx {}/{} tx {}/{} ({}); resumed at rx {:?} tx {:?}",
+                h.tier,
                 h.plug_us,
                 h.unplug_us,
                 h.rx_completed,

@@ -1,7 +1,17 @@
-//! `ctl accel`: plugging a guest port's queue pair into a Level 2 NIC and unplugging it, from
-//! the control thread. The swap happens under the pair's two slot locks (transmit first, then
-//! receive, the polling threads' own order), so it falls between two bursts: a polling thread
-//! waits at most for the other's burst, never for the control thread's work beyond the swap.
+//! `ctl accel`: plugging a guest port into a NIC tier and unplugging it, from the control
+//! thread.
+//!
+//! - Level 1 is the NIC's pool for the port (its MACs in the device's filter, its transmits from
+//!   the pool's queue): binding and unbinding happen under the NIC queue's lock, between two of
+//!   its bursts, and nothing is in flight between them (the device writes each frame into the
+//!   guest's ring in the burst that reads it).
+//! - Level 2 swaps the guest's queue pair under its two slot locks (transmit first, then
+//!   receive, the polling threads' own order), so it falls between two bursts: a polling thread
+//!   waits at most for the other's burst, never for the control thread's work beyond the swap.
+//!
+//! A port is served at Level 1 by default wherever a Level 1 NIC can (that is what such a NIC
+//! does); unplugged by hand it stays on the software path, at every tier, until plugged by
+//! hand.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -26,9 +36,11 @@ pub(super) struct AccelBook {
     last: Option<HandoverReport>,
     /// Device work of earlier plugs (the queue's own counters go with it at unplug).
     tx_frames: u64,
-    /// Unplugged by hand: `accel=` in the configuration does not plug it again until a
-    /// `ctl accel plug`.
-    held_off: bool,
+    /// Unplugged by hand: no NIC binds it (Level 1) and `accel=` in the configuration does not
+    /// plug it again until a `ctl accel plug`.
+    pub(super) held_off: bool,
+    /// When it was plugged at Level 1 by hand.
+    l1_since: Option<Instant>,
     spoofed: u64,
     shaped: u64,
     rx_frames: u64,
@@ -42,13 +54,20 @@ impl Control {
     pub(super) fn accel_plug(&mut self, name: &str, tier: &str) -> Result<AccelReport, SwitchError> {
         let tier: Tier = tier.parse().map_err(SwitchError::Refused)?;
         let id = self.port_named(name)?.port.id;
-        let r = self.try_plug(id, name, tier);
+        let was_held = self.accel.get(&id).is_some_and(|b| b.held_off);
+        let r = match tier {
+            Tier::L1 => self.try_plug_l1(id, name),
+            Tier::L2 => self.try_plug(id, name, tier),
+        };
         let book = self.accel.entry(id).or_default();
-        book.held_off = false;
+        // A refused plug leaves the port as it was; a plug at either tier lets Level 1 serve it
+        // again (Level 2 steers the wire's frames with the same pool).
+        book.held_off = was_held && r.is_err();
         match r {
             Ok(us) => {
                 book.plugs += 1;
                 book.plug_us = us;
+                book.l1_since = (tier == Tier::L1).then(Instant::now);
                 tracing::info!(port = name, tier = %tier, "plugged into the device in {us} us");
                 self.accel_report(name)
             }
@@ -59,6 +78,57 @@ impl Control {
                 Err(SwitchError::Refused(e.to_string()))
             }
         }
+    }
+
+    /// The Level 1 NIC port binding guest port `id`, if one does.
+    fn l1_nic_of(&self, id: u16) -> Option<u16> {
+        self.ports.values().filter(|p| p.cfg.nic.as_ref().is_some_and(|n| n.level >= 1)).find_map(|p| {
+            let bound =
+                p.port.txq.iter().any(
+                    |s| matches!(s.lock().as_ref(), Some(Queue::Nic(nq)) if nq.nic.pool_of(id).is_some()),
+                );
+            bound.then_some(p.port.id)
+        })
+    }
+
+    /// Level 1: lets the NICs bind the port now; the reason if none can.
+    fn try_plug_l1(&mut self, id: u16, name: &str) -> Result<u64, Refusal> {
+        let st = &self.ports[&id];
+        let bad = |why: &str| Refusal::Port { port: name.into(), why: why.into() };
+        if st.uplink.is_some() || st.cfg.nic.is_some() {
+            return Err(bad("it is an uplink, not a guest port"));
+        }
+        let guest = st.port.clone();
+        if matches!(guest.txq.first().map(|s| s.lock()).as_deref(), Some(Some(Queue::AccelTx(_)))) {
+            return Err(Refusal::AlreadyPlugged(name.into()));
+        }
+        let nics: Vec<_> =
+            self.ports.values().filter(|p| p.cfg.nic.as_ref().is_some_and(|n| n.level >= 1)).collect();
+        let nic = nics.iter().min_by_key(|p| p.port.id).ok_or(Refusal::NoDevice(Tier::L1))?;
+        if guest.policy.egress_on() {
+            return Err(bad("an egress shaper holds its receive ring (remove the shaper: ctl policy PORT)"));
+        }
+        if !nics.iter().any(|n| super::nics::served(&n.port.vlan, &guest.vlan).is_some()) {
+            return Err(bad(
+                "no Level 1 NIC carries its VLAN (the NIC's vlan= must be the port's, or a trunk with it)",
+            ));
+        }
+        let (nic_name, pools) = (nic.cfg.name.clone(), nic.cfg.nic.as_ref().map_or(0, |n| n.pools));
+        if self.l1_nic_of(id).is_some() && !self.accel.get(&id).is_some_and(|b| b.held_off) {
+            return Err(Refusal::AlreadyPlugged(name.into()));
+        }
+        let t0 = Instant::now();
+        let held = std::mem::replace(&mut self.accel.entry(id).or_default().held_off, false);
+        self.sync_nics();
+        if self.l1_nic_of(id).is_none() {
+            self.accel.entry(id).or_default().held_off = held;
+            return Err(Refusal::NoFreePair {
+                tier: Tier::L1,
+                nic: nic_name,
+                pairs: u16::from(pools.saturating_sub(1)),
+            });
+        }
+        Ok(t0.elapsed().as_micros() as u64)
     }
 
     fn try_plug(&mut self, id: u16, name: &str, tier: Tier) -> Result<u64, Refusal> {
@@ -72,7 +142,7 @@ impl Control {
             .values()
             .filter(|p| p.cfg.nic.as_ref().is_some_and(|n| n.level >= 2))
             .min_by_key(|p| p.port.id)
-            .ok_or(Refusal::NoDevice)?;
+            .ok_or(Refusal::NoDevice(tier))?;
         let (nic_id, nic_name) = (nic.port.id, nic.cfg.name.clone());
         let pools = nic.cfg.nic.as_ref().map_or(0, |n| n.pools);
         let port = st.port.clone();
@@ -165,7 +235,12 @@ impl Control {
             if !running(port.txq.first().map(|s| &**s)) || !running(port.rxq.first().map(|s| &**s)) {
                 continue;
             }
-            let r = self.try_plug(id, &name, tier);
+            let r = match tier {
+                // Level 1 NICs bind every port they can; this only says why one cannot.
+                Tier::L1 if self.l1_nic_of(id).is_some() => continue,
+                Tier::L1 => self.try_plug_l1(id, &name),
+                Tier::L2 => self.try_plug(id, &name, tier),
+            };
             let book = self.accel.entry(id).or_default();
             match r {
                 Ok(us) => {
@@ -195,7 +270,8 @@ impl Control {
         let mut gr = port.rxq[0].lock();
         if !matches!(gt.as_ref(), Some(Queue::AccelTx(_))) || !matches!(gr.as_ref(), Some(Queue::AccelRx(_)))
         {
-            return Err(SwitchError::Refused(Refusal::NotPlugged(name.into()).to_string()));
+            drop((gr, gt));
+            return self.unplug_l1(name, port.id, t0);
         }
         let (Some(Queue::AccelTx(at)), Some(Queue::AccelRx(ar))) = (gt.take(), gr.take()) else {
             unreachable!("checked above under the same locks");
@@ -222,6 +298,9 @@ impl Control {
         *gt = Some(Queue::Virtio(crate::accel::resume(at.shell, &h.tx, h.tx_irq)));
         drop((gr, gt));
         (self.wake_pmds)();
+        // Off Level 1 too: the port is on the software path until plugged again.
+        self.accel.entry(port.id).or_default().held_off = true;
+        self.sync_nics();
         let took = t0.elapsed().as_micros() as u64;
         if !h.ledger.balanced() {
             tracing::error!(port = name, "the device broke the contract: {:?}", h.ledger);
@@ -235,6 +314,7 @@ impl Control {
         book.shaped += k.shaped;
         book.rx_frames += rx_frames;
         book.last = Some(HandoverReport {
+            tier: Tier::L2.to_string(),
             plug_us: book.plug_us,
             unplug_us: took,
             drained: h.drained,
@@ -247,6 +327,30 @@ impl Control {
             tx_state: (h.tx.state.last_avail, h.tx.state.used_idx),
         });
         tracing::info!(port = name, "unplugged in {took} us, {} in-flight transmits drained", h.drained);
+        self.accel_report(name)
+    }
+
+    /// Level 1's unplug: the NIC unbinds the port (its MACs leave the device's filter, its
+    /// queued transmits move to the host's queue behind what is there), under the NIC queue's
+    /// lock between two bursts.
+    fn unplug_l1(&mut self, name: &str, id: u16, t0: Instant) -> Result<AccelReport, SwitchError> {
+        if self.l1_nic_of(id).is_none() {
+            return Err(SwitchError::Refused(Refusal::NotPlugged(name.into()).to_string()));
+        }
+        self.accel.entry(id).or_default().held_off = true;
+        self.sync_nics();
+        let took = t0.elapsed().as_micros() as u64;
+        let book = self.accel.entry(id).or_default();
+        book.unplugs += 1;
+        book.l1_since = None;
+        book.last = Some(HandoverReport {
+            tier: Tier::L1.to_string(),
+            plug_us: book.plug_us,
+            unplug_us: took,
+            balanced: true,
+            ..HandoverReport::default()
+        });
+        tracing::info!(port = name, "unplugged from Level 1 in {took} us");
         self.accel_report(name)
     }
 
@@ -282,6 +386,14 @@ impl Control {
         if let Some(Some(Queue::AccelRx(a))) = port.rxq.first().map(|s| s.lock()).as_deref() {
             r.rx_frames = a.q.counters.packets;
             r.rx_faults = a.q.counters.dma_faults;
+        }
+        if r.tier.is_none() {
+            if let Some(nic) = self.l1_nic_of(port.id) {
+                r.tier = Some(Tier::L1.to_string());
+                r.nic = Some(nic);
+                r.plugged_ms =
+                    self.accel.get(&port.id).and_then(|b| b.l1_since).map(|t| t.elapsed().as_millis() as u64);
+            }
         }
         let nic_name = r.nic.and_then(|id| self.ports.get(&id)).map(|p| p.cfg.name.clone());
         let book = self.accel.entry(port.id).or_default();

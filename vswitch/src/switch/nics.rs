@@ -20,7 +20,7 @@ pub(super) const SYNC: Duration = Duration::from_millis(100);
 
 /// How frames for a guest port arrive on the wire and in the forwarding table, if the device
 /// can serve it: (the tag the device strips, the VLAN its MACs are learned in).
-fn served(nic: &VlanMode, guest: &VlanMode) -> Option<(Option<u16>, u16)> {
+pub(super) fn served(nic: &VlanMode, guest: &VlanMode) -> Option<(Option<u16>, u16)> {
     match (nic, guest) {
         (VlanMode::Access(a), VlanMode::Access(b)) if a == b => Some((None, *b)),
         (VlanMode::Trunk(set), VlanMode::Access(b)) if set.as_ref().is_none_or(|s| s.contains(*b)) => {
@@ -67,7 +67,7 @@ impl Control {
             for g in ids {
                 let gp = &self.ports[&g].port;
                 let Some((strip, vlan)) = served(&nic.vlan, &gp.vlan) else { continue };
-                if gp.policy.egress_on() {
+                if gp.policy.egress_on() || self.accel.get(&g).is_some_and(|b| b.held_off) {
                     continue;
                 }
                 let macs =

@@ -297,7 +297,8 @@ impl NicTxQueue {
         tx: impl Fn(u16) -> (Option<u64>, u32),
         now: u64,
     ) {
-        self.pools.fill(0);
+        let n = self.pools.len();
+        let old = std::mem::replace(&mut self.pools, vec![0; n].into_boxed_slice());
         let mut want = vec![(self.pool_rate, 1); self.applied.len()];
         for (pool, owner, _) in bindings {
             if let Some(p) = self.pools.get_mut(*owner as usize) {
@@ -306,6 +307,13 @@ impl NicTxQueue {
             let (rate, weight) = tx(*owner);
             if let Some(w) = want.get_mut(*pool as usize) {
                 *w = (rate.or(self.pool_rate), weight.max(1));
+            }
+        }
+        // A port that leaves its pool (unbound, or bound elsewhere) takes what it queued there
+        // along, behind what its new queue holds, so its new frames do not overtake them.
+        for (&was, &now) in old.iter().zip(self.pools.iter()) {
+            if was != 0 && was != now {
+                self.sched.move_queued(was as usize, now as usize);
             }
         }
         for (pool, w) in want.into_iter().enumerate().skip(1) {
