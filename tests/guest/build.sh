@@ -165,6 +165,7 @@ cat > "$R/init" <<'INIT'
 #       solo:   PASS once eth0 is up (and pings PEER if given)
 #   kit.ip=ADDR/PREFIX kit.peer=ADDR   addresses on eth0
 #   kit.tests=ping,iperf3      what the client runs
+#   kit.tests=...,iperf3x3     server: two more iperf3 servers (ports 5202, 5203)
 #   kit.tests=pingloop         solo: ping PEER every kit.ping_i seconds until the watchdog, in
 #                              one-second rounds, each headed by `KIT t=.. PINGLOOP round=N
 #                              carrier=0|1`; each answer is busybox's `.. bytes from ..` line on
@@ -200,7 +201,7 @@ for w in $(cat /proc/cmdline); do
 done
 nic_counts() {  # rx/tx packets and drops of eth0
   s=/sys/class/net/eth0/statistics
-  echo " rx_packets=$(cat $s/rx_packets) tx_packets=$(cat $s/tx_packets) rx_dropped=$(cat $s/rx_dropped) tx_dropped=$(cat $s/tx_dropped)"
+  echo " rx_packets=$(cat $s/rx_packets) tx_packets=$(cat $s/tx_packets) rx_dropped=$(cat $s/rx_dropped) tx_dropped=$(cat $s/tx_dropped) rx_errors=$(cat $s/rx_errors) tx_errors=$(cat $s/tx_errors)"
 }
 finish() {
   extra=
@@ -234,6 +235,8 @@ ping_test() {
 case "$ROLE" in
 server)
   wants iperf3 && { iperf3 -s -f g > /tmp/iperf3.log 2>&1 & }
+  # More servers (tcp/udp 5202, 5203) for streams that run beside the first one's.
+  wants iperf3x3 && { iperf3 -s -p 5202 > /dev/null 2>&1 & iperf3 -s -p 5203 > /dev/null 2>&1 & }
   say "waiting for the client's done on tcp/5999"
   msg=$(timeout "$TIMEOUT" nc -l -p 5999 2>&1)
   say "client said: $msg"

@@ -156,18 +156,65 @@ impl Netns {
     /// One iperf3 run; what iperf3 said when it measured nothing.
     pub fn try_iperf3(&self, server: &str, secs: u32, reverse: bool) -> Result<f64, String> {
         let t = secs.to_string();
-        let mut cmd =
-            vec!["timeout", "60", "iperf3", "-c", server, "-t", &t, "-J", "--connect-timeout", "5000"];
+        let mut args = vec!["-t", t.as_str()];
         if reverse {
-            cmd.push("-R");
+            args.push("-R");
         }
+        let v = self.iperf3_json(server, &args)?;
+        let bps = v["end"]["sum_received"]["bits_per_second"].as_f64();
+        bps.map(|b| b / 1e9).ok_or_else(|| format!("failed: {}", v["error"]))
+    }
+
+    /// One iperf3 client run against `server` with `args` (`-t`, `-u`, `-p`, `-b` ...); its
+    /// JSON report, or what went wrong.
+    pub fn iperf3_json(&self, server: &str, args: &[&str]) -> Result<serde_json::Value, String> {
+        let mut cmd = vec!["timeout", "90", "iperf3", "-c", server, "-J", "--connect-timeout", "5000"];
+        cmd.extend_from_slice(args);
         let out = self.run(&cmd);
         let text = String::from_utf8_lossy(&out.stdout);
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| format!("no JSON ({e}): {text} {}", String::from_utf8_lossy(&out.stderr)))?;
-        let bps = v["end"]["sum_received"]["bits_per_second"].as_f64();
-        bps.map(|b| b / 1e9).ok_or_else(|| format!("failed: {}", v["error"]))
+        match v["error"].as_str() {
+            Some(e) => Err(format!("iperf3 {}: {e}", args.join(" "))),
+            None => Ok(v),
+        }
     }
+
+    /// A UDP stream at a fixed rate (`reverse`: the server sends), counted by the receiver
+    /// from the datagrams' sequence numbers.
+    pub fn iperf3_udp(
+        &self,
+        server: &str,
+        port: u16,
+        secs: u32,
+        rate: &str,
+        reverse: bool,
+    ) -> Result<UdpCount, String> {
+        let (p, t) = (port.to_string(), secs.to_string());
+        let mut args = vec!["-u", "-p", &p, "-t", &t, "-b", rate, "-l", "1200"];
+        if reverse {
+            args.push("-R");
+        }
+        let v = self.iperf3_json(server, &args)?;
+        let (r, st) = (&v["end"]["sum_received"], &v["end"]["streams"][0]["udp"]);
+        let n = |x: &serde_json::Value| x.as_u64().ok_or_else(|| format!("no count in {v}"));
+        Ok(UdpCount {
+            packets: n(&r["packets"])?,
+            lost: n(&r["lost_packets"])?,
+            out_of_order: n(&st["out_of_order"])?,
+        })
+    }
+}
+
+/// What the receiving end of an iperf3 UDP stream counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpCount {
+    /// Datagrams it saw, by sequence (lost ones included).
+    pub packets: u64,
+    /// Missing from the sequence.
+    pub lost: u64,
+    /// Arrived after a later one.
+    pub out_of_order: u64,
 }
 
 impl Drop for Netns {

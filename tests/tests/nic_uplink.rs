@@ -518,3 +518,107 @@ fn level1_a_qemu_linux_guest_gets_a_namespaces_unicast_by_dma_and_its_broadcasts
     assert!(r.pass, "{}\n{}", r.line, guest.report());
     assert_eq!(r.get("ping_loss"), "0%", "the guest's pings to the namespace: {}", r.line);
 }
+
+/// A QEMU Linux guest (TCG) on a Level 2 NIC's TAP uplink, plugged at Level 1 and Level 2
+/// alternately and unplugged 100 times while a namespace streams UDP to it and from it at a
+/// fixed rate (iperf3 counts the datagrams by sequence), TCP to it, and pings it: no datagram
+/// lost or out of order, the TCP stream and every ping through, no error or drop on the
+/// guest's interface, and every hand-over's ledger balanced. Needs the guest kit.
+#[test]
+fn a_qemu_linux_guest_plugged_at_l1_and_l2_alternately_100_times_under_udp_tcp_and_ping_loses_nothing() {
+    use e2e_tests::linux::{Guest, GuestSpec, Kit};
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let kit = Kit::get();
+    let dir = Scratch::new("accel-guest");
+    let up = ifname("k");
+    let sw = start(&dir, &[format!("up=nic:{up},level=2,pools=4"), "g=SOCK:g.sock".to_string()]);
+    let na = Netns::new("ak");
+    na.adopt(&up, "10.89.0.1/24");
+    let guest_ip = "10.89.0.2";
+    let mut spec = GuestSpec::new(
+        "g",
+        &dir.path("g.sock"),
+        "52:54:00:4e:00:03",
+        &["role=server", "ip=10.89.0.2/24", "peer=10.89.0.1", "tests=ping,iperf3,iperf3x3", "timeout=290"],
+    );
+    spec.timeout_s = 300;
+    let mut guest = Guest::start(&kit, &dir, &spec);
+    let booted =
+        wait_until(Duration::from_secs(180), || na.ping(guest_ip, 1, &[]).is_ok() || !guest.running());
+    assert!(booted && guest.running(), "the guest never answered\n{}", guest.report());
+    wait_bound(&sw, "up", 1);
+    // The guest's iperf3 servers answer (TCG: they start late).
+    na.iperf3_patient(guest_ip, 1, false, Duration::from_secs(60));
+    let udp_ready =
+        wait_until(Duration::from_secs(60), || na.iperf3_udp(guest_ip, 5203, 1, "1M", true).is_ok());
+    assert!(udp_ready, "the guest's UDP servers answer\n{}", guest.report());
+    let off = sw.accel_unplug("g").expect("off Level 1: the loop starts from the software path");
+    assert_eq!(off.tier, None);
+
+    let secs = 24;
+    let mut reports = Vec::new();
+    let (tcp, to_guest, from_guest, ping) = std::thread::scope(|s| {
+        let na = &na;
+        let tcp = s.spawn(move || na.iperf3_json(guest_ip, &["-t", &secs.to_string(), "-b", "60M"]));
+        let to_guest = s.spawn(move || na.iperf3_udp(guest_ip, 5202, secs, "10M", false));
+        let from_guest = s.spawn(move || na.iperf3_udp(guest_ip, 5203, secs, "10M", true));
+        let ping = s.spawn(move || na.run(&["ping", "-c", "90", "-i", "0.2", "-W", "3", guest_ip]));
+        // The streams are running (the guest is slow to accept them).
+        std::thread::sleep(Duration::from_secs(4));
+        for i in 0..100 {
+            let tier = if i % 2 == 0 { "l1" } else { "l2" };
+            let r = sw.accel_plug("g", tier).unwrap_or_else(|e| panic!("plug {i} ({tier}): {e}"));
+            assert_eq!(r.tier.as_deref(), Some(tier));
+            std::thread::sleep(Duration::from_millis(60));
+            let r = sw.accel_unplug("g").unwrap_or_else(|e| panic!("unplug {i} ({tier}): {e}"));
+            assert_eq!(r.tier, None);
+            reports.push(r);
+            std::thread::sleep(Duration::from_millis(40));
+        }
+        let joined = (tcp.join(), to_guest.join(), from_guest.join(), ping.join());
+        match joined {
+            (Ok(a), Ok(b), Ok(c), Ok(d)) => (a, b, c, d),
+            _ => panic!("a stream thread panicked"),
+        }
+    });
+    let last = reports.last().expect("reports").clone();
+    let tcp = tcp.unwrap_or_else(|e| panic!("the TCP stream broke: {e}\n{}", guest.report()));
+    let tcp_gbps = tcp["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
+    let (to_guest, from_guest) = (
+        to_guest.unwrap_or_else(|e| panic!("UDP to the guest: {e}")),
+        from_guest.unwrap_or_else(|e| panic!("UDP from the guest: {e}")),
+    );
+    let ping_out = String::from_utf8_lossy(&ping.stdout).to_string();
+    println!(
+        "100 plugs (l1, l2 alternately) under UDP {to_guest:?} to the guest, {from_guest:?} from it, TCP {tcp_gbps:.3} \
+         Gbit/s; the device sent {} and received {} frames at Level 2, drained {}; last plug {} us, unplug {} us; ping: {}",
+        last.tx_frames,
+        last.rx_frames,
+        last.drained,
+        last.last.as_ref().map_or(0, |h| h.plug_us),
+        last.last.as_ref().map_or(0, |h| h.unplug_us),
+        ping_out.lines().rev().nth(1).unwrap_or("")
+    );
+    for (what, c) in [("to the guest", to_guest), ("from the guest", from_guest)] {
+        assert!(c.packets > 10_000, "UDP {what} flowed: {c:?}");
+        assert_eq!((c.lost, c.out_of_order), (0, 0), "UDP {what}: nothing lost or out of order: {c:?}");
+    }
+    assert!(tcp_gbps > 0.0, "the TCP stream carried data");
+    assert!(ping.status.success() && ping_out.contains(" 0% packet loss"), "every ping answered: {ping_out}");
+    for (i, r) in reports.iter().enumerate() {
+        let h = r.last.as_ref().expect("a hand-over report");
+        assert!(h.balanced, "unplug {i}: every descriptor the device took was completed once: {h:?}");
+    }
+    assert!(
+        last.tx_frames > 0 && last.rx_frames > 0,
+        "the device carried the guest's traffic at Level 2: {last:?}"
+    );
+    assert_eq!(sw.nic("up").expect("ctl nic").dma_faults, 0);
+    let _ = na.run(&["bash", "-c", "echo done ok=1 > /dev/tcp/10.89.0.2/5999"]);
+    let r = guest.wait_result(Duration::from_secs(60));
+    let r = r.unwrap_or_else(|| panic!("no result from the guest\n{}", guest.report()));
+    assert!(r.pass, "{}\n{}", r.line, guest.report());
+    for k in ["rx_dropped", "tx_dropped", "rx_errors", "tx_errors"] {
+        assert_eq!(r.get(k), "0", "the guest's interface counted no {k}: {}", r.line);
+    }
+}

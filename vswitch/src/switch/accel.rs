@@ -298,10 +298,11 @@ impl Control {
         *gt = Some(Queue::Virtio(crate::accel::resume(at.shell, &h.tx, h.tx_irq)));
         drop((gr, gt));
         (self.wake_pmds)();
-        // Off Level 1 too: the port is on the software path until plugged again.
+        // The hand-over's time; then off Level 1 too (the port is on the software path until
+        // plugged again).
+        let took = t0.elapsed().as_micros() as u64;
         self.accel.entry(port.id).or_default().held_off = true;
         self.sync_nics();
-        let took = t0.elapsed().as_micros() as u64;
         if !h.ledger.balanced() {
             tracing::error!(port = name, "the device broke the contract: {:?}", h.ledger);
         }
