@@ -59,6 +59,15 @@ impl Dma {
         Dma { mem, hint: 0, iova, domain, faults }
     }
 
+    /// Another user's translator over the same memory, domain and fault log, with a copy of
+    /// this one's IOTLB (a device taking over a queue: from then on, updates and invalidations
+    /// must reach both copies).
+    pub fn fork(&self) -> Dma {
+        let iova =
+            self.iova.as_ref().map(|i| Box::new(Iova { tlb: i.tlb.clone(), hint: IotlbHint::default() }));
+        Dma { mem: self.mem.clone(), hint: 0, iova, domain: self.domain, faults: self.faults.clone() }
+    }
+
     /// The IOMMU domain (the port) these translations belong to, as faults name it.
     pub fn domain(&self) -> u32 {
         self.domain

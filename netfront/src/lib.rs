@@ -162,6 +162,8 @@ pub struct Frontend {
     /// What descriptors carry for guest-memory offset 0: its guest-physical address, or its
     /// IOVA behind the vIOMMU.
     addr_base: u64,
+    /// Each vring's buffer area: offset in guest memory and length.
+    bufs: Vec<(usize, usize)>,
     mem: GuestMemory,
     stopped: bool,
 }
@@ -308,6 +310,7 @@ impl Frontend {
             ring_size: cfg.ring_size,
             scratch: (layout.scratch, layout.scratch_len),
             viommu,
+            bufs: layout.vrings.iter().map(|v| (v.bufs, v.buf_size * cfg.ring_size as usize)).collect(),
             addr_base,
             mem,
             stopped: false,
@@ -620,6 +623,14 @@ impl Frontend {
             unserved: v.stats.unserved.load(Relaxed),
             refused: v.stats.refused.load(Relaxed),
         })
+    }
+
+    /// Where vring `i`'s buffers lie (2k: pair k's receive buffers, 2k+1: its transmit
+    /// buffers), as descriptors address them (guest-physical, or IOVA behind the vIOMMU),
+    /// and how many bytes: to unmap them as a guest in strict IOMMU mode does.
+    pub fn buffer_area(&self, i: usize) -> (u64, u64) {
+        let (off, len) = self.bufs[i];
+        (self.addr_base + off as u64, len as u64)
     }
 
     /// Guest-physical start and length of the whole shared region (addresses

@@ -275,6 +275,24 @@ impl DirectTx {
         n
     }
 
+    /// Gives up on the chain at the head of the ring (its translation never came): it is
+    /// completed, unsent, as a fault, behind what the FIFO holds. False if none is posted.
+    pub fn fault_next(&mut self, k: &mut DirectCounters) -> Result<bool, RingError> {
+        if self.ring.avail_pending()? == 0 {
+            return Ok(false);
+        }
+        let head = self.ring.pop_head();
+        self.counters.dma_faults += 1;
+        k.tx_faults += 1;
+        self.fifo.push_back((head, None));
+        Ok(true)
+    }
+
+    /// Where the device takes the next chain from (the ring's last available index).
+    pub fn next_avail(&self) -> u16 {
+        self.ring.state().last_avail
+    }
+
     /// One poll of the device's transmit work: fetch up to `max` chains, give the FIFO to
     /// `wire`, publish. Returns (chains fetched, chains completed, the guest asked to be
     /// interrupted, an IOVA to ask the frontend for).

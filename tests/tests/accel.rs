@@ -12,6 +12,7 @@ use vswitch::control::AccelReport;
 use vswitch::switch::Switch;
 use vswitch::uplink::link::LinkEnd;
 use vswitch_bench::frame::{build_frame, frame_seq};
+use vswitch_bench::frontend::{Frontend, FrontendConfig, IommuConfig, IotlbMsg, IOTLB_INVALIDATE};
 
 const A: [u8; 6] = [0x52, 0x54, 0x00, 0x5a, 0x00, 0x0a];
 const B: [u8; 6] = [0x52, 0x54, 0x00, 0x5a, 0x00, 0x0b];
@@ -19,6 +20,8 @@ const WIRE: [u8; 6] = [0x52, 0x54, 0x00, 0x5a, 0x00, 0xee];
 /// Frames in flight per direction: below every ring and queue on the way, so a frame can only
 /// go missing if a hand-over loses it.
 const WINDOW: u64 = 48;
+/// Frames each way the plug loop waits for at least.
+const LEAST: u64 = 1000;
 
 fn start(dir: &Scratch, specs: &[String]) -> Switch {
     init_log();
@@ -49,16 +52,14 @@ fn in_order(what: &str, got: &[u64], n: u64) {
 
 /// A switch with a Level 2 NIC on an in-process wire and guests a and b, the wire's far end,
 /// and both guests known to the switch and the device.
-fn setup(
-    dir: &Scratch,
-    wire: &str,
-) -> (Switch, LinkEnd, vswitch_bench::frontend::Frontend, vswitch_bench::frontend::Frontend) {
+/// Guest a's frontend is configured as `a`.
+fn setup_with(dir: &Scratch, wire: &str, a: FrontendConfig) -> (Switch, LinkEnd, Frontend, Frontend) {
     let sw = start(
         dir,
         &[format!("up=nic:wire:{wire},level=2,pools=4"), "a=SOCK:a.sock".into(), "b=SOCK:b.sock".into()],
     );
     let end = LinkEnd::attach(wire).expect("the wire's far end");
-    let mut fa = connect_default(dir, "a");
+    let mut fa = e2e_tests::connect(dir, "a", a);
     let mut fb = connect_default(dir, "b");
     assert_eq!(end.send([hello(WIRE).as_slice()]), 1);
     e2e_tests::send(&mut fa, 0, &hello(A));
@@ -77,10 +78,43 @@ fn setup(
 #[test]
 fn plugged_at_l1_and_l2_alternately_and_unplugged_100_times_under_traffic_both_ways_nothing_is_lost_or_repeated(
 ) {
-    let dir = Scratch::new("accel-loop");
-    let wire = format!("accel-{}", std::process::id());
-    let (sw, end, mut fa, _fb) = setup(&dir, &wire);
+    plug_loop(false);
+}
+
+/// The same behind a vIOMMU, the guest unmapping its buffers every few dozen frames as a guest
+/// in strict mode does: the device's DMA misses, asks the frontend and waits (a transmit chain
+/// stays posted, a received frame is parked in order), plugged or not.
+#[test]
+fn behind_a_viommu_plugged_at_l1_and_l2_alternately_100_times_nothing_is_lost_or_repeated() {
+    plug_loop(true);
+}
+
+/// The IOTLB invalidation of vring `i`'s buffers (whole pages inside the area only).
+fn unmap_bufs(f: &Frontend, i: usize) -> IotlbMsg {
+    let (start, len) = f.buffer_area(i);
+    let (from, to) = (start.div_ceil(4096) * 4096, (start + len) / 4096 * 4096);
+    IotlbMsg { iova: from, size: to - from, uaddr: 0, perm: 0, kind: IOTLB_INVALIDATE }
+}
+
+fn viommu_cfg() -> FrontendConfig {
+    FrontendConfig { iommu: Some(IommuConfig::default()), ..FrontendConfig::default() }
+}
+
+fn iotlb_info(sw: &Switch, port: &str) -> vswitch::vhost::iotlb::IotlbInfo {
+    e2e_tests::port_info(sw, port).device.iotlb.expect("a port behind a vIOMMU")
+}
+
+fn plug_loop(viommu: bool) {
+    let dir = Scratch::new(if viommu { "accel-loop-iommu" } else { "accel-loop" });
+    let wire = format!("accel-{}{}", std::process::id(), if viommu { "v" } else { "" });
+    let cfg = if viommu { viommu_cfg() } else { FrontendConfig::default() };
+    let (sw, end, mut fa, _fb) = setup_with(&dir, &wire, cfg);
+    let misses0 = viommu.then(|| iotlb_info(&sw, "a"));
+    // (A guest behind a vIOMMU may lose set-up's broadcast while its ring's translation comes.)
+    let s0 = port_stats(&sw, "a");
     let stop = AtomicBool::new(false);
+    // Each side has stopped sending (it saw `stop`): only then is the other's count final.
+    let (a_quiet, w_quiet) = (AtomicBool::new(false), AtomicBool::new(false));
     // Sent by the wire to a, received by a; sent by a to the wire, received by the wire.
     let (w_sent, a_got, a_sent, w_got) =
         (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
@@ -98,6 +132,7 @@ fn plugged_at_l1_and_l2_alternately_and_unplugged_100_times_under_traffic_both_w
             let t = Instant::now();
             while t.elapsed() < Duration::from_secs(60) {
                 let done = stop.load(Ordering::Relaxed);
+                w_quiet.store(done, Ordering::Release);
                 if !done && next.saturating_sub(a_got.load(Ordering::Relaxed)) < WINDOW {
                     let f = build_frame(A, WIRE, None, 100, next);
                     if end.send([f.as_slice()]) == 1 {
@@ -112,7 +147,11 @@ fn plugged_at_l1_and_l2_alternately_and_unplugged_100_times_under_traffic_both_w
                         }
                     }
                     w_got.store(seqs.len() as u64, Ordering::Relaxed);
-                } else if done && seqs.len() as u64 >= a_sent.load(Ordering::Relaxed) {
+                } else if a_quiet.load(Ordering::Acquire)
+                    && seqs.len() as u64 >= a_sent.load(Ordering::Relaxed)
+                {
+                    // Sends no more (it may leave before it read `stop` itself).
+                    w_quiet.store(true, Ordering::Release);
                     break;
                 } else {
                     std::thread::yield_now();
@@ -127,6 +166,7 @@ fn plugged_at_l1_and_l2_alternately_and_unplugged_100_times_under_traffic_both_w
             let t = Instant::now();
             while t.elapsed() < Duration::from_secs(60) {
                 let done = stop.load(Ordering::Relaxed);
+                a_quiet.store(done, Ordering::Release);
                 fa.reclaim_tx(0);
                 if !done && next.saturating_sub(w_got.load(Ordering::Relaxed)) < WINDOW {
                     let f = build_frame(WIRE, A, None, 100, next);
@@ -135,14 +175,23 @@ fn plugged_at_l1_and_l2_alternately_and_unplugged_100_times_under_traffic_both_w
                         a_sent.store(next, Ordering::Relaxed);
                     }
                 }
+                let before = seqs.len();
                 let n = fa.poll_rx(0, |f| {
                     if let Some(q) = frame_seq(f) {
                         seqs.push(q);
                     }
                 });
                 a_got.store(seqs.len() as u64, Ordering::Relaxed);
+                // Strict mode: the buffers go unmapped every 64 frames received.
+                if viommu && seqs.len() / 64 != before / 64 {
+                    for i in [0, 1] {
+                        assert_eq!(fa.iotlb_raw(unmap_bufs(&fa, i)).expect("invalidate"), 0);
+                    }
+                }
                 if n == 0 {
-                    if done && seqs.len() as u64 >= w_sent.load(Ordering::Relaxed) {
+                    if w_quiet.load(Ordering::Acquire) && seqs.len() as u64 >= w_sent.load(Ordering::Relaxed)
+                    {
+                        a_quiet.store(true, Ordering::Release);
                         break;
                     }
                     std::thread::yield_now();
@@ -150,15 +199,22 @@ fn plugged_at_l1_and_l2_alternately_and_unplugged_100_times_under_traffic_both_w
             }
             seqs
         });
-        for i in 0..100 {
+        // 100 plugs, and more (in pairs) on a slow machine until enough traffic went through.
+        let t = Instant::now();
+        let mut i = 0;
+        while i < 100
+            || (i % 2 == 1 || a_sent.load(Ordering::Relaxed).min(w_sent.load(Ordering::Relaxed)) < 2 * LEAST)
+                && t.elapsed() < Duration::from_secs(30)
+        {
             let tier = if i % 2 == 0 { "l1" } else { "l2" };
             let r = sw.accel_plug("a", tier).unwrap_or_else(|e| panic!("plug {i} ({tier}): {e}"));
             assert_eq!(r.tier.as_deref(), Some(tier));
-            std::thread::sleep(Duration::from_millis(3));
+            i += 1;
+            std::thread::sleep(Duration::from_millis(if viommu { 12 } else { 3 }));
             let r = sw.accel_unplug("a").unwrap_or_else(|e| panic!("unplug {i} ({tier}): {e}"));
             assert_eq!(r.tier, None, "unplug {i}: back on the software path: {r:?}");
             reports.push(r);
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(if viommu { 6 } else { 2 }));
         }
         stop.store(true, Ordering::Relaxed);
         (guest.join().expect("guest"), far.join().expect("far end"))
@@ -174,7 +230,7 @@ fn plugged_at_l1_and_l2_alternately_and_unplugged_100_times_under_traffic_both_w
         last.last.as_ref().map_or(0, |h| h.plug_us),
         last.last.as_ref().map_or(0, |h| h.unplug_us)
     );
-    assert!(sent_to_a > 1000 && sent_by_a > 1000, "traffic flowed: {sent_to_a} and {sent_by_a}");
+    assert!(sent_to_a > LEAST && sent_by_a > LEAST, "traffic flowed: {sent_to_a} and {sent_by_a}");
     in_order("wire -> a", &to_a, sent_to_a);
     in_order("a -> wire", &to_wire, sent_by_a);
     for (i, r) in reports.iter().enumerate() {
@@ -182,14 +238,75 @@ fn plugged_at_l1_and_l2_alternately_and_unplugged_100_times_under_traffic_both_w
         assert_eq!(h.tier, if i % 2 == 0 { "l1" } else { "l2" });
         assert!(h.balanced, "unplug {i}: every descriptor the device took was completed once: {h:?}");
     }
-    assert_eq!((last.plugs, last.unplugs, last.refusals), (100, 101, 0));
+    let plugs = reports.len() as u64;
+    assert!(plugs >= 100 && plugs.is_multiple_of(2), "{plugs} plugs");
+    assert_eq!((last.plugs, last.unplugs, last.refusals), (plugs, plugs + 1, 0));
     assert!(last.tx_frames > 0 && last.rx_frames > 0, "the device carried traffic while plugged: {last:?}");
     // The NIC's DMA wrote frames into a at both tiers (at Level 2 its pair's work is counted
     // while plugged only, so more than that is Level 1's).
     let dma = sw.nic("up").expect("nic").dma_packets - dma0;
     assert!(dma > 0, "the device wrote into a's ring while plugged");
     let s = port_stats(&sw, "a");
-    assert_eq!((s.tx.drop_no_buffer, s.tx.drop_malformed), (0, 0), "nothing dropped on the way to a: {s:?}");
+    let dropped = (s.tx.drop_no_buffer - s0.tx.drop_no_buffer, s.tx.drop_malformed - s0.tx.drop_malformed);
+    assert_eq!(dropped, (0, 0), "nothing dropped on the way to a: {s:?}");
+    if let Some(m0) = misses0 {
+        let m = iotlb_info(&sw, "a");
+        println!(
+            "vIOMMU: {} misses asked, {} frames parked, {} invalidations",
+            m.misses_sent - m0.misses_sent,
+            m.rx_parked - m0.rx_parked,
+            m.invalidations - m0.invalidations
+        );
+        assert!(
+            m.misses_sent - m0.misses_sent > 50 && m.rx_parked > m0.rx_parked,
+            "the DMA really missed: {m:?}"
+        );
+        assert_eq!((m.rx_miss_drops, m.tx_miss_timeouts, m.faults_not_mapped), (0, 0, 0), "{m:?}");
+    }
+}
+
+/// Plugged at Level 2 behind a vIOMMU with every buffer unmapped: the device itself misses,
+/// asks the frontend and waits, and every frame gets through in order, both ways.
+#[test]
+fn a_level_2_device_behind_a_viommu_asks_for_missing_translations_and_loses_nothing() {
+    let dir = Scratch::new("accel-iommu");
+    let wire = format!("accel-i{}", std::process::id());
+    let (sw, end, mut fa, _fb) = setup_with(&dir, &wire, viommu_cfg());
+    sw.accel_plug("a", "l2").expect("a guest behind a vIOMMU is plugged");
+    for round in 0..3u64 {
+        let m0 = iotlb_info(&sw, "a");
+        let tx0 = sw.accel_status(Some("a")).unwrap()[0].tx_frames;
+        for i in [0, 1] {
+            assert_eq!(fa.iotlb_raw(unmap_bufs(&fa, i)).expect("invalidate"), 0);
+        }
+        // From the wire into a's unmapped buffers: parked by the device, in order.
+        for k in 0..24 {
+            assert_eq!(
+                end.send([build_frame(A, WIRE, None, 60 + k * 50, round * 100 + k as u64).as_slice()]),
+                1
+            );
+        }
+        let got: Vec<u64> =
+            fa.recv_frames(0, 24, Duration::from_secs(5)).iter().filter_map(|f| frame_seq(f)).collect();
+        assert_eq!(got, (0..24).map(|k| round * 100 + k).collect::<Vec<_>>(), "round {round}: wire -> a");
+        // From a's unmapped buffers to the wire: each chain waits for its translation.
+        for k in 0..24u64 {
+            e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 100, round * 100 + k));
+        }
+        let on_wire: Vec<u64> =
+            from_wire_end(&end, Duration::from_millis(1500)).iter().filter_map(|f| frame_seq(f)).collect();
+        assert_eq!(on_wire, (0..24).map(|k| round * 100 + k).collect::<Vec<_>>(), "round {round}: a -> wire");
+        let (m, st) = (iotlb_info(&sw, "a"), &sw.accel_status(Some("a")).unwrap()[0]);
+        assert_eq!(st.tier.as_deref(), Some("l2"), "plugged all along: {st:?}");
+        assert!(
+            m.rx_parked > m0.rx_parked && m.misses_sent > m0.misses_sent,
+            "round {round}: the device missed: {m:?}"
+        );
+        assert_eq!(st.tx_frames - tx0, 24, "the device sent a's frames: {st:?}");
+        assert_eq!((m.rx_miss_drops, m.tx_miss_timeouts), (0, 0), "{m:?}");
+    }
+    let h = sw.accel_unplug("a").expect("unplug").last.expect("a hand-over");
+    assert!(h.balanced, "{h:?}");
 }
 
 /// Frames from the wire's far end with source `WIRE` seen since the last call.
@@ -251,7 +368,9 @@ fn a_plugged_guest_keeps_the_software_path_for_broadcast_and_other_guests_and_th
     assert_eq!(end.send([build_frame([0xff; 6], WIRE, None, 60, 1).as_slice()]), 1);
     e2e_tests::send(&mut fb, 0, &build_frame(A, B, None, 60, 2));
     let got = fa.recv_frames(0, 2, Duration::from_secs(5));
-    let seqs: Vec<_> = got.iter().filter_map(|f| frame_seq(f)).collect();
+    // Two sources: either order.
+    let mut seqs: Vec<_> = got.iter().filter_map(|f| frame_seq(f)).collect();
+    seqs.sort_unstable();
     assert_eq!(seqs, vec![1, 2], "broadcast from the wire and unicast from b");
     e2e_tests::send(&mut fa, 0, &build_frame(B, A, None, 60, 3));
     e2e_tests::send(&mut fa, 0, &build_frame([0xff; 6], A, None, 60, 4));

@@ -137,6 +137,38 @@ impl SlotGuard<'_> {
         self.g.as_mut().and_then(Queue::virtio_mut)
     }
 
+    /// Hands `f` every IOTLB copy of whatever runs here: a virtio queue's, or a plugged
+    /// ring's two (the device's and the software path's shell, which it resumes with).
+    pub fn each_iotlb(&mut self, mut f: impl FnMut(&mut iommu::Iotlb)) {
+        let mut one = |d: &mut iommu::Dma| {
+            if let Some(t) = d.iotlb_mut() {
+                f(t);
+            }
+        };
+        match self.g.as_mut() {
+            Some(Queue::Virtio(q)) => one(&mut q.dma),
+            Some(Queue::AccelRx(a)) => {
+                one(a.q.dma_mut());
+                one(&mut a.shell.dma);
+            }
+            Some(Queue::AccelTx(a)) => {
+                one(a.q.dma_mut());
+                one(&mut a.shell.dma);
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether a queue in IOVA mode runs here (plugged or not).
+    pub fn has_iotlb(&self) -> bool {
+        match self.g.as_ref() {
+            Some(Queue::Virtio(q)) => q.dma.is_iova(),
+            Some(Queue::AccelRx(a)) => a.shell.dma.is_iova(),
+            Some(Queue::AccelTx(a)) => a.shell.dma.is_iova(),
+            _ => false,
+        }
+    }
+
     /// Takes the virtio queue out of the slot (leaving any other kind in place). A ring
     /// plugged into a device is handed back first (in-flight transmits dropped and counted:
     /// the frontend is stopping or resetting the ring, which a device cannot outlive).

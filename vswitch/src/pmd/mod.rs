@@ -316,7 +316,12 @@ impl Pmd {
                 // the software path, and frames it holds for the wire or a rate are work soon.
                 Some(Queue::AccelTx(a)) => {
                     if a.q.set_kicks(true) {
-                        work = true;
+                        // Stalled on an IOTLB miss: work once the update comes (it wakes us).
+                        if a.shell.iotlb.as_ref().is_some_and(|l| l.stalled()) {
+                            short_sleep = true;
+                        } else {
+                            work = true;
+                        }
                     }
                     if a.q.in_flight() > 0 {
                         short_sleep = true;

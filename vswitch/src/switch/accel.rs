@@ -41,6 +41,8 @@ pub(super) struct AccelBook {
     pub(super) held_off: bool,
     /// When it was plugged at Level 1 by hand.
     l1_since: Option<Instant>,
+    /// The MACs the NIC's filters had for it when it was last unbound.
+    l1_macs: Vec<[u8; 6]>,
     spoofed: u64,
     shaped: u64,
     rx_frames: u64,
@@ -118,9 +120,10 @@ impl Control {
             return Err(Refusal::AlreadyPlugged(name.into()));
         }
         let t0 = Instant::now();
-        let held = std::mem::replace(&mut self.accel.entry(id).or_default().held_off, false);
-        self.sync_nics();
-        if self.l1_nic_of(id).is_none() {
+        let book = self.accel.entry(id).or_default();
+        let held = std::mem::replace(&mut book.held_off, false);
+        let macs = book.l1_macs.clone();
+        if !self.bind_one(id, &macs) {
             self.accel.entry(id).or_default().held_off = held;
             return Err(Refusal::NoFreePair {
                 tier: Tier::L1,
@@ -171,7 +174,7 @@ impl Control {
             .count() as u16;
         // Pool 0 is the host's (the software path).
         let dev =
-            DeviceFacts { tier, pairs: u16::from(pools.saturating_sub(1)), in_use, follows_viommu: false };
+            DeviceFacts { tier, pairs: u16::from(pools.saturating_sub(1)), in_use, follows_viommu: true };
         accel::admit(name, &nic_name, &facts, &dev)?;
         if port.policy.config().ingress.is_some() {
             return Err(bad(
@@ -301,8 +304,10 @@ impl Control {
         // The hand-over's time; then off Level 1 too (the port is on the software path until
         // plugged again).
         let took = t0.elapsed().as_micros() as u64;
-        self.accel.entry(port.id).or_default().held_off = true;
-        self.sync_nics();
+        let macs = self.unbind_one(port.id);
+        let book = self.accel.entry(port.id).or_default();
+        book.held_off = true;
+        book.l1_macs = macs;
         if !h.ledger.balanced() {
             tracing::error!(port = name, "the device broke the contract: {:?}", h.ledger);
         }
@@ -338,10 +343,11 @@ impl Control {
         if self.l1_nic_of(id).is_none() {
             return Err(SwitchError::Refused(Refusal::NotPlugged(name.into()).to_string()));
         }
-        self.accel.entry(id).or_default().held_off = true;
-        self.sync_nics();
+        let macs = self.unbind_one(id);
         let took = t0.elapsed().as_micros() as u64;
         let book = self.accel.entry(id).or_default();
+        book.held_off = true;
+        book.l1_macs = macs;
         book.unplugs += 1;
         book.l1_since = None;
         book.last = Some(HandoverReport {

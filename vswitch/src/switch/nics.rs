@@ -74,36 +74,82 @@ impl Control {
                     learned.iter().filter(|e| e.0 == g && e.1 == vlan).map(|e| mac_to_bytes(e.2)).collect();
                 want.push((g, strip, macs));
             }
-            let mut bindings = Vec::new();
-            for slot in nic.txq.iter() {
-                let mut q = slot.lock();
-                let Some(Queue::Nic(nq)) = q.as_mut() else { continue };
-                for (_, owner, _) in nq.nic.bindings() {
+            self.program_nic(&nic, |nic| {
+                for (_, owner, _) in nic.bindings() {
                     if !want.iter().any(|w| w.0 == owner) {
-                        nq.nic.unbind(owner);
+                        nic.unbind(owner);
                     }
                 }
                 for (g, strip, macs) in &want {
-                    if nq.nic.bind(*g, *strip).is_ok() {
-                        nq.nic.set_macs(*g, macs);
+                    if nic.bind(*g, *strip).is_ok() {
+                        nic.set_macs(*g, macs);
                     }
                 }
-                bindings = nq.nic.bindings();
-            }
-            // A guest sends from its pool's TX queue, shaped and weighted as its port says;
-            // everyone else from the host's.
-            let ports = &self.ports;
-            let tx = |owner: u16| {
-                ports
-                    .get(&owner)
-                    .map_or((None, 1), |g| (g.cfg.nic_rate.map(|r| r.0), g.cfg.nic_weight.unwrap_or(1)))
-            };
-            for slot in nic.rxq.iter() {
-                if let Some(Queue::NicTx(t)) = slot.lock().as_mut() {
-                    t.set_pools(&bindings, tx, crate::clock::now_ns());
-                }
+            });
+        }
+    }
+
+    /// Changes NIC port `nic`'s filters with `change` (under its queue's lock, between two of
+    /// its bursts) and its transmit pools to match.
+    fn program_nic(&self, nic: &crate::port::Port, mut change: impl FnMut(&mut nic_models::nic::Nic)) {
+        let mut bindings = Vec::new();
+        for slot in nic.txq.iter() {
+            let mut q = slot.lock();
+            let Some(Queue::Nic(nq)) = q.as_mut() else { continue };
+            change(&mut nq.nic);
+            bindings = nq.nic.bindings();
+        }
+        // A guest sends from its pool's TX queue, shaped and weighted as its port says;
+        // everyone else from the host's.
+        let ports = &self.ports;
+        let tx = |owner: u16| {
+            ports
+                .get(&owner)
+                .map_or((None, 1), |g| (g.cfg.nic_rate.map(|r| r.0), g.cfg.nic_weight.unwrap_or(1)))
+        };
+        for slot in nic.rxq.iter() {
+            if let Some(Queue::NicTx(t)) = slot.lock().as_mut() {
+                t.set_pools(&bindings, tx, crate::clock::now_ns());
             }
         }
+    }
+
+    /// Binds guest port `id` to the first NIC model that serves it, with the MACs it had there
+    /// last (the periodic sync programs what it learns since). No FDB scan: a hand plug stays
+    /// cheap for the control thread, which also answers the guests' IOTLB misses. Whether a
+    /// NIC bound it.
+    pub(super) fn bind_one(&mut self, id: u16, macs: &[[u8; 6]]) -> bool {
+        let Some(guest) = self.ports.get(&id).map(|p| p.port.clone()) else { return false };
+        let mut nics: Vec<_> =
+            self.ports.values().filter(|p| p.cfg.nic.is_some()).map(|p| p.port.clone()).collect();
+        nics.sort_by_key(|p| p.id);
+        let mut bound = false;
+        for nic in nics {
+            let Some((strip, _)) = served(&nic.vlan, &guest.vlan) else { continue };
+            self.program_nic(&nic, |n| {
+                if n.bind(id, strip).is_ok() {
+                    n.set_macs(id, macs);
+                    bound = true;
+                }
+            });
+        }
+        bound
+    }
+
+    /// Unbinds guest port `id` from every NIC model; the MACs it had in the filters.
+    pub(super) fn unbind_one(&mut self, id: u16) -> Vec<[u8; 6]> {
+        let nics: Vec<_> =
+            self.ports.values().filter(|p| p.cfg.nic.is_some()).map(|p| p.port.clone()).collect();
+        let mut macs = Vec::new();
+        for nic in nics {
+            self.program_nic(&nic, |n| {
+                if let Some((_, _, m)) = n.bindings().into_iter().find(|b| b.1 == id) {
+                    macs.extend(m);
+                    n.unbind(id);
+                }
+            });
+        }
+        macs
     }
 
     /// Whether a NIC model needs its filters synced now.

@@ -461,8 +461,10 @@ impl VhostDevice {
                 for i in 0..self.vrings.len() {
                     let Some(slot) = self.port.slot(i) else { continue };
                     let mut g = slot.lock();
-                    if let Some(t) = g.virtio_mut().and_then(|q| q.dma.iotlb_mut()) {
-                        t.invalidate(m.iova, m.size);
+                    if g.has_iotlb() {
+                        g.each_iotlb(|t| {
+                            t.invalidate(m.iova, m.size);
+                        });
                         if self.vrings[i].overlaps(m.iova, m.size) {
                             lost.push(i);
                         }
@@ -504,9 +506,9 @@ impl VhostDevice {
             self.iotlb.update(e, |_, _| Some(host)).map_err(|e| e.to_string())?;
             for i in 0..self.vrings.len() {
                 let Some(slot) = self.port.slot(i) else { continue };
-                if let Some(t) = slot.lock().virtio_mut().and_then(|q| q.dma.iotlb_mut()) {
+                slot.lock().each_iotlb(|t| {
                     let _ = t.update(e, |_, _| Some(host));
-                }
+                });
             }
         }
         for i in 0..self.vrings.len() {

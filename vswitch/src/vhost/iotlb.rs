@@ -115,8 +115,10 @@ pub const MISS_TIMEOUT_NS: u64 = 1_000_000_000;
 pub struct IotlbLink {
     channel: Option<std::sync::Arc<BackendChannel>>,
     stats: std::sync::Arc<IotlbStats>,
-    /// Page and time of the last request sent.
-    last: Option<(u64, u64)>,
+    /// Pages asked for recently, and when (a small ring: the requests still in flight).
+    asked: [(u64, u64); ASKED],
+    /// Where the next request goes in `asked`.
+    next_ask: usize,
     /// The transmit head waiting for a translation, and since when.
     stall: Option<(u16, u64)>,
     /// Receive queues: the ring position up to which posted buffers were looked at.
@@ -126,6 +128,9 @@ pub struct IotlbLink {
     pub parked: std::collections::VecDeque<(Vec<u8>, u64)>,
 }
 
+/// Requests one queue remembers to ask each page once per [`RESEND_NS`].
+const ASKED: usize = 32;
+
 /// Most frames one receive queue parks while its buffers' translations are asked for.
 pub const PARK_MAX: usize = 256;
 
@@ -133,7 +138,15 @@ impl IotlbLink {
     /// A link over `channel` (None until the frontend sets one up: misses are then counted
     /// unsent, and the queue waits for updates the frontend sends on its own).
     pub fn new(channel: Option<std::sync::Arc<BackendChannel>>, stats: std::sync::Arc<IotlbStats>) -> Self {
-        IotlbLink { channel, stats, last: None, stall: None, rx_checked: None, parked: Default::default() }
+        IotlbLink {
+            channel,
+            stats,
+            asked: [(u64::MAX, 0); ASKED],
+            next_ask: 0,
+            stall: None,
+            rx_checked: None,
+            parked: Default::default(),
+        }
     }
 
     /// The shared counters.
@@ -141,13 +154,16 @@ impl IotlbLink {
         &self.stats
     }
 
-    /// Asks the frontend for `iova` (once per [`RESEND_NS`] for the same page).
+    /// Asks the frontend for `iova`: once per [`RESEND_NS`] for each of the last pages asked
+    /// for (a look-ahead over the ring and the misses of the datapath would otherwise repeat
+    /// requests still in flight, and a frontend slow to answer would find its channel full of
+    /// them). A request the channel had no room for is not remembered: the next miss tries
+    /// again.
     pub fn miss(&mut self, iova: u64, write: bool, now: u64) {
         let page = iova >> 12;
-        if matches!(self.last, Some((p, t)) if p == page && now.wrapping_sub(t) < RESEND_NS) {
+        if self.asked.iter().any(|&(p, t)| p == page && now.wrapping_sub(t) < RESEND_NS) {
             return;
         }
-        self.last = Some((page, now));
         let m = IotlbMsg {
             iova,
             size: 0,
@@ -158,6 +174,10 @@ impl IotlbLink {
         let sent = self.channel.as_ref().is_some_and(|c| c.send(&m));
         let c = if sent { &self.stats.misses_sent } else { &self.stats.misses_unsent };
         c.fetch_add(1, Ordering::Relaxed);
+        if sent {
+            self.asked[self.next_ask] = (page, now);
+            self.next_ask = (self.next_ask + 1) % ASKED;
+        }
     }
 
     /// A transmit chain at `head` missed: true while it should wait, false once it has waited
@@ -203,6 +223,7 @@ mod tests {
         l.miss(0x5000, false, 1);
         l.miss(0x5800, false, 2); // same page, too soon
         l.miss(0x9000, true, 3);
+        l.miss(0x5000, false, 4); // asked before another page: still in flight
         l.miss(0x9000, true, 3 + RESEND_NS);
         assert_eq!(stats.misses_sent.load(Ordering::Relaxed), 3);
         b.set_nonblocking(true).unwrap();

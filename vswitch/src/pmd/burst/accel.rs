@@ -99,7 +99,7 @@ impl Datapath {
             r
         };
         a.device_ticks += ticks().wrapping_sub(t0);
-        let (fetched, _done, irq, _miss) = match polled {
+        let (fetched, _done, irq, miss) = match polled {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(port = %src.name, "stopping a plugged transmit queue: {e}");
@@ -107,6 +107,17 @@ impl Datapath {
                 return 0;
             }
         };
+        // Behind a vIOMMU: the device asks the frontend for a missing translation and the
+        // chain waits, posted, until it comes or the miss times out (then it is a fault).
+        if let Some(iova) = miss {
+            if !super::viommu::tx_miss(&mut a.shell, a.q.next_avail(), iova) {
+                let _ = a.q.fault_next(&mut a.k);
+            }
+        } else if fetched > 0 {
+            if let Some(l) = a.shell.iotlb.as_deref_mut() {
+                l.tx_moved();
+            }
+        }
         if irq && a.shell.signal() {
             bump(&src.txq[0].stats.interrupts, 1);
         }

@@ -341,14 +341,17 @@ fn accel_rx<'a>(
         };
         let tagged = f.len() >= 18 && f[12] == 0x81 && f[13] == 0;
         let (p0, p1): (&[u8], &[u8]) = if s.strip && tagged { (&f[..12], &f[16..]) } else { (f, &[]) };
-        match a.q.receive_parts(&hdr, &[p0, p1]) {
-            Ok(()) => {
+        // Behind a vIOMMU a buffer's missing translation parks the frame (and those after
+        // it) in the device until the frontend answers.
+        match a.receive(&hdr, &[p0, p1]) {
+            Ok(crate::accel::Took::Now) => {
                 pk += 1;
                 by += (p0.len() + p1.len()) as u64;
             }
-            Err(RxDrop::NoBuffer | RxDrop::TooSmall) => no_buf += 1,
+            Ok(crate::accel::Took::Parked) => c.packets += 1,
+            Err(RxDrop::NoBuffer | RxDrop::TooSmall | RxDrop::Miss { .. }) => no_buf += 1,
             Err(RxDrop::Fault(_)) => bad += 1,
-            Err(RxDrop::Miss { .. } | RxDrop::Quiesced) => soft.push(s.frame),
+            Err(RxDrop::Quiesced) => soft.push(s.frame),
             Err(RxDrop::Broken(e)) => {
                 a.shell.broken = true;
                 no_buf += 1;

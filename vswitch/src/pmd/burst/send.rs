@@ -176,6 +176,7 @@ impl Datapath {
         n: usize,
         c: &mut SrcCounts,
     ) {
+        use crate::accel::Took;
         use crate::offload::{F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_TCPV6};
         use nic_models::RxDrop;
         let (mut sent, mut bytes, mut no_buf, mut bad) = (0u64, 0u64, 0u64, 0u64);
@@ -203,12 +204,15 @@ impl Datapath {
                 parts[k] = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
                 len += v.iov_len;
             }
-            match a.q.receive_parts(&out.hdr, &parts[..m - 1]) {
-                Ok(()) => {
+            match a.receive(&out.hdr, &parts[..m - 1]) {
+                Ok(Took::Now) => {
                     sent += 1;
                     bytes += len as u64;
                 }
-                Err(RxDrop::NoBuffer | RxDrop::TooSmall) => no_buf += 1,
+                // Counted when the device writes it.
+                Ok(Took::Parked) => {}
+                // No buffer, or a full parking behind a vIOMMU.
+                Err(RxDrop::NoBuffer | RxDrop::TooSmall | RxDrop::Miss { .. }) => no_buf += 1,
                 Err(_) => bad += 1,
             }
         }

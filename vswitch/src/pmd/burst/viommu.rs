@@ -23,6 +23,22 @@ impl Datapath {
             any = true;
             for slot in port.rxq.iter() {
                 let Some(mut g) = slot.try_lock() else { continue };
+                // A plugged ring: the device writes what it parked once the buffers translate.
+                if let Some(Queue::AccelRx(a)) = g.as_mut() {
+                    if a.has_parked() {
+                        let u = a.unpark(now_ns());
+                        if u.packets > 0 && a.q.publish() && a.shell.signal() {
+                            bump(&slot.stats.interrupts, 1);
+                        }
+                        let s = &slot.stats;
+                        bump(&s.packets, u.packets);
+                        bump(&s.bytes, u.bytes);
+                        bump(&s.device_dma, u.packets);
+                        s.drop(DropReason::NoBuffer, u.timed_out);
+                        s.drop(DropReason::Malformed, u.faults);
+                    }
+                    continue;
+                }
                 if let Some(rq) = g.virtio_mut() {
                     rx_lookahead(rq);
                     if has_parked(rq) {
