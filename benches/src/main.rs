@@ -80,7 +80,8 @@ enum Cmd {
         precision: f64,
     },
     /// The co-design table: the same uplink-to-guests traffic through tier 0 (software), a
-    /// Level 0 and a Level 1 NIC model; host and device cost per packet.
+    /// Level 0, a Level 1 and a Level 2 NIC model (both guests plugged); host and device cost
+    /// per packet, and at Level 2 what 100 hand-overs (unplug, plug) cost under traffic.
     Tiers {
         /// The wire: gen (an in-process wire, this harness's generator at its far end) or tap
         /// (a TAP device and an AF_PACKET sender in a network namespace; needs root).

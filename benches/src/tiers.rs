@@ -176,6 +176,22 @@ pub struct TierRow {
     /// The latency the tier adds (or saves): its median less tier 0's in the same run, µs.
     #[serde(default)]
     pub latency_added_us: f64,
+    /// Level 2 rows: guest g0 unplugged and plugged again 100 times at the fixed rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<Handover>,
+}
+
+/// What 100 hand-overs of a plugged guest cost, at the fixed rate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Handover {
+    /// Plug (the swap under the pair's locks), µs: median, max of 100.
+    pub plug_us: [u64; 2],
+    /// Unplug (quiesce, drain, hand back), µs: median, max.
+    pub unplug_us: [u64; 2],
+    /// In-flight transmits the drains carried, all 100.
+    pub drained: u64,
+    /// Hand-overs whose ledger did not balance (must be 0).
+    pub unbalanced: u64,
 }
 
 /// A network namespace holding the wire's far end, deleted on drop.
@@ -635,17 +651,61 @@ fn one(
         irqs: per(d.irqs),
         latency_us: [0.0; 3],
         latency_added_us: 0.0,
+        handover: None,
     };
     // Phase 2: a fixed rate, the same for every tier, for latency.
     if traffic != Traffic::Tcp {
         let pps = cfg.rate.unwrap_or(if cfg.wire == WireKind::Gen { 100_000 } else { 20_000 });
         let (.., hist) = run_phase(&sw, &far, &frames, pps, cfg.duration, &mut guests, nic, true, mss)?;
         row.latency_us = [0.5, 0.99, 0.999].map(|q| hist.value_at_quantile(q) as f64 / 1000.0);
+        // Phase 3 (Level 2): the same rate while g0 is unplugged and plugged 100 times.
+        if nic && opts.contains("level=2") {
+            row.handover = Some(handovers(&sw, &far, &frames, pps, &mut guests, mss)?);
+        }
     }
     drop(guests);
     drop(sw);
     drop(far);
     Ok(row)
+}
+
+/// Unplugs and plugs guest g0 100 times while the wire sends at `pps`; what the hand-overs
+/// cost.
+fn handovers(
+    sw: &Switch,
+    far: &Far,
+    frames: &[Vec<u8>],
+    pps: u64,
+    guests: &mut [Frontend],
+    mss: usize,
+) -> Result<Handover, String> {
+    let (mut plug, mut unplug) = (Vec::new(), Vec::new());
+    let mut h = Handover::default();
+    std::thread::scope(|s| -> Result<(), String> {
+        let traffic =
+            s.spawn(|| run_phase(sw, far, frames, pps, Duration::from_secs(3), guests, true, false, mss));
+        std::thread::sleep(Duration::from_millis(700));
+        for _ in 0..100 {
+            let r = sw.accel_unplug("g0").map_err(|e| format!("unplugging g0: {e}"))?;
+            let last = r.last.ok_or("no hand-over report")?;
+            // Each unplug's report carries the plug before it.
+            plug.push(last.plug_us);
+            unplug.push(last.unplug_us);
+            h.drained += last.drained;
+            h.unbalanced += u64::from(!last.balanced);
+            sw.accel_plug("g0", "l2").map_err(|e| format!("plugging g0: {e}"))?;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        traffic.join().map_err(|_| "the traffic thread panicked")??;
+        Ok(())
+    })?;
+    let mid_max = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        [v[v.len() / 2], v[v.len() - 1]]
+    };
+    h.unplug_us = mid_max(&mut unplug);
+    h.plug_us = mid_max(&mut plug);
+    Ok(h)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -787,6 +847,14 @@ pub fn print(rows: &[TierRow]) {
             r.latency_us[2],
             r.latency_added_us
         );
+    }
+    for r in rows {
+        if let Some(h) = r.handover {
+            println!(
+                "{:<18} {:<4} {:>5}  100 hand-overs of g0 at the fixed rate: plug {} us median ({} max), unplug {} us median ({} max), {} in-flight transmits drained, {} unbalanced",
+                r.tier, r.traffic.name(), r.size, h.plug_us[0], h.plug_us[1], h.unplug_us[0], h.unplug_us[1], h.drained, h.unbalanced
+            );
+        }
     }
     let wire = rows.first().map(|r| r.wire).unwrap_or_default();
     println!("(the sender as fast as it goes: deliv, wire frames delivered per frame offered; then per wire frame delivered into");
