@@ -208,6 +208,25 @@ pub fn switch_config(dir: &Scratch, specs: &[&str]) -> SwitchConfig {
     }
 }
 
+/// Ports from full `--port` specs (`NAME=SOCK:x.sock`: a socket in `dir`; `NAME=nic:...`,
+/// `NAME=tap:...` as they are).
+pub fn parse_ports(dir: &Scratch, specs: &[impl AsRef<str>]) -> Vec<PortConfig> {
+    specs
+        .iter()
+        .map(|s| {
+            let s = s.as_ref().replace("SOCK:", &format!("{}/", dir.0.display()));
+            PortConfig::parse(&s).unwrap_or_else(|e| panic!("{s}: {e}"))
+        })
+        .collect()
+}
+
+/// Starts a switch with ports from full `--port` specs (see [`parse_ports`]).
+pub fn start_specs(dir: &Scratch, specs: &[impl AsRef<str>]) -> Switch {
+    init_log();
+    let ports = parse_ports(dir, specs);
+    Switch::start(SwitchConfig { fdb_aging_secs: 300, ports, ..Default::default() }).expect("switch starts")
+}
+
 /// Starts a switch with the given ports (see [`port_config`]).
 pub fn start_switch(dir: &Scratch, specs: &[&str]) -> Switch {
     init_log();

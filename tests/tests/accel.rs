@@ -24,15 +24,7 @@ const WINDOW: u64 = 48;
 const LEAST: u64 = 1000;
 
 fn start(dir: &Scratch, specs: &[String]) -> Switch {
-    init_log();
-    let ports = specs
-        .iter()
-        .map(|s| {
-            let s = s.replace("SOCK:", &format!("{}/", dir.0.display()));
-            PortConfig::parse(&s).unwrap_or_else(|e| panic!("{s}: {e}"))
-        })
-        .collect();
-    Switch::start(SwitchConfig { fdb_aging_secs: 300, ports, ..Default::default() }).expect("switch starts")
+    e2e_tests::start_specs(dir, specs)
 }
 
 fn hello(mac: [u8; 6]) -> Vec<u8> {

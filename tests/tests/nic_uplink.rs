@@ -10,8 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use e2e_tests::netns::Netns;
-use e2e_tests::{connect_default, drain, init_log, port_stats, wait_until, Scratch};
-use vswitch::config::{PortConfig, SwitchConfig};
+use e2e_tests::{connect_default, drain, port_stats, wait_until, Scratch};
 use vswitch::control::NicReport;
 use vswitch::switch::Switch;
 use vswitch_bench::frame::{build_frame, build_tcp_segment};
@@ -27,15 +26,7 @@ fn ifname(tag: &str) -> String {
 }
 
 fn start(dir: &Scratch, specs: &[String]) -> Switch {
-    init_log();
-    let ports = specs
-        .iter()
-        .map(|s| {
-            let s = s.replace("SOCK:", &format!("{}/", dir.0.display()));
-            PortConfig::parse(&s).unwrap_or_else(|e| panic!("{s}: {e}"))
-        })
-        .collect();
-    Switch::start(SwitchConfig { fdb_aging_secs: 300, ports, ..Default::default() }).expect("switch starts")
+    e2e_tests::start_specs(dir, specs)
 }
 
 /// Waits until the NIC serves `n` guests with a MAC each programmed.

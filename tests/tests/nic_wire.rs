@@ -5,9 +5,8 @@
 
 use std::time::Duration;
 
-use e2e_tests::{connect, connect_default, drain, init_log, port_stats, wait_until, Scratch};
+use e2e_tests::{connect, connect_default, drain, port_stats, wait_until, Scratch};
 use nic_models::engines::{csum, layout};
-use vswitch::config::{PortConfig, SwitchConfig};
 use vswitch::control::NicReport;
 use vswitch::switch::Switch;
 use vswitch::uplink::link::LinkEnd;
@@ -20,15 +19,7 @@ const C: [u8; 6] = [0x52, 0x54, 0x00, 0x57, 0x00, 0x0c];
 const WIRE: [u8; 6] = [0x52, 0x54, 0x00, 0x57, 0x00, 0xee];
 
 fn start(dir: &Scratch, specs: &[&str]) -> Switch {
-    init_log();
-    let ports = specs
-        .iter()
-        .map(|s| {
-            let s = s.replace("SOCK:", &format!("{}/", dir.0.display()));
-            PortConfig::parse(&s).unwrap_or_else(|e| panic!("{s}: {e}"))
-        })
-        .collect();
-    Switch::start(SwitchConfig { fdb_aging_secs: 300, ports, ..Default::default() }).expect("switch starts")
+    e2e_tests::start_specs(dir, specs)
 }
 
 fn hello(mac: [u8; 6]) -> Vec<u8> {

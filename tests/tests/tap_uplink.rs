@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use e2e_tests::netns::Netns;
 use e2e_tests::{connect_default, find, init_log, port_info, port_stats, wait_until, Scratch};
-use vswitch::config::{PortConfig, SwitchConfig};
+use vswitch::config::SwitchConfig;
 use vswitch::switch::Switch;
 
 /// One test at a time: iperf3 fills both CPUs.
@@ -28,13 +28,7 @@ fn start(dir: &Scratch, specs: &[String]) -> Switch {
 /// [`start`] with one polling thread per listed CPU.
 fn start_on(dir: &Scratch, specs: &[String], pmd_cores: Vec<usize>) -> Switch {
     init_log();
-    let ports = specs
-        .iter()
-        .map(|s| {
-            let s = s.replace("SOCK:", &format!("{}/", dir.0.display()));
-            PortConfig::parse(&s).unwrap_or_else(|e| panic!("{s}: {e}"))
-        })
-        .collect();
+    let ports = e2e_tests::parse_ports(dir, specs);
     Switch::start(SwitchConfig { fdb_aging_secs: 300, ports, pmd_cores, ..Default::default() })
         .expect("switch starts")
 }

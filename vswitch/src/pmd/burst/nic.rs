@@ -300,13 +300,7 @@ impl Datapath {
                     }
                 }
             }
-            c.packets += pk + no_buf + bad;
-            c.bytes += by;
-            bump(&slot.stats.packets, pk);
-            bump(&slot.stats.bytes, by);
-            bump(&slot.stats.device_dma, pk);
-            slot.stats.drop(DropReason::NoBuffer, no_buf);
-            slot.stats.drop(DropReason::Malformed, bad);
+            count_dma(c, &slot.stats, pk, by, no_buf, bad);
             rq.publish();
             // The device's interrupt, moderated: now, or held until the interval is up.
             let pool = frames[0].pool;
@@ -359,16 +353,23 @@ fn accel_rx<'a>(
             }
         }
     }
-    c.packets += pk + no_buf + bad;
-    c.bytes += by;
-    bump(&slot.stats.packets, pk);
-    bump(&slot.stats.bytes, by);
-    bump(&slot.stats.device_dma, pk);
-    slot.stats.drop(DropReason::NoBuffer, no_buf);
-    slot.stats.drop(DropReason::Malformed, bad);
+    count_dma(c, &slot.stats, pk, by, no_buf, bad);
     if pk > 0 && a.q.publish() && a.shell.signal() {
         bump(&slot.stats.interrupts, 1);
     }
+}
+
+/// Counts a burst's frames the device wrote into a guest's ring (`pk`, `by` bytes) or dropped
+/// for want of a buffer or as a DMA fault: for the wire (the source) and the guest's queue.
+#[inline(always)]
+fn count_dma(c: &mut SrcCounts, s: &QueueStats, pk: u64, by: u64, no_buf: u64, bad: u64) {
+    c.packets += pk + no_buf + bad;
+    c.bytes += by;
+    bump(&s.packets, pk);
+    bump(&s.bytes, by);
+    bump(&s.device_dma, pk);
+    s.drop(DropReason::NoBuffer, no_buf);
+    s.drop(DropReason::Malformed, bad);
 }
 
 /// The device's large receive offload over a burst: plain TCP frames go through the engine
