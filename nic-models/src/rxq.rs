@@ -276,6 +276,12 @@ impl RxQueue {
         &mut self.dma
     }
 
+    /// The guest's ring and the domain it is read through, together (a look-ahead over the
+    /// posted buffers for translations to ask for, as a device with ATS does).
+    pub fn ring_and_dma(&mut self) -> (&mut SplitRing, &mut Dma) {
+        (&mut self.ring, &mut self.dma)
+    }
+
     /// DMAs one frame with its virtio-net header into the guest's next buffer(s); see
     /// [`dma_rx`].
     pub fn receive(&mut self, hdr: &[u8], frame: &[u8]) -> Result<(), RxDrop> {

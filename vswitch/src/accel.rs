@@ -194,6 +194,8 @@ impl AccelRx {
         };
         if let Some(iova) = miss {
             l.miss(iova, true, now);
+            // The buffers posted after this one are looked at afresh (`lookahead`).
+            l.rx_checked = None;
         }
         if l.parked.len() >= PARK_MAX {
             l.stats().rx_miss_drops.fetch_add(1, Ordering::Relaxed);

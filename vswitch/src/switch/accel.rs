@@ -61,6 +61,12 @@ impl Control {
             Tier::L1 => self.try_plug_l1(id, name),
             Tier::L2 => self.try_plug(id, name, tier),
         };
+        // Level 2 steers the wire's frames with the port's pool: back in the filter now, not at
+        // the next sync.
+        if tier == Tier::L2 && was_held && r.is_ok() {
+            let macs = self.accel.get(&id).map(|b| b.l1_macs.clone()).unwrap_or_default();
+            self.bind_one(id, &macs);
+        }
         let book = self.accel.entry(id).or_default();
         // A refused plug leaves the port as it was; a plug at either tier lets Level 1 serve it
         // again (Level 2 steers the wire's frames with the same pool).

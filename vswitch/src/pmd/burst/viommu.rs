@@ -25,6 +25,13 @@ impl Datapath {
                 let Some(mut g) = slot.try_lock() else { continue };
                 // A plugged ring: the device writes what it parked once the buffers translate.
                 if let Some(Queue::AccelRx(a)) = g.as_mut() {
+                    // The device asks ahead for its posted buffers' translations, as the
+                    // software path does (a device with ATS): a guest that maps each buffer as
+                    // it posts it costs one round trip per burst, not one per buffer.
+                    if let Some(l) = a.shell.iotlb.as_deref_mut() {
+                        let (ring, dma) = a.q.ring_and_dma();
+                        lookahead(ring, dma, l);
+                    }
                     if a.has_parked() {
                         let u = a.unpark(now_ns());
                         if u.packets > 0 && a.q.publish() && a.shell.signal() {
@@ -212,8 +219,13 @@ pub(super) const LOOKAHEAD: u16 = 64;
 /// `rx_checked` was reset), [`LOOKAHEAD`] at a time.
 pub(super) fn rx_lookahead(rq: &mut VirtQueue) {
     let Some(l) = rq.iotlb.as_deref_mut() else { return };
-    let pending = rq.ring.avail_pending().unwrap_or(0).min(rq.ring.size());
-    let start = rq.ring.state().last_avail;
+    lookahead(&mut rq.ring, &mut rq.dma, l);
+}
+
+/// [`rx_lookahead`] over any receive ring: the software path's, or one a device drives.
+fn lookahead(ring: &mut virtq::SplitRing, dma: &mut iommu::Dma, l: &mut crate::vhost::iotlb::IotlbLink) {
+    let pending = ring.avail_pending().unwrap_or(0).min(ring.size());
+    let start = ring.state().last_avail;
     let from = match l.rx_checked {
         Some(c) if c.wrapping_sub(start) <= pending => c.wrapping_sub(start),
         _ => 0,
@@ -228,15 +240,15 @@ pub(super) fn rx_lookahead(rq: &mut VirtQueue) {
     // `miss` asks once per page: consecutive buffers of one page cost one request.
     let now = now_ns();
     for k in from..to {
-        let head = rq.ring.peek_head(k);
-        if head >= rq.ring.size() {
+        let head = ring.peek_head(k);
+        if head >= ring.size() {
             continue;
         }
-        let d = rq.ring.desc(head);
+        let d = ring.desc(head);
         if d.len == 0 || d.flags & virtq::ring::DESC_F_INDIRECT != 0 {
             continue;
         }
-        if let Err(iommu::DmaError::Miss { iova, .. }) = rq.dma.translate(d.addr, d.len, Access::Write) {
+        if let Err(iommu::DmaError::Miss { iova, .. }) = dma.translate(d.addr, d.len, Access::Write) {
             l.miss(iova, true, now);
         }
     }
