@@ -114,8 +114,8 @@ impl Control {
         }
     }
 
-    /// Binds guest port `id` to the first NIC model that serves it, with the MACs it had there
-    /// last (the periodic sync programs what it learns since). No FDB scan: a hand plug stays
+    /// Binds guest port `id` to every NIC model that serves it (as the periodic sync does),
+    /// with the MACs it had there last (the sync programs what is learned since). No FDB scan: a hand plug stays
     /// cheap for the control thread, which also answers the guests' IOTLB misses. Whether a
     /// NIC bound it.
     pub(super) fn bind_one(&mut self, id: u16, macs: &[[u8; 6]]) -> bool {
