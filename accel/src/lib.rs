@@ -33,6 +33,10 @@ pub enum Tier {
     L1,
     /// Level 2: direct queue pairs, the device driving the guest's own rings.
     L2,
+    /// Level 3: an SR-IOV virtual function, a direct queue pair with its own policy (MAC,
+    /// port VLAN, spoof checking, trust, link state, rates) and the NIC's embedded switch
+    /// carrying unicast between VFs.
+    L3,
 }
 
 impl Tier {
@@ -41,6 +45,7 @@ impl Tier {
         match self {
             Tier::L1 => 1,
             Tier::L2 => 2,
+            Tier::L3 => 3,
         }
     }
 }
@@ -50,6 +55,7 @@ impl std::fmt::Display for Tier {
         f.write_str(match self {
             Tier::L1 => "l1",
             Tier::L2 => "l2",
+            Tier::L3 => "l3",
         })
     }
 }
@@ -60,8 +66,8 @@ impl std::str::FromStr for Tier {
         match s.to_ascii_lowercase().as_str() {
             "l1" | "1" => Ok(Tier::L1),
             "l2" | "2" => Ok(Tier::L2),
-            "l3" | "3" => Err("tier l3 (SR-IOV VFs) is not built yet".into()),
-            _ => Err(format!("tier '{s}' is neither l1 nor l2")),
+            "l3" | "3" => Ok(Tier::L3),
+            _ => Err(format!("tier '{s}' is none of l1, l2, l3")),
         }
     }
 }
@@ -249,7 +255,8 @@ mod tests {
         assert!(full.contains("no free queue pair") && full.contains("pools=N"), "{full}");
         assert_eq!("L2".parse::<Tier>(), Ok(Tier::L2));
         assert_eq!("l1".parse::<Tier>(), Ok(Tier::L1));
-        assert!("l3".parse::<Tier>().unwrap_err().contains("not built yet"));
+        assert_eq!("l3".parse::<Tier>(), Ok(Tier::L3));
+        assert!("l4".parse::<Tier>().unwrap_err().contains("none of l1, l2, l3"));
         assert!(Refusal::NoDevice(Tier::L1).to_string().contains("level=1"));
     }
 }

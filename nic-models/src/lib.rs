@@ -22,6 +22,11 @@
 //!   receive rings (as a vDPA NIC does), enforcing the switch's source policy and shaping in
 //!   the device, plugged and unplugged under a running guest through the accelerator contract.
 //!
+//! - **Level 3**, SR-IOV ([`sriov`]): a physical function with virtual functions, each a
+//!   direct queue pair with the policy `ip link set PF vf N ...` sets (MAC, port VLAN and
+//!   priority, spoof checking, trust, link state, rates), and an embedded switch that carries
+//!   unicast between VFs inside the device.
+//!
 //! Device work is not host work: every engine counts what the silicon would do (descriptor
 //! fetches and write-backs, DMA bytes and PCIe transactions, IOTLB lookups, interrupts raised
 //! and suppressed) in [`account::DeviceCounters`], apart from the host's cycles.
@@ -36,6 +41,7 @@ pub mod itr;
 pub mod nic;
 pub mod regs;
 pub mod rxq;
+pub mod sriov;
 pub mod txq;
 
 pub use account::{DeviceCounters, PcieCost};
