@@ -355,7 +355,7 @@ fn a_plugged_guest_keeps_the_software_path_for_broadcast_and_other_guests_and_th
     // Refusals say why, and leave the port on the software path.
     let err = |r: Result<AccelReport, vswitch::switch::SwitchError>| r.expect_err("refused").to_string();
     assert!(err(sw.accel_plug("up", "l2")).contains("is an uplink"));
-    assert!(err(sw.accel_plug("a", "l3")).contains("not built yet"));
+    assert!(err(sw.accel_plug("a", "l3")).contains("no VF is given to it"));
     // One guest pool: a has it (Level 1, by default), b is on the software path.
     assert!(err(sw.accel_unplug("b")).contains("not plugged"));
     assert!(err(sw.accel_plug("a", "l1")).contains("already plugged"));

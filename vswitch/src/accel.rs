@@ -20,6 +20,76 @@ use virtq::{RingHandoff, RingState, SplitRing};
 
 use crate::vhost::iotlb::{MISS_TIMEOUT_NS, PARK_MAX};
 use crate::virtio::queue::VirtQueue;
+use nic_models::sriov::{self, Ingress, VebEntry, Vf};
+use std::sync::Arc;
+use vfpolicy::VfStats;
+
+/// A Level 3 pair's VF: its policy as the device applies it, and what it counted since the
+/// plug. The control thread replaces `vf` and `veb` under the slot's lock when `vswitch vf`
+/// changes the policy or another VF comes or goes.
+pub struct VfOn {
+    /// The VF's index on its PF.
+    pub n: u32,
+    /// Its policy and address.
+    pub vf: Vf,
+    /// The embedded switch's table (every attached VF of the PF).
+    pub veb: Arc<[VebEntry]>,
+    /// Counted since the plug (`IFLA_VF_STATS`).
+    pub stats: VfStats,
+    /// Unicast switched to another VF inside the device (transmit side).
+    pub veb_frames: u64,
+    /// Frames for other VFs fetched this poll.
+    pub veb_out: Vec<(VebEntry, Vec<u8>)>,
+    /// Where the counts go when the plug ends, however it ends (an unplug, or the guest
+    /// resetting its rings): the VF's counts of earlier plugs and the VEB's frames.
+    pub sink: VfSink,
+}
+
+/// A VF's counts of its ended plugs.
+pub type VfSink = Arc<std::sync::Mutex<(VfStats, u64)>>;
+
+impl VfOn {
+    /// A VF as attached now.
+    pub fn new(n: u32, vf: Vf, veb: Arc<[VebEntry]>, sink: VfSink) -> Box<VfOn> {
+        Box::new(VfOn { n, vf, veb, stats: VfStats::default(), veb_frames: 0, veb_out: Vec::new(), sink })
+    }
+}
+
+impl Drop for VfOn {
+    fn drop(&mut self) {
+        let mut s = self.sink.lock().unwrap_or_else(|e| e.into_inner());
+        add_stats(&mut s.0, &self.stats);
+        s.1 += self.veb_frames;
+    }
+}
+
+/// `a += b`, counter by counter.
+pub fn add_stats(a: &mut VfStats, b: &VfStats) {
+    a.rx_packets += b.rx_packets;
+    a.tx_packets += b.tx_packets;
+    a.rx_bytes += b.rx_bytes;
+    a.tx_bytes += b.tx_bytes;
+    a.broadcast += b.broadcast;
+    a.multicast += b.multicast;
+    a.rx_dropped += b.rx_dropped;
+    a.tx_dropped += b.tx_dropped;
+}
+
+/// `parts` without bytes `from..to` of their concatenation, into `out`; how many parts.
+fn cut<'a>(parts: &[&'a [u8]], from: usize, to: usize, out: &mut [&'a [u8]]) -> usize {
+    let (mut at, mut n) = (0usize, 0usize);
+    for p in parts {
+        let (s, e) = (at, at + p.len());
+        at = e;
+        for (a, b) in [(s, e.min(from)), (s.max(to), e)] {
+            if a < b && n < out.len() {
+                out[n] = &p[a - s..b - s];
+                n += 1;
+            }
+        }
+    }
+    n
+}
 
 /// A plugged receive ring: the device's queue and the software path's shell.
 pub struct AccelRx {
@@ -31,6 +101,8 @@ pub struct AccelRx {
     pub nic: u16,
     /// The ring's state at plug (for the ledger).
     pub start: RingState,
+    /// Level 3: the VF's receive filter (address, port VLAN, link state).
+    pub vf: Option<Box<VfOn>>,
 }
 
 /// A plugged transmit ring.
@@ -53,6 +125,8 @@ pub struct AccelTx {
     pub soft: Vec<Vec<u8>>,
     /// When it was plugged.
     pub since: Instant,
+    /// Level 3: the VF's transmit policy and the embedded switch.
+    pub vf: Option<Box<VfOn>>,
 }
 
 /// A ring's hand-off from a running software queue (every used entry published first).
@@ -93,7 +167,7 @@ pub fn plug(
         (Ok(q), Ok(mut t)) => {
             t.set_kicks(false);
             Ok((
-                Box::new(AccelRx { q, shell: rx, nic, start: rh.state }),
+                Box::new(AccelRx { q, shell: rx, nic, start: rh.state, vf: None }),
                 Box::new(AccelTx {
                     q: t,
                     shell: tx,
@@ -104,6 +178,7 @@ pub fn plug(
                     device_ticks: 0,
                     soft: Vec::new(),
                     since: Instant::now(),
+                    vf: None,
                 }),
             ))
         }
@@ -143,6 +218,9 @@ pub fn resume(mut shell: VirtQueue, h: &RingHandoff, owed_irq: bool) -> VirtQueu
 pub enum Took {
     /// Written into the guest's buffers.
     Now,
+    /// Not for this VF (Level 3: its address or VLAN filter, or its link is down); counted in
+    /// its statistics.
+    Filtered,
     /// Waiting, behind any before it, for a buffer's translation (the frontend was asked).
     Parked,
 }
@@ -174,6 +252,58 @@ impl AccelRx {
     /// parked, so that nothing overtakes. A full parking drops the frame (counted).
     #[inline]
     pub fn receive(&mut self, hdr: &[u8; 12], parts: &[&[u8]]) -> Result<Took, RxDrop> {
+        if self.vf.is_some() {
+            return self.receive_vf(hdr, parts);
+        }
+        self.receive_now(hdr, parts)
+    }
+
+    /// Level 3: the VF's receive filter first; a port VLAN's tag is stripped as the device
+    /// writes.
+    #[inline(never)]
+    fn receive_vf(&mut self, hdr: &[u8; 12], parts: &[&[u8]]) -> Result<Took, RxDrop> {
+        let v = self.vf.as_deref_mut().expect("a VF");
+        let mut head = [0u8; 18];
+        let mut n = 0;
+        let mut len = 0usize;
+        for p in parts {
+            let k = p.len().min(head.len() - n);
+            head[n..n + k].copy_from_slice(&p[..k]);
+            n += k;
+            len += p.len();
+        }
+        let strip = match sriov::ingress(&v.vf, true, &head[..n]) {
+            Ingress::Drop(_) => {
+                v.stats.rx_dropped += 1;
+                return Ok(Took::Filtered);
+            }
+            Ingress::Deliver { strip } => strip,
+        };
+        let r = if strip {
+            let mut out: [&[u8]; virtq::chain::MAX_SEGS + 2] = [&[]; virtq::chain::MAX_SEGS + 2];
+            let k = cut(parts, 12, 16, &mut out);
+            len -= 4;
+            self.receive_now(hdr, &out[..k])
+        } else {
+            self.receive_now(hdr, parts)
+        };
+        if matches!(r, Ok(Took::Now | Took::Parked)) {
+            let v = self.vf.as_deref_mut().expect("a VF");
+            v.stats.rx_packets += 1;
+            v.stats.rx_bytes += len as u64;
+            if head[0] & 1 != 0 {
+                if head[..6] == [0xff; 6] {
+                    v.stats.broadcast += 1;
+                } else {
+                    v.stats.multicast += 1;
+                }
+            }
+        }
+        r
+    }
+
+    #[inline(always)]
+    fn receive_now(&mut self, hdr: &[u8; 12], parts: &[&[u8]]) -> Result<Took, RxDrop> {
         let mut miss = None;
         if !self.has_parked() {
             match self.q.receive_parts(hdr, parts) {

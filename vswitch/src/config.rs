@@ -87,13 +87,16 @@ pub struct PortConfig {
     pub accel: Option<String>,
 }
 
-/// A NIC model on an uplink port (`nic:IFNAME[,level=0|1|2][,pools=N][,filters=N]`). Level 2 is
-/// Level 1 plus direct queue pairs: `ctl accel plug PORT` gives a guest's rings to the device.
+/// A NIC model on an uplink port (`nic:IFNAME[,level=0|1|2|3][,pools=N][,filters=N]`). Level 2
+/// is Level 1 plus direct queue pairs: `ctl accel plug PORT` gives a guest's rings to the
+/// device. Level 3 is an SR-IOV PF with `pools - 1` VFs (`vfs=N`), each given to a guest port
+/// by `vswitch vf DEV attach N PORT` with the policy `vswitch vf DEV N ...` sets.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NicConfig {
-    /// The tier: 0 (one queue to the host, offload engines) or 1 (pools bound to guests'
-    /// receive rings, a MAC/VLAN classifier to choose them).
+    /// The tier: 0 (one queue to the host, offload engines), 1 (pools bound to guests'
+    /// receive rings, a MAC/VLAN classifier to choose them), 2 (and direct queue pairs) or 3
+    /// (SR-IOV VFs with policy and an embedded switch).
     #[serde(default = "level_one")]
     pub level: u8,
     /// Pools, the host's default pool included (the 82576 has 8, the 82599 64): at most
@@ -200,7 +203,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2][,pools=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N][,accel=l1|l2])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2|3][,pools=N|,vfs=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N][,accel=l1|l2])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -348,6 +351,11 @@ impl PortConfig {
                         _ => return Err(bad("lro must be 'on' or 'off'")),
                     }
                 }
+                Some(("vfs", v)) => {
+                    let n = pc.nic.as_mut().ok_or_else(|| bad("vfs= is for nic: ports at level=3"))?;
+                    let vfs: u8 = v.parse().map_err(|_| bad("vfs must be a number (1..63)"))?;
+                    n.pools = vfs.saturating_add(1);
+                }
                 Some((k @ ("level" | "pools" | "filters"), v)) => {
                     let n = pc.nic.as_mut().ok_or_else(|| bad(&format!("{k}= is for nic: ports")))?;
                     let num = |what: &str| bad(&format!("{what} must be a number"));
@@ -416,8 +424,14 @@ impl PortConfig {
                 }
                 _ => {}
             }
-            if n.level > 2 {
-                return Err(err(format!("level={} is not modelled yet (0, 1 and 2 are)", n.level)));
+            if n.level > 3 {
+                return Err(err(format!("level={} is not a tier (0, 1, 2 and 3 are)", n.level)));
+            }
+            if n.level == 3 && self.vlan.is_some() {
+                return Err(err(
+                    "a Level 3 PF's wire carries its VFs' port VLANs tagged: leave vlan= off (trunk=.. is fine)"
+                        .into(),
+                ));
             }
             if !(2..=64).contains(&n.pools) {
                 return Err(err(format!(
@@ -792,7 +806,9 @@ mod tests {
         let err = |s: &str| PortConfig::parse(s).unwrap_err().to_string();
         assert!(err("up=nic:tap0,itr=fast").contains("not adaptive, off or microseconds"));
         assert!(err("up=tap:tap0,level=1").contains("level= is for nic: ports"));
-        assert!(err("up=nic:tap0,level=3").contains("not modelled yet"));
+        assert!(err("up=nic:tap0,level=4").contains("not a tier"));
+        assert_eq!(PortConfig::parse("up=nic:tap0,level=3,vfs=4").unwrap().nic.unwrap().pools, 5);
+        assert!(err("up=nic:tap0,level=3,vlan=5").contains("leave vlan= off"));
         assert_eq!(PortConfig::parse("up=nic:tap0,level=2").unwrap().nic.unwrap().level, 2);
         assert!(err("up=nic:tap0,pools=1").contains("outside 2..64"));
         assert!(err("up=nic:tap0,filters=0").contains("outside 1..4096"));

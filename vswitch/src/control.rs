@@ -78,6 +78,56 @@ pub enum Request {
         /// One port, or all guest ports.
         name: Option<String>,
     },
+    /// A Level 3 NIC's VF policy: the words after `ip link set DEV vf` (`N mac .. vlan ..`).
+    Vf {
+        /// The NIC port.
+        dev: String,
+        /// iproute2's words.
+        args: Vec<String>,
+    },
+    /// Its VFs, as `ip link show` reads them.
+    VfShow {
+        /// The NIC port.
+        dev: String,
+    },
+    /// Give VF `vf` to guest port `port` (plugged through the accelerator contract).
+    VfAttach {
+        /// The NIC port.
+        dev: String,
+        /// The VF.
+        vf: u32,
+        /// The guest port.
+        port: String,
+    },
+    /// Take it back (unplug, end the assignment).
+    VfDetach {
+        /// The NIC port.
+        dev: String,
+        /// The VF.
+        vf: u32,
+    },
+}
+
+/// `vswitch vf DEV show` on a Level 3 NIC model.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfReport {
+    /// The NIC port.
+    pub dev: String,
+    /// Its VFs (`IFLA_NUM_VF`).
+    pub num_vfs: u16,
+    /// The PF's link speed, Mbit/s.
+    pub link_mbps: u32,
+    /// Each VF's policy and statistics, as a real PF reports them.
+    pub vfs: Vec<vfpolicy::VfInfo>,
+    /// The guest port each VF is given to.
+    pub ports: Vec<Option<String>>,
+    /// Whether that port's queue pair is plugged into it now.
+    pub plugged: Vec<bool>,
+    /// Unicast frames the embedded switch carried from one VF to another.
+    pub veb_frames: u64,
+    /// What the user should know (an address the guest will not use, a port not running).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// The last hand-over of a port's queue pair between the device and the software path.

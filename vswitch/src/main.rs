@@ -11,6 +11,8 @@ use vswitch::policy::spoof::SpoofConfig;
 use vswitch::policy::{BitRate, ByteSize, PolicerConfig, PolicyConfig, ShaperConfig};
 use vswitch::{PortConfig, Switch, SwitchConfig, UnsealedMemory};
 
+mod vfcli;
+
 const DEFAULT_CONTROL: &str = "/run/vswitch.ctl";
 
 #[derive(Parser)]
@@ -34,6 +36,24 @@ enum Cmd {
         json: bool,
         #[command(subcommand)]
         what: CtlCmd,
+    },
+    /// SR-IOV VF policy in iproute2's words, on a Level 3 NIC model of the running switch or
+    /// on a real PF (rtnetlink, the messages `ip link set DEV vf N ...` sends):
+    /// `vf DEV N [mac MAC] [vlan VID [qos Q] [proto 802.1Q|802.1ad]] [spoofchk on|off]
+    /// [trust on|off] [state auto|enable|disable] [max_tx_rate MBPS] [min_tx_rate MBPS]
+    /// [query_rss on|off]`, `vf DEV show [--json]`, `vf DEV attach N PORT`, `vf DEV detach N`.
+    Vf {
+        /// Control socket of the running switch (DEV is looked for among its ports first).
+        #[arg(long, env = "VSWITCH_CONTROL", default_value = DEFAULT_CONTROL)]
+        control: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// A Level 3 NIC port of the running switch, or a Linux PF network device.
+        dev: String,
+        /// What to do (see above).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        words: Vec<String>,
     },
 }
 
@@ -256,6 +276,7 @@ fn main() -> ExitCode {
             unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
             ctl(&control, json, what)
         }
+        Cmd::Vf { control, json, dev, words } => vfcli::run(&control, json, &dev, words),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

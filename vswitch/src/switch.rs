@@ -12,6 +12,7 @@ mod ctlsock;
 mod nics;
 mod report;
 pub mod sockets;
+mod sriov;
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
@@ -197,6 +198,8 @@ impl Switch {
             memory_faults_seen: iommu::guard::faults(),
             next_nic_sync: Instant::now(),
             accel: Default::default(),
+            pfs: Default::default(),
+            vf_sinks: Default::default(),
         };
         if let Some(c) = &mut ctl.ctl {
             c.register(ctl.poll.registry(), CTL_LISTENER).map_err(SwitchError::Start)?;
@@ -282,6 +285,26 @@ impl Switch {
         self.typed(Request::AccelStatus { name: name.map(Into::into) })
     }
 
+    /// `vswitch vf DEV N ...` on a Level 3 NIC port: VF N's policy in iproute2's words.
+    pub fn vf_set(&self, dev: &str, args: &[String]) -> Result<crate::control::VfReport, SwitchError> {
+        self.typed(Request::Vf { dev: dev.into(), args: args.to_vec() })
+    }
+
+    /// `vswitch vf DEV show`.
+    pub fn vf_show(&self, dev: &str) -> Result<crate::control::VfReport, SwitchError> {
+        self.typed(Request::VfShow { dev: dev.into() })
+    }
+
+    /// `vswitch vf DEV attach N PORT`.
+    pub fn vf_attach(&self, dev: &str, vf: u32, port: &str) -> Result<crate::control::VfReport, SwitchError> {
+        self.typed(Request::VfAttach { dev: dev.into(), vf, port: port.into() })
+    }
+
+    /// `vswitch vf DEV detach N`.
+    pub fn vf_detach(&self, dev: &str, vf: u32) -> Result<crate::control::VfReport, SwitchError> {
+        self.typed(Request::VfDetach { dev: dev.into(), vf })
+    }
+
     fn typed<T: serde::de::DeserializeOwned>(&self, req: Request) -> Result<T, SwitchError> {
         let v = self.request(req)?;
         serde_json::from_value(v).map_err(|e| SwitchError::Refused(e.to_string()))
@@ -325,6 +348,10 @@ struct Control {
     next_nic_sync: Instant,
     /// Plugs into NIC tiers, per guest port.
     accel: accel::AccelBooks,
+    /// Level 3 NICs' PFs and their VFs.
+    pfs: sriov::Pfs,
+    /// Their VFs' counts of ended plugs.
+    vf_sinks: sriov::VfSinks,
 }
 
 impl Control {
@@ -523,6 +550,22 @@ impl Control {
                 .accel_unplug(&name)
                 .map(|r| serde_json::to_value(r).unwrap_or_default())
                 .map_err(|e| e.to_string()),
+            Request::Vf { dev, args } => self
+                .vf_set(&dev, &args)
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .map_err(|e| e.to_string()),
+            Request::VfShow { dev } => self
+                .vf_show(&dev)
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .map_err(|e| e.to_string()),
+            Request::VfAttach { dev, vf, port } => self
+                .vf_attach(&dev, vf, &port)
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .map_err(|e| e.to_string()),
+            Request::VfDetach { dev, vf } => self
+                .vf_detach(&dev, vf)
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .map_err(|e| e.to_string()),
             Request::AccelStatus { name } => self
                 .accel_status(name.as_deref())
                 .map(|r| serde_json::to_value(r).unwrap_or_default())
@@ -673,6 +716,7 @@ impl Control {
     fn del_port(&mut self, name: &str) -> Result<(), SwitchError> {
         let id = self.ports.values().find(|p| p.cfg.name == name).map(|p| p.port.id);
         let id = id.ok_or_else(|| SwitchError::NoSuchPort(name.into()))?;
+        self.vf_port_gone(id);
         self.disconnect(id);
         let mut removed = self.ports.remove(&id);
         if let Some(st) = &mut removed {

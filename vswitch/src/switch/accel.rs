@@ -27,12 +27,12 @@ use crate::port::Queue;
 /// What the switch remembers of a port's plugs (it outlives each plug).
 #[derive(Default)]
 pub(super) struct AccelBook {
-    plugs: u64,
+    pub(super) plugs: u64,
     unplugs: u64,
     refusals: u64,
     last_refusal: Option<String>,
     drained: u64,
-    plug_us: u64,
+    pub(super) plug_us: u64,
     last: Option<HandoverReport>,
     /// Device work of earlier plugs (the queue's own counters go with it at unplug).
     tx_frames: u64,
@@ -60,6 +60,7 @@ impl Control {
         let r = match tier {
             Tier::L1 => self.try_plug_l1(id, name),
             Tier::L2 => self.try_plug(id, name, tier),
+            Tier::L3 => self.try_plug_vf(id, name),
         };
         // Level 2 steers the wire's frames with the port's pool: back in the filter now, not at
         // the next sync.
@@ -90,13 +91,15 @@ impl Control {
 
     /// The Level 1 NIC port binding guest port `id`, if one does.
     fn l1_nic_of(&self, id: u16) -> Option<u16> {
-        self.ports.values().filter(|p| p.cfg.nic.as_ref().is_some_and(|n| n.level >= 1)).find_map(|p| {
-            let bound =
-                p.port.txq.iter().any(
+        self.ports
+            .values()
+            .filter(|p| p.cfg.nic.as_ref().is_some_and(|n| (1..=2).contains(&n.level)))
+            .find_map(|p| {
+                let bound = p.port.txq.iter().any(
                     |s| matches!(s.lock().as_ref(), Some(Queue::Nic(nq)) if nq.nic.pool_of(id).is_some()),
                 );
-            bound.then_some(p.port.id)
-        })
+                bound.then_some(p.port.id)
+            })
     }
 
     /// Level 1: lets the NICs bind the port now; the reason if none can.
@@ -110,8 +113,11 @@ impl Control {
         if matches!(guest.txq.first().map(|s| s.lock()).as_deref(), Some(Some(Queue::AccelTx(_)))) {
             return Err(Refusal::AlreadyPlugged(name.into()));
         }
-        let nics: Vec<_> =
-            self.ports.values().filter(|p| p.cfg.nic.as_ref().is_some_and(|n| n.level >= 1)).collect();
+        let nics: Vec<_> = self
+            .ports
+            .values()
+            .filter(|p| p.cfg.nic.as_ref().is_some_and(|n| (1..=2).contains(&n.level)))
+            .collect();
         let nic = nics.iter().min_by_key(|p| p.port.id).ok_or(Refusal::NoDevice(Tier::L1))?;
         if guest.policy.egress_on() {
             return Err(bad("an egress shaper holds its receive ring (remove the shaper: ctl policy PORT)"));
@@ -149,7 +155,7 @@ impl Control {
         let nic = self
             .ports
             .values()
-            .filter(|p| p.cfg.nic.as_ref().is_some_and(|n| n.level >= 2))
+            .filter(|p| p.cfg.nic.as_ref().is_some_and(|n| n.level == 2))
             .min_by_key(|p| p.port.id)
             .ok_or(Refusal::NoDevice(tier))?;
         let (nic_id, nic_name) = (nic.port.id, nic.cfg.name.clone());
@@ -227,11 +233,18 @@ impl Control {
     /// run (again after a reconnect). A refusal leaves the port on the software path; each new
     /// reason is counted and logged once.
     pub(super) fn auto_plug(&mut self) {
-        let want: Vec<(u16, String, String)> = self
+        let mut want: Vec<(u16, String, String)> = self
             .ports
             .values()
             .filter_map(|p| p.cfg.accel.as_ref().map(|t| (p.port.id, p.cfg.name.clone(), t.clone())))
             .collect();
+        // A VF given to a port is plugged whenever the port's rings run.
+        let given: Vec<u16> = self.pfs.values().flat_map(|p| p.vfs_attached().map(|(_, g)| g)).collect();
+        for g in given {
+            if let Some(p) = self.ports.get(&g).filter(|_| !want.iter().any(|w| w.0 == g)) {
+                want.push((g, p.cfg.name.clone(), "l3".into()));
+            }
+        }
         for (id, name, tier) in want {
             let Ok(tier) = tier.parse::<Tier>() else { continue };
             if self.accel.get(&id).is_some_and(|b| b.held_off) {
@@ -249,6 +262,7 @@ impl Control {
                 Tier::L1 if self.l1_nic_of(id).is_some() => continue,
                 Tier::L1 => self.try_plug_l1(id, &name),
                 Tier::L2 => self.try_plug(id, &name, tier),
+                Tier::L3 => self.try_plug_vf(id, &name),
             };
             let book = self.accel.entry(id).or_default();
             match r {
@@ -303,6 +317,7 @@ impl Control {
         drop(nic_tx);
         let k = at.k;
         let rx_frames = ar.q.counters.packets;
+        let (vf, vf_rx, pf_id) = (at.vf.take(), ar.vf.take(), at.nic);
         *gr = Some(Queue::Virtio(crate::accel::resume(ar.shell, &h.rx, h.rx_irq)));
         *gt = Some(Queue::Virtio(crate::accel::resume(at.shell, &h.tx, h.tx_irq)));
         drop((gr, gt));
@@ -326,7 +341,7 @@ impl Control {
         book.shaped += k.shaped;
         book.rx_frames += rx_frames;
         book.last = Some(HandoverReport {
-            tier: Tier::L2.to_string(),
+            tier: if vf.is_some() { Tier::L3 } else { Tier::L2 }.to_string(),
             plug_us: book.plug_us,
             unplug_us: took,
             drained: h.drained,
@@ -338,6 +353,11 @@ impl Control {
             rx_state: (h.rx.state.last_avail, h.rx.state.used_idx),
             tx_state: (h.tx.state.last_avail, h.tx.state.used_idx),
         });
+        if vf.is_some() {
+            // (Their counts join the VF's as they drop.)
+            drop((vf, vf_rx));
+            self.sync_pf(pf_id);
+        }
         tracing::info!(port = name, "unplugged in {took} us, {} in-flight transmits drained", h.drained);
         self.accel_report(name)
     }
@@ -387,7 +407,7 @@ impl Control {
         let port = st.port.clone();
         let mut r = AccelReport { port: name.to_string(), ..AccelReport::default() };
         if let Some(Some(Queue::AccelTx(a))) = port.txq.first().map(|s| s.lock()).as_deref() {
-            r.tier = Some(Tier::L2.to_string());
+            r.tier = Some(if a.vf.is_some() { Tier::L3 } else { Tier::L2 }.to_string());
             r.plugged_ms = Some(a.since.elapsed().as_millis() as u64);
             r.nic = Some(a.nic);
             r.tx_frames = a.k.tx_frames;

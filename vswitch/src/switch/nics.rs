@@ -60,6 +60,11 @@ impl Control {
         }
         let learned = self.fdb.learned_on(&guests, self.now());
         for id in nics {
+            // A Level 3 PF's pools are its VFs, given by hand.
+            if self.ports[&id].cfg.nic.as_ref().is_some_and(|n| n.level == 3) {
+                self.sync_pf(id);
+                continue;
+            }
             let nic = self.ports[&id].port.clone();
             let mut want: Vec<(u16, Option<u16>, Vec<[u8; 6]>)> = Vec::new();
             let mut ids: Vec<u16> = self.ports.keys().copied().filter(|k| guests[*k as usize]).collect();
@@ -91,7 +96,11 @@ impl Control {
 
     /// Changes NIC port `nic`'s filters with `change` (under its queue's lock, between two of
     /// its bursts) and its transmit pools to match.
-    fn program_nic(&self, nic: &crate::port::Port, mut change: impl FnMut(&mut nic_models::nic::Nic)) {
+    pub(super) fn program_nic(
+        &self,
+        nic: &crate::port::Port,
+        mut change: impl FnMut(&mut nic_models::nic::Nic),
+    ) {
         let mut bindings = Vec::new();
         for slot in nic.txq.iter() {
             let mut q = slot.lock();
@@ -102,10 +111,19 @@ impl Control {
         // A guest sends from its pool's TX queue, shaped and weighted as its port says;
         // everyone else from the host's.
         let ports = &self.ports;
-        let tx = |owner: u16| {
-            ports
+        // A VF's min_tx_rate is its pool's share of the wire (its cap is enforced where the
+        // device fetches).
+        let pf = self.pfs.get(&nic.id);
+        let vf_weight = |owner: u16| {
+            let pf = pf?;
+            let (n, _) = pf.vfs_attached().find(|(_, g)| *g == owner)?;
+            pf.vf(n).ok().map(|v| v.policy.min_tx_rate.max(1))
+        };
+        let tx = |owner: u16| match vf_weight(owner) {
+            Some(w) => (None, w),
+            None => ports
                 .get(&owner)
-                .map_or((None, 1), |g| (g.cfg.nic_rate.map(|r| r.0), g.cfg.nic_weight.unwrap_or(1)))
+                .map_or((None, 1), |g| (g.cfg.nic_rate.map(|r| r.0), g.cfg.nic_weight.unwrap_or(1))),
         };
         for slot in nic.rxq.iter() {
             if let Some(Queue::NicTx(t)) = slot.lock().as_mut() {
@@ -120,8 +138,10 @@ impl Control {
     /// NIC bound it.
     pub(super) fn bind_one(&mut self, id: u16, macs: &[[u8; 6]]) -> bool {
         let Some(guest) = self.ports.get(&id).map(|p| p.port.clone()) else { return false };
-        let mut nics: Vec<_> =
-            self.ports.values().filter(|p| p.cfg.nic.is_some()).map(|p| p.port.clone()).collect();
+        let mut nics: Vec<_> = (self.ports.values())
+            .filter(|p| p.cfg.nic.as_ref().is_some_and(|n| n.level < 3))
+            .map(|p| p.port.clone())
+            .collect();
         nics.sort_by_key(|p| p.id);
         let mut bound = false;
         for nic in nics {

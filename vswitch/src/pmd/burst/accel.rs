@@ -9,11 +9,12 @@
 //! them as frames from this port (Level 2 keeps a software path for inter-domain traffic).
 
 use super::*;
-use crate::accel::AccelTx;
+use crate::accel::{AccelTx, Took};
 use crate::clock::ticks;
 use crate::l2::{is_group, mac_from_bytes};
 use crate::policy::spoof::{SpoofFilter, Verdict};
 use nic_models::direct::{SourceCheck, Wire};
+use nic_models::sriov::{self, Egress};
 
 /// The port's anti-spoofing filter as the device's source check.
 struct PortCheck<'a>(Option<&'a SpoofFilter>);
@@ -39,22 +40,46 @@ impl Datapath {
         let vlan = src.vlan.ingress(None);
         let now_ns = crate::clock::now_ns();
         let (mut wired, mut wired_bytes) = (0u64, 0u64);
-        let mut learn: Option<Mac> = None;
+        let mut learn: Option<(Mac, u16)> = None;
         let polled = {
             let ing = src.policy.ingress.lock();
             let check = PortCheck(if src.policy.spoof_on() { ing.spoof.as_ref() } else { None });
             let mut nic_tx = nic.as_ref().map(|p| p.rxq[0].lock());
             let fdb = &self.fdb;
             let soft = &mut a.soft;
+            let mut vf = a.vf.as_deref_mut();
             let mut wire = |mut f: Vec<u8>| -> Result<(), Wire> {
                 if f.len() < hdr + 14 {
                     return Err(Wire::Lost);
                 }
+                // Level 3: the VF's policy, then the embedded switch.
+                if let Some(v) = vf.as_deref_mut() {
+                    match sriov::egress(&v.vf, true, &f[hdr..]) {
+                        Egress::Drop(_) => {
+                            v.stats.tx_dropped += 1;
+                            return Err(Wire::Lost);
+                        }
+                        Egress::Pass(Some(tag)) => drop(f.splice(hdr + 12..hdr + 12, tag)),
+                        Egress::Pass(None) => {}
+                    }
+                    v.stats.tx_packets += 1;
+                    v.stats.tx_bytes += (f.len() - hdr) as u64;
+                    if let Some(e) = sriov::veb(&v.veb, v.n, &f[hdr..]) {
+                        v.veb_out.push((e, f));
+                        return Ok(());
+                    }
+                }
                 let dst = mac_from_bytes(f[hdr..hdr + 6].try_into().expect("6 bytes"));
-                let tagged = f[hdr + 12] == 0x81 && f[hdr + 13] == 0;
-                let uplink = !is_group(dst)
-                    && !tagged
-                    && vlan.is_some_and(|v| fdb.lookup(v, dst, now) == Some(nic_id));
+                let tag = (f.len() >= hdr + 18 && matches!(f[hdr + 12..hdr + 14], [0x81, 0] | [0x88, 0xa8]))
+                    .then(|| u16::from_be_bytes([f[hdr + 14], f[hdr + 15]]) & 0xfff);
+                // A VF's frames carry its port VLAN on the PF's wire (a trunk); Level 2's leave
+                // untagged.
+                let fv = match (tag, vf.is_some()) {
+                    (None, _) => vlan,
+                    (Some(t), true) => Some(t),
+                    (Some(_), false) => None,
+                };
+                let uplink = !is_group(dst) && fv.is_some_and(|v| fdb.lookup(v, dst, now) == Some(nic_id));
                 // After a frame for the software path, the rest of the poll follows it there:
                 // what the guest sent reaches the wire in the order it was sent.
                 let t = match nic_tx.as_deref_mut() {
@@ -74,7 +99,7 @@ impl Datapath {
                     Ok(()) => {
                         wired += 1;
                         wired_bytes += len;
-                        learn = Some(src_mac);
+                        learn = fv.map(|v| (src_mac, v));
                         Ok(())
                     }
                     Err(mut f) => {
@@ -123,8 +148,11 @@ impl Datapath {
         }
         c.packets += wired;
         c.bytes += wired_bytes;
-        if let (Some(mac), Some(v)) = (learn, vlan) {
+        if let Some((mac, v)) = learn {
             self.fdb.learn(v, mac, src.id, now);
+        }
+        if a.vf.as_ref().is_some_and(|v| !v.veb_out.is_empty()) {
+            self.veb_deliver(src, a);
         }
         // The rest through the software path, as frames this port sent.
         let spoof = src.policy.ingress_on() && src.policy.spoof_on();
@@ -149,5 +177,69 @@ impl Datapath {
             a.q.recycle(f);
         }
         fetched
+    }
+
+    /// Level 3's embedded switch: the device writes what one VF sent to another straight into
+    /// that guest's receive buffers (read from one guest's memory, written into the other's:
+    /// two crossings of the bus, no host copy), each run of frames for one guest under one
+    /// lock, one publish and at most one interrupt. A VF detached meanwhile gets its frames
+    /// through the software path. Timed as the device's work.
+    #[cold]
+    fn veb_deliver(&mut self, src: &Port, a: &mut AccelTx) {
+        let t0 = ticks();
+        let hdr = a.shell.hdr_len as usize;
+        let Some(v) = a.vf.as_deref_mut() else { return };
+        let mut out = std::mem::take(&mut v.veb_out);
+        let mut missed = Vec::new();
+        let mut i = 0;
+        while i < out.len() {
+            let e = out[i].0;
+            let n = out[i..].iter().take_while(|(x, _)| x.port == e.port && x.vf == e.vf).count();
+            let run = i..i + n;
+            i += n;
+            let dst = self.ports.get(e.port as usize).and_then(|p| p.clone()).filter(|d| d.id != src.id);
+            let Some(d) = dst else {
+                missed.extend(run);
+                continue;
+            };
+            let mut g = d.rxq[0].lock();
+            let r = match g.as_mut() {
+                Some(Queue::AccelRx(r)) if r.nic == a.nic && r.vf.as_ref().is_some_and(|x| x.n == e.vf) => r,
+                _ => {
+                    missed.extend(run);
+                    continue;
+                }
+            };
+            let (mut sent, mut bytes, mut no_buf) = (0u64, 0u64, 0u64);
+            for (_, f) in &out[run] {
+                let mut h = [0u8; 12];
+                h[..hdr.min(12)].copy_from_slice(&f[..hdr.min(12)]);
+                match r.receive(&h, &[&f[hdr..]]) {
+                    Ok(Took::Now) => {
+                        sent += 1;
+                        bytes += (f.len() - hdr) as u64;
+                    }
+                    Ok(Took::Parked) => v.veb_frames += 1,
+                    Ok(Took::Filtered) => {}
+                    Err(_) => no_buf += 1,
+                }
+            }
+            v.veb_frames += sent;
+            let s = &d.rxq[0].stats;
+            bump(&s.packets, sent);
+            bump(&s.bytes, bytes);
+            bump(&s.device_dma, sent);
+            s.drop(DropReason::NoBuffer, no_buf);
+            if sent > 0 && r.q.publish() && r.shell.signal() {
+                bump(&s.interrupts, 1);
+            }
+        }
+        // In order, behind what the poll already gave the software path.
+        for k in missed {
+            a.soft.push(std::mem::take(&mut out[k].1));
+        }
+        out.clear();
+        v.veb_out = out;
+        a.device_ticks += ticks().wrapping_sub(t0);
     }
 }

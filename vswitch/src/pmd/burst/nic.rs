@@ -343,6 +343,8 @@ fn accel_rx<'a>(
                 by += (p0.len() + p1.len()) as u64;
             }
             Ok(crate::accel::Took::Parked) => c.packets += 1,
+            // The VF's filter (Level 3): counted in its statistics.
+            Ok(crate::accel::Took::Filtered) => c.filtered += 1,
             Err(RxDrop::NoBuffer | RxDrop::TooSmall | RxDrop::Miss { .. }) => no_buf += 1,
             Err(RxDrop::Fault(_)) => bad += 1,
             Err(RxDrop::Quiesced) => soft.push(s.frame),

@@ -209,8 +209,9 @@ impl Datapath {
                     sent += 1;
                     bytes += len as u64;
                 }
-                // Counted when the device writes it.
-                Ok(Took::Parked) => {}
+                // Counted when the device writes it; or the VF's filter (Level 3) took it,
+                // counted in the VF's statistics.
+                Ok(Took::Parked | Took::Filtered) => {}
                 // No buffer, or a full parking behind a vIOMMU.
                 Err(RxDrop::NoBuffer | RxDrop::TooSmall | RxDrop::Miss { .. }) => no_buf += 1,
                 Err(_) => bad += 1,
