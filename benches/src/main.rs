@@ -80,8 +80,9 @@ enum Cmd {
         precision: f64,
     },
     /// The co-design table: the same uplink-to-guests traffic through tier 0 (software), a
-    /// Level 0, a Level 1 and a Level 2 NIC model (both guests plugged); host and device cost
-    /// per packet, and at Level 2 what 100 hand-overs (unplug, plug) cost under traffic.
+    /// Level 0, a Level 1, a Level 2 NIC model (both guests plugged) and a Level 3 one (each
+    /// guest given a VF); host and device cost per packet, and at Levels 2 and 3 what 100
+    /// hand-overs (unplug, plug) cost under traffic.
     Tiers {
         /// The wire: gen (an in-process wire, this harness's generator at its far end) or tap
         /// (a TAP device and an AF_PACKET sender in a network namespace; needs root).
@@ -91,7 +92,8 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "64,1518")]
         sizes: Vec<usize>,
         /// What the wire carries: udp (timed for latency), tcp (two in-order streams the
-        /// NIC's LRO can coalesce), back (the guests send to the wire), comma separated.
+        /// NIC's LRO can coalesce), back (the guests send to the wire), vm (the guests send to
+        /// each other: inter-VM), comma separated.
         #[arg(long, value_delimiter = ',', default_value = "udp,tcp")]
         traffic: Vec<vswitch_bench::tiers::Traffic>,
         /// Measured seconds per run.

@@ -59,6 +59,10 @@ pub enum Traffic {
     /// The way back: both guests send UDP frames to the wire's far end (generator wire only);
     /// timed for latency, guest to wire.
     Back,
+    /// Between the guests (inter-VM): each sends UDP frames to the other, the wire idle
+    /// (generator wire only); timed for latency, guest to guest. At Level 3 the NIC's embedded
+    /// switch carries them (two crossings of the bus); below, the software path.
+    Vm,
 }
 
 impl Traffic {
@@ -68,6 +72,7 @@ impl Traffic {
             Traffic::Udp => "udp",
             Traffic::Tcp => "tcp",
             Traffic::Back => "back",
+            Traffic::Vm => "vm",
         }
     }
 }
@@ -79,7 +84,8 @@ impl std::str::FromStr for Traffic {
             "udp" => Ok(Traffic::Udp),
             "tcp" => Ok(Traffic::Tcp),
             "back" => Ok(Traffic::Back),
-            _ => Err(format!("traffic '{s}' is not udp, tcp or back")),
+            "vm" => Ok(Traffic::Vm),
+            _ => Err(format!("traffic '{s}' is not udp, tcp, back or vm")),
         }
     }
 }
@@ -108,11 +114,13 @@ impl std::str::FromStr for WireKind {
 
 /// The tiers on a generator wire: tier 0 is a NIC with no engines on.
 /// Level 2 (the generator wire only): both guests' queue pairs plugged into the device.
+/// Level 3: each guest given a VF (`vswitch vf up attach N gN`).
 pub const GEN_TIERS: &[(&str, &str)] = &[
     ("tier 0 (software)", "nic:,level=0,lro=off,itr=off"),
     ("Level 0 NIC", "nic:,level=0"),
     ("Level 1 NIC", "nic:,level=1"),
     ("Level 2 NIC", "nic:,level=2"),
+    ("Level 3 NIC (VFs)", "nic:,level=3,vfs=2"),
 ];
 
 /// Settings.
@@ -341,8 +349,9 @@ fn gen_and_receive(
     let (mut sent, mut k) = (0u64, 0usize);
     let mut back = Vec::new();
     let start = Instant::now();
-    // The way back: the guests send (each its own frames), the wire's far end receives.
-    if frames.first().is_some_and(|f| f[..6] == WIRE) {
+    // The way back: the guests send (each its own frames), the wire's far end receives; or
+    // they send to each other.
+    if frames.first().is_some_and(|f| G.iter().any(|g| f[6..12] == *g)) {
         return guests_to_wire(end, &mut frames, pps, stop_tx, guests, rx, stop_rx, hist, timed);
     }
     while !stop_rx.load(Ordering::Relaxed) {
@@ -370,7 +379,8 @@ fn gen_and_receive(
 }
 
 /// [`gen_and_receive`] the other way: `frames` (each from one guest, by source MAC) sent by
-/// their guests, 32 per pass (16 each), the wire's far end counting what arrives.
+/// their guests, 32 per pass (16 each), the wire's far end counting what arrives; or, for
+/// frames to the other guest, the guests counting what arrives.
 #[allow(clippy::too_many_arguments)]
 fn guests_to_wire(
     end: &LinkEnd,
@@ -388,6 +398,7 @@ fn guests_to_wire(
     let mut back = Vec::new();
     let start = Instant::now();
     let hdr = vswitch::uplink::tap::VNET_HDR as usize;
+    let to_guests = frames.first().is_some_and(|f| f[..6] != WIRE);
     // The far end speaks first, so the switch learns where WIRE is and does not flood.
     end.send([build_frame([0xff; 6], WIRE, None, 18, 0).as_slice()]);
     while !stop_rx.load(Ordering::Relaxed) {
@@ -413,11 +424,17 @@ fn guests_to_wire(
                 guests[g].flush_tx(0);
             }
         }
-        for g in guests.iter_mut() {
-            g.poll_rx(0, |_| {});
+        if to_guests {
+            poll_guests(guests, rx, hist, timed, usize::MAX);
+        } else {
+            for g in guests.iter_mut() {
+                g.poll_rx(0, |_| {});
+            }
         }
         let got = end.recv(&mut back, 256);
-        if got > 0 {
+        if got > 0 && to_guests {
+            end.recycle(back.drain(..));
+        } else if got > 0 {
             if timed.load(Ordering::Relaxed) {
                 for f in back.iter().filter_map(|b| frame_seq(&b[hdr..])) {
                     let _ = hist.record(now_ns().saturating_sub(f).max(1));
@@ -542,11 +559,14 @@ fn wire_frames_for(traffic: Traffic, size: usize) -> (Vec<Vec<u8>>, usize) {
             if traffic == Traffic::Back {
                 return build_frame(WIRE, G[i % 2], None, udp, 0);
             }
+            if traffic == Traffic::Vm {
+                return build_frame(G[1 - i % 2], G[i % 2], None, udp, 0);
+            }
             if i % 16 == 15 {
                 return build_frame([0xff; 6], WIRE, None, udp, 0);
             }
             match traffic {
-                Traffic::Udp | Traffic::Back => build_frame(G[i % 2], WIRE, None, udp, 0),
+                Traffic::Udp | Traffic::Back | Traffic::Vm => build_frame(G[i % 2], WIRE, None, udp, 0),
                 Traffic::Tcp => {
                     let f = build_tcp_segment(G[i % 2], WIRE, seq[i % 2], (i / 2) as u16, mss);
                     seq[i % 2] += mss as u32;
@@ -574,13 +594,15 @@ fn one(
         WireKind::Tap => format!("up={kind}:{ifname}{opts},offloads=off"),
         WireKind::Gen => format!("up=nic:wire:{ifname}{opts}"),
     };
-    if traffic == Traffic::Back && cfg.wire != WireKind::Gen {
-        return Err("traffic 'back' needs the generator wire (--wire gen)".into());
+    if matches!(traffic, Traffic::Back | Traffic::Vm) && cfg.wire != WireKind::Gen {
+        return Err(format!("traffic '{}' needs the generator wire (--wire gen)", traffic.name()));
     }
     let mut ports = vec![PortConfig::parse(&up).map_err(|e| e.to_string())?];
-    for g in 0..2 {
+    for (g, m) in G.iter().enumerate() {
+        let mac = format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]);
         ports.push(
-            PortConfig::parse(&format!("g{g}={}/g{g}.sock", dir.display())).map_err(|e| e.to_string())?,
+            PortConfig::parse(&format!("g{g}={}/g{g}.sock,mac={mac}", dir.display()))
+                .map_err(|e| e.to_string())?,
         );
     }
     let sw = Switch::start(SwitchConfig {
@@ -625,6 +647,17 @@ fn one(
             }
         }
     }
+    let level3 = nic && opts.contains("level=3");
+    if level3 {
+        // The guests' rings run once they have sent their hello.
+        std::thread::sleep(Duration::from_millis(100));
+        for g in 0..2u32 {
+            let r = sw.vf_attach("up", g, &format!("g{g}")).map_err(|e| format!("attaching VF {g}: {e}"))?;
+            if !r.plugged[g as usize] {
+                return Err(format!("VF {g} is not plugged: {:?}", r.notes));
+            }
+        }
+    }
     let (frames, mss) = wire_frames_for(traffic, size);
     // Phase 1: as fast as the sender goes (the switch is the bottleneck), for throughput and
     // cost per frame.
@@ -641,7 +674,7 @@ fn one(
         // A broadcast (one frame in 16; none on the way back) is delivered to both guests.
         delivered: match (sent > 0.0, traffic) {
             (false, _) => 0.0,
-            (true, Traffic::Back) => got / sent,
+            (true, Traffic::Back | Traffic::Vm) => got / sent,
             (true, _) => got / (sent * 17.0 / 16.0),
         },
         host_cycles: per(d.busy.saturating_sub(d.device_ticks)),
@@ -661,9 +694,10 @@ fn one(
         let pps = cfg.rate.unwrap_or(if cfg.wire == WireKind::Gen { 100_000 } else { 20_000 });
         let (.., hist) = run_phase(&sw, &far, &frames, pps, cfg.duration, &mut guests, nic, true, mss)?;
         row.latency_us = [0.5, 0.99, 0.999].map(|q| hist.value_at_quantile(q) as f64 / 1000.0);
-        // Phase 3 (Level 2): the same rate while g0 is unplugged and plugged 100 times.
-        if nic && opts.contains("level=2") {
-            row.handover = Some(handovers(&sw, &far, &frames, pps, &mut guests, mss)?);
+        // Phase 3 (Levels 2 and 3): the same rate while g0 is unplugged and plugged 100 times.
+        if nic && (opts.contains("level=2") || level3) {
+            let tier = if level3 { "l3" } else { "l2" };
+            row.handover = Some(handovers(&sw, &far, &frames, pps, &mut guests, mss, tier)?);
         }
     }
     drop(guests);
@@ -681,6 +715,7 @@ fn handovers(
     pps: u64,
     guests: &mut [Frontend],
     mss: usize,
+    tier: &str,
 ) -> Result<Handover, String> {
     let (mut plug, mut unplug) = (Vec::new(), Vec::new());
     let mut h = Handover::default();
@@ -696,7 +731,7 @@ fn handovers(
             unplug.push(last.unplug_us);
             h.drained += last.drained;
             h.unbalanced += u64::from(!last.balanced);
-            sw.accel_plug("g0", "l2").map_err(|e| format!("plugging g0: {e}"))?;
+            sw.accel_plug("g0", tier).map_err(|e| format!("plugging g0: {e}"))?;
             std::thread::sleep(Duration::from_millis(10));
         }
         traffic.join().map_err(|_| "the traffic thread panicked")??;
