@@ -5,8 +5,11 @@
 #  - acpica-tools: iasl, the reference decoder hostvm's ACPI tables are checked against.
 #  - iproute2, iputils-ping, iperf3, tcpdump: the TAP uplink tests put test hosts in network
 #    namespaces, ping and stream through the switch, and look at tags on the wire.
+#  - strace: vfpolicy's test captures what `ip link set DEV vf N ...` sends, to compare bytes.
 #  - the Linux test guest and QEMU 7.2 (tests/guest/build.sh: Debian packages downloaded and
 #    unpacked, not installed; cached in /var/tmp/vswitch-guestkit).
+#  - the SR-IOV guest: QEMU 10 with an emulated igb, Debian's generic kernel and iproute2
+#    (tests/guest/igb-sriov.sh --build-only; cached in /var/tmp/vswitch-igbkit).
 set -eu
 cd "$(dirname "$0")/.."
 need=""
@@ -17,6 +20,7 @@ command -v ip >/dev/null 2>&1 || need="$need iproute2"
 command -v ping >/dev/null 2>&1 || need="$need iputils-ping"
 command -v iperf3 >/dev/null 2>&1 || need="$need iperf3"
 command -v tcpdump >/dev/null 2>&1 || need="$need tcpdump"
+command -v strace >/dev/null 2>&1 || need="$need strace"
 if [ -n "$need" ]; then
     echo "installing:$need" >&2
     export DEBIAN_FRONTEND=noninteractive
@@ -30,4 +34,9 @@ if ! tests/guest/build.sh >/dev/null; then
     echo "guest kit: retrying after apt-get update" >&2
     apt-get update >/dev/null
     tests/guest/build.sh >/dev/null
+fi
+if ! tests/guest/igb-sriov.sh --build-only >/dev/null; then
+    echo "igb kit: retrying after apt-get update" >&2
+    apt-get update >/dev/null
+    tests/guest/igb-sriov.sh --build-only >/dev/null
 fi

@@ -397,3 +397,18 @@ pub fn send_raw(
         assert!(libc::sendmsg(std::os::fd::AsRawFd::as_raw_fd(s), &mh, 0) >= 0);
     }
 }
+
+/// What the far end of an in-process wire receives for `wait`: each frame without the wire's
+/// 12-byte header.
+pub fn from_wire_end(end: &vswitch::uplink::link::LinkEnd, wait: Duration) -> Vec<Vec<u8>> {
+    let (mut out, mut back) = (Vec::new(), Vec::new());
+    let t = Instant::now();
+    while t.elapsed() < wait {
+        if end.recv(&mut back, 64) > 0 {
+            out.extend(back.drain(..).map(|f| f[12..].to_vec()));
+        } else {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    out
+}

@@ -299,8 +299,10 @@ fn a_level_2_device_behind_a_viommu_asks_for_missing_translations_and_loses_noth
         for k in 0..24u64 {
             e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 100, round * 100 + k));
         }
-        let on_wire: Vec<u64> =
-            from_wire_end(&end, Duration::from_millis(1500)).iter().filter_map(|f| frame_seq(f)).collect();
+        let on_wire: Vec<u64> = e2e_tests::from_wire_end(&end, Duration::from_millis(1500))
+            .iter()
+            .filter_map(|f| frame_seq(f))
+            .collect();
         assert_eq!(on_wire, (0..24).map(|k| round * 100 + k).collect::<Vec<_>>(), "round {round}: a -> wire");
         let (m, st) = (iotlb_info(&sw, "a"), &sw.accel_status(Some("a")).unwrap()[0]);
         assert_eq!(st.tier.as_deref(), Some("l2"), "plugged all along: {st:?}");
@@ -316,19 +318,6 @@ fn a_level_2_device_behind_a_viommu_asks_for_missing_translations_and_loses_noth
 }
 
 /// Frames from the wire's far end with source `WIRE` seen since the last call.
-fn from_wire_end(end: &LinkEnd, wait: Duration) -> Vec<Vec<u8>> {
-    let (mut out, mut back) = (Vec::new(), Vec::new());
-    let t = Instant::now();
-    while t.elapsed() < wait {
-        if end.recv(&mut back, 64) > 0 {
-            out.extend(back.drain(..).map(|f| f[12..].to_vec()));
-        } else {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-    out
-}
-
 #[test]
 fn a_plugged_guest_keeps_the_software_path_for_broadcast_and_other_guests_and_the_device_enforces_its_policy()
 {
@@ -350,7 +339,7 @@ fn a_plugged_guest_keeps_the_software_path_for_broadcast_and_other_guests_and_th
     assert!(wait_until(Duration::from_secs(5), || sw.nic("up").is_ok_and(|r| !r.bound.is_empty())));
     drain(&mut fa, Duration::from_millis(50));
     drain(&mut fb, Duration::from_millis(50));
-    from_wire_end(&end, Duration::from_millis(20));
+    e2e_tests::from_wire_end(&end, Duration::from_millis(20));
 
     // Refusals say why, and leave the port on the software path.
     let err = |r: Result<AccelReport, vswitch::switch::SwitchError>| r.expect_err("refused").to_string();
@@ -387,8 +376,10 @@ fn a_plugged_guest_keeps_the_software_path_for_broadcast_and_other_guests_and_th
         vec![1, 3, 4],
         "b: the wire's broadcast, a's unicast and broadcast"
     );
-    let on_wire: Vec<_> =
-        from_wire_end(&end, Duration::from_millis(300)).iter().filter_map(|f| frame_seq(f)).collect();
+    let on_wire: Vec<_> = e2e_tests::from_wire_end(&end, Duration::from_millis(300))
+        .iter()
+        .filter_map(|f| frame_seq(f))
+        .collect();
     assert_eq!(on_wire, vec![4, 5], "a's broadcast and its unicast for the wire");
     let st = &sw.accel_status(Some("a")).unwrap()[0];
     assert!(st.rx_frames >= 2 && st.tx_frames >= 3, "the device carried them: {st:?}");
@@ -400,8 +391,10 @@ fn a_plugged_guest_keeps_the_software_path_for_broadcast_and_other_guests_and_th
     let forged = |seq| build_frame(WIRE, [0x52, 0x54, 0, 0x5a, 0, 0x66], None, 60, seq);
     e2e_tests::send(&mut fa, 0, &forged(10));
     e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 60, 11));
-    let on_wire: Vec<_> =
-        from_wire_end(&end, Duration::from_millis(300)).iter().filter_map(|f| frame_seq(f)).collect();
+    let on_wire: Vec<_> = e2e_tests::from_wire_end(&end, Duration::from_millis(300))
+        .iter()
+        .filter_map(|f| frame_seq(f))
+        .collect();
     assert_eq!(on_wire, vec![11], "the device stopped the forged frame");
     assert_eq!(sw.accel_status(Some("a")).unwrap()[0].spoofed, 1);
     let h = sw.accel_unplug("a").expect("unplug").last.expect("hand-over");
@@ -409,8 +402,10 @@ fn a_plugged_guest_keeps_the_software_path_for_broadcast_and_other_guests_and_th
     let before = sw.policy("a").unwrap().counters;
     e2e_tests::send(&mut fa, 0, &forged(12));
     e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 60, 13));
-    let on_wire: Vec<_> =
-        from_wire_end(&end, Duration::from_millis(300)).iter().filter_map(|f| frame_seq(f)).collect();
+    let on_wire: Vec<_> = e2e_tests::from_wire_end(&end, Duration::from_millis(300))
+        .iter()
+        .filter_map(|f| frame_seq(f))
+        .collect();
     assert_eq!(on_wire, vec![13], "the software path stopped the same frame");
     assert_ne!(sw.policy("a").unwrap().counters, before, "counted by the software path's policy");
 
@@ -423,8 +418,10 @@ fn a_plugged_guest_keeps_the_software_path_for_broadcast_and_other_guests_and_th
     assert!(freed, "a's disconnect handed its rings back: {:?}", sw.accel_status(Some("a")));
     sw.accel_plug("b", "l2").expect("b takes the freed queue pair");
     e2e_tests::send(&mut fb, 0, &build_frame(WIRE, B, None, 60, 20));
-    let on_wire: Vec<_> =
-        from_wire_end(&end, Duration::from_millis(300)).iter().filter_map(|f| frame_seq(f)).collect();
+    let on_wire: Vec<_> = e2e_tests::from_wire_end(&end, Duration::from_millis(300))
+        .iter()
+        .filter_map(|f| frame_seq(f))
+        .collect();
     assert_eq!(on_wire, vec![20]);
     assert!(sw.accel_unplug("b").unwrap().last.unwrap().balanced);
 }
@@ -451,8 +448,10 @@ fn a_port_that_asks_for_a_tier_in_its_configuration_is_plugged_whenever_its_ring
         let mut fa = connect_default(&dir, "a");
         assert!(plugged(true), "round {round}: plugged once its rings ran: {:?}", sw.accel_status(Some("a")));
         e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 60, round));
-        let on_wire: Vec<_> =
-            from_wire_end(&end, Duration::from_millis(300)).iter().filter_map(|f| frame_seq(f)).collect();
+        let on_wire: Vec<_> = e2e_tests::from_wire_end(&end, Duration::from_millis(300))
+            .iter()
+            .filter_map(|f| frame_seq(f))
+            .collect();
         assert_eq!(on_wire, vec![round], "round {round}: a's frame reached the wire");
         drop(fa);
         assert!(plugged(false), "round {round}: its rings came back when it went away");
@@ -632,8 +631,9 @@ fn a_plugged_guest_is_held_to_its_memory_its_source_ip_and_its_rate_by_the_devic
     let dir = Scratch::new("accel-held");
     let wire = format!("accel-h{}", std::process::id());
     let (sw, end, mut fa, mut fb) = setup_opts(&dir, &wire, ",nic-rate=8M", FrontendConfig::default());
-    let on_wire =
-        |wait| -> Vec<u64> { from_wire_end(&end, wait).iter().filter_map(|f| frame_seq(f)).collect() };
+    let on_wire = |wait| -> Vec<u64> {
+        e2e_tests::from_wire_end(&end, wait).iter().filter_map(|f| frame_seq(f)).collect()
+    };
 
     // Source IP: a may send from 198.18.0.1 only (build_frame's source).
     let spoof = SpoofConfig { macs: vec!["52:54:00:5a:00:0a".into()], ips: Some(vec!["198.18.0.1".into()]) };

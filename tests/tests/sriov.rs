@@ -23,19 +23,6 @@ fn vf(sw: &Switch, words: &str) -> Result<VfReport, String> {
     sw.vf_set("pf", &w).map_err(|e| e.to_string())
 }
 
-fn from_wire(end: &LinkEnd, wait: Duration) -> Vec<Vec<u8>> {
-    let (mut out, mut back) = (Vec::new(), Vec::new());
-    let t = Instant::now();
-    while t.elapsed() < wait {
-        if end.recv(&mut back, 64) > 0 {
-            out.extend(back.drain(..).map(|f| f[12..].to_vec()));
-        } else {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-    out
-}
-
 fn seqs(frames: &[Vec<u8>]) -> Vec<u64> {
     frames.iter().filter_map(|f| frame_seq(f)).collect()
 }
@@ -67,7 +54,7 @@ fn setup(dir: &Scratch, wire: &str) -> (Switch, LinkEnd, Frontend, Frontend, Fro
     for f in [&mut fa, &mut fb, &mut fc] {
         drain(f, Duration::from_millis(50));
     }
-    from_wire(&end, Duration::from_millis(20));
+    e2e_tests::from_wire_end(&end, Duration::from_millis(20));
     (sw, end, fa, fb, fc)
 }
 
@@ -102,7 +89,7 @@ fn vfs_carry_unicast_between_them_in_the_device_and_the_software_path_reaches_th
     e2e_tests::send(&mut fa, 0, &build_frame([0xff; 6], A, None, 60, 202));
     assert_eq!(seqs(&fc.recv_frames(0, 2, Duration::from_secs(5))), vec![200, 202]);
     assert_eq!(seqs(&fb.recv_frames(0, 1, Duration::from_secs(5))), vec![202]);
-    assert_eq!(seqs(&from_wire(&end, Duration::from_millis(300))), vec![201, 202]);
+    assert_eq!(seqs(&e2e_tests::from_wire_end(&end, Duration::from_millis(300))), vec![201, 202]);
     // From the software guest and the wire to a VF.
     e2e_tests::send(&mut fc, 0, &build_frame(A, C, None, 60, 300));
     assert_eq!(end.send([build_frame(A, WIRE, None, 60, 301).as_slice()]), 1);
@@ -134,23 +121,23 @@ fn the_device_enforces_vf_policy_set_with_iproute2s_words() {
     // spoofchk: on by default (the VF's address is a's), off lets a forged source through.
     e2e_tests::send(&mut fa, 0, &forged(1));
     e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 60, 2));
-    assert_eq!(seqs(&from_wire(&end, Duration::from_millis(300))), vec![2]);
+    assert_eq!(seqs(&e2e_tests::from_wire_end(&end, Duration::from_millis(300))), vec![2]);
     assert_eq!(sw.vf_show("pf").unwrap().vfs[0].stats.unwrap().tx_dropped, 1);
     vf(&sw, "0 spoofchk off").unwrap();
     e2e_tests::send(&mut fa, 0, &forged(3));
-    assert_eq!(seqs(&from_wire(&end, Duration::from_millis(300))), vec![3]);
+    assert_eq!(seqs(&e2e_tests::from_wire_end(&end, Duration::from_millis(300))), vec![3]);
     vf(&sw, "0 spoofchk on").unwrap();
 
     // A port VLAN: the device tags what a sends (priority 5), takes only that VLAN for it and
     // strips the tag.
     vf(&sw, "0 vlan 42 qos 5").unwrap();
     e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 60, 10));
-    let got = from_wire(&end, Duration::from_millis(300));
+    let got = e2e_tests::from_wire_end(&end, Duration::from_millis(300));
     assert_eq!(seqs(&got), vec![10]);
     assert_eq!(got[0][12..16], [0x81, 0x00, 0xa0, 42], "tagged 802.1Q, PCP 5, VID 42");
     // a's own tag behind a port VLAN is a spoofed VLAN.
     e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, Some(7), 60, 11));
-    assert!(seqs(&from_wire(&end, Duration::from_millis(200))).is_empty());
+    assert!(seqs(&e2e_tests::from_wire_end(&end, Duration::from_millis(200))).is_empty());
     end.send([build_frame(A, WIRE, Some(42), 60, 12).as_slice()]);
     end.send([build_frame(A, WIRE, Some(43), 60, 13).as_slice()]);
     end.send([build_frame(A, WIRE, None, 60, 14).as_slice()]);
@@ -164,7 +151,7 @@ fn the_device_enforces_vf_policy_set_with_iproute2s_words() {
     e2e_tests::send(&mut fa, 0, &build_frame(B, A, None, 60, 16));
     assert_eq!(seqs(&fb.recv_frames(0, 1, Duration::from_secs(5))), vec![16], "both on VLAN 42");
     // (Frame 15, unknown in VLAN 42, was flooded to the wire by the software path.)
-    assert_eq!(seqs(&from_wire(&end, Duration::from_millis(100))), vec![15]);
+    assert_eq!(seqs(&e2e_tests::from_wire_end(&end, Duration::from_millis(100))), vec![15]);
     vf(&sw, "0 vlan 0").unwrap();
     vf(&sw, "1 vlan 0").unwrap();
 
@@ -172,11 +159,11 @@ fn the_device_enforces_vf_policy_set_with_iproute2s_words() {
     vf(&sw, "0 state disable").unwrap();
     e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 60, 20));
     end.send([build_frame(A, WIRE, None, 60, 21).as_slice()]);
-    assert_eq!(seqs(&from_wire(&end, Duration::from_millis(200))), Vec::<u64>::new());
+    assert_eq!(seqs(&e2e_tests::from_wire_end(&end, Duration::from_millis(200))), Vec::<u64>::new());
     assert!(drain(&mut fa, Duration::from_millis(100)).is_empty());
     vf(&sw, "0 state auto").unwrap();
     e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 60, 22));
-    assert_eq!(seqs(&from_wire(&end, Duration::from_millis(300))), vec![22]);
+    assert_eq!(seqs(&e2e_tests::from_wire_end(&end, Duration::from_millis(300))), vec![22]);
 
     // max_tx_rate: a 1 Mbit/s cap holds a's frames in its ring (back-pressure, not loss).
     vf(&sw, "0 max_tx_rate 1").unwrap();
@@ -187,7 +174,7 @@ fn the_device_enforces_vf_policy_set_with_iproute2s_words() {
     }
     let mut got = Vec::new();
     while got.len() < frames as usize && t.elapsed() < Duration::from_secs(10) {
-        got.extend(seqs(&from_wire(&end, Duration::from_millis(50))));
+        got.extend(seqs(&e2e_tests::from_wire_end(&end, Duration::from_millis(50))));
     }
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(got, (1000..1000 + frames).collect::<Vec<_>>(), "every frame, in order");
@@ -216,14 +203,14 @@ fn the_device_enforces_vf_policy_set_with_iproute2s_words() {
     let r = sw.vf_attach("pf", 0, "a").unwrap();
     assert!(r.notes.iter().any(|n| n.contains("not trusted")), "{:?}", r.notes);
     e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 60, 30));
-    assert!(from_wire(&end, Duration::from_millis(200)).is_empty());
+    assert!(e2e_tests::from_wire_end(&end, Duration::from_millis(200)).is_empty());
     sw.vf_detach("pf", 0).unwrap();
     vf(&sw, "0 trust on").unwrap();
     let r = sw.vf_attach("pf", 0, "a").unwrap();
     assert!(r.notes.is_empty(), "{:?}", r.notes);
     assert_eq!(r.vfs[0].mac, A, "the trusted VF took its guest's address");
     e2e_tests::send(&mut fa, 0, &build_frame(WIRE, A, None, 60, 31));
-    assert_eq!(seqs(&from_wire(&end, Duration::from_millis(300))), vec![31]);
+    assert_eq!(seqs(&e2e_tests::from_wire_end(&end, Duration::from_millis(300))), vec![31]);
 }
 
 #[test]

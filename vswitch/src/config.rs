@@ -203,7 +203,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2|3][,pools=N|,vfs=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N][,accel=l1|l2])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2|3][,pools=N|,vfs=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N][,accel=l1|l2|l3])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -815,7 +815,7 @@ mod tests {
         let g = PortConfig::parse("vm=/s,nic-rate=10M,nic-weight=3").unwrap();
         assert_eq!((g.nic_rate.map(|r| r.0), g.nic_weight), (Some(10_000_000), Some(3)));
         assert_eq!(PortConfig::parse("g=/tmp/g.sock,accel=l2").unwrap().accel.as_deref(), Some("l2"));
-        assert!(err("g=/tmp/g.sock,accel=l9").contains("neither l1 nor l2"));
+        assert!(err("g=/tmp/g.sock,accel=l9").contains("none of l1, l2, l3"));
         assert_eq!(PortConfig::parse("g=/tmp/g.sock,accel=l1").unwrap().accel.as_deref(), Some("l1"));
         assert!(err("up=nic:wire:w,accel=l2").contains("for guest ports"));
         assert!(err("vm=/s,nic-weight=0").contains("outside 1..100"));

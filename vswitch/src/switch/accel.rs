@@ -21,8 +21,9 @@ use nic_models::direct::Wire;
 use shaping::RateLimiter;
 
 use super::{Control, SwitchError};
+use crate::accel::VfOn;
 use crate::control::{AccelReport, HandoverReport};
-use crate::port::Queue;
+use crate::port::{Port, Queue};
 
 /// What the switch remembers of a port's plugs (it outlives each plug).
 #[derive(Default)]
@@ -50,6 +51,62 @@ pub(super) struct AccelBook {
 
 /// Per port.
 pub(super) type AccelBooks = HashMap<u16, AccelBook>;
+
+/// What the contract's admission needs to know of a guest port's queues.
+pub(super) fn port_facts(port: &Port) -> PortFacts {
+    let mut facts = PortFacts { egress_shaped: port.policy.egress_on(), ..PortFacts::default() };
+    for slot in port.txq.iter() {
+        match slot.lock().as_ref() {
+            Some(Queue::Virtio(q)) if !q.broken => {
+                facts.pairs += 1;
+                facts.viommu |= q.dma.is_iova();
+            }
+            Some(Queue::AccelTx(_)) => facts.plugged = true,
+            _ => {}
+        }
+    }
+    facts.running = facts.pairs > 0
+        && port.rxq.first().is_some_and(|s| matches!(s.lock().as_ref(), Some(Queue::Virtio(q)) if !q.broken));
+    facts
+}
+
+/// The plug itself: under the pair's two slot locks (transmit first, the polling threads'
+/// order), the running queues become the device's (with a VF's policy at Level 3: rx, tx).
+/// How long the swap took, µs, or why the device would not take them.
+pub(super) fn swap_in(
+    port: &Port,
+    nic: u16,
+    rate: Option<RateLimiter>,
+    vf: Option<(Box<VfOn>, Box<VfOn>)>,
+) -> Result<u64, String> {
+    let t0 = Instant::now();
+    let mut gt = port.txq[0].lock();
+    let mut gr = port.rxq[0].lock();
+    let (tx, rx) = (gt.take_virtio(), gr.take_virtio());
+    match (rx, tx) {
+        (Some(rx), Some(tx)) => match crate::accel::plug(rx, tx, nic, rate) {
+            Ok((mut ar, mut at)) => {
+                if let Some((r, t)) = vf {
+                    (ar.vf, at.vf) = (Some(r), Some(t));
+                }
+                *gr = Some(Queue::AccelRx(ar));
+                *gt = Some(Queue::AccelTx(at));
+            }
+            Err(back) => {
+                let (rx, tx, why) = *back;
+                *gr = Some(Queue::Virtio(rx));
+                *gt = Some(Queue::Virtio(tx));
+                return Err(why);
+            }
+        },
+        (rx, tx) => {
+            *gr = rx.map(Queue::Virtio);
+            *gt = tx.map(Queue::Virtio);
+            return Err("its rings stopped meanwhile".into());
+        }
+    }
+    Ok(t0.elapsed().as_micros() as u64)
+}
 
 impl Control {
     /// `ctl accel plug PORT --tier T`.
@@ -161,22 +218,7 @@ impl Control {
         let (nic_id, nic_name) = (nic.port.id, nic.cfg.name.clone());
         let pools = nic.cfg.nic.as_ref().map_or(0, |n| n.pools);
         let port = st.port.clone();
-        let mut facts = PortFacts { egress_shaped: port.policy.egress_on(), ..PortFacts::default() };
-        for slot in port.txq.iter() {
-            match slot.lock().as_ref() {
-                Some(Queue::Virtio(q)) if !q.broken => {
-                    facts.pairs += 1;
-                    facts.viommu |= q.dma.is_iova();
-                }
-                Some(Queue::AccelTx(_)) => facts.plugged = true,
-                _ => {}
-            }
-        }
-        facts.running = facts.pairs > 0
-            && port
-                .rxq
-                .first()
-                .is_some_and(|s| matches!(s.lock().as_ref(), Some(Queue::Virtio(q)) if !q.broken));
+        let facts = port_facts(&port);
         let in_use = self
             .ports
             .values()
@@ -201,32 +243,9 @@ impl Control {
             ),
             None => None,
         };
-        let t0 = Instant::now();
-        let mut gt = port.txq[0].lock();
-        let mut gr = port.rxq[0].lock();
-        let (tx, rx) = (gt.take_virtio(), gr.take_virtio());
-        match (rx, tx) {
-            (Some(rx), Some(tx)) => match crate::accel::plug(rx, tx, nic_id, rate) {
-                Ok((ar, at)) => {
-                    *gr = Some(Queue::AccelRx(ar));
-                    *gt = Some(Queue::AccelTx(at));
-                }
-                Err(back) => {
-                    let (rx, tx, why) = *back;
-                    *gr = Some(Queue::Virtio(rx));
-                    *gt = Some(Queue::Virtio(tx));
-                    return Err(bad(&why));
-                }
-            },
-            (rx, tx) => {
-                *gr = rx.map(Queue::Virtio);
-                *gt = tx.map(Queue::Virtio);
-                return Err(bad("its rings stopped meanwhile"));
-            }
-        }
-        drop((gr, gt));
+        let us = swap_in(&port, nic_id, rate, None).map_err(|why| bad(&why))?;
         (self.wake_pmds)();
-        Ok(t0.elapsed().as_micros() as u64)
+        Ok(us)
     }
 
     /// Plugs the guest ports whose configuration asks for a tier (`accel=`) once their rings

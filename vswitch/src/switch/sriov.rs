@@ -10,9 +10,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 
-use accel::{DeviceFacts, PortFacts, Refusal, Tier};
+use accel::{DeviceFacts, Refusal, Tier};
 use nic_models::sriov::{Pf, VebEntry, VfError};
 use shaping::RateLimiter;
 use vfpolicy::VfStats;
@@ -251,22 +250,7 @@ impl Control {
                 vf.policy.vlan, vf.policy.vlan
             )));
         }
-        let mut facts = PortFacts { egress_shaped: port.policy.egress_on(), ..PortFacts::default() };
-        for slot in port.txq.iter() {
-            match slot.lock().as_ref() {
-                Some(Queue::Virtio(q)) if !q.broken => {
-                    facts.pairs += 1;
-                    facts.viommu |= q.dma.is_iova();
-                }
-                Some(Queue::AccelTx(_)) => facts.plugged = true,
-                _ => {}
-            }
-        }
-        facts.running = facts.pairs > 0
-            && port
-                .rxq
-                .first()
-                .is_some_and(|s| matches!(s.lock().as_ref(), Some(Queue::Virtio(q)) if !q.broken));
+        let facts = super::accel::port_facts(&port);
         if !facts.running && !facts.plugged {
             return Err(bad("its rings are not running"));
         }
@@ -280,34 +264,10 @@ impl Control {
         }
         let veb: Arc<[VebEntry]> = self.pfs[&pf_id].veb_table().into();
         let sink = self.vf_sinks.entry((pf_id, n)).or_default().clone();
-        let t0 = Instant::now();
-        let mut gt = port.txq[0].lock();
-        let mut gr = port.rxq[0].lock();
-        let (tx, rx) = (gt.take_virtio(), gr.take_virtio());
-        match (rx, tx) {
-            (Some(rx), Some(tx)) => match crate::accel::plug(rx, tx, pf_id, vf_rate(vf.policy.max_tx_rate)) {
-                Ok((mut ar, mut at)) => {
-                    ar.vf = Some(VfOn::new(n, vf.clone(), veb.clone(), sink.clone()));
-                    at.vf = Some(VfOn::new(n, vf, veb, sink));
-                    *gr = Some(Queue::AccelRx(ar));
-                    *gt = Some(Queue::AccelTx(at));
-                }
-                Err(back) => {
-                    let (rx, tx, why) = *back;
-                    *gr = Some(Queue::Virtio(rx));
-                    *gt = Some(Queue::Virtio(tx));
-                    return Err(bad(&why));
-                }
-            },
-            (rx, tx) => {
-                *gr = rx.map(Queue::Virtio);
-                *gt = tx.map(Queue::Virtio);
-                return Err(bad("its rings stopped meanwhile"));
-            }
-        }
-        drop((gr, gt));
+        let pair = (VfOn::new(n, vf.clone(), veb.clone(), sink.clone()), VfOn::new(n, vf.clone(), veb, sink));
+        let took = super::accel::swap_in(&port, pf_id, vf_rate(vf.policy.max_tx_rate), Some(pair))
+            .map_err(|why| bad(&why))?;
         (self.wake_pmds)();
-        let took = t0.elapsed().as_micros() as u64;
         self.vf_refresh(pf_id);
         Ok(took)
     }
