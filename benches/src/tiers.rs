@@ -849,8 +849,8 @@ mod tests {
     #[test]
     fn the_table_draws_as_svg_with_every_tier() {
         let mut rows = Vec::new();
-        for traffic in [Traffic::Udp, Traffic::Tcp] {
-            for (t, (name, _)) in TIERS.iter().enumerate() {
+        for traffic in [Traffic::Udp, Traffic::Tcp, Traffic::Vm] {
+            for (t, (name, _)) in GEN_TIERS.iter().enumerate() {
                 rows.push(TierRow {
                     tier: name.to_string(),
                     traffic,
@@ -870,8 +870,10 @@ mod tests {
             "tier 0 (software)",
             "Level 0 NIC",
             "Level 1 NIC",
+            "Level 3 NIC (VFs)",
             "udp 64 B",
             "tcp 64 B",
+            "vm 64 B",
             "CPU copies per frame",
         ] {
             assert!(svg.contains(name), "{name} in the plot");

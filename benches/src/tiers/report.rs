@@ -79,8 +79,16 @@ pub fn write_svg(path: &std::path::Path, rows: &[TierRow]) -> Result<(), String>
         ("host cycles per frame (device's excluded)", |r| r.host_cycles),
         ("PCIe transactions per frame", |r| r.tlps),
     ];
-    let colors =
-        [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)];
+    // One per tier of GEN_TIERS (checked at compile time).
+    let colors: [RGBColor; GEN_TIERS.len()] = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+    ];
+    // The tiers' bars share 0.8 of each group's width.
+    let w = 0.8 / GEN_TIERS.len() as f64;
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (1000, 330 * metrics.len() as u32)).into_drawing_area();
@@ -104,8 +112,8 @@ pub fn write_svg(path: &std::path::Path, rows: &[TierRow]) -> Result<(), String>
             for (t, (name, _)) in GEN_TIERS.iter().enumerate() {
                 let bars = rows.iter().filter(|r| r.tier == *name).filter_map(|r| {
                     let g = groups.iter().position(|g| *g == (r.traffic, r.size))? as f64;
-                    let x0 = g + 0.1 + 0.2 * t as f64;
-                    Some(Rectangle::new([(x0, 0.0), (x0 + 0.17, f(r))], colors[t].filled()))
+                    let x0 = g + 0.1 + w * t as f64;
+                    Some(Rectangle::new([(x0, 0.0), (x0 + 0.85 * w, f(r))], colors[t].filled()))
                 });
                 chart
                     .draw_series(bars)
