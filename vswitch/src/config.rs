@@ -22,6 +22,10 @@ pub struct PortConfig {
     /// instead of a socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
+    /// An existing network device (a NIC, a VF, a veth) reached through packet sockets
+    /// (`afpacket:IFNAME`, an uplink) instead of a socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub afpacket: Option<String>,
     /// A modelled NIC between the TAP device (its wire) and the guests (`nic:IFNAME`): the
     /// tier and its table sizes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -178,7 +182,7 @@ pub const UPLINK_MAC_LIMIT: u32 = 16384;
 impl PortConfig {
     /// Whether the port is an uplink (a TAP device or a NIC model's wire), not a guest's.
     pub fn is_uplink(&self) -> bool {
-        self.tap.is_some() || self.nic.as_ref().is_some_and(|n| n.wire.is_some())
+        self.tap.is_some() || self.afpacket.is_some() || self.nic.as_ref().is_some_and(|n| n.wire.is_some())
     }
 
     /// The MAC limit in force: the one set, else the default for the port's kind.
@@ -203,7 +207,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2|3][,pools=N|,vfs=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N][,accel=l1|l2|l3])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N], NAME=afpacket:IFNAME[,mtu=N] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2|3][,pools=N|,vfs=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N][,accel=l1|l2|l3])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -264,10 +268,15 @@ impl PortConfig {
             (_, Some(ifname)) => ("", Some(ifname.to_string()), Some(NicConfig::default())),
             _ => (socket, None, None),
         };
+        let (socket, afpacket) = match socket.strip_prefix("afpacket:") {
+            Some(ifname) => ("", Some(ifname.to_string())),
+            None => (socket, None),
+        };
         let mut pc = PortConfig {
             name: name.to_string(),
             socket: socket.into(),
             tap,
+            afpacket,
             nic,
             mtu: None,
             client: false,
@@ -386,7 +395,19 @@ impl PortConfig {
             return Err(err("name must be 1-64 characters without spaces".into()));
         }
         let wire = self.nic.as_ref().and_then(|n| n.wire.as_deref());
+        if let Some(a) = &self.afpacket {
+            if self.tap.is_some() || !self.socket.as_os_str().is_empty() || self.nic.is_some() {
+                return Err(err("a port has one of a socket, a tap device, a NIC model or afpacket:".into()));
+            }
+            if !crate::uplink::tap::valid_name(a) {
+                return Err(err(format!("device name '{a}' must be 1-15 bytes")));
+            }
+            if self.client {
+                return Err(err("client mode is for sockets, not network devices".into()));
+            }
+        }
         match (&self.tap, self.socket.as_os_str().is_empty()) {
+            (None, true) if self.afpacket.is_some() => {}
             (Some(_), false) => return Err(err("a port has a socket or a tap device, not both".into())),
             (None, false) if wire.is_some() => {
                 return Err(err("a port has a socket or a NIC model's wire, not both".into()))
@@ -460,8 +481,8 @@ impl PortConfig {
         }
         if let Some(m) = self.mtu {
             let max = crate::uplink::tap::MAX_MTU;
-            if self.tap.is_none() {
-                return Err(err("mtu= is for tap devices (a guest sets its own)".into()));
+            if self.tap.is_none() && self.afpacket.is_none() {
+                return Err(err("mtu= is for tap and afpacket devices (a guest sets its own)".into()));
             }
             if !(68..=max).contains(&m) {
                 return Err(err(format!("mtu={m} is outside 68..{max}")));
@@ -825,7 +846,7 @@ mod tests {
         assert_eq!(w.nic, Some(NicConfig { level: 0, wire: Some("w-1".into()), ..NicConfig::default() }));
         assert!(err("up=nic:wire:a b").contains("wire name 'a b'"));
         assert!(err("up=nic:wire:w,queues=2").contains("one queue pair"));
-        assert!(err("up=nic:wire:w,mtu=9000").contains("mtu= is for tap devices"));
+        assert!(err("up=nic:wire:w,mtu=9000").contains("mtu= is for tap and afpacket devices"));
         let t: SwitchConfig =
             toml::from_str("[[port]]\nname = \"up\"\nnic = { wire = \"w\", level = 1 }\n").unwrap();
         assert!(t.ports[0].is_uplink());
@@ -856,7 +877,16 @@ mod tests {
         assert!(err("up=tap:tap0,client").contains("client mode is for sockets"));
         assert!(err("up=tap:waytoolongname0123").contains("1-15 bytes"));
         assert!(err("up=tap:tap0,mtu=20000").contains("outside 68.."));
-        assert!(err("g=/run/x.sock,mtu=9000").contains("mtu= is for tap devices"));
+        assert!(err("g=/run/x.sock,mtu=9000").contains("mtu= is for tap and afpacket devices"));
+        let a = PortConfig::parse("up=afpacket:eth1,queues=4,mtu=9000,trunk=10:20").unwrap();
+        assert_eq!(
+            (a.afpacket.as_deref(), a.queues, a.mtu, a.tap.as_deref()),
+            (Some("eth1"), 4, Some(9000), None)
+        );
+        assert!(a.is_uplink() && a.socket.as_os_str().is_empty());
+        assert!(err("up=afpacket:eth1,client").contains("client mode is for sockets"));
+        assert!(err("up=afpacket:waytoolongname0123").contains("1-15 bytes"));
+        assert!(err("up=afpacket:eth1,level=1").contains("level= is for nic: ports"));
         let t: SwitchConfig = toml::from_str("[[port]]\nname = \"up\"\ntap = \"tap1\"\n").unwrap();
         t.validate().unwrap();
         assert_eq!(t.ports[0].tap.as_deref(), Some("tap1"));

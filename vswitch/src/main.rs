@@ -65,7 +65,8 @@ struct RunArgs {
     /// NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=..][,police=RATE]
     /// [,shape=RATE][,anti-spoof][,offloads=on|off]; or an uplink to the host's network stack,
     /// NAME=tap:IFNAME[,queues=N][,mtu=N][,vlan=N|,trunk=..] (creates the TAP device, or
-    /// attaches to an existing one); repeatable.
+    /// attaches to an existing one); or an existing device (a NIC, a VF, a veth) through packet
+    /// sockets, NAME=afpacket:IFNAME[,queues=N][,mtu=N][,offloads=on|off]; repeatable.
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
     /// CPUs for polling threads, e.g. 0,1 (one thread per CPU).
@@ -111,7 +112,8 @@ enum CtlCmd {
     Fdb,
     /// Empty the forwarding table.
     FdbFlush,
-    /// Add a port: NAME=SOCKET_PATH[,client][,vlan=N|,trunk=..] or NAME=tap:IFNAME[,queues=N][,mtu=N].
+    /// Add a port: NAME=SOCKET_PATH[,client][,vlan=N|,trunk=..], NAME=tap:IFNAME[,queues=N][,mtu=N]
+    /// or NAME=afpacket:IFNAME[,queues=N][,mtu=N].
     PortAdd {
         /// Port spec.
         spec: String,

@@ -84,7 +84,7 @@ pub enum SwitchError {
     #[error(transparent)]
     Tap(#[from] crate::uplink::tap::TapError),
     /// device taken
-    #[error("TAP device {0} is already used by port '{1}'")]
+    #[error("network device {0} is already used by port '{1}'")]
     TapInUse(String, String),
 }
 
@@ -93,6 +93,8 @@ type Handler = BackendReqHandler<Mutex<VhostDevice>>;
 /// What an uplink port's queues are attached to.
 enum Uplink {
     Tap(TapDevice),
+    /// Packet sockets on an existing device.
+    Packet(crate::uplink::afpacket::PacketDevice),
     /// An in-process wire's end (freed when the port goes).
     Wire(LinkEnd),
 }
@@ -102,6 +104,7 @@ impl Uplink {
     pub(crate) fn label(&self) -> String {
         match self {
             Uplink::Tap(d) => format!("tap:{}", d.name),
+            Uplink::Packet(d) => format!("afpacket:{}", d.name),
             Uplink::Wire(l) => format!("wire:{}", l.name()),
         }
     }
@@ -599,6 +602,11 @@ impl Control {
                     return Err(SwitchError::TapInUse(a.clone(), p.cfg.name.clone()));
                 }
             }
+            if let (Some(a), Some(b)) = (&cfg.afpacket, &p.cfg.afpacket) {
+                if a == b {
+                    return Err(SwitchError::TapInUse(a.clone(), p.cfg.name.clone()));
+                }
+            }
         }
         let id =
             (0..MAX_PORTS as u16).find(|i| !self.ports.contains_key(i)).ok_or(SwitchError::TooManyPorts)?;
@@ -613,12 +621,22 @@ impl Control {
         let bad = |why: String| ConfigError::Port { port: cfg.name.clone(), why };
         let params = cfg.nic.as_ref().map(|n| n.params().map_err(bad)).transpose()?;
         let uplink = match (&cfg.tap, cfg.nic.as_ref().and_then(|n| n.wire.as_deref())) {
+            _ if cfg.afpacket.is_some() => {
+                let name = cfg.afpacket.as_deref().unwrap_or_default();
+                let dev =
+                    crate::uplink::afpacket::PacketDevice::open(name, cfg.queues, cfg.offloads, cfg.mtu)
+                        .map_err(|e| bad(e.to_string()))?;
+                Some(Uplink::Packet(dev))
+            }
             (Some(name), _) => Some(Uplink::Tap(TapDevice::open(name, cfg.queues, cfg.offloads, cfg.mtu)?)),
             (None, Some(w)) => Some(Uplink::Wire(LinkEnd::attach(w).map_err(|e| bad(e.to_string()))?)),
             (None, None) => None,
         };
         let queues = match &uplink {
             Some(Uplink::Tap(dev)) => {
+                (0..dev.queues()).map(|k| (Wire::Tap(dev.source(k)), Wire::Tap(dev.sink(k)))).collect()
+            }
+            Some(Uplink::Packet(dev)) => {
                 (0..dev.queues()).map(|k| (Wire::Tap(dev.source(k)), Wire::Tap(dev.sink(k)))).collect()
             }
             Some(Uplink::Wire(end)) => vec![(Wire::Link(end.source()), Wire::Link(end.sink()))],

@@ -5,6 +5,7 @@
 //! The one copy of a frame is the kernel's where it can be: writes go out straight from the
 //! sending guest's buffers (vectored I/O over the grants the chain walk made).
 
+pub mod afpacket;
 pub mod link;
 pub mod nic;
 pub mod tap;

@@ -62,6 +62,28 @@ pub enum TapError {
     },
 }
 
+/// What the kernel's side of a virtio-net header takes and asks for: partial checksums and TCP
+/// segmentation (v4, v6, ECN), both ways.
+pub(crate) fn kernel_caps() -> Caps {
+    Caps {
+        tx_csum: true,
+        tx_tso4: true,
+        tx_tso6: true,
+        tx_ecn: true,
+        rx_csum: true,
+        rx_tso4: true,
+        rx_tso6: true,
+        rx_ecn: true,
+    }
+}
+
+/// A staging buffer's length for a source with `caps`: one byte more than the longest frame
+/// taken (header included), so that a read that fills the buffer was cut.
+fn staging_len(caps: Caps) -> usize {
+    let big = caps.tx_tso4 || caps.tx_tso6;
+    VNET_HDR as usize + if big { MAX_GSO_FRAME } else { MAX_FRAME } as usize + 1
+}
+
 /// A TAP device the switch holds: one file per queue pair. Dropping the last file of a device
 /// the switch created removes the device.
 pub struct TapDevice {
@@ -128,20 +150,7 @@ impl TapDevice {
                 .map_err(|e| fail("setting the MTU", e))?;
         }
         set_up(&actual).map_err(|e| fail("bringing the link up", e))?;
-        let caps = if offloads {
-            Caps {
-                tx_csum: true,
-                tx_tso4: true,
-                tx_tso6: true,
-                tx_ecn: true,
-                rx_csum: true,
-                rx_tso4: true,
-                rx_tso6: true,
-                rx_ecn: true,
-            }
-        } else {
-            Caps::default()
-        };
+        let caps = if offloads { kernel_caps() } else { Caps::default() };
         Ok(TapDevice { name: actual, files, caps })
     }
 
@@ -152,10 +161,7 @@ impl TapDevice {
 
     /// Queue `i`'s source side (frames from the kernel).
     pub fn source(&self, i: usize) -> TapQueue {
-        let big = self.caps.tx_tso4 || self.caps.tx_tso6;
-        // One byte more than the longest frame taken: a read that fills the buffer was cut.
-        let buf_len = VNET_HDR as usize + if big { MAX_GSO_FRAME } else { MAX_FRAME } as usize + 1;
-        TapQueue::new(self, i, buf_len)
+        TapQueue::new(self, i, staging_len(self.caps))
     }
 
     /// Queue `i`'s sink side (frames to the kernel).
@@ -164,7 +170,8 @@ impl TapDevice {
     }
 }
 
-/// One queue of a TAP device, as a polling thread uses it (under its slot's lock).
+/// One queue of a TAP device (or of a packet socket: [`super::afpacket`]), as a polling
+/// thread uses it (under its slot's lock).
 pub struct TapQueue {
     file: Arc<File>,
     /// Device name, for the one message when it goes away.
@@ -175,6 +182,40 @@ pub struct TapQueue {
     /// What the kernel may ask of the switch (`tx_*`) and takes from it (`rx_*`), in guest terms.
     pub caps: Caps,
     broken: bool,
+    /// A socket's source side: frames read a burst per `recvmmsg`, handed out one by one.
+    batch: Option<Box<Batch>>,
+}
+
+/// Frames one `recvmmsg` read: (length, cut by the kernel) per staging buffer, in order, and
+/// each one's control data (a packet socket's `PACKET_AUXDATA`: the VLAN tag the kernel took
+/// off the frame).
+struct Batch {
+    got: [(u32, bool); BURST],
+    count: usize,
+    next: usize,
+    ctl: [[u64; 8]; BURST],
+}
+
+/// The tag a packet socket's `PACKET_AUXDATA` says the kernel took off a frame (TPID, TCI).
+fn aux_vlan(m: &libc::msghdr) -> Option<(u16, u16)> {
+    // SAFETY: walking the control data the kernel wrote into this message's buffer, within
+    // `msg_controllen`, with the libc macros.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(m);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_PACKET && (*c).cmsg_type == libc::PACKET_AUXDATA {
+                let a: libc::tpacket_auxdata = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                if a.tp_status & libc::TP_STATUS_VLAN_VALID == 0 {
+                    return None;
+                }
+                let tpid =
+                    if a.tp_status & libc::TP_STATUS_VLAN_TPID_VALID != 0 { a.tp_vlan_tpid } else { 0x8100 };
+                return Some((tpid, a.tp_vlan_tci));
+            }
+            c = libc::CMSG_NXTHDR(m, c);
+        }
+    }
+    None
 }
 
 /// What a read from the device gave.
@@ -211,6 +252,25 @@ impl TapQueue {
             buf_len,
             caps: dev.caps,
             broken: false,
+            batch: None,
+        }
+    }
+
+    /// A queue over a packet socket bound to device `name` (`source`: the side that reads,
+    /// a burst per `recvmmsg`).
+    pub(crate) fn over(file: Arc<File>, name: &str, caps: Caps, source: bool) -> Self {
+        // Four bytes more for a VLAN tag put back (`recv_batched`).
+        let buf_len = if source { staging_len(caps) + 4 } else { 0 };
+        TapQueue {
+            file,
+            name: name.into(),
+            bufs: vec![0u8; buf_len * if buf_len > 0 { BURST } else { 0 }].into_boxed_slice(),
+            buf_len,
+            caps,
+            broken: false,
+            batch: source.then(|| {
+                Box::new(Batch { got: [(0, false); BURST], count: 0, next: 0, ctl: [[0; 8]; BURST] })
+            }),
         }
     }
 
@@ -225,9 +285,13 @@ impl TapQueue {
         &self.file
     }
 
-    /// Reads one frame into staging buffer `i` (`i < BURST`, a source queue).
+    /// Reads one frame into staging buffer `i` (`i < BURST`, a source queue: `i` counts the
+    /// frames the burst holds so far).
     #[inline]
     pub fn recv(&mut self, i: usize) -> Recv {
+        if self.batch.is_some() {
+            return self.recv_batched(i);
+        }
         let Some(buf) = self.bufs.get_mut(i * self.buf_len..(i + 1) * self.buf_len) else {
             return Recv::Empty;
         };
@@ -248,6 +312,76 @@ impl TapQueue {
             Some(e) => self.gone(e).map_or(Recv::Empty, |_| Recv::Gone),
             None => Recv::Empty,
         }
+    }
+
+    /// A socket's frames: a burst read with one `recvmmsg` when the burst starts (`i == 0`:
+    /// no staging buffer is in use), then handed out in order; the burst ends where they do.
+    fn recv_batched(&mut self, i: usize) -> Recv {
+        let b = self.batch.as_deref_mut().expect("a batched queue");
+        if b.next == b.count {
+            if i != 0 || self.buf_len == 0 {
+                return Recv::Empty;
+            }
+            let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; BURST];
+            // SAFETY: mmsghdr is plain data; all zeroes is a valid value.
+            let mut msgs: [libc::mmsghdr; BURST] = unsafe { std::mem::zeroed() };
+            let b = self.batch.as_deref_mut().expect("a batched queue");
+            for (k, ((v, m), ctl)) in iov.iter_mut().zip(msgs.iter_mut()).zip(b.ctl.iter_mut()).enumerate() {
+                v.iov_base = self.bufs[k * self.buf_len..].as_mut_ptr().cast();
+                // Room for a tag put back (below).
+                v.iov_len = self.buf_len - 4;
+                m.msg_hdr.msg_iov = v;
+                m.msg_hdr.msg_iovlen = 1;
+                m.msg_hdr.msg_control = ctl.as_mut_ptr().cast();
+                m.msg_hdr.msg_controllen = std::mem::size_of_val(ctl);
+            }
+            // SAFETY: each message's one iovec is a distinct staging buffer of ours, within its
+            // length; the kernel writes only there.
+            let n = unsafe {
+                libc::recvmmsg(
+                    self.file.as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    BURST as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n <= 0 {
+                let e = io::Error::last_os_error().raw_os_error();
+                return match e {
+                    Some(libc::EAGAIN | libc::EINTR | libc::ENETDOWN) | None => Recv::Empty,
+                    Some(e) if n < 0 => self.gone(e).map_or(Recv::Empty, |_| Recv::Gone),
+                    _ => Recv::Empty,
+                };
+            }
+            let b = self.batch.as_deref_mut().expect("a batched queue");
+            for (k, (g, m)) in b.got.iter_mut().zip(&msgs[..n as usize]).enumerate() {
+                *g = (m.msg_len, m.msg_hdr.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0);
+                // The kernel keeps a received tag beside the frame: put it back where the
+                // frame had it, after the addresses (the frame moves 4 bytes on).
+                let (len, hdr) = (m.msg_len as usize, VNET_HDR as usize);
+                if let Some((tpid, tci)) = aux_vlan(&m.msg_hdr).filter(|_| len >= hdr + 12 && !g.1) {
+                    let buf = &mut self.bufs[k * self.buf_len..(k + 1) * self.buf_len];
+                    buf.copy_within(hdr + 12..len, hdr + 16);
+                    buf[hdr + 12..hdr + 14].copy_from_slice(&tpid.to_be_bytes());
+                    buf[hdr + 14..hdr + 16].copy_from_slice(&tci.to_be_bytes());
+                    g.0 += 4;
+                }
+            }
+            (b.count, b.next) = (n as usize, 0);
+        }
+        let b = self.batch.as_deref_mut().expect("a batched queue");
+        let k = b.next;
+        b.next += 1;
+        let (len, cut) = b.got[k];
+        if cut || len as usize >= self.buf_len {
+            return Recv::Truncated;
+        }
+        let buf = &mut self.bufs[k * self.buf_len..];
+        // SAFETY: staging buffer `k` is ours, lives as long as this queue (whose slot lock the
+        // burst holds while the grant is used), holds `len` bytes, and is not read into again
+        // before the next burst starts.
+        Recv::Frame(unsafe { Grant::from_raw(buf.as_mut_ptr(), len) })
     }
 
     /// Writes one frame, given as pieces (header first).
@@ -300,7 +434,11 @@ fn ifname_of(ifr: &libc::ifreq) -> String {
 }
 
 /// An interface ioctl through a throw-away socket of this network namespace.
-fn if_ioctl(name: &str, req: libc::Ioctl, set: impl FnOnce(&mut libc::ifreq)) -> io::Result<libc::ifreq> {
+pub(crate) fn if_ioctl(
+    name: &str,
+    req: libc::Ioctl,
+    set: impl FnOnce(&mut libc::ifreq),
+) -> io::Result<libc::ifreq> {
     // SAFETY: plain socket(2); closed below.
     let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if s < 0 {
@@ -317,7 +455,7 @@ fn if_ioctl(name: &str, req: libc::Ioctl, set: impl FnOnce(&mut libc::ifreq)) ->
     Ok(ifr)
 }
 
-fn set_up(name: &str) -> io::Result<()> {
+pub(crate) fn set_up(name: &str) -> io::Result<()> {
     let cur = if_ioctl(name, libc::SIOCGIFFLAGS, |_| {})?;
     // SAFETY: SIOCGIFFLAGS filled the flags member.
     let flags = unsafe { cur.ifr_ifru.ifru_flags };
