@@ -9,6 +9,9 @@ use crate::l2::{parse_mac, VlanMode};
 use crate::policy::spoof::SpoofConfig;
 use crate::policy::{BitRate, ByteSize, PolicerConfig, PolicyConfig, ShaperConfig};
 
+mod kinds;
+pub use kinds::{NicConfig, TunnelConfig};
+
 /// One port.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,6 +29,10 @@ pub struct PortConfig {
     /// (`afpacket:IFNAME`, an uplink) instead of a socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub afpacket: Option<String>,
+    /// A VXLAN or Geneve tunnel to other machines (`vxlan:REMOTE_IP`, `geneve:REMOTE_IP`, an
+    /// uplink) instead of a socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelConfig>,
     /// A modelled NIC between the TAP device (its wire) and the guests (`nic:IFNAME`): the
     /// tier and its table sizes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -91,98 +98,16 @@ pub struct PortConfig {
     pub accel: Option<String>,
 }
 
-/// A NIC model on an uplink port (`nic:IFNAME[,level=0|1|2|3][,pools=N][,filters=N]`). Level 2
-/// is Level 1 plus direct queue pairs: `ctl accel plug PORT` gives a guest's rings to the
-/// device. Level 3 is an SR-IOV PF with `pools - 1` VFs (`vfs=N`), each given to a guest port
-/// by `vswitch vf DEV attach N PORT` with the policy `vswitch vf DEV N ...` sets.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NicConfig {
-    /// The tier: 0 (one queue to the host, offload engines), 1 (pools bound to guests'
-    /// receive rings, a MAC/VLAN classifier to choose them), 2 (and direct queue pairs) or 3
-    /// (SR-IOV VFs with policy and an embedded switch).
-    #[serde(default = "level_one")]
-    pub level: u8,
-    /// Pools, the host's default pool included (the 82576 has 8, the 82599 64): at most
-    /// `pools - 1` guests are served by the device, the rest by the software path.
-    #[serde(default = "eight")]
-    pub pools: u8,
-    /// Exact-MAC filter entries (the 82576 has 24, the 82599 128): guests' MACs beyond them
-    /// are served by the software path.
-    #[serde(default = "twenty_four")]
-    pub filters: u16,
-    /// Large receive offload: TCP segments from the wire coalesced by the kernel's GRO rules
-    /// before they reach the host or a guest (only with `offloads=off` on the wire: with
-    /// offloads on, the kernel hands over frames it already coalesced).
-    #[serde(default = "yes")]
-    pub lro: bool,
-    /// Interrupt moderation of the guests the device serves: `adaptive` (igb's three load
-    /// classes, 14-250 us between interrupts), `off`, or a fixed interval in microseconds.
-    /// Held interrupts are raised when the interval is up or the device goes idle.
-    #[serde(default = "adaptive")]
-    pub itr: String,
-    /// Each guest pool's transmit rate (`100M`, `1G`): the device shapes what a guest sends to
-    /// the wire. None: the wire's rate.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pool_rate: Option<BitRate>,
-    /// An in-process wire instead of a TAP device (`nic:wire:NAME`): its other end is another
-    /// switch's NIC model in this process (back to back) or a traffic generator. It carries
-    /// plain frames, so the device segments (TSO) and checksums what it sends.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wire: Option<String>,
-}
-
-fn adaptive() -> String {
-    "adaptive".into()
-}
-
-impl NicConfig {
-    /// What the model is built with.
-    pub fn params(&self) -> Result<crate::uplink::nic::NicParams, String> {
-        let level = if self.level == 0 { nic_models::Level::L0 } else { nic_models::Level::L1 };
-        let sizes = nic_models::TableSizes { pools: self.pools, rar: self.filters, vlvf: 32 };
-        let pool_rate = self.pool_rate.map(|r| r.0);
-        Ok(crate::uplink::nic::NicParams { level, sizes, lro: self.lro, itr: self.itr_profile()?, pool_rate })
-    }
-
-    /// The moderation profile `itr` names.
-    pub fn itr_profile(&self) -> Result<nic_models::Profile, String> {
-        match self.itr.as_str() {
-            "adaptive" => Ok(nic_models::Profile::Adaptive),
-            "off" | "0" => Ok(nic_models::Profile::Off),
-            us => match us.parse::<u64>() {
-                Ok(n) if n <= 10_000 => Ok(nic_models::Profile::Fixed(n * 1000)),
-                _ => Err(format!("itr={us} is not adaptive, off or microseconds (at most 10000)")),
-            },
-        }
-    }
-}
-
-impl Default for NicConfig {
-    fn default() -> Self {
-        NicConfig { level: 1, pools: 8, filters: 24, lro: true, itr: adaptive(), pool_rate: None, wire: None }
-    }
-}
-
-fn level_one() -> u8 {
-    1
-}
-
-fn eight() -> u8 {
-    8
-}
-
-fn twenty_four() -> u16 {
-    24
-}
-
 /// Default MAC limit of an uplink port (a quarter of the forwarding table).
 pub const UPLINK_MAC_LIMIT: u32 = 16384;
 
 impl PortConfig {
     /// Whether the port is an uplink (a TAP device or a NIC model's wire), not a guest's.
     pub fn is_uplink(&self) -> bool {
-        self.tap.is_some() || self.afpacket.is_some() || self.nic.as_ref().is_some_and(|n| n.wire.is_some())
+        self.tap.is_some()
+            || self.afpacket.is_some()
+            || self.tunnel.is_some()
+            || self.nic.as_ref().is_some_and(|n| n.wire.is_some())
     }
 
     /// The MAC limit in force: the one set, else the default for the port's kind.
@@ -207,7 +132,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N], NAME=afpacket:IFNAME[,mtu=N] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2|3][,pools=N|,vfs=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N][,accel=l1|l2|l3])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N], NAME=afpacket:IFNAME[,mtu=N], NAME=vxlan:REMOTE|geneve:REMOTE[,vni=N][,local=IP][,dstport=N][,remote=IP][,csum=on|off] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2|3][,pools=N|,vfs=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N][,accel=l1|l2|l3])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -272,11 +197,36 @@ impl PortConfig {
             Some(ifname) => ("", Some(ifname.to_string())),
             None => (socket, None),
         };
+        let kind = |p: &str| match p {
+            "vxlan" => Some(crate::uplink::tunnel::TunnelKind::Vxlan),
+            "geneve" => Some(crate::uplink::tunnel::TunnelKind::Geneve),
+            _ => None,
+        };
+        let (socket, tunnel) = match socket.split_once(':').and_then(|(k, r)| Some((kind(k)?, r))) {
+            Some((kind, remote)) => {
+                let ip = remote
+                    .parse()
+                    .map_err(|_| bad(&format!("'{remote}' is not an IP address (the remote VTEP)")))?;
+                (
+                    "",
+                    Some(TunnelConfig {
+                        kind,
+                        remotes: vec![ip],
+                        vni: 0,
+                        local: None,
+                        dstport: None,
+                        csum: true,
+                    }),
+                )
+            }
+            None => (socket, None),
+        };
         let mut pc = PortConfig {
             name: name.to_string(),
             socket: socket.into(),
             tap,
             afpacket,
+            tunnel,
             nic,
             mtu: None,
             client: false,
@@ -360,6 +310,28 @@ impl PortConfig {
                         _ => return Err(bad("lro must be 'on' or 'off'")),
                     }
                 }
+                Some((k @ ("vni" | "local" | "dstport" | "remote" | "csum"), v)) => {
+                    let t = pc
+                        .tunnel
+                        .as_mut()
+                        .ok_or_else(|| bad(&format!("{k}= is for vxlan: and geneve: ports")))?;
+                    let ip = || v.parse().map_err(|_| bad(&format!("{k}={v} is not an IP address")));
+                    match k {
+                        "vni" => t.vni = v.parse().map_err(|_| bad("vni must be a number"))?,
+                        "local" => t.local = Some(ip()?),
+                        "remote" => t.remotes.push(ip()?),
+                        "dstport" => {
+                            t.dstport = Some(v.parse().map_err(|_| bad("dstport must be a UDP port"))?)
+                        }
+                        _ => {
+                            t.csum = match v {
+                                "on" => true,
+                                "off" => false,
+                                _ => return Err(bad("csum must be 'on' or 'off'")),
+                            }
+                        }
+                    }
+                }
                 Some(("vfs", v)) => {
                     let n = pc.nic.as_mut().ok_or_else(|| bad("vfs= is for nic: ports at level=3"))?;
                     let vfs: u8 = v.parse().map_err(|_| bad("vfs must be a number (1..63)"))?;
@@ -395,6 +367,33 @@ impl PortConfig {
             return Err(err("name must be 1-64 characters without spaces".into()));
         }
         let wire = self.nic.as_ref().and_then(|n| n.wire.as_deref());
+        if let Some(t) = &self.tunnel {
+            if self.tap.is_some()
+                || self.afpacket.is_some()
+                || !self.socket.as_os_str().is_empty()
+                || self.nic.is_some()
+            {
+                return Err(err(
+                    "a port has one of a socket, a tap device, a NIC model, afpacket: or a tunnel".into(),
+                ));
+            }
+            if t.remotes.is_empty() {
+                return Err(err("a tunnel needs a remote VTEP address".into()));
+            }
+            let v6 = t.remotes[0].is_ipv6();
+            if t.remotes.iter().chain(t.local.iter()).any(|a| a.is_ipv6() != v6) {
+                return Err(err("a tunnel's remote and local addresses are all IPv4 or all IPv6".into()));
+            }
+            if t.vni > 0xff_ffff {
+                return Err(err(format!("vni={} is outside 0..16777215", t.vni)));
+            }
+            if t.dstport == Some(0) {
+                return Err(err("dstport=0 is not a UDP port".into()));
+            }
+            if self.queues != 1 || self.client || self.mtu.is_some() {
+                return Err(err("a tunnel port has one queue, no client mode and no mtu= (the inner MTU is the underlay's less the headers)".into()));
+            }
+        }
         if let Some(a) = &self.afpacket {
             if self.tap.is_some() || !self.socket.as_os_str().is_empty() || self.nic.is_some() {
                 return Err(err("a port has one of a socket, a tap device, a NIC model or afpacket:".into()));
@@ -407,7 +406,7 @@ impl PortConfig {
             }
         }
         match (&self.tap, self.socket.as_os_str().is_empty()) {
-            (None, true) if self.afpacket.is_some() => {}
+            (None, true) if self.afpacket.is_some() || self.tunnel.is_some() => {}
             (Some(_), false) => return Err(err("a port has a socket or a tap device, not both".into())),
             (None, false) if wire.is_some() => {
                 return Err(err("a port has a socket or a NIC model's wire, not both".into()))
@@ -707,190 +706,4 @@ impl SwitchConfig {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn test_port_spec_forms() {
-        let p = PortConfig::parse("vm1=/tmp/vm1.sock,client,vlan=10").unwrap();
-        assert!(p.client);
-        assert_eq!(p.vlan_mode(), VlanMode::Access(10));
-        let t = PortConfig::parse("up=/tmp/u.sock,trunk=10:20:30,queues=2").unwrap();
-        assert_eq!(t.trunk, vec![10, 20, 30]);
-        assert_eq!(t.queues, 2);
-        assert!(t.offloads, "offloads are on unless turned off");
-        assert!(!PortConfig::parse("a=/tmp/a.sock,offloads=off").unwrap().offloads);
-        assert!(PortConfig::parse("a=/tmp/a.sock,offloads=maybe").is_err());
-        assert_eq!(PortConfig::parse("a=/s").unwrap().vlan_mode(), VlanMode::Trunk(None));
-    }
-
-    #[test]
-    fn test_port_spec_errors_say_what() {
-        let e = PortConfig::parse("vm1").unwrap_err().to_string();
-        assert!(e.contains("missing '='"), "{e}");
-        let e = PortConfig::parse("vm1=/s,vlan=5000").unwrap_err().to_string();
-        assert!(e.contains("outside 1..4094"), "{e}");
-        let e = PortConfig::parse("vm1=/s,vlan=5,trunk=6").unwrap_err().to_string();
-        assert!(e.contains("not both"), "{e}");
-        let e = PortConfig::parse("vm1=/s,bogus").unwrap_err().to_string();
-        assert!(e.contains("unknown option 'bogus'"), "{e}");
-        let e = PortConfig::parse("vm1=/s,police=10 furlongs").unwrap_err().to_string();
-        assert!(e.contains("unknown rate unit"), "{e}");
-        let e = PortConfig::parse("vm1=/s,shape=0").unwrap_err().to_string();
-        assert!(e.contains("above 0"), "{e}");
-    }
-
-    #[test]
-    fn test_port_spec_policy_options() {
-        let p = PortConfig::parse("vm1=/s,police=100M,shape=50Mbit,anti-spoof").unwrap();
-        assert_eq!(p.ingress.unwrap().rate, BitRate(100_000_000));
-        assert_eq!(p.egress.unwrap().rate, BitRate(50_000_000));
-        assert_eq!(p.anti_spoof, Some(SpoofConfig::default()));
-    }
-
-    #[test]
-    fn test_toml_port_policy() {
-        let cfg: SwitchConfig = toml::from_str(
-            r#"
-            [[port]]
-            name = "a"
-            socket = "/tmp/a.sock"
-            ingress = { rate = "100Mbit", excess_burst = "32KiB" }
-            egress = { rate = "1G", burst = "1MiB", queue = 512 }
-            anti_spoof = { macs = ["52:54:00:00:00:0a"], ips = ["10.0.0.10", "fd00::a"] }
-            "#,
-        )
-        .unwrap();
-        cfg.validate().unwrap();
-        let p = cfg.ports[0].policy();
-        assert_eq!(p.egress.unwrap().queue, Some(512));
-        let bad: SwitchConfig = toml::from_str(
-            "[[port]]\nname = \"a\"\nsocket = \"/s\"\nanti_spoof = { ips = [\"10.0.0.999\"] }\n",
-        )
-        .unwrap();
-        let e = bad.validate().unwrap_err().to_string();
-        assert!(e.contains("port 'a'") && e.contains("10.0.0.999"), "{e}");
-    }
-
-    #[test]
-    fn test_toml_config() {
-        let cfg: SwitchConfig = toml::from_str(
-            r#"
-            pmd_cores = [0]
-            [[port]]
-            name = "a"
-            socket = "/tmp/a.sock"
-            vlan = 10
-            [[port]]
-            name = "b"
-            socket = "/tmp/b.sock"
-            client = true
-            "#,
-        )
-        .unwrap();
-        assert_eq!(cfg.ports.len(), 2);
-        assert_eq!(cfg.fdb_aging_secs, 300);
-        assert_eq!(cfg.batch_wait_us, 0, "batching is off unless asked for");
-        cfg.validate().unwrap();
-        let batched: SwitchConfig = toml::from_str("batch_wait_us = 10").unwrap();
-        assert_eq!(batched.batch_wait_us, 10);
-        assert_eq!(batched.unsealed_memory, UnsealedMemory::Refuse, "unsealed memory is refused by default");
-        assert_eq!(batched.max_guest_mem(), DEFAULT_MAX_GUEST_MEM);
-        let guarded: SwitchConfig =
-            toml::from_str("unsealed_memory = \"guard\"\nmax_guest_mem = \"64GiB\"").unwrap();
-        assert_eq!(guarded.unsealed_memory, UnsealedMemory::Guard);
-        assert_eq!(guarded.max_guest_mem(), 64 << 30);
-        assert!(toml::from_str::<SwitchConfig>("unsealed_memory = \"maybe\"").is_err());
-        batched.validate().unwrap();
-        let e = SwitchConfig { batch_wait_us: 5000, ..batched }.validate().unwrap_err().to_string();
-        assert!(e.contains("batch_wait_us 5000 is above 1000"), "{e}");
-    }
-
-    #[test]
-    fn test_derived_mac_is_local_unicast_and_stable() {
-        let p = PortConfig::parse("vm1=/s").unwrap();
-        assert_eq!(p.mac_bytes(), p.mac_bytes());
-        assert_eq!(p.mac_bytes()[0] & 1, 0);
-    }
-
-    #[test]
-    fn test_nic_port_spec_and_its_errors() {
-        let p = PortConfig::parse("up=nic:tap0,level=1,pools=4,filters=128,trunk=10:20").unwrap();
-        assert_eq!(p.tap.as_deref(), Some("tap0"));
-        assert_eq!(p.nic, Some(NicConfig { level: 1, pools: 4, filters: 128, ..NicConfig::default() }));
-        assert_eq!(
-            PortConfig::parse("up=nic:t0,itr=50").unwrap().nic.unwrap().itr_profile(),
-            Ok(nic_models::Profile::Fixed(50_000))
-        );
-        assert!(!PortConfig::parse("up=nic:tap0,lro=off").unwrap().nic.unwrap().lro);
-        assert_eq!(PortConfig::parse("up=nic:tap0").unwrap().nic, Some(NicConfig::default()));
-        let err = |s: &str| PortConfig::parse(s).unwrap_err().to_string();
-        assert!(err("up=nic:tap0,itr=fast").contains("not adaptive, off or microseconds"));
-        assert!(err("up=tap:tap0,level=1").contains("level= is for nic: ports"));
-        assert!(err("up=nic:tap0,level=4").contains("not a tier"));
-        assert_eq!(PortConfig::parse("up=nic:tap0,level=3,vfs=4").unwrap().nic.unwrap().pools, 5);
-        assert!(err("up=nic:tap0,level=3,vlan=5").contains("leave vlan= off"));
-        assert_eq!(PortConfig::parse("up=nic:tap0,level=2").unwrap().nic.unwrap().level, 2);
-        assert!(err("up=nic:tap0,pools=1").contains("outside 2..64"));
-        assert!(err("up=nic:tap0,filters=0").contains("outside 1..4096"));
-        let g = PortConfig::parse("vm=/s,nic-rate=10M,nic-weight=3").unwrap();
-        assert_eq!((g.nic_rate.map(|r| r.0), g.nic_weight), (Some(10_000_000), Some(3)));
-        assert_eq!(PortConfig::parse("g=/tmp/g.sock,accel=l2").unwrap().accel.as_deref(), Some("l2"));
-        assert!(err("g=/tmp/g.sock,accel=l9").contains("none of l1, l2, l3"));
-        assert_eq!(PortConfig::parse("g=/tmp/g.sock,accel=l1").unwrap().accel.as_deref(), Some("l1"));
-        assert!(err("up=nic:wire:w,accel=l2").contains("for guest ports"));
-        assert!(err("vm=/s,nic-weight=0").contains("outside 1..100"));
-        assert!(err("up=nic:tap0,nic-rate=1M").contains("a guest port's"));
-        let w = PortConfig::parse("up=nic:wire:w-1,level=0").unwrap();
-        assert!(w.tap.is_none() && w.is_uplink() && w.socket.as_os_str().is_empty());
-        assert_eq!(w.nic, Some(NicConfig { level: 0, wire: Some("w-1".into()), ..NicConfig::default() }));
-        assert!(err("up=nic:wire:a b").contains("wire name 'a b'"));
-        assert!(err("up=nic:wire:w,queues=2").contains("one queue pair"));
-        assert!(err("up=nic:wire:w,mtu=9000").contains("mtu= is for tap and afpacket devices"));
-        let t: SwitchConfig =
-            toml::from_str("[[port]]\nname = \"up\"\nnic = { wire = \"w\", level = 1 }\n").unwrap();
-        assert!(t.ports[0].is_uplink());
-        t.ports[0].validate().unwrap();
-        let t: SwitchConfig =
-            toml::from_str("[[port]]\nname = \"up\"\ntap = \"t\"\nnic = { wire = \"w\" }\n").unwrap();
-        assert!(t.ports[0].validate().unwrap_err().to_string().contains("not both"));
-        let t: SwitchConfig =
-            toml::from_str("[[port]]\nname = \"up\"\ntap = \"t1\"\nnic = { level = 0 }\n").unwrap();
-        assert_eq!(t.ports[0].nic, Some(NicConfig { level: 0, ..NicConfig::default() }));
-        let t: SwitchConfig = toml::from_str("[[port]]\nname = \"up\"\nsocket = \"/x\"\nnic = {}\n").unwrap();
-        assert!(t.ports[0].validate().unwrap_err().to_string().contains("needs a wire"));
-    }
-
-    #[test]
-    fn test_tap_port_spec_and_its_errors() {
-        let p = PortConfig::parse("up=tap:tap0,queues=2,mtu=9000,vlan=5").unwrap();
-        assert_eq!((p.tap.as_deref(), p.queues, p.mtu, p.vlan), (Some("tap0"), 2, Some(9000), Some(5)));
-        assert!(p.socket.as_os_str().is_empty());
-        // An uplink has a network segment behind it: it may learn more MACs than a guest.
-        assert_eq!(p.mac_limit(), UPLINK_MAC_LIMIT);
-        assert_eq!(PortConfig::parse("up=tap:tap0,max-macs=50").unwrap().mac_limit(), 50);
-        assert_eq!(
-            PortConfig::parse("g=/run/g.sock").unwrap().mac_limit(),
-            crate::l2::fdb::DEFAULT_MAC_LIMIT
-        );
-        let err = |s: &str| PortConfig::parse(s).unwrap_err().to_string();
-        assert!(err("up=tap:tap0,client").contains("client mode is for sockets"));
-        assert!(err("up=tap:waytoolongname0123").contains("1-15 bytes"));
-        assert!(err("up=tap:tap0,mtu=20000").contains("outside 68.."));
-        assert!(err("g=/run/x.sock,mtu=9000").contains("mtu= is for tap and afpacket devices"));
-        let a = PortConfig::parse("up=afpacket:eth1,queues=4,mtu=9000,trunk=10:20").unwrap();
-        assert_eq!(
-            (a.afpacket.as_deref(), a.queues, a.mtu, a.tap.as_deref()),
-            (Some("eth1"), 4, Some(9000), None)
-        );
-        assert!(a.is_uplink() && a.socket.as_os_str().is_empty());
-        assert!(err("up=afpacket:eth1,client").contains("client mode is for sockets"));
-        assert!(err("up=afpacket:waytoolongname0123").contains("1-15 bytes"));
-        assert!(err("up=afpacket:eth1,level=1").contains("level= is for nic: ports"));
-        let t: SwitchConfig = toml::from_str("[[port]]\nname = \"up\"\ntap = \"tap1\"\n").unwrap();
-        t.validate().unwrap();
-        assert_eq!(t.ports[0].tap.as_deref(), Some("tap1"));
-        let t: SwitchConfig = toml::from_str("[[port]]\nname = \"up\"\n").unwrap();
-        assert!(t.validate().unwrap_err().to_string().contains("needs a socket path"));
-    }
-}
+mod tests;

@@ -95,6 +95,8 @@ enum Uplink {
     Tap(TapDevice),
     /// Packet sockets on an existing device.
     Packet(crate::uplink::afpacket::PacketDevice),
+    /// A VXLAN or Geneve tunnel's sockets.
+    Tunnel(crate::uplink::tunnel::TunnelDevice),
     /// An in-process wire's end (freed when the port goes).
     Wire(LinkEnd),
 }
@@ -105,6 +107,7 @@ impl Uplink {
         match self {
             Uplink::Tap(d) => format!("tap:{}", d.name),
             Uplink::Packet(d) => format!("afpacket:{}", d.name),
+            Uplink::Tunnel(d) => d.label.clone(),
             Uplink::Wire(l) => format!("wire:{}", l.name()),
         }
     }
@@ -621,6 +624,19 @@ impl Control {
         let bad = |why: String| ConfigError::Port { port: cfg.name.clone(), why };
         let params = cfg.nic.as_ref().map(|n| n.params().map_err(bad)).transpose()?;
         let uplink = match (&cfg.tap, cfg.nic.as_ref().and_then(|n| n.wire.as_deref())) {
+            _ if cfg.tunnel.is_some() => {
+                let t = cfg.tunnel.as_ref().expect("checked");
+                let dev = crate::uplink::tunnel::TunnelDevice::open(
+                    t.kind,
+                    &t.remotes,
+                    t.vni,
+                    t.local,
+                    t.port(),
+                    t.csum,
+                )
+                .map_err(|e| bad(e.to_string()))?;
+                Some(Uplink::Tunnel(dev))
+            }
             _ if cfg.afpacket.is_some() => {
                 let name = cfg.afpacket.as_deref().unwrap_or_default();
                 let dev =
@@ -639,6 +655,7 @@ impl Control {
             Some(Uplink::Packet(dev)) => {
                 (0..dev.queues()).map(|k| (Wire::Tap(dev.source(k)), Wire::Tap(dev.sink(k)))).collect()
             }
+            Some(Uplink::Tunnel(dev)) => vec![(Wire::Tap(dev.source()), Wire::Tap(dev.sink()))],
             Some(Uplink::Wire(end)) => vec![(Wire::Link(end.source()), Wire::Link(end.sink()))],
             None => Vec::new(),
         };

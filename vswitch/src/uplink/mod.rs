@@ -9,3 +9,4 @@ pub mod afpacket;
 pub mod link;
 pub mod nic;
 pub mod tap;
+pub mod tunnel;

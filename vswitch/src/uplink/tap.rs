@@ -184,6 +184,8 @@ pub struct TapQueue {
     broken: bool,
     /// A socket's source side: frames read a burst per `recvmmsg`, handed out one by one.
     batch: Option<Box<Batch>>,
+    /// A tunnel port's state (its receive decapsulates, its send encapsulates).
+    tunnel: Option<Box<super::tunnel::Side>>,
 }
 
 /// Frames one `recvmmsg` read: (length, cut by the kernel) per staging buffer, in order, and
@@ -244,23 +246,8 @@ pub enum Sent {
 }
 
 impl TapQueue {
-    fn new(dev: &TapDevice, i: usize, buf_len: usize) -> Self {
-        TapQueue {
-            file: dev.files[i].clone(),
-            name: dev.name.as_str().into(),
-            bufs: vec![0u8; buf_len * if buf_len > 0 { BURST } else { 0 }].into_boxed_slice(),
-            buf_len,
-            caps: dev.caps,
-            broken: false,
-            batch: None,
-        }
-    }
-
-    /// A queue over a packet socket bound to device `name` (`source`: the side that reads,
-    /// a burst per `recvmmsg`).
-    pub(crate) fn over(file: Arc<File>, name: &str, caps: Caps, source: bool) -> Self {
-        // Four bytes more for a VLAN tag put back (`recv_batched`).
-        let buf_len = if source { staging_len(caps) + 4 } else { 0 };
+    /// A queue over `file` (of device `name`) with `buf_len`-byte staging buffers (0: a sink).
+    fn with(file: Arc<File>, name: &str, caps: Caps, buf_len: usize) -> Self {
         TapQueue {
             file,
             name: name.into(),
@@ -268,10 +255,32 @@ impl TapQueue {
             buf_len,
             caps,
             broken: false,
-            batch: source.then(|| {
-                Box::new(Batch { got: [(0, false); BURST], count: 0, next: 0, ctl: [[0; 8]; BURST] })
-            }),
+            batch: None,
+            tunnel: None,
         }
+    }
+
+    fn new(dev: &TapDevice, i: usize, buf_len: usize) -> Self {
+        Self::with(dev.files[i].clone(), &dev.name, dev.caps, buf_len)
+    }
+
+    /// A tunnel port's queue over its receive socket (`source`: the side that reads).
+    pub(crate) fn tunnel(file: Arc<File>, name: &str, source: bool, side: Box<super::tunnel::Side>) -> Self {
+        let caps = super::tunnel::caps();
+        // Room for a Geneve header's options before the frame.
+        let mut q = Self::with(file, name, caps, if source { staging_len(caps) + 256 } else { 0 });
+        q.tunnel = Some(side);
+        q
+    }
+
+    /// A queue over a packet socket bound to device `name` (`source`: the side that reads,
+    /// a burst per `recvmmsg`).
+    pub(crate) fn over(file: Arc<File>, name: &str, caps: Caps, source: bool) -> Self {
+        // Four bytes more for a VLAN tag put back (`recv_batched`).
+        let mut q = Self::with(file, name, caps, if source { staging_len(caps) + 4 } else { 0 });
+        q.batch = source
+            .then(|| Box::new(Batch { got: [(0, false); BURST], count: 0, next: 0, ctl: [[0; 8]; BURST] }));
+        q
     }
 
     /// Whether the device has gone away.
@@ -291,6 +300,9 @@ impl TapQueue {
     pub fn recv(&mut self, i: usize) -> Recv {
         if self.batch.is_some() {
             return self.recv_batched(i);
+        }
+        if let Some(t) = self.tunnel.as_deref_mut() {
+            return super::tunnel::recv(t, &self.file, &mut self.bufs, self.buf_len, i);
         }
         let Some(buf) = self.bufs.get_mut(i * self.buf_len..(i + 1) * self.buf_len) else {
             return Recv::Empty;
@@ -387,6 +399,9 @@ impl TapQueue {
     /// Writes one frame, given as pieces (header first).
     #[inline]
     pub fn send(&mut self, iov: &[libc::iovec]) -> Sent {
+        if let Some(t) = self.tunnel.as_deref_mut() {
+            return super::tunnel::send(t, iov);
+        }
         // SAFETY: every iovec points into a grant (checked guest memory the burst holds
         // mapped) or into the caller's stack; the kernel only reads them, and a fault in guest
         // memory comes back as EFAULT, not a signal.
