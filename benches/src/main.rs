@@ -84,8 +84,10 @@ enum Cmd {
     /// guest given a VF); host and device cost per packet, and at Levels 2 and 3 what 100
     /// hand-overs (unplug, plug) cost under traffic.
     Tiers {
-        /// The wire: gen (an in-process wire, this harness's generator at its far end) or tap
-        /// (a TAP device and an AF_PACKET sender in a network namespace; needs root).
+        /// The wire: gen (an in-process wire, this harness's generator at its far end), tap
+        /// (a TAP device and an AF_PACKET sender in a network namespace; needs root) or
+        /// afpacket (the software path's TAP and afpacket: ports side by side, the latter on a
+        /// veth, the same sender; needs root).
         #[arg(long, default_value = "gen")]
         wire: vswitch_bench::tiers::WireKind,
         /// Nominal frame sizes (with FCS), comma separated.

@@ -99,6 +99,9 @@ pub enum WireKind {
     Gen,
     /// A TAP device, an AF_PACKET sender in a network namespace at its far end.
     Tap,
+    /// The software path's two ways onto a Linux device, side by side: a TAP port and an
+    /// `afpacket:` port on a veth, the same sender in a namespace at the far end.
+    Afpacket,
 }
 
 impl std::str::FromStr for WireKind {
@@ -107,10 +110,15 @@ impl std::str::FromStr for WireKind {
         match s {
             "gen" => Ok(WireKind::Gen),
             "tap" => Ok(WireKind::Tap),
-            _ => Err(format!("wire '{s}' is not gen or tap")),
+            "afpacket" => Ok(WireKind::Afpacket),
+            _ => Err(format!("wire '{s}' is not gen, tap or afpacket")),
         }
     }
 }
+
+/// `--wire afpacket`: the uplinks of the software path, TAP and AF_PACKET (on a veth).
+pub const AFPACKET_TIERS: &[(&str, &str)] =
+    &[("TAP (software)", "tap:"), ("AF_PACKET (software)", "afpacket:")];
 
 /// The tiers on a generator wire: tier 0 is a NIC with no engines on.
 /// Level 2 (the generator wire only): both guests' queue pairs plugged into the device.
@@ -590,8 +598,17 @@ fn one(
     let dir = cfg.dir.join(format!("t{k}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (kind, opts) = tier.1.split_once(':').unwrap_or((tier.1, ""));
+    // An afpacket: port's device is a veth; the sender uses its peer.
+    let peer = if kind == "afpacket" {
+        let peer = format!("{ifname}p");
+        let _ = Command::new("ip").args(["link", "del", &ifname]).output();
+        ip(&["link", "add", &ifname, "type", "veth", "peer", "name", &peer])?;
+        peer
+    } else {
+        ifname.clone()
+    };
     let up = match cfg.wire {
-        WireKind::Tap => format!("up={kind}:{ifname}{opts},offloads=off"),
+        WireKind::Tap | WireKind::Afpacket => format!("up={kind}:{ifname}{opts},offloads=off"),
         WireKind::Gen => format!("up=nic:wire:{ifname}{opts}"),
     };
     if matches!(traffic, Traffic::Back | Traffic::Vm) && cfg.wire != WireKind::Gen {
@@ -613,7 +630,7 @@ fn one(
     })
     .map_err(|e| e.to_string())?;
     let far = match cfg.wire {
-        WireKind::Tap => Far::Tap { ns: Netns::new(&ifname)?, ifname: ifname.clone() },
+        WireKind::Tap | WireKind::Afpacket => Far::Tap { ns: Netns::new(&peer)?, ifname: peer.clone() },
         WireKind::Gen => Far::Gen(LinkEnd::attach(&ifname).map_err(|e| e.to_string())?),
     };
     let mut guests = Vec::new();
@@ -827,7 +844,11 @@ pub fn run(cfg: &TiersConfig) -> Result<Vec<TierRow>, String> {
             if !(64..=1518).contains(&size) {
                 return Err(format!("size {size} is outside 64..1518 (nominal, with FCS)"));
             }
-            let tiers = if cfg.wire == WireKind::Gen { GEN_TIERS } else { TIERS };
+            let tiers = match cfg.wire {
+                WireKind::Gen => GEN_TIERS,
+                WireKind::Tap => TIERS,
+                WireKind::Afpacket => AFPACKET_TIERS,
+            };
             let mut base = None;
             for &tier in tiers {
                 let mut row = one(cfg, traffic, tier, size, k)?;
