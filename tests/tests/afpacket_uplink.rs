@@ -78,6 +78,15 @@ fn test_two_namespaces_ping_and_stream_tcp_with_tso_through_afpacket_ports() {
     assert_eq!(pa.tx.copies + pb.tx.copies, 0, "no CPU copy by the switch between two uplinks");
     let info = port_info(&sw, "a");
     assert!(info.connected && info.socket == format!("afpacket:{}", va.0), "{info:?}");
+    // The device was promiscuous for the port only: removing it leaves the device as it was.
+    let promisc = |dev: &str| {
+        let f = std::fs::read_to_string(format!("/sys/class/net/{dev}/flags")).expect("device flags");
+        u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).expect("hex flags") & 0x100 != 0
+    };
+    assert!(promisc(&va.0), "promiscuous while the port lives");
+    sw.del_port("a").expect("port-del");
+    assert!(!promisc(&va.0), "not promiscuous after port-del");
+    na.ping("10.89.0.2", 1, &["-W", "1"]).expect_err("no path without the port");
 }
 
 #[test]
