@@ -119,6 +119,8 @@ pub struct Tunnel {
     kind: TunnelKind,
     vni: u32,
     remotes: Vec<SocketAddr>,
+    /// The same as the kernel takes them (made once, not per datagram).
+    names: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
     /// Learned inner source MAC → remote (several remotes only): MAC in the low 48 bits,
     /// remote index + 1 above.
     macs: Box<[AtomicU64]>,
@@ -289,6 +291,7 @@ impl TunnelDevice {
             kind,
             vni,
             remotes: remotes.iter().map(|r| SocketAddr::new(*r, dstport)).collect(),
+            names: remotes.iter().map(|r| sockaddr(SocketAddr::new(*r, dstport))).collect(),
             macs: (0..MAC_SLOTS).map(|_| AtomicU64::new(0)).collect(),
         });
         let label = format!(
@@ -388,17 +391,16 @@ pub(super) fn recv(s: &mut Side, fd: &File, bufs: &mut [u8], buf_len: usize, i: 
         for (k, m) in msgs[..n as usize].iter().enumerate() {
             let len = m.msg_len as usize;
             let buf = &mut bufs[k * buf_len..(k + 1) * buf_len];
-            let ok = m.msg_hdr.msg_flags & libc::MSG_TRUNC == 0
-                && len < buf_len - PRE
-                && ip_of(&s.names[k]).and_then(|ip| s.t.remote_of(ip)).is_some();
-            s.got[k] = ok.then(|| inner_at(s.t.kind, s.t.vni, &buf[PRE..PRE + len])).flatten().map(|at| {
+            let whole = m.msg_hdr.msg_flags & libc::MSG_TRUNC == 0 && len < buf_len - PRE;
+            // Only the port's remotes are heard.
+            let from = ip_of(&s.names[k]).and_then(|ip| s.t.remote_of(ip)).filter(|_| whole);
+            s.got[k] = from.and_then(|r| {
+                let at = inner_at(s.t.kind, s.t.vni, &buf[PRE..PRE + len])?;
                 // The 12 bytes before the inner frame become its (empty) virtio-net header.
                 let start = PRE + at - 12;
                 buf[start..PRE + at].fill(0);
-                if let Some(r) = ip_of(&s.names[k]).and_then(|ip| s.t.remote_of(ip)) {
-                    s.t.learn(&buf[PRE + at + 6..PRE + at + 12], r);
-                }
-                (start as u32, (PRE + len - start) as u32)
+                s.t.learn(&buf[PRE + at + 6..PRE + at + 12], r);
+                Some((start as u32, (PRE + len - start) as u32))
             });
         }
         (s.count, s.next) = (n as usize, 0);
@@ -504,15 +506,14 @@ fn send_one(s: &Side, frame: &[libc::iovec]) -> Sent {
     let sock = &s.tx[(h % s.tx.len() as u64) as usize];
     let one = s.t.lookup(&head[..6]);
     let mut result = Sent::Ok;
-    for (r, to) in s.t.remotes.iter().enumerate() {
+    for (r, (ss, len)) in s.t.names.iter().enumerate() {
         if one.is_some_and(|o| o != r) {
             continue;
         }
-        let (ss, len) = sockaddr(*to);
         // SAFETY: msghdr is plain data.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_name = (&ss as *const libc::sockaddr_storage).cast_mut().cast();
-        msg.msg_namelen = len;
+        msg.msg_name = (ss as *const libc::sockaddr_storage).cast_mut().cast();
+        msg.msg_namelen = *len;
         msg.msg_iov = v.as_mut_ptr();
         msg.msg_iovlen = frame.len() + 1;
         // SAFETY: every iovec points at the header above or at the frame's pieces (see
@@ -575,6 +576,7 @@ mod tests {
             kind: TunnelKind::Vxlan,
             vni: 1,
             remotes: vec!["10.0.0.1:4789".parse().unwrap(), "10.0.0.2:4789".parse().unwrap()],
+            names: Vec::new(),
             macs: (0..MAC_SLOTS).map(|_| AtomicU64::new(0)).collect(),
         };
         let (a, b, group) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], [1, 0, 0x5e, 0, 0, 1]);
