@@ -8,5 +8,6 @@
 pub mod afpacket;
 pub mod link;
 pub mod nic;
+pub mod soft;
 pub mod tap;
 pub mod tunnel;

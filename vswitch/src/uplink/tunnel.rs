@@ -324,11 +324,8 @@ pub struct Side {
     got: [Option<(u32, u32)>; BURST],
     count: usize,
     next: usize,
-    /// A frame with an offload request, gathered to be finished; and one segment of it.
-    whole: Vec<u8>,
-    seg: Vec<u8>,
-    /// TSO frames cut into segments here, and checksums completed.
-    pub segmented: u64,
+    /// Offload requests finished here.
+    pub soft: super::soft::Soft,
 }
 
 impl Side {
@@ -341,9 +338,7 @@ impl Side {
             got: [None; BURST],
             count: 0,
             next: 0,
-            whole: Vec::new(),
-            seg: Vec::new(),
-            segmented: 0,
+            soft: Default::default(),
         })
     }
 }
@@ -424,63 +419,13 @@ pub(super) fn recv(s: &mut Side, fd: &File, bufs: &mut [u8], buf_len: usize, i: 
 /// engines, on a copy: nothing beyond the tunnel finishes them); a plain frame goes straight
 /// from the sender's buffers.
 pub(super) fn send(s: &mut Side, iov: &[libc::iovec]) -> Sent {
-    use crate::offload::{F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_TCPV6};
-    use nic_models::engines::{csum, tso};
-    if iov.len() < 2 || iov.len() > virtq::chain::MAX_SEGS + 2 || iov[0].iov_len < 10 {
-        return Sent::Refused;
-    }
-    // SAFETY: iov[0] is the switch's own header buffer, at least 10 bytes.
-    let vh = unsafe { std::slice::from_raw_parts(iov[0].iov_base as *const u8, 10) };
-    let (flags, gso) = (vh[0], vh[1] & 0x7f);
-    if gso == GSO_NONE && flags & F_NEEDS_CSUM == 0 {
-        return send_one(s, &iov[1..]);
-    }
-    let (mss, start, off) = (
-        u16::from_le_bytes([vh[4], vh[5]]),
-        usize::from(u16::from_le_bytes([vh[6], vh[7]])),
-        usize::from(u16::from_le_bytes([vh[8], vh[9]])),
-    );
-    let mut whole = std::mem::take(&mut s.whole);
-    whole.clear();
-    for v in &iov[1..] {
-        // SAFETY: each piece is the switch's checked head or a grant of guest memory the burst
-        // holds mapped.
-        whole.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
-    }
-    let r = if gso == GSO_TCPV4 || gso == GSO_TCPV6 {
-        let mut seg = std::mem::take(&mut s.seg);
-        let mut res = Sent::Ok;
-        let cut = tso::segment(&whole, mss, &mut seg, |f| {
-            let one = [libc::iovec { iov_base: f.as_ptr() as *mut _, iov_len: f.len() }];
-            if let r @ (Sent::Full | Sent::Refused | Sent::Gone) = send_one(s, &one) {
-                res = r;
-            }
-        });
-        s.seg = seg;
-        s.segmented += 1;
-        if cut.is_err() {
-            Sent::Refused
-        } else {
-            res
-        }
-    } else if gso != GSO_NONE
-        || !{
-            let end = whole.len();
-            csum::complete_partial(&mut whole, start, off, end)
-        }
-    {
-        Sent::Refused
-    } else {
-        let one = [libc::iovec { iov_base: whole.as_ptr() as *mut _, iov_len: whole.len() }];
-        send_one(s, &one)
-    };
-    s.whole = whole;
-    r
+    let Side { t, tx, soft, .. } = s;
+    soft.send(iov, |f| send_one(t, tx, f))
 }
 
 /// One finished frame (`frame`: its pieces) to its remote, or to every remote.
-fn send_one(s: &Side, frame: &[libc::iovec]) -> Sent {
-    let mut hdr = header(s.t.kind, s.t.vni);
+fn send_one(t: &Tunnel, tx: &[File], frame: &[libc::iovec]) -> Sent {
+    let mut hdr = header(t.kind, t.vni);
     let mut v = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; virtq::chain::MAX_SEGS + 2];
     if frame.is_empty() || frame.len() >= v.len() {
         return Sent::Refused;
@@ -503,10 +448,10 @@ fn send_one(s: &Side, frame: &[libc::iovec]) -> Sent {
     // The inner flow picks the source port.
     let h =
         head.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
-    let sock = &s.tx[(h % s.tx.len() as u64) as usize];
-    let one = s.t.lookup(&head[..6]);
+    let sock = &tx[(h % tx.len() as u64) as usize];
+    let one = t.lookup(&head[..6]);
     let mut result = Sent::Ok;
-    for (r, (ss, len)) in s.t.names.iter().enumerate() {
+    for (r, (ss, len)) in t.names.iter().enumerate() {
         if one.is_some_and(|o| o != r) {
             continue;
         }
