@@ -22,6 +22,9 @@ const NLMSGERR_ATTR_MSG: u16 = 1;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_NUM_VF: u16 = 21;
 const IFLA_VFINFO_LIST: u16 = 22;
+const IFLA_XDP: u16 = 43;
+const IFLA_XDP_ATTACHED: u16 = 2;
+const IFLA_XDP_PROG_ID: u16 = 4;
 const IFLA_VF_INFO: u16 = 1;
 
 const IFLA_VF_MAC: u16 = 1;
@@ -113,6 +116,8 @@ pub(crate) struct Link {
     pub num_vf: Option<u32>,
     /// VFs, each with whether IFLA_VF_RATE was present.
     pub vfs: Option<Vec<(VfInfo, bool)>>,
+    /// The XDP hook: (IFLA_XDP_ATTACHED, IFLA_XDP_PROG_ID), if a program is attached.
+    pub xdp: Option<(u8, u32)>,
 }
 
 /// The ifinfomsg's ifindex of a link message.
@@ -133,6 +138,18 @@ pub(crate) fn parse_link(msg: &[u8]) -> Result<Link, DecodeError> {
             IFLA_ADDRESS => link.addr_len = Some(a.value().len()),
             IFLA_NUM_VF => link.num_vf = Some(u32_at(a.value(), 0)?),
             IFLA_VFINFO_LIST => link.vfs = Some(parse_vf_infos(a.value())?),
+            IFLA_XDP => {
+                let (mut mode, mut id) = (0u8, 0u32);
+                for x in try_attrs(a.value()) {
+                    let x = x?;
+                    match x.kind() {
+                        IFLA_XDP_ATTACHED => mode = x.value().first().copied().unwrap_or(0),
+                        IFLA_XDP_PROG_ID => id = u32_at(x.value(), 0)?,
+                        _ => {}
+                    }
+                }
+                link.xdp = (mode != 0).then_some((mode, id));
+            }
             _ => {}
         }
     }

@@ -95,6 +95,23 @@ impl Rtnl {
         Ok(parse_vf_list(&msg)?)
     }
 
+    /// The XDP program attached to `dev`, as `ip link show` reads it: its id and the mode
+    /// (`driver`, `generic`, `offload` or `several`); `None` when there is none.
+    pub fn xdp_prog(&self, dev: &str) -> Result<Option<(u32, &'static str)>, RtnlError> {
+        let seq = self.next_seq();
+        self.send(&name_request(dev, seq))?;
+        let msg = self.answer(seq, dev)?;
+        Ok(parse_link(&msg)?.xdp.map(|(mode, id)| {
+            let mode = match mode {
+                1 => "driver",
+                2 => "generic",
+                3 => "offload",
+                _ => "several",
+            };
+            (id, mode)
+        }))
+    }
+
     /// `nl_get_ll_addr_len`: the length of the device's hardware address;
     /// `None` when the kernel does not say (iproute2 then skips the check).
     fn addr_len(&self, index: i32, dev: &str) -> Result<Option<usize>, RtnlError> {
