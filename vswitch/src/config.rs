@@ -29,6 +29,13 @@ pub struct PortConfig {
     /// (`afpacket:IFNAME`, an uplink) instead of a socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub afpacket: Option<String>,
+    /// An existing network device reached through XDP sockets (`afxdp:IFNAME`, an uplink)
+    /// instead of a socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub afxdp: Option<String>,
+    /// How an `afxdp:` port's sockets reach the device (`mode=`; default `auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xdp_mode: Option<crate::uplink::afxdp::XdpMode>,
     /// A VXLAN or Geneve tunnel to other machines (`vxlan:REMOTE_IP`, `geneve:REMOTE_IP`, an
     /// uplink) instead of a socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -106,6 +113,7 @@ impl PortConfig {
     pub fn is_uplink(&self) -> bool {
         self.tap.is_some()
             || self.afpacket.is_some()
+            || self.afxdp.is_some()
             || self.tunnel.is_some()
             || self.nic.as_ref().is_some_and(|n| n.wire.is_some())
     }
@@ -132,7 +140,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N], NAME=afpacket:IFNAME[,mtu=N], NAME=vxlan:REMOTE|geneve:REMOTE[,vni=N][,local=IP][,dstport=N][,remote=IP][,csum=on|off] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2|3][,pools=N|,vfs=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N][,accel=l1|l2|l3])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N], NAME=afpacket:IFNAME[,mtu=N], NAME=afxdp:IFNAME[,mode=auto|zerocopy|copy|skb][,mtu=N], NAME=vxlan:REMOTE|geneve:REMOTE[,vni=N][,local=IP][,dstport=N][,remote=IP][,csum=on|off] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2|3][,pools=N|,vfs=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N][,accel=l1|l2|l3])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -197,6 +205,10 @@ impl PortConfig {
             Some(ifname) => ("", Some(ifname.to_string())),
             None => (socket, None),
         };
+        let (socket, afxdp) = match socket.strip_prefix("afxdp:") {
+            Some(ifname) => ("", Some(ifname.to_string())),
+            None => (socket, None),
+        };
         let kind = |p: &str| match p {
             "vxlan" => Some(crate::uplink::tunnel::TunnelKind::Vxlan),
             "geneve" => Some(crate::uplink::tunnel::TunnelKind::Geneve),
@@ -226,6 +238,8 @@ impl PortConfig {
             socket: socket.into(),
             tap,
             afpacket,
+            afxdp,
+            xdp_mode: None,
             tunnel,
             nic,
             mtu: None,
@@ -263,6 +277,7 @@ impl PortConfig {
                 Some(("queues", v)) => pc.queues = v.parse().map_err(|_| bad("queues must be a number"))?,
                 Some(("mac", v)) => pc.mac = Some(v.to_string()),
                 Some(("mtu", v)) => pc.mtu = Some(v.parse().map_err(|_| bad("mtu must be a number"))?),
+                Some(("mode", v)) => pc.xdp_mode = Some(v.parse().map_err(|e: String| bad(&e))?),
                 Some(("police", v)) => {
                     let rate = v.parse::<BitRate>().map_err(|e| bad(&e.to_string()))?;
                     pc.ingress = Some(PolicerConfig {
@@ -370,6 +385,7 @@ impl PortConfig {
         if let Some(t) = &self.tunnel {
             if self.tap.is_some()
                 || self.afpacket.is_some()
+                || self.afxdp.is_some()
                 || !self.socket.as_os_str().is_empty()
                 || self.nic.is_some()
             {
@@ -394,9 +410,18 @@ impl PortConfig {
                 return Err(err("a tunnel port has one queue, no client mode and no mtu= (the inner MTU is the underlay's less the headers)".into()));
             }
         }
-        if let Some(a) = &self.afpacket {
-            if self.tap.is_some() || !self.socket.as_os_str().is_empty() || self.nic.is_some() {
-                return Err(err("a port has one of a socket, a tap device, a NIC model or afpacket:".into()));
+        if self.xdp_mode.is_some() && self.afxdp.is_none() {
+            return Err(err("mode= is for afxdp: ports".into()));
+        }
+        if let Some(a) = self.afpacket.as_ref().or(self.afxdp.as_ref()) {
+            if self.tap.is_some()
+                || !self.socket.as_os_str().is_empty()
+                || self.nic.is_some()
+                || (self.afpacket.is_some() && self.afxdp.is_some())
+            {
+                return Err(err(
+                    "a port has one of a socket, a tap device, a NIC model, afpacket: or afxdp:".into(),
+                ));
             }
             if !crate::uplink::tap::valid_name(a) {
                 return Err(err(format!("device name '{a}' must be 1-15 bytes")));
@@ -406,7 +431,7 @@ impl PortConfig {
             }
         }
         match (&self.tap, self.socket.as_os_str().is_empty()) {
-            (None, true) if self.afpacket.is_some() || self.tunnel.is_some() => {}
+            (None, true) if self.afpacket.is_some() || self.afxdp.is_some() || self.tunnel.is_some() => {}
             (Some(_), false) => return Err(err("a port has a socket or a tap device, not both".into())),
             (None, false) if wire.is_some() => {
                 return Err(err("a port has a socket or a NIC model's wire, not both".into()))
@@ -480,8 +505,8 @@ impl PortConfig {
         }
         if let Some(m) = self.mtu {
             let max = crate::uplink::tap::MAX_MTU;
-            if self.tap.is_none() && self.afpacket.is_none() {
-                return Err(err("mtu= is for tap and afpacket devices (a guest sets its own)".into()));
+            if self.tap.is_none() && self.afpacket.is_none() && self.afxdp.is_none() {
+                return Err(err("mtu= is for tap, afpacket and afxdp devices (a guest sets its own)".into()));
             }
             if !(68..=max).contains(&m) {
                 return Err(err(format!("mtu={m} is outside 68..{max}")));

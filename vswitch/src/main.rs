@@ -66,7 +66,9 @@ struct RunArgs {
     /// [,shape=RATE][,anti-spoof][,offloads=on|off]; or an uplink to the host's network stack,
     /// NAME=tap:IFNAME[,queues=N][,mtu=N][,vlan=N|,trunk=..] (creates the TAP device, or
     /// attaches to an existing one); or an existing device (a NIC, a VF, a veth) through packet
-    /// sockets, NAME=afpacket:IFNAME[,queues=N][,mtu=N][,offloads=on|off]; repeatable.
+    /// sockets, NAME=afpacket:IFNAME[,queues=N][,mtu=N][,offloads=on|off], or through XDP
+    /// sockets, NAME=afxdp:IFNAME[,queues=N][,mode=auto|zerocopy|copy|skb][,mtu=N]; or a
+    /// tunnel, NAME=vxlan:REMOTE|geneve:REMOTE[,vni=N][,local=IP][,dstport=N]; repeatable.
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
     /// CPUs for polling threads, e.g. 0,1 (one thread per CPU).
@@ -113,7 +115,8 @@ enum CtlCmd {
     /// Empty the forwarding table.
     FdbFlush,
     /// Add a port: NAME=SOCKET_PATH[,client][,vlan=N|,trunk=..], NAME=tap:IFNAME[,queues=N][,mtu=N]
-    /// or NAME=afpacket:IFNAME[,queues=N][,mtu=N].
+    /// NAME=afpacket:IFNAME[,queues=N][,mtu=N], NAME=afxdp:IFNAME[,mode=..] or a tunnel
+    /// (NAME=vxlan:REMOTE|geneve:REMOTE[,..]).
     PortAdd {
         /// Port spec.
         spec: String,

@@ -95,6 +95,8 @@ enum Uplink {
     Tap(TapDevice),
     /// Packet sockets on an existing device.
     Packet(crate::uplink::afpacket::PacketDevice),
+    /// XDP sockets on an existing device, and the switch's program on it.
+    Xdp(crate::uplink::afxdp::XdpDevice),
     /// A VXLAN or Geneve tunnel's sockets.
     Tunnel(crate::uplink::tunnel::TunnelDevice),
     /// An in-process wire's end (freed when the port goes).
@@ -107,6 +109,7 @@ impl Uplink {
         match self {
             Uplink::Tap(d) => format!("tap:{}", d.name),
             Uplink::Packet(d) => format!("afpacket:{}", d.name),
+            Uplink::Xdp(d) => format!("afxdp:{} ({})", d.name, d.way),
             Uplink::Tunnel(d) => d.label.clone(),
             Uplink::Wire(l) => format!("wire:{}", l.name()),
         }
@@ -605,7 +608,8 @@ impl Control {
                     return Err(SwitchError::TapInUse(a.clone(), p.cfg.name.clone()));
                 }
             }
-            if let (Some(a), Some(b)) = (&cfg.afpacket, &p.cfg.afpacket) {
+            let dev = |c: &PortConfig| c.afpacket.clone().or_else(|| c.afxdp.clone());
+            if let (Some(a), Some(b)) = (dev(&cfg), dev(&p.cfg)) {
                 if a == b {
                     return Err(SwitchError::TapInUse(a.clone(), p.cfg.name.clone()));
                 }
@@ -637,6 +641,17 @@ impl Control {
                 .map_err(|e| bad(e.to_string()))?;
                 Some(Uplink::Tunnel(dev))
             }
+            _ if cfg.afxdp.is_some() => {
+                let name = cfg.afxdp.as_deref().unwrap_or_default();
+                let dev = crate::uplink::afxdp::XdpDevice::open(
+                    name,
+                    cfg.queues,
+                    cfg.xdp_mode.unwrap_or_default(),
+                    cfg.mtu,
+                )
+                .map_err(|e| bad(e.to_string()))?;
+                Some(Uplink::Xdp(dev))
+            }
             _ if cfg.afpacket.is_some() => {
                 let name = cfg.afpacket.as_deref().unwrap_or_default();
                 let dev =
@@ -656,6 +671,10 @@ impl Control {
                 (0..dev.queues()).map(|k| (Wire::Tap(dev.source(k)), Wire::Tap(dev.sink(k)))).collect()
             }
             Some(Uplink::Tunnel(dev)) => vec![(Wire::Tap(dev.source()), Wire::Tap(dev.sink()))],
+            Some(Uplink::Xdp(dev)) => (0..dev.queues())
+                .filter_map(|k| dev.take(k))
+                .map(|(a, b)| (Wire::Tap(a), Wire::Tap(b)))
+                .collect(),
             Some(Uplink::Wire(end)) => vec![(Wire::Link(end.source()), Wire::Link(end.sink()))],
             None => Vec::new(),
         };

@@ -136,7 +136,7 @@ fn test_nic_port_spec_and_its_errors() {
     assert_eq!(w.nic, Some(NicConfig { level: 0, wire: Some("w-1".into()), ..NicConfig::default() }));
     assert!(err("up=nic:wire:a b").contains("wire name 'a b'"));
     assert!(err("up=nic:wire:w,queues=2").contains("one queue pair"));
-    assert!(err("up=nic:wire:w,mtu=9000").contains("mtu= is for tap and afpacket devices"));
+    assert!(err("up=nic:wire:w,mtu=9000").contains("mtu= is for tap, afpacket and afxdp devices"));
     let t: SwitchConfig =
         toml::from_str("[[port]]\nname = \"up\"\nnic = { wire = \"w\", level = 1 }\n").unwrap();
     assert!(t.ports[0].is_uplink());
@@ -164,7 +164,7 @@ fn test_tap_port_spec_and_its_errors() {
     assert!(err("up=tap:tap0,client").contains("client mode is for sockets"));
     assert!(err("up=tap:waytoolongname0123").contains("1-15 bytes"));
     assert!(err("up=tap:tap0,mtu=20000").contains("outside 68.."));
-    assert!(err("g=/run/x.sock,mtu=9000").contains("mtu= is for tap and afpacket devices"));
+    assert!(err("g=/run/x.sock,mtu=9000").contains("mtu= is for tap, afpacket and afxdp devices"));
     let a = PortConfig::parse("up=afpacket:eth1,queues=4,mtu=9000,trunk=10:20").unwrap();
     assert_eq!(
         (a.afpacket.as_deref(), a.queues, a.mtu, a.tap.as_deref()),
@@ -174,6 +174,17 @@ fn test_tap_port_spec_and_its_errors() {
     assert!(err("up=afpacket:eth1,client").contains("client mode is for sockets"));
     assert!(err("up=afpacket:waytoolongname0123").contains("1-15 bytes"));
     assert!(err("up=afpacket:eth1,level=1").contains("level= is for nic: ports"));
+    let x = PortConfig::parse("up=afxdp:eth2,queues=2,mode=skb,mtu=3000,vlan=4").unwrap();
+    assert_eq!(
+        (x.afxdp.as_deref(), x.xdp_mode, x.queues, x.mtu, x.vlan),
+        (Some("eth2"), Some(crate::uplink::afxdp::XdpMode::Skb), 2, Some(3000), Some(4))
+    );
+    assert!(x.is_uplink() && x.socket.as_os_str().is_empty() && x.afpacket.is_none());
+    assert_eq!(PortConfig::parse("up=afxdp:eth2").unwrap().xdp_mode, None, "auto unless given");
+    assert!(err("up=afxdp:eth2,mode=fast").contains("auto, zerocopy, copy or skb"));
+    assert!(err("up=afpacket:eth1,mode=copy").contains("mode= is for afxdp: ports"));
+    assert!(err("up=afxdp:eth2,client").contains("client mode is for sockets"));
+    assert!(err("up=afxdp:waytoolongname0123").contains("1-15 bytes"));
     let t =
         PortConfig::parse("t=vxlan:10.0.0.2,vni=42,local=10.0.0.1,remote=10.0.0.3,csum=off,vlan=7").unwrap();
     let tc = t.tunnel.clone().unwrap();

@@ -6,6 +6,7 @@
 //! sending guest's buffers (vectored I/O over the grants the chain walk made).
 
 pub mod afpacket;
+pub mod afxdp;
 pub mod link;
 pub mod nic;
 pub mod soft;

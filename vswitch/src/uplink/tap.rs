@@ -186,6 +186,14 @@ pub struct TapQueue {
     batch: Option<Box<Batch>>,
     /// A tunnel port's state (its receive decapsulates, its send encapsulates).
     tunnel: Option<Box<super::tunnel::Side>>,
+    /// An XDP socket's half (the source's RX ring or the sink's TX ring).
+    xsk: Option<Xsk>,
+}
+
+/// An XDP socket's half a queue runs on.
+enum Xsk {
+    Rx(Box<super::afxdp::ring::XskRx>),
+    Tx(Box<super::afxdp::ring::XskTx>),
 }
 
 /// Frames one `recvmmsg` read: (length, cut by the kernel) per staging buffer, in order, and
@@ -257,6 +265,7 @@ impl TapQueue {
             broken: false,
             batch: None,
             tunnel: None,
+            xsk: None,
         }
     }
 
@@ -283,10 +292,42 @@ impl TapQueue {
         q
     }
 
+    /// An XDP socket's receive half (a source: frames are handed on where the kernel put
+    /// them in the UMEM).
+    pub(crate) fn xsk(file: Arc<File>, name: &str, rx: Box<super::afxdp::ring::XskRx>) -> Self {
+        let mut q = Self::with(file, name, super::tunnel::caps(), 0);
+        q.xsk = Some(Xsk::Rx(rx));
+        q
+    }
+
+    /// An XDP socket's transmit half (a sink).
+    pub(crate) fn xsk_sink(file: Arc<File>, name: &str, tx: Box<super::afxdp::ring::XskTx>) -> Self {
+        let mut q = Self::with(file, name, super::tunnel::caps(), 0);
+        q.xsk = Some(Xsk::Tx(tx));
+        q
+    }
+
     /// Whether the device has gone away.
     #[inline(always)]
     pub fn broken(&self) -> bool {
-        self.broken
+        self.broken || matches!(&self.xsk, Some(Xsk::Tx(t)) if t.broken())
+    }
+
+    /// Ends a burst of sends (an XDP socket's transmit is kicked once for all of them).
+    #[inline(always)]
+    pub fn flush(&mut self) {
+        if let Some(Xsk::Tx(t)) = self.xsk.as_mut() {
+            t.flush();
+        }
+    }
+
+    /// An XDP socket's counters, if this queue runs on one.
+    pub fn xsk_counts(&self) -> Option<super::afxdp::ring::XskCounts> {
+        match &self.xsk {
+            Some(Xsk::Rx(r)) => Some(r.counts),
+            Some(Xsk::Tx(t)) => Some(t.counts),
+            None => None,
+        }
     }
 
     /// The device file (the polling thread's epoll watches it for frames).
@@ -298,6 +339,9 @@ impl TapQueue {
     /// frames the burst holds so far).
     #[inline]
     pub fn recv(&mut self, i: usize) -> Recv {
+        if let Some(Xsk::Rx(r)) = self.xsk.as_mut() {
+            return r.recv(i);
+        }
         if self.batch.is_some() {
             return self.recv_batched(i);
         }
@@ -399,6 +443,9 @@ impl TapQueue {
     /// Writes one frame, given as pieces (header first).
     #[inline]
     pub fn send(&mut self, iov: &[libc::iovec]) -> Sent {
+        if let Some(Xsk::Tx(t)) = self.xsk.as_mut() {
+            return t.send(iov);
+        }
         if let Some(t) = self.tunnel.as_deref_mut() {
             return super::tunnel::send(t, iov);
         }

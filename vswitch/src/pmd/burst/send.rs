@@ -153,6 +153,7 @@ impl Datapath {
                 Sent::Refused => k.refused += 1,
             }
         }
+        t.flush();
         let s = &d.slot.stats;
         bump(&s.packets, k.sent);
         bump(&s.bytes, k.bytes);
