@@ -286,3 +286,28 @@ fn test_a_second_holder_is_refused_by_name_and_a_killed_switch_leaves_no_program
     assert!(attached(), "attached again: {}", p.log_text());
     p.kill();
 }
+
+#[test]
+fn test_generic_mode_carries_traffic_and_zero_copy_on_a_veth_is_refused_with_the_drivers_answer() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("afx-modes");
+    let v = Veth::new("z");
+    let zc = Switch::start(SwitchConfig {
+        fdb_aging_secs: 300,
+        ports: e2e_tests::parse_ports(&dir, &[format!("up=afxdp:{},mode=zerocopy", v.0)]),
+        ..Default::default()
+    });
+    let err = zc.err().expect("a veth has no zero copy").to_string();
+    assert!(
+        err.contains("none of mode=zerocopy's ways")
+            && err.contains("zerocopy: binding queue 0")
+            && err.contains("try mode=skb"),
+        "{err}"
+    );
+    assert!(xdp_on(&v.0).is_none(), "a refused port leaves no program behind");
+    drop(v);
+    let (sw, na, _nb, va, _vb) = two_hosts(&dir, 1, ",mode=skb", Vec::new());
+    assert_eq!(port_info(&sw, "a").socket, format!("afxdp:{} (skb)", va.0));
+    assert!(xdp_on(&va.0).is_some_and(|p| p.contains("xdpgeneric") || p.contains("prog/xdp")));
+    na.ping("10.88.0.2", 3, &[]).unwrap_or_else(|e| panic!("ping over generic XDP: {e} {:?}", sw.stats()));
+}

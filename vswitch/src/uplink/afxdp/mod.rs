@@ -63,6 +63,17 @@ pub enum XdpMode {
     Skb,
 }
 
+impl std::fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            XdpMode::Auto => "auto",
+            XdpMode::Zerocopy => "zerocopy",
+            XdpMode::Copy => "copy",
+            XdpMode::Skb => "skb",
+        })
+    }
+}
+
 impl std::str::FromStr for XdpMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -127,7 +138,7 @@ pub enum XdpError {
         hint: String,
     },
     /// No mode the driver accepts.
-    #[error("AF_XDP on '{dev}': the driver accepts none of mode={mode:?}'s ways ({tried}); try mode=skb (generic XDP works on any device)")]
+    #[error("AF_XDP on '{dev}': the driver accepts none of mode={mode}'s ways ({tried}); try mode=skb (generic XDP works on any device)")]
     NoMode {
         /// The device.
         dev: String,
