@@ -87,7 +87,8 @@ enum Cmd {
         /// The wire: gen (an in-process wire, this harness's generator at its far end), tap
         /// (a TAP device and an AF_PACKET sender in a network namespace; needs root) or
         /// afpacket (the software path's TAP and afpacket: ports side by side, the latter on a
-        /// veth, the same sender; needs root).
+        /// veth, the same sender; needs root) or afxdp (afpacket: beside afxdp: ports in copy
+        /// and skb modes, on veths, the same sender; needs root).
         #[arg(long, default_value = "gen")]
         wire: vswitch_bench::tiers::WireKind,
         /// Nominal frame sizes (with FCS), comma separated.

@@ -103,6 +103,9 @@ pub enum WireKind {
     /// The software path's two ways onto a Linux device, side by side: a TAP port and an
     /// `afpacket:` port on a veth, the same sender in a namespace at the far end.
     Afpacket,
+    /// The kernel-bypass ways onto a Linux device beside AF_PACKET: `afxdp:` ports on a veth
+    /// in native copy and generic (skb) modes, the same sender.
+    Afxdp,
 }
 
 impl std::str::FromStr for WireKind {
@@ -112,7 +115,8 @@ impl std::str::FromStr for WireKind {
             "gen" => Ok(WireKind::Gen),
             "tap" => Ok(WireKind::Tap),
             "afpacket" => Ok(WireKind::Afpacket),
-            _ => Err(format!("wire '{s}' is not gen, tap or afpacket")),
+            "afxdp" => Ok(WireKind::Afxdp),
+            _ => Err(format!("wire '{s}' is not gen, tap, afpacket or afxdp")),
         }
     }
 }
@@ -120,6 +124,10 @@ impl std::str::FromStr for WireKind {
 /// `--wire afpacket`: the uplinks of the software path, TAP and AF_PACKET (on a veth).
 pub const AFPACKET_TIERS: &[(&str, &str)] =
     &[("TAP (software)", "tap:"), ("AF_PACKET (software)", "afpacket:")];
+
+/// `--wire afxdp`: AF_PACKET and AF_XDP's two modes a veth offers (a veth has no zero copy).
+pub const AFXDP_TIERS: &[(&str, &str)] =
+    &[("AF_PACKET", "afpacket:"), ("AF_XDP copy", "afxdp:,mode=copy"), ("AF_XDP skb", "afxdp:,mode=skb")];
 
 /// The tiers on a generator wire: tier 0 is a NIC with no engines on.
 /// Level 2 (the generator wire only): both guests' queue pairs plugged into the device.
@@ -174,6 +182,10 @@ pub struct TierRow {
     /// also paid for frames dropped.
     #[serde(default)]
     pub delivered: f64,
+    /// Frames the uplink's kernel dropped for want of room in the switch's socket (its
+    /// `no_buffer` count: an AF_XDP or AF_PACKET socket's rings full) per frame offered.
+    #[serde(default)]
+    pub socket_drops: f64,
     /// The switch's polling-thread cycles per delivered frame, the device's excluded.
     pub host_cycles: f64,
     /// The modelled device's time per delivered frame, ns.
@@ -406,6 +418,8 @@ const WIRE: [u8; 6] = [0x52, 0x54, 0, 0x7b, 0, 0xee];
 #[derive(Default, Clone, Copy)]
 struct Snap {
     busy: u64,
+    /// The uplink's receive drops for want of buffers.
+    no_buffer: u64,
     copies: u64,
     kernel: u64,
     irqs: u64,
@@ -422,6 +436,9 @@ fn snap(sw: &Switch, nic: bool) -> Snap {
     for p in &s.ports {
         x.copies += p.tx.copies;
         x.kernel += p.rx.kernel_copies;
+        if p.name == "up" {
+            x.no_buffer = p.rx.drop_no_buffer;
+        }
         if p.name != "up" {
             x.irqs += p.tx.interrupts;
         }
@@ -480,8 +497,8 @@ fn one(
     let dir = cfg.dir.join(format!("t{k}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (kind, opts) = tier.1.split_once(':').unwrap_or((tier.1, ""));
-    // An afpacket: port's device is a veth; the sender uses its peer.
-    let peer = if kind == "afpacket" {
+    // An afpacket: or afxdp: port's device is a veth; the sender uses its peer.
+    let peer = if kind == "afpacket" || kind == "afxdp" {
         let peer = format!("{ifname}p");
         let _ = Command::new("ip").args(["link", "del", &ifname]).output();
         ip(&["link", "add", &ifname, "type", "veth", "peer", "name", &peer])?;
@@ -490,7 +507,9 @@ fn one(
         ifname.clone()
     };
     let up = match cfg.wire {
-        WireKind::Tap | WireKind::Afpacket => format!("up={kind}:{ifname}{opts},offloads=off"),
+        WireKind::Tap | WireKind::Afpacket | WireKind::Afxdp => {
+            format!("up={kind}:{ifname}{opts},offloads=off")
+        }
         WireKind::Gen => format!("up=nic:wire:{ifname}{opts}"),
     };
     if matches!(traffic, Traffic::Back | Traffic::Vm) && cfg.wire != WireKind::Gen {
@@ -512,7 +531,9 @@ fn one(
     })
     .map_err(|e| e.to_string())?;
     let far = match cfg.wire {
-        WireKind::Tap | WireKind::Afpacket => Far::Tap { ns: Netns::new(&peer)?, ifname: peer.clone() },
+        WireKind::Tap | WireKind::Afpacket | WireKind::Afxdp => {
+            Far::Tap { ns: Netns::new(&peer)?, ifname: peer.clone() }
+        }
         WireKind::Gen => Far::Gen(LinkEnd::attach(&ifname).map_err(|e| e.to_string())?),
     };
     let mut guests = Vec::new();
@@ -575,6 +596,11 @@ fn one(
             (false, _) => 0.0,
             (true, Traffic::Back | Traffic::Vm) => got / sent,
             (true, _) => got / (sent * 17.0 / 16.0),
+        },
+        socket_drops: if sent > 0.0 {
+            d.no_buffer as f64 / (sent * 1e6 * cfg.duration.as_secs_f64())
+        } else {
+            0.0
         },
         host_cycles: per(d.busy.saturating_sub(d.device_ticks)),
         device_ns: per(d.device_ns),
@@ -701,6 +727,7 @@ fn run_phase(
         sent += receiver.join().map_err(|_| "receiver panicked".to_string())??;
         let d = Snap {
             busy: s1.busy - s0.busy,
+            no_buffer: s1.no_buffer - s0.no_buffer,
             copies: s1.copies - s0.copies,
             kernel: s1.kernel - s0.kernel,
             irqs: s1.irqs - s0.irqs,
@@ -730,6 +757,7 @@ pub fn run(cfg: &TiersConfig) -> Result<Vec<TierRow>, String> {
                 WireKind::Gen => GEN_TIERS,
                 WireKind::Tap => TIERS,
                 WireKind::Afpacket => AFPACKET_TIERS,
+                WireKind::Afxdp => AFXDP_TIERS,
             };
             let mut base = None;
             for &tier in tiers {

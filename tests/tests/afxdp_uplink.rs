@@ -311,3 +311,62 @@ fn test_generic_mode_carries_traffic_and_zero_copy_on_a_veth_is_refused_with_the
     assert!(xdp_on(&va.0).is_some_and(|p| p.contains("xdpgeneric") || p.contains("prog/xdp")));
     na.ping("10.88.0.2", 3, &[]).unwrap_or_else(|e| panic!("ping over generic XDP: {e} {:?}", sw.stats()));
 }
+
+/// A switch process stopped (SIGSTOP) while more frames arrive than the socket holds (10000 for
+/// AF_XDP's 4096 receive chunks, 40000 for a packet socket's buffer): the socket's kernel keeps what
+/// its rings hold and drops the rest; once the switch runs again it reads what was kept and
+/// counts what was dropped (`no_buffer` on the port's receive side), for AF_XDP
+/// (`XDP_STATISTICS`) and AF_PACKET (`PACKET_STATISTICS`) alike. Nothing goes uncounted.
+#[test]
+fn test_frames_the_kernel_dropped_while_the_switch_was_stopped_are_counted_as_no_buffer() {
+    use vswitch::control::{request, Request, Stats};
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bin = vswitch_binary(None).expect("vswitch is built (scripts/test.sh builds it first)");
+    for kind in ["afxdp", "afpacket"] {
+        let dir = Scratch::new(&format!("afx-drops-{kind}"));
+        let v = Veth::new("d");
+        let ns = Netns::new("xd");
+        ns.adopt(&v.1, "10.88.3.1/24");
+        let control = dir.path("ctl.sock");
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run").arg("--port").arg(format!("up={kind}:{}", v.0)).arg("--control").arg(&control);
+        let mut p = Proc::spawn(cmd, &dir.path("vswitch.log"));
+        assert!(wait_until(Duration::from_secs(10), || control.exists()), "switch up: {}", p.log_text());
+        let stats = || -> Stats {
+            serde_json::from_value(request(&control, &Request::Stats).expect("stats")).unwrap()
+        };
+        let up = |s: &Stats| find(s, "up").rx.clone();
+        assert!(wait_until(Duration::from_secs(5), || kind != "afxdp" || xdp_on(&v.0).is_some()));
+        let before = up(&stats());
+        // SAFETY: signalling a child we spawned.
+        unsafe { libc::kill(p.pid() as i32, libc::SIGSTOP) };
+        let n = if kind == "afxdp" { 10_000u64 } else { 40_000 };
+        let frames: Vec<Vec<u8>> = (1..=n)
+            .map(|i| build_frame([0x02, 0, 0, 0x5d, 0, 9], [0x02, 0, 0, 0x5d, 0, 8], None, 18, i))
+            .collect();
+        for chunk in frames.chunks(100) {
+            ns.inject(&v.1, chunk);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: as above.
+        unsafe { libc::kill(p.pid() as i32, libc::SIGCONT) };
+        let lost_on_veth = || {
+            let out = ns.run(&["cat", &format!("/sys/class/net/{}/statistics/tx_dropped", v.1)]);
+            String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().unwrap_or(0)
+        };
+        let mut last = before.clone();
+        let all = wait_until(Duration::from_secs(5), || {
+            last = up(&stats());
+            (last.packets - before.packets) + (last.drop_no_buffer - before.drop_no_buffer) + lost_on_veth()
+                >= n
+        });
+        let (got, dropped) = (last.packets - before.packets, last.drop_no_buffer - before.drop_no_buffer);
+        println!(
+            "{kind}: {got} read, {dropped} counted dropped by the socket, {} by the veth",
+            lost_on_veth()
+        );
+        assert!(all, "{kind}: every frame read or counted: {got} read, {dropped} dropped, of {n}");
+        assert!(dropped > 0 && got > 0, "{kind}: the rings held some, the rest was dropped: {got}/{dropped}");
+        p.kill();
+    }
+}

@@ -5,13 +5,14 @@ use super::{TierRow, Traffic, GEN_TIERS};
 /// The table.
 pub fn print(rows: &[TierRow]) {
     println!(
-        "{:<18} {:<4} {:>5} {:>8} {:>8} {:>6} {:>9} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>6} {:>22} {:>6}",
+        "{:<18} {:<4} {:>5} {:>8} {:>8} {:>6} {:>6} {:>9} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>6} {:>22} {:>6}",
         "tier",
         "wire",
         "size",
         "offered",
         "Mpps",
         "deliv",
+        "skdrop",
         "host cyc",
         "dev ns",
         "CPU cp",
@@ -25,13 +26,14 @@ pub fn print(rows: &[TierRow]) {
     );
     for r in rows {
         println!(
-            "{:<18} {:<4} {:>5} {:>8.3} {:>8.3} {:>6.3} {:>9.0} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.0} {:>6.1} {:>6.3} {:>8.1}/{:.1}/{:.1} {:>+6.1}",
+            "{:<18} {:<4} {:>5} {:>8.3} {:>8.3} {:>6.3} {:>6.3} {:>9.0} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.0} {:>6.1} {:>6.3} {:>8.1}/{:.1}/{:.1} {:>+6.1}",
             r.tier,
             r.traffic.name(),
             r.size,
             r.offered_mpps,
             r.mpps,
             r.delivered,
+            r.socket_drops,
             r.host_cycles,
             r.device_ns,
             r.cpu_copies,
@@ -55,7 +57,8 @@ pub fn print(rows: &[TierRow]) {
         }
     }
     let wire = rows.first().map(|r| r.wire).unwrap_or_default();
-    println!("(the sender as fast as it goes: deliv, wire frames delivered per frame offered; then per wire frame delivered into");
+    println!("(the sender as fast as it goes: deliv, wire frames delivered per frame offered; skdrop, dropped by the uplink's");
+    println!(" socket (its rings full) per frame offered; then per wire frame delivered into");
     println!(" a guest, a coalesced TCP frame counting as its segments; host cycles exclude the modelled device's, which dev ns");
     println!(" shows; kern cp: the TAP wire's read. Latency at a fixed rate, the same for every tier (added: the median less");
     println!(" tier 0's); tcp rows are not timed.");

@@ -188,6 +188,83 @@ pub struct TapQueue {
     tunnel: Option<Box<super::tunnel::Side>>,
     /// An XDP socket's half (the source's RX ring or the sink's TX ring).
     xsk: Option<Xsk>,
+    /// A socket source's drop counter in the kernel (packet and XDP sockets).
+    drops: Option<Box<KernelDrops>>,
+}
+
+/// Bursts between two reads of a socket's drop counter under load (a `getsockopt` per
+/// 4096 bursts: nothing against the burst's own cost); an idle queue reads it a millisecond
+/// after the last read.
+const DROP_POLLS: u32 = 4096;
+
+/// Where a socket source's kernel counts the frames it could not hand the switch.
+struct KernelDrops {
+    /// `XDP_STATISTICS` (cumulative: `rx_dropped` + `rx_ring_full`, the last total kept)
+    /// or `PACKET_STATISTICS` (`tp_drops`, reset by each read).
+    xdp: bool,
+    last: u64,
+    polls: u32,
+    at: u64,
+}
+
+impl KernelDrops {
+    fn new(xdp: bool) -> Box<Self> {
+        Box::new(KernelDrops { xdp, last: 0, polls: 0, at: 0 })
+    }
+
+    /// Drops counted since the last read, if it is time to read.
+    #[inline]
+    fn poll(&mut self, fd: libc::c_int, empty: bool) -> u64 {
+        self.polls += 1;
+        if self.polls < DROP_POLLS {
+            if !empty {
+                return 0;
+            }
+            let now = crate::clock::ticks();
+            if now.wrapping_sub(self.at) < crate::clock::ticks_per_us() * 1000 {
+                return 0;
+            }
+            self.at = now;
+        }
+        self.polls = 0;
+        if self.xdp {
+            // struct xdp_statistics (Linux 5.9): rx_dropped, rx_invalid_descs,
+            // tx_invalid_descs, rx_ring_full, rx_fill_ring_empty_descs, tx_ring_empty_descs.
+            let mut st = [0u64; 6];
+            if getsockopt(fd, SOL_XDP, XDP_STATISTICS, &mut st).is_err() {
+                return 0;
+            }
+            let total = st[0] + st[3];
+            total.wrapping_sub(std::mem::replace(&mut self.last, total))
+        } else {
+            // struct tpacket_stats: tp_packets, tp_drops (both reset by the read).
+            let mut st = [0u32; 2];
+            match getsockopt(fd, libc::SOL_PACKET, libc::PACKET_STATISTICS, &mut st) {
+                Ok(()) => u64::from(st[1]),
+                Err(_) => 0,
+            }
+        }
+    }
+}
+
+const SOL_XDP: libc::c_int = 283;
+const XDP_STATISTICS: libc::c_int = 7;
+
+/// `getsockopt` into a plain array.
+fn getsockopt<T: Copy, const N: usize>(
+    fd: libc::c_int,
+    level: libc::c_int,
+    name: libc::c_int,
+    out: &mut [T; N],
+) -> io::Result<()> {
+    let mut len = std::mem::size_of_val(out) as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `out`, an array of plain integers.
+    let r = unsafe { libc::getsockopt(fd, level, name, out.as_mut_ptr().cast(), &mut len) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// An XDP socket's half a queue runs on.
@@ -266,6 +343,7 @@ impl TapQueue {
             batch: None,
             tunnel: None,
             xsk: None,
+            drops: None,
         }
     }
 
@@ -289,6 +367,7 @@ impl TapQueue {
         let mut q = Self::with(file, name, caps, if source { staging_len(caps) + 4 } else { 0 });
         q.batch = source
             .then(|| Box::new(Batch { got: [(0, false); BURST], count: 0, next: 0, ctl: [[0; 8]; BURST] }));
+        q.drops = source.then(|| KernelDrops::new(false));
         q
     }
 
@@ -297,6 +376,7 @@ impl TapQueue {
     pub(crate) fn xsk(file: Arc<File>, name: &str, rx: Box<super::afxdp::ring::XskRx>) -> Self {
         let mut q = Self::with(file, name, super::tunnel::caps(), 0);
         q.xsk = Some(Xsk::Rx(rx));
+        q.drops = Some(KernelDrops::new(true));
         q
     }
 
@@ -318,6 +398,17 @@ impl TapQueue {
     pub fn flush(&mut self) {
         if let Some(Xsk::Tx(t)) = self.xsk.as_mut() {
             t.flush();
+        }
+    }
+
+    /// Frames a socket source's kernel dropped for want of room in the switch's rings or
+    /// buffers since the last call (read now and then; 0 in between and for other queues).
+    /// `empty`: the burst found nothing.
+    #[inline(always)]
+    pub fn kernel_drops(&mut self, empty: bool) -> u64 {
+        match self.drops.as_deref_mut() {
+            Some(d) => d.poll(self.file.as_raw_fd(), empty),
+            None => 0,
         }
     }
 

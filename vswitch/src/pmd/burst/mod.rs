@@ -271,6 +271,10 @@ impl Datapath {
             Some(Queue::Tap(t)) => {
                 let n = self.burst_tap(src, t, now, &mut c);
                 c.count(&slot.stats);
+                let lost = t.kernel_drops(n == 0);
+                if lost > 0 {
+                    slot.stats.drop(DropReason::NoBuffer, lost);
+                }
                 n
             }
             Some(Queue::Nic(nq)) => {

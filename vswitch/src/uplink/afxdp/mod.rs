@@ -43,7 +43,11 @@ use self::ring::{Area, XskRx, XskTx, CHUNK, RX_HEADROOM};
 use super::tap::{if_ioctl, set_up, TapQueue};
 
 /// Chunks of a socket's UMEM posted for receive, and kept for transmit (ring sizes too).
-const RX_CHUNKS: u32 = 1024;
+/// Receive takes 4096 (16 MiB a queue): the ring has to ride out the polling thread's time off
+/// the CPU. With 1024 on this 2-vCPU machine, a quarter to a half of a 0.3 Mpps stream was
+/// dropped with the ring full while the thread was preempted (benches/results/2026-12-06-afxdp.txt);
+/// with 4096, none. (A packet socket's megabytes of buffer hide the same gaps.)
+const RX_CHUNKS: u32 = 4096;
 const TX_CHUNKS: u32 = 1024;
 /// `XDP_USE_SG`: a frame may take several chunks (Linux 6.6).
 const XDP_USE_SG: u16 = 1 << 4;
