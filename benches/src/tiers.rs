@@ -38,6 +38,7 @@ use vswitch::{PortConfig, Switch, SwitchConfig};
 use crate::frame::{build_frame, build_tcp_segment, frame_seq};
 use crate::frontend::{Frontend, FrontendConfig};
 
+mod dpdk;
 mod far;
 mod report;
 use far::{ip, now_ns, send_wire, Netns};
@@ -125,9 +126,15 @@ impl std::str::FromStr for WireKind {
 pub const AFPACKET_TIERS: &[(&str, &str)] =
     &[("TAP (software)", "tap:"), ("AF_PACKET (software)", "afpacket:")];
 
-/// `--wire afxdp`: AF_PACKET and AF_XDP's two modes a veth offers (a veth has no zero copy).
-pub const AFXDP_TIERS: &[(&str, &str)] =
-    &[("AF_PACKET", "afpacket:"), ("AF_XDP copy", "afxdp:,mode=copy"), ("AF_XDP skb", "afxdp:,mode=skb")];
+/// `--wire afxdp`: AF_PACKET and AF_XDP's two modes a veth offers (a veth has no zero copy),
+/// then DPDK testpmd on the same veth through its own AF_PACKET and AF_XDP drivers (`dpdk:`).
+pub const AFXDP_TIERS: &[(&str, &str)] = &[
+    ("AF_PACKET", "afpacket:"),
+    ("AF_XDP copy", "afxdp:,mode=copy"),
+    ("AF_XDP skb", "afxdp:,mode=skb"),
+    ("DPDK af_packet", "dpdk:af_packet"),
+    ("DPDK af_xdp", "dpdk:af_xdp"),
+];
 
 /// The tiers on a generator wire: tier 0 is a NIC with no engines on.
 /// Level 2 (the generator wire only): both guests' queue pairs plugged into the device.
@@ -761,7 +768,18 @@ pub fn run(cfg: &TiersConfig) -> Result<Vec<TierRow>, String> {
             };
             let mut base = None;
             for &tier in tiers {
-                let mut row = one(cfg, traffic, tier, size, k)?;
+                let mut row = match tier.1.strip_prefix("dpdk:") {
+                    Some(_) if traffic != Traffic::Udp => continue,
+                    Some(pmd) => match dpdk::row(cfg, tier.0, pmd, size, k) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            eprintln!("{}: skipped: {e}", tier.0);
+                            k += 1;
+                            continue;
+                        }
+                    },
+                    None => one(cfg, traffic, tier, size, k)?,
+                };
                 k += 1;
                 let p50 = row.latency_us[0];
                 row.latency_added_us = p50 - *base.get_or_insert(p50);

@@ -34,7 +34,7 @@ pub(super) fn probe() -> Result<String, PeerError> {
 
 /// The `CPU cycles/packet=X` testpmd prints at exit with `--record-core-cycles` (only when
 /// it forwarded packets).
-pub(super) fn testpmd_cycles(log: &str) -> Option<f64> {
+pub(crate) fn testpmd_cycles(log: &str) -> Option<f64> {
     log.lines()
         .filter_map(|l| l.split("CPU cycles/packet=").nth(1))
         .filter_map(|v| v.split_whitespace().next()?.parse().ok())

@@ -17,7 +17,7 @@
 //! stops the processes. This module holds what they share: the options, the errors, the
 //! running [`Peer`] and its teardown.
 
-mod dpdk;
+pub(crate) mod dpdk;
 mod ours;
 mod ovs;
 mod supervise;
