@@ -335,7 +335,7 @@ fn test_frames_the_kernel_dropped_while_the_switch_was_stopped_are_counted_as_no
         let stats = || -> Stats {
             serde_json::from_value(request(&control, &Request::Stats).expect("stats")).unwrap()
         };
-        let up = |s: &Stats| find(s, "up").rx.clone();
+        let up = |s: &Stats| find(s, "up").rx;
         assert!(wait_until(Duration::from_secs(5), || kind != "afxdp" || xdp_on(&v.0).is_some()));
         let before = up(&stats());
         // SAFETY: signalling a child we spawned.
@@ -354,7 +354,7 @@ fn test_frames_the_kernel_dropped_while_the_switch_was_stopped_are_counted_as_no
             let out = ns.run(&["cat", &format!("/sys/class/net/{}/statistics/tx_dropped", v.1)]);
             String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().unwrap_or(0)
         };
-        let mut last = before.clone();
+        let mut last = before;
         let all = wait_until(Duration::from_secs(5), || {
             last = up(&stats());
             (last.packets - before.packets) + (last.drop_no_buffer - before.drop_no_buffer) + lost_on_veth()

@@ -181,6 +181,15 @@ fn test_tap_port_spec_and_its_errors() {
     );
     assert!(x.is_uplink() && x.socket.as_os_str().is_empty() && x.afpacket.is_none());
     assert_eq!(PortConfig::parse("up=afxdp:eth2").unwrap().xdp_mode, None, "auto unless given");
+    let file: SwitchConfig =
+        toml::from_str("[[port]]\nname = \"up\"\nafxdp = \"eth2\"\nxdp_mode = \"zerocopy\"\nqueues = 4\n")
+            .unwrap();
+    let f = &file.ports[0];
+    assert_eq!(
+        (f.afxdp.as_deref(), f.xdp_mode, f.queues),
+        (Some("eth2"), Some(crate::uplink::afxdp::XdpMode::Zerocopy), 4)
+    );
+    assert!(f.validate().is_ok() && f.is_uplink(), "{:?}", f.validate());
     assert!(err("up=afxdp:eth2,mode=fast").contains("auto, zerocopy, copy or skb"));
     assert!(err("up=afpacket:eth1,mode=copy").contains("mode= is for afxdp: ports"));
     assert!(err("up=afxdp:eth2,client").contains("client mode is for sockets"));

@@ -16,7 +16,7 @@
 //!   one (copy-mode transmit always does: one `sendto` per 32 frames).
 //! - **Frames**: the kernel leaves 256 bytes before a received frame in its chunk; the switch
 //!   writes its virtio-net header there, so the frame is handed on where it landed (the one
-//!   late copy is into the guest). A jumbo frame (MTU over 3818, the program and sockets are
+//!   late copy is into the guest). A jumbo frame (MTU over 3822, the program and sockets are
 //!   multi-buffer, Linux 6.6) arrives in several chunks and is gathered first. Sending is one
 //!   copy from the guest's buffers into chunks. AF_XDP carries no offload metadata: TSO frames
 //!   are segmented and partial checksums completed by the switch (counted `gso_segmented`).
