@@ -257,7 +257,9 @@ fn control_clients_cannot_hold_the_control_thread() {
         let src = [0x06, 0x77, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8];
         e2e_tests::send(&mut a, 0, &e2e_tests::frame_of_size(mac(0xb), src, None, 60, i as u64));
     }
-    assert!(wait_until(Duration::from_secs(5), || sw.fdb().map(|f| f.len() >= 6000).unwrap_or(false)));
+    // (Not every one need stay: the table is 4-way set-associative under a hash keyed at
+    // random, and a start whose key crowds five of these MACs into one bucket evicts one.)
+    assert!(wait_until(Duration::from_secs(5), || sw.fdb().map(|f| f.len() >= 5900).unwrap_or(false)));
 
     // 1. Asks for the FDB and never reads it.
     let mut greedy = UnixStream::connect(&control).unwrap();
