@@ -1,6 +1,8 @@
-//! The switch's own XDP program and its lifetime, with `bpf(2)` and no libbpf or clang.
+//! The switch's own BPF programs and maps, with `bpf(2)` and no libbpf or clang: the XDP
+//! redirect of AF_XDP ports, and the socket selection that lets several tunnel ports (VNIs)
+//! share one UDP port.
 //!
-//! The program is libbpf's default AF_XDP redirect (libbpf `src/xsk.c`, after Linux 5.3), five
+//! The XDP program is libbpf's default AF_XDP redirect (libbpf `src/xsk.c`, after Linux 5.3), five
 //! instructions assembled here:
 //!
 //! ```text
@@ -30,8 +32,11 @@ const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_XSKMAP: u32 = 17;
+const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
 const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_PROG_TYPE_SK_REUSEPORT: u32 = 21;
 /// The XDP attach type (`enum bpf_attach_type`).
 const BPF_XDP: u32 = 37;
 /// `BPF_F_XDP_HAS_FRAGS`: the program takes multi-buffer frames (jumbo frames, Linux 5.18).
@@ -115,52 +120,204 @@ pub fn program(map_fd: RawFd) -> [u64; 6] {
     ]
 }
 
+/// A map of `kind` (`BPF_MAP_TYPE_*`) with `key`- and `value`-byte entries.
+fn map_create(kind: u32, key: u32, value: u32, entries: u32, name: &str) -> io::Result<OwnedFd> {
+    let mut a = Attr::new().u32(0, kind).u32(4, key).u32(8, value).u32(12, entries).name(28, name);
+    bpf_fd(BPF_MAP_CREATE, &mut a)
+}
+
+/// Sets `key` to `value` in `map` (u32 both).
+fn map_update(map: &OwnedFd, key: u32, value: u32) -> io::Result<()> {
+    let mut a = Attr::new()
+        .u32(0, map.as_raw_fd() as u32)
+        .u64(8, &key as *const u32 as u64)
+        .u64(16, &value as *const u32 as u64);
+    bpf(BPF_MAP_UPDATE_ELEM, &mut a).map(drop)
+}
+
+/// Takes `key` out of `map`.
+fn map_delete(map: &OwnedFd, key: u32) -> io::Result<()> {
+    let mut a = Attr::new().u32(0, map.as_raw_fd() as u32).u64(8, &key as *const u32 as u64);
+    bpf(BPF_MAP_DELETE_ELEM, &mut a).map(drop)
+}
+
 /// An `XSKMAP` with room for `entries` queues.
 pub fn socket_map(entries: u32) -> io::Result<OwnedFd> {
-    let mut a =
-        Attr::new().u32(0, BPF_MAP_TYPE_XSKMAP).u32(4, 4).u32(8, 4).u32(12, entries).name(28, "vswitch_xsks");
-    bpf_fd(BPF_MAP_CREATE, &mut a)
+    map_create(BPF_MAP_TYPE_XSKMAP, 4, 4, entries, "vswitch_xsks")
 }
 
 /// Puts socket `sock` in `map` for queue `queue`.
 pub fn map_set(map: &OwnedFd, queue: u32, sock: RawFd) -> io::Result<()> {
-    let (k, v) = (queue, sock as u32);
-    let mut a = Attr::new()
-        .u32(0, map.as_raw_fd() as u32)
-        .u64(8, &k as *const u32 as u64)
-        .u64(16, &v as *const u32 as u64);
-    bpf(BPF_MAP_UPDATE_ELEM, &mut a).map(drop)
+    map_update(map, queue, sock as u32)
 }
 
 /// Takes queue `queue`'s socket out of `map`.
 pub fn map_clear(map: &OwnedFd, queue: u32) -> io::Result<()> {
-    let k = queue;
-    let mut a = Attr::new().u32(0, map.as_raw_fd() as u32).u64(8, &k as *const u32 as u64);
-    bpf(BPF_MAP_DELETE_ELEM, &mut a).map(drop)
+    map_delete(map, queue)
 }
 
-/// Loads the redirect program over `map`; `frags`: it takes multi-buffer frames. On failure,
-/// the verifier's log comes with the error.
-pub fn load(map: &OwnedFd, frags: bool) -> Result<OwnedFd, (io::Error, String)> {
-    let insns = program(map.as_raw_fd());
+/// Loads `insns` as a program of `kind`; on failure, the verifier's log comes with the error.
+fn prog_load(
+    kind: u32,
+    insns: &[u64],
+    flags: u32,
+    name: &str,
+    attach: u32,
+) -> Result<OwnedFd, (io::Error, String)> {
     let license = c"Dual MIT/GPL";
     let mut log = vec![0u8; 4096];
     let mut a = Attr::new()
-        .u32(0, BPF_PROG_TYPE_XDP)
+        .u32(0, kind)
         .u32(4, insns.len() as u32)
         .u64(8, insns.as_ptr() as u64)
         .u64(16, license.as_ptr() as u64)
         .u32(24, 1)
         .u32(28, log.len() as u32)
         .u64(32, log.as_mut_ptr() as u64)
-        .u32(44, if frags { BPF_F_XDP_HAS_FRAGS } else { 0 })
-        .name(48, PROG_NAME)
-        .u32(68, BPF_XDP);
+        .u32(44, flags)
+        .name(48, name)
+        .u32(68, attach);
     bpf_fd(BPF_PROG_LOAD, &mut a).map_err(|e| {
         let text =
             CStr::from_bytes_until_nul(&log).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
         (e, text)
     })
+}
+
+/// Loads the redirect program over `map`; `frags`: it takes multi-buffer frames. On failure,
+/// the verifier's log comes with the error.
+pub fn load(map: &OwnedFd, frags: bool) -> Result<OwnedFd, (io::Error, String)> {
+    let insns = program(map.as_raw_fd());
+    prog_load(BPF_PROG_TYPE_XDP, &insns, if frags { BPF_F_XDP_HAS_FRAGS } else { 0 }, PROG_NAME, BPF_XDP)
+}
+
+/// The socket selection of a reuseport group of tunnel sockets: the VNI (bytes 4-6 of the
+/// VXLAN and of the Geneve header, after the 8-byte UDP header the context's data starts
+/// with) is looked up in `vnis` (VNI → slot), and the slot's socket in `socks` takes the
+/// datagram. A VNI no port serves, or a datagram too short to hold one, is left to the
+/// kernel's hash (its port then drops it, counted).
+///
+/// ```text
+///   r6 = r1                              ; the context
+///   r2 = 12; r3 = r10 - 8; r4 = 4
+///   call bpf_skb_load_bytes              ; the header's second word
+///   if r0 != 0 goto pass
+///   r1 = *(u32 *)(r10 - 8); r1 = be32 r1; r1 >>= 8
+///   *(u32 *)(r10 - 4) = r1               ; the VNI
+///   r1 = map[vnis]; r2 = r10 - 4
+///   call bpf_map_lookup_elem
+///   if r0 == 0 goto pass
+///   r1 = *(u32 *)(r0 + 0); *(u32 *)(r10 - 8) = r1
+///   r1 = r6; r2 = map[socks]; r3 = r10 - 8; r4 = 0
+///   call bpf_sk_select_reuseport
+/// pass:
+///   r0 = SK_PASS
+///   exit
+/// ```
+pub fn vni_select_program(vnis: RawFd, socks: RawFd) -> Vec<u64> {
+    const MOV64_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
+    const MOV64_K: u8 = 0xb7;
+    const ADD64_K: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
+    const RSH64_K: u8 = 0x77; // BPF_ALU64 | BPF_RSH | BPF_K
+    const TO_BE: u8 = 0xdc; // BPF_ALU | BPF_END | BPF_TO_BE
+    const LDX_W: u8 = 0x61;
+    const STX_W: u8 = 0x63; // BPF_STX | BPF_MEM | BPF_W
+    const LD_DW_IMM: u8 = 0x18;
+    const JNE_K: u8 = 0x55; // BPF_JMP | BPF_JNE | BPF_K
+    const JEQ_K: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const CALL: u8 = 0x85;
+    const EXIT: u8 = 0x95;
+    const FN_MAP_LOOKUP: i32 = 1;
+    const FN_SKB_LOAD_BYTES: i32 = 26;
+    const FN_SK_SELECT_REUSEPORT: i32 = 82;
+    const SK_PASS: i32 = 1;
+    vec![
+        insn(MOV64_X, 6, 1, 0, 0),
+        insn(MOV64_K, 2, 0, 0, 12),
+        insn(MOV64_X, 3, 10, 0, 0),
+        insn(ADD64_K, 3, 0, 0, -8),
+        insn(MOV64_K, 4, 0, 0, 4),
+        insn(CALL, 0, 0, 0, FN_SKB_LOAD_BYTES),
+        insn(JNE_K, 0, 0, 19, 0), // to pass (26)
+        insn(LDX_W, 1, 10, -8, 0),
+        insn(TO_BE, 1, 0, 0, 32),
+        insn(RSH64_K, 1, 0, 0, 8),
+        insn(STX_W, 10, 1, -4, 0),
+        insn(LD_DW_IMM, 1, BPF_PSEUDO_MAP_FD, 0, vnis),
+        0,
+        insn(MOV64_X, 2, 10, 0, 0),
+        insn(ADD64_K, 2, 0, 0, -4),
+        insn(CALL, 0, 0, 0, FN_MAP_LOOKUP),
+        insn(JEQ_K, 0, 0, 9, 0), // to pass (26)
+        insn(LDX_W, 1, 0, 0, 0),
+        insn(STX_W, 10, 1, -8, 0),
+        insn(MOV64_X, 1, 6, 0, 0),
+        insn(LD_DW_IMM, 2, BPF_PSEUDO_MAP_FD, 0, socks),
+        0,
+        insn(MOV64_X, 3, 10, 0, 0),
+        insn(ADD64_K, 3, 0, 0, -8),
+        insn(MOV64_K, 4, 0, 0, 0),
+        insn(CALL, 0, 0, 0, FN_SK_SELECT_REUSEPORT),
+        insn(MOV64_K, 0, 0, 0, SK_PASS),
+        insn(EXIT, 0, 0, 0, 0),
+    ]
+}
+
+/// A reuseport group's selection by VNI: the program and its two maps.
+pub struct VniSelect {
+    /// VNI → slot.
+    vnis: OwnedFd,
+    /// Slot → socket.
+    socks: OwnedFd,
+    prog: OwnedFd,
+}
+
+/// Slots (tunnel ports) one UDP port may serve.
+pub const VNI_SLOTS: u32 = 1024;
+
+impl VniSelect {
+    /// The maps and the program; on failure, what failed and the verifier's log.
+    pub fn new() -> Result<VniSelect, (io::Error, String)> {
+        let vnis =
+            map_create(BPF_MAP_TYPE_HASH, 4, 4, VNI_SLOTS, "vswitch_vnis").map_err(|e| (e, String::new()))?;
+        let socks = map_create(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 4, VNI_SLOTS, "vswitch_vnisk")
+            .map_err(|e| (e, String::new()))?;
+        let insns = vni_select_program(vnis.as_raw_fd(), socks.as_raw_fd());
+        let prog = prog_load(BPF_PROG_TYPE_SK_REUSEPORT, &insns, 0, "vswitch_vni", 0)?;
+        Ok(VniSelect { vnis, socks, prog })
+    }
+
+    /// Makes the program the group's (`sock` is a bound member with `SO_REUSEPORT`).
+    pub fn attach(&self, sock: RawFd) -> io::Result<()> {
+        const SO_ATTACH_REUSEPORT_EBPF: libc::c_int = 52;
+        let fd = self.prog.as_raw_fd();
+        // SAFETY: setsockopt with an int.
+        let r = unsafe {
+            libc::setsockopt(
+                sock,
+                libc::SOL_SOCKET,
+                SO_ATTACH_REUSEPORT_EBPF,
+                (&fd as *const RawFd).cast(),
+                4,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Datagrams for `vni` go to `sock`, in `slot`.
+    pub fn set(&self, slot: u32, vni: u32, sock: RawFd) -> io::Result<()> {
+        map_update(&self.socks, slot, sock as u32)?;
+        map_update(&self.vnis, vni, slot)
+    }
+
+    /// `vni` is served no more (its slot is free).
+    pub fn clear(&self, slot: u32, vni: u32) {
+        let _ = map_delete(&self.vnis, vni);
+        let _ = map_delete(&self.socks, slot);
+    }
 }
 
 /// Attaches `prog` to device `ifindex` in `mode` (`XDP_FLAGS_*`) with a link, which detaches
@@ -204,5 +361,24 @@ mod tests {
                 0x95, 0, 0, 0, 0, 0, 0, 0, // exit
             ]
         );
+    }
+
+    /// Both early exits of the VNI selection land on `r0 = SK_PASS; exit`, and the map fds sit
+    /// in their LD_IMM64 pairs (the kernel's verifier checks the rest when a tunnel port opens).
+    #[test]
+    fn vni_select_jumps_land_on_pass() {
+        let p = vni_select_program(5, 6);
+        let pass = p.len() - 2;
+        assert_eq!(p[pass], insn(0xb7, 0, 0, 0, 1));
+        for (pc, i) in p.iter().enumerate() {
+            let code = (*i & 0xff) as u8;
+            if code == 0x55 || code == 0x15 {
+                let off = ((*i >> 16) & 0xffff) as u16 as i16;
+                assert_eq!(pc as i64 + 1 + i64::from(off), pass as i64, "jump at {pc}");
+            }
+        }
+        let imm = |pc: usize| (p[pc] >> 32) as i32;
+        assert_eq!((p[11] & 0xff, imm(11), p[12]), (0x18, 5, 0));
+        assert_eq!((p[20] & 0xff, imm(20), p[21]), (0x18, 6, 0));
     }
 }

@@ -7,8 +7,10 @@
 
 pub mod afpacket;
 pub mod afxdp;
+pub mod bpf;
 pub mod link;
 pub mod nic;
 pub mod soft;
 pub mod tap;
 pub mod tunnel;
+pub mod vni_group;

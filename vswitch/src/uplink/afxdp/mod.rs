@@ -27,7 +27,6 @@
 //!   frame, and AF_XDP has no place for them: the switch warns; turn it off with
 //!   `ethtool -K DEV rxvlan off`.
 
-pub mod bpf;
 pub mod ring;
 
 use std::fs::File;
@@ -40,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use xdpilone::{IfInfo, Socket, SocketConfig, UmemConfig};
 
 use self::ring::{Area, XskRx, XskTx, CHUNK, RX_HEADROOM};
+use super::bpf;
 use super::tap::{if_ioctl, set_up, TapQueue};
 
 /// Chunks of a socket's UMEM posted for receive, and kept for transmit (ring sizes too).
