@@ -191,3 +191,183 @@ fn test_geneve_between_two_switches_carries_ping_and_tcp_and_tcpdump_decodes_it(
     println!("iperf3 TCP over Geneve between two switches: {up:.2} Gbit/s");
     assert!(up > 0.0);
 }
+
+#[test]
+fn test_vxlan_over_an_ipv6_underlay_to_the_kernels_vxlan_carries_ping_at_every_size_and_tcp() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("vxlan-v6");
+    let base = format!("vu{}6", std::process::id() % 100_000);
+    let (us, un) = (format!("{base}s"), format!("{base}n"));
+    let _ = std::process::Command::new("ip").args(["link", "del", &us]).output();
+    ip(&["link", "add", &us, "type", "veth", "peer", "name", &un]);
+    let u = Underlay(us.clone(), un.clone());
+    // nodad: the addresses work at once (duplicate address detection would hold them a second).
+    ip(&["addr", "add", "fd00:93::1/64", "dev", &us, "nodad"]);
+    ip(&["link", "set", &us, "up"]);
+    let tap = format!("vx{}6", std::process::id() % 100_000);
+    let specs = ["t=vxlan:fd00:93::2,vni=42,local=fd00:93::1".to_string(), format!("b=tap:{tap}")];
+    let sw = start(&dir, &specs);
+    let na = Netns::new("v6a");
+    ip(&["link", "set", &u.1, "netns", &na.name]);
+    na.ip(&["addr", "add", "fd00:93::2/64", "dev", &u.1, "nodad"]);
+    na.ip(&["link", "set", &u.1, "up"]);
+    let out = na.run(&["ethtool", "-K", &u.1, "tx", "off"]);
+    assert!(out.status.success(), "ethtool: {}", String::from_utf8_lossy(&out.stderr));
+    na.ip(&[
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        "42",
+        "remote",
+        "fd00:93::1",
+        "local",
+        "fd00:93::2",
+        "dstport",
+        "4789",
+        "dev",
+        &u.1,
+    ]);
+    na.ip(&["addr", "add", "10.93.0.1/24", "dev", "vx0"]);
+    na.ip(&["link", "set", "vx0", "up"]);
+    let nb = Netns::new("v6b");
+    nb.adopt(&tap, "10.93.0.2/24");
+    // Over IPv6 the headers take 70 bytes: the kernel's vxlan device has an MTU of 1430.
+    nb.ip(&["link", "set", &tap, "mtu", "1430"]);
+    let cap = dir.path("tcpdump.txt");
+    let cap_s = cap.to_string_lossy().to_string();
+    let mut dump = na.spawn(
+        &["sh", "-c", &format!("exec tcpdump -l -n -c 4 -i {} ip6 and udp dst port 4789 > {cap_s}", u.1)],
+        &dir.path("tcpdump.log"),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    nb.ping("10.93.0.1", 3, &[]).unwrap_or_else(|e| panic!("ping over VXLAN/IPv6: {e} {:?}", sw.stats()));
+    let _ = dump.wait_exit(Duration::from_secs(5));
+    dump.kill();
+    let seen = std::fs::read_to_string(&cap).unwrap_or_default();
+    assert!(
+        seen.contains("fd00:93::1") && seen.contains("VXLAN, flags [I] (0x08), vni 42"),
+        "tcpdump decodes our VXLAN over IPv6: {seen}"
+    );
+    // 1402 bytes of payload fill the inner MTU; 1600 and 3200 go as IPv6 fragments.
+    for size in ["1402", "1600", "3200"] {
+        nb.ping("10.93.0.1", 3, &["-s", size]).unwrap_or_else(|e| panic!("ping -s {size}: {e}"));
+        na.ping("10.93.0.2", 2, &["-s", size]).unwrap_or_else(|e| panic!("ping back -s {size}: {e}"));
+    }
+    let mut server = na.spawn(&["iperf3", "-s", "-B", "10.93.0.1"], &dir.path("iperf3.log"));
+    std::thread::sleep(Duration::from_millis(300));
+    let up = nb.iperf3("10.93.0.1", 2, false);
+    let down = nb.iperf3("10.93.0.1", 2, true);
+    server.kill();
+    println!("iperf3 TCP over VXLAN/IPv6 to the kernel's vxlan: {up:.2} Gbit/s, back {down:.2} Gbit/s");
+    assert!(up > 0.0 && down > 0.0);
+}
+
+/// Two tunnel ports, VNIs 42 and 43, on the one UDP port 4789 and the one remote: the kernel's
+/// two vxlan devices in one namespace (each VNI its own overlay), each reached from its own
+/// host behind a TAP port in its own VLAN. Each port gets its own VNI's datagrams, every one:
+/// without the switch's steering the kernel would spread them over both sockets by hash, and
+/// each port would drop the other's share (counted `filtered` or `malformed`).
+#[test]
+fn test_two_vnis_share_one_udp_port_and_each_port_gets_its_own_datagrams() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("vxlan-vnis");
+    let u = Underlay::new("m", "172.31.95.1/24");
+    let pid = std::process::id() % 100_000;
+    let (tb, tc) = (format!("vm{pid}b"), format!("vm{pid}c"));
+    let specs = [
+        "t42=vxlan:172.31.95.2,vni=42,vlan=10".to_string(),
+        "t43=vxlan:172.31.95.2,vni=43,vlan=11".to_string(),
+        format!("b=tap:{tb},vlan=10"),
+        format!("c=tap:{tc},vlan=11"),
+    ];
+    let sw = start(&dir, &specs);
+    let na = kernel_vtep("vma", &u, "172.31.95.2/24", "172.31.95.1", "10.95.42.1/24");
+    na.ip(&[
+        "link",
+        "add",
+        "vx43",
+        "type",
+        "vxlan",
+        "id",
+        "43",
+        "remote",
+        "172.31.95.1",
+        "local",
+        "172.31.95.2",
+        "dstport",
+        "4789",
+        "dev",
+        &u.1,
+    ]);
+    na.ip(&["addr", "add", "10.95.43.1/24", "dev", "vx43"]);
+    na.ip(&["link", "set", "vx43", "up"]);
+    let (nb, nc) = (Netns::new("vmb"), Netns::new("vmc"));
+    nb.adopt(&tb, "10.95.42.2/24");
+    nc.adopt(&tc, "10.95.43.2/24");
+    for (n, t) in [(&nb, &tb), (&nc, &tc)] {
+        n.ip(&["link", "set", t, "mtu", "1450"]);
+    }
+    // Many flows (the kernel's vxlan picks its source port by inner flow): each would land on
+    // either socket by hash alone.
+    for round in 0..3 {
+        nb.ping("10.95.42.1", 3, &["-i", "0.05"])
+            .unwrap_or_else(|e| panic!("VNI 42, round {round}: {e} {:?}", sw.stats()));
+        nc.ping("10.95.43.1", 3, &["-i", "0.05"])
+            .unwrap_or_else(|e| panic!("VNI 43, round {round}: {e} {:?}", sw.stats()));
+    }
+    let mut server = na.spawn(&["iperf3", "-s"], &dir.path("iperf3.log"));
+    std::thread::sleep(Duration::from_millis(300));
+    let out = nb.run(&[
+        "timeout",
+        "30",
+        "iperf3",
+        "-c",
+        "10.95.42.1",
+        "-t",
+        "1",
+        "-P",
+        "4",
+        "--connect-timeout",
+        "5000",
+    ]);
+    assert!(out.status.success(), "iperf3 over VNI 42: {}", String::from_utf8_lossy(&out.stderr));
+    let out = nc.run(&[
+        "timeout",
+        "30",
+        "iperf3",
+        "-c",
+        "10.95.43.1",
+        "-t",
+        "1",
+        "-P",
+        "4",
+        "--connect-timeout",
+        "5000",
+    ]);
+    assert!(out.status.success(), "iperf3 over VNI 43: {}", String::from_utf8_lossy(&out.stderr));
+    server.kill();
+    for p in ["t42", "t43"] {
+        let s = port_stats(&sw, p);
+        assert!(s.rx.packets > 0, "{p}: {s:?}");
+        assert_eq!(
+            (s.rx.drop_filtered, s.rx.drop_malformed),
+            (0, 0),
+            "{p} got no datagram of the other VNI: {s:?}"
+        );
+    }
+    // A third port for VNI 42 on the same UDP port is refused, naming the clash.
+    let err = sw
+        .add_port(vswitch::PortConfig::parse("t42b=vxlan:172.31.95.2,vni=42").unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("VNI 42 already has a port on UDP 0.0.0.0:4789"), "{err}");
+    // Removed and added again at once: the slot is free, the datagrams steered again.
+    sw.del_port("t43").expect("port-del");
+    sw.add_port(vswitch::PortConfig::parse("t43=vxlan:172.31.95.2,vni=43,vlan=11").unwrap())
+        .expect("port-add");
+    nc.ping("10.95.43.1", 3, &["-i", "0.05"])
+        .unwrap_or_else(|e| panic!("VNI 43 after re-adding: {e} {:?}", sw.stats()));
+}

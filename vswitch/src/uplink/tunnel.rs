@@ -11,7 +11,8 @@
 //! ```
 //!
 //! - **One VNI per port**; its frames are the port's, so the port's VLAN rule maps the VNI to a
-//!   VLAN (`vlan=N`: the VNI is VLAN N in the switch, carried untagged in the tunnel).
+//!   VLAN (`vlan=N`: the VNI is VLAN N in the switch, carried untagged in the tunnel). Ports
+//!   for several VNIs share a UDP port: the kernel hands each its own datagrams (`vni_group`).
 //! - **Remote VTEPs**: the port's (`vxlan:IP`, and more with `remote=IP`); frames from any other
 //!   address, or for another VNI, are dropped and counted. With several remotes the port learns
 //!   which remote each inner source MAC is behind; unicast for a learned MAC goes to its remote,
@@ -165,9 +166,11 @@ pub struct TunnelDevice {
     rx: Arc<File>,
     tx: Arc<[File]>,
     shared: Arc<Tunnel>,
+    /// Its place among the ports on its UDP port (left when the port goes).
+    _member: super::vni_group::Member,
 }
 
-fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub(crate) fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain data.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match a {
@@ -247,7 +250,9 @@ impl TunnelDevice {
             // SAFETY: binding to a sockaddr of the given length.
             if unsafe { libc::bind(f.as_raw_fd(), (&ss as *const libc::sockaddr_storage).cast(), len) } < 0 {
                 let hint = match io::Error::last_os_error().raw_os_error() {
-                    Some(libc::EADDRINUSE) => " (another port or program has this UDP port: one tunnel port per local address and dstport, or the kernel's own vxlan device)",
+                    Some(libc::EADDRINUSE) => {
+                        " (another program has this UDP port: give the port another dstport= or local=)"
+                    }
                     Some(libc::EADDRNOTAVAIL) => " (local= must be an address of this host)",
                     _ => "",
                 };
@@ -255,8 +260,26 @@ impl TunnelDevice {
             }
             Ok(())
         };
+        // The receive socket joins the group of this address's tunnel ports (one per VNI).
+        let at = SocketAddr::new(local.unwrap_or(any), dstport);
+        super::vni_group::probe(at).map_err(|e| {
+            let hint = match e.raw_os_error() {
+                Some(libc::EADDRINUSE) => " (another program has this UDP port, or another switch: the kernel's own vxlan device, say; give the port another dstport= or local=)",
+                Some(libc::EADDRNOTAVAIL) => " (local= must be an address of this host)",
+                _ => "",
+            };
+            TunnelError { kind: kind.name(), remote: first, what: format!("binding UDP port {dstport}"), source: e, hint }
+        })?;
         let rx = udp()?;
+        super::vni_group::share(rx.as_raw_fd()).map_err(|_| fail("SO_REUSEPORT".into(), ""))?;
         bind(&rx, dstport)?;
+        let member = super::vni_group::join(at, vni, rx.as_raw_fd()).map_err(|e| TunnelError {
+            kind: kind.name(),
+            remote: first,
+            what: format!("serving VNI {vni} on UDP port {dstport}"),
+            source: io::Error::new(io::ErrorKind::AddrInUse, e.0),
+            hint: "",
+        })?;
         let big: libc::c_int = 4 << 20;
         // SAFETY: setsockopt with an int.
         unsafe {
@@ -299,7 +322,7 @@ impl TunnelDevice {
             kind.name(),
             remotes.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("+")
         );
-        Ok(TunnelDevice { label, rx: Arc::new(rx), tx: tx.into(), shared })
+        Ok(TunnelDevice { label, rx: Arc::new(rx), tx: tx.into(), shared, _member: member })
     }
 
     /// The receiving side.
