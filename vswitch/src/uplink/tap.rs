@@ -412,15 +412,6 @@ impl TapQueue {
         }
     }
 
-    /// An XDP socket's counters, if this queue runs on one.
-    pub fn xsk_counts(&self) -> Option<super::afxdp::ring::XskCounts> {
-        match &self.xsk {
-            Some(Xsk::Rx(r)) => Some(r.counts),
-            Some(Xsk::Tx(t)) => Some(t.counts),
-            None => None,
-        }
-    }
-
     /// The device file (the polling thread's epoll watches it for frames).
     pub fn file(&self) -> &Arc<File> {
         &self.file

@@ -19,7 +19,7 @@
 //!   late copy is into the guest). A jumbo frame (MTU over 3822, the program and sockets are
 //!   multi-buffer, Linux 6.6) arrives in several chunks and is gathered first. Sending is one
 //!   copy from the guest's buffers into chunks. AF_XDP carries no offload metadata: TSO frames
-//!   are segmented and partial checksums completed by the switch (counted `gso_segmented`).
+//!   are segmented and partial checksums completed by the switch.
 //! - **Sharing the host**: the program is attached with a BPF link that the kernel drops with
 //!   the switch's descriptor (port removal, exit, a crash): nothing stale is left behind. A
 //!   device another XDP program holds is refused, naming the program.

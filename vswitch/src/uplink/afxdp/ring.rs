@@ -92,19 +92,6 @@ impl Drop for Area {
     }
 }
 
-/// Counters of one socket's halves that the queue counters do not have.
-#[derive(Default, Clone, Copy, Debug)]
-pub struct XskCounts {
-    /// Frames taken from the RX ring.
-    pub rx: u64,
-    /// Multi-buffer frames gathered into one staging buffer.
-    pub rx_gathered: u64,
-    /// Frames put on the TX ring (segments of TSO frames each count).
-    pub tx: u64,
-    /// `sendto` calls made to kick the kernel's transmit.
-    pub kicks: u64,
-}
-
 /// The receive half: the RX ring, and the fill ring that hands the kernel free chunks.
 pub struct XskRx {
     area: Arc<Area>,
@@ -120,8 +107,6 @@ pub struct XskRx {
     /// Staging buffers for multi-buffer frames (jumbo frames), a burst of `stage_len`.
     stage: Vec<u8>,
     stage_len: usize,
-    /// What this half did.
-    pub counts: XskCounts,
 }
 
 /// The transmit half: the TX ring, and the completion ring that gives sent chunks back.
@@ -137,8 +122,6 @@ pub struct XskTx {
     sg: bool,
     soft: Soft,
     broken: bool,
-    /// What this half did.
-    pub counts: XskCounts,
 }
 
 impl XskRx {
@@ -162,7 +145,6 @@ impl XskRx {
             next: 0,
             stage: if jumbo { vec![0u8; stage_len * BURST] } else { Vec::new() },
             stage_len,
-            counts: XskCounts::default(),
         }
     }
 
@@ -218,7 +200,7 @@ impl XskRx {
         let hdr = VNET_HDR as usize;
         let (mut n, mut frags) = (0usize, 0usize);
         let mut frag: [XdpDesc; MAX_FRAGS] = [XdpDesc { addr: 0, len: 0, options: 0 }; MAX_FRAGS];
-        let XskRx { area, rx, used, got, stage, stage_len, counts, .. } = self;
+        let XskRx { area, rx, used, got, stage, stage_len, .. } = self;
         let mut r = rx.receive(rx.available().max(BURST as u32));
         while n < BURST {
             let Some(d) = r.read() else { break };
@@ -241,10 +223,8 @@ impl XskRx {
                         (d.addr - hdr as u64, hdr as u32 + d.len)
                     })
             } else {
-                counts.rx_gathered += 1;
                 gather(stage, *stage_len, area, n, &frag[..frags.min(MAX_FRAGS)], frags <= MAX_FRAGS)
             };
-            counts.rx += 1;
             frags = 0;
             n += 1;
         }
@@ -289,27 +269,12 @@ fn gather(
 impl XskTx {
     /// The transmit half over `tx` and `comp`, with `chunks` (UMEM addresses) to send from.
     pub fn new(area: Arc<Area>, tx: RingTx, comp: CompletionQueue, chunks: Vec<u64>, sg: bool) -> Self {
-        XskTx {
-            area,
-            tx,
-            comp,
-            free: chunks,
-            queued: 0,
-            sg,
-            soft: Soft::default(),
-            broken: false,
-            counts: XskCounts::default(),
-        }
+        XskTx { area, tx, comp, free: chunks, queued: 0, sg, soft: Soft::default(), broken: false }
     }
 
     /// Whether the device has gone away.
     pub fn broken(&self) -> bool {
         self.broken
-    }
-
-    /// TSO frames segmented and checksums completed here.
-    pub fn segmented(&self) -> u64 {
-        self.soft.segmented
     }
 
     /// Takes back the chunks the kernel has sent.
@@ -383,7 +348,6 @@ impl XskTx {
         w.commit();
         drop(w);
         self.free.truncate(self.free.len() - d);
-        self.counts.tx += 1;
         self.queued += d as u32;
         // The kernel's copy-mode transmit takes 32 descriptors per call.
         if self.queued >= 32 {
@@ -398,7 +362,6 @@ impl XskTx {
         if !self.tx.needs_wakeup() {
             return;
         }
-        self.counts.kicks += 1;
         // SAFETY: a zero-length send on our socket, which only wakes its transmit.
         let r = unsafe {
             libc::sendto(self.tx.as_raw_fd(), std::ptr::null(), 0, libc::MSG_DONTWAIT, std::ptr::null(), 0)
