@@ -3,9 +3,11 @@
 //! makes), a namespace behind a TAP port of the switch is the other host. Ping at 1472, 1600
 //! and 3200 bytes (inner fragments), iperf3 TCP both ways, tcpdump decoding our datagrams as
 //! VXLAN, and two remotes on one VNI: head-end replication of broadcast, unicast to the remote
-//! a MAC was learned behind.
+//! a MAC was learned behind. Geneve against Open vSwitch's userspace datapath (the kernel has
+//! no Geneve), VXLAN over IPv6, several VNIs on one UDP port.
 //!
-//! Needs root and `ip`, `ping`, `iperf3`, `tcpdump` (scripts/install-test-deps.sh).
+//! Needs root and `ip`, `ping`, `iperf3`, `tcpdump` (scripts/install-test-deps.sh), Open vSwitch
+//! (scripts/install-bench-peers.sh).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -370,4 +372,196 @@ fn test_two_vnis_share_one_udp_port_and_each_port_gets_its_own_datagrams() {
         .expect("port-add");
     nc.ping("10.95.43.1", 3, &["-i", "0.05"])
         .unwrap_or_else(|e| panic!("VNI 43 after re-adding: {e} {:?}", sw.stats()));
+}
+
+/// A private Open vSwitch in namespace `ns`: database and run directory in the test's scratch
+/// directory, `ovsdb-server` and `ovs-vswitchd` in the foreground, stopped by PID on drop. No
+/// DPDK is started: the bridges are the userspace (`netdev`) datapath, whose Geneve is
+/// Open vSwitch's own (the host kernel has none).
+struct Ovs {
+    rundir: std::path::PathBuf,
+    // Dropped in this order: the switch daemon before its database.
+    _vswitchd: e2e_tests::Proc,
+    _db: e2e_tests::Proc,
+}
+
+impl Ovs {
+    fn start(ns: &Netns, dir: &Scratch) -> Ovs {
+        for p in ["ovsdb-server", "ovsdb-tool", "ovs-vsctl", "ovs-vswitchd", "ovs-ofctl"] {
+            let found = std::process::Command::new("sh").args(["-c", &format!("command -v {p}")]).output();
+            assert!(
+                found.is_ok_and(|o| o.status.success()),
+                "{p} is not installed: run scripts/install-bench-peers.sh (Open vSwitch 3.1)"
+            );
+        }
+        let rundir = dir.path("ovs");
+        std::fs::create_dir_all(&rundir).expect("OVS run directory");
+        let r = rundir.to_string_lossy().to_string();
+        let schema = "/usr/share/openvswitch/vswitch.ovsschema";
+        let out = std::process::Command::new("ovsdb-tool")
+            .args(["create", &format!("{r}/conf.db"), schema])
+            .output()
+            .expect("ovsdb-tool runs");
+        assert!(out.status.success(), "ovsdb-tool create: {}", String::from_utf8_lossy(&out.stderr));
+        let env = [
+            "env".to_string(),
+            format!("OVS_RUNDIR={r}"),
+            format!("OVS_LOGDIR={r}"),
+            format!("OVS_DBDIR={r}"),
+            format!("OVS_SYSCONFDIR={r}"),
+        ];
+        let spawn = |args: &[String], log: &str| {
+            let all: Vec<&str> = env.iter().chain(args).map(String::as_str).collect();
+            ns.spawn(&all, &rundir.join(log))
+        };
+        let db = spawn(
+            &[
+                "ovsdb-server".into(),
+                format!("{r}/conf.db"),
+                format!("--remote=punix:{r}/db.sock"),
+                format!("--unixctl={r}/ovsdb.ctl"),
+            ],
+            "ovsdb-server.log",
+        );
+        let sock = rundir.join("db.sock");
+        assert!(
+            e2e_tests::wait_until(Duration::from_secs(10), || sock.exists()),
+            "ovsdb-server did not open its socket: {}",
+            db.log_text()
+        );
+        tool(&rundir, "ovs-vsctl", &[&format!("--db=unix:{r}/db.sock"), "--no-wait", "init"]);
+        let vswitchd = spawn(
+            &["ovs-vswitchd".into(), format!("unix:{r}/db.sock"), format!("--unixctl={r}/vswitchd.ctl")],
+            "ovs-vswitchd.log",
+        );
+        Ovs { rundir, _vswitchd: vswitchd, _db: db }
+    }
+
+    fn tool(&self, prog: &str, args: &[&str]) -> String {
+        tool(&self.rundir, prog, args)
+    }
+
+    /// `ovs-vsctl` on the private database, bounded (it waits for ovs-vswitchd to apply).
+    fn vsctl(&self, args: &[&str]) -> String {
+        let db = format!("--db=unix:{}/db.sock", self.rundir.display());
+        let mut all = vec![db.as_str(), "--timeout=20"];
+        all.extend_from_slice(args);
+        self.tool("ovs-vsctl", &all)
+    }
+}
+
+#[test]
+fn test_geneve_port_and_open_vswitchs_userspace_geneve_ping_tcp_and_options() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("geneve-ovs");
+    let u = Underlay::new("o", "172.31.96.1/24");
+    // Open vSwitch's userspace datapath checks a received outer UDP checksum in software, and a
+    // veth hands it the switch's datagrams with that checksum still to be filled in by
+    // "hardware": checksums done before the veth, as a real NIC's would be on the wire.
+    let out =
+        std::process::Command::new("ethtool").args(["-K", &u.0, "tx", "off"]).output().expect("ethtool");
+    assert!(out.status.success(), "ethtool: {}", String::from_utf8_lossy(&out.stderr));
+    let tap = format!("gv{}o", std::process::id() % 100_000);
+    let sw = start(&dir, &["t=geneve:172.31.96.2,local=172.31.96.1,vni=7".into(), format!("b=tap:{tap}")]);
+    // The Open vSwitch host: the underlay's far end in a netdev bridge whose internal port
+    // holds the VTEP address, and a second bridge with the Geneve port (key 7) and the inner
+    // address on its internal port (Open vSwitch's userspace-tunneling layout).
+    let no = Netns::new("gvo");
+    ip(&["link", "set", &u.1, "netns", &no.name]);
+    no.ip(&["link", "set", &u.1, "up"]);
+    let ovs = Ovs::start(&no, &dir);
+    ovs.vsctl(&["add-br", "brp", "--", "set", "bridge", "brp", "datapath_type=netdev"]);
+    ovs.vsctl(&["add-port", "brp", &u.1]);
+    no.ip(&["addr", "add", "172.31.96.2/24", "dev", "brp"]);
+    no.ip(&["link", "set", "brp", "up"]);
+    ovs.vsctl(&["add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=netdev"]);
+    ovs.vsctl(&[
+        "add-port",
+        "br0",
+        "gnv0",
+        "--",
+        "set",
+        "interface",
+        "gnv0",
+        "type=geneve",
+        "options:remote_ip=172.31.96.1",
+        "options:key=7",
+    ]);
+    no.ip(&["addr", "add", "10.96.0.1/24", "dev", "br0"]);
+    no.ip(&["link", "set", "br0", "mtu", "1450", "up"]);
+    let nb = Netns::new("gvb");
+    nb.adopt(&tap, "10.96.0.2/24");
+    nb.ip(&["link", "set", &tap, "mtu", "1450"]);
+    // Open vSwitch resolves the switch's underlay address (ARP) on its first packets.
+    assert!(
+        e2e_tests::wait_until(Duration::from_secs(10), || nb.ping("10.96.0.1", 1, &[]).is_ok()),
+        "no ping over Geneve to Open vSwitch: {:?}\n{}",
+        sw.stats(),
+        std::fs::read_to_string(ovs.rundir.join("ovs-vswitchd.log")).unwrap_or_default()
+    );
+    // tcpdump on the underlay decodes both directions.
+    let cap = dir.path("tcpdump.txt");
+    let cap_s = cap.to_string_lossy().to_string();
+    let dump_cmd = |v: &str| format!("exec tcpdump -l -n {v} -i {} udp port 6081 > {cap_s}", u.1);
+    let mut dump = no.spawn(&["sh", "-c", &dump_cmd("")], &dir.path("tcpdump.log"));
+    std::thread::sleep(Duration::from_millis(800));
+    nb.ping("10.96.0.1", 2, &[]).unwrap_or_else(|e| panic!("ping over Geneve: {e}"));
+    std::thread::sleep(Duration::from_millis(300));
+    dump.kill();
+    let seen = std::fs::read_to_string(&cap).unwrap_or_default();
+    let count = |pat: &str| seen.lines().filter(|l| l.contains(pat)).count();
+    // Each end's datagrams, decoded down to the inner ICMP.
+    let ours = count("172.31.96.1.") - count("> 172.31.96.1.");
+    assert!(ours > 0, "tcpdump saw our datagrams: {seen}");
+    assert!(
+        count("Geneve, Flags [none], vni 0x7: IP 10.96.0.2 > 10.96.0.1: ICMP echo request") >= 2
+            && count("Geneve, Flags [none], vni 0x7: IP 10.96.0.1 > 10.96.0.2: ICMP echo reply") >= 2,
+        "tcpdump decodes both ends' Geneve: {seen}"
+    );
+    for size in ["1422", "1600", "3200"] {
+        nb.ping("10.96.0.1", 2, &["-s", size]).unwrap_or_else(|e| panic!("ping -s {size}: {e}"));
+        no.ping("10.96.0.2", 2, &["-s", size]).unwrap_or_else(|e| panic!("ping back -s {size}: {e}"));
+    }
+    let mut server = no.spawn(&["iperf3", "-s", "-B", "10.96.0.1"], &dir.path("iperf3.log"));
+    std::thread::sleep(Duration::from_millis(300));
+    let up = nb.iperf3("10.96.0.1", 2, false);
+    let down = nb.iperf3("10.96.0.1", 2, true);
+    server.kill();
+    println!(
+        "iperf3 TCP over Geneve to Open vSwitch's userspace datapath: {up:.2} Gbit/s, back {down:.2} Gbit/s"
+    );
+    assert!(up > 0.0 && down > 0.0);
+    // Open vSwitch puts an option (class 0xffff, 4 bytes) on what its host sends: the switch
+    // skips options and takes the frame.
+    ovs.tool("ovs-ofctl", &["add-tlv-map", "br0", "{class=0xffff,type=0,len=4}->tun_metadata0"]);
+    ovs.tool(
+        "ovs-ofctl",
+        &["add-flow", "br0", "priority=10,in_port=LOCAL,actions=set_field:0x1234->tun_metadata0,NORMAL"],
+    );
+    let mut dump = no.spawn(&["sh", "-c", &dump_cmd("-v")], &dir.path("tcpdump2.log"));
+    std::thread::sleep(Duration::from_millis(800));
+    let before = port_stats(&sw, "t").rx.packets;
+    nb.ping("10.96.0.1", 3, &[]).unwrap_or_else(|e| panic!("ping with Geneve options: {e}"));
+    std::thread::sleep(Duration::from_millis(300));
+    dump.kill();
+    let seen = std::fs::read_to_string(&cap).unwrap_or_default();
+    assert!(
+        seen.contains("options [class Experimental (0xffff) type 0x0 len 8]"),
+        "OVS sent an option: {seen}"
+    );
+    let s = port_stats(&sw, "t");
+    assert!(s.rx.packets >= before + 3, "{s:?}");
+    assert_eq!(s.rx.drop_malformed, 0, "{s:?}");
+}
+
+/// Runs an Open vSwitch tool with the private run directory `rundir`; its output (panics with
+/// its errors if it fails).
+fn tool(rundir: &std::path::Path, prog: &str, args: &[&str]) -> String {
+    let mut c = std::process::Command::new(prog);
+    for var in ["OVS_RUNDIR", "OVS_LOGDIR", "OVS_DBDIR", "OVS_SYSCONFDIR"] {
+        c.env(var, rundir);
+    }
+    let out = c.args(args).output().unwrap_or_else(|e| panic!("{prog}: {e}"));
+    assert!(out.status.success(), "{prog} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
