@@ -41,7 +41,7 @@ use crate::frontend::{Frontend, FrontendConfig};
 mod dpdk;
 mod far;
 mod report;
-use far::{ip, now_ns, send_wire, Netns};
+use far::{ip, now_ns, recv_wire, send_wire, Netns};
 pub use report::{print, write_svg};
 
 /// The tiers measured, in table order.
@@ -261,7 +261,7 @@ fn gen_and_receive(
     // The way back: the guests send (each its own frames), the wire's far end receives; or
     // they send to each other.
     if frames.first().is_some_and(|f| G.iter().any(|g| f[6..12] == *g)) {
-        return guests_to_wire(end, &mut frames, pps, stop_tx, guests, rx, stop_rx, hist, timed);
+        return guests_to_wire(Some(end), &mut frames, pps, stop_tx, guests, rx, stop_rx, hist, timed);
     }
     while !stop_rx.load(Ordering::Relaxed) {
         let due = pps == 0 || start.elapsed() >= Duration::from_secs_f64(sent as f64 / pps as f64);
@@ -288,11 +288,12 @@ fn gen_and_receive(
 }
 
 /// [`gen_and_receive`] the other way: `frames` (each from one guest, by source MAC) sent by
-/// their guests, 32 per pass (16 each), the wire's far end counting what arrives; or, for
-/// frames to the other guest, the guests counting what arrives.
+/// their guests, 32 per pass (16 each), the wire's far end `end` counting what arrives (a Linux
+/// wire's far end is a thread of its own, [`far::recv_wire`]: `None`); or, for frames to the
+/// other guest, the guests counting what arrives.
 #[allow(clippy::too_many_arguments)]
 fn guests_to_wire(
-    end: &LinkEnd,
+    end: Option<&LinkEnd>,
     frames: &mut [Vec<u8>],
     pps: u64,
     stop_tx: &AtomicBool,
@@ -309,7 +310,9 @@ fn guests_to_wire(
     let hdr = vswitch::uplink::tap::VNET_HDR as usize;
     let to_guests = frames.first().is_some_and(|f| f[..6] != WIRE);
     // The far end speaks first, so the switch learns where WIRE is and does not flood.
-    end.send([build_frame([0xff; 6], WIRE, None, 18, 0).as_slice()]);
+    if let Some(end) = end {
+        end.send([hello().as_slice()]);
+    }
     while !stop_rx.load(Ordering::Relaxed) {
         let due = pps == 0 || start.elapsed() >= Duration::from_secs_f64(sent as f64 / pps as f64);
         if due && !stop_tx.load(Ordering::Relaxed) {
@@ -340,6 +343,7 @@ fn guests_to_wire(
                 g.poll_rx(0, |_| {});
             }
         }
+        let Some(end) = end else { continue };
         let got = end.recv(&mut back, 256);
         if got > 0 && to_guests {
             end.recycle(back.drain(..));
@@ -419,6 +423,11 @@ fn poll_guests(
 }
 
 const G: [[u8; 6]; 2] = [[0x52, 0x54, 0, 0x7b, 0, 1], [0x52, 0x54, 0, 0x7b, 0, 2]];
+
+/// The wire's far end's first frame on the way back (a broadcast from WIRE).
+fn hello() -> Vec<u8> {
+    build_frame([0xff; 6], WIRE, None, 18, 0)
+}
 const WIRE: [u8; 6] = [0x52, 0x54, 0, 0x7b, 0, 0xee];
 
 /// Counters summed over ports and threads, and the NIC's.
@@ -519,8 +528,8 @@ fn one(
         }
         WireKind::Gen => format!("up=nic:wire:{ifname}{opts}"),
     };
-    if matches!(traffic, Traffic::Back | Traffic::Vm) && cfg.wire != WireKind::Gen {
-        return Err(format!("traffic '{}' needs the generator wire (--wire gen)", traffic.name()));
+    if traffic == Traffic::Vm && cfg.wire != WireKind::Gen {
+        return Err("traffic 'vm' needs the generator wire (--wire gen)".into());
     }
     let mut ports = vec![PortConfig::parse(&up).map_err(|e| e.to_string())?];
     for (g, m) in G.iter().enumerate() {
@@ -696,8 +705,35 @@ fn run_phase(
     let rx = Rx { frames: AtomicU64::new(0) };
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
     let warmup = Duration::from_millis(500);
+    // The way back: the guests send, the wire's far end receives.
+    let back = frames.first().is_some_and(|f| G.iter().any(|g| f[6..12] == *g));
     let res = std::thread::scope(|s| -> Result<_, String> {
         let (sender, receiver) = match far {
+            Far::Tap { ns, ifname } if back => {
+                let (ns, stop_tx) = (ns.0.as_str(), &*stop_tx);
+                let far_rx = far::FarRx { frames: &rx.frames, hist: &mut hist, timed: &on };
+                let stop_rx = &stop_rx;
+                let rx = s.spawn(move || recv_wire(ns, ifname, &hello(), &G, far_rx, stop_rx).map(|()| 0));
+                // The guests' sender is done when the sending is (stop_tx twice): the far end
+                // counts what is still in flight.
+                let tx = s.spawn(move || -> Result<u64, String> {
+                    let mut frames = frames.to_vec();
+                    let (unused, off) = (Rx { frames: AtomicU64::new(0) }, AtomicBool::new(false));
+                    let mut h = Histogram::<u64>::new(1).map_err(|e| e.to_string())?;
+                    Ok(guests_to_wire(
+                        None,
+                        &mut frames,
+                        pps,
+                        stop_tx,
+                        guests,
+                        &unused,
+                        stop_tx,
+                        &mut h,
+                        &off,
+                    ))
+                });
+                (Some(tx), rx)
+            }
             Far::Tap { ns, ifname } => {
                 let (ns, ifname, frames, stop) =
                     (ns.0.clone(), ifname.to_string(), frames.to_vec(), stop_tx.clone());
