@@ -99,6 +99,77 @@ impl Netns {
         .expect("inject thread");
     }
 
+    /// Starts taking every frame that arrives at interface `ifname` here (an `AF_PACKET`
+    /// socket bound to it, opened by a thread that joined this namespace); the frames so far
+    /// when the returned [`Capture`] is finished. Ready when this returns.
+    pub fn capture(&self, ifname: &str) -> Capture {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let path = format!("/var/run/netns/{}", self.name);
+        let ifname = std::ffi::CString::new(ifname).expect("interface name");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let halt = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns on this thread only, with a namespace file we hold open.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket(2); the result is checked and owned below.
+            let fd =
+                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto.into()) };
+            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            // SAFETY: a fresh descriptor nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: a NUL-terminated name.
+            let index = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
+            assert!(index > 0, "no interface {ifname:?} in the namespace");
+            // SAFETY: plain data; zeroes are valid.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = index as i32;
+            // SAFETY: binding to a sockaddr_ll of the right size.
+            let r = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+            let (tv, buf) = (libc::timeval { tv_sec: 0, tv_usec: 20_000 }, 8i32 << 20);
+            // SAFETY: options of the right sizes, only read by the kernel.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    16,
+                );
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUF,
+                    (&buf as *const i32).cast(),
+                    4,
+                );
+            }
+            let _ = ready_tx.send(());
+            let (mut frames, mut b) = (Vec::new(), vec![0u8; 65536]);
+            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: reading into our own buffer, within its length.
+                let n = unsafe { libc::recv(fd.as_raw_fd(), b.as_mut_ptr().cast(), b.len(), 0) };
+                if n > 0 {
+                    frames.push(b[..n as usize].to_vec());
+                }
+            }
+            frames
+        });
+        ready.recv_timeout(Duration::from_secs(5)).expect("capture socket ready");
+        Capture { stop, thread }
+    }
+
     /// Runs a command here to completion.
     pub fn run(&self, cmd: &[&str]) -> Output {
         Command::new("ip")
@@ -203,6 +274,20 @@ impl Netns {
             lost: n(&r["lost_packets"])?,
             out_of_order: n(&st["out_of_order"])?,
         })
+    }
+}
+
+/// Frames arriving at an interface, taken until [`Capture::finish`].
+pub struct Capture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Vec<u8>>>,
+}
+
+impl Capture {
+    /// Stops taking frames (within 20 ms); those taken, in arrival order.
+    pub fn finish(self) -> Vec<Vec<u8>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("capture thread")
     }
 }
 

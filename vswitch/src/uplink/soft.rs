@@ -10,11 +10,19 @@ use super::tap::Sent;
 pub struct Soft {
     whole: Vec<u8>,
     seg: Vec<u8>,
-    /// TSO frames cut into segments here, and checksums completed.
-    pub segmented: u64,
+    /// TSO frames cut into segments here and sent (all their segments taken).
+    segmented: u64,
+    /// Frames whose partial checksum was completed here and sent.
+    csummed: u64,
 }
 
 impl Soft {
+    /// TSO frames segmented and frames checksummed since the last call (the port's
+    /// `gso_segmented` and `csum_completed`).
+    pub fn take_counts(&mut self) -> (u64, u64) {
+        (std::mem::take(&mut self.segmented), std::mem::take(&mut self.csummed))
+    }
+
     /// Hands the frame `iov` (virtio-net header first) to `one` as finished frames (their
     /// pieces, no header): as it is without an offload request, else gathered and cut into
     /// segments or checksummed. The first failure of `one` is the result.
@@ -53,11 +61,13 @@ impl Soft {
                 }
             });
             self.seg = seg;
-            self.segmented += 1;
-            if cut.is_err() {
-                Sent::Refused
-            } else {
-                res
+            match (cut, res) {
+                (Err(_), _) => Sent::Refused,
+                (Ok(_), Sent::Ok) => {
+                    self.segmented += 1;
+                    Sent::Ok
+                }
+                (Ok(_), r) => r,
             }
         } else if gso != GSO_NONE
             || !{
@@ -68,7 +78,9 @@ impl Soft {
             Sent::Refused
         } else {
             let piece = [libc::iovec { iov_base: whole.as_ptr() as *mut _, iov_len: whole.len() }];
-            one(&piece)
+            let r = one(&piece);
+            self.csummed += u64::from(r == Sent::Ok);
+            r
         };
         self.whole = whole;
         r

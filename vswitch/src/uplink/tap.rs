@@ -190,6 +190,8 @@ pub struct TapQueue {
     xsk: Option<Xsk>,
     /// A socket source's drop counter in the kernel (packet and XDP sockets).
     drops: Option<Box<KernelDrops>>,
+    /// A packet socket's sink: a burst's frames go in one `sendmmsg` ([`TapQueue::send_many`]).
+    send_batched: bool,
 }
 
 /// Bursts between two reads of a socket's drop counter under load (a `getsockopt` per
@@ -344,6 +346,7 @@ impl TapQueue {
             tunnel: None,
             xsk: None,
             drops: None,
+            send_batched: false,
         }
     }
 
@@ -368,6 +371,7 @@ impl TapQueue {
         q.batch = source
             .then(|| Box::new(Batch { got: [(0, false); BURST], count: 0, next: 0, ctl: [[0; 8]; BURST] }));
         q.drops = source.then(|| KernelDrops::new(false));
+        q.send_batched = !source;
         q
     }
 
@@ -545,6 +549,73 @@ impl TapQueue {
             | Some(libc::EIO) => Sent::Full,
             Some(e) => self.gone(e).map_or(Sent::Refused, |_| Sent::Gone),
             None => Sent::Refused,
+        }
+    }
+
+    /// Offloads a sink finished in software since the last call (a tunnel's or an XDP socket's:
+    /// their other side takes no virtio-net header): (TSO frames segmented, checksums
+    /// completed); (0, 0) for the others.
+    #[inline]
+    pub fn soft_counts(&mut self) -> (u64, u64) {
+        match (self.tunnel.as_deref_mut(), self.xsk.as_mut()) {
+            (Some(t), _) => t.soft.take_counts(),
+            (None, Some(Xsk::Tx(t))) => t.soft_counts(),
+            _ => (0, 0),
+        }
+    }
+
+    /// Whether this queue sends a burst per system call ([`TapQueue::send_many`]) rather than a
+    /// frame per [`TapQueue::send`].
+    #[inline(always)]
+    pub fn sends_batched(&self) -> bool {
+        self.send_batched
+    }
+
+    /// Writes `frames` (each as pieces, header first) with one `sendmmsg` per run of frames the
+    /// kernel takes; `sent[k]` says what became of frame `k`. A frame the kernel refuses is
+    /// passed over and the call repeated for the rest; a full device queue drops the rest of the
+    /// burst (it would refuse them too, a system call each).
+    pub fn send_many(&mut self, frames: &[&[libc::iovec]], sent: &mut [Sent]) {
+        let n = frames.len().min(sent.len()).min(BURST);
+        // SAFETY: mmsghdr is plain data; all zeroes is a valid value.
+        let mut msgs: [libc::mmsghdr; BURST] = unsafe { std::mem::zeroed() };
+        for (m, f) in msgs.iter_mut().zip(&frames[..n]) {
+            m.msg_hdr.msg_iov = f.as_ptr() as *mut libc::iovec;
+            m.msg_hdr.msg_iovlen = f.len();
+        }
+        let mut k = 0;
+        while k < n {
+            // SAFETY: every iovec points into a grant (checked guest memory the burst holds
+            // mapped) or into the caller's frames; the kernel only reads them, and a fault in
+            // guest memory comes back as EFAULT, not a signal.
+            let r = unsafe {
+                libc::sendmmsg(
+                    self.file.as_raw_fd(),
+                    msgs[k..n].as_mut_ptr(),
+                    (n - k) as u32,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if r > 0 {
+                sent[k..k + r as usize].fill(Sent::Ok);
+                k += r as usize;
+                continue;
+            }
+            let e = io::Error::last_os_error().raw_os_error();
+            match e {
+                Some(libc::EAGAIN | libc::ENOBUFS | libc::ENOMEM | libc::EINTR | libc::EIO) | None => {
+                    sent[k..n].fill(Sent::Full);
+                    return;
+                }
+                Some(e) if self.gone(e).is_some() => {
+                    sent[k..n].fill(Sent::Gone);
+                    return;
+                }
+                Some(_) => {
+                    sent[k] = Sent::Refused;
+                    k += 1;
+                }
+            }
         }
     }
 

@@ -109,6 +109,8 @@ pub struct Datapath {
     pub batch: Batching,
     /// The port whose burst is being forwarded (a NIC's transmit side queues by sender).
     cur_src: u16,
+    /// A burst's frames on their way to a packet socket that sends them in one call.
+    tx_outs: Box<[send::Out]>,
 }
 
 /// What the receive and describe stages know of each packet of a burst, by packet index. Kept
@@ -238,6 +240,7 @@ impl Datapath {
             seg: None,
             batch: Batching::default(),
             cur_src: 0,
+            tx_outs: (0..BURST).map(|_| send::Out::new()).collect(),
         }
     }
 

@@ -1,5 +1,6 @@
-//! Deliver into an uplink device: one vectored write per packet, straight from the sender's
-//! buffers, so the kernel's copy is the only one. An offload request passes in the virtio-net
+//! Deliver into an uplink device: one vectored write per packet (a packet socket: one
+//! `sendmmsg` per burst), straight from the sender's buffers, so the kernel's copy is the only
+//! one. An offload request passes in the virtio-net
 //! header: the kernel checksums or segments as the header asks, wherever the frame goes next.
 
 use super::*;
@@ -18,18 +19,22 @@ struct Sends {
     refused: u64,
     /// TCP frames of up to 64 KiB handed over whole (the kernel segments them if it must).
     whole: u64,
+    /// TCP frames the sink cut into segments itself (a tunnel, an XDP socket).
+    segmented: u64,
+    /// Partial checksums the sink completed itself.
+    csummed: u64,
 }
 
 /// One packet as it leaves for a device: its virtio-net header, the checked head (edited),
 /// and pieces of the sender's buffers.
-struct Out {
+pub(super) struct Out {
     hdr: [u8; VNET_HDR as usize],
     head: [u8; HEAD + 4],
     iov: [libc::iovec; MAX_SEGS + 2],
 }
 
 impl Out {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Out {
             hdr: [0; VNET_HDR as usize],
             head: [0; HEAD + 4],
@@ -129,6 +134,9 @@ impl Datapath {
         n: usize,
         c: &mut SrcCounts,
     ) {
+        if t.sends_batched() {
+            return self.send_tap_batched(d, t, src_hdr, n, c);
+        }
         let mut k = Sends::default();
         for i in 0..n {
             let Some(edit) = self.edit_for(d, i, c) else { continue };
@@ -154,13 +162,79 @@ impl Datapath {
             }
         }
         t.flush();
+        // A sink that finishes offloads itself sent those TSO frames as segments, not whole.
+        (k.segmented, k.csummed) = t.soft_counts();
+        k.whole = k.whole.saturating_sub(k.segmented);
+        k.count(d);
+    }
+
+    /// [`Datapath::send_tap`] for a packet socket: every packet bound to `d` laid out first
+    /// (header, head, pieces of the sender's buffers), then all of them in one `sendmmsg`.
+    fn send_tap_batched(
+        &mut self,
+        d: &Dest<'_>,
+        t: &mut TapQueue,
+        src_hdr: u32,
+        n: usize,
+        c: &mut SrcCounts,
+    ) {
+        let mut k = Sends::default();
+        let mut outs = std::mem::take(&mut self.tx_outs);
+        // Per frame laid out: its pieces, whether it is a TSO frame, its length.
+        let mut laid = [(0usize, false, 0u32); BURST];
+        let mut m = 0;
+        for i in 0..n.min(BURST) {
+            let Some(edit) = self.edit_for(d, i, c) else { continue };
+            if t.broken() {
+                k.full += 1;
+                continue;
+            }
+            let p = &self.desc.pkts[i];
+            // An earlier burst's header must not stay (a frame without offloads has none).
+            outs[m].hdr = [0; VNET_HDR as usize];
+            let pieces = self.packet_iov(i, edit, src_hdr, &mut outs[m]);
+            if pieces == 0 {
+                k.refused += 1;
+                continue;
+            }
+            let tso = p.offload && self.desc.vhdrs[i].gso_type != crate::offload::GSO_NONE;
+            laid[m] = (pieces, tso, out_len(p.len, edit));
+            m += 1;
+        }
+        let mut frames: [&[libc::iovec]; BURST] = [&[]; BURST];
+        for (f, (o, l)) in frames.iter_mut().zip(outs.iter().zip(&laid[..m])) {
+            *f = &o.iov[..l.0];
+        }
+        let mut sent = [Sent::Ok; BURST];
+        t.send_many(&frames[..m], &mut sent[..m]);
+        for (r, l) in sent[..m].iter().zip(&laid[..m]) {
+            match r {
+                Sent::Ok => {
+                    k.sent += 1;
+                    k.whole += l.1 as u64;
+                    k.bytes += l.2 as u64;
+                }
+                Sent::Full | Sent::Gone => k.full += 1,
+                Sent::Refused => k.refused += 1,
+            }
+        }
+        self.tx_outs = outs;
+        k.count(d);
+    }
+}
+
+impl Sends {
+    /// Adds what the delivery to `d` did to its counters.
+    fn count(&self, d: &Dest<'_>) {
         let s = &d.slot.stats;
-        bump(&s.packets, k.sent);
-        bump(&s.bytes, k.bytes);
-        bump(&s.kernel_copies, k.sent);
-        s.drop(DropReason::NoBuffer, k.full);
-        s.drop(DropReason::Malformed, k.refused);
-        bump(&s.gso_whole, k.whole);
+        bump(&s.packets, self.sent);
+        bump(&s.bytes, self.bytes);
+        bump(&s.kernel_copies, self.sent);
+        s.drop(DropReason::NoBuffer, self.full);
+        s.drop(DropReason::Malformed, self.refused);
+        bump(&s.gso_whole, self.whole);
+        bump(&s.gso_segmented, self.segmented);
+        bump(&s.csum_completed, self.csummed);
     }
 }
 

@@ -272,6 +272,12 @@ impl XskTx {
         XskTx { area, tx, comp, free: chunks, queued: 0, sg, soft: Soft::default(), broken: false }
     }
 
+    /// Offloads finished in software since the last call: (TSO frames segmented, checksums
+    /// completed).
+    pub fn soft_counts(&mut self) -> (u64, u64) {
+        self.soft.take_counts()
+    }
+
     /// Whether the device has gone away.
     pub fn broken(&self) -> bool {
         self.broken
