@@ -27,6 +27,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread::ScopedJoinHandle;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -321,7 +322,8 @@ fn guests_to_wire(
             let mut queued = [false; 2];
             for _ in 0..batch {
                 let f = &mut frames[k % n];
-                let g = G.iter().position(|m| f[6..12] == *m).unwrap_or(0);
+                // By source MAC; with one guest (testpmd's), all from it.
+                let g = G.iter().position(|m| f[6..12] == *m).unwrap_or(0).min(guests.len() - 1);
                 let off = crate::frame::SEQ_OFFSET;
                 f[off..off + 8].copy_from_slice(&t.to_be_bytes());
                 guests[g].reclaim_tx(0);
@@ -710,28 +712,17 @@ fn run_phase(
     let res = std::thread::scope(|s| -> Result<_, String> {
         let (sender, receiver) = match far {
             Far::Tap { ns, ifname } if back => {
-                let (ns, stop_tx) = (ns.0.as_str(), &*stop_tx);
-                let far_rx = far::FarRx { frames: &rx.frames, hist: &mut hist, timed: &on };
-                let stop_rx = &stop_rx;
-                let rx = s.spawn(move || recv_wire(ns, ifname, &hello(), &G, far_rx, stop_rx).map(|()| 0));
-                // The guests' sender is done when the sending is (stop_tx twice): the far end
-                // counts what is still in flight.
-                let tx = s.spawn(move || -> Result<u64, String> {
-                    let mut frames = frames.to_vec();
-                    let (unused, off) = (Rx { frames: AtomicU64::new(0) }, AtomicBool::new(false));
-                    let mut h = Histogram::<u64>::new(1).map_err(|e| e.to_string())?;
-                    Ok(guests_to_wire(
-                        None,
-                        &mut frames,
-                        pps,
-                        stop_tx,
-                        guests,
-                        &unused,
-                        stop_tx,
-                        &mut h,
-                        &off,
-                    ))
-                });
+                let (tx, rx) = spawn_back(
+                    s,
+                    &ns.0,
+                    ifname,
+                    frames,
+                    pps,
+                    &stop_tx,
+                    &stop_rx,
+                    guests,
+                    far::FarRx { frames: &rx.frames, hist: &mut hist, timed: &on },
+                );
                 (Some(tx), rx)
             }
             Far::Tap { ns, ifname } => {
@@ -787,6 +778,31 @@ fn run_phase(
     Ok((res.0, res.1, res.2, res.3, hist))
 }
 
+/// The way back on a Linux wire: the guests send `frames` from one thread until `stop_tx` (so
+/// its result, frames sent, comes when the sending is done), the far end's receiver in
+/// namespace `ns` counts them into `far_rx` from another until `stop_rx` (result 0).
+#[allow(clippy::too_many_arguments)]
+fn spawn_back<'scope, 'env>(
+    s: &'scope std::thread::Scope<'scope, 'env>,
+    ns: &'env str,
+    ifname: &'env str,
+    frames: &'env [Vec<u8>],
+    pps: u64,
+    stop_tx: &'env AtomicBool,
+    stop_rx: &'env AtomicBool,
+    guests: &'env mut [Frontend],
+    far_rx: far::FarRx<'env>,
+) -> (ScopedJoinHandle<'scope, Result<u64, String>>, ScopedJoinHandle<'scope, Result<u64, String>>) {
+    let rx = s.spawn(move || recv_wire(ns, ifname, &hello(), &G, far_rx, stop_rx).map(|()| 0));
+    let tx = s.spawn(move || -> Result<u64, String> {
+        let mut frames = frames.to_vec();
+        let (unused, off) = (Rx { frames: AtomicU64::new(0) }, AtomicBool::new(false));
+        let mut h = Histogram::<u64>::new(1).map_err(|e| e.to_string())?;
+        Ok(guests_to_wire(None, &mut frames, pps, stop_tx, guests, &unused, stop_tx, &mut h, &off))
+    });
+    (tx, rx)
+}
+
 /// Runs every tier at every size; the rows in table order.
 pub fn run(cfg: &TiersConfig) -> Result<Vec<TierRow>, String> {
     let mut rows = Vec::new();
@@ -805,8 +821,8 @@ pub fn run(cfg: &TiersConfig) -> Result<Vec<TierRow>, String> {
             let mut base = None;
             for &tier in tiers {
                 let mut row = match tier.1.strip_prefix("dpdk:") {
-                    Some(_) if traffic != Traffic::Udp => continue,
-                    Some(pmd) => match dpdk::row(cfg, tier.0, pmd, size, k) {
+                    Some(_) if !matches!(traffic, Traffic::Udp | Traffic::Back) => continue,
+                    Some(pmd) => match dpdk::row(cfg, tier.0, pmd, size, k, traffic) {
                         Ok(r) => r,
                         Err(e) => {
                             eprintln!("{}: skipped: {e}", tier.0);

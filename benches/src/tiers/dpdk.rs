@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::far::{ip, send_wire, Netns};
-use super::{receive, wire_frames_for, Rx, TierRow, TiersConfig, Traffic};
+use super::far::{ip, send_wire, FarRx, Netns};
+use super::{receive, spawn_back, wire_frames_for, Rx, TierRow, TiersConfig, Traffic, G};
 use crate::frontend::{Frontend, FrontendConfig};
 use crate::harness::peer::dpdk::testpmd_cycles;
 
@@ -45,13 +45,15 @@ impl Drop for Testpmd {
     }
 }
 
-/// One row: testpmd with `pmd` (`af_packet` or `af_xdp`) on a veth, at `size`.
+/// One row: testpmd with `pmd` (`af_packet` or `af_xdp`) on a veth, at `size`; `traffic` udp
+/// (the sender into the guest) or back (the guest to the far end's receiver).
 pub(super) fn row(
     cfg: &TiersConfig,
     label: &str,
     pmd: &str,
     size: usize,
     k: usize,
+    traffic: Traffic,
 ) -> Result<TierRow, String> {
     let ifname = format!("vbt{}{k}", std::process::id() % 100_000);
     let peer = format!("{ifname}p");
@@ -103,7 +105,7 @@ pub(super) fn row(
     let cfg_fe = FrontendConfig { ring_size: 1024, ..FrontendConfig::default() };
     let mut guest =
         vec![Frontend::connect(&sock, cfg_fe, Duration::from_secs(10)).map_err(|e| format!("guest: {e}"))?];
-    let (frames, mss) = wire_frames_for(Traffic::Udp, size);
+    let (frames, mss) = wire_frames_for(traffic, size);
     let (mpps, offered, _) = phase(&ns, &peer, &frames, 0, cfg.duration, &mut guest, false, mss)?;
     let pps = cfg.rate.unwrap_or(20_000);
     let (_, _, hist) = phase(&ns, &peer, &frames, pps, cfg.duration, &mut guest, true, mss)?;
@@ -115,7 +117,7 @@ pub(super) fn row(
     Ok(TierRow {
         tier: label.to_string(),
         wire: cfg.wire,
-        traffic: Traffic::Udp,
+        traffic,
         size,
         offered_mpps: offered,
         mpps,
@@ -149,11 +151,20 @@ fn phase(
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
     let warmup = Duration::from_millis(500);
     std::thread::scope(|s| -> Result<_, String> {
-        let (nsname, ifname, frames, stop) =
-            (ns.0.clone(), ifname.to_string(), frames.to_vec(), stop_tx.clone());
-        let tx = s.spawn(move || send_wire(&nsname, &ifname, frames, pps, stop));
-        let (rxr, stop_r, h, onr) = (&rx, &stop_rx, &mut hist, &on);
-        let rxt = s.spawn(move || receive(guest, rxr, stop_r, h, onr, mss));
+        let (tx, rxt) = if frames.first().is_some_and(|f| G.iter().any(|g| f[6..12] == *g)) {
+            let far_rx = FarRx { frames: &rx.frames, hist: &mut hist, timed: &on };
+            spawn_back(s, &ns.0, ifname, frames, pps, &stop_tx, &stop_rx, guest, far_rx)
+        } else {
+            let (nsname, ifname, frames, stop) =
+                (ns.0.clone(), ifname.to_string(), frames.to_vec(), stop_tx.clone());
+            let tx = s.spawn(move || send_wire(&nsname, &ifname, frames, pps, stop));
+            let (rxr, stop_r, h, onr) = (&rx, &stop_rx, &mut hist, &on);
+            let rxt = s.spawn(move || -> Result<u64, String> {
+                receive(guest, rxr, stop_r, h, onr, mss);
+                Ok(0)
+            });
+            (tx, rxt)
+        };
         std::thread::sleep(warmup);
         let (r0, t0) = (rx.frames.load(Ordering::Relaxed), Instant::now());
         on.store(timed, Ordering::Relaxed);
@@ -164,7 +175,7 @@ fn phase(
         let sent = tx.join().map_err(|_| "sender panicked".to_string())??;
         std::thread::sleep(Duration::from_millis(100));
         stop_rx.store(true, Ordering::Relaxed);
-        rxt.join().map_err(|_| "receiver panicked".to_string())?;
+        rxt.join().map_err(|_| "receiver panicked".to_string())??;
         let total = el + warmup;
         Ok(((r1 - r0) as f64 / el.as_secs_f64() / 1e6, sent as f64 / total.as_secs_f64() / 1e6))
     })

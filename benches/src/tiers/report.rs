@@ -61,11 +61,11 @@ pub fn print(rows: &[TierRow]) {
     println!(" socket (its rings full) per frame offered; then per wire frame delivered into");
     println!(" a guest, a coalesced TCP frame counting as its segments; host cycles exclude the modelled device's, which dev ns");
     println!(" shows; kern cp: the TAP wire's read. Latency at a fixed rate, the same for every tier (added: the median less");
-    println!(" tier 0's); tcp rows are not timed.");
+    println!(" tier 0's); tcp rows are not timed. back rows: the guests send, the wire's far end receives and counts.");
     if rows.iter().any(|r| r.tier.starts_with("DPDK")) {
         println!(" DPDK rows: dpdk-testpmd forwarding (io) from its net_af_packet/net_af_xdp port on the same veth into one");
-        println!(" guest through net_vhost, on the same core; no learning, no VLANs. host cyc: its --record-core-cycles");
-        println!(" (busy iterations); it counts no copies (NaN).");
+        println!(" guest through net_vhost (back: from it), on the same core; no learning, no VLANs. host cyc: its");
+        println!(" --record-core-cycles (busy iterations, both directions); it counts no copies (NaN).");
     }
     println!(" Wire: {wire:?})");
 }
