@@ -28,9 +28,11 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_ENABLE_STATS: libc::c_long = 32;
 
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_XSKMAP: u32 = 17;
@@ -272,6 +274,9 @@ pub struct VniSelect {
     prog: OwnedFd,
 }
 
+/// The VNI selection program's name.
+pub const VNI_PROG_NAME: &str = "vswitch_vni";
+
 /// Slots (tunnel ports) one UDP port may serve.
 pub const VNI_SLOTS: u32 = 1024;
 
@@ -283,7 +288,7 @@ impl VniSelect {
         let socks = map_create(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 4, VNI_SLOTS, "vswitch_vnisk")
             .map_err(|e| (e, String::new()))?;
         let insns = vni_select_program(vnis.as_raw_fd(), socks.as_raw_fd());
-        let prog = prog_load(BPF_PROG_TYPE_SK_REUSEPORT, &insns, 0, "vswitch_vni", 0)?;
+        let prog = prog_load(BPF_PROG_TYPE_SK_REUSEPORT, &insns, 0, VNI_PROG_NAME, 0)?;
         Ok(VniSelect { vnis, socks, prog })
     }
 
@@ -338,6 +343,44 @@ pub fn prog_name(id: u32) -> Option<String> {
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).ok()?;
     let name = CStr::from_bytes_until_nul(&info[64..80]).ok()?;
     Some(name.to_string_lossy().into_owned())
+}
+
+/// Turns on the kernel's run-time statistics of every BPF program while the returned file is
+/// open (`BPF_ENABLE_STATS`, `BPF_STATS_RUN_TIME`; the `kernel.bpf_stats_enabled` sysctl without
+/// changing it for good). Needs `CAP_SYS_ADMIN`. For measurements: the kernel then times every
+/// run of every program.
+pub fn enable_run_time_stats() -> io::Result<OwnedFd> {
+    let mut a = Attr::new().u32(0, 0);
+    bpf_fd(BPF_ENABLE_STATS, &mut a)
+}
+
+/// Runs and the time they took (ns) of every loaded program called `name`, summed, while
+/// statistics are on ([`enable_run_time_stats`]); (0, 0) if there is none.
+pub fn prog_run_time(name: &str) -> (u64, u64) {
+    let (mut runs, mut ns, mut id) = (0u64, 0u64, 0u32);
+    loop {
+        let mut a = Attr::new().u32(0, id);
+        if bpf(BPF_PROG_GET_NEXT_ID, &mut a).is_err() {
+            return (runs, ns);
+        }
+        id = u32::from_ne_bytes(a.0[4..8].try_into().expect("4 bytes"));
+        let mut a = Attr::new().u32(0, id);
+        let Ok(fd) = bpf_fd(BPF_PROG_GET_FD_BY_ID, &mut a) else { continue };
+        // struct bpf_prog_info up to run_cnt: name at 64 (16 bytes), run_time_ns at 192,
+        // run_cnt at 200.
+        let mut info = [0u8; 208];
+        let mut a = Attr::new()
+            .u32(0, fd.as_raw_fd() as u32)
+            .u32(4, info.len() as u32)
+            .u64(8, info.as_mut_ptr() as u64);
+        if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).is_err() {
+            continue;
+        }
+        if CStr::from_bytes_until_nul(&info[64..80]).is_ok_and(|n| n.to_bytes() == name.as_bytes()) {
+            ns += u64::from_ne_bytes(info[192..200].try_into().expect("8 bytes"));
+            runs += u64::from_ne_bytes(info[200..208].try_into().expect("8 bytes"));
+        }
+    }
 }
 
 #[cfg(test)]
