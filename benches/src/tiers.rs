@@ -778,6 +778,9 @@ fn run_phase(
     Ok((res.0, res.1, res.2, res.3, hist))
 }
 
+/// A thread of a phase: frames sent (0 for a receiver), or what failed.
+type Side<'scope> = ScopedJoinHandle<'scope, Result<u64, String>>;
+
 /// The way back on a Linux wire: the guests send `frames` from one thread until `stop_tx` (so
 /// its result, frames sent, comes when the sending is done), the far end's receiver in
 /// namespace `ns` counts them into `far_rx` from another until `stop_rx` (result 0).
@@ -792,7 +795,7 @@ fn spawn_back<'scope, 'env>(
     stop_rx: &'env AtomicBool,
     guests: &'env mut [Frontend],
     far_rx: far::FarRx<'env>,
-) -> (ScopedJoinHandle<'scope, Result<u64, String>>, ScopedJoinHandle<'scope, Result<u64, String>>) {
+) -> (Side<'scope>, Side<'scope>) {
     let rx = s.spawn(move || recv_wire(ns, ifname, &hello(), &G, far_rx, stop_rx).map(|()| 0));
     let tx = s.spawn(move || -> Result<u64, String> {
         let mut frames = frames.to_vec();
