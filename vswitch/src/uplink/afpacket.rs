@@ -37,7 +37,6 @@ use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
-use super::packet_ring::TxRing;
 use super::tap::{if_ioctl, kernel_caps, set_up, TapQueue, VNET_HDR};
 use crate::offload::Caps;
 
@@ -70,8 +69,6 @@ pub struct PacketDevice {
     /// Interface name.
     pub name: String,
     files: Vec<Arc<File>>,
-    /// Each socket's transmit ring, taken by its sink.
-    rings: Vec<std::sync::Mutex<Option<Box<TxRing>>>>,
     caps: Caps,
 }
 
@@ -126,7 +123,7 @@ impl PacketDevice {
         // A fanout group id of this device and process.
         let group = (std::process::id() ^ ifindex.rotate_left(8)) & 0xffff;
         let proto = (libc::ETH_P_ALL as u16).to_be();
-        let (mut files, mut rings) = (Vec::new(), Vec::new());
+        let mut files = Vec::new();
         for _ in 0..queues.max(1) {
             // SAFETY: plain socket(2); owned below.
             let fd = unsafe {
@@ -157,13 +154,6 @@ impl PacketDevice {
             // does) and comes beside it: the queue puts it back.
             setsockopt(fd, libc::SOL_PACKET, libc::PACKET_AUXDATA, &on)
                 .map_err(|_| fail("PACKET_AUXDATA"))?;
-            // The transmit ring (after the header option: the kernel fixes the slot layout
-            // when the ring is made).
-            let ring = match std::env::var("VSWITCH_AFPACKET_TX").as_deref() {
-                Ok("ring") => Some(Box::new(TxRing::new(fd).map_err(|_| fail("PACKET_TX_RING"))?)),
-                _ => None,
-            };
-            rings.push(std::sync::Mutex::new(ring));
             // Room for bursts while the polling thread sleeps (capped by net.core.rmem_max).
             let buf: libc::c_int = 4 << 20;
             let _ = setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &buf);
@@ -199,7 +189,7 @@ impl PacketDevice {
             files.push(Arc::new(File::from(sock)));
         }
         let caps = if offloads { kernel_caps() } else { Caps::default() };
-        Ok(PacketDevice { name: name.to_string(), files, rings, caps })
+        Ok(PacketDevice { name: name.to_string(), files, caps })
     }
 
     /// Number of queues.
@@ -214,10 +204,6 @@ impl PacketDevice {
 
     /// Queue `i`'s sink side (frames to the device).
     pub fn sink(&self, i: usize) -> TapQueue {
-        let mut q = TapQueue::over(self.files[i].clone(), &self.name, self.caps, false);
-        if let Some(r) = self.rings[i].lock().unwrap_or_else(|e| e.into_inner()).take() {
-            q.set_tx_ring(r);
-        }
-        q
+        TapQueue::over(self.files[i].clone(), &self.name, self.caps, false)
     }
 }

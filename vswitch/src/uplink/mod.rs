@@ -10,7 +10,6 @@ pub mod afxdp;
 pub mod bpf;
 pub mod link;
 pub mod nic;
-pub mod packet_ring;
 pub mod soft;
 pub mod tap;
 pub mod tunnel;

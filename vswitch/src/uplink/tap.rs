@@ -192,9 +192,6 @@ pub struct TapQueue {
     drops: Option<Box<KernelDrops>>,
     /// A packet socket's sink: a burst's frames go in one `sendmmsg` ([`TapQueue::send_many`]).
     send_batched: bool,
-    /// A packet socket's sink with a transmit ring: frames are copied into it, one kick per
-    /// burst.
-    tx_ring: Option<Box<super::packet_ring::TxRing>>,
 }
 
 /// Bursts between two reads of a socket's drop counter under load (a `getsockopt` per
@@ -350,7 +347,6 @@ impl TapQueue {
             xsk: None,
             drops: None,
             send_batched: false,
-            tx_ring: None,
         }
     }
 
@@ -401,21 +397,11 @@ impl TapQueue {
         self.broken || matches!(&self.xsk, Some(Xsk::Tx(t)) if t.broken())
     }
 
-    /// A packet socket sink's frames go through `ring` (one kick per burst), not `sendmmsg`.
-    pub(crate) fn set_tx_ring(&mut self, ring: Box<super::packet_ring::TxRing>) {
-        self.tx_ring = Some(ring);
-        self.send_batched = false;
-    }
-
-    /// Ends a burst of sends (an XDP socket's transmit or a packet socket's ring is kicked
-    /// once for all of them).
+    /// Ends a burst of sends (an XDP socket's transmit is kicked once for all of them).
     #[inline(always)]
     pub fn flush(&mut self) {
         if let Some(Xsk::Tx(t)) = self.xsk.as_mut() {
             t.flush();
-        }
-        if let Some(r) = self.tx_ring.as_deref_mut() {
-            r.kick();
         }
     }
 
@@ -548,14 +534,6 @@ impl TapQueue {
         }
         if let Some(t) = self.tunnel.as_deref_mut() {
             return super::tunnel::send(t, iov);
-        }
-        if let Some(r) = self.tx_ring.as_deref_mut() {
-            let len: usize = iov.iter().map(|v| v.iov_len).sum();
-            if len <= super::packet_ring::TxRing::max_len() {
-                return r.send(iov, len);
-            }
-            // Too long for a slot: after what the ring holds.
-            r.kick();
         }
         // SAFETY: every iovec points into a grant (checked guest memory the burst holds
         // mapped) or into the caller's stack; the kernel only reads them, and a fault in guest
