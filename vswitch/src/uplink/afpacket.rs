@@ -24,11 +24,12 @@
 //! Batching: `recvmmsg` takes up to a burst of frames in one system call, where TAP needs one
 //! `read` per frame, and `sendmmsg` sends a burst's frames in one (measured against a `writev`
 //! per frame: +25-28 % Mpps guests to the wire, benches/results/2026-12-06-afpacket-sendmmsg-ab.txt).
-//! The mmap'ed TPACKET_V3 rings were not chosen: the receive ring holds frames in blocks the
+//! The mmap'ed rings were not chosen: the TPACKET_V3 receive ring holds frames in blocks the
 //! kernel fills on its own timer (at low rates up to the block time-out in latency, and the late
-//! copy would have to finish a whole block before handing it back); the transmit ring needs the
-//! switch's CPU to copy each frame into it, where `sendmmsg` sends straight from the guest's
-//! buffers (the kernel's copy the only one) for the same one call per burst.
+//! copy would have to finish a whole block before handing it back); a TPACKET_V2 transmit ring
+//! measured within the noise of `sendmmsg` (benches/results/2026-12-06-afpacket-txring-ab.txt),
+//! needs the switch's CPU to copy each frame into it, and loses the drops of a full device
+//! queue (the kernel frees such a frame and tells the switch nothing).
 //!
 //! The queues are [`TapQueue`]s over the sockets: the datapath does not know the difference.
 
