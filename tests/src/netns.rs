@@ -50,22 +50,12 @@ impl Netns {
     /// exactly these bytes (tagged frames included, which this kernel's missing 8021q module
     /// would not let the stack send).
     pub fn inject(&self, ifname: &str, frames: &[Vec<u8>]) {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        use std::os::fd::AsRawFd;
         let path = format!("/var/run/netns/{}", self.name);
         let ifname = std::ffi::CString::new(ifname).expect("interface name");
         let frames = frames.to_vec();
         std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: setns on this thread only, with a namespace file we hold open.
-            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
-            // SAFETY: plain socket(2); the result is checked and owned below.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-            // SAFETY: a fresh descriptor nothing else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            // SAFETY: a NUL-terminated name.
-            let index = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
-            assert!(index > 0, "no interface {ifname:?} in the namespace");
+            let (fd, index) = packet_socket_in(&path, &ifname, 0);
             // SAFETY: plain data; zeroes are valid.
             let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             sll.sll_family = libc::AF_PACKET as u16;
@@ -103,26 +93,15 @@ impl Netns {
     /// socket bound to it, opened by a thread that joined this namespace); the frames so far
     /// when the returned [`Capture`] is finished. Ready when this returns.
     pub fn capture(&self, ifname: &str) -> Capture {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        use std::os::fd::AsRawFd;
         let path = format!("/var/run/netns/{}", self.name);
         let ifname = std::ffi::CString::new(ifname).expect("interface name");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (ready_tx, ready) = std::sync::mpsc::channel();
         let halt = stop.clone();
         let thread = std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: setns on this thread only, with a namespace file we hold open.
-            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
             let proto = (libc::ETH_P_ALL as u16).to_be();
-            // SAFETY: plain socket(2); the result is checked and owned below.
-            let fd =
-                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto.into()) };
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-            // SAFETY: a fresh descriptor nothing else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            // SAFETY: a NUL-terminated name.
-            let index = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
-            assert!(index > 0, "no interface {ifname:?} in the namespace");
+            let (fd, index) = packet_socket_in(&path, &ifname, proto);
             // SAFETY: plain data; zeroes are valid.
             let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             sll.sll_family = libc::AF_PACKET as u16;
@@ -275,6 +254,24 @@ impl Netns {
             out_of_order: n(&st["out_of_order"])?,
         })
     }
+}
+
+/// Joins the namespace at `path` (this thread only) and opens an `AF_PACKET` socket there for
+/// `proto` (network order; 0: send only); the socket and `ifname`'s index there.
+fn packet_socket_in(path: &str, ifname: &std::ffi::CStr, proto: u16) -> (std::os::fd::OwnedFd, u32) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let ns = std::fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // SAFETY: setns on this thread only, with a namespace file we hold open.
+    assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+    // SAFETY: plain socket(2); the result is checked and owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto.into()) };
+    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
+    assert!(index > 0, "no interface {ifname:?} in the namespace");
+    (fd, index)
 }
 
 /// Frames arriving at an interface, taken until [`Capture::finish`].
