@@ -5,6 +5,7 @@
 #  - acpica-tools: iasl, the reference decoder hostvm's ACPI tables are checked against.
 #  - iproute2, iputils-ping, iperf3, tcpdump: the TAP uplink tests put test hosts in network
 #    namespaces, ping and stream through the switch, and look at tags on the wire.
+#  - tshark: the tunnel tests have Wireshark's dissectors decode the switch's VXLAN and Geneve.
 #  - ethtool: the tunnel tests turn checksum offload off on a namespace's veth (a veth hands the
 #    switch's UDP socket inner checksums nobody computed otherwise).
 #  - strace: vfpolicy's test captures what `ip link set DEV vf N ...` sends, to compare bytes.
@@ -22,6 +23,7 @@ command -v ip >/dev/null 2>&1 || need="$need iproute2"
 command -v ping >/dev/null 2>&1 || need="$need iputils-ping"
 command -v iperf3 >/dev/null 2>&1 || need="$need iperf3"
 command -v tcpdump >/dev/null 2>&1 || need="$need tcpdump"
+command -v tshark >/dev/null 2>&1 || need="$need tshark"
 command -v strace >/dev/null 2>&1 || need="$need strace"
 command -v ethtool >/dev/null 2>&1 || need="$need ethtool"
 if [ -n "$need" ]; then

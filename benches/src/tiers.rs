@@ -752,13 +752,17 @@ fn run_phase(
         on.store(false, Ordering::Relaxed);
         let (s1, r1, el) = (snap(sw, nic), rx.frames.load(Ordering::Relaxed), t0.elapsed());
         stop_tx.store(true, Ordering::Relaxed);
-        let mut sent = match sender {
-            Some(t) => t.join().map_err(|_| "sender panicked".to_string())??,
-            None => 0,
-        };
+        let sender = sender.map(|t| t.join());
         std::thread::sleep(Duration::from_millis(100));
         stop_rx.store(true, Ordering::Relaxed);
-        sent += receiver.join().map_err(|_| "receiver panicked".to_string())??;
+        // Both joined before either's failure is passed on (a receiver left running would
+        // keep the scope waiting).
+        let received = receiver.join().map_err(|_| "receiver panicked".to_string())?;
+        let mut sent = match sender {
+            Some(r) => r.map_err(|_| "sender panicked".to_string())??,
+            None => 0,
+        };
+        sent += received?;
         let d = Snap {
             busy: s1.busy - s0.busy,
             no_buffer: s1.no_buffer - s0.no_buffer,

@@ -129,7 +129,8 @@ impl Netns {
                 libc::setsockopt(
                     fd.as_raw_fd(),
                     libc::SOL_SOCKET,
-                    libc::SO_RCVBUF,
+                    // Past net.core.rmem_max (root): the capture must not be what drops.
+                    libc::SO_RCVBUFFORCE,
                     (&buf as *const i32).cast(),
                     4,
                 );
@@ -146,7 +147,7 @@ impl Netns {
             frames
         });
         ready.recv_timeout(Duration::from_secs(5)).expect("capture socket ready");
-        Capture { stop, thread }
+        Capture { stop, thread: Some(thread) }
     }
 
     /// Runs a command here to completion.
@@ -274,17 +275,26 @@ fn packet_socket_in(path: &str, ifname: &std::ffi::CStr, proto: u16) -> (std::os
     (fd, index)
 }
 
-/// Frames arriving at an interface, taken until [`Capture::finish`].
+/// Frames arriving at an interface, taken until [`Capture::finish`] (or the capture is dropped).
 pub struct Capture {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<Vec<Vec<u8>>>>,
 }
 
 impl Capture {
     /// Stops taking frames (within 20 ms); those taken, in arrival order.
-    pub fn finish(self) -> Vec<Vec<u8>> {
+    pub fn finish(mut self) -> Vec<Vec<u8>> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.join().expect("capture thread")
+        self.thread.take().map(|t| t.join().expect("capture thread")).unwrap_or_default()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

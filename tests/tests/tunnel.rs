@@ -6,7 +6,7 @@
 //! a MAC was learned behind. Geneve against Open vSwitch's userspace datapath (the kernel has
 //! no Geneve), VXLAN over IPv6, several VNIs on one UDP port.
 //!
-//! Needs root and `ip`, `ping`, `iperf3`, `tcpdump` (scripts/install-test-deps.sh), Open vSwitch
+//! Needs root and `ip`, `ping`, `iperf3`, `tcpdump`, `tshark` (scripts/install-test-deps.sh), Open vSwitch
 //! (scripts/install-bench-peers.sh).
 
 use std::sync::Mutex;
@@ -85,19 +85,21 @@ fn test_vxlan_port_and_the_kernels_vxlan_ping_at_every_size_and_stream_tcp_both_
     nb.adopt(&tap, "10.90.0.2/24");
     // The kernel's vxlan device has an MTU of 1450 (1500 less 50): the host behind the TAP too.
     nb.ip(&["link", "set", &tap, "mtu", "1450"]);
-    // tcpdump on the underlay decodes what the switch sends.
-    let cap = dir.path("tcpdump.txt");
-    let cap_s = cap.to_string_lossy().to_string();
+    // What the switch sends, captured on the underlay, decoded by tcpdump and by tshark.
+    let pcap = dir.path("vxlan.pcap");
+    let pcap_s = pcap.to_string_lossy().to_string();
     let mut dump = na.spawn(
-        &["sh", "-c", &format!("exec tcpdump -l -n -c 4 -i {} udp dst port 4789 > {cap_s}", u.1)],
+        &["tcpdump", "--immediate-mode", "-U", "-n", "-w", &pcap_s, "-i", &u.1, "udp dst port 4789"],
         &dir.path("tcpdump.log"),
     );
     std::thread::sleep(Duration::from_millis(800));
     nb.ping("10.90.0.1", 3, &[]).unwrap_or_else(|e| panic!("ping over VXLAN: {e} {:?}", sw.stats()));
-    let _ = dump.wait_exit(Duration::from_secs(5));
-    dump.kill();
-    let seen = std::fs::read_to_string(&cap).unwrap_or_default();
+    std::thread::sleep(Duration::from_millis(300));
+    // SIGINT: tcpdump writes out what it holds and exits.
+    dump.stop(Duration::from_secs(3));
+    let seen = read_pcap(&["tcpdump", "-n", "-r", &pcap_s]);
     assert!(seen.contains("VXLAN, flags [I] (0x08), vni 42"), "tcpdump decodes our VXLAN: {seen}");
+    assert_tshark_decodes(&pcap_s, "vxlan.vni == 42 && icmp.type == 8", 3);
     // 1422 bytes of payload fill the inner MTU; 1600 and 3200 are fragmented by the sender's IP.
     for size in ["1422", "1600", "3200"] {
         nb.ping("10.90.0.1", 3, &["-s", size]).unwrap_or_else(|e| panic!("ping -s {size}: {e}"));
@@ -361,7 +363,7 @@ fn test_two_vnis_share_one_udp_port_and_each_port_gets_its_own_datagrams() {
     server.kill();
     let (runs, ns) = vswitch::uplink::bpf::prog_run_time(vswitch::uplink::bpf::VNI_PROG_NAME);
     drop(stats);
-    let (runs, ns) = (runs - runs0, ns - ns0);
+    let (runs, ns) = (runs.saturating_sub(runs0), ns.saturating_sub(ns0));
     let received: u64 = ["t42", "t43"].iter().map(|p| port_stats(&sw, p).rx.packets).sum();
     println!(
         "VNI selection program: {runs} runs, {:.0} ns per datagram ({received} frames received in all)",
@@ -519,13 +521,18 @@ fn test_geneve_port_and_open_vswitchs_userspace_geneve_ping_tcp_and_options() {
     // tcpdump on the underlay decodes both directions.
     let cap = dir.path("tcpdump.txt");
     let cap_s = cap.to_string_lossy().to_string();
+    let pcap = dir.path("geneve.pcap").to_string_lossy().to_string();
     let dump_cmd = |v: &str| format!("exec tcpdump -l -n {v} -i {} udp port 6081 > {cap_s}", u.1);
-    let mut dump = no.spawn(&["sh", "-c", &dump_cmd("")], &dir.path("tcpdump.log"));
+    let mut dump = no
+        .spawn(&["sh", "-c", &dump_cmd(&format!("--immediate-mode -U -w {pcap}"))], &dir.path("tcpdump.log"));
     std::thread::sleep(Duration::from_millis(800));
     nb.ping("10.96.0.1", 2, &[]).unwrap_or_else(|e| panic!("ping over Geneve: {e}"));
     std::thread::sleep(Duration::from_millis(300));
-    dump.kill();
-    let seen = std::fs::read_to_string(&cap).unwrap_or_default();
+    // SIGINT: tcpdump writes out what it holds and exits.
+    dump.stop(Duration::from_secs(3));
+    assert_tshark_decodes(&pcap, "geneve.vni == 7 && ip.src == 172.31.96.1 && icmp.type == 8", 2);
+    assert_tshark_decodes(&pcap, "geneve.vni == 7 && ip.src == 172.31.96.2 && icmp.type == 0", 2);
+    let seen = read_pcap(&["tcpdump", "-n", "-r", &pcap]);
     let count = |pat: &str| seen.lines().filter(|l| l.contains(pat)).count();
     // Each end's datagrams, decoded down to the inner ICMP.
     let ours = count("172.31.96.1.") - count("> 172.31.96.1.");
@@ -555,12 +562,12 @@ fn test_geneve_port_and_open_vswitchs_userspace_geneve_ping_tcp_and_options() {
         "ovs-ofctl",
         &["add-flow", "br0", "priority=10,in_port=LOCAL,actions=set_field:0x1234->tun_metadata0,NORMAL"],
     );
-    let mut dump = no.spawn(&["sh", "-c", &dump_cmd("-v")], &dir.path("tcpdump2.log"));
+    let mut dump = no.spawn(&["sh", "-c", &dump_cmd("--immediate-mode -v")], &dir.path("tcpdump2.log"));
     std::thread::sleep(Duration::from_millis(800));
     let before = port_stats(&sw, "t").rx.packets;
     nb.ping("10.96.0.1", 3, &[]).unwrap_or_else(|e| panic!("ping with Geneve options: {e}"));
     std::thread::sleep(Duration::from_millis(300));
-    dump.kill();
+    dump.stop(Duration::from_secs(3));
     let seen = std::fs::read_to_string(&cap).unwrap_or_default();
     assert!(
         seen.contains("options [class Experimental (0xffff) type 0x0 len 8]"),
@@ -581,4 +588,23 @@ fn tool(rundir: &std::path::Path, prog: &str, args: &[&str]) -> String {
     let out = c.args(args).output().unwrap_or_else(|e| panic!("{prog}: {e}"));
     assert!(out.status.success(), "{prog} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The text a pcap reader (`cmd`) prints.
+fn read_pcap(cmd: &[&str]) -> String {
+    let out = std::process::Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", cmd[0]));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// tshark (Wireshark's dissectors, an implementation of its own) finds at least `n` packets of
+/// `pcap` matching `filter`, and none it calls malformed or in error.
+fn assert_tshark_decodes(pcap: &str, filter: &str, n: usize) {
+    let all = read_pcap(&["tshark", "-n", "-r", pcap]);
+    let matched = read_pcap(&["tshark", "-n", "-r", pcap, "-Y", filter]);
+    assert!(matched.lines().count() >= n, "tshark finds {n} packets with {filter}: {matched}\nof: {all}");
+    let bad = read_pcap(&["tshark", "-n", "-r", pcap, "-Y", "_ws.malformed || _ws.expert.severity == error"]);
+    assert!(bad.trim().is_empty(), "tshark calls these malformed: {bad}\nof: {all}");
 }

@@ -172,10 +172,13 @@ fn phase(
         on.store(false, Ordering::Relaxed);
         let (r1, el) = (rx.frames.load(Ordering::Relaxed), t0.elapsed());
         stop_tx.store(true, Ordering::Relaxed);
-        let sent = tx.join().map_err(|_| "sender panicked".to_string())??;
+        let sent = tx.join();
         std::thread::sleep(Duration::from_millis(100));
         stop_rx.store(true, Ordering::Relaxed);
-        rxt.join().map_err(|_| "receiver panicked".to_string())??;
+        // Both joined before either's failure is passed on.
+        let received = rxt.join().map_err(|_| "receiver panicked".to_string())?;
+        let sent = sent.map_err(|_| "sender panicked".to_string())??;
+        received?;
         let total = el + warmup;
         Ok(((r1 - r0) as f64 / el.as_secs_f64() / 1e6, sent as f64 / total.as_secs_f64() / 1e6))
     })

@@ -57,7 +57,7 @@ pub(super) fn send_wire(
     pps: u64,
     stop: Arc<AtomicBool>,
 ) -> Result<u64, String> {
-    let fd = packet_socket_in(ns)?;
+    let fd = packet_socket_in(ns, 0)?;
     let one: libc::c_int = 1;
     // SAFETY: an int option.
     unsafe {
@@ -118,18 +118,17 @@ pub(super) fn send_wire(
     Ok(sent)
 }
 
-/// An AF_PACKET socket (all protocols) opened by this thread after it joined namespace `ns`
-/// (the thread stays there).
-fn packet_socket_in(ns: &str) -> Result<OwnedFd, String> {
+/// An AF_PACKET socket for `proto` (network order; 0: it only sends) opened by this thread after
+/// it joined namespace `ns` (the thread stays there).
+fn packet_socket_in(ns: &str, proto: u16) -> Result<OwnedFd, String> {
     let path = format!("/var/run/netns/{ns}");
     let f = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
     // SAFETY: setns on this thread only, with a namespace file we hold open.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(format!("setns: {}", std::io::Error::last_os_error()));
     }
-    let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
     // SAFETY: plain socket(2), checked, owned below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto.into()) };
     if fd < 0 {
         return Err(format!("AF_PACKET socket: {}", std::io::Error::last_os_error()));
     }
@@ -157,10 +156,13 @@ pub(super) fn recv_wire(
     rx: FarRx<'_>,
     stop: &AtomicBool,
 ) -> Result<(), String> {
-    let fd = packet_socket_in(ns)?;
+    let fd = packet_socket_in(ns, (libc::ETH_P_ALL as u16).to_be())?;
     let name = std::ffi::CString::new(ifname).map_err(|e| e.to_string())?;
     // SAFETY: a NUL-terminated name.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(format!("no interface {ifname} in namespace {ns}"));
+    }
     // SAFETY: plain data; zeroes are valid.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
@@ -186,7 +188,9 @@ pub(super) fn recv_wire(
         libc::setsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
+            // As root, past net.core.rmem_max (which would cap SO_RCVBUF at a few hundred
+            // frames): the receiver must not be what drops.
+            libc::SO_RCVBUFFORCE,
             p((&buf as *const i32).cast()),
             4,
         );

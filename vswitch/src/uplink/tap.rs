@@ -543,10 +543,11 @@ impl TapQueue {
             return Sent::Ok;
         }
         match io::Error::last_os_error().raw_os_error() {
-            // EIO: the link is down (an administrator's choice, or the device is between two
-            // network namespaces): nothing can go now, and it may come back up.
+            // EIO (a TAP) or ENETDOWN (a packet socket): the link is down (an administrator's
+            // choice, or the device is between two network namespaces): nothing can go now, and
+            // it may come back up.
             Some(libc::EAGAIN) | Some(libc::ENOBUFS) | Some(libc::ENOMEM) | Some(libc::EINTR)
-            | Some(libc::EIO) => Sent::Full,
+            | Some(libc::EIO) | Some(libc::ENETDOWN) => Sent::Full,
             Some(e) => self.gone(e).map_or(Sent::Refused, |_| Sent::Gone),
             None => Sent::Refused,
         }
@@ -603,7 +604,11 @@ impl TapQueue {
             }
             let e = io::Error::last_os_error().raw_os_error();
             match e {
-                Some(libc::EAGAIN | libc::ENOBUFS | libc::ENOMEM | libc::EINTR | libc::EIO) | None => {
+                // ENETDOWN: the device is down (an administrator's choice): nothing can go now.
+                Some(
+                    libc::EAGAIN | libc::ENOBUFS | libc::ENOMEM | libc::EINTR | libc::EIO | libc::ENETDOWN,
+                )
+                | None => {
                     sent[k..n].fill(Sent::Full);
                     return;
                 }
