@@ -6,6 +6,7 @@
 //! or the new one, never half of each, and ring positions carry over.
 
 mod device;
+pub mod dirty_log;
 pub mod eventfd;
 pub mod iotlb;
 pub(crate) mod wire;
