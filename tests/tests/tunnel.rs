@@ -92,7 +92,7 @@ fn test_vxlan_port_and_the_kernels_vxlan_ping_at_every_size_and_stream_tcp_both_
         &["tcpdump", "--immediate-mode", "-U", "-n", "-w", &pcap_s, "-i", &u.1, "udp dst port 4789"],
         &dir.path("tcpdump.log"),
     );
-    std::thread::sleep(Duration::from_millis(800));
+    listening(&dump);
     nb.ping("10.90.0.1", 3, &[]).unwrap_or_else(|e| panic!("ping over VXLAN: {e} {:?}", sw.stats()));
     std::thread::sleep(Duration::from_millis(300));
     // SIGINT: tcpdump writes out what it holds and exits.
@@ -142,7 +142,7 @@ fn test_two_remotes_on_one_vni_get_broadcast_each_and_unicast_where_the_mac_was_
     let cap_s = cap.to_string_lossy().to_string();
     let mut dump = n2
         .spawn(&["sh", "-c", &format!("exec tcpdump -l -n -i vx0 icmp > {cap_s}")], &dir.path("tcpdump.log"));
-    std::thread::sleep(Duration::from_millis(800));
+    listening(&dump);
     let before = rx_packets(&n2, "vx0");
     nb.ping("10.91.0.1", 20, &["-i", "0.05"]).unwrap_or_else(|e| panic!("ping remote 1 again: {e}"));
     let extra = rx_packets(&n2, "vx0") - before;
@@ -182,7 +182,7 @@ fn test_geneve_between_two_switches_carries_ping_and_tcp_and_tcpdump_decodes_it(
         },
         &dir.path("tcpdump.log"),
     );
-    std::thread::sleep(Duration::from_millis(800));
+    listening(&dump);
     na.ping("10.94.0.2", 3, &[])
         .unwrap_or_else(|e| panic!("ping over Geneve: {e} {:?} {:?}", sw1.stats(), sw2.stats()));
     let _ = dump.wait_exit(Duration::from_secs(5));
@@ -250,7 +250,7 @@ fn test_vxlan_over_an_ipv6_underlay_to_the_kernels_vxlan_carries_ping_at_every_s
         &["sh", "-c", &format!("exec tcpdump -l -n -c 4 -i {} ip6 and udp dst port 4789 > {cap_s}", u.1)],
         &dir.path("tcpdump.log"),
     );
-    std::thread::sleep(Duration::from_millis(800));
+    listening(&dump);
     nb.ping("10.93.0.1", 3, &[]).unwrap_or_else(|e| panic!("ping over VXLAN/IPv6: {e} {:?}", sw.stats()));
     let _ = dump.wait_exit(Duration::from_secs(5));
     dump.kill();
@@ -525,7 +525,7 @@ fn test_geneve_port_and_open_vswitchs_userspace_geneve_ping_tcp_and_options() {
     let dump_cmd = |v: &str| format!("exec tcpdump -l -n {v} -i {} udp port 6081 > {cap_s}", u.1);
     let mut dump = no
         .spawn(&["sh", "-c", &dump_cmd(&format!("--immediate-mode -U -w {pcap}"))], &dir.path("tcpdump.log"));
-    std::thread::sleep(Duration::from_millis(800));
+    listening(&dump);
     nb.ping("10.96.0.1", 2, &[]).unwrap_or_else(|e| panic!("ping over Geneve: {e}"));
     std::thread::sleep(Duration::from_millis(300));
     // SIGINT: tcpdump writes out what it holds and exits.
@@ -563,7 +563,7 @@ fn test_geneve_port_and_open_vswitchs_userspace_geneve_ping_tcp_and_options() {
         &["add-flow", "br0", "priority=10,in_port=LOCAL,actions=set_field:0x1234->tun_metadata0,NORMAL"],
     );
     let mut dump = no.spawn(&["sh", "-c", &dump_cmd("--immediate-mode -v")], &dir.path("tcpdump2.log"));
-    std::thread::sleep(Duration::from_millis(800));
+    listening(&dump);
     let before = port_stats(&sw, "t").rx.packets;
     nb.ping("10.96.0.1", 3, &[]).unwrap_or_else(|e| panic!("ping with Geneve options: {e}"));
     std::thread::sleep(Duration::from_millis(300));
@@ -607,4 +607,13 @@ fn assert_tshark_decodes(pcap: &str, filter: &str, n: usize) {
     assert!(matched.lines().count() >= n, "tshark finds {n} packets with {filter}: {matched}\nof: {all}");
     let bad = read_pcap(&["tshark", "-n", "-r", pcap, "-Y", "_ws.malformed || _ws.expert.severity == error"]);
     assert!(bad.trim().is_empty(), "tshark calls these malformed: {bad}\nof: {all}");
+}
+
+/// Waits (up to 10 s) until tcpdump says it captures: what is sent after this is seen.
+fn listening(dump: &e2e_tests::Proc) {
+    assert!(
+        e2e_tests::wait_until(Duration::from_secs(10), || dump.log_text().contains("listening on")),
+        "tcpdump did not start: {}",
+        dump.log_text()
+    );
 }
