@@ -622,6 +622,11 @@ pub struct SwitchConfig {
     /// Seconds before an unseen MAC is forgotten.
     #[serde(default = "default_aging")]
     pub fdb_aging_secs: u32,
+    /// Slots of the forwarding table (default [`DEFAULT_FDB_ENTRIES`]; rounded up to a power
+    /// of two, four to a cache line). Size it for the MACs every port may learn together
+    /// (their `max-macs`), with room: a full bucket evicts its oldest entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fdb_entries: Option<u32>,
     /// Memory regions whose file could lose pages (a memfd without F_SEAL_SHRINK, hugetlbfs,
     /// plain files): refused, or mapped under the SIGBUS guard.
     #[serde(default)]
@@ -633,6 +638,11 @@ pub struct SwitchConfig {
     #[serde(default, rename = "port")]
     pub ports: Vec<PortConfig>,
 }
+
+/// Forwarding-table slots unless configured (1 MiB of table).
+pub const DEFAULT_FDB_ENTRIES: u32 = 65536;
+/// The most forwarding-table slots taken (256 MiB of table).
+pub const MAX_FDB_ENTRIES: u32 = 1 << 24;
 
 /// Mode of port socket files unless configured: owner and group may connect, others not.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
@@ -695,6 +705,11 @@ impl SwitchConfig {
         if self.fdb_aging_secs == 0 {
             return Err(ConfigError::Other("fdb_aging_secs must be at least 1".into()));
         }
+        if let Some(n) = self.fdb_entries.filter(|n| !(4..=MAX_FDB_ENTRIES).contains(n)) {
+            return Err(ConfigError::Other(format!(
+                "fdb_entries {n} is outside 4..={MAX_FDB_ENTRIES} (the forwarding table's slots)"
+            )));
+        }
         self.socket_access()?;
         if self.batch_wait_us > MAX_BATCH_WAIT_US {
             return Err(ConfigError::Other(format!(
@@ -722,6 +737,11 @@ impl SwitchConfig {
             })?),
         };
         Ok(crate::switch::sockets::Access { mode, gid })
+    }
+
+    /// Slots of the forwarding table.
+    pub fn fdb_entries(&self) -> usize {
+        self.fdb_entries.unwrap_or(DEFAULT_FDB_ENTRIES) as usize
     }
 
     /// The most guest memory one port may map, in bytes.

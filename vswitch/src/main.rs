@@ -89,6 +89,10 @@ struct RunArgs {
     /// Most guest memory one port may map (default 1TiB).
     #[arg(long, value_name = "SIZE")]
     max_guest_mem: Option<ByteSize>,
+    /// Slots of the forwarding table (default 65536): size it for the MACs all ports may
+    /// learn together (their max-macs), with room.
+    #[arg(long, value_name = "N")]
+    fdb_entries: Option<u32>,
     /// Control socket path.
     #[arg(long, env = "VSWITCH_CONTROL")]
     control: Option<PathBuf>,
@@ -324,6 +328,9 @@ fn run(a: RunArgs) -> Result<(), String> {
     }
     if let Some(m) = a.max_guest_mem {
         cfg.max_guest_mem = Some(m);
+    }
+    if let Some(n) = a.fdb_entries {
+        cfg.fdb_entries = Some(n);
     }
     if a.control.is_some() || cfg.control.is_none() {
         cfg.control = Some(a.control.clone().unwrap_or_else(|| DEFAULT_CONTROL.into()));

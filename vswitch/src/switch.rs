@@ -158,7 +158,7 @@ impl Switch {
         cfg.validate()?;
         let poll = Poll::new().map_err(SwitchError::Start)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(SwitchError::Start)?);
-        let fdb = Arc::new(Fdb::new(65536, cfg.fdb_aging_secs));
+        let fdb = Arc::new(Fdb::new(cfg.fdb_entries(), cfg.fdb_aging_secs));
         let cores: Vec<Option<usize>> = if cfg.pmd_cores.is_empty() {
             vec![None]
         } else {

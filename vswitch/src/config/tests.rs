@@ -214,3 +214,17 @@ fn test_tap_port_spec_and_its_errors() {
     let t: SwitchConfig = toml::from_str("[[port]]\nname = \"up\"\n").unwrap();
     assert!(t.validate().unwrap_err().to_string().contains("needs a socket path"));
 }
+
+#[test]
+fn test_fdb_entries_sizes_the_table_and_is_bounded() {
+    let cfg: SwitchConfig = toml::from_str("fdb_entries = 300000").unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.fdb_entries(), 300000);
+    // Four slots a bucket, a power of two of buckets.
+    assert_eq!(crate::l2::fdb::Fdb::new(cfg.fdb_entries(), 300).capacity(), 1 << 19);
+    assert_eq!(SwitchConfig::default().fdb_entries(), DEFAULT_FDB_ENTRIES as usize);
+    for bad in ["fdb_entries = 2", "fdb_entries = 4294967295"] {
+        let e = toml::from_str::<SwitchConfig>(bad).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("the forwarding table's slots"), "{e}");
+    }
+}

@@ -176,6 +176,26 @@ impl Fdb {
         }
     }
 
+    /// Slots in the table.
+    pub fn capacity(&self) -> usize {
+        self.buckets.len() * WAYS
+    }
+
+    /// Starts loading the bucket of (`vlan`, `mac`) into the cache, for a lookup or learn a
+    /// little later: a burst prefetches all its packets' buckets first, so a table larger than
+    /// the cache costs one memory latency per burst, not one per packet.
+    #[inline(always)]
+    pub fn prefetch(&self, vlan: u16, mac: Mac) {
+        let b = self.bucket(key_of(vlan, mac)) as *const Bucket;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch is a hint; the address is a live bucket of ours anyway.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch(b.cast::<i8>(), core::arch::x86_64::_MM_HINT_T0)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = b;
+    }
+
     /// Port that `mac` was last seen on in `vlan`, if recent enough.
     #[inline]
     pub fn lookup(&self, vlan: u16, mac: Mac, now: u32) -> Option<u16> {

@@ -97,6 +97,9 @@ fn policy_config(opts: &PeerOptions, sockets: &[PathBuf]) -> String {
     t
 }
 
+/// MACs a port learns by default (`max-macs`): more flows than this raise it.
+const MAC_LIMIT: usize = vswitch::l2::fdb::DEFAULT_MAC_LIMIT as usize;
+
 /// Why our switch's counters could not be read.
 #[derive(thiserror::Error, Debug)]
 pub(super) enum CtlError {
@@ -189,8 +192,17 @@ pub(super) fn start(opts: &PeerOptions, workdir: &Path) -> Result<Peer, PeerErro
             if let Some(v) = opts.topology.access_vlan(i) {
                 let _ = write!(spec, ",vlan={v}");
             }
+            if opts.flows > MAC_LIMIT {
+                let _ = write!(spec, ",max-macs={}", opts.flows);
+            }
             cmd.arg("--port").arg(spec);
         }
+    }
+    // Every flow's MAC learned (a port's default limit is 1024), in a table with room: at most
+    // a quarter full, as at the default size.
+    if opts.flows > MAC_LIMIT {
+        let want = (opts.flows as u64 * sockets.len() as u64 * 4).next_power_of_two().max(65536);
+        cmd.args(["--fdb-entries", &want.min(1 << 24).to_string()]);
     }
     cmd.args(["--pmd-cores", &opts.backend_cpu.to_string()]);
     if opts.busy_poll {

@@ -67,6 +67,19 @@ impl Datapath {
     /// packets of one flow reuse the previous decision.
     #[inline(always)]
     pub(super) fn decide(&mut self, src: &Port, n: usize, now: u32, c: &mut SrcCounts) {
+        // Every bucket the burst will touch, loading at once (a table larger than the cache
+        // misses on most of them). Consecutive packets of one flow are looked up once.
+        let mut last = (0, 0, None);
+        for p in &self.desc.pkts[..n] {
+            if p.action == Action::Drop || (p.src, p.dst, p.tci) == last {
+                continue;
+            }
+            last = (p.src, p.dst, p.tci);
+            if let Some(vlan) = src.vlan.ingress(p.tci) {
+                self.fdb.prefetch(vlan, p.src);
+                self.fdb.prefetch(vlan, p.dst);
+            }
+        }
         let mut prev: Option<(Option<u16>, Mac, Mac, u16, Action)> = None;
         for p in &mut self.desc.pkts[..n] {
             if p.action == Action::Drop {
