@@ -620,13 +620,17 @@ fn qemu_plug_loop(viommu: bool) {
         last.last.as_ref().map_or(0, |h| h.unplug_us),
         ping_out.lines().rev().nth(1).unwrap_or("")
     );
-    let gs = port_stats(&sw, "g");
+    let (gs, us) = (port_stats(&sw, "g"), port_stats(&sw, "up"));
     println!(
-        "switch: to the guest {} delivered, {} no buffer, {} malformed; vIOMMU {:?}",
+        "switch: to the guest {} delivered, {} no buffer, {} malformed; vIOMMU {:?}; from the wire {} \
+         frames, {} no buffer, {} malformed",
         gs.tx.packets,
         gs.tx.drop_no_buffer,
         gs.tx.drop_malformed,
-        e2e_tests::port_info(&sw, "g").device.iotlb
+        e2e_tests::port_info(&sw, "g").device.iotlb,
+        us.rx.packets,
+        us.rx.drop_no_buffer,
+        us.rx.drop_malformed
     );
     for (what, c) in [("to the guest", to_guest), ("from the guest", from_guest)] {
         assert!(c.packets > if viommu { 4_000 } else { 10_000 }, "UDP {what} flowed: {c:?}");
