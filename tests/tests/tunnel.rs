@@ -101,17 +101,8 @@ fn test_vxlan_port_and_the_kernels_vxlan_ping_at_every_size_and_stream_tcp_both_
     assert!(seen.contains("VXLAN, flags [I] (0x08), vni 42"), "tcpdump decodes our VXLAN: {seen}");
     assert_tshark_decodes(&pcap_s, "vxlan.vni == 42 && icmp.type == 8", 3);
     // 1422 bytes of payload fill the inner MTU; 1600 and 3200 are fragmented by the sender's IP.
-    for size in ["1422", "1600", "3200"] {
-        nb.ping("10.90.0.1", 3, &["-s", size]).unwrap_or_else(|e| panic!("ping -s {size}: {e}"));
-        na.ping("10.90.0.2", 2, &["-s", size]).unwrap_or_else(|e| panic!("ping back -s {size}: {e}"));
-    }
-    let mut server = na.spawn(&["iperf3", "-s", "-B", "10.90.0.1"], &dir.path("iperf3.log"));
-    std::thread::sleep(Duration::from_millis(300));
-    let up = nb.iperf3("10.90.0.1", 2, false);
-    let down = nb.iperf3("10.90.0.1", 2, true);
-    server.kill();
-    println!("iperf3 TCP over VXLAN to the kernel's vxlan: {up:.2} Gbit/s, back {down:.2} Gbit/s");
-    assert!(up > 0.0 && down > 0.0);
+    let hosts = Hosts { near: &nb, near_ip: "10.90.0.2", far: &na, far_ip: "10.90.0.1" };
+    hosts.ping_every_size_and_stream(&["1422", "1600", "3200"], 3, &dir, "VXLAN to the kernel's vxlan");
     let s = port_stats(&sw, "t");
     assert!(s.rx.packets > 0 && s.tx.packets > 0, "{s:?}");
     // The TAP's kernel hands over TSO frames with partial checksums: the tunnel cut them into
@@ -260,17 +251,8 @@ fn test_vxlan_over_an_ipv6_underlay_to_the_kernels_vxlan_carries_ping_at_every_s
         "tcpdump decodes our VXLAN over IPv6: {seen}"
     );
     // 1402 bytes of payload fill the inner MTU; 1600 and 3200 go as IPv6 fragments.
-    for size in ["1402", "1600", "3200"] {
-        nb.ping("10.93.0.1", 3, &["-s", size]).unwrap_or_else(|e| panic!("ping -s {size}: {e}"));
-        na.ping("10.93.0.2", 2, &["-s", size]).unwrap_or_else(|e| panic!("ping back -s {size}: {e}"));
-    }
-    let mut server = na.spawn(&["iperf3", "-s", "-B", "10.93.0.1"], &dir.path("iperf3.log"));
-    std::thread::sleep(Duration::from_millis(300));
-    let up = nb.iperf3("10.93.0.1", 2, false);
-    let down = nb.iperf3("10.93.0.1", 2, true);
-    server.kill();
-    println!("iperf3 TCP over VXLAN/IPv6 to the kernel's vxlan: {up:.2} Gbit/s, back {down:.2} Gbit/s");
-    assert!(up > 0.0 && down > 0.0);
+    let hosts = Hosts { near: &nb, near_ip: "10.93.0.2", far: &na, far_ip: "10.93.0.1" };
+    hosts.ping_every_size_and_stream(&["1402", "1600", "3200"], 3, &dir, "VXLAN/IPv6 to the kernel's vxlan");
 }
 
 /// Two tunnel ports, VNIs 42 and 43, on the one UDP port 4789 and the one remote: the kernel's
@@ -542,19 +524,13 @@ fn test_geneve_port_and_open_vswitchs_userspace_geneve_ping_tcp_and_options() {
             && count("Geneve, Flags [none], vni 0x7: IP 10.96.0.1 > 10.96.0.2: ICMP echo reply") >= 2,
         "tcpdump decodes both ends' Geneve: {seen}"
     );
-    for size in ["1422", "1600", "3200"] {
-        nb.ping("10.96.0.1", 2, &["-s", size]).unwrap_or_else(|e| panic!("ping -s {size}: {e}"));
-        no.ping("10.96.0.2", 2, &["-s", size]).unwrap_or_else(|e| panic!("ping back -s {size}: {e}"));
-    }
-    let mut server = no.spawn(&["iperf3", "-s", "-B", "10.96.0.1"], &dir.path("iperf3.log"));
-    std::thread::sleep(Duration::from_millis(300));
-    let up = nb.iperf3("10.96.0.1", 2, false);
-    let down = nb.iperf3("10.96.0.1", 2, true);
-    server.kill();
-    println!(
-        "iperf3 TCP over Geneve to Open vSwitch's userspace datapath: {up:.2} Gbit/s, back {down:.2} Gbit/s"
+    let hosts = Hosts { near: &nb, near_ip: "10.96.0.2", far: &no, far_ip: "10.96.0.1" };
+    hosts.ping_every_size_and_stream(
+        &["1422", "1600", "3200"],
+        2,
+        &dir,
+        "Geneve to Open vSwitch's userspace datapath",
     );
-    assert!(up > 0.0 && down > 0.0);
     // Open vSwitch puts an option (class 0xffff, 4 bytes) on what its host sends: the switch
     // skips options and takes the frame.
     ovs.tool("ovs-ofctl", &["add-tlv-map", "br0", "{class=0xffff,type=0,len=4}->tun_metadata0"]);
@@ -616,4 +592,33 @@ fn listening(dump: &e2e_tests::Proc) {
         "tcpdump did not start: {}",
         dump.log_text()
     );
+}
+
+/// The two hosts at the ends of a tunnel: `near` behind the switch's TAP port, `far` behind
+/// the other VTEP.
+struct Hosts<'a> {
+    near: &'a Netns,
+    near_ip: &'a str,
+    far: &'a Netns,
+    far_ip: &'a str,
+}
+
+impl Hosts<'_> {
+    /// Pings at each of `sizes` (`count` echoes out, 2 back; the larger ones fragment), then
+    /// streams iperf3 TCP both ways, printed as `what`.
+    fn ping_every_size_and_stream(&self, sizes: &[&str], count: u32, dir: &Scratch, what: &str) {
+        for size in sizes {
+            let out = self.near.ping(self.far_ip, count, &["-s", size]);
+            out.unwrap_or_else(|e| panic!("ping -s {size}: {e}"));
+            let back = self.far.ping(self.near_ip, 2, &["-s", size]);
+            back.unwrap_or_else(|e| panic!("ping back -s {size}: {e}"));
+        }
+        let mut server = self.far.spawn(&["iperf3", "-s", "-B", self.far_ip], &dir.path("iperf3.log"));
+        std::thread::sleep(Duration::from_millis(300));
+        let up = self.near.iperf3(self.far_ip, 2, false);
+        let down = self.near.iperf3(self.far_ip, 2, true);
+        server.kill();
+        println!("iperf3 TCP over {what}: {up:.2} Gbit/s, back {down:.2} Gbit/s");
+        assert!(up > 0.0 && down > 0.0);
+    }
 }
