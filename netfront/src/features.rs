@@ -33,6 +33,8 @@ pub use virtq::features::NET_F_MRG_RXBUF as VIRTIO_NET_F_MRG_RXBUF;
 pub use virtq::features::RING_F_EVENT_IDX as VIRTIO_RING_F_EVENT_IDX;
 /// `VIRTIO_RING_F_INDIRECT_DESC`.
 pub use virtq::features::RING_F_INDIRECT_DESC as VIRTIO_RING_F_INDIRECT_DESC;
+/// `VHOST_F_LOG_ALL` (acked while migrating).
+pub use virtq::features::VHOST_F_LOG_ALL;
 /// `VHOST_USER_F_PROTOCOL_FEATURES`.
 pub use virtq::features::VHOST_USER_F_PROTOCOL_FEATURES;
 

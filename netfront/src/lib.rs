@@ -41,6 +41,7 @@ mod error;
 mod fake_device;
 mod features;
 mod memory;
+pub mod migration;
 mod negotiate;
 mod ring;
 mod rx;
@@ -166,6 +167,11 @@ pub struct Frontend {
     bufs: Vec<(usize, usize)>,
     mem: GuestMemory,
     stopped: bool,
+    /// Each vring's addresses as sent (desc, avail, used) and its used ring's guest-physical
+    /// address: SET_VRING_ADDR is sent again when dirty logging starts or stops.
+    ring_addrs: Vec<([u64; 3], u64)>,
+    /// The dirty log while "migrating".
+    log: Option<migration::DirtyLog>,
 }
 
 /// Counters of the frontend's vIOMMU.
@@ -276,9 +282,14 @@ impl Frontend {
             Some(v) => v.iova_base() + off as u64,
             None => mem.uva(off),
         };
+        let mut ring_addrs = Vec::with_capacity(2 * pairs.len());
         for (k, pair) in pairs.iter().enumerate() {
             for (i, ring) in [(2 * k, &pair.rx.ring), (2 * k + 1, &pair.tx.ring)] {
                 let v = &layout.vrings[i];
+                ring_addrs.push((
+                    [ring_addr(v.desc), ring_addr(v.avail), ring_addr(v.used)],
+                    mem.gpa_base() + v.used as u64,
+                ));
                 let setup = VringSetup {
                     size: ring.size(),
                     base: 0,
@@ -314,6 +325,8 @@ impl Frontend {
             addr_base,
             mem,
             stopped: false,
+            ring_addrs,
+            log: None,
         })
     }
 
@@ -494,6 +507,75 @@ impl Frontend {
         let bases = self.ctl.stop_vrings(2 * self.pairs.len())?;
         self.stopped = true;
         Ok(bases)
+    }
+
+    /// Starts dirty logging as QEMU does when a migration starts: a sealed memfd log covering
+    /// guest memory (SET_LOG_BASE), VHOST_F_LOG_ALL acked with the running rings, then each
+    /// ring's addresses again with its used ring's log address.
+    pub fn start_migration_log(&mut self) -> Result<()> {
+        let covering = self.mem.gpa_base() + self.mem.len() as u64;
+        let log = migration::DirtyLog::new(covering)
+            .map_err(|source| Error::RawProtocol { request: "dirty log memfd", source })?;
+        self.ctl.set_log_base(log.fd(), log.bytes())?;
+        self.log = Some(log);
+        self.ctl.set_features(self.neg.features | VHOST_F_LOG_ALL)?;
+        self.resend_ring_addrs(true)
+    }
+
+    /// Stops dirty logging (a cancelled migration, or the end of one): LOG_ALL no longer acked,
+    /// the rings' addresses without a log address. The log stays readable.
+    pub fn stop_migration_log(&mut self) -> Result<()> {
+        self.ctl.set_features(self.neg.features & !VHOST_F_LOG_ALL)?;
+        self.resend_ring_addrs(false)
+    }
+
+    fn resend_ring_addrs(&mut self, log: bool) -> Result<()> {
+        for (k, pair) in self.pairs.iter().enumerate() {
+            for (i, ring) in [(2 * k, &pair.rx.ring), (2 * k + 1, &pair.tx.ring)] {
+                let ([desc, avail, used], used_gpa) = self.ring_addrs[i];
+                let v = VringSetup {
+                    size: ring.size(),
+                    base: 0,
+                    desc,
+                    avail,
+                    used,
+                    kick: ring.kick_fd(),
+                    call: ring.call_fd(),
+                };
+                self.ctl.set_vring_addr(i, &v, log.then_some(used_gpa))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The pages (guest-physical address / 4096) the backend marked since the last call,
+    /// cleared (empty without a log).
+    pub fn take_dirty_pages(&mut self) -> Vec<u64> {
+        self.log.as_ref().map(|l| l.take_dirty_pages()).unwrap_or_default()
+    }
+
+    /// The whole of guest memory as it is now, and the guest-physical address of its first
+    /// byte: what a migration copies. (The backend may be writing into it: a copy taken while
+    /// it runs is what a pre-copy pass sees.)
+    pub fn memory_snapshot(&self, from: usize, len: usize) -> Vec<u8> {
+        let len = len.min(self.mem.len().saturating_sub(from));
+        let mut out = vec![0u8; len];
+        // SAFETY: `from..from + len` lies inside `mem`, which `self` keeps mapped; volatile-free
+        // byte copy of memory the backend may write concurrently (a torn page is what a
+        // pre-copy pass copies too, and the dirty log makes it copy the page again).
+        unsafe { std::ptr::copy_nonoverlapping(self.mem.host_ptr(from), out.as_mut_ptr(), len) };
+        out
+    }
+
+    /// Guest memory's size in bytes.
+    pub fn memory_len(&self) -> usize {
+        self.mem.len()
+    }
+
+    /// SEND_RARP: asks the backend to announce `mac` from this device, as QEMU does on the
+    /// destination of a migration.
+    pub fn send_rarp(&mut self, mac: [u8; 6]) -> Result<()> {
+        self.ctl.send_rarp(mac)
     }
 
     /// Whether [`stop`](Self::stop) has completed.

@@ -44,7 +44,9 @@ impl Negotiated {
 pub(crate) fn wanted_protocol(cfg: &FrontendConfig) -> VhostUserProtocolFeatures {
     let mut want = VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::CONFIG;
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::RARP;
     if cfg.mem_slots {
         want |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
     }

@@ -212,6 +212,56 @@ impl Session {
         Ok(())
     }
 
+    /// SET_LOG_BASE with a dirty log's memfd (`LOG_SHMFD`): the backend maps `size` bytes of
+    /// it from offset 0 and answers with the same message.
+    pub fn set_log_base(&mut self, fd: RawFd, size: u64) -> Result<()> {
+        if !self.protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD) {
+            return Err(Error::Unsupported("the backend did not offer LOG_SHMFD (no dirty log)".into()));
+        }
+        let region = vhost::VhostUserDirtyLogRegion { mmap_size: size, mmap_offset: 0, mmap_handle: fd };
+        self.call("SET_LOG_BASE", |c| c.set_log_base(0, Some(region)))
+    }
+
+    /// SET_VRING_ADDR for a running vring, as QEMU sends it when dirty logging starts
+    /// (`log`: the used ring's guest-physical address, with `VHOST_VRING_F_LOG`) or stops.
+    pub fn set_vring_addr(&mut self, index: usize, v: &VringSetup<'_>, log: Option<u64>) -> Result<()> {
+        let cfg = VringConfigData {
+            queue_max_size: v.size,
+            queue_size: v.size,
+            flags: if log.is_some() { 1 } else { 0 },
+            desc_table_addr: v.desc,
+            used_ring_addr: v.used,
+            avail_ring_addr: v.avail,
+            log_addr: log,
+        };
+        self.call("SET_VRING_ADDR", |c| c.set_vring_addr(index, &cfg))
+    }
+
+    /// SEND_RARP (sent directly on the socket: the vhost crate has no request for it): asks the
+    /// backend to announce `mac` from this device, as QEMU does on a migration's destination.
+    pub fn send_rarp(&mut self, mac: [u8; 6]) -> Result<()> {
+        const REQ_SEND_RARP: u32 = 19;
+        let _armed = self.wd.arm(self.timeout);
+        let err = |source| Error::RawProtocol { request: "SEND_RARP", source };
+        let ack = self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        let mut req = [0u8; 20];
+        req[0..4].copy_from_slice(&REQ_SEND_RARP.to_le_bytes());
+        req[4..8].copy_from_slice(&(HDR_VERSION | if ack { 0x8 } else { 0 }).to_le_bytes());
+        req[8..12].copy_from_slice(&8u32.to_le_bytes());
+        req[12..18].copy_from_slice(&mac);
+        let mut raw = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        raw.write_all(&req).map_err(err)?;
+        if !ack {
+            return Ok(());
+        }
+        let mut reply = [0u8; 20];
+        raw.read_exact(&mut reply).map_err(err)?;
+        match u64::from_le_bytes(reply[12..20].try_into().unwrap_or_default()) {
+            0 => Ok(()),
+            s => Err(err(io::Error::other(format!("the backend refused SEND_RARP (status {s})")))),
+        }
+    }
+
     /// GET_CONFIG of `len` bytes at `offset` of the device's config space.
     pub fn get_config(&mut self, offset: u32, len: usize) -> Result<Vec<u8>> {
         let buf = vec![0u8; len];

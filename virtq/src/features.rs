@@ -41,6 +41,9 @@ pub const RING_F_EVENT_IDX: u64 = 1 << virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 /// `VHOST_USER_F_PROTOCOL_FEATURES`: the vhost-user protocol's bit in the virtio feature word
 /// (the vhost-user spec's, not virtio's: `virtio-bindings` does not have it).
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// `VHOST_F_LOG_ALL`: the backend marks every page it writes in the frontend's dirty log
+/// (acked by the frontend only while it migrates the guest).
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 /// `VIRTIO_F_VERSION_1`.
 pub const F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
 /// `VIRTIO_F_ACCESS_PLATFORM` (once `IOMMU_PLATFORM`): the guest's addresses are IOVAs behind
@@ -95,6 +98,7 @@ impl Negotiated {
             (RING_F_INDIRECT_DESC, "INDIRECT_DESC"),
             (RING_F_EVENT_IDX, "EVENT_IDX"),
             (VHOST_USER_F_PROTOCOL_FEATURES, "PROTOCOL_FEATURES"),
+            (VHOST_F_LOG_ALL, "LOG_ALL"),
             (F_VERSION_1, "VERSION_1"),
             (F_ACCESS_PLATFORM, "ACCESS_PLATFORM"),
             (F_IN_ORDER, "IN_ORDER"),

@@ -161,6 +161,12 @@ impl SplitRing {
         self.size
     }
 
+    /// Where the used ring lies in host memory and how many bytes it spans (flags, index,
+    /// entries and avail_event): what the device writes, for a dirty log.
+    pub fn used_area(&self) -> (*const u8, u64) {
+        (self.used.as_ptr() as *const u8, 6 + 8 * self.size as u64)
+    }
+
     /// The state to hand over when the ring changes owner.
     pub fn state(&self) -> RingState {
         RingState { last_avail: self.last_avail, used_idx: self.used_idx }

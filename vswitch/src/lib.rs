@@ -22,6 +22,7 @@ pub mod policy;
 pub mod port;
 pub mod switch;
 pub mod sync;
+pub mod test_hooks;
 pub mod uplink;
 pub mod vhost;
 pub mod virtio;

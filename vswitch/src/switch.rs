@@ -35,7 +35,9 @@ use crate::port::{Port, Queue, MAX_PORTS};
 use crate::uplink::link::LinkEnd;
 use crate::uplink::nic::{NicQueue, NicTxQueue, Wire};
 use crate::uplink::tap::TapDevice;
-use crate::vhost::wire::{backend_req_fd, iotlb_msg, vring_enable, waiting_message, Waiting};
+use crate::vhost::wire::{
+    backend_req_fd, iotlb_msg, log_fd, send_rarp, vring_enable, waiting_message, Waiting,
+};
 use crate::vhost::{MemPolicy, VhostDevice};
 
 const WAKER: Token = Token(usize::MAX - 1);

@@ -276,7 +276,7 @@ impl Pmd {
             // always shows "new" entries it will never take: neither may wake us or keep us up.
             match g.as_mut().filter(|q| q.live()) {
                 Some(Queue::Virtio(q)) => {
-                    if q.ring.set_kicks(true) {
+                    if q.set_kicks(true) {
                         // A queue stalled on an IOTLB miss is not work until the update comes
                         // (which wakes us); we look again soon in case it never does.
                         if q.iotlb.as_ref().is_some_and(|l| l.stalled()) {
@@ -364,7 +364,7 @@ impl Pmd {
             let mut g = port.txq[*pair as usize].lock();
             match g.as_mut() {
                 Some(Queue::Virtio(q)) => {
-                    q.ring.set_kicks(false);
+                    q.set_kicks(false);
                 }
                 Some(Queue::AccelTx(a)) => {
                     a.q.set_kicks(false);

@@ -47,6 +47,9 @@ pub(super) struct AccelBook {
     spoofed: u64,
     shaped: u64,
     rx_frames: u64,
+    /// Unplugged because its guest is migrating (dirty logging on): the tier it left, and
+    /// whether it was held off before.
+    pub(super) migrating: Option<(Tier, bool)>,
 }
 
 /// Per port.
@@ -109,10 +112,84 @@ pub(super) fn swap_in(
 }
 
 impl Control {
+    /// Whether the guest on port `id` is migrating: its frontend acked VHOST_F_LOG_ALL.
+    pub(super) fn migrating(&self, id: u16) -> bool {
+        self.ports.get(&id).is_some_and(|st| st.device.lock().is_ok_and(|d| d.log_all_acked()))
+    }
+
+    /// The tier port `id` is plugged at, if any.
+    fn plugged_tier(&self, id: u16) -> Option<Tier> {
+        let port = &self.ports.get(&id)?.port;
+        if let Some(Some(Queue::AccelTx(a))) = port.txq.first().map(|s| s.lock()).as_deref() {
+            return Some(if a.vf.is_some() { Tier::L3 } else { Tier::L2 });
+        }
+        let held = self.accel.get(&id).is_some_and(|b| b.held_off);
+        (!held && self.l1_nic_of(id).is_some()).then_some(Tier::L1)
+    }
+
+    /// A SET_FEATURES acking VHOST_F_LOG_ALL is about to be handled: the guest on port `id`
+    /// starts migrating. A device writes into the guest by DMA that the dirty log does not
+    /// see, so a plugged port steps aside to the software path first, through the contract's
+    /// unplug (nothing lost), before the frontend's reply, after which QEMU starts copying
+    /// (DPDK vDPA's "software-assisted" live migration). It stays on the software path until
+    /// logging stops with the guest still here (a cancelled migration: see
+    /// [`migration_ends`](Self::migration_ends)) or the frontend goes.
+    pub(super) fn migration_starts(&mut self, id: u16) {
+        if self.migrating(id) {
+            return;
+        }
+        let Some(tier) = self.plugged_tier(id) else { return };
+        let name = self.ports[&id].cfg.name.clone();
+        let held = self.accel.get(&id).is_some_and(|b| b.held_off);
+        match self.accel_unplug(&name) {
+            Ok(_) => {
+                tracing::info!(port = %name, tier = %tier, "unplugged for a live migration: the software path logs what it writes");
+                self.accel.entry(id).or_default().migrating = Some((tier, held));
+            }
+            Err(e) => tracing::error!(port = %name, "cannot unplug for a live migration: {e}"),
+        }
+    }
+
+    /// Dirty logging stopped (SET_FEATURES without VHOST_F_LOG_ALL, handled) with the guest's
+    /// frontend still connected: a port unplugged for the migration goes back to its tier.
+    pub(super) fn migration_ends(&mut self, id: u16) {
+        if self.migrating(id) {
+            return;
+        }
+        let Some((tier, held)) = self.accel.get_mut(&id).and_then(|b| b.migrating.take()) else { return };
+        let name = self.ports[&id].cfg.name.clone();
+        match self.accel_plug(&name, &tier.to_string()) {
+            Ok(_) => {
+                tracing::info!(port = %name, tier = %tier, "plugged again: the migration did not happen")
+            }
+            Err(e) => {
+                self.accel.entry(id).or_default().held_off = held;
+                tracing::warn!(port = %name, "not plugged again after a cancelled migration: {e}");
+            }
+        }
+    }
+
+    /// SEND_RARP from the frontend of port `id` (the destination of a live migration): the
+    /// guest's MAC moves to this port in the forwarding table at once, rather than at the
+    /// guest's first frame.
+    pub(super) fn announce(&mut self, id: u16, mac: [u8; 6]) {
+        let Some(st) = self.ports.get(&id) else { return };
+        let Some(vlan) = st.port.vlan.ingress(None) else { return };
+        let now = self.now();
+        self.fdb.learn(vlan, crate::l2::mac_from_bytes(mac), id, now);
+        tracing::info!(port = %st.cfg.name, "guest {} announced here (SEND_RARP): forwarding table moved", crate::l2::format_mac(crate::l2::mac_from_bytes(mac)));
+    }
+
     /// `ctl accel plug PORT --tier T`.
     pub(super) fn accel_plug(&mut self, name: &str, tier: &str) -> Result<AccelReport, SwitchError> {
         let tier: Tier = tier.parse().map_err(SwitchError::Refused)?;
         let id = self.port_named(name)?.port.id;
+        if self.migrating(id) {
+            return Err(SwitchError::Refused(format!(
+                "the guest on {name} is migrating (its frontend acked VHOST_F_LOG_ALL): a device's \
+                 writes into it would not be in the dirty log; plug it after the migration"
+            )));
+        }
         let was_held = self.accel.get(&id).is_some_and(|b| b.held_off);
         let r = match tier {
             Tier::L1 => self.try_plug_l1(id, name),
@@ -266,7 +343,7 @@ impl Control {
         }
         for (id, name, tier) in want {
             let Ok(tier) = tier.parse::<Tier>() else { continue };
-            if self.accel.get(&id).is_some_and(|b| b.held_off) {
+            if self.accel.get(&id).is_some_and(|b| b.held_off) || self.migrating(id) {
                 continue;
             }
             let port = &self.ports[&id].port;

@@ -104,6 +104,13 @@ impl Control {
             }
             self.fdb.flush_port(id);
             st.next_retry = Instant::now() + RETRY;
+            // A guest that migrated away (or whose migration died with its frontend): the
+            // port's next frontend is plugged as its configuration says.
+            if let Some(b) = self.accel.get_mut(&id) {
+                if let Some((_, held)) = b.migrating.take() {
+                    b.held_off = held;
+                }
+            }
             tracing::info!(port = %st.cfg.name, "frontend disconnected");
         }
     }
@@ -113,7 +120,7 @@ impl Control {
     pub(super) fn service_conn(&mut self, id: u16) {
         for _ in 0..MSG_BUDGET {
             let Some(st) = self.ports.get_mut(&id) else { return };
-            let Some((h, fd)) = &mut st.conn else { return };
+            let Some((_, fd)) = &st.conn else { return };
             let fd = *fd;
             // The vhost crate blocks (and retries EAGAIN forever) on a message that has not
             // fully arrived, and on a reply the socket has no room for; hand it only whole
@@ -142,11 +149,24 @@ impl Control {
                     self.disconnect(id);
                     return;
                 }
-                Waiting::Nothing | Waiting::Partial | Waiting::Whole => {}
-                w @ (Waiting::VringEnable | Waiting::IotlbMsg | Waiting::BackendReqFd) => {
+                Waiting::Nothing | Waiting::Partial | Waiting::Whole | Waiting::Features(_) => {}
+                Waiting::SendRarp => {
+                    match send_rarp(fd, &st.device) {
+                        Ok(Some(mac)) => self.announce(id, mac),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(port = %st.cfg.name, "closing vhost-user connection: {e}");
+                            self.disconnect(id);
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                w @ (Waiting::VringEnable | Waiting::IotlbMsg | Waiting::BackendReqFd | Waiting::LogFd) => {
                     let res = match w {
                         Waiting::VringEnable => vring_enable(fd, &st.device),
                         Waiting::IotlbMsg => iotlb_msg(fd, &st.device),
+                        Waiting::LogFd => log_fd(fd, &st.device),
                         _ => backend_req_fd(fd, &st.device),
                     };
                     if let Err(e) = res {
@@ -157,6 +177,16 @@ impl Control {
                     continue;
                 }
             }
+            // Dirty logging starting: a plugged port steps aside before the frontend's reply.
+            let features = match waiting {
+                Waiting::Features(bits) => Some(bits & crate::virtio::features::VHOST_F_LOG_ALL != 0),
+                _ => None,
+            };
+            if features == Some(true) {
+                self.migration_starts(id);
+            }
+            let Some(st) = self.ports.get_mut(&id) else { return };
+            let Some((h, _)) = &mut st.conn else { return };
             match h.handle_request() {
                 Ok(()) => {}
                 Err(e) if keeps_connection(&e) => {
@@ -180,6 +210,11 @@ impl Control {
                     self.disconnect(id);
                     return;
                 }
+            }
+            if features.is_some() {
+                // Logging stopped (a cancelled migration) or was refused: a port unplugged for
+                // it goes back to its tier.
+                self.migration_ends(id);
             }
         }
         // Budget spent: more may be waiting, and the edge-triggered poll will not say so again.

@@ -72,7 +72,10 @@ impl Control {
             for g in ids {
                 let gp = &self.ports[&g].port;
                 let Some((strip, vlan)) = served(&nic.vlan, &gp.vlan) else { continue };
-                if gp.policy.egress_on() || self.accel.get(&g).is_some_and(|b| b.held_off) {
+                if gp.policy.egress_on()
+                    || self.accel.get(&g).is_some_and(|b| b.held_off)
+                    || self.migrating(g)
+                {
                     continue;
                 }
                 let macs =

@@ -13,6 +13,7 @@ use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostU
 use vhost::VhostUserMemoryRegionBase;
 use virtq::{RingAddrs, RingError, MAX_RING_SIZE};
 
+use super::dirty_log::DirtyLog;
 use super::eventfd::{vring_eventfd, VringFdError};
 use super::iotlb::{
     BackendChannel, IotlbInfo, IotlbLink, IotlbMsg, IotlbStats, IOTLB_INVALIDATE, IOTLB_UPDATE,
@@ -34,6 +35,8 @@ fn offered_protocol() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::RARP
 }
 
 #[derive(Default)]
@@ -101,6 +104,24 @@ pub struct DeviceInfo {
     /// With a vIOMMU (ACCESS_PLATFORM acked): the IOTLB's state and activity.
     #[serde(default)]
     pub iotlb: Option<IotlbInfo>,
+    /// Live migration: the dirty log the frontend handed over, if any.
+    #[serde(default)]
+    pub dirty_log: Option<DirtyLogInfo>,
+}
+
+/// What `vswitch ctl ports` shows of a connection's dirty log.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct DirtyLogInfo {
+    /// Bytes of log (each bit one 4 KiB page of guest memory).
+    pub bytes: u64,
+    /// Whether the frontend acked VHOST_F_LOG_ALL: every write into the guest is marked.
+    pub logging: bool,
+    /// Marks of pages past the log's end, or of writes in no region (not set; the frontend
+    /// sized its log too small).
+    pub beyond: u64,
+    /// SET_LOG_BASE messages taken on this connection (QEMU sends a new one when the guest's
+    /// memory grows during a migration).
+    pub bases: u64,
 }
 
 /// What guest memory a port accepts (switch-wide settings).
@@ -148,6 +169,11 @@ pub struct VhostDevice {
     pub protocol_errors: u64,
     /// Connections dropped because their guest memory lost pages (the guard caught it).
     pub memory_faults: u64,
+    /// The dirty log (SET_LOG_BASE), used while VHOST_F_LOG_ALL is acked.
+    log: Option<Arc<DirtyLog>>,
+    log_bases: u64,
+    /// Why the last SET_LOG_BASE was refused.
+    log_refused: Option<String>,
 }
 
 fn refuse_fd(e: VringFdError) -> VuError {
@@ -181,6 +207,9 @@ impl VhostDevice {
             mem_policy: MemPolicy::default(),
             protocol_errors: 0,
             memory_faults: 0,
+            log: None,
+            log_bases: 0,
+            log_refused: None,
         }
     }
 
@@ -244,7 +273,38 @@ impl VhostDevice {
         self.mem_dups.clear();
         self.iotlb.clear();
         self.backend = None;
+        self.log = None;
+        self.log_refused = None;
         self.port.iova.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the frontend acked VHOST_F_LOG_ALL (it is migrating the guest).
+    pub fn log_all_acked(&self) -> bool {
+        self.acked.has(features::VHOST_F_LOG_ALL)
+    }
+
+    /// Whether the frontend acked the RARP protocol feature (it may send SEND_RARP).
+    pub fn rarp_acked(&self) -> bool {
+        self.protocol & VhostUserProtocolFeatures::RARP.bits() != 0
+    }
+
+    /// The dirty log every write into the guest goes to, while the frontend migrates it.
+    pub fn logging(&self) -> Option<&Arc<DirtyLog>> {
+        self.log.as_ref().filter(|_| self.acked.has(features::VHOST_F_LOG_ALL))
+    }
+
+    /// Gives every running virtio queue of the port the current log (or none): under each
+    /// queue's lock, so once this returns every write of a burst is marked. Queues plugged
+    /// into a device are not logged: the control thread unplugs them before logging starts.
+    pub fn apply_log(&self) {
+        let log = self.logging().cloned();
+        for i in 0..self.vrings.len() {
+            if let Some(slot) = self.port.slot(i) {
+                if let Some(q) = slot.lock().virtio_mut() {
+                    q.log = log.clone();
+                }
+            }
+        }
     }
 
     /// Whether the guest's addresses are IOVAs (it sits behind a vIOMMU).
@@ -276,6 +336,12 @@ impl VhostDevice {
             },
             calls_revoked: self.port.call_fault.revoked.load(std::sync::atomic::Ordering::Relaxed),
             iotlb: self.iova_mode().then(|| self.iotlb_info()),
+            dirty_log: self.log.as_ref().map(|l| DirtyLogInfo {
+                bytes: l.len(),
+                logging: self.acked.has(features::VHOST_F_LOG_ALL),
+                beyond: l.beyond(),
+                bases: self.log_bases,
+            }),
         }
     }
 
@@ -352,6 +418,7 @@ impl VhostDevice {
                     q.iotlb = Some(Box::new(link));
                 }
                 q.call_fault = Some(self.port.call_fault.clone());
+                q.log = self.logging().cloned();
                 *g = Some(q.into());
                 drop(g);
                 (self.wake)();
@@ -569,7 +636,9 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
         if bits & !offered != 0 {
             return Err(refuse(format!("features {:#x} were not offered", bits & !offered)));
         }
-        if bits != self.acked.bits && self.any_running() {
+        // Only dirty logging may start or stop under running queues (QEMU acks LOG_ALL when
+        // a migration starts, with the guest running).
+        if (bits ^ self.acked.bits) & !features::VHOST_F_LOG_ALL != 0 && self.any_running() {
             return Err(refuse("features cannot change while queues run".into()));
         }
         // The vhost-user spec's IOMMU support: IOTLB_MSG both ways, misses over the backend
@@ -580,8 +649,21 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
                 "VIRTIO_F_ACCESS_PLATFORM (a vIOMMU) needs the BACKEND_REQ protocol feature for IOTLB misses, which was not acked".into(),
             ));
         }
+        if bits & features::VHOST_F_LOG_ALL != 0 && self.log.is_none() {
+            return Err(refuse(match &self.log_refused {
+                Some(why) => format!("VHOST_F_LOG_ALL refused: the dirty log was refused ({why})"),
+                None => "VHOST_F_LOG_ALL without a dirty log: send SET_LOG_BASE with the log's memfd \
+                         (protocol feature LOG_SHMFD) first"
+                    .into(),
+            }));
+        }
+        let was_logging = self.logging().is_some();
         self.acked = Negotiated { bits };
         self.port.iova.store(self.iova_mode(), std::sync::atomic::Ordering::Relaxed);
+        if was_logging != self.logging().is_some() {
+            tracing::info!(port = %self.port.name, "dirty logging {}", if was_logging { "stopped" } else { "started: the guest is migrating" });
+            self.apply_log();
+        }
         Ok(())
     }
 
@@ -626,7 +708,16 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
         _log: u64,
     ) -> VuResult<()> {
         tracing::debug!(port = %self.port.name, "SET_VRING_ADDR {index} desc={descriptor:#x} avail={available:#x} used={used:#x}");
-        self.vring(index)?.addrs = Some(RingAddrs { desc: descriptor, avail: available, used });
+        let addrs = Some(RingAddrs { desc: descriptor, avail: available, used });
+        let running = self.port.slot(index as usize).is_some_and(|s| s.is_running());
+        let v = self.vring(index)?;
+        if running && v.addrs == addrs {
+            // QEMU sends the same addresses again, with VHOST_VRING_F_LOG, when a migration
+            // starts: nothing moves, and the running ring is left alone. (Its used ring is
+            // logged by where it is mapped, whatever `log_guest_addr` says.)
+            return Ok(());
+        }
+        v.addrs = addrs;
         self.refresh(index as usize);
         Ok(())
     }
@@ -808,7 +899,32 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
         unsupported("GET_SHMEM_CONFIG")
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        unsupported("dirty logging (SET_LOG_BASE)")
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        let (size, offset) = (log.mmap_size, log.mmap_offset);
+        tracing::debug!(port = %self.port.name, "SET_LOG_BASE {size} bytes at offset {offset}");
+        // The vhost crate sends no reply for a refusal here and QEMU waits for one: the
+        // refusal is kept, the frontend gets its reply, and the SET_FEATURES acking
+        // VHOST_F_LOG_ALL that follows is refused with the reason (QEMU then fails the
+        // migration, with the guest still running here).
+        let mapped = match DirtyLog::map(&file, size, offset) {
+            Ok(m) => m,
+            Err(e) => {
+                self.protocol_errors += 1;
+                tracing::warn!(port = %self.port.name, "dirty log refused: {e}");
+                self.log = None;
+                self.log_refused = Some(e.to_string());
+                self.apply_log();
+                return Ok(());
+            }
+        };
+        self.log_refused = None;
+        // Marks made in the old log until the queues switch are still seen: QEMU reads the
+        // old log once more before it frees it.
+        self.log = Some(Arc::new(mapped));
+        self.log_bases += 1;
+        if self.logging().is_some() {
+            self.apply_log();
+        }
+        Ok(())
     }
 }

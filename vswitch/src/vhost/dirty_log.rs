@@ -17,8 +17,16 @@
 //! the log cannot lose pages under the switch (a SIGBUS). A page beyond the log is not marked
 //! and is counted: the frontend sized the log for the memory it has.
 //!
-//! Not offered yet: the switch does not advertise `VHOST_F_LOG_ALL` or
-//! `VHOST_USER_PROTOCOL_F_LOG_SHMFD` until every write of the datapath marks its pages.
+//! Who marks what (each after the write, so a pass of the frontend that copied the page
+//! before the write sees the mark and copies it again):
+//! - the copy pass of a delivery (`pmd::burst::fill`, a `const LOG` variant chosen per pass)
+//!   and the delivery of frames parked for an IOTLB miss: the bytes written into receive
+//!   buffers;
+//! - every publish of used entries and every change of the kick suppression: the whole used
+//!   ring (`VirtQueue::publish`, `VirtQueue::set_kicks`), found by where it is mapped, so the
+//!   frontend's `log_guest_addr` (an IOVA behind a vIOMMU) is not trusted or needed;
+//! - a queue plugged into a device is not: the control thread unplugs it before logging
+//!   starts (`Control::migration_starts`).
 
 use std::fs::File;
 use std::io;

@@ -67,6 +67,13 @@ pub(crate) enum Waiting {
     IotlbMsg,
     /// A whole SET_BACKEND_REQ_FD (see `backend_req_fd`).
     BackendReqFd,
+    /// A whole SET_LOG_FD (see `log_fd`).
+    LogFd,
+    /// A whole SEND_RARP (see `send_rarp`).
+    SendRarp,
+    /// A whole SET_FEATURES acking these bits, left queued for the handler: the control loop
+    /// acts on a change of dirty logging before the frontend gets its reply.
+    Features(u64),
     /// A whole message, end of stream, an error, or a header the handler refuses by itself.
     Whole,
     /// A header that comes with more file descriptors than a message may carry: the vhost
@@ -159,6 +166,19 @@ pub(crate) fn waiting_message(fd: RawFd) -> Waiting {
         Waiting::IotlbMsg
     } else if req == u32::from(FrontendReq::SET_BACKEND_REQ_FD) {
         Waiting::BackendReqFd
+    } else if req == u32::from(FrontendReq::SET_LOG_FD) {
+        Waiting::LogFd
+    } else if req == u32::from(FrontendReq::SEND_RARP) {
+        Waiting::SendRarp
+    } else if req == u32::from(FrontendReq::SET_FEATURES) && size == 8 {
+        let mut m = [0u8; HDR + 8];
+        // SAFETY: peeks into a local buffer; the whole message is queued (checked above).
+        let n =
+            unsafe { libc::recv(fd, m.as_mut_ptr().cast(), m.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        match n {
+            20 => Waiting::Features(u64::from_le_bytes(m[12..20].try_into().unwrap_or_default())),
+            _ => Waiting::Whole,
+        }
     } else {
         Waiting::Whole
     }
@@ -331,6 +351,55 @@ pub(crate) fn backend_req_fd(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(
         send_status(fd, FrontendReq::SET_BACKEND_REQ_FD, res.is_err())?;
     }
     Ok(())
+}
+
+/// SET_LOG_FD: an eventfd the backend could signal after logging (vhost-kernel's
+/// VHOST_SET_LOG_FD). QEMU's vhost-user frontend never sends it and reads the log without being
+/// told; the fd is taken and closed, as DPDK does, and the frontend gets its status.
+pub(crate) fn log_fd(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<(), WireError> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: borrows the connection's fd for one receive; ManuallyDrop never closes it.
+    let conn = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(fd) });
+    let mut hdr = [0u8; 12];
+    let (n, file) = recv_one_fd(&conn, &mut hdr)?;
+    let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+    let flags = word(4);
+    if n != 12 || word(8) != 0 || flags & VERSION.bits() != VERSION_1 {
+        return Err(WireError::Malformed { req: "SET_LOG_FD", bytes: n as isize, flags, size: word(8) });
+    }
+    drop(file);
+    let d = device.lock().map_err(|_| WireError::Poisoned)?;
+    if flags & NEED_REPLY.bits() != 0 && d.reply_ack() {
+        send_status(fd, FrontendReq::SET_LOG_FD, false)?;
+    }
+    Ok(())
+}
+
+/// SEND_RARP (after a live migration, on the destination): the guest's MAC, in the first 6
+/// bytes of a u64, which the control loop moves to this port at once. Returns it, or `None`
+/// (counted, status sent) when the RARP protocol feature was not acked.
+pub(crate) fn send_rarp(fd: RawFd, device: &Mutex<VhostDevice>) -> Result<Option<[u8; 6]>, WireError> {
+    let mut buf = [0u8; 12 + 8];
+    let (flags, size) = read_whole(fd, &mut buf)?;
+    if size != 8 {
+        return Err(WireError::Malformed {
+            req: "SEND_RARP",
+            bytes: 12 + size as isize,
+            flags,
+            size: size as u32,
+        });
+    }
+    let mut d = device.lock().map_err(|_| WireError::Poisoned)?;
+    let ok = d.rarp_acked();
+    if !ok {
+        d.protocol_errors += 1;
+    }
+    if flags & NEED_REPLY.bits() != 0 && d.reply_ack() {
+        send_status(fd, FrontendReq::SEND_RARP, !ok)?;
+    }
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&buf[12..18]);
+    Ok(ok.then_some(mac))
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use virtq::{RingAddrs, RingError, SplitRing};
 
 use crate::limits::MAX_FRAME;
 use crate::offload::{Caps, MAX_GSO_FRAME};
+use crate::vhost::dirty_log::DirtyLog;
 use crate::vhost::iotlb::IotlbLink;
 
 /// A queue as a polling thread uses it. Owned by its port's queue slot; a thread touches it
@@ -59,6 +60,9 @@ pub struct VirtQueue {
     pub wait_since: u64,
     /// Transmit queues: the guest has been sending full bursts (batching applies).
     pub loaded: bool,
+    /// While the frontend migrates the guest (`VHOST_F_LOG_ALL`): the dirty log every page
+    /// this queue writes into the guest is marked in.
+    pub log: Option<Arc<DirtyLog>>,
 }
 
 /// Parameters to start a queue.
@@ -112,13 +116,54 @@ impl VirtQueue {
             epoch: EPOCHS.fetch_add(1, Ordering::Relaxed),
             wait_since: 0,
             loaded: false,
+            log: None,
         })
     }
 
-    /// Publishes every used entry except the held ones.
+    /// Publishes every used entry except the held ones (and, while logging, marks the used
+    /// ring's pages: after the writes, so a pass of the frontend that misses them sees the
+    /// mark).
     #[inline(always)]
     pub fn publish(&mut self) {
         self.ring.publish_used_but(self.held);
+        if let Some(log) = &self.log {
+            self.log_used(log);
+        }
+    }
+
+    /// Tells the driver whether to kick (see [`SplitRing::set_kicks`]); that writes the used
+    /// ring's flags or avail_event, which a migrating guest's log must show too.
+    #[inline]
+    pub fn set_kicks(&mut self, on: bool) -> bool {
+        let r = self.ring.set_kicks(on);
+        if let Some(log) = &self.log {
+            self.log_used(log);
+        }
+        r
+    }
+
+    /// Marks the used ring's pages in `log`. By the host address the ring is mapped at,
+    /// resolved to guest-physical through the region table: the same path holds behind a
+    /// vIOMMU, where the frontend's `log_guest_addr` would be an IOVA.
+    #[cold]
+    fn log_used(&self, log: &DirtyLog) {
+        let (p, len) = self.ring.used_area();
+        log.mark_host(self.dma.mem(), p, len);
+    }
+
+    /// While logging: marks the pages under the first `wrote` bytes of the receive buffers
+    /// `segs` (a frame just copied in).
+    #[inline]
+    pub fn log_written(&self, segs: &[iommu::Grant<iommu::Rw>], mut wrote: u32) {
+        let Some(log) = &self.log else { return };
+        for s in segs {
+            if wrote == 0 {
+                break;
+            }
+            let n = s.len().min(wrote);
+            log.mark_host(self.dma.mem(), s.as_ptr(), n as u64);
+            wrote -= n;
+        }
     }
 
     /// Interrupts the guest if it asked for it; returns whether it did.

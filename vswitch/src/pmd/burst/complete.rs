@@ -10,7 +10,7 @@ pub(super) fn complete(q: &mut VirtQueue, pkts: &[PacketRef], stats: &QueueStats
             q.ring.push_used(p.head, 0);
         }
     }
-    q.ring.publish_used();
+    q.publish();
     if q.notify() {
         bump(&stats.interrupts, 1);
     }

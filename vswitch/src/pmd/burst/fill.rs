@@ -141,8 +141,19 @@ impl Datapath {
     }
 
     /// The copy pass: the late copies of every planned unit, straight from the senders'
-    /// memory, then their used entries (in ring order).
+    /// memory, then their used entries (in ring order). While the guest migrates, the pass
+    /// that also marks the dirty log runs instead (chosen once per pass, not per byte).
+    #[inline(always)]
     pub(super) fn fill(&mut self, s: &mut VirtSink<'_>) {
+        if s.rq.log.is_some() {
+            self.fill_with::<true>(s)
+        } else {
+            self.fill_with::<false>(s)
+        }
+    }
+
+    #[inline(always)]
+    fn fill_with<const LOG: bool>(&mut self, s: &mut VirtSink<'_>) {
         let hdr_len = s.rq.hdr_len as u32;
         for k in 0..s.planned {
             let plan = self.copy.plans[k];
@@ -162,6 +173,9 @@ impl Datapath {
             // by our caller) and this queue's lock keep both memories mapped; room for the unit
             // was reserved.
             let wrote = unsafe { self.copy_unit(&plan, s, dst) };
+            if LOG && !crate::test_hooks::skip_rx_log() {
+                s.rq.log_written(dst, wrote);
+            }
             if one {
                 s.rq.ring.push_used(plan.head, wrote);
             } else {

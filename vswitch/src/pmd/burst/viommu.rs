@@ -186,6 +186,7 @@ pub(super) fn drain_parked(rq: &mut VirtQueue) -> Drained {
                     w.copy_from(std::slice::from_ref(&src), h as u32, (frame.len() - h) as u32);
                     w.written()
                 };
+                rq.log_written(&rx.segs[..nseg], wrote);
                 push_used_spread(rq, &rx.chains[..nch], wrote);
                 d.packets += 1;
                 d.bytes += (frame.len() - h) as u64;
