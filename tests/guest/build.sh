@@ -163,6 +163,12 @@ cat > "$R/init" <<'INIT'
 #               waits for its goodbye (tcp/5998)
 #       server: runs an iperf3 server, waits for the client's done, pings back, says goodbye
 #       solo:   PASS once eth0 is up (and pings PEER if given)
+#       sink:   takes TCP transfers on port 6000 for ever, one after the other, each reported as
+#               `KIT t=.. RECV bytes=N md5=SUM` (a live-migration target: nothing ends it)
+#       feeder: pings PEER every kit.ping_i seconds in the background (busybox's `seq=N` lines)
+#               and sends PEER:6000 one transfer of kit.blob_kb KiB of random bytes after
+#               another, each announced as `KIT t=.. SEND n=K bytes=N md5=SUM` and, once the
+#               connection closed, `KIT t=.. SENT n=K`
 #   kit.ip=ADDR/PREFIX kit.peer=ADDR   addresses on eth0
 #   kit.tests=ping,iperf3      what the client runs
 #   kit.tests=...,iperf3x3     server: two more iperf3 servers (ports 5202, 5203)
@@ -172,7 +178,7 @@ cat > "$R/init" <<'INIT'
 #                              the console; a round that fails (no carrier, no ARP answer) is
 #                              just followed by the next
 #   kit.ping_n=N (10)  kit.ping_i=SECONDS (0.2)  kit.loss_ok=PERCENT (0: any loss fails)
-#   kit.iperf_t=SECONDS (5)  kit.iperf_p=STREAMS (1)
+#   kit.iperf_t=SECONDS (5)  kit.iperf_p=STREAMS (1)  kit.blob_kb=KIB (1024)
 #   kit.ethtool=ARGS           run `ethtool ARGS` on eth0 before the tests (commas become spaces)
 #   kit.wait=SECONDS (30)      client: how long to wait for the peer
 #   kit.timeout=SECONDS (120)  watchdog: FAIL when it runs out
@@ -188,7 +194,7 @@ mount -t tmpfs tmpfs /tmp
 uptime_s() { read u _ < /proc/uptime; echo "$u"; }
 say() { echo "KIT t=$(uptime_s) $*"; }
 NAME=guest ROLE=solo IP= PEER= TESTS=ping PING_N=10 PING_I=0.2 LOSS_OK=0 IPERF_T=5 IPERF_P=1
-ETHTOOL= WAIT=30 TIMEOUT=120 HOLD=0
+ETHTOOL= WAIT=30 TIMEOUT=120 HOLD=0 BLOB_KB=1024
 for w in $(cat /proc/cmdline); do
   v=${w#*=}
   case "$w" in
@@ -196,7 +202,7 @@ for w in $(cat /proc/cmdline); do
     kit.peer=*) PEER=$v ;;       kit.tests=*) TESTS=$v ;;      kit.ping_n=*) PING_N=$v ;;
     kit.ping_i=*) PING_I=$v ;;   kit.loss_ok=*) LOSS_OK=$v ;;  kit.iperf_t=*) IPERF_T=$v ;;
     kit.iperf_p=*) IPERF_P=$v ;; kit.ethtool=*) ETHTOOL=$v ;;  kit.wait=*) WAIT=$v ;;
-    kit.timeout=*) TIMEOUT=$v ;; kit.hold=*) HOLD=$v ;;
+    kit.timeout=*) TIMEOUT=$v ;; kit.hold=*) HOLD=$v ;;         kit.blob_kb=*) BLOB_KB=$v ;;
   esac
 done
 nic_counts() {  # rx/tx packets and drops of eth0
@@ -244,6 +250,27 @@ server)
   RES=" client=$(echo $msg | tr ' ' _)"
   [ -n "$PEER" ] && wants ping && { PING_N=3; ping_test; }
   for try in 1 2 3 4 5; do echo bye | timeout 5 nc "$PEER" 5998 && break; sleep 1; done
+  ;;
+sink)
+  # nc's input never ends (a FIFO held open both ways): it must not half-close the
+  # connection because the console it would otherwise read from went quiet.
+  mkfifo /tmp/never && exec 3<> /tmp/never
+  while :; do
+    nc -l -p 6000 <&3 > /tmp/in 2>/dev/null
+    say "RECV bytes=$(wc -c < /tmp/in | tr -d " ") md5=$(md5sum < /tmp/in | cut -d' ' -f1) rc=$?"
+  done
+  ;;
+feeder)
+  ping -i "$PING_I" "$PEER" &
+  n=0
+  while :; do
+    n=$((n + 1))
+    dd if=/dev/urandom of=/tmp/blob bs=1024 count="$BLOB_KB" 2>/dev/null
+    say "SEND n=$n bytes=$(wc -c < /tmp/blob | tr -d " ") md5=$(md5sum < /tmp/blob | cut -d' ' -f1)"
+    until timeout 60 nc "$PEER" 6000 < /tmp/blob; do sleep 0.5; done
+    say "SENT n=$n"
+    sleep 0.2
+  done
   ;;
 client)
   n=0

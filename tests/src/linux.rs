@@ -146,6 +146,8 @@ pub struct GuestSpec {
     pub mem_mb: u32,
     /// Seconds before QEMU is killed (the guest's own watchdog is set 10 s shorter).
     pub timeout_s: u64,
+    /// More QEMU arguments (`-qmp ...`, `-incoming ...`).
+    pub qemu_args: Vec<String>,
 }
 
 impl GuestSpec {
@@ -164,6 +166,7 @@ impl GuestSpec {
             cpus: 1,
             mem_mb: 384,
             timeout_s: 240,
+            qemu_args: Vec::new(),
         }
     }
 }
@@ -272,6 +275,7 @@ impl Guest {
         cmd.arg("-serial").arg(format!("file:{}", serial.display()));
         cmd.arg("-kernel").arg(&kit.kernel).arg("-initrd").arg(&kit.initrd);
         cmd.arg("-append").arg(append.join(" "));
+        cmd.args(&spec.qemu_args);
         let log = dir.path(&format!("{}.qemu.log", spec.name));
         std::fs::write(dir.path(&format!("{}.cmd", spec.name)), format!("{cmd:?}\n")).ok();
         Guest { proc: Proc::spawn(cmd, &log), serial, name: spec.name.clone() }
@@ -343,5 +347,60 @@ impl Guest {
 impl Drop for Guest {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A QMP connection to a QEMU started with `-qmp unix:PATH,server=on,wait=off`: commands and
+/// their answers, events skipped.
+pub struct Qmp {
+    r: std::io::BufReader<std::os::unix::net::UnixStream>,
+    w: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    /// Connects (retrying until `timeout`: QEMU creates the socket as it starts) and leaves
+    /// capabilities negotiation mode.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, String> {
+        let t = Instant::now();
+        let s = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if t.elapsed() > timeout => return Err(format!("QMP {}: {e}", path.display())),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+        let w = s.try_clone().map_err(|e| e.to_string())?;
+        let mut q = Qmp { r: std::io::BufReader::new(s), w };
+        q.line()?; // the greeting
+        q.execute("qmp_capabilities", serde_json::json!({}))?;
+        Ok(q)
+    }
+
+    fn line(&mut self) -> Result<serde_json::Value, String> {
+        use std::io::BufRead;
+        let mut l = String::new();
+        match self.r.read_line(&mut l) {
+            Ok(0) => Err("QMP: QEMU closed the connection".into()),
+            Ok(_) => serde_json::from_str(&l).map_err(|e| format!("QMP: {e}: {l}")),
+            Err(e) => Err(format!("QMP: {e}")),
+        }
+    }
+
+    /// Runs `cmd` with `args`; its `return` value, or QEMU's error.
+    pub fn execute(&mut self, cmd: &str, args: serde_json::Value) -> Result<serde_json::Value, String> {
+        use std::io::Write;
+        let msg = serde_json::json!({ "execute": cmd, "arguments": args });
+        writeln!(self.w, "{msg}").map_err(|e| format!("QMP {cmd}: {e}"))?;
+        loop {
+            let v = self.line()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(format!("QMP {cmd}: {e}"));
+            }
+            // An event: not ours.
+        }
     }
 }

@@ -205,6 +205,10 @@ fn send_rarp_from_the_destination_moves_the_guests_mac_at_once() {
     assert_eq!(got.len(), 1, "a's frame to the guest reaches the destination");
     assert_eq!(frame_seq(&got[0]), Some(42));
     assert!(drain(&mut fsrc, Duration::from_millis(50)).is_empty(), "and not the source");
+    // The source's frontend goes (QEMU quits after the switch-over): the entry stays on dst.
+    drop(fsrc);
+    assert!(wait_until(Duration::from_secs(2), || !port_info(&sw, "src").connected));
+    assert_eq!(on(&sw), Some("dst"), "the source's disconnect leaves the moved entry alone");
 }
 
 /// A raw session to port `name`, acking LOG_SHMFD and REPLY_ACK, with features set.

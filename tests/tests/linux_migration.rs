@@ -1,0 +1,243 @@
+//! Live migration of a Linux guest between two QEMU processes on this machine, both on the
+//! switch (source on port m1, destination on m2), while a peer guest pings it and streams
+//! transfers of random bytes to it (the kit's `feeder` and `sink` roles). QEMU must complete
+//! the migration (it refuses to start one without VHOST_F_LOG_ALL); the guest must go on
+//! answering on the destination, every transfer it received must have the checksum the peer
+//! sent, and its MAC must move to m2 at once (SEND_RARP). The same with the source port plugged
+//! into a Level 2 NIC, which steps aside when logging starts.
+//!
+//! TCG guests (see linux_guests.rs); the tests in this file run one at a time.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use e2e_tests::linux::{Guest, GuestSpec, Kit, Qmp};
+use e2e_tests::{port_info, sock, start_specs, wait_until, Scratch};
+use serde_json::json;
+use vswitch::switch::Switch;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const IP_P: &str = "10.78.0.1";
+const IP_M: &str = "10.78.0.2";
+const MAC_P: &str = "52:54:00:4c:00:01";
+const MAC_M: &str = "52:54:00:4c:00:02";
+/// The peer's ping interval, seconds.
+const PING_I: f64 = 0.1;
+
+/// `KIT ... WORD k=v k=v` lines of a console: their fields, in order.
+fn kit_lines(console: &str, word: &str) -> Vec<HashMap<String, String>> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once(&format!(" {word} "))?.1;
+            l.starts_with("KIT t=").then(|| {
+                rest.split_whitespace()
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+        })
+        .collect()
+}
+
+/// busybox ping's answered sequence numbers in `console`.
+fn ping_seqs(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.split_once("seq=")?.1.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+fn fdb_port(sw: &Switch, mac: &str) -> Option<String> {
+    let ports = sw.ports().ok()?;
+    let e = sw.fdb().ok()?.into_iter().find(|e| e.mac == mac)?;
+    ports.into_iter().find(|p| p.id == e.port).map(|p| p.name)
+}
+
+fn migrate_under_traffic(accel: bool) {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let kit = Kit::get();
+    let dir = Scratch::new(if accel { "lmig-accel" } else { "lmig" });
+    let dst_dir = Scratch::new(if accel { "lmig-accel-dst" } else { "lmig-dst" });
+    let mut specs = vec!["p=SOCK:p.sock".to_string(), "m1=SOCK:m1.sock".into(), "m2=SOCK:m2.sock".into()];
+    let wire = format!("lmigw{}", std::process::id() % 10000);
+    if accel {
+        specs.push(format!("up=nic:wire:{wire},level=2,pools=4"));
+    }
+    let sw = start_specs(&dir, &specs);
+    let _end = accel.then(|| vswitch::uplink::link::LinkEnd::attach(&wire).expect("the wire's far end"));
+
+    let (qmp_src, qmp_dst, mig) = (dir.path("src.qmp"), dst_dir.path("dst.qmp"), dir.path("mig.sock"));
+    let ip = format!("ip={IP_M}/24");
+    let mut src_spec = GuestSpec::new("m", &sock(&dir, "m1"), MAC_M, &["role=sink", &ip]);
+    src_spec.mem_mb = 256;
+    src_spec.timeout_s = 400;
+    src_spec.qemu_args = vec!["-qmp".into(), format!("unix:{},server=on,wait=off", qmp_src.display())];
+    // The destination: the same machine, the same kernel command line, its NIC on m2.
+    let mut dst_spec = src_spec.clone();
+    dst_spec.sock = sock(&dir, "m2");
+    dst_spec.qemu_args = vec![
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp_dst.display()),
+        "-incoming".into(),
+        format!("unix:{}", mig.display()),
+    ];
+    let mut peer_spec = GuestSpec::new(
+        "p",
+        &sock(&dir, "p"),
+        MAC_P,
+        &[
+            "role=feeder",
+            &format!("ip={IP_P}/24"),
+            &format!("peer={IP_M}"),
+            &format!("ping_i={PING_I}"),
+            "blob_kb=2048",
+        ],
+    );
+    peer_spec.mem_mb = 256;
+    peer_spec.timeout_s = 400;
+    let mut src = Guest::start(&kit, &dir, &src_spec);
+    let mut dst = Guest::start(&kit, &dst_dir, &dst_spec);
+    let mut peer = Guest::start(&kit, &dir, &peer_spec);
+    let story = |src: &Guest, dst: &Guest, peer: &Guest| {
+        format!("{}\n{}\n{}", src.report(), dst.report(), peer.report())
+    };
+
+    // Traffic flows before the migration: pings answered, two transfers received.
+    let flowing = wait_until(Duration::from_secs(240), || {
+        kit_lines(&src.console(), "RECV").len() >= 2 && ping_seqs(&peer.console()).len() >= 10
+    });
+    assert!(flowing, "traffic before the migration\n{}", story(&src, &dst, &peer));
+    if accel {
+        let r = sw.accel_plug("m1", "l2").expect("the source port plugs at Level 2");
+        assert_eq!(r.tier.as_deref(), Some("l2"));
+        std::thread::sleep(Duration::from_secs(1));
+        let r = sw.accel_status(Some("m1")).unwrap().remove(0);
+        assert!(r.tier.is_some() && r.rx_frames + r.tx_frames > 0, "the device carries m's traffic: {r:?}");
+    }
+    // Start while a transfer is under way (the peer announced it and has not finished it).
+    let in_flight = || {
+        let c = peer.console();
+        let (sends, sent) = (kit_lines(&c, "SEND"), kit_lines(&c, "SENT").len());
+        (sends.len() > sent).then(|| sends.last().map(|f| f["md5"].clone())).flatten()
+    };
+    let mut spanning = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            spanning = in_flight();
+            spanning.is_some()
+        }),
+        "a transfer under way\n{}",
+        story(&src, &dst, &peer)
+    );
+    let spanning = spanning.unwrap_or_default();
+    let before = peer.console().len();
+
+    let mut q = Qmp::connect(&qmp_src, Duration::from_secs(10)).expect("the source's QMP");
+    q.execute("migrate-set-parameters", json!({ "max-bandwidth": 1u64 << 30, "downtime-limit": 300 }))
+        .expect("migration parameters");
+    let t0 = Instant::now();
+    q.execute("migrate", json!({ "uri": format!("unix:{}", mig.display()) })).expect("migrate starts");
+    let (mut saw_logging, mut status) = (false, json!(null));
+    while t0.elapsed() < Duration::from_secs(180) {
+        saw_logging |= port_info(&sw, "m1").device.dirty_log.is_some_and(|l| l.logging);
+        status = q.execute("query-migrate", json!({})).expect("query-migrate");
+        match status["status"].as_str() {
+            Some("completed") | Some("failed") | Some("cancelled") => break,
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    let took = t0.elapsed();
+    assert_eq!(status["status"], "completed", "migration: {status}\n{}", story(&src, &dst, &peer));
+    let during = peer.console().len();
+    println!(
+        "migration completed in {took:?}: QEMU total-time {} ms, downtime {} ms, setup {} ms, RAM {} bytes transferred, {} dirty-sync rounds",
+        status["total-time"], status["downtime"], status["setup-time"], status["ram"]["transferred"], status["ram"]["dirty-sync-count"]
+    );
+    assert!(saw_logging, "the switch logged m's writes during the migration");
+    let unplugged = accel.then(|| sw.accel_status(Some("m1")).unwrap().remove(0));
+    // The source is paused for good: quit it (the switch sees m1's frontend go).
+    let _ = q.execute("quit", json!({}));
+    assert!(wait_until(Duration::from_secs(10), || !src.running()), "the source QEMU quits");
+
+    // The guest runs on the destination: its MAC moved to m2 at once (SEND_RARP), pings are
+    // answered again and transfers go on, each with the checksum the peer sent.
+    assert!(
+        wait_until(Duration::from_secs(5), || fdb_port(&sw, &MAC_M.to_lowercase()).as_deref() == Some("m2")),
+        "the guest's MAC is on m2: {:?}; table {:?}; m2 from its guest {:?}",
+        fdb_port(&sw, &MAC_M.to_lowercase()),
+        sw.fdb(),
+        e2e_tests::port_stats(&sw, "m2").rx
+    );
+    let sent_before = kit_lines(&peer.console(), "SENT").len();
+    let resumed = wait_until(Duration::from_secs(120), || {
+        kit_lines(&peer.console(), "SENT").len() >= sent_before + 2
+            && kit_lines(&dst.console(), "RECV").len() >= 2
+    });
+    assert!(resumed, "transfers resume on the destination\n{}", story(&src, &dst, &peer));
+    let console = peer.console();
+    let sends: HashMap<String, String> =
+        kit_lines(&console, "SEND").into_iter().map(|f| (f["md5"].clone(), f["bytes"].clone())).collect();
+    let recvs: Vec<HashMap<String, String>> =
+        [kit_lines(&src.console(), "RECV"), kit_lines(&dst.console(), "RECV")].concat();
+    for r in &recvs {
+        assert_eq!(
+            sends.get(&r["md5"]),
+            Some(&r["bytes"]),
+            "a transfer of {} bytes arrived with md5 {} that the peer never sent\n{}",
+            r["bytes"],
+            r["md5"],
+            story(&src, &dst, &peer)
+        );
+    }
+    // Pings from the migration's start on: answered, and the longest gap between answers.
+    let seqs = ping_seqs(&console[before..]);
+    let after = ping_seqs(&console[during..]);
+    let gap = seqs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let lost = match (seqs.first(), seqs.last()) {
+        (Some(a), Some(b)) => (b - a + 1) - seqs.len() as u64,
+        _ => 0,
+    };
+    println!(
+        "pings from the migration's start: {} answered, {lost} lost, longest gap {gap} pings (~{:.1} s); {} answered after it completed; {} transfers verified ({} on the destination)",
+        seqs.len(),
+        gap as f64 * PING_I,
+        after.len(),
+        recvs.len(),
+        kit_lines(&dst.console(), "RECV").len()
+    );
+    assert!(!after.is_empty(), "pings are answered after the migration\n{}", story(&src, &dst, &peer));
+    let landed = |c: &str| kit_lines(c, "RECV").iter().any(|r| r["md5"] == spanning);
+    assert!(
+        landed(&dst.console()) || landed(&src.console()),
+        "the transfer under way when the migration started ({spanning}) arrived whole\n{}",
+        story(&src, &dst, &peer)
+    );
+    println!(
+        "the transfer under way at the start arrived on the {}",
+        if landed(&dst.console()) { "destination" } else { "source (before the switch-over)" }
+    );
+    if let Some(r) = unplugged {
+        let last = r.last.clone().expect("a hand-over report");
+        println!("unplugged when logging started: {last:?}");
+        assert!(
+            r.tier.is_none() && last.tier == "l2" && last.balanced,
+            "stepped aside through the contract: {r:?}"
+        );
+    }
+    dst.stop();
+    peer.stop();
+}
+
+#[test]
+fn a_linux_guest_migrates_between_two_qemus_under_ping_and_transfers_with_every_checksum_right() {
+    migrate_under_traffic(false);
+}
+
+#[test]
+fn a_guest_plugged_into_a_level_2_nic_migrates_too_its_port_stepping_aside_when_logging_starts() {
+    migrate_under_traffic(true);
+}
