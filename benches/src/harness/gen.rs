@@ -267,6 +267,8 @@ pub struct GenConfig {
     pub burst: usize,
     /// Longest wait after traffic stops for frames still in flight.
     pub drain: Duration,
+    /// Ports migrating (`ours+log`): how often their dirty logs are read and cleared.
+    pub read_dirty_log: Option<Duration>,
 }
 
 impl Default for GenConfig {
@@ -277,6 +279,7 @@ impl Default for GenConfig {
             duration: Duration::from_secs(10),
             burst: 32,
             drain: Duration::from_secs(1),
+            read_dirty_log: None,
         }
     }
 }
@@ -336,6 +339,8 @@ pub struct GenResult {
     pub window_bursts: u64,
     /// Latency of frames received during the window.
     pub latency: Option<Latency>,
+    /// `ours+log`: pages found marked in the ports' dirty logs, whole run.
+    pub dirty_pages: u64,
 }
 
 impl GenResult {
@@ -546,11 +551,20 @@ pub fn run(
     let mut t_progress = t_start;
     let mut window_started = false;
     let mut ring_full = 0u64;
+    let log_every = cfg.read_dirty_log.map(|d| clock.ticks(d));
+    let mut next_log = t_start;
 
     loop {
         let now = clock.now();
         if now >= t_end {
             break;
+        }
+        if let Some(every) = log_every.filter(|_| now >= next_log) {
+            // What QEMU's pre-copy does between passes: read and clear each log.
+            for fe in ports.iter_mut() {
+                res.dirty_pages += fe.take_dirty_pages().len() as u64;
+            }
+            next_log = now + every;
         }
         if !window_started && now >= t_window {
             window_started = true;

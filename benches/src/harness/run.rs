@@ -306,7 +306,7 @@ fn usable_peers(opts: &RunOptions, ports: usize, versions: &mut BTreeMap<String,
             continue;
         }
         let probed = match kind {
-            PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu => {
+            PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu | PeerKind::OursLog => {
                 peer::probe_vswitch(opts.vswitch_bin.as_deref())
             }
             _ => peer::probe(kind),
@@ -399,7 +399,18 @@ impl Ctx<'_> {
                 .map_err(|source| RunError::Connect { port: i, socket: sock.clone(), source })?;
             frontends.push(fe);
         }
-        let gcfg = GenConfig { rate_pps, warmup: o.warmup, duration, burst: o.burst, ..GenConfig::default() };
+        let mut gcfg =
+            GenConfig { rate_pps, warmup: o.warmup, duration, burst: o.burst, ..GenConfig::default() };
+        if kind == PeerKind::OursLog {
+            for (i, fe) in frontends.iter_mut().enumerate() {
+                fe.start_migration_log().map_err(|source| RunError::Connect {
+                    port: i,
+                    socket: peer.sockets()[i].clone(),
+                    source,
+                })?;
+            }
+            gcfg.read_dirty_log = Some(Duration::from_millis(100));
+        }
         let me = std::process::id();
         let pids: Vec<u32> = peer.pids();
         let mut all = pids.clone();

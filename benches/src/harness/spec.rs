@@ -32,8 +32,8 @@ pub enum SpecError {
     /// unknown topology {0:?}; choose one of p2p, p2p-uni, mesh, flood, vlan
     #[error("unknown topology {0:?}; choose one of {names}", names = topology_names())]
     UnknownTopology(String),
-    /// unknown peer {0:?}; choose from ours, ours+policy, ours+viommu, dpdk, ovs
-    #[error("unknown peer {0:?}; choose from ours, ours+policy, ours+viommu, dpdk, ovs")]
+    /// unknown peer {0:?}; choose from ours, ours+policy, ours+viommu, ours+log, dpdk, ovs
+    #[error("unknown peer {0:?}; choose from ours, ours+policy, ours+viommu, ours+log, dpdk, ovs")]
     UnknownPeer(String),
     /// rate {0:?} is not one of: max, N%, Nmpps, Nkpps, Npps
     #[error("rate {0:?} is not one of: max, N%, Nmpps, Nkpps, Npps")]
@@ -252,6 +252,10 @@ pub enum PeerKind {
     /// mapping per page of the generator's memory (thousands of entries, DPDK's historical
     /// cliff). Run beside `ours` it gives the cost of IOTLB translation.
     OursViommu,
+    /// This project's `vswitch` with every generator port migrating: dirty logging on
+    /// (VHOST_F_LOG_ALL), the log read and cleared every 100 ms as QEMU's pre-copy reads it.
+    /// Run beside `ours` it gives the cost of logging.
+    OursLog,
     /// `dpdk-testpmd` with `net_vhost` ports in io forwarding mode.
     Dpdk,
     /// `ovs-vswitchd` (DPDK build) with `dpdkvhostuser` ports on a netdev bridge.
@@ -261,7 +265,7 @@ pub enum PeerKind {
 impl PeerKind {
     /// Whether this is the project's own `vswitch` (with or without policy).
     pub fn is_ours(self) -> bool {
-        matches!(self, PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu)
+        matches!(self, PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu | PeerKind::OursLog)
     }
 }
 
@@ -271,6 +275,7 @@ impl fmt::Display for PeerKind {
             PeerKind::Ours => "ours",
             PeerKind::OursPolicy => "ours+policy",
             PeerKind::OursViommu => "ours+viommu",
+            PeerKind::OursLog => "ours+log",
             PeerKind::Dpdk => "dpdk",
             PeerKind::Ovs => "ovs",
         })
@@ -284,6 +289,7 @@ impl FromStr for PeerKind {
             "ours" => Ok(PeerKind::Ours),
             "ours+policy" => Ok(PeerKind::OursPolicy),
             "ours+viommu" => Ok(PeerKind::OursViommu),
+            "ours+log" => Ok(PeerKind::OursLog),
             "dpdk" => Ok(PeerKind::Dpdk),
             "ovs" => Ok(PeerKind::Ovs),
             _ => Err(SpecError::UnknownPeer(s.to_string())),

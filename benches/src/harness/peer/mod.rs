@@ -147,7 +147,9 @@ pub struct PeerReport {
 /// DPDK, `3.1.0 (DPDK 22.11.11)` for OVS). The error says how to install what is missing.
 pub fn probe(kind: PeerKind) -> Result<String, PeerError> {
     match kind {
-        PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu => probe_vswitch(None),
+        PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu | PeerKind::OursLog => {
+            probe_vswitch(None)
+        }
         PeerKind::Dpdk => dpdk::probe(),
         PeerKind::Ovs => ovs::probe(),
     }
@@ -177,7 +179,9 @@ pub enum SupportError {
 pub fn supports(kind: PeerKind, topology: Topology, ports: usize) -> Result<(), SupportError> {
     topology.check_ports(ports)?;
     match kind {
-        PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu | PeerKind::Ovs => Ok(()),
+        PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu | PeerKind::OursLog | PeerKind::Ovs => {
+            Ok(())
+        }
         PeerKind::Dpdk => match topology {
             Topology::P2p | Topology::P2pUni if ports == 2 => Ok(()),
             _ => Err(SupportError::DpdkPairsOnly { topology, ports }),
@@ -251,7 +255,9 @@ impl Peer {
             clean_stale_leftovers();
         }
         match opts.kind {
-            PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu => ours::start(opts, &workdir),
+            PeerKind::Ours | PeerKind::OursPolicy | PeerKind::OursViommu | PeerKind::OursLog => {
+                ours::start(opts, &workdir)
+            }
             PeerKind::Dpdk => dpdk::start(opts, &workdir, n),
             PeerKind::Ovs => ovs::start(opts, &workdir, n),
         }
