@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use e2e_tests::{
     connect_default, drain, init_log, mac, port_info, port_stats, send, start_switch, wait_until, Scratch,
 };
+use vswitch::config::SwitchConfig;
 use vswitch::switch::Switch;
 use vswitch::uplink::link::LinkEnd;
 use vswitch_bench::frame::{build_frame, frame_seq};
 use vswitch_bench::frontend::migration::LOG_PAGE;
-use vswitch_bench::frontend::{Frontend, Session};
+use vswitch_bench::frontend::{Frontend, FrontendConfig, Session};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -128,6 +129,52 @@ fn a_guest_receiving_frames_while_it_migrates_has_every_page_the_switch_wrote_in
     assert_eq!(log.beyond, 0, "no write of the switch fell outside the log");
     assert!(r.recopied > 0, "the frames written during the migration were marked");
     assert!(r.stale.is_empty(), "pages the switch wrote but did not mark: {:?}", r.stale);
+}
+
+#[test]
+fn with_four_queue_pairs_and_two_polling_threads_every_page_written_is_in_the_log() {
+    let _one = one_at_a_time();
+    init_log();
+    let dir = Scratch::new("mig-mq");
+    let cfg = SwitchConfig {
+        pmd_cores: vec![0, 1],
+        ..e2e_tests::switch_config(&dir, &["a,queues=4", "b,queues=4"])
+    };
+    let sw = Switch::start(cfg).expect("switch starts");
+    let fcfg = FrontendConfig { queue_pairs: 4, ..FrontendConfig::default() };
+    let mut fa = e2e_tests::connect(&dir, "a", fcfg.clone());
+    let mut fb = e2e_tests::connect(&dir, "b", fcfg);
+    send(&mut fa, 0, &build_frame([0xff; 6], mac(1), None, 18, 0));
+    send(&mut fb, 0, &build_frame([0xff; 6], mac(2), None, 18, 0));
+    drain(&mut fa, Duration::from_millis(50));
+    drain(&mut fb, Duration::from_millis(50));
+    let before = delivered(&sw, "b");
+    // From all four of a's transmit queues (both threads poll some), flows spread over b's
+    // four receive queues by their UDP ports: deliveries from both threads into the same
+    // rings and the same log.
+    let n = 600u64;
+    let r = precopy(&mut fb, 4, || {
+        for i in 0..n {
+            let mut f = build_frame(mac(2), mac(1), None, 18 + (i as usize * 211) % 1455, i);
+            f[34..36].copy_from_slice(&(1000 + (i % 64) as u16).to_be_bytes());
+            send(&mut fa, (i % 4) as u16, &f);
+            if i % 8 == 7 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    });
+    let st = port_stats(&sw, "b");
+    let per_queue: Vec<u64> =
+        st.queues.iter().filter(|q| q.queue % 2 == 0).map(|q| q.counters.packets).collect();
+    let pmds: Vec<u64> = sw.stats().unwrap().pmds.iter().map(|p| p.packets).collect();
+    println!(
+        "{} passes, {} pages copied again; b's receive queues {per_queue:?}; threads {pmds:?}",
+        r.passes, r.recopied
+    );
+    assert_eq!(st.tx.packets - before, n, "every frame reached b");
+    assert!(per_queue.iter().filter(|&&k| k > 0).count() >= 3, "flows spread over b's queues: {per_queue:?}");
+    assert!(pmds.iter().all(|&k| k > 0), "both threads delivered: {pmds:?}");
+    assert!(r.stale.is_empty(), "pages written but not marked: {:?}", r.stale);
 }
 
 #[test]

@@ -21,7 +21,9 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::l2::VlanMode;
 use crate::port::Port;
 use crate::vhost::iotlb::IotlbMsg;
-use crate::vhost::wire::{backend_req_fd, iotlb_msg, vring_enable, waiting_message, Waiting};
+use crate::vhost::wire::{
+    backend_req_fd, iotlb_msg, log_fd, send_rarp, vring_enable, waiting_message, Waiting,
+};
 use crate::vhost::{VhostDevice, MAX_MEM_SLOTS};
 
 /// Messages the control thread handles per wakeup (`switch.rs` MSG_BUDGET).
@@ -320,6 +322,8 @@ fn service(conn: &mut Conn, device: &Mutex<VhostDevice>) -> bool {
             Waiting::VringEnable => vring_enable(fd, device).map_err(|e| e.to_string()),
             Waiting::IotlbMsg => iotlb_msg(fd, device).map_err(|e| e.to_string()),
             Waiting::BackendReqFd => backend_req_fd(fd, device).map_err(|e| e.to_string()),
+            Waiting::LogFd => log_fd(fd, device).map_err(|e| e.to_string()),
+            Waiting::SendRarp => send_rarp(fd, device).map(drop).map_err(|e| e.to_string()),
             _ => match conn.handler.handle_request() {
                 Ok(()) => Ok(()),
                 Err(e) if crate::switch::keeps_connection(&e) => {
