@@ -403,3 +403,34 @@ fn a_guest_plugged_into_a_level_2_nic_steps_aside_while_it_migrates_and_loses_no
         tier(&sw)
     );
 }
+
+#[test]
+fn send_rarp_cannot_pull_another_guests_mac_past_anti_spoofing_or_learn_a_group_address() {
+    use vswitch::policy::spoof::SpoofConfig;
+    use vswitch::policy::PolicyConfig;
+    let _one = one_at_a_time();
+    let dir = Scratch::new("mig-rarp-hostile");
+    let sw = start_switch(&dir, &["victim", "evil"]);
+    let mut fv = connect_default(&dir, "victim");
+    let mut fe = connect_default(&dir, "evil");
+    let (v, e) = (mac(0x0b), mac(0x0e));
+    send(&mut fv, 0, &build_frame([0xff; 6], v, None, 18, 0));
+    drain(&mut fe, Duration::from_millis(50));
+    let spoof = SpoofConfig { macs: vec![e2e_tests::mac_str(e)], ips: None };
+    sw.set_policy("evil", PolicyConfig { anti_spoof: Some(spoof), ..Default::default() }).expect("policy");
+    let port_of = |m: [u8; 6]| {
+        let e = sw.fdb().unwrap().into_iter().find(|x| x.mac == e2e_tests::mac_str(m));
+        e.map(|x| x.port)
+    };
+    let victim = port_info(&sw, "victim").id;
+    assert_eq!(port_of(v), Some(victim));
+    // The frontend of "evil" claims the victim's MAC, and a group address.
+    fe.send_rarp(v).expect("answered");
+    fe.send_rarp([0x01, 0, 0x5e, 0, 0, 1]).expect("answered");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(port_of(v), Some(victim), "the victim's MAC stays on its port");
+    assert_eq!(port_of([0x01, 0, 0x5e, 0, 0, 1]), None, "a group address is never learned");
+    // Its own allowed MAC is taken.
+    fe.send_rarp(e).expect("answered");
+    assert!(wait_until(Duration::from_secs(2), || port_of(e) == Some(port_info(&sw, "evil").id)));
+}

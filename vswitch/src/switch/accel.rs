@@ -172,12 +172,27 @@ impl Control {
     /// SEND_RARP from the frontend of port `id` (the destination of a live migration): the
     /// guest's MAC moves to this port in the forwarding table at once, rather than at the
     /// guest's first frame.
+    ///
+    /// The MAC is the frontend's word, held to what the guest's own frames are: a group
+    /// address is never learned, the port's MAC limit applies (in `learn`), and under
+    /// anti-spoofing only a MAC the guest may send from is taken, so a frontend cannot pull
+    /// another tenant's MAC to its port this way either.
     pub(super) fn announce(&mut self, id: u16, mac: [u8; 6]) {
         let Some(st) = self.ports.get(&id) else { return };
         let Some(vlan) = st.port.vlan.ingress(None) else { return };
+        let shown = crate::l2::format_mac(crate::l2::mac_from_bytes(mac));
+        let spoof = st.port.policy.config().anti_spoof.filter(|_| st.port.policy.spoof_on());
+        let allowed = spoof.is_none_or(|sp| match sp.macs.is_empty() {
+            true => mac == st.port.mac,
+            false => sp.macs.iter().any(|m| crate::l2::parse_mac(m) == Some(mac)),
+        });
+        if mac[0] & 1 != 0 || mac == [0; 6] || !allowed {
+            tracing::warn!(port = %st.cfg.name, "SEND_RARP for {shown} ignored: not a source MAC this port's guest may use");
+            return;
+        }
         let now = self.now();
         self.fdb.learn(vlan, crate::l2::mac_from_bytes(mac), id, now);
-        tracing::info!(port = %st.cfg.name, "guest {} announced here (SEND_RARP): forwarding table moved", crate::l2::format_mac(crate::l2::mac_from_bytes(mac)));
+        tracing::info!(port = %st.cfg.name, "guest {shown} announced here (SEND_RARP): forwarding table moved");
     }
 
     /// `ctl accel plug PORT --tier T`.
