@@ -22,7 +22,7 @@ use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{Frontend as VuFrontend, VhostUserFrontend};
 use vhost::VhostBackend;
 use vswitch::control::{request, PortInfo, Request};
-use vswitch::virtio::features::F_ACCESS_PLATFORM;
+use vswitch::virtio::features::{F_ACCESS_PLATFORM, VHOST_F_LOG_ALL};
 use vswitch_bench::frontend::FrontendConfig;
 use vswitch_bench::harness::peer::vswitch_binary;
 
@@ -101,8 +101,9 @@ fn negotiated(dir: &Scratch, name: &str) -> (UnixStream, VuFrontend) {
     let mut f = VuFrontend::from_stream(raw.try_clone().unwrap(), 1);
     f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     f.set_owner().unwrap();
-    // Everything but a vIOMMU (ACCESS_PLATFORM needs the backend channel set up first).
-    let feats = f.get_features().unwrap() & !F_ACCESS_PLATFORM;
+    // Everything but a vIOMMU (ACCESS_PLATFORM needs the backend channel set up first) and
+    // dirty logging (acked only while migrating, after SET_LOG_BASE, as QEMU does).
+    let feats = f.get_features().unwrap() & !F_ACCESS_PLATFORM & !VHOST_F_LOG_ALL;
     f.set_features(feats).unwrap();
     let pf = f.get_protocol_features().unwrap();
     f.set_protocol_features(pf).unwrap();

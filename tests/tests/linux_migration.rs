@@ -229,6 +229,23 @@ fn migrate_under_traffic(accel: bool) {
             r.tier.is_none() && last.tier == "l2" && last.balanced,
             "stepped aside through the contract: {r:?}"
         );
+        // After the switch-over the destination's port takes the device, and the guest's
+        // traffic goes on through it.
+        sw.accel_plug("m2", "l2").expect("the destination's port plugs at Level 2");
+        let sent = kit_lines(&peer.console(), "SENT").len();
+        assert!(
+            wait_until(Duration::from_secs(60), || kit_lines(&peer.console(), "SENT").len() >= sent + 2),
+            "transfers go on through the device\n{}",
+            story(&src, &dst, &peer)
+        );
+        let d = sw.accel_status(Some("m2")).unwrap().remove(0);
+        println!("destination plugged: {} frames received and {} sent by the device", d.rx_frames, d.tx_frames);
+        assert!(d.tier.as_deref() == Some("l2") && d.rx_frames > 0 && d.tx_frames > 0, "{d:?}");
+        let sends: HashMap<String, String> =
+            kit_lines(&peer.console(), "SEND").into_iter().map(|f| (f["md5"].clone(), f["bytes"].clone())).collect();
+        for r in kit_lines(&(src.console() + &dst.console()), "RECV") {
+            assert_eq!(sends.get(&r["md5"]), Some(&r["bytes"]), "a transfer through the device arrived whole");
+        }
     }
     dst.stop();
     peer.stop();

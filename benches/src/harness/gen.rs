@@ -31,9 +31,11 @@ pub const TAG_OFFSET: usize = 14 + 20 + 8;
 pub const TAG_LEN: usize = 18;
 const TAG_MAGIC: [u8; 4] = *b"VSBT";
 const MASK48: u64 = (1 << 48) - 1;
+const MASK40: u64 = (1 << 40) - 1;
 /// Stream id of the learning frames sent before traffic starts (not counted).
-const HELLO_STREAM: u16 = u16::MAX;
-/// Most streams a plan may have (stream ids are 16 bits; one is reserved).
+const HELLO_STREAM: u32 = (1 << 24) - 1;
+/// Most streams a plan may have (stream ids are 24 bits; one is reserved): enough for 64
+/// ports' worth of flows, or 100,000 learned MACs between two ports.
 pub const MAX_STREAMS: usize = HELLO_STREAM as usize;
 /// Most ports: receiver sets are 64-bit masks.
 pub const MAX_PORTS: usize = 64;
@@ -44,9 +46,9 @@ const BROADCAST: [u8; 6] = [0xff; 6];
 /// What the sink reads back from a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tag {
-    /// Stream index in the [`Plan`].
-    pub stream: u16,
-    /// Sequence number within the stream (48 bits kept).
+    /// Stream index in the [`Plan`] (24 bits kept).
+    pub stream: u32,
+    /// Sequence number within the stream (40 bits kept: 10^12 frames).
     pub seq: u64,
     /// TX time in [`Clock`] ticks relative to the run's start (48 bits kept).
     pub stamp: u64,
@@ -58,8 +60,8 @@ impl Tag {
     pub fn write(&self, frame: &mut [u8]) {
         let t = &mut frame[TAG_OFFSET..TAG_OFFSET + TAG_LEN];
         t[0..4].copy_from_slice(&TAG_MAGIC);
-        t[4..6].copy_from_slice(&self.stream.to_be_bytes());
-        t[6..12].copy_from_slice(&(self.seq & MASK48).to_be_bytes()[2..]);
+        t[4..7].copy_from_slice(&self.stream.to_be_bytes()[1..]);
+        t[7..12].copy_from_slice(&(self.seq & MASK40).to_be_bytes()[3..]);
         t[12..18].copy_from_slice(&(self.stamp & MASK48).to_be_bytes()[2..]);
     }
 
@@ -71,7 +73,9 @@ impl Tag {
             return None;
         }
         let u48 = |b: &[u8]| u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]]);
-        Some(Tag { stream: u16::from_be_bytes([t[4], t[5]]), seq: u48(&t[6..12]), stamp: u48(&t[12..18]) })
+        let u40 = |b: &[u8]| u64::from_be_bytes([0, 0, 0, b[0], b[1], b[2], b[3], b[4]]);
+        let stream = u32::from_be_bytes([0, t[4], t[5], t[6]]);
+        Some(Tag { stream, seq: u40(&t[7..12]), stamp: u48(&t[12..18]) })
     }
 }
 
@@ -103,7 +107,7 @@ pub struct Plan {
     /// Every stream; its index is the id carried in the [`Tag`].
     pub streams: Vec<StreamSpec>,
     /// Streams each port sends, in round-robin order.
-    pub per_port: Vec<Vec<u16>>,
+    pub per_port: Vec<Vec<u32>>,
     /// Distinct frame lengths on the ring (FCS excluded).
     pub lengths: Vec<usize>,
     /// Index into `lengths` for each frame of the repeating size pattern.
@@ -154,6 +158,16 @@ impl Plan {
         if flows == 0 || flows > MAX_FLOWS {
             return Err(GenError::Flows(flows));
         }
+        // Counted before any is built (a 64-port mesh of 65,536 flows would be 264 million).
+        let per_flow = match topology {
+            Topology::P2p => 2,
+            Topology::P2pUni | Topology::Flood => 1,
+            Topology::Mesh => ports * (ports - 1),
+            Topology::Vlan => 8,
+        };
+        if per_flow * flows > MAX_STREAMS {
+            return Err(GenError::TooManyStreams { streams: per_flow * flows, ports, flows });
+        }
         let bit = |p: usize| 1u64 << p;
         let mut streams = Vec::new();
         let mut add = |src: usize, flow: usize, dst_mac: [u8; 6], must: u64, may: u64| {
@@ -195,7 +209,7 @@ impl Plan {
         }
         let mut per_port = vec![Vec::new(); ports];
         for (i, s) in streams.iter().enumerate() {
-            per_port[s.src].push(i as u16);
+            per_port[s.src].push(i as u32);
         }
         let pattern_lens = size.pattern();
         let mut lengths: Vec<usize> = pattern_lens.clone();
@@ -626,7 +640,7 @@ pub fn run(
                 if !full {
                     let seq = seqs[s];
                     let hdr = plan.header(s, li);
-                    let tag = Tag { stream: s as u16, seq, stamp };
+                    let tag = Tag { stream: s as u32, seq, stamp };
                     if fe.enqueue_tx_with(0, plan.lengths[li], |b| {
                         b[..TAG_OFFSET].copy_from_slice(hdr);
                         tag.write(b);
@@ -712,11 +726,11 @@ mod tests {
     fn tag_round_trip_fills_a_minimum_frame() {
         assert_eq!(TAG_OFFSET + TAG_LEN, 60);
         let mut f = [0u8; 60];
-        let t = Tag { stream: 513, seq: (1 << 48) - 2, stamp: 0x1234_5678_9abc };
+        let t = Tag { stream: 0x12_3456, seq: (1 << 40) - 2, stamp: 0x1234_5678_9abc };
         t.write(&mut f);
         assert_eq!(Tag::read(&f), Some(t));
-        // Only 48 bits of seq/stamp are carried.
-        let big = Tag { stream: 1, seq: (1 << 50) + 7, stamp: u64::MAX };
+        // Only 40 bits of seq and 48 of the stamp are carried.
+        let big = Tag { stream: 1, seq: (1 << 42) + 7, stamp: u64::MAX };
         big.write(&mut f);
         assert_eq!(Tag::read(&f), Some(Tag { stream: 1, seq: 7, stamp: MASK48 }));
         f[TAG_OFFSET] ^= 1;
@@ -772,7 +786,9 @@ mod tests {
             assert!(s.must == peer || s.must == 0);
         }
 
-        assert!(Plan::new(Topology::Mesh, 64, 20, FrameSize::Fixed(64)).is_err(), "too many streams");
+        assert!(Plan::new(Topology::Mesh, 64, 5000, FrameSize::Fixed(64)).is_err(), "too many streams");
+        let many = Plan::new(Topology::P2p, 2, 60_000, FrameSize::Fixed(64)).expect("120,000 streams");
+        assert_eq!(many.streams.len(), 120_000);
         assert!(Plan::new(Topology::P2p, 2, 0, FrameSize::Fixed(64)).is_err());
         assert!(Plan::new(Topology::P2p, 3, 1, FrameSize::Fixed(64)).is_err());
     }
@@ -781,7 +797,7 @@ mod tests {
         Sink { in_window: true, ..Sink::new(plan, 1 << 40).unwrap() }
     }
 
-    fn frame(stream: u16, seq: u64, stamp: u64) -> [u8; 60] {
+    fn frame(stream: u32, seq: u64, stamp: u64) -> [u8; 60] {
         let mut f = [0u8; 60];
         Tag { stream, seq, stamp }.write(&mut f);
         f

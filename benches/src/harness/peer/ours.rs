@@ -85,6 +85,9 @@ fn policy_config(opts: &PeerOptions, sockets: &[PathBuf]) -> String {
         if let Some(v) = opts.topology.access_vlan(i) {
             let _ = writeln!(t, "vlan = {v}");
         }
+        if opts.flows > MAC_LIMIT {
+            let _ = writeln!(t, "max_macs = {}", opts.flows);
+        }
         let macs: Vec<String> = (0..opts.flows.max(1))
             .map(|f| {
                 let m = crate::harness::gen::port_mac(i, f);
