@@ -239,12 +239,21 @@ fn migrate_under_traffic(accel: bool) {
             story(&src, &dst, &peer)
         );
         let d = sw.accel_status(Some("m2")).unwrap().remove(0);
-        println!("destination plugged: {} frames received and {} sent by the device", d.rx_frames, d.tx_frames);
+        println!(
+            "destination plugged: {} frames received and {} sent by the device",
+            d.rx_frames, d.tx_frames
+        );
         assert!(d.tier.as_deref() == Some("l2") && d.rx_frames > 0 && d.tx_frames > 0, "{d:?}");
-        let sends: HashMap<String, String> =
-            kit_lines(&peer.console(), "SEND").into_iter().map(|f| (f["md5"].clone(), f["bytes"].clone())).collect();
+        let sends: HashMap<String, String> = kit_lines(&peer.console(), "SEND")
+            .into_iter()
+            .map(|f| (f["md5"].clone(), f["bytes"].clone()))
+            .collect();
         for r in kit_lines(&(src.console() + &dst.console()), "RECV") {
-            assert_eq!(sends.get(&r["md5"]), Some(&r["bytes"]), "a transfer through the device arrived whole");
+            assert_eq!(
+                sends.get(&r["md5"]),
+                Some(&r["bytes"]),
+                "a transfer through the device arrived whole"
+            );
         }
     }
     dst.stop();

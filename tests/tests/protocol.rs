@@ -11,7 +11,9 @@ use e2e_tests::{send_raw, wait_until, Scratch};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
-use vswitch::virtio::features::{F_VERSION_1, NET_F_MRG_RXBUF, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
+use vswitch::virtio::features::{
+    F_VERSION_1, NET_F_MRG_RXBUF, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES,
+};
 use vswitch::{PortConfig, Switch, SwitchConfig};
 
 fn switch(dir: &Scratch, names: &[&str]) -> Switch {
