@@ -256,8 +256,10 @@ sink)
   # connection because the console it would otherwise read from went quiet.
   mkfifo /tmp/never && exec 3<> /tmp/never
   while :; do
-    nc -l -p 6000 <&3 > /tmp/in 2>/dev/null
-    say "RECV bytes=$(wc -c < /tmp/in | tr -d " ") md5=$(md5sum < /tmp/in | cut -d' ' -f1) rc=$?"
+    # Counted and summed as the bytes stream in, in one pipeline the shell waits out (at most
+    # 60 s: a TCG guest's process can hang across a migration, and the loop must go on).
+    timeout 60 nc -l -p 6000 <&3 2>/dev/null | tee /tmp/in | md5sum > /tmp/sum
+    say "RECV bytes=$(wc -c < /tmp/in | tr -d " ") md5=$(cut -d' ' -f1 /tmp/sum)"
   done
   ;;
 feeder)

@@ -175,7 +175,8 @@ impl Payload {
             _ if is(FrontendReq::SET_VRING_KICK) || is(FrontendReq::SET_VRING_CALL) => vec![Fd::Eventfd],
             _ if is(FrontendReq::SET_VRING_ERR) => vec![Fd::Eventfd],
             _ if is(FrontendReq::SET_BACKEND_REQ_FD) => vec![Fd::Socket],
-            _ if is(FrontendReq::SET_LOG_FD) || is(FrontendReq::SET_LOG_BASE) => vec![Fd::Memfd(0)],
+            _ if is(FrontendReq::SET_LOG_BASE) => vec![Fd::Log],
+            _ if is(FrontendReq::SET_LOG_FD) => vec![Fd::Eventfd],
             _ => vec![],
         }
     }
@@ -190,6 +191,9 @@ enum Fd {
     Sealed,
     /// A memfd of one page.
     Tiny,
+    /// A memfd of one page sealed against shrinking and growing, writable: a dirty log the
+    /// switch takes.
+    Log,
     Eventfd,
     PipeRead,
     PipeWrite,
@@ -205,6 +209,7 @@ struct Pool {
     memfds: [Option<OwnedFd>; 3],
     sealed: Option<OwnedFd>,
     tiny: Option<OwnedFd>,
+    log: Option<OwnedFd>,
     eventfd: Option<OwnedFd>,
     pipe: Option<(OwnedFd, OwnedFd)>,
     file: Option<File>,
@@ -236,6 +241,24 @@ impl Pool {
             }
             Fd::Sealed => self.sealed.get_or_insert_with(|| memfd(MEMFD_LEN, true)).as_raw_fd(),
             Fd::Tiny => self.tiny.get_or_insert_with(|| memfd(PAGE, false)).as_raw_fd(),
+            Fd::Log => self
+                .log
+                .get_or_insert_with(|| {
+                    // Not `memfd`: its seals include F_SEAL_WRITE, which a log cannot have.
+                    // SAFETY: a constant C string; memfd_create returns a new fd or -1.
+                    let fd = unsafe { libc::memfd_create(c"fuzz-log".as_ptr(), libc::MFD_ALLOW_SEALING) };
+                    assert!(fd >= 0, "memfd_create");
+                    // SAFETY: a new fd that nothing else owns.
+                    let f = unsafe { File::from_raw_fd(fd) };
+                    f.set_len(PAGE).expect("log size");
+                    // SAFETY: fcntl on our own fd.
+                    let r = unsafe {
+                        libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)
+                    };
+                    assert_eq!(r, 0, "seal log");
+                    f.into()
+                })
+                .as_raw_fd(),
             Fd::Eventfd => self
                 .eventfd
                 .get_or_insert_with(|| {
