@@ -11,4 +11,4 @@ pub mod eventfd;
 pub mod iotlb;
 pub(crate) mod wire;
 
-pub use device::{DeviceInfo, MemPolicy, VhostDevice, MAX_MEM_SLOTS};
+pub use device::{DeviceInfo, DirtyLogInfo, MemPolicy, VhostDevice, MAX_MEM_SLOTS};
