@@ -12,6 +12,7 @@
 //! * [`memory`]: guest RAM and its layout.
 //! * [`vm`]: VM and vCPU set-up and the run loop.
 //! * [`net`]: the virtio-mmio NIC and its vhost-user connection to the switch.
+//! * [`migrate`]: live migration of a payload VM to another hostvm process.
 //! * [`payload`]: the built-in guest program (ring 3, polling virtio-net driver; roles echo,
 //!   forward, sink, send).
 //! * [`linux`]: Linux boot (PVH `vmlinux`, 64-bit bzImage).
@@ -23,6 +24,7 @@ pub mod info;
 pub mod layout;
 pub mod linux;
 pub mod memory;
+pub mod migrate;
 pub mod mmio;
 pub mod net;
 pub mod payload;

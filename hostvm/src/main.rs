@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start a VM: a Linux kernel (--kernel) or the built-in payload (--payload).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// What this host's KVM offers: MMU virtualization mode, capabilities, huge pages.
     Info,
 }
@@ -85,6 +85,21 @@ struct RunArgs {
     /// Payload: print its counters every this many seconds (0: only at the end).
     #[arg(long, default_value_t = 1.0)]
     stats_interval: f64,
+    /// Live migration: wait on this socket for a source hostvm's guest instead of starting
+    /// one (same --mem and --net MACs; its NICs on their own switch ports).
+    #[arg(long, conflicts_with = "kernel")]
+    incoming: Option<PathBuf>,
+    /// Seconds --incoming waits for the source.
+    #[arg(long, default_value_t = 60)]
+    incoming_wait: u64,
+    /// Live migration: on SIGUSR1, migrate the guest to the hostvm waiting with --incoming on
+    /// this socket.
+    #[arg(long, conflicts_with = "kernel")]
+    migrate_to: Option<PathBuf>,
+    /// With --migrate-to: send a digest of all guest memory for the destination to check
+    /// before it takes the guest (costs downtime: one pass over RAM on each side).
+    #[arg(long, requires = "migrate_to")]
+    migrate_verify: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -124,9 +139,14 @@ fn parse_serial(s: &str) -> Result<SerialOut, String> {
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+static MIGRATE: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     STOP.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_migrate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    MIGRATE.store(true, Ordering::SeqCst);
 }
 
 fn main() -> ExitCode {
@@ -140,7 +160,7 @@ fn main() -> ExitCode {
             print!("{r}");
             ExitCode::SUCCESS
         }),
-        Cmd::Run(args) => run(args),
+        Cmd::Run(args) => run(*args),
     };
     match res {
         Ok(code) => code,
@@ -198,7 +218,16 @@ fn run(a: RunArgs) -> hostvm::Result<ExitCode> {
         vmm_sys_util::signal::register_signal_handler(sig, on_signal)
             .map_err(|e| hostvm::Error::Io { what: "installing signal handlers".into(), source: e.into() })?;
     }
-    let vm = Vm::new(&cfg)?;
+    if a.migrate_to.is_some() {
+        vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_migrate)
+            .map_err(|e| hostvm::Error::Io { what: "installing signal handlers".into(), source: e.into() })?;
+    }
+    let mut vm = Vm::new(&cfg)?;
+    if let Some(p) = &a.incoming {
+        eprintln!("hostvm: waiting for a migrating guest on {}", p.display());
+        vm.incoming(p, Duration::from_secs(a.incoming_wait))?;
+        eprintln!("hostvm: guest migrated in; running it");
+    }
     for (i, n) in a.nets.iter().enumerate() {
         eprintln!(
             "hostvm: nic{i} {} on {}{}",
@@ -230,6 +259,23 @@ fn run(a: RunArgs) -> hostvm::Result<ExitCode> {
         if STOP.swap(false, Ordering::SeqCst) {
             handle.stop();
         }
+        if let (true, Some(to)) = (MIGRATE.swap(false, Ordering::SeqCst), &a.migrate_to) {
+            eprintln!("hostvm: migrating to {}", to.display());
+            match handle.migrate(to, a.migrate_verify) {
+                Ok(s) => eprintln!(
+                    "hostvm: migrated: total {:.1} ms, downtime {:.1} ms, {} rounds (dirty pages {:?}), \
+                     {} pages sent, {} zero, {} dirtied only by the switch",
+                    s.total.as_secs_f64() * 1e3,
+                    s.downtime.as_secs_f64() * 1e3,
+                    s.rounds,
+                    s.dirty,
+                    s.pages_sent,
+                    s.zero_pages,
+                    s.switch_only
+                ),
+                Err(e) => eprintln!("hostvm: migration failed, the guest runs on here: {e}"),
+            }
+        }
         thread::sleep(Duration::from_millis(50));
         if payload_run && a.stats_interval > 0.0 && last.0.elapsed().as_secs_f64() >= a.stats_interval {
             if let Some(p) = payload::read_params(&ram) {
@@ -252,9 +298,11 @@ fn run(a: RunArgs) -> hostvm::Result<ExitCode> {
     let report = runner.join().map_err(|_| hostvm::Error::Config("the VM thread panicked".into()))??;
     print_report(&report, shown);
     Ok(match report.exit {
-        ExitReason::Payload(0) | ExitReason::Stopped | ExitReason::PowerOff | ExitReason::Halted => {
-            ExitCode::SUCCESS
-        }
+        ExitReason::Payload(0)
+        | ExitReason::Stopped
+        | ExitReason::PowerOff
+        | ExitReason::Halted
+        | ExitReason::Migrated => ExitCode::SUCCESS,
         ExitReason::Payload(c) => ExitCode::from(c.clamp(1, 255) as u8),
         ExitReason::Reset => ExitCode::from(2),
     })

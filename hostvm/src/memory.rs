@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{FromRawFd, RawFd};
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vhost::VhostUserMemoryRegionInfo;
 use vm_memory::{
@@ -96,13 +96,23 @@ impl GuestRam {
 
     /// Registers every region with KVM (slot per region).
     pub fn register(&self, vm: &VmFd) -> Result<()> {
+        self.set_slots(vm, 0)
+    }
+
+    /// Turns KVM's dirty-page log of every slot on or off (a migration's pre-copy): from
+    /// then on [`GuestRam::kvm_dirty_pages`] reports the pages the vCPUs wrote.
+    pub fn log_dirty(&self, vm: &VmFd, on: bool) -> Result<()> {
+        self.set_slots(vm, if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+    }
+
+    fn set_slots(&self, vm: &VmFd, flags: u32) -> Result<()> {
         for (slot, r) in self.mem.iter().enumerate() {
             let host = r
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .map_err(|e| Error::Config(format!("guest memory region: {e}")))?;
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags,
                 guest_phys_addr: r.start_addr().0,
                 memory_size: r.len(),
                 userspace_addr: host as u64,
@@ -115,6 +125,30 @@ impl GuestRam {
             ))?;
         }
         Ok(())
+    }
+
+    /// The pages (guest-physical address / 4096) the vCPUs wrote since the last call
+    /// (KVM_GET_DIRTY_LOG, which also clears the log); needs [`GuestRam::log_dirty`] on.
+    pub fn kvm_dirty_pages(&self, vm: &VmFd) -> Result<Vec<u64>> {
+        let mut pages = Vec::new();
+        for (slot, r) in self.mem.iter().enumerate() {
+            let bitmap = vm
+                .get_dirty_log(slot as u32, r.len() as usize)
+                .map_err(Error::kvm("KVM_GET_DIRTY_LOG", "was dirty logging turned on for this slot?"))?;
+            let first = r.start_addr().0 / 4096;
+            for (w, mut v) in bitmap.into_iter().enumerate() {
+                while v != 0 {
+                    pages.push(first + w as u64 * 64 + u64::from(v.trailing_zeros()));
+                    v &= v - 1;
+                }
+            }
+        }
+        Ok(pages)
+    }
+
+    /// Every page of guest RAM (guest-physical address / 4096), ascending.
+    pub fn all_pages(&self) -> Vec<u64> {
+        self.mem.iter().flat_map(|r| (r.start_addr().0 / 4096)..(r.start_addr().0 + r.len()) / 4096).collect()
     }
 
     /// The regions as a vhost-user memory table (file descriptors stay owned by `self`).

@@ -63,10 +63,23 @@ enum Refusal {
     Misaligned(usize),
 }
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 struct Queue {
     addrs: QueueAddrs,
     ready: bool,
+}
+
+/// A NIC's register state as a migration carries it (the rings themselves are guest memory).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct NicState {
+    mac: [u8; 6],
+    device_features: u64,
+    device_features_sel: u32,
+    driver_features: u64,
+    driver_features_sel: u32,
+    queue_sel: u32,
+    queues: [Queue; QUEUES],
+    status: u32,
 }
 
 /// A virtio-net device on the virtio-mmio transport, its datapath on a [`Link`].
@@ -99,9 +112,60 @@ impl VirtioMmioNet {
         }
     }
 
+    /// The NIC's MAC.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
     /// Whether the driver set DRIVER_OK (and the device did not fail).
     pub fn live(&self) -> bool {
         self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_FAILED == 0
+    }
+
+    /// The register state, for a migration.
+    pub fn snapshot(&self) -> NicState {
+        NicState {
+            mac: self.mac,
+            device_features: self.device_features,
+            device_features_sel: self.device_features_sel,
+            driver_features: self.driver_features,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            queues: self.queues,
+            status: self.status,
+        }
+    }
+
+    /// Takes over a migrated NIC's registers; if its driver had it running, the switch gets
+    /// the rings back where the source left them ([`Link::resume`]). The MAC and the features
+    /// the switch offers here must be the source's: a guest driver cannot renegotiate.
+    pub fn restore(&mut self, st: &NicState) -> Result<(), String> {
+        if st.mac != self.mac {
+            return Err(format!(
+                "the migrated NIC has MAC {} but this one has {}: give the destination the same --net mac=",
+                crate::net::Mac(st.mac),
+                crate::net::Mac(self.mac)
+            ));
+        }
+        let gone = st.driver_features & !self.device_features;
+        if gone != 0 {
+            return Err(format!(
+                "the guest's driver uses features {gone:#x} this port's switch does not offer: connect \
+                 the destination to a switch offering what the source's did"
+            ));
+        }
+        self.device_features_sel = st.device_features_sel;
+        self.driver_features = st.driver_features;
+        self.driver_features_sel = st.driver_features_sel;
+        self.queue_sel = st.queue_sel;
+        self.queues = st.queues;
+        self.status = st.status;
+        if self.live() {
+            let act =
+                self.activation().map_err(|e| format!("the migrated NIC's state is inconsistent: {e}"))?;
+            self.link.resume(act).map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     fn queue(&mut self) -> Option<&mut Queue> {

@@ -26,7 +26,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use netfront::{Endpoint, PeerWatch, Session, VringSetup};
+use netfront::migration::DirtyLog;
+use netfront::{Endpoint, PeerWatch, Session, VringSetup, VHOST_F_LOG_ALL};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -60,8 +61,12 @@ pub const PASS_FEATURES: u64 = netfront::VIRTIO_NET_F_CSUM
     | netfront::VIRTIO_RING_F_EVENT_IDX
     | F_VERSION_1;
 
-/// Protocol features hostvm acks: only REPLY_ACK (one memory table, no config space, no MQ).
-const PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::REPLY_ACK;
+/// Protocol features hostvm acks: REPLY_ACK, and for live migration LOG_SHMFD (the dirty log
+/// as a shared memfd) and RARP (the destination announces the guest). One memory table, no
+/// config space, no MQ.
+const PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::REPLY_ACK
+    .union(VhostUserProtocolFeatures::LOG_SHMFD)
+    .union(VhostUserProtocolFeatures::RARP);
 
 /// How long one vhost-user request may take before the switch counts as gone.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -117,6 +122,16 @@ pub enum NetError {
         /// Why it could not be read.
         source: vm_memory::GuestMemoryError,
     },
+    /// the switch does not offer VHOST_F_LOG_ALL: it cannot log its writes, so the guest
+    /// cannot migrate (update the switch)
+    #[error(
+        "the switch does not offer VHOST_F_LOG_ALL: it cannot log its writes, so the guest cannot \
+         migrate (update the switch)"
+    )]
+    NoDirtyLog,
+    /// the switch connection is down (it is being re-established); try again
+    #[error("the switch connection is down (it is being re-established); try again")]
+    Down,
     /// eventfd: {0}
     #[error("eventfd: {0}")]
     EventFd(io::Error),
@@ -209,7 +224,7 @@ impl fmt::Display for Mac {
 }
 
 /// One virtqueue as the driver configured it (guest-physical addresses).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueAddrs {
     /// Number of descriptors.
     pub size: u16,
@@ -326,6 +341,77 @@ impl Link {
         st.active = Some(act);
         let res = match st.conn.as_mut() {
             Some(conn) => start_rings(&self.shared, conn, &act, false),
+            None => Ok(()),
+        };
+        drop(st);
+        res.map_err(|source| self.err(source))
+    }
+
+    /// A migrated-in device: hand the rings to the switch resuming at the guest's used index,
+    /// then ask it to announce the guest's MAC from this port (SEND_RARP).
+    pub fn resume(&self, act: Activation) -> Result<()> {
+        let mut st = self.shared.lock();
+        st.active = Some(act);
+        let res = match st.conn.as_mut() {
+            Some(conn) => start_rings(&self.shared, conn, &act, true)
+                .and_then(|()| conn.session.send_rarp(self.shared.spec.mac).map_err(NetError::from)),
+            None => Ok(()),
+        };
+        drop(st);
+        res.map_err(|source| self.err(source))
+    }
+
+    /// Migration source: the switch logs every page it writes into the guest into `log`
+    /// (SET_LOG_BASE, LOG_ALL acked, each ring's address again with its used ring's log
+    /// address). Nothing to do while the driver has not started the device.
+    pub fn start_log(&self, log: &DirtyLog) -> Result<()> {
+        self.log_mode(Some(log)).map_err(|source| self.err(source))
+    }
+
+    /// Migration source: logging off again (a failed migration; the VM runs on here).
+    pub fn stop_log(&self) -> Result<()> {
+        self.log_mode(None).map_err(|source| self.err(source))
+    }
+
+    fn log_mode(&self, log: Option<&DirtyLog>) -> std::result::Result<(), NetError> {
+        let mut st = self.shared.lock();
+        let Some(act) = st.active else { return Ok(()) };
+        let conn = st.conn.as_mut().ok_or(NetError::Down)?;
+        let offered = conn.session.offered_features();
+        if let Some(log) = log {
+            if offered & VHOST_F_LOG_ALL == 0 {
+                return Err(NetError::NoDirtyLog);
+            }
+            conn.session.set_log_base(log.fd(), log.bytes())?;
+        }
+        let logging = if log.is_some() { VHOST_F_LOG_ALL } else { 0 };
+        conn.session.set_features((act.features & offered & !F_MAC) | logging)?;
+        for (q, qa) in act.queues.iter().enumerate() {
+            let v = vring(&self.shared, q, qa, false)?;
+            conn.session.set_vring_addr(q, &v, log.map(|_| qa.used))?;
+        }
+        Ok(())
+    }
+
+    /// Migration source, vCPUs paused: the switch stops both rings (GET_VRING_BASE) and
+    /// writes nothing more into the guest. [`Link::restart`] undoes it.
+    pub fn stop_rings(&self) -> Result<()> {
+        let mut st = self.shared.lock();
+        if st.active.is_none() {
+            return Ok(());
+        }
+        let Some(conn) = st.conn.as_mut() else { return Ok(()) };
+        let res = conn.session.stop_vrings(QUEUES).map(|_| ());
+        drop(st);
+        res.map_err(|source| self.err(source.into()))
+    }
+
+    /// A failed migration: the rings back to the switch where the guest left them.
+    pub fn restart(&self) -> Result<()> {
+        let mut st = self.shared.lock();
+        let Some(act) = st.active else { return Ok(()) };
+        let res = match st.conn.as_mut() {
+            Some(conn) => start_rings(&self.shared, conn, &act, true),
             None => Ok(()),
         };
         drop(st);

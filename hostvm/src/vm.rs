@@ -8,9 +8,10 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::thread::JoinHandleExt;
+use std::path::Path;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use crate::acpi;
 use crate::layout::{self, COM1_IRQ, COM1_PORT, KVM_TSS_ADDR, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE};
 use crate::linux::LinuxConfig;
 use crate::memory::GuestRam;
+use crate::migrate::{self, Final, Hello, MigrationStats, VcpuState};
 use crate::mmio::{reg, VirtioMmioNet};
 use crate::net::{Link, NetSpec, QUEUES};
 use crate::payload::{self, abi, PayloadConfig};
@@ -81,6 +83,8 @@ pub enum ExitReason {
     PowerOff,
     /// hostvm was asked to stop.
     Stopped,
+    /// The guest migrated to another hostvm and runs there now.
+    Migrated,
 }
 
 /// A timestamped guest milestone.
@@ -121,6 +125,22 @@ struct Shared {
     milestones: Mutex<Vec<Milestone>>,
     t0: Instant,
     payload: bool,
+    vm: VmFd,
+    mem: u64,
+    /// Set to park the vCPU (a migration's stop-and-copy); see [`park`].
+    pause: AtomicBool,
+    park: Mutex<Park>,
+    park_cv: Condvar,
+    /// The vCPU threads, to kick them out of KVM_RUN.
+    vcpu_threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+/// A parked vCPU's state, and what it is told to do next.
+#[derive(Default)]
+struct Park {
+    saved: Option<std::result::Result<VcpuState, String>>,
+    /// `Some(true)`: the guest left (migrated); `Some(false)`: run on.
+    leave: Option<bool>,
 }
 
 impl Shared {
@@ -154,7 +174,6 @@ pub struct Vm {
     shared: Arc<Shared>,
     // Kept alive for the VM's lifetime (the vCPU fds are moved into their threads).
     _kvm: Kvm,
-    _vm: VmFd,
     vcpus: Vec<VcpuFd>,
 }
 
@@ -308,9 +327,15 @@ impl Vm {
             milestones: Mutex::new(Vec::new()),
             t0,
             payload: payload_mode,
+            vm,
+            mem: cfg.mem,
+            pause: AtomicBool::new(false),
+            park: Mutex::new(Park::default()),
+            park_cv: Condvar::new(),
+            vcpu_threads: Mutex::new(Vec::new()),
         });
         shared.milestone("VM set up");
-        Ok(Vm { shared, _kvm: kvm, _vm: vm, vcpus })
+        Ok(Vm { shared, _kvm: kvm, vcpus })
     }
 
     /// The guest's RAM (to read the payload's counters while it runs).
@@ -332,6 +357,7 @@ impl Vm {
                 .name(format!("hostvm-vcpu{i}"))
                 .spawn(move || run_vcpu(&sh, fd, i == 0))
                 .map_err(Error::io("starting a vCPU thread"))?;
+            lock(&self.shared.vcpu_threads).push(h.as_pthread_t());
             threads.push(h);
         }
         // Wait for a stop, then for the vCPUs.
@@ -401,6 +427,259 @@ impl Handle {
     pub fn milestones(&self) -> Vec<Milestone> {
         self.0.milestones.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// Migrates the running guest to the hostvm waiting with `--incoming` on `path` (see
+    /// [`migrate`]). On success the guest runs there and this VM's run ends with
+    /// [`ExitReason::Migrated`]; on failure it runs on here and the error says why. `verify`
+    /// sends a digest of all of RAM for the destination to check before it takes the guest.
+    pub fn migrate(&self, path: &Path, verify: bool) -> Result<MigrationStats> {
+        let sh = &*self.0;
+        if !sh.payload {
+            return Err(Error::Config(
+                "only payload VMs migrate: a Linux guest's interrupt controllers are not carried".into(),
+            ));
+        }
+        if lock(&sh.vcpu_threads).is_empty() || sh.stop.load(Ordering::SeqCst) {
+            return Err(Error::Config("the VM is not running".into()));
+        }
+        let t0 = Instant::now();
+        let mut tx = migrate::Sender::connect(path, &sh.ram, &hello(sh))?;
+        let logs = match sh.ram.log_dirty(&sh.vm, true).and_then(|()| start_logs(sh)) {
+            Ok(l) => l,
+            Err(e) => {
+                abandon(sh, false);
+                return Err(e);
+            }
+        };
+        match precopy_and_switch(sh, &mut tx, &logs, verify, t0) {
+            Ok(stats) => {
+                sh.milestone("migrated out");
+                sh.finish(ExitReason::Migrated);
+                release(sh, true);
+                Ok(stats)
+            }
+            Err((e, rings_stopped)) => {
+                tracing::warn!("migration failed, the guest runs on here: {e}");
+                abandon(sh, rings_stopped);
+                release(sh, false);
+                Err(e)
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn hello(sh: &Shared) -> Hello {
+    Hello {
+        version: migrate::version(),
+        mem: sh.mem,
+        macs: sh.devices().nics.iter().map(|n| n.mac()).collect(),
+    }
+}
+
+/// One dirty log per NIC, each handed to its switch port.
+fn start_logs(sh: &Shared) -> Result<Vec<netfront::migration::DirtyLog>> {
+    let covering = sh.ram.all_pages().last().map_or(0, |p| (p + 1) * migrate::PAGE);
+    let mut logs = Vec::new();
+    for l in &sh.links {
+        let log =
+            netfront::migration::DirtyLog::new(covering).map_err(Error::io("creating a dirty-log memfd"))?;
+        l.start_log(&log)?;
+        logs.push(log);
+    }
+    Ok(logs)
+}
+
+/// Pages written since the last call, by the vCPU (KVM's log) or the switch (the ports' logs);
+/// also how many only the switch had.
+fn dirty(sh: &Shared, logs: &[netfront::migration::DirtyLog]) -> Result<(Vec<u64>, u64)> {
+    let vcpu = sh.ram.kvm_dirty_pages(&sh.vm)?;
+    let switch: Vec<u64> = logs.iter().flat_map(|l| l.take_dirty_pages()).collect();
+    Ok(migrate::union(vcpu, &switch))
+}
+
+/// The pre-copy rounds, the stop-and-copy and the destination's answer. An error says whether
+/// the rings were already stopped.
+fn precopy_and_switch(
+    sh: &Shared,
+    tx: &mut migrate::Sender<'_>,
+    logs: &[netfront::migration::DirtyLog],
+    verify: bool,
+    t0: Instant,
+) -> std::result::Result<MigrationStats, (Error, bool)> {
+    let early = |e: Error| (e, false);
+    // Clear what was logged before the full copy: the full copy sends it anyway.
+    dirty(sh, logs).map_err(early)?;
+    tx.send_pages(&sh.ram.all_pages()).map_err(early)?;
+    let mut last = usize::MAX;
+    loop {
+        let (pages, only) = dirty(sh, logs).map_err(early)?;
+        tx.stats.switch_only += only;
+        tx.stats.dirty.push(pages.len());
+        tx.send_pages(&pages).map_err(early)?;
+        tx.stats.rounds += 1;
+        let n = pages.len();
+        if n <= migrate::SMALL_ROUND || n >= last || tx.stats.rounds >= migrate::MAX_ROUNDS {
+            break;
+        }
+        last = n;
+    }
+    // Stop and copy.
+    let down = Instant::now();
+    let vcpu = pause(sh).map_err(early)?;
+    let stopped = |e: Error| (e, true);
+    for l in &sh.links {
+        l.stop_rings().map_err(stopped)?;
+    }
+    let nics = sh.devices().nics.iter().map(|n| n.snapshot()).collect();
+    let (pages, only) = dirty(sh, logs).map_err(stopped)?;
+    tx.stats.switch_only += only;
+    tx.stats.dirty.push(pages.len());
+    tx.send_pages(&pages).map_err(stopped)?;
+    let digest = verify.then(|| migrate::digest(&sh.ram));
+    tx.finish(&Final { vcpu, nics, digest }).map_err(stopped)?;
+    tx.stats.downtime = down.elapsed();
+    tx.stats.total = t0.elapsed();
+    Ok(std::mem::take(&mut tx.stats))
+}
+
+/// A failed migration: logging off (KVM's and the switch's), the rings back to the switch.
+fn abandon(sh: &Shared, rings_stopped: bool) {
+    if let Err(e) = sh.ram.log_dirty(&sh.vm, false) {
+        tracing::warn!("turning KVM's dirty log off: {e}");
+    }
+    for l in &sh.links {
+        if let Err(e) = l.stop_log() {
+            tracing::warn!("turning the switch's dirty log off: {e}");
+        }
+        if rings_stopped {
+            if let Err(e) = l.restart() {
+                tracing::error!("giving the rings back to the switch: {e}");
+            }
+        }
+    }
+}
+
+/// Parks the vCPU and returns its state. Kicks it out of KVM_RUN until it is parked.
+fn pause(sh: &Shared) -> Result<VcpuState> {
+    let mut p = lock(&sh.park);
+    p.saved = None;
+    sh.pause.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(saved) = p.saved.take() {
+            return saved.map_err(|e| {
+                // The vCPU waits for a verdict even when its state could not be read.
+                Error::Config(format!("reading the vCPU's state: {e}"))
+            });
+        }
+        if Instant::now() >= deadline {
+            sh.pause.store(false, Ordering::SeqCst);
+            return Err(Error::Config("the vCPU did not stop within 5 s".into()));
+        }
+        for &t in lock(&sh.vcpu_threads).iter() {
+            // SAFETY: the vCPU threads outlive the run, which is going on (checked by the
+            // caller); the signal's handler does nothing, it only interrupts KVM_RUN.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+        p = sh
+            .park_cv
+            .wait_timeout(p, Duration::from_millis(2))
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0);
+    }
+}
+
+/// Tells a parked vCPU to leave (the guest migrated) or run on.
+fn release(sh: &Shared, leave: bool) {
+    let mut p = lock(&sh.park);
+    p.leave = Some(leave);
+    sh.pause.store(false, Ordering::SeqCst);
+    sh.park_cv.notify_all();
+}
+
+/// On the vCPU thread: completes any I/O KVM has pending (so the saved registers are after
+/// the instruction), saves the state and waits for the verdict. True if the guest left.
+fn park(sh: &Shared, fd: &mut VcpuFd) -> bool {
+    fd.set_kvm_immediate_exit(1);
+    let _ = fd.run();
+    fd.set_kvm_immediate_exit(0);
+    let saved = VcpuState::save(fd).map_err(|e| e.to_string());
+    let mut p = lock(&sh.park);
+    p.leave = None;
+    p.saved = Some(saved);
+    sh.park_cv.notify_all();
+    loop {
+        if let Some(leave) = p.leave.take() {
+            return leave;
+        }
+        // No verdict but no longer wanted (the migration gave up waiting for this vCPU).
+        if !sh.pause.load(Ordering::SeqCst) {
+            return false;
+        }
+        if sh.stop.load(Ordering::SeqCst) {
+            return true;
+        }
+        p = sh
+            .park_cv
+            .wait_timeout(p, Duration::from_millis(100))
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0);
+    }
+}
+
+impl Vm {
+    /// Waits up to `wait` for a migration source on `path` and takes its guest: memory, vCPU,
+    /// NICs (the switch resumes the rings and announces the MAC from this VM's ports). Call
+    /// before [`Vm::run`]; the guest then continues where it was.
+    pub fn incoming(&mut self, path: &Path, wait: Duration) -> Result<()> {
+        let sh = self.shared.clone();
+        if !sh.payload {
+            return Err(Error::Config(
+                "only payload VMs migrate: a Linux guest's interrupt controllers are not carried".into(),
+            ));
+        }
+        let mut rx = migrate::Receiver::accept(path, wait)?;
+        rx.hello(&hello(&sh))?;
+        let res = (|| {
+            let fin = rx.receive(&sh.ram)?;
+            if let Some(theirs) = &fin.digest {
+                let bad = migrate::digest_mismatch(&sh.ram, theirs);
+                if !bad.is_empty() {
+                    return Err(Error::Config(format!(
+                        "guest memory differs from the source's in {} MiB chunk(s) (first at {:#x}): a \
+                         dirty page was missed",
+                        bad.len(),
+                        bad[0] << 20
+                    )));
+                }
+            }
+            let vcpu = self.vcpus.first().ok_or_else(|| Error::Config("no vCPU".into()))?;
+            fin.vcpu.load(vcpu)?;
+            let mut d = sh.devices();
+            if fin.nics.len() != d.nics.len() {
+                return Err(Error::Config("the source sent state for a different number of NICs".into()));
+            }
+            for (n, st) in d.nics.iter_mut().zip(&fin.nics) {
+                n.restore(st).map_err(Error::Config)?;
+            }
+            Ok(())
+        })();
+        match res {
+            Ok(()) => {
+                rx.answer(None)?;
+                sh.milestone("migrated in");
+                Ok(())
+            }
+            Err(e) => {
+                let _ = rx.answer(Some(e.to_string()));
+                Err(e)
+            }
+        }
+    }
 }
 
 fn run_vcpu(sh: &Shared, mut fd: VcpuFd, boot: bool) -> Result<()> {
@@ -410,6 +689,12 @@ fn run_vcpu(sh: &Shared, mut fd: VcpuFd, boot: bool) -> Result<()> {
     loop {
         if sh.stop.load(Ordering::SeqCst) && sh.exit_reason().is_some() {
             return Ok(());
+        }
+        if sh.pause.load(Ordering::SeqCst) {
+            if park(sh, &mut fd) {
+                return Ok(());
+            }
+            continue;
         }
         let exit = match fd.run() {
             Ok(e) => e,
