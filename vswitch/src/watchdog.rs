@@ -12,9 +12,16 @@
 //!   `EINTR` (the caller then revokes that fd, see `VirtQueue::notify`);
 //! * a polling thread whose iteration count stops for longer than [`STALL_AFTER`] while it is
 //!   not asleep is reported once per episode and counted ([`Heartbeat::stalls`]).
+//!
+//! The watchdog looks every [`PERIOD`] only while guest-fd writes happen (one in the last
+//! [`AWAKE_AFTER_WRITE`]). Otherwise it dozes for [`DOZE`] (enough for stall checks) and the
+//! first write to start wakes it ([`guest_fd_call`]: a store and a load of a flag, plus an
+//! unpark only when it dozes). The switch's threads share CPUs with the polling threads (a
+//! benchmark pins the whole process to one), and a look every 5 ms preempted a busy-polling
+//! thread 200 times a second, a source of its latency tail.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -24,8 +31,21 @@ use crate::clock::{ticks, ticks_per_us};
 pub const FD_BOUND: Duration = Duration::from_millis(20);
 /// How long a polling thread may go without a loop turn (awake) before it is reported.
 pub const STALL_AFTER: Duration = Duration::from_secs(1);
-/// How often the watchdog looks.
-const PERIOD: Duration = Duration::from_millis(5);
+/// How often the watchdog looks while guest-fd writes happen.
+pub const PERIOD: Duration = Duration::from_millis(5);
+/// How long it keeps looking every [`PERIOD`] after the last guest-fd write began.
+pub const AWAKE_AFTER_WRITE: Duration = Duration::from_secs(1);
+/// How long it sleeps when no thread writes to guest fds (woken by the first write).
+pub const DOZE: Duration = Duration::from_millis(200);
+
+/// One watchdog thread, as the threads it watches see it.
+#[derive(Debug)]
+struct Watcher {
+    thread: std::thread::Thread,
+    dozing: AtomicBool,
+    /// Times it looked (woke up), for tests and `ctl`.
+    looks: AtomicU64,
+}
 
 /// What one thread publishes for the watchdog.
 #[derive(Debug)]
@@ -42,6 +62,10 @@ pub struct Heartbeat {
     tid: AtomicI32,
     stalls: AtomicU64,
     interrupts: AtomicU64,
+    /// `ticks()` when the last guest-fd write began (0: none yet).
+    last_write: AtomicU64,
+    /// The watchdog watching this thread, once it started.
+    watcher: OnceLock<Arc<Watcher>>,
 }
 
 thread_local! {
@@ -60,6 +84,8 @@ impl Heartbeat {
             tid: AtomicI32::new(0),
             stalls: AtomicU64::new(0),
             interrupts: AtomicU64::new(0),
+            last_write: AtomicU64::new(0),
+            watcher: OnceLock::new(),
         }
     }
 
@@ -91,6 +117,11 @@ impl Heartbeat {
     pub fn interrupts(&self) -> u64 {
         self.interrupts.load(Relaxed)
     }
+
+    /// Times the watchdog watching this thread has looked so far (0 before it started).
+    pub fn watchdog_looks(&self) -> u64 {
+        self.watcher.get().map_or(0, |w| w.looks.load(Relaxed))
+    }
 }
 
 /// Runs `f`, a write to an fd a guest controls, where the watchdog interrupts it should it block
@@ -100,7 +131,16 @@ impl Heartbeat {
 pub fn guest_fd_call<R>(f: impl FnOnce() -> R) -> R {
     CURRENT.with(|c| match &*c.borrow() {
         Some(hb) => {
-            hb.in_guest_fd.store(ticks().max(1), Relaxed);
+            let now = ticks().max(1);
+            hb.last_write.store(now, Relaxed);
+            // SeqCst store, then SeqCst load of `dozing`: either the watchdog, about to doze,
+            // sees this write in progress, or this sees it dozing and wakes it.
+            hb.in_guest_fd.store(now, SeqCst);
+            if let Some(w) = hb.watcher.get() {
+                if w.dozing.load(SeqCst) {
+                    w.thread.unpark();
+                }
+            }
             let r = f();
             hb.in_guest_fd.store(0, Relaxed);
             r
@@ -151,21 +191,48 @@ pub fn spawn(threads: Vec<Weak<Heartbeat>>) -> std::io::Result<()> {
     let now = Instant::now();
     let mut watched: Vec<Watched> =
         threads.into_iter().map(|hb| Watched { hb, beats: 0, since: now, reported: false }).collect();
-    std::thread::Builder::new().name("vswitch-watchdog".into()).spawn(move || {
+    let weak: Vec<Weak<Heartbeat>> = watched.iter().map(|w| w.hb.clone()).collect();
+    let (tx, rx) = std::sync::mpsc::channel::<Arc<Watcher>>();
+    let handle = std::thread::Builder::new().name("vswitch-watchdog".into()).spawn(move || {
+        let Ok(me) = rx.recv() else { return };
         let bound = FD_BOUND.as_micros() as u64 * ticks_per_us();
+        let awake = AWAKE_AFTER_WRITE.as_micros() as u64 * ticks_per_us();
         loop {
-            std::thread::sleep(PERIOD);
             watched.retain(|w| w.hb.strong_count() > 0);
             if watched.is_empty() {
                 return;
             }
+            me.looks.fetch_add(1, Relaxed);
+            let mut writing = false;
             for w in &mut watched {
                 if let Some(hb) = w.hb.upgrade() {
                     check(w, &hb, bound);
+                    let last = hb.last_write.load(Relaxed);
+                    writing |= last != 0 && ticks().wrapping_sub(last) < awake;
                 }
             }
+            if writing {
+                std::thread::sleep(PERIOD);
+                continue;
+            }
+            me.dozing.store(true, SeqCst);
+            let in_write =
+                watched.iter().any(|w| w.hb.upgrade().is_some_and(|hb| hb.in_guest_fd.load(SeqCst) != 0));
+            if !in_write {
+                std::thread::park_timeout(DOZE);
+            }
+            me.dozing.store(false, SeqCst);
         }
     })?;
+    let me = Arc::new(Watcher {
+        thread: handle.thread().clone(),
+        dozing: AtomicBool::new(false),
+        looks: AtomicU64::new(0),
+    });
+    for hb in weak.iter().filter_map(Weak::upgrade) {
+        let _ = hb.watcher.set(me.clone());
+    }
+    let _ = tx.send(me);
     Ok(())
 }
 
@@ -227,6 +294,8 @@ mod tests {
         f.write_all(&0xffff_ffff_ffff_fffeu64.to_ne_bytes()).unwrap();
         let hb = Arc::new(Heartbeat::new("t".into(), false));
         spawn(vec![Arc::downgrade(&hb)]).unwrap();
+        // No write yet: the watchdog dozes, and the write below must wake it.
+        std::thread::sleep(Duration::from_millis(50));
         let t = Instant::now();
         let (hb2, f2) = (hb.clone(), f.try_clone().unwrap());
         let r = std::thread::spawn(move || {
@@ -236,8 +305,47 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::Interrupted);
-        assert!(t.elapsed() < Duration::from_secs(2), "interrupted after {:?}", t.elapsed());
+        // FD_BOUND plus a period or two, not a doze.
+        assert!(t.elapsed() < DOZE, "interrupted after {:?}", t.elapsed());
         assert!(hb.interrupts() >= 1);
+    }
+
+    #[test]
+    fn test_the_watchdog_dozes_without_guest_fd_writes_and_looks_often_with_them() {
+        let hb = Arc::new(Heartbeat::new("busy".into(), true));
+        spawn(vec![Arc::downgrade(&hb)]).unwrap();
+        let (hb2, stop) = (hb.clone(), Arc::new(AtomicBool::new(false)));
+        let stop2 = stop.clone();
+        let t = std::thread::spawn(move || {
+            hb2.attach();
+            let mut i = 0;
+            while !stop2.load(Relaxed) {
+                i += 1;
+                hb2.beat(i);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let l0 = hb.watchdog_looks();
+        std::thread::sleep(Duration::from_millis(600));
+        let dozing = hb.watchdog_looks() - l0;
+        assert!(dozing <= 5, "{dozing} looks in 600 ms without writes (a look per {DOZE:?} expected)");
+        // Writes (to an fd that never blocks): it looks every PERIOD again.
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let (hb3, l1) = (hb.clone(), hb.watchdog_looks());
+        std::thread::spawn(move || {
+            hb3.attach();
+            for _ in 0..30 {
+                guest_fd_call(|| (&f).metadata().map(|_| ()));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+        .join()
+        .unwrap();
+        let awake = hb.watchdog_looks() - l1;
+        assert!(awake >= 20, "{awake} looks in 300 ms of writes ({PERIOD:?} period expected)");
+        stop.store(true, Relaxed);
+        t.join().unwrap();
     }
 
     #[test]
