@@ -197,7 +197,6 @@ impl Switch {
             poll,
             pmds,
             fdb,
-            start: Instant::now(),
             ports: HashMap::new(),
             ctl,
             access,
@@ -340,7 +339,6 @@ struct Control {
     poll: Poll,
     pmds: Vec<PmdHandle>,
     fdb: Arc<Fdb>,
-    start: Instant,
     ports: HashMap<u16, PortState>,
     /// The control socket's server.
     ctl: Option<ctlsock::CtlServer>,
@@ -593,7 +591,7 @@ impl Control {
     }
 
     fn now(&self) -> u32 {
-        self.start.elapsed().as_secs() as u32
+        self.fdb.now()
     }
 
     fn add_port(&mut self, cfg: PortConfig) -> Result<(), SwitchError> {

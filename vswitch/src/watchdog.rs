@@ -336,7 +336,7 @@ mod tests {
         std::thread::spawn(move || {
             hb3.attach();
             for _ in 0..30 {
-                guest_fd_call(|| (&f).metadata().map(|_| ()));
+                let _ = guest_fd_call(|| f.metadata().map(|_| ()));
                 std::thread::sleep(Duration::from_millis(10));
             }
         })

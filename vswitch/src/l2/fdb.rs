@@ -63,6 +63,17 @@ pub struct Fdb {
     mul: u64,
     xor: u64,
     owners: Owners,
+    /// Time zero of the table's clock ([`Fdb::now`]). One for every thread that learns or
+    /// looks up: with a clock per thread, an entry one thread stamped a second "later" than
+    /// another thread's clock read was expired to that thread (a flood every second, for
+    /// as long as the threads' starts were apart).
+    epoch: std::time::Instant,
+}
+
+/// Seconds since the entry's stamp (0 for a stamp ahead of `now`, see [`Fdb::live`]).
+#[inline(always)]
+fn age(now: u32, val: u64) -> u32 {
+    (now.wrapping_sub(val as u32) as i32).max(0) as u32
 }
 
 #[inline(always)]
@@ -95,7 +106,14 @@ impl Fdb {
             mul: secret() | 1,
             xor: secret(),
             owners,
+            epoch: std::time::Instant::now(),
         }
+    }
+
+    /// The table's clock: whole seconds since it was made. Every `now` passed to the table
+    /// must come from here.
+    pub fn now(&self) -> u32 {
+        self.epoch.elapsed().as_secs() as u32
     }
 
     /// Multiply-shift over the secret: one multiply, as cheap as the unkeyed hash was.
@@ -120,9 +138,12 @@ impl Fdb {
         &self.buckets[i]
     }
 
+    /// Whether the entry (`key`, `val`) is this key's and not expired. An entry stamped
+    /// "after" `now` is live: each polling thread reads the table's clock every few hundred
+    /// loop turns, so one thread's `now` may still be a second behind another's stamp.
     #[inline(always)]
     fn live(&self, key: u64, val: u64, now: u32) -> bool {
-        (val >> 32) & 0xffff == self.tag_of(key) && now.wrapping_sub(val as u32) <= self.aging_secs
+        (val >> 32) & 0xffff == self.tag_of(key) && age(now, val) <= self.aging_secs
     }
 
     /// Sets how many entries `port` may own.
@@ -245,7 +266,7 @@ impl Fdb {
                 victim = i;
                 break;
             }
-            let age = now.wrapping_sub(v as u32);
+            let age = age(now, v);
             if age >= oldest {
                 oldest = age;
                 victim = i;
@@ -307,7 +328,7 @@ impl Fdb {
                         vlan: ((k >> 48) & 0xfff) as u16,
                         mac: super::format_mac(k & 0xffff_ffff_ffff),
                         port: (v >> 48) as u16,
-                        age_secs: now.wrapping_sub(v as u32),
+                        age_secs: age(now, v),
                     });
                 }
             }
@@ -320,6 +341,29 @@ impl Fdb {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_an_entry_stamped_by_a_thread_whose_clock_is_a_second_ahead_is_live() {
+        // Polling threads read the table's clock every few hundred loop turns: right after a
+        // second boundary one has k + 1 while another still has k. The other must still find
+        // what the first learned (it flooded for that window every second before).
+        let f = Fdb::new(1024, 300);
+        f.learn(0, 0x5254_0000_0001, 2, 41);
+        assert_eq!(f.lookup(0, 0x5254_0000_0001, 40), Some(2));
+        assert_eq!(f.dump(40)[0].age_secs, 0);
+        // Expiry still works both ways round.
+        assert_eq!(f.lookup(0, 0x5254_0000_0001, 41 + 300), Some(2));
+        assert_eq!(f.lookup(0, 0x5254_0000_0001, 41 + 301), None);
+    }
+
+    #[test]
+    fn test_every_thread_reads_the_one_clock_of_the_table() {
+        let f = Fdb::new(64, 300);
+        let a = f.now();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let b = std::thread::scope(|s| s.spawn(|| f.now()).join().unwrap());
+        assert!(b > a && b <= a + 2, "{a} then {b}");
+    }
 
     #[test]
     fn test_learn_then_lookup() {

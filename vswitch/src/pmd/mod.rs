@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -174,7 +174,6 @@ struct Pmd {
 
 impl Pmd {
     fn run(&mut self) {
-        let start = Instant::now();
         let (mut busy, mut idle, mut packets, mut iters, mut busy_iters) = (0u64, 0u64, 0u64, 0u64, 0u64);
         let mut empty = 0u32;
         let mut now = 0u32;
@@ -184,7 +183,7 @@ impl Pmd {
             }
             if iters % 256 == 0 {
                 // The FDB's clock has one-second resolution; no need to read it every loop.
-                now = start.elapsed().as_secs() as u32;
+                now = self.dp.fdb.now();
             }
             let t0 = ticks();
             let mut moved = 0;
