@@ -184,12 +184,18 @@ struct Common {
     /// Flows per sending port (distinct MACs, IPs and UDP ports).
     #[arg(long, default_value_t = 1)]
     flows: usize,
-    /// CPU the switch under test is pinned to.
-    #[arg(long, default_value_t = 0)]
-    backend_cpu: usize,
-    /// CPU the generator is pinned to.
-    #[arg(long, default_value_t = 1)]
-    generator_cpu: usize,
+    /// CPUs the switch under test is pinned to, comma separated: one polling thread per CPU
+    /// (DPDK: forwarding lcores; OVS: PMD threads).
+    #[arg(long = "backend-cpus", visible_alias = "backend-cpu", value_delimiter = ',', default_value = "0")]
+    backend_cpus: Vec<usize>,
+    /// CPUs of the generator, comma separated: one thread per CPU, the ports split between them.
+    #[arg(
+        long = "generator-cpus",
+        visible_alias = "generator-cpu",
+        value_delimiter = ',',
+        default_value = "1"
+    )]
+    generator_cpus: Vec<usize>,
     /// Use 4 KiB pages for guest memory even when huge pages are available.
     #[arg(long)]
     no_hugepages: bool,
@@ -234,8 +240,8 @@ impl Common {
             flows: self.flows,
             duration,
             warmup: seconds("warmup", self.warmup)?,
-            backend_cpu: self.backend_cpu,
-            generator_cpu: self.generator_cpu,
+            backend_cpus: self.backend_cpus,
+            generator_cpus: self.generator_cpus,
             hugepages: !self.no_hugepages,
             latency: !self.no_latency,
             vswitch_bin: self.vswitch,

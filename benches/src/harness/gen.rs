@@ -146,6 +146,9 @@ pub enum GenError {
     /// port {0}: the switch does not take frames from its TX ring (learning phase)
     #[error("port {0}: the switch does not take frames from its TX ring (learning phase)")]
     Stuck(usize),
+    /// a generator thread failed: {0}
+    #[error("a generator thread failed: {0}")]
+    Thread(String),
 }
 
 impl Plan {
@@ -283,6 +286,10 @@ pub struct GenConfig {
     pub drain: Duration,
     /// Ports migrating (`ours+log`): how often their dirty logs are read and cleared.
     pub read_dirty_log: Option<Duration>,
+    /// One generator thread per CPU, the ports split between them in contiguous runs; the
+    /// first is the calling thread (pinned by the caller), the others are pinned here. Empty
+    /// or one: the calling thread drives every port.
+    pub cpus: Vec<usize>,
 }
 
 impl Default for GenConfig {
@@ -294,6 +301,7 @@ impl Default for GenConfig {
             burst: 32,
             drain: Duration::from_secs(1),
             read_dirty_log: None,
+            cpus: Vec::new(),
         }
     }
 }
@@ -418,6 +426,22 @@ impl Sink {
         })
     }
 
+    /// Adds what another thread's sink saw (its ports' entries of `last`, its counts and
+    /// latencies).
+    fn merge(&mut self, o: Sink) {
+        for (a, b) in self.last.iter_mut().zip(o.last) {
+            *a = (*a).max(b);
+        }
+        self.received_must += o.received_must;
+        self.rx += o.rx;
+        self.window_rx += o.window_rx;
+        self.window_bytes += o.window_bytes;
+        self.reordered += o.reordered;
+        self.misdelivered += o.misdelivered;
+        self.foreign += o.foreign;
+        let _ = self.hist.add(&o.hist);
+    }
+
     #[inline(always)]
     fn on_frame(&mut self, port: usize, frame: &[u8], now: u64) {
         let Some(tag) = Tag::read(frame) else {
@@ -449,7 +473,10 @@ impl Sink {
             self.window_rx += 1;
             self.window_bytes += (frame.len() + super::spec::FCS_LEN) as u64;
             let lat = now.wrapping_sub(tag.stamp) & MASK48;
-            self.hist.saturating_record(lat.max(1));
+            // Another generator thread may stamp and send a frame after this thread read the
+            // clock and before it polled: a "negative" latency, recorded as the least.
+            let lat = if lat > MASK48 / 2 { 1 } else { lat.max(1) };
+            self.hist.saturating_record(lat);
         }
     }
 }
@@ -529,8 +556,10 @@ fn drain(
 /// Runs the plan over `ports` (port i = `ports[i]`, queue pair 0): learning frames, warm-up,
 /// the measurement window, then a drain; `on` is called for each [`Event`].
 ///
-/// Runs on the calling thread (pin it first). Returns an error only when the switch stops
-/// taking frames entirely during learning.
+/// Runs on the calling thread (pin it first), and on one more thread per further CPU of
+/// [`GenConfig::cpus`], each driving its own run of ports (a frame is received by the thread
+/// of the port it arrives on; counts and latencies are merged at the end). Returns an error
+/// only when the switch stops taking frames entirely during learning.
 pub fn run(
     ports: &mut [Frontend],
     plan: &Plan,
@@ -543,21 +572,101 @@ pub fn run(
     let base = clock.now();
     learn(ports, plan, clock, base)?;
 
-    let n = plan.ports;
+    let start = clock.now();
+    let window = start + clock.ticks(cfg.warmup);
+    let times = Times { base, start, window, end: window + clock.ticks(cfg.duration) };
+    let threads = cfg.cpus.len().clamp(1, ports.len().max(1));
+    let per = ports.len().div_ceil(threads).max(1);
+    let (mut res, mut sink) = if threads == 1 {
+        traffic(ports, 0, plan, cfg, clock, &times, Some(on))?
+    } else {
+        std::thread::scope(|sc| -> Result<(GenResult, Sink), GenError> {
+            let mut chunks = ports.chunks_mut(per).enumerate();
+            let (_, mine) = chunks.next().expect("at least one port");
+            let mut others = Vec::new();
+            for (k, chunk) in chunks {
+                let (cpu, times) = (cfg.cpus[k], &times);
+                others.push(sc.spawn(move || {
+                    super::sys::pin_current_thread(cpu).map_err(|e| GenError::Thread(e.to_string()))?;
+                    traffic(chunk, k * per, plan, cfg, clock, times, None)
+                }));
+            }
+            let (mut res, mut sink) = traffic(mine, 0, plan, cfg, clock, &times, Some(on))?;
+            for h in others {
+                let (r, s) =
+                    h.join().map_err(|_| GenError::Thread("a generator thread panicked".into()))??;
+                res.merge(&r);
+                sink.merge(s);
+            }
+            Ok((res, sink))
+        })?
+    };
+
+    // Traffic stopped: wait for frames still in flight.
+    drain(ports, clock, cfg.drain, |p, frame, now| sink.on_frame(p, frame, now.wrapping_sub(base) & MASK48));
+
+    res.rx_frames = sink.rx;
+    res.window_rx = sink.window_rx;
+    res.window_rx_bytes = sink.window_bytes;
+    res.lost = res.expected.saturating_sub(sink.received_must);
+    res.reordered = sink.reordered;
+    res.misdelivered = sink.misdelivered;
+    res.foreign = sink.foreign;
+    if measure_latency && !sink.hist.is_empty() {
+        res.latency = Some(latency_of(&sink.hist, clock));
+    }
+    Ok(res)
+}
+
+/// The run's clock marks, shared by every generator thread.
+struct Times {
+    base: u64,
+    start: u64,
+    window: u64,
+    end: u64,
+}
+
+impl GenResult {
+    /// Adds another generator thread's sender-side counts (the window length is the first
+    /// thread's).
+    fn merge(&mut self, o: &GenResult) {
+        self.tx_frames += o.tx_frames;
+        self.window_tx += o.window_tx;
+        self.expected += o.expected;
+        self.refused += o.refused;
+        self.tx_ring_full += o.tx_ring_full;
+        self.generator_lag += o.generator_lag;
+        self.window_bursts += o.window_bursts;
+        self.dirty_pages += o.dirty_pages;
+    }
+}
+
+/// One generator thread's traffic over `ports` (plan ports `first..first + ports.len()`) from
+/// `times.start` to `times.end`: what it sent and what its ports received. `on`: the thread
+/// that reports events.
+fn traffic(
+    ports: &mut [Frontend],
+    first: usize,
+    plan: &Plan,
+    cfg: &GenConfig,
+    clock: &Clock,
+    times: &Times,
+    mut on: Option<&mut dyn FnMut(Event)>,
+) -> Result<(GenResult, Sink), GenError> {
+    let base = times.base;
     let hz = clock.hz();
+    let shared_ports = first != 0 || ports.len() != plan.ports;
     // Latencies up to 10 s, 3 significant digits.
     let mut sink = Sink::new(plan, (hz * 10.0) as u64)?;
     let must_count: Vec<u64> = plan.streams.iter().map(|s| u64::from(s.must.count_ones())).collect();
     let mut seqs = vec![0u64; plan.streams.len()];
-    let mut senders = vec![Sender::default(); n];
+    let mut senders = vec![Sender::default(); ports.len()];
     let per_port_rate = cfg.rate_pps.map(|r| r / plan.senders().max(1) as f64 / hz);
     let burst = cfg.burst.max(1);
     let lag_cap = 4 * burst as u64;
 
     let mut res = GenResult::default();
-    let t_start = clock.now();
-    let t_window = t_start + clock.ticks(cfg.warmup);
-    let t_end = t_window + clock.ticks(cfg.duration);
+    let (t_start, t_window, t_end) = (times.start, times.window, times.end);
     let total_s = (cfg.warmup + cfg.duration).as_secs_f64();
     let tick_1s = clock.ticks(Duration::from_secs(1));
     let mut next_progress = t_start + tick_1s;
@@ -567,7 +676,6 @@ pub fn run(
     let mut ring_full = 0u64;
     let log_every = cfg.read_dirty_log.map(|d| clock.ticks(d));
     let mut next_log = t_start;
-
     loop {
         let now = clock.now();
         if now >= t_end {
@@ -586,31 +694,43 @@ pub fn run(
             res.window_tx = 0;
             res.window_bursts = 0;
             ring_full = 0;
-            on(Event::WindowStart);
+            if let Some(on) = on.as_mut() {
+                on(Event::WindowStart);
+            }
         }
         if now >= next_progress {
             let secs = (now - t_progress) as f64 / hz;
-            on(Event::Progress {
-                elapsed_s: (now - t_start) as f64 / hz,
-                total_s,
-                rx_pps: (sink.rx - rx_at_progress) as f64 / secs,
-            });
+            if let Some(on) = on.as_mut() {
+                // This thread's ports only, when there are several threads.
+                on(Event::Progress {
+                    elapsed_s: (now - t_start) as f64 / hz,
+                    total_s,
+                    rx_pps: (sink.rx - rx_at_progress) as f64 / secs,
+                });
+            }
             rx_at_progress = sink.rx;
             t_progress = now;
             next_progress = now + tick_1s;
         }
-        for (p, fe) in ports.iter_mut().enumerate() {
+        for (i, fe) in ports.iter_mut().enumerate() {
+            let p = first + i;
             // Read per port: a frame sent by an earlier port in this turn may already be here,
             // and must not look older than its own stamp. RX time is taken before the poll, a
             // lower bound of when the frame became visible.
-            let now = if p == 0 { now } else { clock.now() };
+            let now = if i == 0 { now } else { clock.now() };
             let stamp = now.wrapping_sub(base) & MASK48;
-            fe.poll_rx(0, |frame| sink.on_frame(p, frame, stamp));
+            if shared_ports {
+                // Another thread may have stamped a frame after `now` was read: time each frame
+                // as it is taken (an upper bound, a clock read per frame).
+                fe.poll_rx(0, |frame| sink.on_frame(p, frame, clock.now().wrapping_sub(base) & MASK48));
+            } else {
+                fe.poll_rx(0, |frame| sink.on_frame(p, frame, stamp));
+            }
             let streams = &plan.per_port[p];
             if streams.is_empty() {
                 continue;
             }
-            let snd = &mut senders[p];
+            let snd = &mut senders[i];
             let mut want = burst as u64;
             if let Some(r) = per_port_rate {
                 let allowed = (r * (now - t_start) as f64) as u64;
@@ -671,24 +791,12 @@ pub fn run(
     }
     let t_stop = clock.now();
     sink.in_window = false;
-    on(Event::WindowEnd);
-    res.window_s = if window_started { (t_stop - t_window) as f64 / hz } else { 0.0 };
-
-    // Traffic stopped: wait for frames still in flight.
-    drain(ports, clock, cfg.drain, |p, frame, now| sink.on_frame(p, frame, now.wrapping_sub(base) & MASK48));
-
-    res.rx_frames = sink.rx;
-    res.window_rx = sink.window_rx;
-    res.window_rx_bytes = sink.window_bytes;
-    res.lost = res.expected.saturating_sub(sink.received_must);
-    res.reordered = sink.reordered;
-    res.misdelivered = sink.misdelivered;
-    res.foreign = sink.foreign;
-    res.tx_ring_full = ring_full;
-    if measure_latency && !sink.hist.is_empty() {
-        res.latency = Some(latency_of(&sink.hist, clock));
+    if let Some(on) = on.as_mut() {
+        on(Event::WindowEnd);
     }
-    Ok(res)
+    res.window_s = if window_started { (t_stop - t_window) as f64 / hz } else { 0.0 };
+    res.tx_ring_full = ring_full;
+    Ok((res, sink))
 }
 
 /// Summarises a histogram of latencies in clock ticks.

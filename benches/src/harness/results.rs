@@ -64,10 +64,17 @@ pub struct Params {
     pub reps: u32,
     /// Offered rate.
     pub rate: Rate,
-    /// CPU the switch under test was pinned to.
+    /// CPU the switch under test was pinned to (the first of `backend_cpus`).
     pub backend_cpu: usize,
-    /// CPU the generator was pinned to.
+    /// CPU the generator was pinned to (the first of `generator_cpus`).
     pub generator_cpu: usize,
+    /// CPUs the switch under test was pinned to (its polling threads, one each); empty in files
+    /// written before there could be several.
+    #[serde(default)]
+    pub backend_cpus: Vec<usize>,
+    /// CPUs of the generator's threads, one each.
+    #[serde(default)]
+    pub generator_cpus: Vec<usize>,
     /// Whether guest memory used huge pages.
     pub hugepages: bool,
 }

@@ -31,6 +31,17 @@ pub enum RunError {
     /// --reps must be at least 1
     #[error("--reps must be at least 1")]
     NoReps,
+    /// --backend-cpus and --generator-cpus each need at least one CPU
+    #[error("--backend-cpus and --generator-cpus each need at least one CPU")]
+    NoCpus,
+    /// more generator threads than ports
+    #[error("{threads} generator CPUs for {ports} ports: give --generator-cpus at most one CPU per port")]
+    TooManyGenerators {
+        /// --generator-cpus given.
+        threads: usize,
+        /// Ports in the topology.
+        ports: usize,
+    },
     /// The TSC cannot be used (its message as is).
     #[error(transparent)]
     Clock(#[from] ClockError),
@@ -133,10 +144,11 @@ pub struct RunOptions {
     pub reps: u32,
     /// Offered load.
     pub rate: Rate,
-    /// CPU for the switch under test.
-    pub backend_cpu: usize,
-    /// CPU for the generator thread.
-    pub generator_cpu: usize,
+    /// CPUs for the switch under test: its polling threads, one per CPU (DPDK: forwarding
+    /// lcores; OVS: PMD threads); the process as a whole is pinned to them.
+    pub backend_cpus: Vec<usize>,
+    /// CPUs for the generator: one thread per CPU, the ports split between them.
+    pub generator_cpus: Vec<usize>,
     /// Try to back guest memory with huge pages (falls back to 4 KiB pages).
     pub hugepages: bool,
     /// Time frames (one histogram record per received frame).
@@ -176,8 +188,8 @@ impl Default for RunOptions {
             warmup: Duration::from_secs(2),
             reps: 3,
             rate: Rate::Max,
-            backend_cpu: 0,
-            generator_cpu: 1,
+            backend_cpus: vec![0],
+            generator_cpus: vec![1],
             hugepages: true,
             latency: true,
             workdir: std::env::temp_dir().join(format!("vswitch-bench-{}", std::process::id())),
@@ -204,9 +216,17 @@ pub fn run(opts: &RunOptions) -> Result<Results, RunError> {
     if opts.reps == 0 {
         return Err(RunError::NoReps);
     }
+    if opts.backend_cpus.is_empty() || opts.generator_cpus.is_empty() {
+        return Err(RunError::NoCpus);
+    }
+    if opts.generator_cpus.len() > ports {
+        return Err(RunError::TooManyGenerators { threads: opts.generator_cpus.len(), ports });
+    }
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    if opts.backend_cpu == opts.generator_cpu && cpus > 1 {
-        eprintln!("warning: switch and generator share CPU {}; figures will be low", opts.backend_cpu);
+    let shared: Vec<usize> =
+        opts.backend_cpus.iter().copied().filter(|c| opts.generator_cpus.contains(c)).collect();
+    if !shared.is_empty() && cpus > 1 {
+        eprintln!("warning: switch and generator share CPUs {shared:?}; figures will be low");
     }
     let clock = Clock::calibrate(Duration::from_millis(100))?;
     let mut machine = sys::machine(clock.hz());
@@ -224,8 +244,8 @@ pub fn run(opts: &RunOptions) -> Result<Results, RunError> {
         });
     std::fs::create_dir_all(&opts.workdir)
         .map_err(|source| RunError::Workdir { path: opts.workdir.clone(), source })?;
-    sys::pin_current_thread(opts.generator_cpu)
-        .map_err(|source| RunError::Pin { cpu: opts.generator_cpu, source })?;
+    sys::pin_current_thread(opts.generator_cpus[0])
+        .map_err(|source| RunError::Pin { cpu: opts.generator_cpus[0], source })?;
 
     let params = Params {
         command: opts.command.clone(),
@@ -236,8 +256,10 @@ pub fn run(opts: &RunOptions) -> Result<Results, RunError> {
         warmup_s: opts.warmup.as_secs_f64(),
         reps: opts.reps,
         rate: opts.rate,
-        backend_cpu: opts.backend_cpu,
-        generator_cpu: opts.generator_cpu,
+        backend_cpu: opts.backend_cpus[0],
+        generator_cpu: opts.generator_cpus[0],
+        backend_cpus: opts.backend_cpus.clone(),
+        generator_cpus: opts.generator_cpus.clone(),
         hugepages,
     };
     let mut results = Results { schema: SCHEMA_VERSION, machine, params, runs: Vec::new() };
@@ -381,7 +403,7 @@ impl Ctx<'_> {
             kind,
             topology: o.topology,
             ports: self.ports,
-            backend_cpu: o.backend_cpu,
+            backend_cpus: o.backend_cpus.clone(),
             hugepages: self.hugepages,
             workdir: o.workdir.join(format!("{kind}")),
             vswitch_bin: o.vswitch_bin.clone(),
@@ -399,8 +421,14 @@ impl Ctx<'_> {
                 .map_err(|source| RunError::Connect { port: i, socket: sock.clone(), source })?;
             frontends.push(fe);
         }
-        let mut gcfg =
-            GenConfig { rate_pps, warmup: o.warmup, duration, burst: o.burst, ..GenConfig::default() };
+        let mut gcfg = GenConfig {
+            rate_pps,
+            warmup: o.warmup,
+            duration,
+            burst: o.burst,
+            cpus: o.generator_cpus.clone(),
+            ..GenConfig::default()
+        };
         if kind == PeerKind::OursLog {
             for (i, fe) in frontends.iter_mut().enumerate() {
                 fe.start_migration_log().map_err(|source| RunError::Connect {

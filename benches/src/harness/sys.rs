@@ -159,13 +159,20 @@ pub fn other_cpu_pct(a: &CpuSnapshot, b: &CpuSnapshot) -> f64 {
 
 /// A CPU set holding `cpu` only, or `None` if `cpu` is beyond what a `cpu_set_t` holds.
 fn single_cpu_set(cpu: usize) -> Option<libc::cpu_set_t> {
-    if cpu >= libc::CPU_SETSIZE as usize {
+    cpu_set(&[cpu])
+}
+
+/// The affinity mask of `cpus` (None if one is out of range or the list is empty).
+fn cpu_set(cpus: &[usize]) -> Option<libc::cpu_set_t> {
+    if cpus.is_empty() || cpus.iter().any(|&c| c >= libc::CPU_SETSIZE as usize) {
         return None;
     }
     // SAFETY: cpu_set_t is a plain bit mask; all-zero is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `cpu` < CPU_SETSIZE was checked above, so the bit lies inside `set`.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
+    for &cpu in cpus {
+        // SAFETY: `cpu` < CPU_SETSIZE was checked above, so the bit lies inside `set`.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
     Some(set)
 }
 
@@ -182,10 +189,10 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// Makes the child that `cmd` spawns start pinned to `cpu` (all its threads inherit the mask).
-/// If the affinity cannot be set (e.g. the CPU is offline), spawning fails with that error.
-pub fn pin_command(cmd: &mut Command, cpu: usize) {
-    let set = single_cpu_set(cpu);
+/// Makes the child that `cmd` spawns start pinned to `cpus` (all its threads inherit the
+/// mask). If the affinity cannot be set (e.g. a CPU is offline), spawning fails with that error.
+pub fn pin_command(cmd: &mut Command, cpus: &[usize]) {
+    let set = cpu_set(cpus);
     // SAFETY: the closure runs in the forked child before exec and only calls
     // sched_setaffinity (a system call, async-signal-safe) on a mask built before the fork;
     // it neither allocates nor takes locks (io::Error::from_raw_os_error does not allocate).
@@ -419,7 +426,7 @@ mod tests {
         // A child pinned to CPU 0 reports that affinity.
         let mut cmd = Command::new("grep");
         cmd.args(["Cpus_allowed_list", "/proc/self/status"]);
-        pin_command(&mut cmd, 0);
+        pin_command(&mut cmd, &[0]);
         match cmd.output() {
             Ok(out) => {
                 let s = String::from_utf8_lossy(&out.stdout);
@@ -428,7 +435,7 @@ mod tests {
             Err(e) => panic!("spawning grep failed: {e}"),
         }
         let mut bad = Command::new("true");
-        pin_command(&mut bad, 1 << 20);
+        pin_command(&mut bad, &[1 << 20]);
         assert!(bad.status().is_err(), "an impossible CPU makes the spawn fail");
         // Pin a scratch thread (not the test thread, which other tests share).
         let r = std::thread::spawn(|| pin_current_thread(0)).join();

@@ -52,10 +52,12 @@ pub(super) fn start(opts: &PeerOptions, workdir: &Path, n: u32) -> Result<Peer, 
     let prefix = format!("vsb-back-{}-{n}", std::process::id());
     sys::cleanup_hugefiles(&prefix);
     let log = workdir.join("testpmd.log");
-    let cpu = opts.backend_cpu;
+    let cpus = &opts.backend_cpus;
     let mut cmd = Command::new(bin);
-    // lcore 0 (main) sleeps in the stats loop, lcore 1 forwards; both on the one CPU.
-    cmd.args(["--lcores", &format!("0@{cpu},1@{cpu}"), "--main-lcore", "0", "--no-pci"])
+    // lcore 0 (main) sleeps in the stats loop on the first CPU, lcores 1.. forward, one per CPU.
+    let mut lcores = vec![format!("0@{}", cpus[0])];
+    lcores.extend(cpus.iter().enumerate().map(|(i, c)| format!("{}@{c}", i + 1)));
+    cmd.args(["--lcores", &lcores.join(","), "--main-lcore", "0", "--no-pci"])
         .arg(format!("--file-prefix={prefix}"));
     if opts.hugepages {
         cmd.arg("--huge-unlink");
@@ -69,13 +71,13 @@ pub(super) fn start(opts: &PeerOptions, workdir: &Path, n: u32) -> Result<Peer, 
     cmd.args([
         "--",
         "--forward-mode=io",
-        "--nb-cores=1",
+        &format!("--nb-cores={}", cpus.len()),
         "--auto-start",
         "--stats-period",
         "1",
         "--record-core-cycles",
     ]);
-    let proc = Proc::spawn("dpdk-testpmd", &mut cmd, cpu, &log)?;
+    let proc = Proc::spawn("dpdk-testpmd", &mut cmd, cpus, &log)?;
     let mut peer = Peer {
         kind: PeerKind::Dpdk,
         sockets: sockets.clone(),

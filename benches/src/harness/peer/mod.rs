@@ -53,7 +53,7 @@ pub struct PeerOptions {
     /// Number of ports (vhost-user sockets).
     pub ports: usize,
     /// The one CPU the switch's processes are pinned to (PMD / forwarding lcore included).
-    pub backend_cpu: usize,
+    pub backend_cpus: Vec<usize>,
     /// Back the peer's memory with 2 MiB huge pages (DPDK: `--huge-unlink`, else `--no-huge`;
     /// ours allocates nothing large; OVS always needs them and reserves them if it can).
     pub hugepages: bool,

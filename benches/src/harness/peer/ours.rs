@@ -207,7 +207,8 @@ pub(super) fn start(opts: &PeerOptions, workdir: &Path) -> Result<Peer, PeerErro
         let want = (opts.flows as u64 * sockets.len() as u64 * 4).next_power_of_two().max(65536);
         cmd.args(["--fdb-entries", &want.min(1 << 24).to_string()]);
     }
-    cmd.args(["--pmd-cores", &opts.backend_cpu.to_string()]);
+    let cores: Vec<String> = opts.backend_cpus.iter().map(|c| c.to_string()).collect();
+    cmd.args(["--pmd-cores", &cores.join(",")]);
     if opts.busy_poll {
         cmd.arg("--busy-poll");
     }
@@ -216,7 +217,7 @@ pub(super) fn start(opts: &PeerOptions, workdir: &Path) -> Result<Peer, PeerErro
     cmd.args(["--unsealed-memory", "guard"]);
     cmd.arg("--control").arg(&control);
     cmd.env_remove("VSWITCH_CONTROL");
-    let proc = Proc::spawn("vswitch", &mut cmd, opts.backend_cpu, &log)?;
+    let proc = Proc::spawn("vswitch", &mut cmd, &opts.backend_cpus, &log)?;
     let mut peer = Peer {
         kind: opts.kind,
         sockets: sockets.clone(),

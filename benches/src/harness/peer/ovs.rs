@@ -188,8 +188,13 @@ impl Ovs {
 }
 
 /// `0x...` mask with only bit `cpu` set (any CPU number).
-fn cpu_mask_hex(cpu: usize) -> String {
-    format!("0x{:x}{}", 1u8 << (cpu % 4), "0".repeat(cpu / 4))
+fn cpu_mask_hex(cpus: &[usize]) -> String {
+    let mut nibbles = vec![0u8; cpus.iter().max().map_or(1, |m| m / 4 + 1)];
+    for &c in cpus {
+        nibbles[c / 4] |= 1 << (c % 4);
+    }
+    let hex: String = nibbles.iter().rev().map(|n| format!("{n:x}")).collect();
+    format!("0x{}", hex.trim_start_matches('0'))
 }
 
 /// Processing cycles per packet summed over the PMD threads of `ovs-appctl
@@ -300,7 +305,8 @@ fn start_db(
         .arg(format!("--pidfile={}", r.join("ovsdb-server.pid").display()))
         .arg(format!("--unixctl={}", r.join("ovsdb-server.ctl").display()))
         .arg(format!("--log-file={}", db_log.display()));
-    let db_proc = Proc::spawn("ovsdb-server", &mut db_cmd, opts.backend_cpu, &r.join("ovsdb-server.stdout"))?;
+    let db_proc =
+        Proc::spawn("ovsdb-server", &mut db_cmd, &opts.backend_cpus, &r.join("ovsdb-server.stdout"))?;
     let mut peer = Peer {
         kind: PeerKind::Ovs,
         sockets: sockets.to_vec(),
@@ -312,7 +318,7 @@ fn start_db(
     };
     peer.wait_listening(std::slice::from_ref(&ovs.db), Duration::from_secs(10))?;
 
-    let mask = format!("other_config:pmd-cpu-mask={}", cpu_mask_hex(opts.backend_cpu));
+    let mask = format!("other_config:pmd-cpu-mask={}", cpu_mask_hex(&opts.backend_cpus));
     let mem = format!("other_config:dpdk-socket-mem={OVS_SOCKET_MEM_MB}");
     let extra = format!("other_config:dpdk-extra=\"--file-prefix={prefix} --no-pci\"");
     ovs.vsctl(&["--no-wait", "init"]).map_err(|e| peer.start_error(e))?;
@@ -331,7 +337,8 @@ fn start_vswitchd(peer: &mut Peer, ovs: &Ovs, opts: &PeerOptions) -> Result<(), 
         .arg(format!("--pidfile={}", r.join("ovs-vswitchd.pid").display()))
         .arg(format!("--unixctl={}", ovs.ctl.display()))
         .arg(format!("--log-file={}", log.display()));
-    let vs_proc = Proc::spawn("ovs-vswitchd", &mut vs_cmd, opts.backend_cpu, &r.join("ovs-vswitchd.stdout"))?;
+    let vs_proc =
+        Proc::spawn("ovs-vswitchd", &mut vs_cmd, &opts.backend_cpus, &r.join("ovs-vswitchd.stdout"))?;
     // ovs-vswitchd stops first, then the database.
     peer.procs.insert(0, vs_proc);
     peer.log = log;
@@ -367,10 +374,12 @@ mod tests {
 
     #[test]
     fn cpu_masks() {
-        assert_eq!(cpu_mask_hex(0), "0x1");
-        assert_eq!(cpu_mask_hex(1), "0x2");
-        assert_eq!(cpu_mask_hex(5), "0x20");
-        assert_eq!(cpu_mask_hex(64), format!("0x1{}", "0".repeat(16)));
+        assert_eq!(cpu_mask_hex(&[0]), "0x1");
+        assert_eq!(cpu_mask_hex(&[1]), "0x2");
+        assert_eq!(cpu_mask_hex(&[5]), "0x20");
+        assert_eq!(cpu_mask_hex(&[64]), format!("0x1{}", "0".repeat(16)));
+        assert_eq!(cpu_mask_hex(&[0, 2, 5]), "0x25");
+        assert_eq!(cpu_mask_hex(&[3, 4]), "0x18");
     }
 
     #[test]

@@ -178,19 +178,20 @@ pub(super) struct Proc {
 }
 
 impl Proc {
-    /// Spawns `cmd` pinned to `cpu`, in its own process group, stdout and stderr to `log`.
+    /// Spawns `cmd` pinned to `cpus`, in its own process group, stdout and stderr to `log`.
     pub(super) fn spawn(
         name: &'static str,
         cmd: &mut Command,
-        cpu: usize,
+        cpus: &[usize],
         log: &Path,
     ) -> Result<Proc, PeerError> {
         let out = File::create(log).map_err(PeerError::io(format!("cannot create {}", log.display())))?;
         let err = out.try_clone().map_err(PeerError::io(format!("cannot duplicate {}", log.display())))?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0);
-        sys::pin_command(cmd, cpu);
+        sys::pin_command(cmd, cpus);
         die_with_parent(cmd);
-        let child = cmd.spawn().map_err(PeerError::io(format!("cannot start {name} pinned to CPU {cpu}")))?;
+        let child =
+            cmd.spawn().map_err(PeerError::io(format!("cannot start {name} pinned to CPUs {cpus:?}")))?;
         Ok(Proc { name, child, status: None })
     }
 

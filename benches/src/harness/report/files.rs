@@ -121,6 +121,8 @@ pub fn merge(files: Vec<Results>) -> Results {
                 rate: Rate::Max,
                 backend_cpu: 0,
                 generator_cpu: 0,
+                backend_cpus: Vec::new(),
+                generator_cpus: Vec::new(),
                 hugepages: false,
             },
             runs: Vec::new(),
