@@ -85,22 +85,15 @@ pub struct NicState {
 /// A virtio-net device on the virtio-mmio transport, its datapath on a [`Link`].
 pub struct VirtioMmioNet {
     link: Arc<Link>,
-    mac: [u8; 6],
-    device_features: u64,
-    device_features_sel: u32,
-    driver_features: u64,
-    driver_features_sel: u32,
-    queue_sel: u32,
-    queues: [Queue; QUEUES],
-    status: u32,
+    /// Every register the driver sees (what a migration carries).
+    st: NicState,
 }
 
 impl VirtioMmioNet {
     /// A fresh device (status 0) for `link`, with `mac` in its config space.
     pub fn new(link: Arc<Link>, mac: [u8; 6]) -> VirtioMmioNet {
         let device_features = link.device_features();
-        VirtioMmioNet {
-            link,
+        let st = NicState {
             mac,
             device_features,
             device_features_sel: 0,
@@ -109,57 +102,45 @@ impl VirtioMmioNet {
             queue_sel: 0,
             queues: [Queue::default(); QUEUES],
             status: 0,
-        }
+        };
+        VirtioMmioNet { link, st }
     }
 
     /// The NIC's MAC.
     pub fn mac(&self) -> [u8; 6] {
-        self.mac
+        self.st.mac
     }
 
     /// Whether the driver set DRIVER_OK (and the device did not fail).
     pub fn live(&self) -> bool {
-        self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_FAILED == 0
+        self.st.status & STATUS_DRIVER_OK != 0 && self.st.status & STATUS_FAILED == 0
     }
 
     /// The register state, for a migration.
     pub fn snapshot(&self) -> NicState {
-        NicState {
-            mac: self.mac,
-            device_features: self.device_features,
-            device_features_sel: self.device_features_sel,
-            driver_features: self.driver_features,
-            driver_features_sel: self.driver_features_sel,
-            queue_sel: self.queue_sel,
-            queues: self.queues,
-            status: self.status,
-        }
+        self.st.clone()
     }
 
     /// Takes over a migrated NIC's registers; if its driver had it running, the switch gets
     /// the rings back where the source left them ([`Link::resume`]). The MAC and the features
     /// the switch offers here must be the source's: a guest driver cannot renegotiate.
     pub fn restore(&mut self, st: &NicState) -> Result<(), String> {
-        if st.mac != self.mac {
+        if st.mac != self.st.mac {
             return Err(format!(
                 "the migrated NIC has MAC {} but this one has {}: give the destination the same --net mac=",
                 crate::net::Mac(st.mac),
-                crate::net::Mac(self.mac)
+                crate::net::Mac(self.st.mac)
             ));
         }
-        let gone = st.driver_features & !self.device_features;
+        let gone = st.driver_features & !self.st.device_features;
         if gone != 0 {
             return Err(format!(
                 "the guest's driver uses features {gone:#x} this port's switch does not offer: connect \
                  the destination to a switch offering what the source's did"
             ));
         }
-        self.device_features_sel = st.device_features_sel;
-        self.driver_features = st.driver_features;
-        self.driver_features_sel = st.driver_features_sel;
-        self.queue_sel = st.queue_sel;
-        self.queues = st.queues;
-        self.status = st.status;
+        // The MAC is the same (checked) and the features offered stay this switch's.
+        self.st = NicState { device_features: self.st.device_features, ..st.clone() };
         if self.live() {
             let act =
                 self.activation().map_err(|e| format!("the migrated NIC's state is inconsistent: {e}"))?;
@@ -169,14 +150,14 @@ impl VirtioMmioNet {
     }
 
     fn queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_sel as usize)
+        self.st.queues.get_mut(self.st.queue_sel as usize)
     }
 
     /// A guest read of `data.len()` bytes at `offset` in the window.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= reg::CONFIG {
             let mut config = [0u8; 8];
-            config[..6].copy_from_slice(&self.mac);
+            config[..6].copy_from_slice(&self.st.mac);
             config[6..8].copy_from_slice(&1u16.to_le_bytes()); // status: link up
             let start = (offset - reg::CONFIG) as usize;
             for (i, b) in data.iter_mut().enumerate() {
@@ -194,17 +175,17 @@ impl VirtioMmioNet {
             reg::VERSION => VERSION,
             reg::DEVICE_ID => DEVICE_NET,
             reg::VENDOR_ID => VENDOR,
-            reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device_features as u32,
-                1 => (self.device_features >> 32) as u32,
+            reg::DEVICE_FEATURES => match self.st.device_features_sel {
+                0 => self.st.device_features as u32,
+                1 => (self.st.device_features >> 32) as u32,
                 _ => 0,
             },
-            reg::QUEUE_NUM_MAX if (self.queue_sel as usize) < QUEUES => u32::from(QUEUE_MAX),
+            reg::QUEUE_NUM_MAX if (self.st.queue_sel as usize) < QUEUES => u32::from(QUEUE_MAX),
             reg::QUEUE_READY => self.queue().map_or(0, |q| u32::from(q.ready)),
             // The switch signals used buffers straight into the irqfd, so hostvm cannot
             // know the cause: always "used buffers" (the driver then scans its queues).
             reg::INTERRUPT_STATUS if self.live() => INT_VRING,
-            reg::STATUS => self.status,
+            reg::STATUS => self.st.status,
             reg::CONFIG_GENERATION => 0,
             _ => 0,
         };
@@ -222,18 +203,18 @@ impl VirtioMmioNet {
         let lo = |old: u64| (old & !0xffff_ffff) | u64::from(v);
         let configurable = !self.live();
         match offset {
-            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::DEVICE_FEATURES_SEL => self.st.device_features_sel = v,
             reg::DRIVER_FEATURES => {
-                if self.status & STATUS_FEATURES_OK == 0 {
-                    match self.driver_features_sel {
-                        0 => self.driver_features = lo(self.driver_features),
-                        1 => self.driver_features = hi(self.driver_features),
+                if self.st.status & STATUS_FEATURES_OK == 0 {
+                    match self.st.driver_features_sel {
+                        0 => self.st.driver_features = lo(self.st.driver_features),
+                        1 => self.st.driver_features = hi(self.st.driver_features),
                         _ => {}
                     }
                 }
             }
-            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            reg::QUEUE_SEL => self.queue_sel = v,
+            reg::DRIVER_FEATURES_SEL => self.st.driver_features_sel = v,
+            reg::QUEUE_SEL => self.st.queue_sel = v,
             reg::QUEUE_NUM if configurable => {
                 if let Some(q) = self.queue() {
                     q.addrs.size = v.min(u32::from(u16::MAX)) as u16;
@@ -279,15 +260,15 @@ impl VirtioMmioNet {
             self.reset();
             return;
         }
-        let newly = v & !self.status;
+        let newly = v & !self.st.status;
         let mut v = v;
         if newly & STATUS_FEATURES_OK != 0 {
-            let unknown = self.driver_features & !self.device_features;
-            if unknown != 0 || self.driver_features & crate::net::F_VERSION_1 == 0 {
+            let unknown = self.st.driver_features & !self.st.device_features;
+            if unknown != 0 || self.st.driver_features & crate::net::F_VERSION_1 == 0 {
                 tracing::warn!(
                     "virtio-mmio: driver features {:#x} refused (offered {:#x}; VERSION_1 required)",
-                    self.driver_features,
-                    self.device_features
+                    self.st.driver_features,
+                    self.st.device_features
                 );
                 v &= !STATUS_FEATURES_OK;
             }
@@ -306,15 +287,15 @@ impl VirtioMmioNet {
                 }
             }
         }
-        self.status = v;
+        self.st.status = v;
     }
 
     fn activation(&self) -> Result<Activation, Refusal> {
-        if self.status & STATUS_FEATURES_OK == 0 {
+        if self.st.status & STATUS_FEATURES_OK == 0 {
             return Err(Refusal::NoFeaturesOk);
         }
         let mut queues = [QueueAddrs::default(); QUEUES];
-        for (i, q) in self.queues.iter().enumerate() {
+        for (i, q) in self.st.queues.iter().enumerate() {
             let a = q.addrs;
             if !q.ready {
                 return Err(Refusal::NotReady(i));
@@ -327,18 +308,18 @@ impl VirtioMmioNet {
             }
             queues[i] = a;
         }
-        Ok(Activation { features: self.driver_features, queues })
+        Ok(Activation { features: self.st.driver_features, queues })
     }
 
     fn reset(&mut self) {
-        if self.status != 0 {
+        if self.st.status != 0 {
             self.link.reset();
         }
-        self.device_features_sel = 0;
-        self.driver_features = 0;
-        self.driver_features_sel = 0;
-        self.queue_sel = 0;
-        self.queues = [Queue::default(); QUEUES];
-        self.status = 0;
+        self.st.device_features_sel = 0;
+        self.st.driver_features = 0;
+        self.st.driver_features_sel = 0;
+        self.st.queue_sel = 0;
+        self.st.queues = [Queue::default(); QUEUES];
+        self.st.status = 0;
     }
 }
