@@ -366,6 +366,9 @@ impl Vm {
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut pfd, 1, 100) };
         }
+        // From here on the vCPU threads may end: nobody may signal them by id any more
+        // (`pause` kicks them under this lock).
+        lock(&self.shared.vcpu_threads).clear();
         if self.shared.payload && self.shared.exit_reason().is_none() {
             // Let the payload finish its loop and exit through its port.
             payload::request_stop(&self.shared.ram);
@@ -575,6 +578,10 @@ fn pause(sh: &Shared) -> Result<VcpuState> {
                 // The vCPU waits for a verdict even when its state could not be read.
                 Error::Config(format!("reading the vCPU's state: {e}"))
             });
+        }
+        if sh.stop.load(Ordering::SeqCst) {
+            sh.pause.store(false, Ordering::SeqCst);
+            return Err(Error::Config("the VM stopped while the migration was parking its vCPU".into()));
         }
         if Instant::now() >= deadline {
             sh.pause.store(false, Ordering::SeqCst);

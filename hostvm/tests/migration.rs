@@ -181,3 +181,22 @@ fn a_page_the_switch_did_not_log_fails_the_migration_and_the_guest_runs_on() {
     let slog = r.src.stop(T);
     assert!(slog.contains("exit: Payload(0)"), "{slog}");
 }
+
+#[test]
+fn with_no_destination_the_migration_fails_with_the_reason_and_the_guest_runs_on() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("hostvm-migrate-nodest");
+    let _sw = start_switch(&dir, &["h", "m1"]);
+    let mut h = connect_default(&dir, "h");
+    let chan = dir.path("nobody.sock");
+    let mut src = hostvm(&dir, "src", "m1", &["--migrate-to".into(), chan.display().to_string()]);
+    assert!(wait_until(T, || src.log_text().contains("payload NICs ready")), "{}", src.log_text());
+    await_echo(&mut h, 0);
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(src.pid() as i32, libc::SIGUSR1) }, 0);
+    assert!(wait_until(T, || src.log_text().contains("migration failed")), "{}", src.log_text());
+    assert!(src.log_text().contains("--incoming"), "the error says what to start: {}", src.log_text());
+    await_echo(&mut h, 1_000_000);
+    let log = src.stop(T);
+    assert!(log.contains("exit: Payload(0)"), "{log}");
+}
