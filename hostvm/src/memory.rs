@@ -146,6 +146,43 @@ impl GuestRam {
         Ok(pages)
     }
 
+    /// Makes `len` bytes at `gpa` read as zero. With 4 KiB pages the range's pages go back to
+    /// the memfd (a hole punched: nothing written, nothing faulted in, and a page never
+    /// touched costs nothing); huge pages are written with zeros.
+    pub fn zero(&self, gpa: u64, len: usize) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let bad = || Error::Config(format!("{len} bytes at {gpa:#x} are not all guest RAM"));
+        let (region, at) = self.mem.to_region_addr(GuestAddress(gpa)).ok_or_else(bad)?;
+        if at.0 + len as u64 > region.len() {
+            return Err(bad());
+        }
+        match region.file_offset() {
+            Some(fo) if !self.hugepages && at.0 % 4096 == 0 && len % 4096 == 0 => {
+                let off = fo.start() + at.0;
+                // SAFETY: fallocate on our own memfd over a range inside the region's file
+                // part; KEEP_SIZE, so the seals against shrinking and growing hold.
+                let rc = unsafe {
+                    libc::fallocate(
+                        fo.file().as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        off as libc::off_t,
+                        len as libc::off_t,
+                    )
+                };
+                if rc != 0 {
+                    return Err(Error::io("punching zero pages into guest memory")(
+                        io::Error::last_os_error(),
+                    ));
+                }
+                Ok(())
+            }
+            _ => {
+                let zeros = vec![0u8; len];
+                vm_memory::Bytes::write_slice(&self.mem, &zeros, GuestAddress(gpa)).map_err(|_| bad())
+            }
+        }
+    }
+
     /// Every page of guest RAM (guest-physical address / 4096), ascending.
     pub fn all_pages(&self) -> Vec<u64> {
         self.mem.iter().flat_map(|r| (r.start_addr().0 / 4096)..(r.start_addr().0 + r.len()) / 4096).collect()
@@ -194,6 +231,23 @@ fn mem_err(what: &str, source: io::Error, hugepages: bool) -> Error {
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    #[test]
+    fn zero_punches_pages_back_to_zero_and_refuses_what_is_not_ram() {
+        let ram = GuestRam::new(4 << 20, false).unwrap();
+        ram.mem().write_slice(&[0xabu8; 3 * 4096], GuestAddress(0x10_0000)).unwrap();
+        ram.zero(0x10_1000, 4096).unwrap();
+        let mut got = vec![0u8; 3 * 4096];
+        ram.mem().read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
+        assert!(got[..4096].iter().all(|&b| b == 0xab), "the page before is kept");
+        assert!(got[4096..8192].iter().all(|&b| b == 0), "the punched page reads zero");
+        assert!(got[8192..].iter().all(|&b| b == 0xab), "the page after is kept");
+        // Unaligned: written with zeros instead.
+        ram.zero(0x10_0010, 16).unwrap();
+        ram.mem().read_slice(&mut got[..32], GuestAddress(0x10_0000)).unwrap();
+        assert!(got[..16].iter().all(|&b| b == 0xab) && got[16..32].iter().all(|&b| b == 0));
+        assert!(ram.zero((4 << 20) - 4096, 8192).is_err(), "past the end of RAM");
+    }
 
     #[test]
     fn regions_are_file_backed_and_shared_with_the_memory_table() {

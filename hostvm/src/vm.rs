@@ -129,6 +129,8 @@ struct Shared {
     mem: u64,
     /// Set to park the vCPU (a migration's stop-and-copy); see [`park`].
     pause: AtomicBool,
+    /// Written with `pause`: wakes a vCPU idling in [`idle`] (drained when it parks).
+    pause_evt: EventFd,
     park: Mutex<Park>,
     park_cv: Condvar,
     /// The vCPU threads, to kick them out of KVM_RUN.
@@ -330,6 +332,7 @@ impl Vm {
             vm,
             mem: cfg.mem,
             pause: AtomicBool::new(false),
+            pause_evt: EventFd::new(EFD_NONBLOCK).map_err(Error::io("eventfd"))?,
             park: Mutex::new(Park::default()),
             park_cv: Condvar::new(),
             vcpu_threads: Mutex::new(Vec::new()),
@@ -446,7 +449,7 @@ impl Handle {
             return Err(Error::Config("the VM is not running".into()));
         }
         let t0 = Instant::now();
-        let mut tx = migrate::Sender::connect(path, &sh.ram, &hello(sh))?;
+        let mut tx = migrate::Sender::connect(path, &sh.ram, &hello(sh, verify))?;
         let logs = match sh.ram.log_dirty(&sh.vm, true).and_then(|()| start_logs(sh)) {
             Ok(l) => l,
             Err(e) => {
@@ -475,11 +478,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn hello(sh: &Shared) -> Hello {
+fn hello(sh: &Shared, verify: bool) -> Hello {
     Hello {
         version: migrate::version(),
         mem: sh.mem,
         macs: sh.devices().nics.iter().map(|n| n.mac()).collect(),
+        verify,
     }
 }
 
@@ -533,16 +537,19 @@ fn precopy_and_switch(
     // Stop and copy.
     let down = Instant::now();
     let vcpu = pause(sh).map_err(early)?;
+    tracing::debug!("vCPU parked after {:?}", down.elapsed());
     let stopped = |e: Error| (e, true);
     for l in &sh.links {
         l.stop_rings().map_err(stopped)?;
     }
+    tracing::debug!("rings stopped after {:?}", down.elapsed());
     let nics = sh.devices().nics.iter().map(|n| n.snapshot()).collect();
     let (pages, only) = dirty(sh, logs).map_err(stopped)?;
     tx.stats.switch_only += only;
     tx.stats.dirty.push(pages.len());
     tx.send_pages(&pages).map_err(stopped)?;
     let digest = verify.then(|| migrate::digest(&sh.ram));
+    tracing::debug!("last pages sent after {:?}", down.elapsed());
     tx.finish(&Final { vcpu, nics, digest }).map_err(stopped)?;
     tx.stats.downtime = down.elapsed();
     tx.stats.total = t0.elapsed();
@@ -571,6 +578,8 @@ fn pause(sh: &Shared) -> Result<VcpuState> {
     let mut p = lock(&sh.park);
     p.saved = None;
     sh.pause.store(true, Ordering::SeqCst);
+    // A vCPU idling for the payload (up to 100 ms) comes out at once.
+    let _ = sh.pause_evt.write(1);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         if let Some(saved) = p.saved.take() {
@@ -581,10 +590,12 @@ fn pause(sh: &Shared) -> Result<VcpuState> {
         }
         if sh.stop.load(Ordering::SeqCst) {
             sh.pause.store(false, Ordering::SeqCst);
+            let _ = sh.pause_evt.read();
             return Err(Error::Config("the VM stopped while the migration was parking its vCPU".into()));
         }
         if Instant::now() >= deadline {
             sh.pause.store(false, Ordering::SeqCst);
+            let _ = sh.pause_evt.read();
             return Err(Error::Config("the vCPU did not stop within 5 s".into()));
         }
         for &t in lock(&sh.vcpu_threads).iter() {
@@ -611,6 +622,7 @@ fn release(sh: &Shared, leave: bool) {
 /// On the vCPU thread: completes any I/O KVM has pending (so the saved registers are after
 /// the instruction), saves the state and waits for the verdict. True if the guest left.
 fn park(sh: &Shared, fd: &mut VcpuFd) -> bool {
+    let _ = sh.pause_evt.read();
     fd.set_kvm_immediate_exit(1);
     let _ = fd.run();
     fd.set_kvm_immediate_exit(0);
@@ -650,9 +662,10 @@ impl Vm {
             ));
         }
         let mut rx = migrate::Receiver::accept(path, wait)?;
-        rx.hello(&hello(&sh))?;
+        rx.hello(&hello(&sh, false))?;
         let res = (|| {
             let fin = rx.receive(&sh.ram)?;
+            let t = Instant::now();
             if let Some(theirs) = &fin.digest {
                 let bad = migrate::digest_mismatch(&sh.ram, theirs);
                 if !bad.is_empty() {
@@ -670,9 +683,11 @@ impl Vm {
             if fin.nics.len() != d.nics.len() {
                 return Err(Error::Config("the source sent state for a different number of NICs".into()));
             }
+            tracing::debug!("vCPU loaded {:?} after the last record", t.elapsed());
             for (n, st) in d.nics.iter_mut().zip(&fin.nics) {
                 n.restore(st).map_err(Error::Config)?;
             }
+            tracing::debug!("NICs resumed {:?} after the last record", t.elapsed());
             Ok(())
         })();
         match res {
@@ -816,14 +831,15 @@ fn pio_read(sh: &Shared, port: u16, data: &mut [u8]) {
     }
 }
 
-/// The payload is idle: wait until a NIC is notified (its call eventfds), a stop, or `max`.
+/// The payload is idle: wait until a NIC is notified (its call eventfds), a stop, a migration
+/// parking the vCPU, or `max`.
 fn idle(sh: &Shared, max: Duration) {
     use std::os::fd::AsRawFd;
     let mut fds: Vec<libc::pollfd> = sh
         .links
         .iter()
         .flat_map(|l| (0..QUEUES).map(move |q| l.call_fd(q).as_raw_fd()))
-        .chain(std::iter::once(sh.stop_evt.as_raw_fd()))
+        .chain([sh.stop_evt.as_raw_fd(), sh.pause_evt.as_raw_fd()])
         .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
         .collect();
     let ms = max.as_millis().max(1) as i32;
