@@ -240,10 +240,6 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
-fn io_err(what: &str) -> impl FnOnce(io::Error) -> Error + '_ {
-    move |source| Error::Io { what: what.to_string(), source }
-}
-
 /// The source's side of the stream.
 pub(crate) struct Sender<'a> {
     ram: &'a GuestRam,
@@ -260,9 +256,9 @@ impl<'a> Sender<'a> {
             what: format!("{what} (is `hostvm run --incoming {}` waiting there?)", path.display()),
             source,
         })?;
-        s.set_read_timeout(Some(ANSWER_WAIT)).map_err(io_err(&what))?;
-        s.set_write_timeout(Some(ANSWER_WAIT)).map_err(io_err(&what))?;
-        let input = s.try_clone().map_err(io_err(&what))?;
+        s.set_read_timeout(Some(ANSWER_WAIT)).map_err(Error::io(&what))?;
+        s.set_write_timeout(Some(ANSWER_WAIT)).map_err(Error::io(&what))?;
+        let input = s.try_clone().map_err(Error::io(&what))?;
         let mut me = Sender {
             ram,
             out: BufWriter::with_capacity(1 << 18, s),
@@ -270,7 +266,7 @@ impl<'a> Sender<'a> {
             stats: MigrationStats::default(),
         };
         write_record(&mut me.out, tag::HELLO, &[&json(hello)])
-            .map_err(io_err("sending the migration header"))?;
+            .map_err(Error::io("sending the migration header"))?;
         me.answer()?;
         Ok(me)
     }
@@ -306,7 +302,7 @@ impl<'a> Sender<'a> {
                 let data = unsafe { std::slice::from_raw_parts(host as *const u8, n * PAGE as usize) };
                 write_record(&mut self.out, tag::PAGES, &[&gpa, data])
             };
-            res.map_err(io_err("sending guest memory to the destination"))?;
+            res.map_err(Error::io("sending guest memory to the destination"))?;
             i += n;
         }
         Ok(())
@@ -325,14 +321,14 @@ impl<'a> Sender<'a> {
     /// Sends the stop-and-copy record and waits for the destination to take the guest.
     pub(crate) fn finish(&mut self, fin: &Final) -> Result<()> {
         write_record(&mut self.out, tag::FINAL, &[&json(fin)])
-            .map_err(io_err("sending the vCPU and NIC state"))?;
+            .map_err(Error::io("sending the vCPU and NIC state"))?;
         self.answer()
     }
 
     fn answer(&mut self) -> Result<()> {
-        self.out.flush().map_err(io_err("sending to the migration destination"))?;
+        self.out.flush().map_err(Error::io("sending to the migration destination"))?;
         let (t, body) = read_record(&mut self.input, 1 << 16)
-            .map_err(io_err("waiting for the migration destination's answer"))?;
+            .map_err(Error::io("waiting for the migration destination's answer"))?;
         let a: Answer = (t == tag::ANSWER)
             .then(|| serde_json::from_slice(&body).ok())
             .flatten()
@@ -370,9 +366,9 @@ impl Receiver {
         let l = UnixListener::bind(path);
         // SAFETY: as above.
         unsafe { libc::umask(old) };
-        let l = l.map_err(io_err(&what))?;
+        let l = l.map_err(Error::io(&what))?;
         let me_path = path.to_path_buf();
-        l.set_nonblocking(true).map_err(io_err(&what))?;
+        l.set_nonblocking(true).map_err(Error::io(&what))?;
         let deadline = Instant::now() + wait;
         let stream = loop {
             match l.accept() {
@@ -390,7 +386,7 @@ impl Receiver {
                 }
                 Err(e) => {
                     let _ = std::fs::remove_file(path);
-                    return Err(io_err(&what)(e));
+                    return Err(Error::io(&what)(e));
                 }
             }
         };
@@ -403,7 +399,7 @@ impl Receiver {
     /// Checks the source's header against `mine`; says why not to the source too.
     pub(crate) fn hello(&mut self, mine: &Hello) -> Result<()> {
         let (t, body) =
-            read_record(&mut self.stream, 1 << 16).map_err(io_err("reading the migration header"))?;
+            read_record(&mut self.stream, 1 << 16).map_err(Error::io("reading the migration header"))?;
         let theirs: Option<Hello> = (t == tag::HELLO).then(|| serde_json::from_slice(&body).ok()).flatten();
         let why = match theirs {
             None => Some("the source sent no hostvm migration header".to_string()),
@@ -438,7 +434,7 @@ impl Receiver {
         let max = 8 + RUN * PAGE as usize;
         loop {
             let (t, body) = read_record(&mut self.stream, max.max(1 << 22))
-                .map_err(io_err("receiving the migration stream (did the source give up?)"))?;
+                .map_err(Error::io("receiving the migration stream (did the source give up?)"))?;
             let gpa = |b: &[u8]| b.get(..8).map(|g| u64::from_le_bytes(g.try_into().unwrap_or_default()));
             match t {
                 tag::PAGES => {
@@ -485,7 +481,7 @@ impl Receiver {
     /// Tells the source the outcome (`None`: the guest runs here now).
     pub(crate) fn answer(&mut self, error: Option<String>) -> Result<()> {
         write_record(&mut self.stream, tag::ANSWER, &[&json(&Answer { error })])
-            .map_err(io_err("answering the migration source"))
+            .map_err(Error::io("answering the migration source"))
     }
 }
 

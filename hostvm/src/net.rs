@@ -337,24 +337,28 @@ impl Link {
 
     /// The driver set DRIVER_OK: hand the rings to the switch (now, or when it is back).
     pub fn activate(&self, act: Activation) -> Result<()> {
-        let mut st = self.shared.lock();
-        st.active = Some(act);
-        let res = match st.conn.as_mut() {
-            Some(conn) => start_rings(&self.shared, conn, &act, false),
-            None => Ok(()),
-        };
-        drop(st);
-        res.map_err(|source| self.err(source))
+        self.hand_rings(Some(act), false, false)
     }
 
     /// A migrated-in device: hand the rings to the switch resuming at the guest's used index,
     /// then ask it to announce the guest's MAC from this port (SEND_RARP).
     pub fn resume(&self, act: Activation) -> Result<()> {
+        self.hand_rings(Some(act), true, true)
+    }
+
+    /// Hands the rings of `act` (None: the active ones) to the switch, now or when it is back;
+    /// from the guest's used index if `resume`, then SEND_RARP if `announce`.
+    fn hand_rings(&self, act: Option<Activation>, resume: bool, announce: bool) -> Result<()> {
         let mut st = self.shared.lock();
-        st.active = Some(act);
+        if act.is_some() {
+            st.active = act;
+        }
+        let Some(act) = st.active else { return Ok(()) };
         let res = match st.conn.as_mut() {
-            Some(conn) => start_rings(&self.shared, conn, &act, true)
-                .and_then(|()| conn.session.send_rarp(self.shared.spec.mac).map_err(NetError::from)),
+            Some(conn) => start_rings(&self.shared, conn, &act, resume).and_then(|()| match announce {
+                true => conn.session.send_rarp(self.shared.spec.mac).map_err(NetError::from),
+                false => Ok(()),
+            }),
             None => Ok(()),
         };
         drop(st);
@@ -408,14 +412,7 @@ impl Link {
 
     /// A failed migration: the rings back to the switch where the guest left them.
     pub fn restart(&self) -> Result<()> {
-        let mut st = self.shared.lock();
-        let Some(act) = st.active else { return Ok(()) };
-        let res = match st.conn.as_mut() {
-            Some(conn) => start_rings(&self.shared, conn, &act, true),
-            None => Ok(()),
-        };
-        drop(st);
-        res.map_err(|source| self.err(source))
+        self.hand_rings(None, true, false)
     }
 
     /// The driver reset the device: stop the switch's rings (GET_VRING_BASE).

@@ -43,7 +43,7 @@ pub const DOZE: Duration = Duration::from_millis(200);
 struct Watcher {
     thread: std::thread::Thread,
     dozing: AtomicBool,
-    /// Times it looked (woke up), for tests and `ctl`.
+    /// Times it looked (woke up), for tests.
     looks: AtomicU64,
 }
 
