@@ -158,7 +158,9 @@ fn test_call_eventfd_made_blocking_again_is_interrupted_revoked_and_its_frontend
             }
         })
     };
-    std::thread::sleep(Duration::from_millis(5));
+    // The undoing thread must have run before the interrupts (on a loaded machine 5 ms were
+    // not always enough, and a write to a non-blocking fd never blocks).
+    assert!(wait_until(Duration::from_secs(2), || calls.iter().all(|c| !is_nonblocking(c))));
     make_switch_interrupt_a(&mut a, &mut b);
     // Asked from another thread: a stuck control thread fails the test instead of hanging it.
     let sw = Arc::new(sw);
