@@ -8,6 +8,11 @@ use std::time::Duration;
 
 use crate::Proc;
 
+/// Said by [`Netns::iperf3_json`] when iperf3 failed before its test started: the server was
+/// busy or not listening yet (a TCG guest's server re-arms slowly and closes a connection it
+/// is too busy for with a reset), so a caller may retry.
+pub const NOT_STARTED: &str = "before the test started";
+
 /// A network namespace, deleted on drop.
 pub struct Netns {
     /// Its name (`ip netns` name).
@@ -217,7 +222,8 @@ impl Netns {
     }
 
     /// One iperf3 client run against `server` with `args` (`-t`, `-u`, `-p`, `-b` ...); its
-    /// JSON report, or what went wrong.
+    /// JSON report, or what went wrong: [`NOT_STARTED`] in the error when it failed before
+    /// measuring anything.
     pub fn iperf3_json(&self, server: &str, args: &[&str]) -> Result<serde_json::Value, String> {
         let mut cmd = vec!["timeout", "90", "iperf3", "-c", server, "-J", "--connect-timeout", "5000"];
         cmd.extend_from_slice(args);
@@ -225,7 +231,9 @@ impl Netns {
         let text = String::from_utf8_lossy(&out.stdout);
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| format!("no JSON ({e}): {text} {}", String::from_utf8_lossy(&out.stderr)))?;
+        let started = v["intervals"].as_array().is_some_and(|i| !i.is_empty());
         match v["error"].as_str() {
+            Some(e) if !started => Err(format!("iperf3 {}: {e} ({NOT_STARTED})", args.join(" "))),
             Some(e) => Err(format!("iperf3 {}: {e}", args.join(" "))),
             None => Ok(v),
         }

@@ -565,15 +565,13 @@ fn qemu_plug_loop(viommu: bool) {
         let na = &na;
         // A TCG guest in strict IOMMU mode maps every buffer through QEMU's vIOMMU: slower.
         let (udp, tcp_rate) = if viommu { ("2M", "10M") } else { ("10M", "60M") };
-        // A TCG guest's iperf3 server re-arms slowly after a test: a refused start is retried.
+        // A TCG guest's iperf3 server re-arms slowly after a test: a refused start (not
+        // listening yet, busy, or a reset while busy) is retried; a stream that broke is not.
         fn patient<T>(mut f: impl FnMut() -> Result<T, String>) -> Result<T, String> {
             let t = Instant::now();
             loop {
                 match f() {
-                    Err(e)
-                        if (e.contains("unable to connect") || e.contains("busy"))
-                            && t.elapsed().as_secs() < 20 =>
-                    {
+                    Err(e) if e.contains(e2e_tests::netns::NOT_STARTED) && t.elapsed().as_secs() < 20 => {
                         std::thread::sleep(Duration::from_millis(300))
                     }
                     r => return r,

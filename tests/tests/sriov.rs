@@ -48,6 +48,12 @@ fn setup(dir: &Scratch, wire: &str) -> (Switch, LinkEnd, Frontend, Frontend, Fro
         e2e_tests::send(f, 0, &build_frame([0xff; 6], mac, None, 18, 0));
     }
     assert_eq!(end.send([build_frame([0xff; 6], WIRE, None, 18, 0).as_slice()]), 1);
+    // The switch has taken each guest's announcement before the VFs plug: one still in a's
+    // ring would be the VF's to send, and counted among its frames.
+    let taken = e2e_tests::wait_until(Duration::from_secs(5), || {
+        ["a", "b", "c", "pf"].iter().all(|p| e2e_tests::port_stats(&sw, p).rx.packets >= 1)
+    });
+    assert!(taken, "the switch took the guests' and the wire's announcements");
     let r = sw.vf_attach("pf", 0, "a").expect("attach VF 0 to a");
     assert!(r.notes.is_empty(), "{:?}", r.notes);
     sw.vf_attach("pf", 1, "b").expect("attach VF 1 to b");
