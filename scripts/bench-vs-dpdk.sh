@@ -9,6 +9,8 @@
 #        GEN_EXTRA="..." extra testpmd options for the generator, the same for both backends
 #        (e.g. --mbcache=512: see the README's performance section for why it matters)
 #        SWITCH_EXTRA="..." extra options for this switch (e.g. --batch-wait-us 10)
+#        VDEV_EXTRA=",..." extra virtio-user options for both generator ports, the same for both
+#        backends (e.g. ",packed_vq=1" for packed rings, ",in_order=0")
 # needs: dpdk-testpmd (scripts/install-test-deps.sh), root for hugepages.
 set -u
 REPS=${1:-3}; DUR=${2:-10}; SIZES=${3:-"64 1518"}
@@ -40,7 +42,7 @@ generator() {
     local log=$OUT/gen.log
     timeout -s INT $((WARMUP + DUR + 30)) dpdk-testpmd --lcores "0@$GEN_CPU,1@$GEN_CPU" --main-lcore 0 --no-pci \
         --file-prefix=vsb-gen $GEN_MEM \
-        --vdev "net_virtio_user0,path=$1,queues=1" --vdev "net_virtio_user1,path=$2,queues=1" \
+        --vdev "net_virtio_user0,path=$1,queues=1${VDEV_EXTRA:-}" --vdev "net_virtio_user1,path=$2,queues=1${VDEV_EXTRA:-}" \
         -- --forward-mode=flowgen --nb-cores=1 --auto-start --stats-period 1 --txpkts="$3" --burst=32 ${GEN_EXTRA:-} \
         > "$log" 2>&1 &
     local g=$!
@@ -90,7 +92,7 @@ run_ours() { # SIZE -> MPPS TICKS
 median() { sort -g | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 
 echo "# $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-) | $(nproc) CPUs | kernel $(uname -r) | $(dpdk-testpmd --version 2>/dev/null | head -1)"
-echo "# backend CPU $BACKEND_CPU, generator CPU $GEN_CPU, ${DUR}s per rep after ${WARMUP}s warm-up, hugepages=$HUGE${GEN_EXTRA:+, generator options: $GEN_EXTRA}${SWITCH_EXTRA:+, switch options: $SWITCH_EXTRA}"
+echo "# backend CPU $BACKEND_CPU, generator CPU $GEN_CPU, ${DUR}s per rep after ${WARMUP}s warm-up, hugepages=$HUGE${VDEV_EXTRA:+, virtio-user options: $VDEV_EXTRA}${GEN_EXTRA:+, generator options: $GEN_EXTRA}${SWITCH_EXTRA:+, switch options: $SWITCH_EXTRA}"
 for size in $SIZES; do
     d=(); o=(); dt=(); ot=()
     for r in $(seq 1 "$REPS"); do

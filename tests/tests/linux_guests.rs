@@ -140,6 +140,29 @@ fn linux_guests_with_different_offloads_get_the_software_fallbacks() {
     assert_eq!(pa.rx.drop_malformed + pb.rx.drop_malformed, 0);
 }
 
+/// Linux's packed-ring virtio driver (QEMU `packed=on`, virtio 1.1) on one guest, the split
+/// ring on the other: pings and a TCP stream both ways through the switch, nothing malformed.
+#[test]
+fn a_linux_guest_on_packed_rings_pings_and_streams_to_one_on_split_rings() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("linux-packed");
+    let sw = start_switch(&dir, &["a", "b"]);
+    let (mut client, server) = pair_specs(&dir, "ping,iperf3", &["iperf_t=3"]);
+    client.device = vec!["packed=on".into()];
+    let mut feats: [Vec<String>; 2] = Default::default();
+    run_ping_iperf(&dir, client, server, || watch_features(&sw, &mut feats));
+    println!("features a: {:?}\nfeatures b: {:?}", feats[0], feats[1]);
+    assert!(feats[0].iter().any(|f| f == "RING_PACKED"), "a negotiated packed rings: {:?}", feats[0]);
+    assert!(!feats[1].iter().any(|f| f == "RING_PACKED"), "b did not: {:?}", feats[1]);
+    let s = wait_stats(&sw, Duration::from_secs(2), |_| true);
+    let (pa, pb) = (find(&s, "a"), find(&s, "b"));
+    println!("switch port a: from guest {:?}\n  to guest {:?}", pa.rx, pa.tx);
+    assert!(pa.rx.packets > 1000 && pb.tx.packets > 1000, "a: {:?}\nb: {:?}", pa.rx, pb.tx);
+    assert!(pb.rx.packets > 100 && pa.tx.packets > 100, "b: {:?}\na: {:?}", pb.rx, pa.tx);
+    assert_eq!(pa.rx.drop_malformed + pa.tx.drop_malformed + pb.rx.drop_malformed, 0);
+    assert_eq!(pa.tx.copies, pa.tx.packets, "one copy per frame delivered to a");
+}
+
 #[test]
 fn multiqueue_linux_guests_spread_flows_over_both_queue_pairs() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

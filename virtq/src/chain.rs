@@ -9,6 +9,39 @@ use iommu::{Access, Dma, DmaError, FaultReason, Grant};
 
 use crate::ring::{Desc, SplitRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MAX_RING_SIZE};
 
+/// A ring whose chains [`walk_chain`] walks: a split ring's table, a packed ring's
+/// descriptors, or either ([`crate::Ring`]).
+pub trait Descs {
+    /// Descriptors in the table (or ring).
+    fn size(&self) -> u16;
+    /// The slot of head `head`'s first descriptor; `None` for a head outside the table.
+    fn head_slot(&self, head: u16) -> Option<u16>;
+    /// The descriptor at `slot` (< size) in split form (a packed one's `next` is the slot
+    /// after it).
+    fn desc(&self, slot: u16) -> Desc;
+    /// Whether indirect tables hold packed descriptors (in order, no `next`).
+    fn packed(&self) -> bool;
+}
+
+impl Descs for SplitRing {
+    #[inline(always)]
+    fn size(&self) -> u16 {
+        SplitRing::size(self)
+    }
+    #[inline(always)]
+    fn head_slot(&self, head: u16) -> Option<u16> {
+        (head < SplitRing::size(self)).then_some(head)
+    }
+    #[inline(always)]
+    fn desc(&self, slot: u16) -> Desc {
+        SplitRing::desc(self, slot)
+    }
+    #[inline(always)]
+    fn packed(&self) -> bool {
+        false
+    }
+}
+
 /// Most buffers one packet may span. Linux and DPDK use one or two for frames without
 /// offloads; a Linux TSO frame takes up to MAX_SKB_FRAGS + 2 (19), and so does a receive
 /// buffer of a guest with TSO and no mergeable buffers. A chain that needs more is refused
@@ -76,17 +109,15 @@ pub struct Chain {
 /// the buffer count (never more than [`MAX_SEGS`]).
 #[inline(always)]
 pub fn walk_chain<D: Direction>(
-    ring: &SplitRing,
+    ring: &impl Descs,
     dma: &mut Dma,
     head: u16,
     indirect_ok: bool,
     max_len: u32,
     segs: &mut [Grant<D>],
 ) -> Result<Chain, ChainError> {
-    if head >= ring.size() {
-        return Err(ChainError::BadHead);
-    }
-    let d = ring.desc(head);
+    let Some(slot) = ring.head_slot(head) else { return Err(ChainError::BadHead) };
+    let d = ring.desc(slot);
     let write = D::ACCESS == Access::Write;
     let plain = if write { DESC_F_WRITE } else { 0 };
     if d.flags == plain {
@@ -153,8 +184,8 @@ impl<D: Direction> Acc<'_, D> {
 
 #[cold]
 #[inline(never)]
-fn walk_slow<D: Direction>(
-    ring: &SplitRing,
+fn walk_slow<R: Descs, D: Direction>(
+    ring: &R,
     dma: &mut Dma,
     first: Desc,
     indirect_ok: bool,
@@ -170,7 +201,7 @@ fn walk_slow<D: Direction>(
             if !indirect_ok || d.flags & DESC_F_NEXT != 0 {
                 return Err(ChainError::BadIndirect);
             }
-            walk_indirect(dma, &d, &mut acc)?;
+            walk_indirect(dma, &d, &mut acc, ring.packed())?;
             return Ok(acc.done());
         }
         acc.add(dma, &d)?;
@@ -188,7 +219,12 @@ fn walk_slow<D: Direction>(
     }
 }
 
-fn walk_indirect<D: Direction>(dma: &mut Dma, ind: &Desc, acc: &mut Acc<'_, D>) -> Result<(), ChainError> {
+fn walk_indirect<D: Direction>(
+    dma: &mut Dma,
+    ind: &Desc,
+    acc: &mut Acc<'_, D>,
+    packed: bool,
+) -> Result<(), ChainError> {
     let count = ind.len / 16;
     if !ind.len.is_multiple_of(16) || count == 0 || count > MAX_RING_SIZE as u32 {
         return Err(ChainError::BadIndirect);
@@ -209,9 +245,18 @@ fn walk_indirect<D: Direction>(dma: &mut Dma, ind: &Desc, acc: &mut Acc<'_, D>) 
         // Unaligned volatile read: nothing obliges the guest to align an indirect table.
         let raw: [u8; 16] =
             unsafe { (table.as_ptr().add(i as usize * 16) as *const [u8; 16]).read_volatile() };
+        let addr = u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default());
+        let len = u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default());
+        if packed {
+            // Packed: every entry in order, WRITE the only flag that counts (virtio 1.2,
+            // 2.8.19); `id` is ignored.
+            let more = if i + 1 < count { DESC_F_NEXT } else { 0 };
+            let flags = (u16::from_le_bytes([raw[14], raw[15]]) & DESC_F_WRITE) | more;
+            return Desc { addr, len, flags, next: (i + 1) as u16 };
+        }
         Desc {
-            addr: u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default()),
-            len: u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default()),
+            addr,
+            len,
             flags: u16::from_le_bytes([raw[12], raw[13]]),
             next: u16::from_le_bytes([raw[14], raw[15]]),
         }

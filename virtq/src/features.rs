@@ -55,6 +55,9 @@ pub const F_ACCESS_PLATFORM: u64 = 1 << virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 /// single-descriptor paths only when this is negotiated.)
 pub const F_IN_ORDER: u64 = 1 << virtio_config::VIRTIO_F_IN_ORDER;
 
+/// `VIRTIO_F_RING_PACKED`: the queues are packed rings (virtio 1.1), not split ones.
+pub const F_RING_PACKED: u64 = 1 << virtio_config::VIRTIO_F_RING_PACKED;
+
 /// What a negotiated feature set means for the datapath.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Negotiated {
@@ -101,6 +104,7 @@ impl Negotiated {
             (VHOST_F_LOG_ALL, "LOG_ALL"),
             (F_VERSION_1, "VERSION_1"),
             (F_ACCESS_PLATFORM, "ACCESS_PLATFORM"),
+            (F_RING_PACKED, "RING_PACKED"),
             (F_IN_ORDER, "IN_ORDER"),
         ];
         NAMES.iter().filter(|(b, _)| self.has(*b)).map(|(_, n)| *n).collect()
@@ -140,6 +144,7 @@ mod tests {
             (VHOST_USER_F_PROTOCOL_FEATURES, 30),
             (F_VERSION_1, 32),
             (F_ACCESS_PLATFORM, 33),
+            (F_RING_PACKED, 34),
             (F_IN_ORDER, 35),
         ];
         for (mask, bit) in bits {

@@ -1,4 +1,4 @@
-//! A driver-side mock of a guest and its split rings (feature `test-utils`), for this crate's
+//! A driver-side mock of a guest and its rings, split and packed (feature `test-utils`), for this crate's
 //! tests and other crates': the switch builds its queues over it, the fuzz harnesses put guard
 //! pages around it.
 //!
@@ -237,5 +237,180 @@ pub struct MockDevice {
     /// The ring.
     pub ring: SplitRing,
     /// How the ring's buffers are reached (guest-physical; it holds the address space).
+    pub dma: Dma,
+}
+
+/// A packed ring driven from the driver side (virtio 1.2, 2.8): chains written at consecutive
+/// slots with the driver's wrap counter in their AVAIL/USED flags, the head's flags last; used
+/// descriptors read back where the device writes them, skipping each chain's length.
+pub struct MockPackedRing {
+    /// Guest-physical address of the descriptor ring.
+    pub desc: u64,
+    /// Guest-physical address of the driver event suppression area.
+    pub driver: u64,
+    /// Guest-physical address of the device event suppression area.
+    pub device: u64,
+    /// Number of descriptors.
+    pub size: u16,
+    /// Next slot to fill, and the driver's wrap counter there.
+    pub next: u16,
+    /// The driver's wrap counter at `next`.
+    pub wrap: bool,
+    used_next: u16,
+    used_wrap: bool,
+    /// By buffer id: how many descriptors its chain took (0: not outstanding).
+    taken: Vec<u16>,
+    next_id: u16,
+}
+
+impl MockGuest {
+    /// Allocates a zeroed packed ring of `size` descriptors.
+    pub fn packed_ring(&mut self, size: u16) -> MockPackedRing {
+        let desc = self.alloc(16 * size as u64, 16);
+        let driver = self.alloc(4, 4);
+        let device = self.alloc(4, 4);
+        MockPackedRing {
+            desc,
+            driver,
+            device,
+            size,
+            next: 0,
+            wrap: true,
+            used_next: 0,
+            used_wrap: true,
+            taken: vec![0; size as usize],
+            next_id: 0,
+        }
+    }
+}
+
+impl MockPackedRing {
+    /// The ring's addresses as a vhost-user frontend gives them: descriptors, driver area as
+    /// "available", device area as "used".
+    pub fn addrs(&self) -> RingAddrs {
+        RingAddrs { desc: UVA_BASE + self.desc, avail: UVA_BASE + self.driver, used: UVA_BASE + self.device }
+    }
+
+    /// Writes the descriptor at `slot`: address, length, id and flags, the flags last.
+    pub fn write_desc(&self, g: &MockGuest, slot: u16, addr: u64, len: u32, id: u16, flags: u16) {
+        self.write_body(g, slot, addr, len, id);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        self.write_flags(g, slot, flags);
+    }
+
+    /// Writes the descriptor at `slot` but its flags.
+    pub fn write_body(&self, g: &MockGuest, slot: u16, addr: u64, len: u32, id: u16) {
+        let mut b = [0u8; 14];
+        b[0..8].copy_from_slice(&addr.to_le_bytes());
+        b[8..12].copy_from_slice(&len.to_le_bytes());
+        b[12..14].copy_from_slice(&id.to_le_bytes());
+        g.write(self.desc + 16 * slot as u64, &b);
+    }
+
+    /// Writes the flags of the descriptor at `slot`.
+    pub fn write_flags(&self, g: &MockGuest, slot: u16, flags: u16) {
+        g.write_u16(self.desc + 16 * slot as u64 + 14, flags);
+    }
+
+    /// The AVAIL/USED flags that make a descriptor available under wrap counter `wrap`.
+    pub fn avail_flags(wrap: bool) -> u16 {
+        use crate::packed::{DESC_F_AVAIL, DESC_F_USED};
+        if wrap {
+            DESC_F_AVAIL
+        } else {
+            DESC_F_USED
+        }
+    }
+
+    /// Free descriptors (not in a chain the device holds).
+    pub fn free(&self) -> u16 {
+        self.size - self.taken.iter().sum::<u16>()
+    }
+
+    /// Makes a chain of (addr, len, flags) available at the next slots under a fresh buffer
+    /// id (in the last descriptor; the others carry it too, as Linux does), the head's flags
+    /// written last. Returns the id.
+    pub fn add_chain(&mut self, g: &MockGuest, bufs: &[(u64, u32, u16)]) -> u16 {
+        let n = bufs.len() as u16;
+        assert!(n > 0 && n <= self.free(), "mock packed ring full");
+        while self.taken[self.next_id as usize] != 0 {
+            self.next_id = (self.next_id + 1) % self.size;
+        }
+        let id = self.next_id;
+        self.next_id = (self.next_id + 1) % self.size;
+        self.taken[id as usize] = n;
+        let head = self.next;
+        let mut head_flags = 0;
+        for (k, &(addr, len, flags)) in bufs.iter().enumerate() {
+            let more = if k + 1 < bufs.len() { crate::ring::DESC_F_NEXT } else { 0 };
+            let f = flags | more | Self::avail_flags(self.wrap);
+            if k == 0 {
+                // Everything but the flags now; the flags once the rest of the chain is there.
+                head_flags = f;
+                self.write_body(g, self.next, addr, len, id);
+            } else {
+                self.write_desc(g, self.next, addr, len, id, f);
+            }
+            self.next += 1;
+            if self.next == self.size {
+                self.next = 0;
+                self.wrap = !self.wrap;
+            }
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        self.write_flags(g, head, head_flags);
+        id
+    }
+
+    /// New used descriptors since the last call: (buffer id, length).
+    pub fn take_used(&mut self, g: &MockGuest) -> Vec<(u16, u32)> {
+        use crate::packed::{DESC_F_AVAIL, DESC_F_USED};
+        let mut out = Vec::new();
+        loop {
+            let at = self.desc + 16 * self.used_next as u64;
+            let f = g.read_u16(at + 14);
+            if (f & DESC_F_AVAIL != 0) != self.used_wrap || (f & DESC_F_USED != 0) != self.used_wrap {
+                return out;
+            }
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            let id = g.read_u16(at + 12);
+            let len = g.read_u32(at + 8);
+            let n = std::mem::take(&mut self.taken[id as usize]);
+            assert!(n > 0, "the device used buffer id {id}, which is not outstanding");
+            out.push((id, len));
+            self.used_next += n;
+            if self.used_next >= self.size {
+                self.used_next -= self.size;
+                self.used_wrap = !self.used_wrap;
+            }
+        }
+    }
+
+    /// Sets the driver event suppression area (what the device reads to decide to interrupt).
+    pub fn set_driver_event(&self, g: &MockGuest, flags: u16, off_wrap: u16) {
+        g.write_u16(self.driver, off_wrap);
+        g.write_u16(self.driver + 2, flags);
+    }
+
+    /// The device event suppression flags (whether the device wants kicks).
+    pub fn device_event_flags(&self, g: &MockGuest) -> u16 {
+        g.read_u16(self.device + 2)
+    }
+
+    /// The device side of this ring from its start (token 0x8000: slot 0, wrap counter 1).
+    pub fn device(&self, g: &MockGuest, event_idx: bool) -> MockPackedDevice {
+        let mut dma = g.dma();
+        let ring =
+            crate::packed::PackedRing::new(&mut dma, self.addrs(), self.size as u32, 0x8000, event_idx)
+                .expect("mock packed ring");
+        MockPackedDevice { ring, dma }
+    }
+}
+
+/// A device-side ring over a [`MockPackedRing`], with what keeps its memory mapped.
+pub struct MockPackedDevice {
+    /// The ring.
+    pub ring: crate::packed::PackedRing,
+    /// How the ring's buffers are reached.
     pub dma: Dma,
 }

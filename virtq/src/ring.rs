@@ -79,6 +79,9 @@ pub enum RingError {
         /// Whether the device writes there.
         write: bool,
     },
+    /// a ring position outside the ring
+    #[error("ring position {0:#x} is outside the ring (slot beyond its size)")]
+    BadBase(u16),
     /// the driver published more entries than the ring holds
     #[error("the driver's available index ran {0} entries ahead of the device, more than the ring size")]
     AvailOverrun(u16),
@@ -345,7 +348,7 @@ impl SplitRing {
     }
 }
 
-fn map_part(
+pub(crate) fn map_part(
     dma: &mut Dma,
     addr: u64,
     len: u64,

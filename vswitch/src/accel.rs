@@ -152,6 +152,10 @@ pub fn plug(
     nic: u16,
     rate: Option<RateLimiter>,
 ) -> Result<(Box<AccelRx>, Box<AccelTx>), Box<Unplugged>> {
+    if rx.ring.is_packed() || tx.ring.is_packed() {
+        let why = "the guest negotiated packed rings, and the device models serve split rings only";
+        return Err(Box::new((rx, tx, why.into())));
+    }
     let (rh, th) = (handoff_of(&mut rx), handoff_of(&mut tx));
     let rxq = RxQueue::new(
         device_dma(&rx),
@@ -194,7 +198,7 @@ pub fn resume(mut shell: VirtQueue, h: &RingHandoff, owed_irq: bool) -> VirtQueu
     match SplitRing::new(&mut shell.dma, h.addrs, u32::from(h.size), h.state.last_avail, h.event_idx) {
         Ok(mut ring) => {
             ring.set_kicks(false);
-            shell.ring = ring;
+            shell.ring = virtq::Ring::Split(ring);
         }
         // The same addresses mapped at plug: only a memory table changed under us gets here.
         Err(e) => {

@@ -190,6 +190,7 @@ fn build(spec: &Guest, id: u16, dp: &mut Datapath) -> (Built, Arc<Port>) {
             mrg_rxbuf: spec.mrg,
             indirect: true,
             caps,
+            packed: false,
         };
         *slot.lock() = Some(VirtQueue::new(g.dma(), &s, None, None).expect("rings inside memory").into());
     }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod iotlb;
 pub mod nic_wire;
 pub mod offload;
+pub mod packed;
 pub mod spoof;
 pub mod vhost_msgs;
 
@@ -56,6 +57,7 @@ mod tests {
     harness!(config, config_corpus, super::config::fuzz, 500, 512);
     harness!(iotlb, iotlb_corpus, super::iotlb::fuzz, 500, 2048);
     harness!(offload, offload_corpus, super::offload::fuzz, 500, 1024);
+    harness!(packed, packed_corpus, super::packed::fuzz, 500, 4096);
     harness!(nic_wire, nic_wire_corpus, super::nic_wire::fuzz, 300, 4096);
     harness!(spoof, spoof_corpus, super::spoof::fuzz, 500, 512);
     harness!(vhost_msgs, vhost_msgs_corpus, super::vhost_msgs::fuzz, 200, 2048);

@@ -356,6 +356,7 @@ impl VhostDevice {
             mrg_rxbuf: self.acked.has(features::NET_F_MRG_RXBUF),
             indirect: self.acked.has(features::RING_F_INDIRECT_DESC),
             caps: crate::offload::Caps::from_features(self.acked),
+            packed: self.acked.has(features::F_RING_PACKED),
         };
         let domain = self.port.id as u32;
         let dma = if self.iova_mode() {

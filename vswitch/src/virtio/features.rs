@@ -40,6 +40,7 @@ pub const OFFERED: u64 = OFFLOADS
     | VHOST_F_LOG_ALL
     | F_VERSION_1
     | F_ACCESS_PLATFORM
+    | F_RING_PACKED
     | F_IN_ORDER;
 
 #[cfg(test)]

@@ -12,4 +12,4 @@ pub mod queue;
 
 pub use queue::{QueueStats, VirtQueue};
 pub use virtq::{chain, ring};
-pub use virtq::{walk_chain, ChainError, RingAddrs, RingError, RingState, SplitRing, MAX_SEGS};
+pub use virtq::{walk_chain, ChainError, Ring, RingAddrs, RingError, RingState, SplitRing, MAX_SEGS};

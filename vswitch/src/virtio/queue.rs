@@ -9,7 +9,7 @@ static EPOCHS: AtomicU64 = AtomicU64::new(1);
 use std::sync::Arc;
 
 use iommu::Dma;
-use virtq::{RingAddrs, RingError, SplitRing};
+use virtq::{Ring, RingAddrs, RingError};
 
 use crate::limits::MAX_FRAME;
 use crate::offload::{Caps, MAX_GSO_FRAME};
@@ -20,8 +20,8 @@ use crate::vhost::iotlb::IotlbLink;
 /// only while holding that slot's lock, so the memory it points into cannot be swapped or
 /// unmapped under it.
 pub struct VirtQueue {
-    /// The ring itself (hot).
-    pub ring: SplitRing,
+    /// The ring itself (hot): split, or packed where the guest negotiated it.
+    pub ring: Ring,
     /// Where the ring is and how it notifies: what an accelerator is handed with its state.
     pub addrs: virtq::RingAddrs,
     /// VIRTIO_RING_F_EVENT_IDX.
@@ -83,6 +83,8 @@ pub struct QueueSetup {
     pub indirect: bool,
     /// Offloads negotiated.
     pub caps: Caps,
+    /// RING_PACKED negotiated: the ring is packed.
+    pub packed: bool,
 }
 
 impl VirtQueue {
@@ -93,7 +95,7 @@ impl VirtQueue {
         call: Option<Arc<File>>,
         kick: Option<(Arc<File>, u64)>,
     ) -> Result<Self, RingError> {
-        let mut ring = SplitRing::new(&mut dma, s.addrs, s.size, s.last_avail, s.event_idx)?;
+        let mut ring = Ring::new(&mut dma, s.addrs, s.size, s.last_avail, s.event_idx, s.packed)?;
         // A polled ring needs no kicks: each one is a syscall on the guest's side. Only a
         // polling thread about to sleep turns them back on.
         ring.set_kicks(false);
@@ -131,8 +133,9 @@ impl VirtQueue {
         }
     }
 
-    /// Tells the driver whether to kick (see [`SplitRing::set_kicks`]); that writes the used
-    /// ring's flags or avail_event, which a migrating guest's log must show too.
+    /// Tells the driver whether to kick (see [`virtq::SplitRing::set_kicks`]); that writes the
+    /// used ring's flags or avail_event (a packed ring's device event area), which a migrating
+    /// guest's log must show too.
     #[inline]
     pub fn set_kicks(&mut self, on: bool) -> bool {
         let r = self.ring.set_kicks(on);
@@ -147,8 +150,11 @@ impl VirtQueue {
     /// vIOMMU, where the frontend's `log_guest_addr` would be an IOVA.
     #[cold]
     fn log_used(&self, log: &DirtyLog) {
-        let (p, len) = self.ring.used_area();
-        log.mark_host(self.dma.mem(), p, len);
+        for (p, len) in self.ring.used_areas() {
+            if len > 0 {
+                log.mark_host(self.dma.mem(), p, len);
+            }
+        }
     }
 
     /// While logging: marks the pages under the first `wrote` bytes of the receive buffers

@@ -252,8 +252,14 @@ impl Datapath {
                 accel_rx(nq, a, slot, wire, mine, soft, c);
                 continue;
             }
+            // The device models DMA into split rings only: a packed ring's frames take the
+            // software path.
             let rq = match g.as_mut() {
-                Some(Queue::Virtio(rq)) if !rq.broken && rq.held == 0 && !has_parked(rq) => rq,
+                Some(Queue::Virtio(rq))
+                    if !rq.broken && rq.held == 0 && !has_parked(rq) && !rq.ring.is_packed() =>
+                {
+                    rq
+                }
                 _ => {
                     frames.iter().filter(|s| queue_of(s) == q).for_each(|s| soft.push(s.frame));
                     continue;
@@ -276,15 +282,11 @@ impl Datapath {
                 let tagged = f.len() >= 18 && f[12] == 0x81 && f[13] == 0;
                 let (p0, p1): (&[u8], &[u8]) =
                     if s.strip && tagged { (&f[..12], &f[16..]) } else { (f, &[]) };
-                match dma_rx(
-                    &mut rq.ring,
-                    &mut rq.dma,
-                    &fmt,
-                    &mut nq.scratch,
-                    &mut nq.device,
-                    &hdr,
-                    &[p0, p1],
-                ) {
+                let virtq::Ring::Split(ring) = &mut rq.ring else {
+                    soft.push(s.frame);
+                    continue;
+                };
+                match dma_rx(ring, &mut rq.dma, &fmt, &mut nq.scratch, &mut nq.device, &hdr, &[p0, p1]) {
                     Ok(()) => {
                         pk += 1;
                         by += (p0.len() + p1.len()) as u64;

@@ -14,10 +14,7 @@ pub(super) fn take_one_rx(rq: &mut VirtQueue, need: u32) -> Option<(u16, Grant<R
         return None;
     }
     let head = rq.ring.peek_head(0);
-    if head >= rq.ring.size() {
-        return None;
-    }
-    let d = rq.ring.desc(head);
+    let d = rq.ring.head_desc(head)?;
     if d.flags != virtq::ring::DESC_F_WRITE || d.len < need {
         return None;
     }

@@ -8,7 +8,7 @@ use crate::l2::vlan::VlanSet;
 use crate::l2::VlanMode;
 use crate::offload::csum::Sum;
 use crate::offload::{self, Caps, NetHdr};
-use crate::virtio::mock::{MockGuest, MockQueue, MockRing};
+use crate::virtio::mock::{MockGuest, MockPackedRing, MockQueue, MockRing};
 use crate::virtio::VirtQueue;
 use virtq::ring::DESC_F_WRITE;
 
@@ -16,10 +16,79 @@ const MACS: [[u8; 6]; 4] =
     [[0x52, 0, 0, 0, 0, 1], [0x52, 0, 0, 0, 0, 2], [0x52, 0, 0, 0, 0, 3], [0x52, 0, 0, 0, 0, 4]];
 const BCAST: [u8; 6] = [0xff; 6];
 
+thread_local! {
+    /// Whether this test's guests use packed rings (see [`packed`]).
+    static PACKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs test `f` again with every guest on packed rings.
+fn packed(f: fn()) {
+    PACKED.set(true);
+    f();
+}
+
+/// A test guest's ring: split, or packed under [`packed`].
+enum TRing {
+    Split(MockRing),
+    Packed(MockPackedRing, usize),
+}
+
+impl TRing {
+    fn new(g: &mut MockGuest, size: u16) -> Self {
+        if PACKED.get() {
+            TRing::Packed(g.packed_ring(size), 0)
+        } else {
+            TRing::Split(g.ring(size))
+        }
+    }
+
+    /// Makes a chain available; its id (a split ring's head, a packed ring's buffer id).
+    fn add_chain(&mut self, g: &MockGuest, bufs: &[(u64, u32, u16)]) -> u32 {
+        match self {
+            TRing::Split(r) => r.add_chain(g, bufs) as u32,
+            TRing::Packed(r, _) => r.add_chain(g, bufs) as u32,
+        }
+    }
+
+    fn take_used(&mut self, g: &MockGuest) -> Vec<(u32, u32)> {
+        match self {
+            TRing::Split(r) => r.take_used(g),
+            TRing::Packed(r, n) => {
+                let u: Vec<_> = r.take_used(g).into_iter().map(|(id, len)| (id as u32, len)).collect();
+                *n += u.len();
+                u
+            }
+        }
+    }
+
+    /// Used entries written so far.
+    fn used_count(&self, g: &MockGuest) -> usize {
+        match self {
+            TRing::Split(r) => g.read_u16(r.used + 2) as usize,
+            TRing::Packed(_, n) => *n,
+        }
+    }
+
+    fn queue_with(&self, g: &MockGuest, mrg: bool, caps: Caps) -> VirtQueue {
+        match self {
+            TRing::Split(r) => r.queue_with(g, mrg, caps),
+            TRing::Packed(r, _) => r.queue_with(g, mrg, caps),
+        }
+    }
+
+    /// The split ring of a test about split rings.
+    fn split(&self) -> &MockRing {
+        match self {
+            TRing::Split(r) => r,
+            TRing::Packed(..) => panic!("a split-ring test"),
+        }
+    }
+}
+
 struct Guest {
     g: MockGuest,
-    tx: MockRing,
-    rx: MockRing,
+    tx: TRing,
+    rx: TRing,
     rx_bufs: HashMap<u32, (u64, u32)>,
 }
 
@@ -41,8 +110,8 @@ fn net_caps(modes: Vec<VlanMode>, caps: Vec<Caps>, mrg: bool) -> Net {
     let mut ports = Vec::new();
     for (i, (mode, caps)) in modes.into_iter().zip(caps).enumerate() {
         let mut g = MockGuest::new(4 << 20);
-        let tx = g.ring(64);
-        let rx = g.ring(64);
+        let tx = TRing::new(&mut g, 64);
+        let rx = TRing::new(&mut g, 64);
         let port = Arc::new(Port::new(i as u16, format!("p{i}"), mode, MACS[i], 1));
         *port.txq[0].lock() = Some(tx.queue_with(&g, mrg, caps).into());
         *port.rxq[0].lock() = Some(rx.queue_with(&g, mrg, caps).into());
@@ -82,7 +151,7 @@ impl Net {
         for _ in 0..n {
             let gpa = gu.g.alloc(size as u64, 8);
             let head = gu.rx.add_chain(&gu.g, &[(gpa, size, DESC_F_WRITE)]);
-            gu.rx_bufs.insert(head as u32, (gpa, size));
+            gu.rx_bufs.insert(head, (gpa, size));
         }
     }
 
@@ -326,8 +395,7 @@ fn test_mergeable_buffers_carry_a_large_frame() {
     let got = n.received(1);
     assert_eq!(got, vec![f]);
     let gu = &n.guests[1];
-    let used_idx = gu.g.read_u16(gu.rx.used + 2);
-    assert_eq!(used_idx, 5, "312 bytes in 64-byte buffers");
+    assert_eq!(gu.rx.used_count(&gu.g), 5, "312 bytes in 64-byte buffers");
 }
 
 #[test]
@@ -363,7 +431,7 @@ fn test_avail_index_overrun_stops_only_that_queue() {
     n.post_rx(2, 4, 2048);
     {
         let gu = &mut n.guests[0];
-        gu.g.write_u16(gu.tx.avail + 2, 300); // claims 300 entries in a 64-entry ring
+        gu.g.write_u16(gu.tx.split().avail + 2, 300); // claims 300 entries in a 64-entry ring
     }
     assert_eq!(n.poll(0), 0);
     assert_eq!(n.tx_stats(0).drop_malformed, 1);
@@ -463,7 +531,7 @@ fn test_used_entries_keep_ring_order_around_a_bad_receive_buffer() {
     {
         let gu = &mut n.guests[1];
         let head = gu.rx.add_chain(&gu.g, &[(1 << 40, 2048, DESC_F_WRITE)]); // outside memory
-        gu.rx_bufs.insert(head as u32, (0, 0));
+        gu.rx_bufs.insert(head, (0, 0));
     }
     n.post_rx(1, 1, 2048);
     for _ in 0..3 {
@@ -606,7 +674,7 @@ fn test_whole_gso_frame_fills_one_big_chain_without_mergeable_buffers() {
     n.poll(0);
     let gu = &mut n.guests[1];
     let used = gu.rx.take_used(&gu.g);
-    assert_eq!(used, vec![(head as u32, 12 + f.len() as u32)]);
+    assert_eq!(used, vec![(head, 12 + f.len() as u32)]);
     let mut got = Vec::new();
     for &(gpa, len, _) in &bufs {
         got.extend(gu.g.read(gpa, len as usize));
@@ -703,10 +771,10 @@ fn test_the_policer_charges_a_gso_frame_for_every_segment() {
 
 /// A receive queue of `size` whose buffers translate through an empty IOTLB (every one
 /// misses) and whose misses go nowhere (counted unsent).
-fn iova_rx(size: u16) -> (MockGuest, MockRing, VirtQueue, Arc<crate::vhost::iotlb::IotlbStats>) {
+fn iova_rx(size: u16) -> (MockGuest, TRing, VirtQueue, Arc<crate::vhost::iotlb::IotlbStats>) {
     let mut g = MockGuest::new(4 << 20);
-    let ring = g.ring(size);
-    let mut rq = ring.queue(&g, true);
+    let ring = TRing::new(&mut g, size);
+    let mut rq = ring.queue_with(&g, true, Caps::default());
     rq.dma = iommu::Dma::iova(g.mem.clone(), iommu::Iotlb::new(64), 0, Default::default());
     let stats = Arc::<crate::vhost::iotlb::IotlbStats>::default();
     rq.iotlb = Some(Box::new(crate::vhost::iotlb::IotlbLink::new(None, stats.clone())));
@@ -769,4 +837,145 @@ fn test_bad_offload_requests_are_dropped_and_ignored_without_offloads() {
     n.send_with(2, tso4(1448, 14), &f, 1);
     n.poll(2);
     assert_eq!(n.received_hdrs(1), vec![(NetHdr::default(), f.clone())]);
+}
+
+/// A packed ring's driver that makes a chain longer than the ring available (every
+/// descriptor says NEXT): that queue stops, as a split ring's overrun does, and the others flow.
+#[test]
+fn test_a_packed_chain_longer_than_the_ring_stops_only_that_queue() {
+    PACKED.set(true);
+    let mut n = net(vec![VlanMode::default(); 3], true);
+    n.post_rx(2, 4, 2048);
+    {
+        let gu = &mut n.guests[0];
+        let TRing::Packed(r, _) = &gu.tx else { panic!("packed") };
+        for slot in 0..r.size {
+            r.write_desc(
+                &gu.g,
+                slot,
+                0x8000,
+                60,
+                slot,
+                virtq::ring::DESC_F_NEXT | virtq::packed::DESC_F_AVAIL,
+            );
+        }
+    }
+    assert_eq!(n.poll(0), 0);
+    assert_eq!(n.tx_stats(0).drop_malformed, 1);
+    assert_eq!(n.poll(0), 0, "stays stopped");
+    let f = frame(MACS[2], MACS[1], None, 60);
+    n.send(1, &f);
+    n.poll(1);
+    assert_eq!(n.received(2), vec![f], "other ports unaffected");
+}
+
+/// The same datapath over packed rings (VIRTIO_F_RING_PACKED): every test above that does not
+/// reach into a split ring's own fields, again with each guest's rings packed.
+mod packed_rings {
+    use super::*;
+
+    #[test]
+    fn unknown_unicast_floods_then_learned_goes_to_one_port() {
+        packed(test_unknown_unicast_floods_then_learned_goes_to_one_port);
+    }
+
+    #[test]
+    fn batching_leaves_a_burst_in_a_loaded_guests_ring_until_the_next_or_the_wait() {
+        packed(test_batching_leaves_a_burst_in_a_loaded_guests_ring_until_the_next_or_the_wait);
+    }
+
+    #[test]
+    fn broadcast_makes_one_copy_per_receiver() {
+        packed(test_broadcast_makes_one_copy_per_receiver);
+    }
+
+    #[test]
+    fn vlan_isolation_and_tag_edits() {
+        packed(test_vlan_isolation_and_tag_edits);
+    }
+
+    #[test]
+    fn full_destination_drops_without_copying() {
+        packed(test_full_destination_drops_without_copying);
+    }
+
+    #[test]
+    fn malformed_chain_is_returned_and_counted_and_the_rest_flows() {
+        packed(test_malformed_chain_is_returned_and_counted_and_the_rest_flows);
+    }
+
+    #[test]
+    fn mergeable_buffers_carry_a_large_frame() {
+        packed(test_mergeable_buffers_carry_a_large_frame);
+    }
+
+    #[test]
+    fn without_mergeable_buffers_a_too_small_buffer_is_not_used() {
+        packed(test_without_mergeable_buffers_a_too_small_buffer_is_not_used);
+    }
+
+    #[test]
+    fn no_hairpin_to_a_mac_on_the_same_port() {
+        packed(test_no_hairpin_to_a_mac_on_the_same_port);
+    }
+
+    #[test]
+    fn multiqueue_receiver_with_fewer_running_pairs_still_gets_packets() {
+        packed(test_multiqueue_receiver_with_fewer_running_pairs_still_gets_packets);
+    }
+
+    #[test]
+    fn used_entries_keep_ring_order_around_a_bad_receive_buffer() {
+        packed(test_used_entries_keep_ring_order_around_a_bad_receive_buffer);
+    }
+
+    #[test]
+    fn split_header_and_frame_descriptors() {
+        packed(test_split_header_and_frame_descriptors);
+    }
+
+    #[test]
+    fn gso_frame_goes_whole_to_tso_receivers_and_cut_for_the_others() {
+        packed(test_gso_frame_goes_whole_to_tso_receivers_and_cut_for_the_others);
+    }
+
+    #[test]
+    fn gso_across_vlan_edits_and_ipv6() {
+        packed(test_gso_across_vlan_edits_and_ipv6);
+    }
+
+    #[test]
+    fn whole_gso_frame_fills_one_big_chain_without_mergeable_buffers() {
+        packed(test_whole_gso_frame_fills_one_big_chain_without_mergeable_buffers);
+    }
+
+    #[test]
+    fn partial_checksum_passed_on_or_completed() {
+        packed(test_partial_checksum_passed_on_or_completed);
+    }
+
+    #[test]
+    fn gso_metadata_reaches_receivers_canonical_whatever_the_sender_wrote() {
+        packed(test_gso_metadata_reaches_receivers_canonical_whatever_the_sender_wrote);
+    }
+
+    #[test]
+    fn the_policer_charges_a_gso_frame_for_every_segment() {
+        packed(test_the_policer_charges_a_gso_frame_for_every_segment);
+    }
+
+    #[test]
+    fn parked_drain_stops_after_a_burst_of_bad_buffers() {
+        packed(test_parked_drain_stops_after_a_burst_of_bad_buffers);
+    }
+
+    #[test]
+    fn rx_lookahead_asks_a_bounded_number_per_pass() {
+        packed(test_rx_lookahead_asks_a_bounded_number_per_pass);
+    }
+
+    #[test]
+    fn bad_offload_requests_are_dropped_and_ignored_without_offloads() {
+        packed(test_bad_offload_requests_are_dropped_and_ignored_without_offloads);
+    }
 }

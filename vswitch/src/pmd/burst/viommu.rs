@@ -224,9 +224,13 @@ pub(super) fn rx_lookahead(rq: &mut VirtQueue) {
 }
 
 /// [`rx_lookahead`] over any receive ring: the software path's, or one a device drives.
-fn lookahead(ring: &mut virtq::SplitRing, dma: &mut iommu::Dma, l: &mut crate::vhost::iotlb::IotlbLink) {
+fn lookahead<R: virtq::AvailView>(
+    ring: &mut R,
+    dma: &mut iommu::Dma,
+    l: &mut crate::vhost::iotlb::IotlbLink,
+) {
     let pending = ring.avail_pending().unwrap_or(0).min(ring.size());
-    let start = ring.state().last_avail;
+    let start = ring.taken();
     let from = match l.rx_checked {
         Some(c) if c.wrapping_sub(start) <= pending => c.wrapping_sub(start),
         _ => 0,
@@ -241,11 +245,8 @@ fn lookahead(ring: &mut virtq::SplitRing, dma: &mut iommu::Dma, l: &mut crate::v
     // `miss` asks once per page: consecutive buffers of one page cost one request.
     let now = now_ns();
     for k in from..to {
-        let head = ring.peek_head(k);
-        if head >= ring.size() {
-            continue;
-        }
-        let d = ring.desc(head);
+        let Some(slot) = ring.head_slot(ring.peek_head(k)) else { continue };
+        let d = ring.desc(slot);
         if d.len == 0 || d.flags & virtq::ring::DESC_F_INDIRECT != 0 {
             continue;
         }
