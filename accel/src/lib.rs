@@ -127,6 +127,8 @@ pub struct PortFacts {
     pub egress_shaped: bool,
     /// Already plugged.
     pub plugged: bool,
+    /// The guest's rings are packed (virtio 1.1): the device models walk split rings only.
+    pub packed: bool,
 }
 
 /// What a tier's device offers now.
@@ -156,6 +158,13 @@ pub fn admit(name: &str, nic: &str, port: &PortFacts, dev: &DeviceFacts) -> Resu
             port: name.into(),
             tier: dev.tier,
             what: format!("{} queue pairs (it plugs single-pair ports)", port.pairs),
+        });
+    }
+    if port.packed {
+        return Err(Refusal::Features {
+            port: name.into(),
+            tier: dev.tier,
+            what: "packed rings (its queue engines walk split rings only)".into(),
         });
     }
     if port.viommu && !dev.follows_viommu {
@@ -240,6 +249,7 @@ mod tests {
         assert!(why(PortFacts { running: false, ..port() }, dev(0)).contains("not started its rings"));
         assert!(why(PortFacts { pairs: 4, ..port() }, dev(0)).contains("4 queue pairs"));
         assert!(why(PortFacts { viommu: true, ..port() }, dev(0)).contains("vIOMMU"));
+        assert!(why(PortFacts { packed: true, ..port() }, dev(0)).contains("packed rings"));
         assert_eq!(
             admit(
                 "a",

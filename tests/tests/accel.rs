@@ -729,3 +729,51 @@ fn a_plugged_guest_is_held_to_its_memory_its_source_ip_and_its_rate_by_the_devic
     let h = sw.accel_unplug("a").expect("unplug").last.expect("hand-over");
     assert!(h.balanced, "{h:?}");
 }
+
+/// A guest on packed rings (DPDK virtio-user `packed_vq=1`) is served by the software path;
+/// a plug at Level 1 or Level 2 is refused saying so, and its traffic goes on.
+#[test]
+fn a_guest_on_packed_rings_is_refused_a_plug_and_stays_on_the_software_path() {
+    const D: [u8; 6] = [0x52, 0x54, 0x00, 0x5a, 0x00, 0x0e];
+    init_log();
+    let dir = Scratch::new("accel-packed");
+    let wire = format!("accel-k{}", std::process::id());
+    let sock = dir.path("d.sock");
+    let sw = Switch::start(SwitchConfig {
+        fdb_aging_secs: 300,
+        ports: vec![
+            PortConfig::parse(&format!("up=nic:wire:{wire},level=2,pools=4")).unwrap(),
+            PortConfig::parse(&format!("d={}", sock.display())).unwrap(),
+        ],
+        unsealed_memory: vswitch::UnsealedMemory::Guard,
+        ..Default::default()
+    })
+    .expect("switch starts");
+    let end = LinkEnd::attach(&wire).expect("the wire's far end");
+    let prefix = format!("vsw-accel-p{}", std::process::id());
+    let mut cmd = std::process::Command::new(e2e_tests::testpmd());
+    cmd.args(["--lcores", "0@1,1@1", "--main-lcore", "0", "--no-pci", "--no-huge", "-m", "1024"])
+        .args(["--single-file-segments", &format!("--file-prefix={prefix}"), "--vdev"])
+        .arg(format!("net_virtio_user0,path={},queues=1,mac=52:54:00:5a:00:0e,packed_vq=1", sock.display()))
+        .args(["--", "--forward-mode=macswap", "--port-topology=loop", "--nb-cores=1", "--auto-start"])
+        .args(["--stats-period", "1"]);
+    let mut pmd = e2e_tests::Proc::spawn(cmd, &dir.path("testpmd.log"))
+        .cleanup_dir(format!("/var/run/dpdk/{prefix}").into());
+    let mut back = Vec::new();
+    let mut echoes = |seq: u64| {
+        end.send([build_frame(D, WIRE, None, 60, seq).as_slice()]);
+        std::thread::sleep(Duration::from_millis(20));
+        end.recv(&mut back, 256);
+        back.drain(..).any(|f| f.len() > 24 && f[12..18] == WIRE && f[18..24] == D)
+    };
+    assert!(wait_until(Duration::from_secs(30), || echoes(1)), "testpmd never echoed: {}", pmd.log_text());
+    let features = e2e_tests::port_info(&sw, "d").device.features;
+    assert!(features.iter().any(|f| f == "RING_PACKED"), "{features:?}");
+    for tier in ["l1", "l2"] {
+        let e = sw.accel_plug("d", tier).expect_err("a packed port is not plugged").to_string();
+        assert!(e.contains("packed rings") && e.contains("software path"), "{tier}: {e}");
+        assert_eq!(sw.accel_status(Some("d")).unwrap()[0].tier, None);
+        assert!(wait_until(Duration::from_secs(5), || echoes(2)), "{tier}: the echo goes on");
+    }
+    let _ = pmd.stop(Duration::from_secs(5));
+}

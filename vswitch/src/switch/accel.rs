@@ -63,6 +63,7 @@ pub(super) fn port_facts(port: &Port) -> PortFacts {
             Some(Queue::Virtio(q)) if !q.broken => {
                 facts.pairs += 1;
                 facts.viommu |= q.dma.is_iova();
+                facts.packed |= q.ring.is_packed();
             }
             Some(Queue::AccelTx(_)) => facts.plugged = true,
             _ => {}
@@ -71,6 +72,13 @@ pub(super) fn port_facts(port: &Port) -> PortFacts {
     facts.running = facts.pairs > 0
         && port.rxq.first().is_some_and(|s| matches!(s.lock().as_ref(), Some(Queue::Virtio(q)) if !q.broken));
     facts
+}
+
+/// Whether port `port`'s guest runs packed rings (its first receive queue says).
+pub(super) fn runs_packed(port: &Port) -> bool {
+    port.rxq
+        .first()
+        .is_some_and(|s| matches!(s.lock().as_ref(), Some(Queue::Virtio(q)) if q.ring.is_packed()))
 }
 
 /// The plug itself: under the pair's two slot locks (transmit first, the polling threads'
@@ -268,6 +276,13 @@ impl Control {
             .filter(|p| p.cfg.nic.as_ref().is_some_and(|n| (1..=2).contains(&n.level)))
             .collect();
         let nic = nics.iter().min_by_key(|p| p.port.id).ok_or(Refusal::NoDevice(Tier::L1))?;
+        if runs_packed(&guest) {
+            return Err(Refusal::Features {
+                port: name.into(),
+                tier: Tier::L1,
+                what: "packed rings (the NIC DMAs into split rings only)".into(),
+            });
+        }
         if guest.policy.egress_on() {
             return Err(bad("an egress shaper holds its receive ring (remove the shaper: ctl policy PORT)"));
         }

@@ -4,7 +4,8 @@
 //! A guest port gets a pool when the device can deliver its frames exactly as the software
 //! path would: its VLAN rule matches the uplink's without a tag to add (an access port of the
 //! uplink's access VLAN; an access port of a VLAN the uplink trunks, the device stripping the
-//! tag; two ports trunking every VLAN), and no egress shaper holds its receive ring. Its
+//! tag; two ports trunking every VLAN), no egress shaper holds its receive ring, and its guest
+//! runs split rings (the device models walk no packed ones). Its
 //! unicast MACs are the ones the switch learned on it, re-read every `SYNC`; until a MAC is
 //! learned, or when pools or filters run out, its frames take the software path.
 
@@ -73,6 +74,7 @@ impl Control {
                 let gp = &self.ports[&g].port;
                 let Some((strip, vlan)) = served(&nic.vlan, &gp.vlan) else { continue };
                 if gp.policy.egress_on()
+                    || super::accel::runs_packed(gp)
                     || self.accel.get(&g).is_some_and(|b| b.held_off)
                     || self.migrating(g)
                 {
