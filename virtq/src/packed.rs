@@ -198,8 +198,28 @@ impl PackedRing {
         if self.popped == self.scanned {
             self.scan
         } else {
-            self.chains[(self.popped & self.cap_mask) as usize].pos
+            self.chain(self.popped).pos
         }
+    }
+
+    /// The record of chain number `n`.
+    #[inline(always)]
+    fn chain(&self, n: u16) -> &Seen {
+        // SAFETY: `chains` has `cap_mask + 1` entries, so the masked index is inside it.
+        unsafe { self.chains.get_unchecked((n & self.cap_mask) as usize) }
+    }
+
+    #[inline(always)]
+    fn chain_mut(&mut self, n: u16) -> &mut Seen {
+        // SAFETY: as for `chain`.
+        unsafe { self.chains.get_unchecked_mut((n & self.cap_mask) as usize) }
+    }
+
+    /// The record of pushed entry number `n`.
+    #[inline(always)]
+    fn pending_mut(&mut self, n: u16) -> &mut Pending {
+        // SAFETY: `pending` has `cap_mask + 1` entries too.
+        unsafe { self.pending.get_unchecked_mut((n & self.cap_mask) as usize) }
     }
 
     #[inline(always)]
@@ -261,14 +281,10 @@ impl PackedRing {
     /// position, length and id, until a descriptor is not available or a ring's worth is in
     /// the device's hands.
     fn scan_more(&mut self) -> Result<u16, RingError> {
-        loop {
-            // Descriptors the device holds (seen, not yet used): the driver cannot have made
-            // more than the rest available.
-            let held = self.advance(self.scan, 2 * self.size - self.used);
-            let room = self.size - held;
-            if room == 0 {
-                break;
-            }
+        // Descriptors the device holds (seen, not yet used): the driver cannot have made more
+        // than the rest available.
+        let mut room = self.size - self.advance(self.scan, 2 * self.size - self.used);
+        while room > 0 {
             let head = self.scan;
             let Some(mut f) = self.is_avail(head) else { break };
             let mut n = 1u32;
@@ -282,10 +298,13 @@ impl PackedRing {
                 f = self.read_desc(self.slot(p)).flags;
                 n += 1;
             }
-            let id = self.read_desc(self.slot(p)).id;
-            self.chains[(self.scanned & self.cap_mask) as usize] = Seen { pos: head, id, count: n as u16 };
+            // SAFETY: the id (offset 12, 2-aligned) of a descriptor inside the checked ring.
+            let id =
+                unsafe { std::ptr::addr_of!((*self.desc.as_ptr().add(self.slot(p))).id).read_volatile() };
+            *self.chain_mut(self.scanned) = Seen { pos: head, id, count: n as u16 };
             self.scanned = self.scanned.wrapping_add(1);
             self.scan = self.advance(head, n);
+            room -= n;
         }
         Ok(self.scanned.wrapping_sub(self.popped))
     }
@@ -315,7 +334,7 @@ impl PackedRing {
     /// The slot of head `head`'s first descriptor.
     #[inline(always)]
     pub fn head_slot(&self, head: u16) -> u16 {
-        self.slot(self.chains[(head & self.cap_mask) as usize].pos) as u16
+        self.slot(self.chain(head).pos) as u16
     }
 
     /// Gives back the last `n` heads taken.
@@ -352,7 +371,7 @@ impl PackedRing {
     /// Queues a used entry for chain `head` (not yet visible to the driver).
     #[inline(always)]
     pub fn push_used(&mut self, head: u16, len: u32) {
-        let c = self.chains[(head & self.cap_mask) as usize];
+        let c = *self.chain(head);
         let (id, n) = (c.id, u32::from(c.count).max(1));
         let slot = self.slot(self.used);
         let flags = if self.used < self.size { DESC_F_AVAIL | DESC_F_USED } else { 0 };
@@ -363,8 +382,7 @@ impl PackedRing {
             std::ptr::addr_of_mut!((*d).len).write_volatile(len);
         }
         self.used = self.advance(self.used, n);
-        self.pending[(self.pushed & self.cap_mask) as usize] =
-            Pending { slot: slot as u16, flags, after: self.used };
+        *self.pending_mut(self.pushed) = Pending { slot: slot as u16, flags, after: self.used };
         self.pushed = self.pushed.wrapping_add(1);
     }
 
@@ -385,7 +403,7 @@ impl PackedRing {
         fence(Ordering::Release);
         let mut k = self.published;
         while k != to {
-            let e = self.pending[(k & self.cap_mask) as usize];
+            let e = *self.pending_mut(k);
             self.flags_atomic(e.slot as usize).store(e.flags, Ordering::Relaxed);
             self.published_at = e.after;
             k = k.wrapping_add(1);

@@ -116,12 +116,42 @@ impl Ring {
         either!(self, r => r.unpop(n))
     }
 
-    /// The first descriptor of head `head`, in split form; `None` for a split ring's head
-    /// outside its table.
+    /// The next available head and its first descriptor, not taken (`None`: nothing
+    /// available, or a split ring's head outside its table); the layout looked at once.
     #[inline(always)]
-    pub fn head_desc(&self, head: u16) -> Option<Desc> {
-        let slot = self.head_slot(head)?;
-        Some(Descs::desc(self, slot))
+    pub fn next_desc(&mut self) -> Option<(u16, Desc)> {
+        match self {
+            Ring::Split(r) => {
+                if r.avail_pending().ok()? == 0 {
+                    return None;
+                }
+                let head = r.peek_head(0);
+                (head < r.size()).then(|| (head, r.desc(head)))
+            }
+            Ring::Packed(r) => {
+                if r.avail_pending().ok()? == 0 {
+                    return None;
+                }
+                let head = r.peek_head(0);
+                Some((head, r.desc(r.head_slot(head))))
+            }
+        }
+    }
+
+    /// [`walk_chain`](crate::walk_chain) of `head`, the layout looked at once.
+    #[inline(always)]
+    pub fn walk<D: iommu::grant::Direction>(
+        &self,
+        dma: &mut Dma,
+        head: u16,
+        indirect_ok: bool,
+        max_len: u32,
+        segs: &mut [iommu::Grant<D>],
+    ) -> Result<crate::Chain, crate::ChainError> {
+        match self {
+            Ring::Split(r) => crate::walk_chain(r, dma, head, indirect_ok, max_len, segs),
+            Ring::Packed(r) => crate::walk_chain(&**r, dma, head, indirect_ok, max_len, segs),
+        }
     }
 
     /// Queues a used entry for `head`.

@@ -2,7 +2,7 @@ use super::*;
 use crate::l2::mac_from_bytes;
 use crate::offload::{self, Caps};
 use crate::virtio::VirtQueue;
-use virtq::{walk_chain, ChainError};
+use virtq::ChainError;
 
 use super::super::copy::{read_bytes, read_prefix, Frame};
 use super::viommu::tx_miss;
@@ -60,7 +60,7 @@ impl Datapath {
             let p = &mut self.desc.pkts[i];
             *p = PacketRef { head, give_back: true, ..PacketRef::default() };
             let segs = &mut self.desc.segs[i];
-            let chain = walk_chain(&q.ring, &mut q.dma, head, q.indirect, q.max_frame + hdr, segs);
+            let chain = q.ring.walk(&mut q.dma, head, q.indirect, q.max_frame + hdr, segs);
             match chain {
                 Ok(ch) if ch.len >= hdr + 14 => {
                     if ch.len >= PREFETCH_FRAME_MIN + hdr {

@@ -2,7 +2,7 @@
 //! mergeable set), and giving them back used. Shared by the copy pass and the vIOMMU drain.
 
 use super::*;
-use virtq::{walk_chain, ChainError};
+use virtq::ChainError;
 
 use crate::virtio::VirtQueue;
 
@@ -10,11 +10,7 @@ use crate::virtio::VirtQueue;
 /// the ring untouched otherwise (the general `take_rx` decides).
 #[inline(always)]
 pub(super) fn take_one_rx(rq: &mut VirtQueue, need: u32) -> Option<(u16, Grant<Rw>)> {
-    if rq.ring.avail_pending().ok()? == 0 {
-        return None;
-    }
-    let head = rq.ring.peek_head(0);
-    let d = rq.ring.head_desc(head)?;
+    let (head, d) = rq.ring.next_desc()?;
     if d.flags != virtq::ring::DESC_F_WRITE || d.len < need {
         return None;
     }
@@ -43,7 +39,7 @@ pub(super) fn take_rx(
             return Err(RxFail::NoBuffer);
         }
         let head = rq.ring.pop_head();
-        match walk_chain(&rq.ring, &mut rq.dma, head, rq.indirect, u32::MAX >> 1, &mut segs[nseg..]) {
+        match rq.ring.walk(&mut rq.dma, head, rq.indirect, u32::MAX >> 1, &mut segs[nseg..]) {
             Ok(ch) => {
                 chains[nch] = (head, ch.len);
                 nch += 1;

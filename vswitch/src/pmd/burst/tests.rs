@@ -839,6 +839,58 @@ fn test_bad_offload_requests_are_dropped_and_ignored_without_offloads() {
     assert_eq!(n.received_hdrs(1), vec![(NetHdr::default(), f.clone())]);
 }
 
+/// Not a test: 64-byte frames from port 0 to port 1 through the datapath in bursts of 32, for
+/// an instruction count per frame under callgrind (the datapath's A/B on a machine without
+/// performance counters):
+/// `PACKED=0|1 valgrind --tool=callgrind --toggle-collect='*poll_queue*' <test binary>
+/// --ignored --exact pmd::burst::tests::datapath_instructions_per_frame`, Ir / frames.
+#[test]
+#[ignore]
+fn datapath_instructions_per_frame() {
+    PACKED.set(std::env::var("PACKED").is_ok_and(|v| v == "1"));
+    let mut n = net(vec![VlanMode::default(); 2], true);
+    let (f0, f1) = (frame(MACS[1], MACS[0], None, 60), frame(MACS[0], MACS[1], None, 60));
+    // Both MACs learned.
+    n.post_rx(1, 1, 2048);
+    n.send(0, &f0);
+    n.poll(0);
+    n.received(1);
+    n.post_rx(0, 1, 2048);
+    n.send(1, &f1);
+    n.poll(1);
+    n.received(0);
+    let g0 = &mut n.guests[0];
+    g0.tx.take_used(&g0.g);
+    let tx = n.guests[0].g.alloc(72, 64);
+    n.guests[0].g.write(tx, &[0u8; 12]);
+    n.guests[0].g.write(tx + 12, &f0);
+    let rx: Vec<u64> = (0..32).map(|_| n.guests[1].g.alloc(2048, 64)).collect();
+    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(2000);
+    let mut frames = 0;
+    for _ in 0..rounds {
+        {
+            let g1 = &mut n.guests[1];
+            for b in &rx {
+                g1.rx.add_chain(&g1.g, &[(*b, 2048, DESC_F_WRITE)]);
+            }
+            let g0 = &mut n.guests[0];
+            for _ in 0..32 {
+                g0.tx.add_chain(&g0.g, &[(tx, 72, 0)]);
+            }
+        }
+        let mut got = 0;
+        while got < 32 {
+            n.poll(0);
+            let g1 = &mut n.guests[1];
+            got += g1.rx.take_used(&g1.g).len();
+        }
+        let g0 = &mut n.guests[0];
+        assert_eq!(g0.tx.take_used(&g0.g).len(), 32);
+        frames += got;
+    }
+    println!("{frames} frames");
+}
+
 /// A packed ring's driver that makes a chain longer than the ring available (every
 /// descriptor says NEXT): that queue stops, as a split ring's overrun does, and the others flow.
 #[test]
