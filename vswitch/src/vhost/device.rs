@@ -694,10 +694,15 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
             tracing::debug!(port = %self.port.name, "GET_VRING_BASE of queue {index}, beyond the {} queues", self.vrings.len());
             return Ok(VhostUserVringState::new(index, 0));
         }
+        let packed = self.acked.has(features::F_RING_PACKED);
         let v = self.vring(index)?;
         v.started = false;
         v.kick = None;
-        Ok(VhostUserVringState::new(index, v.base as u32))
+        // A packed ring's position is a token (slot, wrap counter in bit 15); QEMU reads the
+        // used position from the upper half, which is the same token: every chain the switch
+        // took has been returned. (DPDK reads the lower half only.)
+        let num = if packed { u32::from(v.base) | u32::from(v.base) << 16 } else { u32::from(v.base) };
+        Ok(VhostUserVringState::new(index, num))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
