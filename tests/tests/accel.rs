@@ -502,18 +502,15 @@ fn without_a_level_2_nic_a_port_asking_for_one_stays_at_level_1_and_says_why() {
     );
 }
 
-/// DPDK's virtio-user (testpmd, macswap: every frame goes back where it came from) as the
-/// guest, plugged at Level 1 and Level 2 alternately and unplugged 100 times while the wire's
-/// far end keeps a window of numbered frames in flight through it: each comes back exactly once
-/// and in order, and every hand-over's ledger balances. A poll-mode driver uses its rings
-/// unlike Linux (no interrupts, notifications off, its own batching).
-#[test]
-fn dpdk_virtio_user_plugged_at_l1_and_l2_alternately_echoes_every_frame_once_and_in_order() {
-    const D: [u8; 6] = [0x52, 0x54, 0x00, 0x5a, 0x00, 0x0d];
-    const WINDOW: u64 = 128;
-    init_log();
-    let dir = Scratch::new("accel-dpdk");
-    let wire = format!("accel-d{}", std::process::id());
+/// A switch with a Level 2 NIC on an in-process wire (`accel-<tag><pid>`) and guest port `d`,
+/// and DPDK's virtio-user (testpmd, macswap, MAC `mac`, vdev options `extra`) on `d`.
+fn testpmd_behind_a_level2_nic(
+    dir: &Scratch,
+    tag: &str,
+    mac: [u8; 6],
+    extra: &str,
+) -> (Switch, LinkEnd, e2e_tests::Proc) {
+    let wire = format!("accel-{tag}{}", std::process::id());
     let sock = dir.path("d.sock");
     let sw = Switch::start(SwitchConfig {
         fdb_aging_secs: 300,
@@ -527,15 +524,34 @@ fn dpdk_virtio_user_plugged_at_l1_and_l2_alternately_echoes_every_frame_once_and
     })
     .expect("switch starts");
     let end = LinkEnd::attach(&wire).expect("the wire's far end");
-    let prefix = format!("vsw-accel-{}", std::process::id());
+    let prefix = format!("vsw-accel-{tag}{}", std::process::id());
     let mut cmd = std::process::Command::new(e2e_tests::testpmd());
     cmd.args(["--lcores", "0@1,1@1", "--main-lcore", "0", "--no-pci", "--no-huge", "-m", "1024"])
         .args(["--single-file-segments", &format!("--file-prefix={prefix}"), "--vdev"])
-        .arg(format!("net_virtio_user0,path={},queues=1,mac=52:54:00:5a:00:0d", sock.display()))
+        .arg(format!(
+            "net_virtio_user0,path={},queues=1,mac={}{extra}",
+            sock.display(),
+            e2e_tests::mac_str(mac)
+        ))
         .args(["--", "--forward-mode=macswap", "--port-topology=loop", "--nb-cores=1", "--auto-start"])
         .args(["--stats-period", "1"]);
-    let mut pmd = e2e_tests::Proc::spawn(cmd, &dir.path("testpmd.log"))
+    let pmd = e2e_tests::Proc::spawn(cmd, &dir.path("testpmd.log"))
         .cleanup_dir(format!("/var/run/dpdk/{prefix}").into());
+    (sw, end, pmd)
+}
+
+/// DPDK's virtio-user (testpmd, macswap: every frame goes back where it came from) as the
+/// guest, plugged at Level 1 and Level 2 alternately and unplugged 100 times while the wire's
+/// far end keeps a window of numbered frames in flight through it: each comes back exactly once
+/// and in order, and every hand-over's ledger balances. A poll-mode driver uses its rings
+/// unlike Linux (no interrupts, notifications off, its own batching).
+#[test]
+fn dpdk_virtio_user_plugged_at_l1_and_l2_alternately_echoes_every_frame_once_and_in_order() {
+    const D: [u8; 6] = [0x52, 0x54, 0x00, 0x5a, 0x00, 0x0d];
+    const WINDOW: u64 = 128;
+    init_log();
+    let dir = Scratch::new("accel-dpdk");
+    let (sw, end, mut pmd) = testpmd_behind_a_level2_nic(&dir, "d", D, "");
     // Probes until testpmd echoes (frames before its rings run are lost, not late).
     let echo = |back: &mut Vec<Vec<u8>>| {
         end.recv(back, 256);
@@ -737,28 +753,7 @@ fn a_guest_on_packed_rings_is_refused_a_plug_and_stays_on_the_software_path() {
     const D: [u8; 6] = [0x52, 0x54, 0x00, 0x5a, 0x00, 0x0e];
     init_log();
     let dir = Scratch::new("accel-packed");
-    let wire = format!("accel-k{}", std::process::id());
-    let sock = dir.path("d.sock");
-    let sw = Switch::start(SwitchConfig {
-        fdb_aging_secs: 300,
-        ports: vec![
-            PortConfig::parse(&format!("up=nic:wire:{wire},level=2,pools=4")).unwrap(),
-            PortConfig::parse(&format!("d={}", sock.display())).unwrap(),
-        ],
-        unsealed_memory: vswitch::UnsealedMemory::Guard,
-        ..Default::default()
-    })
-    .expect("switch starts");
-    let end = LinkEnd::attach(&wire).expect("the wire's far end");
-    let prefix = format!("vsw-accel-p{}", std::process::id());
-    let mut cmd = std::process::Command::new(e2e_tests::testpmd());
-    cmd.args(["--lcores", "0@1,1@1", "--main-lcore", "0", "--no-pci", "--no-huge", "-m", "1024"])
-        .args(["--single-file-segments", &format!("--file-prefix={prefix}"), "--vdev"])
-        .arg(format!("net_virtio_user0,path={},queues=1,mac=52:54:00:5a:00:0e,packed_vq=1", sock.display()))
-        .args(["--", "--forward-mode=macswap", "--port-topology=loop", "--nb-cores=1", "--auto-start"])
-        .args(["--stats-period", "1"]);
-    let mut pmd = e2e_tests::Proc::spawn(cmd, &dir.path("testpmd.log"))
-        .cleanup_dir(format!("/var/run/dpdk/{prefix}").into());
+    let (sw, end, mut pmd) = testpmd_behind_a_level2_nic(&dir, "k", D, ",packed_vq=1");
     let mut back = Vec::new();
     let mut echoes = |seq: u64| {
         end.send([build_frame(D, WIRE, None, 60, seq).as_slice()]);

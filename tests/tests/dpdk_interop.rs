@@ -34,6 +34,21 @@ fn vdevs(a: &std::path::Path, b: &std::path::Path, extra: &str) -> Vec<String> {
     ]
 }
 
+/// A switch with ports `a` and `b` on sockets `a` and `b` (`opts` after each spec).
+fn two_ports(a: &std::path::Path, b: &std::path::Path, opts: &str) -> Switch {
+    let cfg = SwitchConfig {
+        fdb_aging_secs: 300,
+        ports: vec![
+            PortConfig::parse(&format!("a={}{opts}", a.display())).unwrap(),
+            PortConfig::parse(&format!("b={}{opts}", b.display())).unwrap(),
+        ],
+        // testpmd --no-huge hands over memfds it never seals.
+        unsealed_memory: UnsealedMemory::Guard,
+        ..Default::default()
+    };
+    Switch::start(cfg).unwrap()
+}
+
 fn flowgen(size: u32) -> Vec<String> {
     ["--", "--forward-mode=flowgen", "--nb-cores=1", "--auto-start", "--stats-period", "1", "--burst=32"]
         .iter()
@@ -63,17 +78,7 @@ fn test_testpmd_virtio_user_forwards_both_ways_through_the_switch() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = Scratch::new("dpdk");
     let (a, b) = (dir.path("a.sock"), dir.path("b.sock"));
-    let cfg = SwitchConfig {
-        fdb_aging_secs: 300,
-        ports: vec![
-            PortConfig::parse(&format!("a={}", a.display())).unwrap(),
-            PortConfig::parse(&format!("b={}", b.display())).unwrap(),
-        ],
-        // testpmd --no-huge hands over memfds it never seals.
-        unsealed_memory: UnsealedMemory::Guard,
-        ..Default::default()
-    };
-    let sw = Switch::start(cfg).unwrap();
+    let sw = two_ports(&a, &b, "");
     let mut args = vdevs(&a, &b, "");
     args.extend(flowgen(64));
     let mut gen = testpmd_generator(&dir, &format!("vsw-e2e-{}", std::process::id()), &args);
@@ -108,17 +113,7 @@ fn test_client_mode_ports_connect_to_virtio_user_servers() {
         "virtio-user did not listen:\n{}",
         gen.log_text()
     );
-    let cfg = SwitchConfig {
-        fdb_aging_secs: 300,
-        ports: vec![
-            PortConfig::parse(&format!("a={},client", a.display())).unwrap(),
-            PortConfig::parse(&format!("b={},client", b.display())).unwrap(),
-        ],
-        // testpmd --no-huge hands over memfds it never seals.
-        unsealed_memory: UnsealedMemory::Guard,
-        ..Default::default()
-    };
-    let sw = Switch::start(cfg).unwrap();
+    let sw = two_ports(&a, &b, ",client");
     let flowing = wait_until(Duration::from_secs(30), || {
         sw.stats().map(|s| s.ports.iter().all(|p| p.tx.packets > 10_000)).unwrap_or(false) || !gen.running()
     });
@@ -138,16 +133,7 @@ fn test_testpmd_virtio_user_on_packed_rings_forwards_both_ways() {
     for (k, extra) in [",packed_vq=1", ",packed_vq=1,in_order=0,mrg_rxbuf=0"].into_iter().enumerate() {
         let dir = Scratch::new(&format!("dpdk-packed{k}"));
         let (a, b) = (dir.path("a.sock"), dir.path("b.sock"));
-        let cfg = SwitchConfig {
-            fdb_aging_secs: 300,
-            ports: vec![
-                PortConfig::parse(&format!("a={}", a.display())).unwrap(),
-                PortConfig::parse(&format!("b={}", b.display())).unwrap(),
-            ],
-            unsealed_memory: UnsealedMemory::Guard,
-            ..Default::default()
-        };
-        let sw = Switch::start(cfg).unwrap();
+        let sw = two_ports(&a, &b, "");
         let mut args = vdevs(&a, &b, extra);
         args.extend(flowgen(if k == 0 { 64 } else { 1518 }));
         let mut gen = testpmd_generator(&dir, &format!("vsw-e2e-p{k}-{}", std::process::id()), &args);
