@@ -1,0 +1,192 @@
+//! The datapath over packed rings (VIRTIO_F_RING_PACKED): every test of the parent that does
+//! not reach into a split ring's own fields, again with each guest's rings packed; a hostile
+//! packed ring; and the datapath's instruction count per frame, split or packed.
+
+use super::*;
+
+/// Not a test: 64-byte frames from port 0 to port 1 through the datapath in bursts of 32, for
+/// an instruction count per frame under callgrind (the datapath's A/B on a machine without
+/// performance counters):
+/// `PACKED=0|1 valgrind --tool=callgrind --toggle-collect='*poll_queue*' <test binary>
+/// --ignored --exact pmd::burst::tests::packed::datapath_instructions_per_frame`, Ir / frames.
+#[test]
+#[ignore]
+fn datapath_instructions_per_frame() {
+    PACKED.set(std::env::var("PACKED").is_ok_and(|v| v == "1"));
+    let mut n = net(vec![VlanMode::default(); 2], true);
+    let (f0, f1) = (frame(MACS[1], MACS[0], None, 60), frame(MACS[0], MACS[1], None, 60));
+    // Both MACs learned.
+    n.post_rx(1, 1, 2048);
+    n.send(0, &f0);
+    n.poll(0);
+    n.received(1);
+    n.post_rx(0, 1, 2048);
+    n.send(1, &f1);
+    n.poll(1);
+    n.received(0);
+    let g0 = &mut n.guests[0];
+    g0.tx.take_used(&g0.g);
+    let tx = n.guests[0].g.alloc(72, 64);
+    n.guests[0].g.write(tx, &[0u8; 12]);
+    n.guests[0].g.write(tx + 12, &f0);
+    let rx: Vec<u64> = (0..32).map(|_| n.guests[1].g.alloc(2048, 64)).collect();
+    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(2000);
+    let mut frames = 0;
+    for _ in 0..rounds {
+        {
+            let g1 = &mut n.guests[1];
+            for b in &rx {
+                g1.rx.add_chain(&g1.g, &[(*b, 2048, DESC_F_WRITE)]);
+            }
+            let g0 = &mut n.guests[0];
+            for _ in 0..32 {
+                g0.tx.add_chain(&g0.g, &[(tx, 72, 0)]);
+            }
+        }
+        let mut got = 0;
+        while got < 32 {
+            n.poll(0);
+            let g1 = &mut n.guests[1];
+            got += g1.rx.take_used(&g1.g).len();
+        }
+        let g0 = &mut n.guests[0];
+        assert_eq!(g0.tx.take_used(&g0.g).len(), 32);
+        frames += got;
+    }
+    println!("{frames} frames");
+}
+
+/// A packed ring's driver that makes a chain longer than the ring available (every
+/// descriptor says NEXT): that queue stops, as a split ring's overrun does, and the others flow.
+#[test]
+fn test_a_packed_chain_longer_than_the_ring_stops_only_that_queue() {
+    PACKED.set(true);
+    let mut n = net(vec![VlanMode::default(); 3], true);
+    n.post_rx(2, 4, 2048);
+    {
+        let gu = &mut n.guests[0];
+        let TRing::Packed(r, _) = &gu.tx else { panic!("packed") };
+        for slot in 0..r.size {
+            r.write_desc(
+                &gu.g,
+                slot,
+                0x8000,
+                60,
+                slot,
+                virtq::ring::DESC_F_NEXT | virtq::packed::DESC_F_AVAIL,
+            );
+        }
+    }
+    assert_eq!(n.poll(0), 0);
+    assert_eq!(n.tx_stats(0).drop_malformed, 1);
+    assert_eq!(n.poll(0), 0, "stays stopped");
+    let f = frame(MACS[2], MACS[1], None, 60);
+    n.send(1, &f);
+    n.poll(1);
+    assert_eq!(n.received(2), vec![f], "other ports unaffected");
+}
+
+#[test]
+fn unknown_unicast_floods_then_learned_goes_to_one_port() {
+    packed(test_unknown_unicast_floods_then_learned_goes_to_one_port);
+}
+
+#[test]
+fn batching_leaves_a_burst_in_a_loaded_guests_ring_until_the_next_or_the_wait() {
+    packed(test_batching_leaves_a_burst_in_a_loaded_guests_ring_until_the_next_or_the_wait);
+}
+
+#[test]
+fn broadcast_makes_one_copy_per_receiver() {
+    packed(test_broadcast_makes_one_copy_per_receiver);
+}
+
+#[test]
+fn vlan_isolation_and_tag_edits() {
+    packed(test_vlan_isolation_and_tag_edits);
+}
+
+#[test]
+fn full_destination_drops_without_copying() {
+    packed(test_full_destination_drops_without_copying);
+}
+
+#[test]
+fn malformed_chain_is_returned_and_counted_and_the_rest_flows() {
+    packed(test_malformed_chain_is_returned_and_counted_and_the_rest_flows);
+}
+
+#[test]
+fn mergeable_buffers_carry_a_large_frame() {
+    packed(test_mergeable_buffers_carry_a_large_frame);
+}
+
+#[test]
+fn without_mergeable_buffers_a_too_small_buffer_is_not_used() {
+    packed(test_without_mergeable_buffers_a_too_small_buffer_is_not_used);
+}
+
+#[test]
+fn no_hairpin_to_a_mac_on_the_same_port() {
+    packed(test_no_hairpin_to_a_mac_on_the_same_port);
+}
+
+#[test]
+fn multiqueue_receiver_with_fewer_running_pairs_still_gets_packets() {
+    packed(test_multiqueue_receiver_with_fewer_running_pairs_still_gets_packets);
+}
+
+#[test]
+fn used_entries_keep_ring_order_around_a_bad_receive_buffer() {
+    packed(test_used_entries_keep_ring_order_around_a_bad_receive_buffer);
+}
+
+#[test]
+fn split_header_and_frame_descriptors() {
+    packed(test_split_header_and_frame_descriptors);
+}
+
+#[test]
+fn gso_frame_goes_whole_to_tso_receivers_and_cut_for_the_others() {
+    packed(test_gso_frame_goes_whole_to_tso_receivers_and_cut_for_the_others);
+}
+
+#[test]
+fn gso_across_vlan_edits_and_ipv6() {
+    packed(test_gso_across_vlan_edits_and_ipv6);
+}
+
+#[test]
+fn whole_gso_frame_fills_one_big_chain_without_mergeable_buffers() {
+    packed(test_whole_gso_frame_fills_one_big_chain_without_mergeable_buffers);
+}
+
+#[test]
+fn partial_checksum_passed_on_or_completed() {
+    packed(test_partial_checksum_passed_on_or_completed);
+}
+
+#[test]
+fn gso_metadata_reaches_receivers_canonical_whatever_the_sender_wrote() {
+    packed(test_gso_metadata_reaches_receivers_canonical_whatever_the_sender_wrote);
+}
+
+#[test]
+fn the_policer_charges_a_gso_frame_for_every_segment() {
+    packed(test_the_policer_charges_a_gso_frame_for_every_segment);
+}
+
+#[test]
+fn parked_drain_stops_after_a_burst_of_bad_buffers() {
+    packed(test_parked_drain_stops_after_a_burst_of_bad_buffers);
+}
+
+#[test]
+fn rx_lookahead_asks_a_bounded_number_per_pass() {
+    packed(test_rx_lookahead_asks_a_bounded_number_per_pass);
+}
+
+#[test]
+fn bad_offload_requests_are_dropped_and_ignored_without_offloads() {
+    packed(test_bad_offload_requests_are_dropped_and_ignored_without_offloads);
+}
