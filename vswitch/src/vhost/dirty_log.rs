@@ -147,7 +147,10 @@ impl DirtyLog {
                 return;
             }
             // SAFETY: `byte` is inside the log (checked), which the mapping holds.
-            unsafe { &*self.bits.add(byte as usize) }.fetch_or(1 << (page % 8), Ordering::Relaxed);
+            // Release: the bytes written into the page before the mark stay before it (the
+            // frontend reads the log with an atomic exchange, then copies the page). On x86-64
+            // this is the same `lock or` as a relaxed OR.
+            unsafe { &*self.bits.add(byte as usize) }.fetch_or(1 << (page % 8), Ordering::Release);
         }
     }
 
