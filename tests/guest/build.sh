@@ -164,11 +164,16 @@ cat > "$R/init" <<'INIT'
 #       server: runs an iperf3 server, waits for the client's done, pings back, says goodbye
 #       solo:   PASS once eth0 is up (and pings PEER if given)
 #       sink:   takes TCP transfers on port 6000 for ever, one after the other, each reported as
-#               `KIT t=.. RECV bytes=N md5=SUM` (a live-migration target: nothing ends it)
+#               `KIT t=.. RECV bytes=N md5=SUM file=SUM diff=none|at=BYTE,n=COUNT,got=TEXT`
+#               (md5 summed as the bytes streamed in, file= summed again from the file; diff=
+#               the first byte that is not the feeder's numbers, how many differ and the text
+#               found there); `KIT t=.. TICK rx=.. rx_dropped=.. tcp_csum_errors=..` every 2 s
+#               (a live-migration target: nothing ends it)
 #       feeder: pings PEER every kit.ping_i seconds in the background (busybox's `seq=N` lines)
-#               and sends PEER:6000 one transfer of kit.blob_kb KiB of random bytes after
-#               another, each announced as `KIT t=.. SEND n=K bytes=N md5=SUM` and, once the
-#               connection closed, `KIT t=.. SENT n=K`
+#               and sends PEER:6000 one transfer of kit.blob_kb KiB after another (`seq` from
+#               a random start, one number per line), each announced as
+#               `KIT t=.. SEND n=K bytes=N md5=SUM` and, once the connection closed,
+#               `KIT t=.. SENT n=K`
 #   kit.ip=ADDR/PREFIX kit.peer=ADDR   addresses on eth0
 #   kit.tests=ping,iperf3      what the client runs
 #   kit.tests=...,iperf3x3     server: two more iperf3 servers (ports 5202, 5203)
@@ -255,11 +260,31 @@ sink)
   # nc's input never ends (a FIFO held open both ways): it must not half-close the
   # connection because the console it would otherwise read from went quiet.
   mkfifo /tmp/never && exec 3<> /tmp/never
+  # A heartbeat every 2 s: shows that userspace and timers run (across a migration too), what
+  # the NIC took and dropped, and TCP's checksum failures.
+  ( s=/sys/class/net/eth0/statistics
+    while :; do
+      sleep 2
+      say "TICK rx=$(cat $s/rx_packets) rx_dropped=$(cat $s/rx_dropped) tcp_csum_errors=$(awk '/^Tcp:/ { if (h) { print $NF; exit } h = 1 }' /proc/net/snmp)"
+    done ) &
   while :; do
     # Counted and summed as the bytes stream in, in one pipeline the shell waits out (at most
-    # 60 s: a TCG guest's process can hang across a migration, and the loop must go on).
+    # 60 s: a TCG guest's process can hang across a migration, and the loop must go on); then
+    # summed again from the file (file=): the bytes as they landed, by a process that did not
+    # run across the switch-over.
     timeout 60 nc -l -p 6000 <&3 2>/dev/null | tee /tmp/in | md5sum > /tmp/sum
-    say "RECV bytes=$(wc -c < /tmp/in | tr -d " ") md5=$(cut -d' ' -f1 /tmp/sum)"
+    f=$(timeout 30 md5sum < /tmp/in | cut -d' ' -f1)
+    size=$(wc -c < /tmp/in | tr -d " ")
+    # The feeder's transfers are `seq` from a first number it picks: regenerated here, the
+    # first difference (and the bytes received there) says what went wrong where.
+    first=$(head -n 1 /tmp/in)
+    diff=none
+    case "$first" in
+      ''|*[!0-9]*) diff=unparsed ;;
+      *) at=$(seq "$first" $((first + 400000)) | head -c "$size" | timeout 30 cmp - /tmp/in 2>&1 | sed -n 's/.*char \([0-9]*\).*/\1/p')
+         [ -n "$at" ] && diff="at=$at,n=$(seq "$first" $((first + 400000)) | head -c "$size" | timeout 30 cmp -l - /tmp/in 2>/dev/null | wc -l),got=$(tail -c +$((at > 40 ? at - 40 : 1)) /tmp/in | head -c 160 | tr '\n ' '|_')" ;;
+    esac
+    say "RECV bytes=$size md5=$(cut -d' ' -f1 /tmp/sum) file=${f:-none} diff=$diff"
   done
   ;;
 feeder)
@@ -267,7 +292,10 @@ feeder)
   n=0
   while :; do
     n=$((n + 1))
-    dd if=/dev/urandom of=/tmp/blob bs=1024 count="$BLOB_KB" 2>/dev/null
+    # Numbers from a random start (each transfer its own), one per line: the sink can
+    # regenerate them and say where bytes went wrong.
+    first=$(( ($(head -c 2 /dev/urandom | od -An -tu2 | tr -d ' ') % 1000) * 1000000 + 1000000 ))
+    seq "$first" $((first + 400000)) | head -c $((BLOB_KB * 1024)) > /tmp/blob
     say "SEND n=$n bytes=$(wc -c < /tmp/blob | tr -d " ") md5=$(md5sum < /tmp/blob | cut -d' ' -f1)"
     until timeout 60 nc "$PEER" 6000 < /tmp/blob; do sleep 0.5; done
     say "SENT n=$n"
