@@ -5,7 +5,8 @@
 //! the migration (it refuses to start one without VHOST_F_LOG_ALL); the guest must go on
 //! answering on the destination, every transfer it received must have the checksum the peer
 //! sent, and its MAC must move to m2 at once (SEND_RARP). The same with the source port plugged
-//! into a Level 2 NIC, which steps aside when logging starts.
+//! into a Level 2 NIC, which steps aside when logging starts, and with the guest's NIC on packed
+//! rings.
 //!
 //! TCG guests (see linux_guests.rs) on QEMU 10: QEMU 7.2 loses guest writes in a TCG
 //! migration (see `Kit::with_qemu10`). The tests in this file run one at a time.
@@ -67,11 +68,28 @@ fn fdb_port(sw: &Switch, mac: &str) -> Option<String> {
     ports.into_iter().find(|p| p.id == e.port).map(|p| p.name)
 }
 
-fn migrate_under_traffic(accel: bool) {
+/// What runs under the migrating guest's port.
+#[derive(Clone, Copy, PartialEq)]
+enum Under {
+    /// The software path, split rings.
+    Split,
+    /// The source port plugged into a Level 2 NIC.
+    Level2,
+    /// The software path, the guest's NIC on packed rings (`packed=on`) on both QEMUs.
+    Packed,
+}
+
+fn migrate_under_traffic(under: Under) {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let kit = Kit::get().with_qemu10();
-    let dir = Scratch::new(if accel { "lmig-accel" } else { "lmig" });
-    let dst_dir = Scratch::new(if accel { "lmig-accel-dst" } else { "lmig-dst" });
+    let accel = under == Under::Level2;
+    let name = match under {
+        Under::Split => "lmig",
+        Under::Level2 => "lmig-accel",
+        Under::Packed => "lmig-packed",
+    };
+    let dir = Scratch::new(name);
+    let dst_dir = Scratch::new(&format!("{name}-dst"));
     let mut specs = vec!["p=SOCK:p.sock".to_string(), "m1=SOCK:m1.sock".into(), "m2=SOCK:m2.sock".into()];
     let wire = format!("lmigw{}", std::process::id() % 10000);
     if accel {
@@ -86,6 +104,9 @@ fn migrate_under_traffic(accel: bool) {
     src_spec.mem_mb = 256;
     src_spec.timeout_s = 400;
     src_spec.qemu_args = vec!["-qmp".into(), format!("unix:{},server=on,wait=off", qmp_src.display())];
+    if under == Under::Packed {
+        src_spec.device = vec!["packed=on".into()];
+    }
     // The destination: the same machine, the same kernel command line, its NIC on m2.
     let mut dst_spec = src_spec.clone();
     dst_spec.sock = sock(&dir, "m2");
@@ -138,6 +159,8 @@ fn migrate_under_traffic(accel: bool) {
         kit_lines(&src.console(), "RECV").len() >= 2 && ping_seqs(&peer.console()).len() >= 10
     });
     assert!(flowing, "traffic before the migration\n{}", story(&src, &dst, &peer));
+    let packed = port_info(&sw, "m1").device.features.iter().any(|f| f == "RING_PACKED");
+    assert_eq!(packed, under == Under::Packed, "m1's rings: {:?}", port_info(&sw, "m1").device.features);
     if accel {
         let r = sw.accel_plug("m1", "l2").expect("the source port plugs at Level 2");
         assert_eq!(r.tier.as_deref(), Some("l2"));
@@ -313,10 +336,17 @@ fn migrate_under_traffic(accel: bool) {
 
 #[test]
 fn a_linux_guest_migrates_between_two_qemus_under_ping_and_transfers_with_every_checksum_right() {
-    migrate_under_traffic(false);
+    migrate_under_traffic(Under::Split);
 }
 
 #[test]
 fn a_guest_plugged_into_a_level_2_nic_migrates_too_its_port_stepping_aside_when_logging_starts() {
-    migrate_under_traffic(true);
+    migrate_under_traffic(Under::Level2);
+}
+
+/// Packed rings hand over a position token (slot and wrap counter) in GET_VRING_BASE, and the
+/// device writes its used entries into the descriptor ring itself: both must survive the move.
+#[test]
+fn a_guest_on_packed_rings_migrates_too() {
+    migrate_under_traffic(Under::Packed);
 }
