@@ -47,19 +47,7 @@ impl Kit {
     pub fn get() -> Kit {
         static KIT: OnceLock<Result<Kit, String>> = OnceLock::new();
         KIT.get_or_init(|| {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
-            let out = Command::new(&script)
-                .arg(kit_dir())
-                .output()
-                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "{} failed:\n{}{}",
-                    script.display(),
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
+            run_script("build.sh", &[kit_dir().as_os_str()])?;
             Kit::read(&kit_dir().join("kit.env"), true)
         })
         .clone()
@@ -85,19 +73,7 @@ impl Kit {
         static QEMU10: OnceLock<Result<Kit, String>> = OnceLock::new();
         let q = QEMU10
             .get_or_init(|| {
-                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/igb-sriov.sh");
-                let out = Command::new(&script)
-                    .arg("--build-only")
-                    .output()
-                    .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-                if !out.status.success() {
-                    return Err(format!(
-                        "{} --build-only failed:\n{}{}",
-                        script.display(),
-                        String::from_utf8_lossy(&out.stdout),
-                        String::from_utf8_lossy(&out.stderr)
-                    ));
-                }
+                run_script("igb-sriov.sh", &["--build-only".as_ref()])?;
                 let dir = std::env::var_os("IGBKIT_DIR")
                     .map_or_else(|| PathBuf::from("/var/tmp/vswitch-igbkit"), PathBuf::from);
                 Kit::read(&dir.join("kit.env"), false)
@@ -123,6 +99,22 @@ impl Kit {
                 .map_or_else(Vec::new, |v| v.split(':').map(PathBuf::from).collect()),
         })
     }
+}
+
+/// Runs `tests/guest/SCRIPT ARGS`; its output is the error when it fails.
+fn run_script(script: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest").join(script);
+    let out =
+        Command::new(&path).args(args).output().map_err(|e| format!("cannot run {}: {e}", path.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed:\n{}{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
 }
 
 /// Whether QEMU can use KVM here: `/dev/kvm` usable and not PVM (whose emulated ring 0 cannot
