@@ -608,6 +608,19 @@ pub struct SwitchConfig {
     /// DPDK guests a mempool-cache thrash; costs up to that much latency while engaged.
     #[serde(default)]
     pub batch_wait_us: u32,
+    /// Seconds between checks whether moving source queues between polling threads would
+    /// lower the busiest thread's load (default [`DEFAULT_REBALANCE_INTERVAL_SECS`]; 0 = only
+    /// when asked, `ctl rebalance`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance_interval_secs: Option<u32>,
+    /// The busiest polling thread's load (percent of the last seconds in bursts) below which
+    /// the switch does not rebalance by itself (default [`DEFAULT_REBALANCE_LOAD_PCT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance_load_pct: Option<u32>,
+    /// How much lower (percent) the busiest thread's load must get for queues to move by
+    /// themselves (default [`DEFAULT_REBALANCE_IMPROVEMENT_PCT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance_improvement_pct: Option<u32>,
     /// Control socket path (created owner-only; only this user and root are served).
     #[serde(default)]
     pub control: Option<PathBuf>,
@@ -678,6 +691,14 @@ pub const DEFAULT_MAX_GUEST_MEM: u64 = 1 << 40;
 /// Longest batching wait accepted (µs).
 pub const MAX_BATCH_WAIT_US: u32 = 1000;
 
+/// Seconds between automatic rebalancing checks (Open vSwitch's `pmd-auto-lb-rebal-interval`
+/// is a minute too).
+pub const DEFAULT_REBALANCE_INTERVAL_SECS: u32 = 60;
+/// The busiest thread's load from which queues may move by themselves.
+pub const DEFAULT_REBALANCE_LOAD_PCT: u32 = 70;
+/// The improvement of the busiest thread's load worth moving queues for (OVS: 25 %).
+pub const DEFAULT_REBALANCE_IMPROVEMENT_PCT: u32 = 25;
+
 fn default_aging() -> u32 {
     300
 }
@@ -721,6 +742,14 @@ impl SwitchConfig {
         if self.max_guest_mem.is_some_and(|m| m.0 == 0) {
             return Err(ConfigError::Other("max_guest_mem must be above 0".into()));
         }
+        for (name, v) in [
+            ("rebalance_load_pct", self.rebalance_load_pct),
+            ("rebalance_improvement_pct", self.rebalance_improvement_pct),
+        ] {
+            if v.is_some_and(|v| v > 100) {
+                return Err(ConfigError::Other(format!("{name} is a percentage: 0 to 100")));
+            }
+        }
         Ok(())
     }
 
@@ -737,6 +766,15 @@ impl SwitchConfig {
             })?),
         };
         Ok(crate::switch::sockets::Access { mode, gid })
+    }
+
+    /// When the switch moves queues between polling threads by itself.
+    pub fn auto_rebalance(&self) -> crate::switch::AutoRebalance {
+        crate::switch::AutoRebalance {
+            interval_secs: self.rebalance_interval_secs.unwrap_or(DEFAULT_REBALANCE_INTERVAL_SECS),
+            load_pct: self.rebalance_load_pct.unwrap_or(DEFAULT_REBALANCE_LOAD_PCT),
+            improvement_pct: self.rebalance_improvement_pct.unwrap_or(DEFAULT_REBALANCE_IMPROVEMENT_PCT),
+        }
     }
 
     /// Slots of the forwarding table.

@@ -34,6 +34,18 @@ pub enum Request {
     Fdb,
     /// Empty the forwarding table.
     FdbFlush,
+    /// Assign source queues to polling threads again by their measured load.
+    Rebalance,
+    /// Poll a port's queue pair on one polling thread, out of rebalancing's reach (`pmd`
+    /// None: back in its reach).
+    QueuePin {
+        /// Port name.
+        name: String,
+        /// Queue pair.
+        queue_pair: u16,
+        /// Polling thread index.
+        pmd: Option<usize>,
+    },
     /// Add a port.
     PortAdd {
         /// Its configuration.
@@ -430,6 +442,58 @@ pub struct PmdReport {
     /// Writes to a guest's eventfd the watchdog had to interrupt (they blocked).
     #[serde(default)]
     pub fd_interrupts: u64,
+    /// The source queues it polls, with their measured load.
+    #[serde(default)]
+    pub queues: Vec<PmdQueueReport>,
+    /// Their summed load: percent of the last seconds spent on their bursts.
+    #[serde(default)]
+    pub load_pct: f64,
+}
+
+/// A source queue a polling thread polls.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PmdQueueReport {
+    /// Port name.
+    pub port: String,
+    /// Queue pair (its transmit queue is the source).
+    pub queue_pair: u16,
+    /// Percent of the last seconds' wall clock its thread spent on its bursts.
+    pub load_pct: f64,
+    /// Kept on this thread by `queue-pin`.
+    #[serde(default)]
+    pub pinned: bool,
+}
+
+/// A queue a rebalance moved.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QueueMove {
+    /// Port name.
+    pub port: String,
+    /// Queue pair.
+    pub queue_pair: u16,
+    /// Thread it left.
+    pub from: usize,
+    /// Thread that polls it now.
+    pub to: usize,
+    /// Its load.
+    pub load_pct: f64,
+}
+
+/// What `rebalance` did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RebalanceReport {
+    /// Whether any queue moved.
+    pub applied: bool,
+    /// Why not, or what went wrong.
+    pub why: String,
+    /// Each thread's load before, in percent.
+    pub before_pct: Vec<f64>,
+    /// And after (as the same window's loads place them).
+    pub after_pct: Vec<f64>,
+    /// How much lower the busiest thread's load got, in percent.
+    pub improvement_pct: f64,
+    /// The queues that moved.
+    pub moves: Vec<QueueMove>,
 }
 
 /// Everything `stats` returns.

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vswitch::control::{request, AccelReport, NicReport, PolicyReport, PortInfo, Request, Stats};
+use vswitch::control::{
+    request, AccelReport, NicReport, PolicyReport, PortInfo, RebalanceReport, Request, Stats,
+};
 use vswitch::counters::DropReason;
 use vswitch::l2::FdbEntry;
 use vswitch::policy::spoof::SpoofConfig;
@@ -81,6 +83,18 @@ struct RunArgs {
     /// queues (0 = off). Raises DPDK guests' packet rate; adds up to N µs of latency.
     #[arg(long, value_name = "N")]
     batch_wait_us: Option<u32>,
+    /// With several polling threads, check every SECS seconds whether moving queues between
+    /// them by their measured load would lower the busiest one's load (default 60; 0 = only
+    /// on `ctl rebalance`).
+    #[arg(long, value_name = "SECS")]
+    rebalance_interval: Option<u32>,
+    /// Rebalance by itself only while the busiest polling thread is loaded past PCT percent
+    /// (default 70) ...
+    #[arg(long, value_name = "PCT")]
+    rebalance_load: Option<u32>,
+    /// ... and the new assignment lowers its load by at least PCT percent (default 25).
+    #[arg(long, value_name = "PCT")]
+    rebalance_improvement: Option<u32>,
     /// Guest memory whose file could lose pages (a memfd without F_SEAL_SHRINK: DPDK
     /// virtio-user; hugetlbfs; QEMU's memory-backend-file): refuse it (default), or map it
     /// and survive a truncation by dropping only that port.
@@ -118,6 +132,19 @@ enum CtlCmd {
     Fdb,
     /// Empty the forwarding table.
     FdbFlush,
+    /// Assign the ports' queues to polling threads again by their load over the last seconds
+    /// (`stats` shows each thread's queues and loads).
+    Rebalance,
+    /// Poll a port's queue pair on one polling thread (pmdN, as `stats` numbers them), kept
+    /// there by rebalancing; `none` lets rebalancing move it again.
+    QueuePin {
+        /// Port name.
+        name: String,
+        /// Queue pair.
+        queue_pair: u16,
+        /// Thread index, or `none`.
+        pmd: String,
+    },
     /// Add a port: NAME=SOCKET_PATH[,client][,vlan=N|,trunk=..], NAME=tap:IFNAME[,queues=N][,mtu=N]
     /// NAME=afpacket:IFNAME[,queues=N][,mtu=N], NAME=afxdp:IFNAME[,mode=..] or a tunnel
     /// (NAME=vxlan:REMOTE|geneve:REMOTE[,..]).
@@ -320,6 +347,15 @@ fn run(a: RunArgs) -> Result<(), String> {
     if a.socket_group.is_some() {
         cfg.socket_group = a.socket_group.clone();
     }
+    if a.rebalance_interval.is_some() {
+        cfg.rebalance_interval_secs = a.rebalance_interval;
+    }
+    if a.rebalance_load.is_some() {
+        cfg.rebalance_load_pct = a.rebalance_load;
+    }
+    if a.rebalance_improvement.is_some() {
+        cfg.rebalance_improvement_pct = a.rebalance_improvement;
+    }
     if let Some(us) = a.batch_wait_us {
         cfg.batch_wait_us = us;
     }
@@ -427,6 +463,17 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
         CtlCmd::Stats => Request::Stats,
         CtlCmd::Fdb => Request::Fdb,
         CtlCmd::FdbFlush => Request::FdbFlush,
+        CtlCmd::Rebalance => Request::Rebalance,
+        CtlCmd::QueuePin { name, queue_pair, pmd } => Request::QueuePin {
+            name,
+            queue_pair,
+            pmd: match pmd.trim_start_matches("pmd") {
+                "none" => None,
+                n => Some(
+                    n.parse().map_err(|_| format!("{pmd}: a polling thread's index (0, 1, ..) or none"))?,
+                ),
+            },
+        },
         CtlCmd::PortAdd { spec } => {
             Request::PortAdd { port: Box::new(PortConfig::parse(&spec).map_err(|e| e.to_string())?) }
         }
@@ -529,6 +576,18 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
                     print!(", {} stalls, {} blocked eventfd writes interrupted", m.stalls, m.fd_interrupts);
                 }
                 println!();
+                if !m.queues.is_empty() {
+                    let qs: Vec<String> = m
+                        .queues
+                        .iter()
+                        .map(|q| format!("{}/{} {:.1} %", q.port, q.queue_pair, q.load_pct))
+                        .collect();
+                    println!(
+                        "  polls (port/queue pair, load): {} (total {:.1} %)",
+                        qs.join(", "),
+                        m.load_pct
+                    );
+                }
             }
         }
         Request::Fdb => {
@@ -553,6 +612,23 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
         Request::AccelStatus { .. } => {
             let r: Vec<AccelReport> = serde_json::from_value(v).map_err(bad)?;
             print_accel(&r);
+        }
+        Request::Rebalance => {
+            let r: RebalanceReport = serde_json::from_value(v).map_err(bad)?;
+            let pcts = |v: &[f64]| v.iter().map(|p| format!("{p:.1} %")).collect::<Vec<_>>().join(" | ");
+            println!("polling threads' load before: {}", pcts(&r.before_pct));
+            for m in &r.moves {
+                println!(
+                    "  moved {}/{} ({:.1} %) from pmd{} to pmd{}",
+                    m.port, m.queue_pair, m.load_pct, m.from, m.to
+                );
+            }
+            if r.applied {
+                println!("after: {} (busiest {:.0} % lower)", pcts(&r.after_pct), r.improvement_pct);
+            }
+            if !r.why.is_empty() {
+                println!("{}", r.why);
+            }
         }
         _ => println!("ok"),
     }

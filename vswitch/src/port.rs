@@ -14,7 +14,7 @@
 //! burst never races a memory-table change or a disconnect.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
@@ -97,6 +97,10 @@ pub struct QueueSlot {
     live: AtomicBool,
     /// Counters of whatever queue runs in this slot.
     pub stats: QueueStats,
+    /// TSC ticks polling threads spent on bursts taken from this slot (a source's slot):
+    /// the measured load that assigns queues to threads. Added to in batches by whichever
+    /// thread polls it.
+    pub busy_ticks: AtomicU64,
 }
 
 /// Exclusive access to a slot's queue. On release it records whether a working queue is left.

@@ -7,11 +7,14 @@
 //! ```
 
 mod accel;
+mod balance;
 mod conn;
 mod ctlsock;
 mod nics;
 mod report;
 pub mod sockets;
+
+pub use balance::AutoRebalance;
 mod sriov;
 
 use std::collections::{HashMap, VecDeque};
@@ -210,6 +213,7 @@ impl Switch {
             accel: Default::default(),
             pfs: Default::default(),
             vf_sinks: Default::default(),
+            balance: balance::Balance::new(cfg.auto_rebalance()),
         };
         if let Some(c) = &mut ctl.ctl {
             c.register(ctl.poll.registry(), CTL_LISTENER).map_err(SwitchError::Start)?;
@@ -361,6 +365,8 @@ struct Control {
     pfs: sriov::Pfs,
     /// Their VFs' counts of ended plugs.
     vf_sinks: sriov::VfSinks,
+    /// Which polling thread polls which source queue, and their loads.
+    balance: balance::Balance,
 }
 
 impl Control {
@@ -416,6 +422,7 @@ impl Control {
                 self.sync_nics();
                 self.auto_plug();
             }
+            self.balance_tick();
             if self.now() != last_recount {
                 last_recount = self.now();
                 self.fdb.recount(last_recount);
@@ -526,6 +533,7 @@ impl Control {
             .min(watch)
             .min(if self.iotlb_waiting { IOTLB_RETRY } else { watch })
             .min(if self.ports.values().any(|p| p.cfg.nic.is_some()) { nics::SYNC } else { watch })
+            .min(self.balance.next_due())
     }
 
     fn handle(&mut self, req: Request) -> Reply {
@@ -536,6 +544,10 @@ impl Control {
             Request::FdbFlush => {
                 self.fdb.flush();
                 Ok(serde_json::Value::Null)
+            }
+            Request::Rebalance => Ok(serde_json::to_value(self.rebalance(0.0)).unwrap_or_default()),
+            Request::QueuePin { name, queue_pair, pmd } => {
+                self.pin_queue(&name, queue_pair, pmd).map(|t| serde_json::json!({ "pmd": t }))
             }
             Request::PortAdd { port } => {
                 self.add_port(*port).map(|_| serde_json::Value::Null).map_err(|e| e.to_string())
@@ -701,10 +713,8 @@ impl Control {
             }
             listener = Some((l, file));
         }
-        let n = self.pmds.len();
-        for pmd in &self.pmds {
-            let poll_pairs: Vec<u16> =
-                (0..cfg.queues).filter(|k| (id as usize + *k as usize) % n == pmd.idx).collect();
+        let lists = self.balance.place(&port, cfg.queues, self.pmds.len());
+        for (pmd, poll_pairs) in self.pmds.iter().zip(lists) {
             let port = port.clone();
             pmd.call(|done| PmdCmd::AddPort { port, poll_pairs, done });
         }
@@ -782,6 +792,7 @@ impl Control {
         for pmd in &self.pmds {
             pmd.call(|done| PmdCmd::DelPort { id, done });
         }
+        self.balance.forget(id);
         if let Some(st) = &removed {
             // No burst touches the port now: its device files close here (a TAP the switch
             // created goes away with them).

@@ -160,9 +160,27 @@ impl Drop for PmdHandle {
     }
 }
 
+/// A transmit queue a polling thread polls, and the busy ticks it spent on it not yet added
+/// to the queue's slot.
+struct Polled {
+    port: Arc<Port>,
+    pair: u16,
+    busy: u64,
+}
+
+impl Polled {
+    /// Adds the ticks spent on the queue to its slot, where the control thread reads them.
+    fn publish(&mut self) {
+        if self.busy != 0 {
+            self.port.txq[self.pair as usize].busy_ticks.fetch_add(self.busy, Ordering::Relaxed);
+            self.busy = 0;
+        }
+    }
+}
+
 struct Pmd {
     dp: Datapath,
-    polls: Vec<(Arc<Port>, u16)>,
+    polls: Vec<Polled>,
     rx: Receiver<PmdCmd>,
     pending: Arc<AtomicBool>,
     wake: Arc<EventFd>,
@@ -187,8 +205,18 @@ impl Pmd {
             }
             let t0 = ticks();
             let mut moved = 0;
-            for (port, pair) in &self.polls {
-                moved += self.dp.poll_queue(port, *pair as usize, now);
+            // Each queue that moved packets is charged the ticks since the last reading (its
+            // burst, and the empty polls before it): the load that balancing reads. An empty
+            // poll reads no clock.
+            let mut t = t0;
+            for p in &mut self.polls {
+                let n = self.dp.poll_queue(&p.port, p.pair as usize, now);
+                if n > 0 {
+                    let t1 = ticks();
+                    p.busy += t1.wrapping_sub(t);
+                    t = t1;
+                    moved += n;
+                }
             }
             let dt = ticks().wrapping_sub(t0);
             iters += 1;
@@ -216,6 +244,7 @@ impl Pmd {
                 s.busy_iterations.store(busy_iters, Ordering::Relaxed);
                 s.batch_holds.store(self.dp.batch.holds, Ordering::Relaxed);
                 s.batch_expired.store(self.dp.batch.expired, Ordering::Relaxed);
+                self.polls.iter_mut().for_each(Polled::publish);
             }
             if !self.busy_poll && empty >= SPINS_BEFORE_SLEEP {
                 self.sleep();
@@ -230,15 +259,24 @@ impl Pmd {
         while let Ok(cmd) = self.rx.try_recv() {
             match cmd {
                 PmdCmd::AddPort { port, poll_pairs, done } => {
-                    self.polls.retain(|(p, _)| p.id != port.id);
+                    // Also how a queue moves to another thread: this thread's list for the
+                    // port is replaced (its load so far stays with the queue's slot).
+                    self.polls.iter_mut().filter(|p| p.port.id == port.id).for_each(Polled::publish);
+                    self.polls.retain(|p| p.port.id != port.id);
                     for pair in poll_pairs {
-                        self.polls.push((port.clone(), pair));
+                        self.polls.push(Polled { port: port.clone(), pair, busy: 0 });
+                    }
+                    // Kicks of queues no longer polled here must not wake this thread; the
+                    // next sleep watches those it still polls.
+                    if let Some(s) = &mut self.sleeper {
+                        s.forget_port(port.id);
                     }
                     self.dp.add_port(port);
                     let _ = done.send(());
                 }
                 PmdCmd::DelPort { id, done } => {
-                    self.polls.retain(|(p, _)| p.id != id);
+                    self.polls.iter_mut().filter(|p| p.port.id == id).for_each(Polled::publish);
+                    self.polls.retain(|p| p.port.id != id);
                     self.dp.del_port(id);
                     if let Some(s) = &mut self.sleeper {
                         s.forget_port(id);
@@ -269,7 +307,8 @@ impl Pmd {
         let mut blind = false; // a running queue we cannot be woken for
         let mut short_sleep = false; // IOTLB work: a stalled queue, or receive buffers to look at
         let mut nic_tx_ms: Option<i32> = None; // a NIC's shaped transmit queue
-        for (port, pair) in &self.polls {
+        for p in &self.polls {
+            let (port, pair) = (&p.port, &p.pair);
             let mut g = port.txq[*pair as usize].lock();
             // A stopped queue's kick may belong to a frontend that has gone, and a broken one
             // always shows "new" entries it will never take: neither may wake us or keep us up.
@@ -359,8 +398,8 @@ impl Pmd {
             sleeper.wait(shaped_ms.map_or(timeout, |ms| ms.min(timeout)));
             self.heartbeat.sleeping(false);
         }
-        for (port, pair) in &self.polls {
-            let mut g = port.txq[*pair as usize].lock();
+        for p in &self.polls {
+            let mut g = p.port.txq[p.pair as usize].lock();
             match g.as_mut() {
                 Some(Queue::Virtio(q)) => {
                     q.set_kicks(false);

@@ -66,10 +66,12 @@ impl Control {
             })
             .collect();
         ports.sort_by_key(|p| p.id);
+        let names = self.ports.iter().map(|(id, st)| (*id, st.cfg.name.clone())).collect();
         let pmds = self
             .pmds
             .iter()
             .map(|p| {
+                let queues = self.balance.report(p.idx, &names);
                 let s = &p.stats;
                 let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
                 let (packets, busy) = (ld(&s.packets), ld(&s.busy_ticks));
@@ -86,6 +88,8 @@ impl Control {
                     batch_expired: ld(&s.batch_expired),
                     stalls: p.heartbeat.stalls(),
                     fd_interrupts: p.heartbeat.interrupts(),
+                    load_pct: queues.iter().map(|q| q.load_pct).sum(),
+                    queues,
                 }
             })
             .collect();
