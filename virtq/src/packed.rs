@@ -9,10 +9,10 @@
 //! start at 1. vhost-user gives the three parts as the descriptor, available and used
 //! addresses.
 //!
-//! Positions are kept in `0..2 * size`: the slot is the position modulo `size`, and the first
-//! lap has wrap counter 1. Outside, a position is a *token*: the slot with the wrap counter in
-//! bit 15, as vhost-user's `SET_VRING_BASE` and `GET_VRING_BASE` carry it; heads popped are
-//! tokens too.
+//! A position is a *token*: the slot in bits 0-14 and the wrap counter in bit 15 (1 on the
+//! first lap), as vhost-user's `SET_VRING_BASE` and `GET_VRING_BASE` carry it. The slot is one
+//! AND away, and the wrap bit is what an AVAIL or USED flag is compared with; only distances
+//! (how far the driver may be ahead) unfold a token into `0..2 * size`.
 //!
 //! The datapath sees what a split ring offers ([`crate::Ring`]): a pending count, heads popped,
 //! peeked and given back, descriptors read by head, used entries pushed by head and published
@@ -76,13 +76,13 @@ struct Pending {
     slot: u16,
     flags: u16,
     /// The used position after it.
-    after: u32,
+    after: u16,
 }
 
 /// A chain seen available.
 #[derive(Clone, Copy, Debug, Default)]
 struct Seen {
-    pos: u32,
+    pos: u16,
     id: u16,
     count: u16,
 }
@@ -101,19 +101,19 @@ pub struct PackedRing {
     /// Chains seen available (wrapping); `scanned - popped` are pending.
     scanned: u16,
     /// Position after the last chain seen available: where the next scan looks.
-    scan: u32,
+    scan: u16,
     /// By chain number (masked): the chain's position, buffer id and number of descriptors.
     chains: Box<[Seen]>,
     cap_mask: u16,
     /// Where the next used descriptor goes.
-    used: u32,
+    used: u16,
     /// Used entries pushed and published (wrapping), and the pushed ones' flags.
     pushed: u16,
     published: u16,
     pending: Box<[Pending]>,
     /// Used position as last published, and when the driver was last notified.
-    published_at: u32,
-    signalled: u32,
+    published_at: u16,
+    signalled: u16,
     event_idx: bool,
     kicks_off: bool,
     kicks_written: bool,
@@ -144,7 +144,7 @@ impl PackedRing {
         let driver = map_part(dma, addrs.avail, 4, 4, Access::Read, "driver event")?;
         let device = map_part(dma, addrs.used, 4, 4, Access::Write, "device event")?;
         let cap = size.next_power_of_two() as usize;
-        let start = pos_of(last_avail, size);
+        let start = last_avail;
         Ok(PackedRing {
             desc: desc.cast(),
             driver: driver.cast(),
@@ -187,14 +187,14 @@ impl PackedRing {
     /// The state to hand over: the next chain to take and the next used position, as tokens.
     pub fn state(&self) -> RingState {
         RingState {
-            last_avail: token_of(self.next_avail(), self.size),
-            used_idx: token_of(self.used, self.size),
+            last_avail: self.next_avail(),
+            used_idx: self.used,
         }
     }
 
     /// Position of the next chain to take.
     #[inline(always)]
-    fn next_avail(&self) -> u32 {
+    fn next_avail(&self) -> u16 {
         if self.popped == self.scanned {
             self.scan
         } else {
@@ -222,18 +222,31 @@ impl PackedRing {
         unsafe { self.pending.get_unchecked_mut((n & self.cap_mask) as usize) }
     }
 
+    /// The slot of position `pos`.
     #[inline(always)]
-    fn slot(&self, pos: u32) -> usize {
-        (if pos >= self.size { pos - self.size } else { pos }) as usize
+    fn slot(&self, pos: u16) -> usize {
+        (pos & !WRAP_BIT) as usize
     }
 
+    /// The position `n` (at most `size`) after `pos`: a lap completed flips the wrap bit.
     #[inline(always)]
-    fn advance(&self, pos: u32, n: u32) -> u32 {
-        let p = pos + n;
-        if p >= 2 * self.size {
-            p - 2 * self.size
+    fn advance(&self, pos: u16, n: u32) -> u16 {
+        let s = u32::from(pos & !WRAP_BIT) + n;
+        if s >= self.size {
+            (s - self.size) as u16 | ((pos & WRAP_BIT) ^ WRAP_BIT)
         } else {
-            p
+            s as u16 | (pos & WRAP_BIT)
+        }
+    }
+
+    /// How many positions `to` is ahead of `from` (`0..2 * size`).
+    #[inline(always)]
+    fn distance(&self, from: u16, to: u16) -> u32 {
+        let (a, b) = (pos_of(from, self.size), pos_of(to, self.size));
+        if b >= a {
+            b - a
+        } else {
+            b + 2 * self.size - a
         }
     }
 
@@ -248,9 +261,9 @@ impl PackedRing {
     /// Whether the descriptor at `pos` is available (its flags loaded with Acquire, so the
     /// rest of what the driver wrote before them is visible).
     #[inline(always)]
-    fn is_avail(&self, pos: u32) -> Option<u16> {
+    fn is_avail(&self, pos: u16) -> Option<u16> {
         let f = self.flags_atomic(self.slot(pos)).load(Ordering::Acquire);
-        let wrap = pos < self.size;
+        let wrap = pos & WRAP_BIT != 0;
         ((f & DESC_F_AVAIL != 0) == wrap && (f & DESC_F_USED != 0) != wrap).then_some(f)
     }
 
@@ -283,7 +296,7 @@ impl PackedRing {
     fn scan_more(&mut self) -> Result<u16, RingError> {
         // Descriptors the device holds (seen, not yet used): the driver cannot have made more
         // than the rest available.
-        let mut room = self.size - self.advance(self.scan, 2 * self.size - self.used);
+        let mut room = self.size - self.distance(self.used, self.scan);
         while room > 0 {
             let head = self.scan;
             let Some(mut f) = self.is_avail(head) else { break };
@@ -374,7 +387,7 @@ impl PackedRing {
         let c = *self.chain(head);
         let (id, n) = (c.id, u32::from(c.count).max(1));
         let slot = self.slot(self.used);
-        let flags = if self.used < self.size { DESC_F_AVAIL | DESC_F_USED } else { 0 };
+        let flags = if self.used & WRAP_BIT != 0 { DESC_F_AVAIL | DESC_F_USED } else { 0 };
         // SAFETY: slot < size: the id and len of a descriptor inside the checked ring.
         unsafe {
             let d = self.desc.as_ptr().add(slot);
@@ -439,7 +452,7 @@ impl PackedRing {
                     o = o.wrapping_sub(size);
                 }
                 let mut off = off_wrap & !WRAP_BIT;
-                if (off_wrap & WRAP_BIT != 0) != (new < self.size) {
+                if off_wrap & WRAP_BIT != new & WRAP_BIT {
                     off = off.wrapping_sub(size);
                 }
                 n.wrapping_sub(off).wrapping_sub(1) < n.wrapping_sub(o)
@@ -468,23 +481,14 @@ impl PackedRing {
     }
 }
 
-/// The position of token `t` in a ring of `size` (its slot checked by the caller).
+/// Token `t` unfolded into `0..2 * size` (the first lap first).
+#[inline(always)]
 fn pos_of(t: u16, size: u32) -> u32 {
     let slot = u32::from(t & !WRAP_BIT);
     if t & WRAP_BIT != 0 {
         slot
     } else {
         slot + size
-    }
-}
-
-/// The token of position `pos`.
-#[inline(always)]
-fn token_of(pos: u32, size: u32) -> u16 {
-    if pos < size {
-        pos as u16 | WRAP_BIT
-    } else {
-        (pos - size) as u16
     }
 }
 
