@@ -210,9 +210,12 @@ for w in $(cat /proc/cmdline); do
     kit.timeout=*) TIMEOUT=$v ;; kit.hold=*) HOLD=$v ;;         kit.blob_kb=*) BLOB_KB=$v ;;
   esac
 done
+udp_rcvbuf_errors() {  # datagrams the guest's own UDP sockets had no room for (/proc/net/snmp)
+  awk '/^Udp:/ { if (!c) { for (i = 2; i <= NF; i++) if ($i == "RcvbufErrors") c = i } else { print $c; exit } }' /proc/net/snmp
+}
 nic_counts() {  # rx/tx packets and drops of eth0
   s=/sys/class/net/eth0/statistics
-  echo " rx_packets=$(cat $s/rx_packets) tx_packets=$(cat $s/tx_packets) rx_dropped=$(cat $s/rx_dropped) tx_dropped=$(cat $s/tx_dropped) rx_errors=$(cat $s/rx_errors) tx_errors=$(cat $s/tx_errors)"
+  echo " rx_packets=$(cat $s/rx_packets) tx_packets=$(cat $s/tx_packets) rx_dropped=$(cat $s/rx_dropped) tx_dropped=$(cat $s/tx_dropped) rx_errors=$(cat $s/rx_errors) tx_errors=$(cat $s/tx_errors) udp_rcvbuf_errors=$(udp_rcvbuf_errors)"
 }
 finish() {
   extra=

@@ -239,6 +239,13 @@ impl Netns {
         }
     }
 
+    /// Datagrams this namespace's UDP sockets had no room for (`RcvbufErrors` in its
+    /// `/proc/net/snmp`): a receiver that fell behind, not a loss on the way.
+    pub fn udp_rcvbuf_errors(&self) -> u64 {
+        let out = self.run(&["cat", "/proc/net/snmp"]);
+        udp_rcvbuf_errors(&String::from_utf8_lossy(&out.stdout))
+    }
+
     /// A UDP stream at a fixed rate (`reverse`: the server sends), counted by the receiver
     /// from the datagrams' sequence numbers.
     pub fn iperf3_udp(
@@ -323,5 +330,26 @@ impl Drop for Netns {
         // The kernel frees a namespace's devices asynchronously; give it a moment so a TAP
         // name can be reused by the next test.
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `RcvbufErrors` of the `Udp:` lines of a `/proc/net/snmp` (0 if absent).
+pub fn udp_rcvbuf_errors(snmp: &str) -> u64 {
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(head), Some(vals)) = (lines.next(), lines.next()) else { return 0 };
+    let col = head.split_whitespace().position(|w| w == "RcvbufErrors");
+    col.and_then(|c| vals.split_whitespace().nth(c)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rcvbuf_errors_are_read_by_their_column() {
+        let snmp = "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors\n\
+                    Udp: 100 2 7 50 5 0 2\n\
+                    UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors\n\
+                    UdpLite: 0 0 0 0 9 0 0\n";
+        assert_eq!(super::udp_rcvbuf_errors(snmp), 5);
+        assert_eq!(super::udp_rcvbuf_errors("Ip: 1\n"), 0);
     }
 }

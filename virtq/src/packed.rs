@@ -186,10 +186,7 @@ impl PackedRing {
 
     /// The state to hand over: the next chain to take and the next used position, as tokens.
     pub fn state(&self) -> RingState {
-        RingState {
-            last_avail: self.next_avail(),
-            used_idx: self.used,
-        }
+        RingState { last_avail: self.next_avail(), used_idx: self.used }
     }
 
     /// Position of the next chain to take.
