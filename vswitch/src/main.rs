@@ -580,7 +580,10 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
                     let qs: Vec<String> = m
                         .queues
                         .iter()
-                        .map(|q| format!("{}/{} {:.1} %", q.port, q.queue_pair, q.load_pct))
+                        .map(|q| {
+                            let pin = if q.pinned { " pinned" } else { "" };
+                            format!("{}/{} {:.1} %{pin}", q.port, q.queue_pair, q.load_pct)
+                        })
                         .collect();
                     println!(
                         "  polls (port/queue pair, load): {} (total {:.1} %)",
@@ -612,6 +615,13 @@ fn ctl(path: &std::path::Path, json: bool, what: CtlCmd) -> Result<(), String> {
         Request::AccelStatus { .. } => {
             let r: Vec<AccelReport> = serde_json::from_value(v).map_err(bad)?;
             print_accel(&r);
+        }
+        Request::QueuePin { name, queue_pair, pmd } => {
+            let t = v["pmd"].as_u64().unwrap_or_default();
+            match pmd {
+                Some(_) => println!("{name}/{queue_pair}: polled by pmd{t}, pinned"),
+                None => println!("{name}/{queue_pair}: polled by pmd{t}, free to move on a rebalance"),
+            }
         }
         Request::Rebalance => {
             let r: RebalanceReport = serde_json::from_value(v).map_err(bad)?;
