@@ -76,7 +76,10 @@ run_ours() { # SIZE -> MPPS TICKS
     rm -f "$OUT"/vs0.sock "$OUT"/vs1.sock "$OUT"/vs.ctl
     # The generator's memory (virtio-user: unsealed memfds, or hugetlbfs) can lose pages:
     # the switch maps it only under the SIGBUS guard.
-    "$VSWITCH" run --port p0="$OUT/vs0.sock" --port p1="$OUT/vs1.sock" --pmd-cores "$BACKEND_CPU" --busy-poll \
+    # Packed rings are offered only on ports that say so.
+    local opts=""
+    [[ "${VDEV_EXTRA:-}" == *packed_vq=1* ]] && opts=",packed=on"
+    "$VSWITCH" run --port p0="$OUT/vs0.sock$opts" --port p1="$OUT/vs1.sock$opts" --pmd-cores "$BACKEND_CPU" --busy-poll \
         --unsealed-memory guard --control "$OUT/vs.ctl" ${SWITCH_EXTRA:-} > "$OUT/vswitch.log" 2>&1 &
     local v=$!
     wait_sock "$OUT/vs1.sock" || die "vswitch did not start; see $OUT/vswitch.log"

@@ -516,7 +516,8 @@ fn testpmd_behind_a_level2_nic(
         fdb_aging_secs: 300,
         ports: vec![
             PortConfig::parse(&format!("up=nic:wire:{wire},level=2,pools=4")).unwrap(),
-            PortConfig::parse(&format!("d={}", sock.display())).unwrap(),
+            // Packed rings offered, for the frontend that asks (`packed_vq=1`).
+            PortConfig::parse(&format!("d={},packed=on", sock.display())).unwrap(),
         ],
         // testpmd --no-huge hands over memfds it never seals.
         unsealed_memory: vswitch::UnsealedMemory::Guard,

@@ -123,8 +123,8 @@ fn test_client_mode_ports_connect_to_virtio_user_servers() {
     check_both_ways(&sw, &log);
 }
 
-/// DPDK's virtio-user on packed rings (`packed_vq=1`, virtio 1.1): the switch serves them like
-/// split ones. Twice: DPDK's default in-order mergeable-buffer paths, then its general paths
+/// DPDK's virtio-user on packed rings (`packed_vq=1`, virtio 1.1) on ports that offer them
+/// (`packed=on`): the switch serves them like split ones. Twice: DPDK's default in-order mergeable-buffer paths, then its general paths
 /// (out of order allowed, one buffer per packet), each forwarding both ways with every frame
 /// copied once and none malformed.
 #[test]
@@ -133,7 +133,7 @@ fn test_testpmd_virtio_user_on_packed_rings_forwards_both_ways() {
     for (k, extra) in [",packed_vq=1", ",packed_vq=1,in_order=0,mrg_rxbuf=0"].into_iter().enumerate() {
         let dir = Scratch::new(&format!("dpdk-packed{k}"));
         let (a, b) = (dir.path("a.sock"), dir.path("b.sock"));
-        let sw = two_ports(&a, &b, "");
+        let sw = two_ports(&a, &b, ",packed=on");
         let mut args = vdevs(&a, &b, extra);
         args.extend(flowgen(if k == 0 { 64 } else { 1518 }));
         let mut gen = testpmd_generator(&dir, &format!("vsw-e2e-p{k}-{}", std::process::id()), &args);

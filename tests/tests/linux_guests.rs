@@ -146,7 +146,8 @@ fn linux_guests_with_different_offloads_get_the_software_fallbacks() {
 fn a_linux_guest_on_packed_rings_pings_and_streams_to_one_on_split_rings() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = Scratch::new("linux-packed");
-    let sw = start_switch(&dir, &["a", "b"]);
+    // Both ports offer packed rings: the guest that asks gets them, the other stays split.
+    let sw = start_switch(&dir, &["a,packed=on", "b,packed=on"]);
     let (mut client, server) = pair_specs(&dir, "ping,iperf3", &["iperf_t=3"]);
     client.device = vec!["packed=on".into()];
     let mut feats: [Vec<String>; 2] = Default::default();

@@ -90,7 +90,13 @@ fn migrate_under_traffic(under: Under) {
     };
     let dir = Scratch::new(name);
     let dst_dir = Scratch::new(&format!("{name}-dst"));
-    let mut specs = vec!["p=SOCK:p.sock".to_string(), "m1=SOCK:m1.sock".into(), "m2=SOCK:m2.sock".into()];
+    // The migrating guest's ports offer packed rings when it asks for them.
+    let packed = if under == Under::Packed { ",packed=on" } else { "" };
+    let mut specs = vec![
+        "p=SOCK:p.sock".to_string(),
+        format!("m1=SOCK:m1.sock{packed}"),
+        format!("m2=SOCK:m2.sock{packed}"),
+    ];
     let wire = format!("lmigw{}", std::process::id() % 10000);
     if accel {
         specs.push(format!("up=nic:wire:{wire},level=2,pools=4"));

@@ -76,6 +76,13 @@ pub struct PortConfig {
     /// offloads sends to it.
     #[serde(default = "yes")]
     pub offloads: bool,
+    /// Offer packed virtqueues (`VIRTIO_F_RING_PACKED`; default off). Off, a frontend asking
+    /// for them (QEMU `packed=on`, virtio-user `packed_vq=1`) gets split rings. A packed ring
+    /// does not survive a switch restart: it has no used index in guest memory, so QEMU
+    /// resumes it where the switch started it and the guest's NIC stops; split rings, which
+    /// cost the switch the same, resume.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub packed: bool,
     /// Only frontends running as one of these users (or, with `allow_gids`, groups) may be
     /// this port's guest, checked with `SO_PEERCRED` on every connection, in client mode too
     /// (so a process squatting the path is not served). Empty (both): anyone who can reach
@@ -140,7 +147,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N], NAME=afpacket:IFNAME[,mtu=N], NAME=afxdp:IFNAME[,mode=auto|zerocopy|copy|skb][,mtu=N], NAME=vxlan:REMOTE|geneve:REMOTE[,vni=N][,local=IP][,dstport=N][,remote=IP][,csum=on|off] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2|3][,pools=N|,vfs=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N][,accel=l1|l2|l3])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N], NAME=afpacket:IFNAME[,mtu=N], NAME=afxdp:IFNAME[,mode=auto|zerocopy|copy|skb][,mtu=N], NAME=vxlan:REMOTE|geneve:REMOTE[,vni=N][,local=IP][,dstport=N][,remote=IP][,csum=on|off] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2|3][,pools=N|,vfs=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,packed=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N][,accel=l1|l2|l3])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -252,6 +259,7 @@ impl PortConfig {
             egress: None,
             anti_spoof: None,
             offloads: true,
+            packed: false,
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
             max_macs: None,
@@ -368,6 +376,13 @@ impl PortConfig {
                         _ => return Err(bad("offloads must be 'on' or 'off'")),
                     }
                 }
+                Some(("packed", v)) => {
+                    pc.packed = match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad("packed must be 'on' or 'off'")),
+                    }
+                }
                 _ => return Err(bad(&format!("unknown option '{opt}'"))),
             }
         }
@@ -412,6 +427,9 @@ impl PortConfig {
         }
         if self.xdp_mode.is_some() && self.afxdp.is_none() {
             return Err(err("mode= is for afxdp: ports".into()));
+        }
+        if self.packed && self.is_uplink() {
+            return Err(err("packed=on is for a guest's port (virtio rings over vhost-user)".into()));
         }
         if let Some(a) = self.afpacket.as_ref().or(self.afxdp.as_ref()) {
             if self.tap.is_some()

@@ -236,6 +236,8 @@ pub struct Port {
     pub iova: std::sync::atomic::AtomicBool,
     /// Whether the checksum and segmentation offloads are offered to the guest.
     pub offloads: bool,
+    /// Whether packed virtqueues are offered to the guest.
+    pub packed: bool,
     /// Call eventfds its queues had to revoke (they blocked the switch).
     pub call_fault: Arc<CallFault>,
 }
@@ -255,6 +257,7 @@ impl Port {
             policy: PortPolicy::default(),
             iova: Default::default(),
             offloads: true,
+            packed: false,
             call_fault,
         }
     }

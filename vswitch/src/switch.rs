@@ -631,6 +631,10 @@ impl Control {
             (0..MAX_PORTS as u16).find(|i| !self.ports.contains_key(i)).ok_or(SwitchError::TooManyPorts)?;
         let mut port = Port::new(id, cfg.name.clone(), cfg.vlan_mode(), cfg.mac_bytes(), cfg.queues);
         port.offloads = cfg.offloads;
+        port.packed = cfg.packed;
+        if cfg.packed && cfg.client {
+            tracing::warn!(port = %cfg.name, "packed rings on a client-mode port: QEMU cannot resume a packed ring after a switch restart (no used index in guest memory), so a restart stops the guest's NIC until it is reset; split rings resume");
+        }
         let port = Arc::new(port);
         port.set_policy(&cfg.policy())
             .map_err(|source| ConfigError::Policy { port: cfg.name.clone(), source })?;

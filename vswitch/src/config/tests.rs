@@ -16,6 +16,24 @@ fn test_port_spec_forms() {
 }
 
 #[test]
+fn test_packed_rings_are_a_guest_ports_opt_in() {
+    assert!(!PortConfig::parse("a=/tmp/a.sock").unwrap().packed, "off unless asked for");
+    let p = PortConfig::parse("a=/tmp/a.sock,packed=on").unwrap();
+    assert!(p.packed);
+    // It round-trips through the TOML form, and is left out of it while off.
+    let cfg =
+        SwitchConfig { ports: vec![p, PortConfig::parse("b=/tmp/b.sock").unwrap()], ..Default::default() };
+    let text = toml::to_string(&cfg).unwrap();
+    assert_eq!(text.matches("packed").count(), 1, "{text}");
+    let back: SwitchConfig = toml::from_str(&text).unwrap();
+    assert_eq!(back.ports.iter().map(|p| p.packed).collect::<Vec<_>>(), [true, false]);
+    let e = PortConfig::parse("a=/tmp/a.sock,packed=yes").unwrap_err().to_string();
+    assert!(e.contains("packed must be 'on' or 'off'"), "{e}");
+    let e = PortConfig::parse("up=tap:vsw0,packed=on").unwrap_err().to_string();
+    assert!(e.contains("packed=on is for a guest's port"), "{e}");
+}
+
+#[test]
 fn test_port_spec_errors_say_what() {
     let e = PortConfig::parse("vm1").unwrap_err().to_string();
     assert!(e.contains("missing '='"), "{e}");

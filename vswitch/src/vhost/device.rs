@@ -582,12 +582,12 @@ impl VhostUserBackendReqHandlerMut for VhostDevice {
     }
 
     fn get_features(&mut self) -> VuResult<u64> {
-        Ok(features::offered(self.port.offloads))
+        Ok(features::offered(self.port.offloads, self.port.packed))
     }
 
     fn set_features(&mut self, bits: u64) -> VuResult<()> {
         tracing::debug!(port = %self.port.name, "SET_FEATURES {bits:#x}");
-        let offered = features::offered(self.port.offloads);
+        let offered = features::offered(self.port.offloads, self.port.packed);
         if bits & !offered != 0 {
             return Err(refuse(format!("features {:#x} were not offered", bits & !offered)));
         }

@@ -17,13 +17,17 @@ pub const OFFLOADS: u64 = NET_F_CSUM
     | NET_F_HOST_TSO6
     | NET_F_HOST_ECN;
 
-/// What a port offers its frontend: everything, or everything but the offloads.
-pub const fn offered(offloads: bool) -> u64 {
-    if offloads {
-        OFFERED
-    } else {
-        OFFERED & !OFFLOADS
+/// What a port offers its frontend: everything, less the offloads when they are off and
+/// packed rings unless they are on.
+pub const fn offered(offloads: bool, packed: bool) -> u64 {
+    let mut f = OFFERED;
+    if !offloads {
+        f &= !OFFLOADS;
     }
+    if !packed {
+        f &= !F_RING_PACKED;
+    }
+    f
 }
 
 /// Everything the switch offers to a frontend.
@@ -48,14 +52,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn test_packed_rings_offered_only_when_turned_on() {
+        assert_eq!(offered(true, false) & F_RING_PACKED, 0);
+        assert_eq!(offered(true, true) & F_RING_PACKED, F_RING_PACKED);
+        assert_eq!(offered(true, true) & !F_RING_PACKED, offered(true, false));
+    }
+
+    #[test]
     fn test_offloads_offered_unless_turned_off() {
-        assert_eq!(offered(true) & OFFLOADS, OFFLOADS);
+        assert_eq!(offered(true, true) & OFFLOADS, OFFLOADS);
         // Without offloads: CSUM(0), GUEST_CSUM(1), GUEST/HOST TSO and ECN, UFO(10, 14) never.
         for bit in [0, 1, 7, 8, 9, 10, 11, 12, 13, 14] {
-            assert_eq!(offered(false) & (1 << bit), 0, "bit {bit} offered with offloads off");
+            assert_eq!(offered(false, true) & (1 << bit), 0, "bit {bit} offered with offloads off");
         }
         for bit in [10, 14] {
-            assert_eq!(offered(true) & (1 << bit), 0, "UFO offered without an implementation");
+            assert_eq!(offered(true, true) & (1 << bit), 0, "UFO offered without an implementation");
         }
     }
 }
