@@ -257,3 +257,31 @@ fn test_one_polling_thread_has_nothing_to_rebalance() {
     let r: RebalanceReport = serde_json::from_value(sw.request(Request::Rebalance).unwrap()).unwrap();
     assert!(!r.applied && r.why.contains("one polling thread"), "{r:?}");
 }
+
+#[test]
+fn test_a_ports_pmd_option_pins_its_queues_where_it_says() {
+    let dir = Scratch::new("rebal-opt");
+    let sw = start(&dir, &["a,pmd=1", "b,queues=2,pmd=0:1", "c"], |_| {});
+    let s = sw.stats().unwrap();
+    let place = |port: &str, pair: u16| {
+        s.pmds
+            .iter()
+            .find_map(|p| {
+                p.queues.iter().find(|q| q.port == port && q.queue_pair == pair).map(|q| (p.pmd, q.pinned))
+            })
+            .unwrap_or_else(|| panic!("no thread polls {port}/{pair}: {:?}", s.pmds))
+    };
+    assert_eq!(place("a", 0), (1, true));
+    assert_eq!((place("b", 0), place("b", 1)), ((0, true), (1, true)));
+    assert_eq!(place("c", 0), (0, false), "an unpinned queue goes to the thread with fewest");
+    // A thread that does not exist is refused, at start and at port-add, saying how many do.
+    let e = sw.add_port(e2e_tests::port_config(&dir, "d,pmd=2")).unwrap_err().to_string();
+    assert!(e.contains("pmd=2: the switch runs 2 polling thread(s)"), "{e}");
+    assert!(!e2e_tests::sock(&dir, "d").exists(), "nothing of the refused port was left behind");
+    let other = Scratch::new("rebal-opt2");
+    let cfg = SwitchConfig { pmd_cores: vec![0], ..switch_config(&other, &["x,pmd=1"]) };
+    let e = Switch::start(cfg).err().expect("refused").to_string();
+    assert!(e.contains("pmd=1: the switch runs 1 polling thread(s)"), "{e}");
+    let e = vswitch::PortConfig::parse("y=/tmp/y.sock,queues=3,pmd=0:1").unwrap_err().to_string();
+    assert!(e.contains("pmd= names 2 polling threads for 3 queue pairs"), "{e}");
+}

@@ -83,6 +83,10 @@ pub struct PortConfig {
     /// cost the switch the same, resume.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub packed: bool,
+    /// The polling thread (pmdN, by index in `pmd_cores`) of each queue pair, kept there by
+    /// rebalancing (`pmd=1`, or one per pair `pmd=0:1`); empty: placed and moved by load.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pmd: Vec<usize>,
     /// Only frontends running as one of these users (or, with `allow_gids`, groups) may be
     /// this port's guest, checked with `SO_PEERCRED` on every connection, in client mode too
     /// (so a process squatting the path is not served). Empty (both): anyone who can reach
@@ -147,7 +151,7 @@ fn yes() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// bad port spec
-    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N], NAME=afpacket:IFNAME[,mtu=N], NAME=afxdp:IFNAME[,mode=auto|zerocopy|copy|skb][,mtu=N], NAME=vxlan:REMOTE|geneve:REMOTE[,vni=N][,local=IP][,dstport=N][,remote=IP][,csum=on|off] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2|3][,pools=N|,vfs=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,packed=on|off][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N][,accel=l1|l2|l3])")]
+    #[error("bad --port '{spec}': {why} (expected NAME=SOCKET_PATH[,client], NAME=tap:IFNAME[,mtu=N], NAME=afpacket:IFNAME[,mtu=N], NAME=afxdp:IFNAME[,mode=auto|zerocopy|copy|skb][,mtu=N], NAME=vxlan:REMOTE|geneve:REMOTE[,vni=N][,local=IP][,dstport=N][,remote=IP][,csum=on|off] or NAME=nic:IFNAME|nic:wire:WIRE[,level=0|1|2|3][,pools=N|,vfs=N][,filters=N][,lro=on|off][,itr=adaptive|off|US][,pool-rate=RATE][,mtu=N][,vlan=N|,trunk=N:M:...][,queues=N][,mac=XX:XX:XX:XX:XX:XX][,police=RATE][,shape=RATE][,anti-spoof][,offloads=on|off][,packed=on|off][,pmd=N[:N..]][,max-macs=N][,allow-uid=U:U..][,allow-gid=G:G..][,nic-rate=RATE][,nic-weight=N][,accel=l1|l2|l3])")]
     PortSpec {
         /// What the user wrote.
         spec: String,
@@ -260,6 +264,7 @@ impl PortConfig {
             anti_spoof: None,
             offloads: true,
             packed: false,
+            pmd: Vec::new(),
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
             max_macs: None,
@@ -283,6 +288,13 @@ impl PortConfig {
                         .map_err(|_| bad("trunk must be VLAN numbers separated by ':'"))?;
                 }
                 Some(("queues", v)) => pc.queues = v.parse().map_err(|_| bad("queues must be a number"))?,
+                Some(("pmd", v)) => {
+                    pc.pmd = v
+                        .split(':')
+                        .map(|x| x.trim_start_matches("pmd").parse::<usize>())
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| bad("pmd must be polling-thread numbers (0, 1, ..) separated by ':'"))?;
+                }
                 Some(("mac", v)) => pc.mac = Some(v.to_string()),
                 Some(("mtu", v)) => pc.mtu = Some(v.parse().map_err(|_| bad("mtu must be a number"))?),
                 Some(("mode", v)) => pc.xdp_mode = Some(v.parse().map_err(|e: String| bad(&e))?),
@@ -427,6 +439,13 @@ impl PortConfig {
         }
         if self.xdp_mode.is_some() && self.afxdp.is_none() {
             return Err(err("mode= is for afxdp: ports".into()));
+        }
+        if !self.pmd.is_empty() && self.pmd.len() != 1 && self.pmd.len() != self.queues as usize {
+            return Err(err(format!(
+                "pmd= names {} polling threads for {} queue pairs: give one for all, or one per pair",
+                self.pmd.len(),
+                self.queues
+            )));
         }
         if self.packed && self.is_uplink() {
             return Err(err("packed=on is for a guest's port (virtio rings over vhost-user)".into()));
@@ -735,10 +754,20 @@ impl SwitchConfig {
     /// Checks ports and their names.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut names = std::collections::HashSet::new();
+        let threads = self.pmd_cores.len().max(1);
         for p in &self.ports {
             p.validate()?;
             if !names.insert(&p.name) {
                 return Err(ConfigError::Other(format!("two ports are named '{}'", p.name)));
+            }
+            if let Some(t) = p.pmd.iter().find(|t| **t >= threads) {
+                return Err(ConfigError::Port {
+                    port: p.name.clone(),
+                    why: format!(
+                        "pmd={t}: the switch runs {threads} polling thread(s), pmd0..pmd{} (pmd_cores adds more)",
+                        threads - 1
+                    ),
+                });
             }
         }
         if self.fdb_aging_secs == 0 {
@@ -784,6 +813,15 @@ impl SwitchConfig {
             })?),
         };
         Ok(crate::switch::sockets::Access { mode, gid })
+    }
+
+    /// The polling thread a port's queue pair is pinned to by its `pmd=` option, if any.
+    pub fn pinned_pmd(port: &PortConfig, pair: u16) -> Option<usize> {
+        match port.pmd.as_slice() {
+            [] => None,
+            [t] => Some(*t),
+            v => v.get(pair as usize).copied(),
+        }
     }
 
     /// When the switch moves queues between polling threads by itself.

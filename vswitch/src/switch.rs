@@ -608,6 +608,16 @@ impl Control {
 
     fn add_port(&mut self, cfg: PortConfig) -> Result<(), SwitchError> {
         cfg.validate()?;
+        let threads = self.pmds.len();
+        if let Some(t) = cfg.pmd.iter().find(|t| **t >= threads) {
+            return Err(SwitchError::Config(ConfigError::Port {
+                port: cfg.name.clone(),
+                why: format!(
+                    "pmd={t}: the switch runs {threads} polling thread(s), pmd0..pmd{}",
+                    threads - 1
+                ),
+            }));
+        }
         for p in self.ports.values() {
             if p.cfg.name == cfg.name {
                 return Err(SwitchError::PortExists(cfg.name));
@@ -717,7 +727,9 @@ impl Control {
             }
             listener = Some((l, file));
         }
-        let lists = self.balance.place(&port, cfg.queues, self.pmds.len());
+        let lists = self
+            .balance
+            .place(&port, cfg.queues, self.pmds.len(), |pair| SwitchConfig::pinned_pmd(&cfg, pair));
         for (pmd, poll_pairs) in self.pmds.iter().zip(lists) {
             let port = port.clone();
             pmd.call(|done| PmdCmd::AddPort { port, poll_pairs, done });

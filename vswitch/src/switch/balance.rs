@@ -137,9 +137,16 @@ impl Balance {
         }
     }
 
-    /// Places a new port's `pairs` source queues: each on the thread polling the fewest
-    /// queues (lowest index on a tie). Returns each thread's pairs of the port.
-    pub fn place(&mut self, port: &Port, pairs: u16, threads: usize) -> Vec<Vec<u16>> {
+    /// Places a new port's `pairs` source queues: each on its pinned thread (`pinned(pair)`),
+    /// or else on the thread polling the fewest queues (lowest index on a tie). Returns each
+    /// thread's pairs of the port.
+    pub fn place(
+        &mut self,
+        port: &Port,
+        pairs: u16,
+        threads: usize,
+        pinned: impl Fn(u16) -> Option<usize>,
+    ) -> Vec<Vec<u16>> {
         let threads = threads.max(1);
         let mut count = vec![0usize; threads];
         for b in self.books.values() {
@@ -147,12 +154,13 @@ impl Balance {
         }
         let mut lists = vec![Vec::new(); threads];
         for pair in 0..pairs {
-            let t = (0..threads).min_by_key(|&t| (count[t], t)).unwrap_or(0);
+            let pin = pinned(pair).filter(|&t| t < threads);
+            let t = pin.unwrap_or_else(|| (0..threads).min_by_key(|&t| (count[t], t)).unwrap_or(0));
             count[t] += 1;
             lists[t].push(pair);
             let last = port.txq.get(pair as usize).map_or(0, |s| s.busy_ticks.load(Ordering::Relaxed));
-            self.books
-                .insert((port.id, pair), Book { owner: t, pinned: false, last, loads: VecDeque::new() });
+            let book = Book { owner: t, pinned: pin.is_some(), last, loads: VecDeque::new() };
+            self.books.insert((port.id, pair), book);
         }
         lists
     }
@@ -513,12 +521,16 @@ mod tests {
     fn new_queues_go_to_the_threads_with_fewest() {
         let mut b = Balance::new(AutoRebalance { interval_secs: 0, load_pct: 0, improvement_pct: 0 });
         let p = |id, pairs| Port::new(id, format!("p{id}"), crate::l2::VlanMode::Trunk(None), [0; 6], pairs);
-        assert_eq!(b.place(&p(0, 1), 1, 2), vec![vec![0], vec![]]);
-        assert_eq!(b.place(&p(1, 1), 1, 2), vec![vec![], vec![0]]);
-        assert_eq!(b.place(&p(2, 3), 3, 2), vec![vec![0, 2], vec![1]]);
+        let free = |_| None;
+        assert_eq!(b.place(&p(0, 1), 1, 2, free), vec![vec![0], vec![]]);
+        assert_eq!(b.place(&p(1, 1), 1, 2, free), vec![vec![], vec![0]]);
+        assert_eq!(b.place(&p(2, 3), 3, 2, free), vec![vec![0, 2], vec![1]]);
         b.forget(2);
         b.forget(0);
         // Thread 0 has nothing left, thread 1 port 1's queue.
-        assert_eq!(b.place(&p(3, 1), 1, 2), vec![vec![0], vec![]]);
+        assert_eq!(b.place(&p(3, 1), 1, 2, free), vec![vec![0], vec![]]);
+        // Pinned by the port's configuration: where it says, and marked so.
+        assert_eq!(b.place(&p(4, 2), 2, 2, |_| Some(1)), vec![vec![], vec![0, 1]]);
+        assert!(b.items().iter().filter(|i| i.key.0 == 4).all(|i| i.pinned && i.owner == 1));
     }
 }
