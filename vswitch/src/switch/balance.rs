@@ -405,7 +405,8 @@ impl Control {
         for &(t, id) in &touched {
             let Some(port) = port_of(id) else { continue };
             let gives = moves.iter().any(|(i, _)| i.owner == t && i.key.0 == id);
-            if !gives {
+            // A thread that did not answer is not waited for again (its list is restored below).
+            if !gives || failed.contains(&t) {
                 continue;
             }
             let keep: Vec<u16> = self
@@ -414,9 +415,7 @@ impl Control {
                 .into_iter()
                 .filter(|pair| !moves.iter().any(|(i, _)| i.key == (id, *pair)))
                 .collect();
-            if !self.pmds[t].call(|done| PmdCmd::AddPort { port, poll_pairs: keep, done })
-                && !failed.contains(&t)
-            {
+            if !self.pmds[t].call(|done| PmdCmd::AddPort { port, poll_pairs: keep, done }) {
                 failed.push(t);
             }
         }
@@ -439,7 +438,9 @@ impl Control {
                 }
             }
         }
-        // 2. Each taking thread polls its new list.
+        // 2. Each taking thread polls its new list (one that does not answer in time gets the
+        // rest of its lists without being waited for: its commands are applied in order).
+        let mut slow: Vec<usize> = Vec::new();
         for &(t, id) in &touched {
             let takes = moves.iter().any(|(i, to)| *to == t && i.key.0 == id && !failed.contains(&i.owner));
             if !takes {
@@ -447,7 +448,10 @@ impl Control {
             }
             let Some(port) = port_of(id) else { continue };
             let pairs = self.balance.pairs_of(id, t);
-            if !self.pmds[t].call(|done| PmdCmd::AddPort { port, poll_pairs: pairs, done }) {
+            if slow.contains(&t) {
+                self.pmds[t].send(PmdCmd::AddPort { port, poll_pairs: pairs, done: dead_ack() });
+            } else if !self.pmds[t].call(|done| PmdCmd::AddPort { port, poll_pairs: pairs, done }) {
+                slow.push(t);
                 tracing::warn!(
                     pmd = t,
                     port = id,
