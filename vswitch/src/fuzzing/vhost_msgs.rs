@@ -417,7 +417,10 @@ pub fn run(input: Input) {
     let fds_before = (!cfg!(test)).then(open_fds);
     {
         let pairs = 1 + (input.pairs % 2) as u16;
-        let port = Arc::new(Port::new(0, "fuzz".into(), VlanMode::Access(1), [0x52, 0, 0, 0, 0, 1], pairs));
+        let mut port = Port::new(0, "fuzz".into(), VlanMode::Access(1), [0x52, 0, 0, 0, 0, 1], pairs);
+        // Packed rings offered too (a port's `packed=on`), so sequences can set them up.
+        port.packed = true;
+        let port = Arc::new(port);
         let device = Arc::new(Mutex::new(VhostDevice::new(port, Arc::new(|| {}))));
         let mut pool = Pool::default();
         let mut conn = Some(connect(&device));
