@@ -47,8 +47,12 @@ fn stream(mut from: Frontend, mut to: Frontend, src: [u8; 6], dst: [u8; 6]) -> S
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicU64::new(0));
+    // Set by the sender once `sent` is final: `stop` alone may be seen while a last batch is
+    // still going out, and the receiver would end before it.
+    let sender_done = Arc::new(AtomicBool::new(false));
     let tx = std::thread::spawn({
-        let (stop, sent, received) = (stop.clone(), sent.clone(), received.clone());
+        let (stop, sent, received, sender_done) =
+            (stop.clone(), sent.clone(), received.clone(), sender_done.clone());
         move || {
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
@@ -64,16 +68,18 @@ fn stream(mut from: Frontend, mut to: Frontend, src: [u8; 6], dst: [u8; 6]) -> S
                 // Leave the two CPUs some room for the switch's threads.
                 std::thread::sleep(Duration::from_micros(200));
             }
+            sender_done.store(true, Ordering::Release);
             from
         }
     });
     let rx = std::thread::spawn({
-        let (stop, sent, received) = (stop.clone(), sent.clone(), received.clone());
+        let (sent, received) = (sent.clone(), received.clone());
         move || {
             let deadline = Instant::now() + T;
             let mut got = Vec::new();
             loop {
-                let done = stop.load(Ordering::Acquire) && got.len() as u64 >= sent.load(Ordering::Acquire);
+                let done =
+                    sender_done.load(Ordering::Acquire) && got.len() as u64 >= sent.load(Ordering::Acquire);
                 if done || Instant::now() > deadline {
                     return (to, got);
                 }
