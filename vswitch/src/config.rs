@@ -402,6 +402,29 @@ impl PortConfig {
         Ok(pc)
     }
 
+    /// The polling thread queue pair `pair` is pinned to by the `pmd=` option, if any.
+    pub fn pmd_of(&self, pair: u16) -> Option<usize> {
+        match self.pmd.as_slice() {
+            [] => None,
+            [t] => Some(*t),
+            v => v.get(pair as usize).copied(),
+        }
+    }
+
+    /// Checks that the threads `pmd=` names are among a switch's `threads`.
+    pub fn check_pmds(&self, threads: usize) -> Result<(), ConfigError> {
+        match self.pmd.iter().find(|t| **t >= threads) {
+            Some(t) => Err(ConfigError::Port {
+                port: self.name.clone(),
+                why: format!(
+                    "pmd={t}: the switch runs {threads} polling thread(s), pmd0..pmd{} (pmd_cores adds more)",
+                    threads.saturating_sub(1)
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Checks values that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |why: String| ConfigError::Port { port: self.name.clone(), why };
@@ -754,21 +777,12 @@ impl SwitchConfig {
     /// Checks ports and their names.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut names = std::collections::HashSet::new();
-        let threads = self.pmd_cores.len().max(1);
         for p in &self.ports {
             p.validate()?;
             if !names.insert(&p.name) {
                 return Err(ConfigError::Other(format!("two ports are named '{}'", p.name)));
             }
-            if let Some(t) = p.pmd.iter().find(|t| **t >= threads) {
-                return Err(ConfigError::Port {
-                    port: p.name.clone(),
-                    why: format!(
-                        "pmd={t}: the switch runs {threads} polling thread(s), pmd0..pmd{} (pmd_cores adds more)",
-                        threads - 1
-                    ),
-                });
-            }
+            p.check_pmds(self.pmd_cores.len().max(1))?;
         }
         if self.fdb_aging_secs == 0 {
             return Err(ConfigError::Other("fdb_aging_secs must be at least 1".into()));
@@ -813,15 +827,6 @@ impl SwitchConfig {
             })?),
         };
         Ok(crate::switch::sockets::Access { mode, gid })
-    }
-
-    /// The polling thread a port's queue pair is pinned to by its `pmd=` option, if any.
-    pub fn pinned_pmd(port: &PortConfig, pair: u16) -> Option<usize> {
-        match port.pmd.as_slice() {
-            [] => None,
-            [t] => Some(*t),
-            v => v.get(pair as usize).copied(),
-        }
     }
 
     /// When the switch moves queues between polling threads by itself.

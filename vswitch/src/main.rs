@@ -65,10 +65,10 @@ struct RunArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// NAME=SOCKET_PATH[,client][,vlan=N|,trunk=N:M:...][,queues=N][,mac=..][,police=RATE]
-    /// [,shape=RATE][,anti-spoof][,offloads=on|off][,packed=on|off][,pmd=N[:N..]]; or an uplink to the host's network stack,
-    /// NAME=tap:IFNAME[,queues=N][,mtu=N][,vlan=N|,trunk=..] (creates the TAP device, or
-    /// attaches to an existing one); or an existing device (a NIC, a VF, a veth) through packet
-    /// sockets, NAME=afpacket:IFNAME[,queues=N][,mtu=N][,offloads=on|off], or through XDP
+    /// [,shape=RATE][,anti-spoof][,offloads=on|off][,packed=on|off][,pmd=N[:N..]]; or an
+    /// uplink to the host's network stack, NAME=tap:IFNAME[,queues=N][,mtu=N][,vlan=N|,trunk=..]
+    /// (creates the TAP device, or attaches to an existing one); or an existing device (a NIC,
+    /// a VF, a veth) through packet sockets, NAME=afpacket:IFNAME[,queues=N][,mtu=N][,offloads=on|off], or through XDP
     /// sockets, NAME=afxdp:IFNAME[,queues=N][,mode=auto|zerocopy|copy|skb][,mtu=N]; or a
     /// tunnel, NAME=vxlan:REMOTE|geneve:REMOTE[,vni=N][,local=IP][,dstport=N]; repeatable.
     #[arg(long = "port", value_name = "SPEC")]

@@ -13,9 +13,9 @@ mod ctlsock;
 mod nics;
 mod report;
 pub mod sockets;
+mod sriov;
 
 pub use balance::AutoRebalance;
-mod sriov;
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
@@ -608,16 +608,7 @@ impl Control {
 
     fn add_port(&mut self, cfg: PortConfig) -> Result<(), SwitchError> {
         cfg.validate()?;
-        let threads = self.pmds.len();
-        if let Some(t) = cfg.pmd.iter().find(|t| **t >= threads) {
-            return Err(SwitchError::Config(ConfigError::Port {
-                port: cfg.name.clone(),
-                why: format!(
-                    "pmd={t}: the switch runs {threads} polling thread(s), pmd0..pmd{}",
-                    threads - 1
-                ),
-            }));
-        }
+        cfg.check_pmds(self.pmds.len())?;
         for p in self.ports.values() {
             if p.cfg.name == cfg.name {
                 return Err(SwitchError::PortExists(cfg.name));
@@ -727,9 +718,7 @@ impl Control {
             }
             listener = Some((l, file));
         }
-        let lists = self
-            .balance
-            .place(&port, cfg.queues, self.pmds.len(), |pair| SwitchConfig::pinned_pmd(&cfg, pair));
+        let lists = self.balance.place(&port, cfg.queues, self.pmds.len(), |pair| cfg.pmd_of(pair));
         for (pmd, poll_pairs) in self.pmds.iter().zip(lists) {
             let port = port.clone();
             pmd.call(|done| PmdCmd::AddPort { port, poll_pairs, done });

@@ -317,7 +317,7 @@ impl Control {
                 "one polling thread: nothing to balance (give the switch more with --pmd-cores)".into();
             return report;
         }
-        if amax >= bmax || improvement < min_improvement_pct || improvement == 0.0 {
+        if amax >= bmax || improvement < min_improvement_pct {
             report.why = format!(
                 "no better assignment by the last {} s of load (busiest thread {:.1} % now, {:.1} % at best)",
                 self.balance.spans.len(),
