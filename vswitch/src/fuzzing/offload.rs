@@ -81,13 +81,17 @@ impl Frame {
         f.extend(seed.to_be_bytes());
         f.extend([0, 0, 0, 0, ((5 + tcp_opts / 4) << 4) as u8, (*seed >> 24) as u8, 0xff, 0xff, 0, 0, 0, 0]);
         f.extend(std::iter::repeat_n(1u8, tcp_opts));
-        let mut x = *seed | 1;
-        f.extend((0..payload).map(|_| {
+        // Pseudo-random payload, eight bytes per xorshift64 step (a step per byte was a loop
+        // of up to 9,000 turns per frame under coverage instrumentation).
+        let mut x = u64::from(*seed) | 1;
+        let start = f.len();
+        while f.len() < start + payload {
             x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        }));
+            x ^= x >> 7;
+            x ^= x << 17;
+            f.extend_from_slice(&x.to_le_bytes());
+        }
+        f.truncate(start + payload);
         for &(at, v) in patch.iter().take(4) {
             if let Some(b) = f.get_mut(at as usize) {
                 *b = v;
