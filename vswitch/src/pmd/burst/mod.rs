@@ -111,6 +111,9 @@ pub struct Datapath {
     cur_src: u16,
     /// A burst's frames on their way to a packet socket that sends them in one call.
     tx_outs: Box<[send::Out]>,
+    /// By destination port: the packets of the burst being delivered that it is named by
+    /// (set by `deliver` and emptied as each destination is served).
+    dest_sets: Box<[deliver::PktSet; crate::port::MAX_PORTS]>,
 }
 
 /// What the receive and describe stages know of each packet of a burst, by packet index. Kept
@@ -241,6 +244,7 @@ impl Datapath {
             batch: Batching::default(),
             cur_src: 0,
             tx_outs: (0..BURST).map(|_| send::Out::new()).collect(),
+            dest_sets: Box::new([0; crate::port::MAX_PORTS]),
         }
     }
 

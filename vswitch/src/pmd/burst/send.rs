@@ -8,7 +8,7 @@ use crate::uplink::nic::NicTxQueue;
 use crate::uplink::tap::{Sent, TapQueue, VNET_HDR};
 
 use super::super::copy::{frame_iov, out_len, Frame};
-use super::deliver::Dest;
+use super::deliver::{each, Dest, PktSet};
 
 /// What one delivery into a device did.
 #[derive(Default)]
@@ -74,7 +74,7 @@ impl Datapath {
         d: &Dest<'_>,
         t: &mut NicTxQueue,
         src_hdr: u32,
-        n: usize,
+        set: PktSet,
         c: &mut SrcCounts,
     ) {
         let pool = t.pool_of(self.cur_src);
@@ -82,7 +82,7 @@ impl Datapath {
         // The device's work (descriptor fetches, the DMA read, queueing) is timed apart.
         let t0 = crate::clock::ticks();
         let cost = nic_models::PcieCost::default();
-        for i in 0..n {
+        for i in each(set) {
             let Some(edit) = self.edit_for(d, i, c) else { continue };
             let mut out = Out::new();
             let m = self.packet_iov(i, edit, src_hdr, &mut out);
@@ -131,14 +131,14 @@ impl Datapath {
         d: &Dest<'_>,
         t: &mut TapQueue,
         src_hdr: u32,
-        n: usize,
+        set: PktSet,
         c: &mut SrcCounts,
     ) {
         if t.sends_batched() {
-            return self.send_tap_batched(d, t, src_hdr, n, c);
+            return self.send_tap_batched(d, t, src_hdr, set, c);
         }
         let mut k = Sends::default();
-        for i in 0..n {
+        for i in each(set) {
             let Some(edit) = self.edit_for(d, i, c) else { continue };
             if t.broken() {
                 k.full += 1;
@@ -175,7 +175,7 @@ impl Datapath {
         d: &Dest<'_>,
         t: &mut TapQueue,
         src_hdr: u32,
-        n: usize,
+        set: PktSet,
         c: &mut SrcCounts,
     ) {
         let mut k = Sends::default();
@@ -183,7 +183,7 @@ impl Datapath {
         // Per frame laid out: its pieces, whether it is a TSO frame, its length.
         let mut laid = [(0usize, false, 0u32); BURST];
         let mut m = 0;
-        for i in 0..n.min(BURST) {
+        for i in each(set) {
             let Some(edit) = self.edit_for(d, i, c) else { continue };
             if t.broken() {
                 k.full += 1;
@@ -248,7 +248,7 @@ impl Datapath {
         d: &Dest<'_>,
         a: &mut crate::accel::AccelRx,
         src_hdr: u32,
-        n: usize,
+        set: PktSet,
         c: &mut SrcCounts,
     ) {
         use crate::accel::Took;
@@ -256,7 +256,7 @@ impl Datapath {
         use nic_models::RxDrop;
         let (mut sent, mut bytes, mut no_buf, mut bad) = (0u64, 0u64, 0u64, 0u64);
         let caps = a.shell.caps;
-        for i in 0..n {
+        for i in each(set) {
             let Some(edit) = self.edit_for(d, i, c) else { continue };
             let mut out = Out::new();
             let m = self.packet_iov(i, edit, src_hdr, &mut out);

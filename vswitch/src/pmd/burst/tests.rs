@@ -268,6 +268,50 @@ fn test_unknown_unicast_floods_then_learned_goes_to_one_port() {
     assert_eq!(n.tx_returned(0).len(), 2, "source buffers returned");
 }
 
+/// One burst to several learned ports, interleaved, with frames to the sender's own MAC: each
+/// port gets exactly its frames, in order, and the sender none; then
+/// a burst mixing unicasts and a broadcast (the flood path, every port offered the whole burst).
+#[test]
+fn test_a_burst_to_several_ports_gives_each_its_own_frames_in_order() {
+    let mut n = net(vec![VlanMode::default(); 4], true);
+    for p in 0..4 {
+        n.post_rx(p, 16, 2048);
+    }
+    for p in 1..4 {
+        n.send(p, &frame(BCAST, MACS[p], None, 60));
+        n.poll(p);
+    }
+    for p in 0..4 {
+        n.received(p);
+    }
+    let dsts = [1, 2, 1, 0, 2, 2, 3, 1, 2, 1];
+    let frames: Vec<Vec<u8>> =
+        dsts.iter().enumerate().map(|(k, &d)| frame(MACS[d], MACS[0], None, 60 + k)).collect();
+    for f in &frames {
+        n.send(0, f);
+    }
+    assert_eq!(n.poll(0), dsts.len());
+    for p in 1..4 {
+        let want: Vec<Vec<u8>> =
+            dsts.iter().zip(&frames).filter(|(d, _)| **d == p).map(|(_, f)| f.clone()).collect();
+        assert_eq!(n.received(p), want, "port {p} gets its frames in order");
+    }
+    assert!(n.received(0).is_empty(), "never back to the sender");
+    assert_eq!(n.tx_returned(0).len(), dsts.len());
+    let mixed = [
+        frame(MACS[2], MACS[0], None, 61),
+        frame(BCAST, MACS[0], None, 62),
+        frame(MACS[1], MACS[0], None, 63),
+    ];
+    for f in &mixed {
+        n.send(0, f);
+    }
+    n.poll(0);
+    assert_eq!(n.received(1), vec![mixed[1].clone(), mixed[2].clone()]);
+    assert_eq!(n.received(2), vec![mixed[0].clone(), mixed[1].clone()]);
+    assert_eq!(n.received(3), vec![mixed[1].clone()]);
+}
+
 #[test]
 fn test_batching_leaves_a_burst_in_a_loaded_guests_ring_until_the_next_or_the_wait() {
     // Rings of 64: a "full burst" is 16 here (a quarter ring), 32 on rings of 128 and up.

@@ -190,3 +190,79 @@ fn rx_lookahead_asks_a_bounded_number_per_pass() {
 fn bad_offload_requests_are_dropped_and_ignored_without_offloads() {
     packed(test_bad_offload_requests_are_dropped_and_ignored_without_offloads);
 }
+
+/// Not a test: the instruction count per frame of a full mesh of `PORTS` ports (default 64),
+/// the harness's `--topology mesh`: every port sends bursts of 32 64-byte frames spread over
+/// all the others, so a burst has up to 31 destinations and each destination gets ~32/(N-1)
+/// frames of it. Against `datapath_instructions_per_frame` (one destination per burst) it
+/// separates what a mesh costs in instructions from what it costs in memory:
+/// `PORTS=8|64 valgrind --tool=callgrind --cache-sim=yes --toggle-collect='*poll_queue*'
+/// <test binary> --ignored --exact pmd::burst::tests::packed::mesh_instructions_per_frame`.
+#[test]
+#[ignore]
+fn mesh_instructions_per_frame() {
+    PACKED.set(std::env::var("PACKED").is_ok_and(|v| v == "1"));
+    let ports: usize = std::env::var("PORTS").ok().and_then(|r| r.parse().ok()).unwrap_or(64);
+    let mac = |i: usize| [0x52, 0, 0, 0, (i >> 8) as u8, i as u8 + 1];
+    let mut dp = Datapath::new(0, Arc::new(Fdb::new(4096, 300)));
+    let mut guests = Vec::new();
+    let mut port_refs = Vec::new();
+    for i in 0..ports {
+        let mut g = MockGuest::new(1 << 20);
+        let tx = TRing::new(&mut g, 256);
+        let rx = TRing::new(&mut g, 256);
+        let port = Arc::new(Port::new(i as u16, format!("p{i}"), VlanMode::default(), mac(i), 1));
+        *port.txq[0].lock() = Some(tx.queue_with(&g, true, Caps::default()).into());
+        *port.rxq[0].lock() = Some(rx.queue_with(&g, true, Caps::default()).into());
+        dp.add_port(port.clone());
+        port_refs.push(port);
+        guests.push(Guest { g, tx, rx, rx_bufs: HashMap::new() });
+    }
+    let mut n = Net { guests, ports: port_refs, dp };
+    // Every MAC learned, as after the harness's warm-up.
+    for i in 0..ports {
+        n.dp.fdb.learn(0, crate::l2::mac_from_bytes(mac(i)), i as u16, 1);
+    }
+    // Per source: one transmit buffer per destination; per destination: 32 receive buffers.
+    let tx: Vec<Vec<u64>> = (0..ports)
+        .map(|s| {
+            (0..ports)
+                .map(|d| {
+                    let g = &mut n.guests[s].g;
+                    let b = g.alloc(72, 64);
+                    g.write(b, &[0u8; 12]);
+                    g.write(b + 12, &frame(mac(d), mac(s), None, 60));
+                    b
+                })
+                .collect()
+        })
+        .collect();
+    let rx: Vec<Vec<u64>> =
+        (0..ports).map(|d| (0..32).map(|_| n.guests[d].g.alloc(2048, 64)).collect()).collect();
+    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(4000 / ports);
+    let mut frames = 0;
+    for _ in 0..rounds {
+        for (gu, bufs) in n.guests.iter_mut().zip(&rx) {
+            for b in bufs {
+                gu.rx.add_chain(&gu.g, &[(*b, 2048, DESC_F_WRITE)]);
+            }
+        }
+        // Each source's 32 frames go to the next 32 ports after it (wrapping, skipping
+        // itself), so every destination gets 32 frames a round.
+        for (s, (gu, bufs)) in n.guests.iter_mut().zip(&tx).enumerate() {
+            for k in 0..32 {
+                let d = (s + 1 + k % (ports - 1)) % ports;
+                gu.tx.add_chain(&gu.g, &[(bufs[d], 72, 0)]);
+            }
+        }
+        for s in 0..ports {
+            while n.poll(s) > 0 {}
+        }
+        for gu in n.guests.iter_mut() {
+            assert_eq!(gu.tx.take_used(&gu.g).len(), 32);
+            frames += gu.rx.take_used(&gu.g).len();
+        }
+    }
+    assert_eq!(frames, rounds * ports * 32, "every frame delivered");
+    println!("{frames} frames");
+}
