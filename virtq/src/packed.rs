@@ -347,6 +347,13 @@ impl PackedRing {
         self.slot(self.chain(head).pos) as u16
     }
 
+    /// The descriptors the next delivery looks at first: the next chain's and the next used.
+    #[inline(always)]
+    pub fn next_lines(&self) -> [usize; 2] {
+        let base = self.desc.as_ptr() as usize;
+        [base + 16 * self.slot(self.next_avail()), base + 16 * self.slot(self.used)]
+    }
+
     /// Gives back the last `n` heads taken.
     #[inline]
     pub fn unpop(&mut self, n: u16) {

@@ -110,6 +110,16 @@ impl Ring {
         either!(self, r => r.prefetch_desc(head))
     }
 
+    /// Addresses worth prefetching before the next delivery (see [`SplitRing::next_lines`];
+    /// a packed ring: the descriptors of the next chain and of the next used entry).
+    #[inline(always)]
+    pub fn next_lines(&self) -> [usize; 2] {
+        match self {
+            Ring::Split(r) => r.next_lines(),
+            Ring::Packed(r) => r.next_lines(),
+        }
+    }
+
     /// Gives back the last `n` heads taken.
     #[inline]
     pub fn unpop(&mut self, n: u16) {

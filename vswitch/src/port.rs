@@ -14,7 +14,7 @@
 //! burst never races a memory-table change or a disconnect.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
@@ -101,6 +101,11 @@ pub struct QueueSlot {
     /// the measured load that assigns queues to threads. Added to in batches by whichever
     /// thread polls it.
     pub busy_ticks: AtomicU64,
+    /// Guest-memory addresses the next delivery into the queue here touches first (its ring's
+    /// `next_lines` after the last delivery; 0: none yet): a burst bound for many ports
+    /// prefetches them all before it takes the first lock. Only ever prefetched, never
+    /// dereferenced, so a stale one costs a wasted prefetch.
+    hints: [AtomicUsize; 2],
 }
 
 /// Exclusive access to a slot's queue. On release it records whether a working queue is left.
@@ -200,6 +205,29 @@ impl QueueSlot {
     #[track_caller]
     pub fn lock(&self) -> SlotGuard<'_> {
         SlotGuard { g: self.queue.lock(), live: &self.live }
+    }
+
+    /// Records where the next delivery here will look first (after a delivery, lock held).
+    #[inline(always)]
+    pub fn set_hints(&self, lines: [usize; 2]) {
+        self.hints[0].store(lines[0], Ordering::Relaxed);
+        self.hints[1].store(lines[1], Ordering::Relaxed);
+    }
+
+    /// Starts loading the guest-memory lines the next delivery here will touch first (a stale
+    /// address costs a wasted prefetch, never a fault).
+    #[inline(always)]
+    pub fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        for h in &self.hints {
+            let a = h.load(Ordering::Relaxed);
+            if a != 0 {
+                // SAFETY: a prefetch never faults, whatever the address.
+                unsafe {
+                    core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(a as *const i8)
+                };
+            }
+        }
     }
 
     /// Whether a working queue ran here when the lock was last released (a hint: the holder
