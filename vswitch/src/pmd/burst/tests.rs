@@ -277,8 +277,8 @@ fn test_a_burst_to_several_ports_gives_each_its_own_frames_in_order() {
     for p in 0..4 {
         n.post_rx(p, 16, 2048);
     }
-    for p in 1..4 {
-        n.send(p, &frame(BCAST, MACS[p], None, 60));
+    for (p, mac) in MACS.iter().enumerate().skip(1) {
+        n.send(p, &frame(BCAST, *mac, None, 60));
         n.poll(p);
     }
     for p in 0..4 {
