@@ -17,9 +17,9 @@ impl Datapath {
     /// For each destination port: lock one of its receive queues once, copy every packet bound
     /// to it straight from the sender's memory, publish, interrupt at most once.
     pub(super) fn deliver(&mut self, src: &Port, src_hdr: u32, n: usize, c: &mut SrcCounts) {
-        // One pass over the burst: the packets to deliver, whether any floods, and by
-        // destination port (a bit per port in `named`, port order) the packets bound to it,
-        // so each destination looks only at its own: asking every port whether a packet is
+        // One pass over the burst: whether any packet floods, and by destination port (a bit
+        // per port in `named`, port order) the packets bound to it, so that each destination
+        // looks only at its own: asking every port whether a packet is
         // bound to it cost ports x packets compares (2,048 per burst in a 64-port mesh), and
         // so did scanning the whole burst for each named port (~290 instructions per frame in
         // a 64-port mesh, where a burst names up to 32 ports).
