@@ -559,6 +559,26 @@ mod tests {
         assert_eq!(read(2), (3, 2, DESC_F_AVAIL | DESC_F_USED));
     }
 
+    /// The prefetch hint after a chain of two and a single were taken and used, a third
+    /// waiting: its descriptor (slot 3), and the next used one (slot 3 too: two used entries
+    /// moved the used position by the chains' lengths).
+    #[test]
+    fn test_next_lines_name_the_next_chain_and_used_descriptors() {
+        let (g, mut r, mut q) = setup(8, false);
+        r.add_chain(&g, &[(0x8000, 64, 0), (0x9000, 64, 0)]);
+        r.add_chain(&g, &[(0xa000, 64, 0)]);
+        r.add_chain(&g, &[(0xb000, 64, 0)]);
+        let base = q.dma.mem().regions()[0].host() as usize;
+        assert_eq!(q.ring.avail_pending().unwrap(), 3);
+        for _ in 0..2 {
+            let h = q.ring.pop_head();
+            q.ring.push_used(h, 10);
+        }
+        q.ring.publish_used();
+        let at = base + r.desc as usize + 16 * 3;
+        assert_eq!(q.ring.next_lines(), [at, at]);
+    }
+
     #[test]
     fn test_flags_are_the_spec_numbers() {
         assert_eq!((DESC_F_AVAIL, DESC_F_USED, WRAP_BIT), (0x80, 0x8000, 0x8000));

@@ -382,6 +382,27 @@ pub(crate) fn map_part(
 mod tests {
     use super::*;
 
+    /// The prefetch hint after two of three chains were taken and used: the third's available
+    /// entry and the third used entry, in the ring as mapped.
+    #[test]
+    fn test_next_lines_name_the_next_available_and_used_entries() {
+        let mut g = crate::mock::MockGuest::new(1 << 20);
+        let mut r = g.ring(8);
+        for k in 0..3 {
+            r.add_chain(&g, &[(0x8000 + 0x100 * k, 64, DESC_F_WRITE)]);
+        }
+        let mut q = r.device(&g);
+        let base = q.dma.mem().regions()[0].host() as usize;
+        assert_eq!(q.ring.avail_pending().unwrap(), 3);
+        for _ in 0..2 {
+            let h = q.ring.pop_head();
+            q.ring.push_used(h, 10);
+        }
+        q.ring.publish_used();
+        let want = [base + r.avail as usize + 4 + 2 * 2, base + r.used as usize + 4 + 8 * 2];
+        assert_eq!(q.ring.next_lines(), want);
+    }
+
     #[test]
     fn test_flags_are_the_spec_numbers() {
         assert_eq!((DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT), (1, 2, 4));
