@@ -104,10 +104,14 @@ impl Ring {
         either!(self, r => r.peek_head(k))
     }
 
-    /// Starts loading head `head`'s first descriptor.
+    /// Starts loading head `head`'s first descriptor: a split ring's, found through its
+    /// available entry. Not a packed ring's: the scan that counted its chains read each one's
+    /// flags, so its descriptors are in this CPU's cache already (and four share a line).
     #[inline(always)]
     pub fn prefetch_desc(&self, head: u16) {
-        either!(self, r => r.prefetch_desc(head))
+        if let Ring::Split(r) = self {
+            r.prefetch_desc(head)
+        }
     }
 
     /// Addresses worth prefetching before the next delivery (see [`SplitRing::next_lines`];
