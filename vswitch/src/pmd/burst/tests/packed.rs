@@ -31,7 +31,7 @@ fn datapath_instructions_per_frame() {
     n.guests[0].g.write(tx + 12, &f0);
     let rx: Vec<u64> = (0..32).map(|_| n.guests[1].g.alloc(2048, 64)).collect();
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(2000);
-    let mut frames = 0;
+    let (mut frames, mut busy) = (0, 0u64);
     for _ in 0..rounds {
         {
             let g1 = &mut n.guests[1];
@@ -45,7 +45,9 @@ fn datapath_instructions_per_frame() {
         }
         let mut got = 0;
         while got < 32 {
+            let t = crate::clock::ticks();
             n.poll(0);
+            busy += crate::clock::ticks() - t;
             let g1 = &mut n.guests[1];
             got += g1.rx.take_used(&g1.g).len();
         }
@@ -53,7 +55,7 @@ fn datapath_instructions_per_frame() {
         assert_eq!(g0.tx.take_used(&g0.g).len(), 32);
         frames += got;
     }
-    println!("{frames} frames");
+    println!("{frames} frames, {:.1} ticks per frame in poll", busy as f64 / frames as f64);
 }
 
 /// A packed ring's driver that makes a chain longer than the ring available (every
@@ -240,7 +242,7 @@ fn mesh_instructions_per_frame() {
     let rx: Vec<Vec<u64>> =
         (0..ports).map(|d| (0..32).map(|_| n.guests[d].g.alloc(2048, 64)).collect()).collect();
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(4000 / ports);
-    let mut frames = 0;
+    let (mut frames, mut busy) = (0, 0u64);
     for _ in 0..rounds {
         for (gu, bufs) in n.guests.iter_mut().zip(&rx) {
             for b in bufs {
@@ -256,7 +258,9 @@ fn mesh_instructions_per_frame() {
             }
         }
         for s in 0..ports {
+            let t = crate::clock::ticks();
             while n.poll(s) > 0 {}
+            busy += crate::clock::ticks() - t;
         }
         for gu in n.guests.iter_mut() {
             assert_eq!(gu.tx.take_used(&gu.g).len(), 32);
@@ -264,5 +268,5 @@ fn mesh_instructions_per_frame() {
         }
     }
     assert_eq!(frames, rounds * ports * 32, "every frame delivered");
-    println!("{frames} frames");
+    println!("{frames} frames, {:.1} ticks per frame in poll", busy as f64 / frames as f64);
 }
