@@ -569,6 +569,16 @@ mod tests {
         (g, r, q)
     }
 
+    /// A xorshift64 generator from `seed` (not 0).
+    fn xorshift(mut rng: u64) -> impl FnMut() -> u64 {
+        move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        }
+    }
+
     /// Walks `head` as the datapath does: (guest-physical address, length) of each segment.
     fn walk<D: Direction>(
         q: &mut MockPackedDevice,
@@ -650,13 +660,7 @@ mod tests {
     #[test]
     fn test_chains_over_many_laps_come_back_used_in_order() {
         let (g, mut r, mut q) = setup(8, false);
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
         for round in 0..200u64 {
             let mut posted = Vec::new();
             while r.free() >= 3 {
@@ -694,13 +698,7 @@ mod tests {
     #[test]
     fn test_only_published_entries_show_though_later_ones_carry_their_flags() {
         let (g, mut r, mut q) = setup(8, false);
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
         let mut waiting = std::collections::VecDeque::new();
         let (mut eager_seen, mut batches) = (false, 0);
         for round in 0..400u64 {
