@@ -110,6 +110,9 @@ pub struct PackedRing {
     event_idx: bool,
     kicks_off: bool,
     kicks_written: bool,
+    /// Used entries after the first waiting one get their flags when pushed (see
+    /// [`PackedRing::set_eager`]).
+    eager: bool,
 }
 
 // SAFETY: as for `SplitRing`: the pointers refer to guest memory the ring's owner keeps
@@ -157,6 +160,7 @@ impl PackedRing {
             event_idx,
             kicks_off: false,
             kicks_written: false,
+            eager: true,
         })
     }
 
@@ -394,24 +398,48 @@ impl PackedRing {
         self.popped = self.popped.wrapping_sub(n);
     }
 
-    /// Descriptor at slot `slot` in split form: its chain flags only, and `next` the slot
-    /// after it, where a packed chain goes on. Callers pass a slot below `size`, as
-    /// [`SplitRing::desc`](crate::SplitRing::desc)'s do: a head's (from its record) or a
-    /// `next` the walker checked.
+    /// Descriptor at slot `slot` (< size) in split form: its chain flags only, and `next` the
+    /// slot after it, where a packed chain goes on.
     #[inline(always)]
     pub fn desc(&self, slot: u16) -> Desc {
-        debug_assert!(u32::from(slot) < self.size);
-        let slot = slot as usize;
+        let slot = (slot as usize).min(self.size as usize - 1);
         let d = self.read_desc(slot);
         let next = if slot + 1 == self.size as usize { 0 } else { slot as u16 + 1 };
         Desc { addr: d.addr, len: d.len, flags: d.flags & CHAIN_FLAGS, next }
     }
 
+    /// Whether used entries after the first waiting one get their flags as they are pushed
+    /// (the default). The driver reads used descriptors in ring order, so only the first entry
+    /// waiting must stay hidden: publishing writes its flags last, as DPDK's vhost flushes its
+    /// shadow ring. A queue that holds entries back across publishes (`publish_used_but` with
+    /// `held` > 0: a shaped port) must turn this off first: a flag once shown is never taken
+    /// back, since a driver may read four descriptors' flags in one vector load (DPDK's
+    /// vectorized packed path) and see them in any order. Turned on, the entries waiting get
+    /// their flags then.
+    #[inline(always)]
+    pub fn set_eager(&mut self, on: bool) {
+        if on && !self.eager {
+            self.flag_waiting(self.pushed);
+        }
+        self.eager = on;
+    }
+
+    /// Writes the flags of the entries waiting after the first, up to (not including) pushed
+    /// entry number `to`.
+    #[inline(always)]
+    fn flag_waiting(&mut self, to: u16) {
+        if to == self.published {
+            return;
+        }
+        let mut k = self.published.wrapping_add(1);
+        while k != to {
+            let at = *self.after_mut(k.wrapping_sub(1));
+            self.flags_atomic(self.slot(at)).store(used_flags(at), Ordering::Relaxed);
+            k = k.wrapping_add(1);
+        }
+    }
+
     /// Queues a used entry for chain `head` (not yet visible to the driver).
-    ///
-    /// The driver reads used descriptors in ring order, so only the first entry waiting must
-    /// stay hidden: the others get their flags here, and publishing writes the first's last
-    /// (as DPDK's vhost flushes its shadow ring, the head's flags after the rest).
     #[inline(always)]
     pub fn push_used(&mut self, head: u16, len: u32) {
         let c = *self.chain(head);
@@ -424,9 +452,10 @@ impl PackedRing {
             std::ptr::addr_of_mut!((*d).id).write_volatile(id);
             std::ptr::addr_of_mut!((*d).len).write_volatile(len);
         }
-        if self.pushed != self.published {
-            // Release: its id and len before its flags.
-            self.flags_atomic(slot).store(used_flags(pos), Ordering::Release);
+        if self.eager && self.pushed != self.published {
+            // Relaxed: a driver reads it only after the first entry's flags, whose Release
+            // store puts this entry's id, len and flags before them.
+            self.flags_atomic(slot).store(used_flags(pos), Ordering::Relaxed);
         }
         self.used = self.advance(pos, n);
         let k = self.pushed;
@@ -448,15 +477,17 @@ impl PackedRing {
             return;
         }
         let first = self.published_at;
-        let end = if held == 0 {
-            self.used
-        } else {
-            // The first entry held back got its flags when pushed (it was not first then):
-            // hidden again, as the driver made it available, before the ones ahead of it show.
-            let at = *self.after_mut(to.wrapping_sub(1));
-            self.flags_atomic(self.slot(at)).store(avail_flags(at), Ordering::Relaxed);
-            at
-        };
+        let end = if held == 0 { self.used } else { *self.after_mut(to.wrapping_sub(1)) };
+        if !self.eager {
+            self.flag_waiting(to);
+        } else if held != 0 {
+            // Against `set_eager`'s rule (the datapath turns it off first): the first entry
+            // held back got its flags when pushed and is hidden again before the ones ahead of
+            // it show, which a driver reading flags one at a time never sees; the ring stops
+            // being eager.
+            self.flags_atomic(self.slot(end)).store(avail_flags(end), Ordering::Relaxed);
+            self.eager = false;
+        }
         // Release: every entry's id, len and flags (and the hiding above) before the flags
         // that let the driver read on.
         self.flags_atomic(self.slot(first)).store(used_flags(first), Ordering::Release);
@@ -692,16 +723,30 @@ mod tests {
     }
 
     /// Used entries after the first waiting one get their flags as they are pushed; the driver,
-    /// reading in ring order, still sees exactly the published ones: over many laps of a small
-    /// ring, with chains of one to three descriptors (single ones taken four at a time) and a
-    /// random number held back at each publish (the shaper's suffix), then released.
+    /// reading in ring order, still sees exactly the published ones. A ring that holds entries
+    /// back (the shaper's suffix) is not eager: no held entry ever shows a used flag, so a
+    /// driver reading several flags at once cannot take one early. Over many laps of a small
+    /// ring, chains of one to three descriptors (single ones taken four at a time), rounds
+    /// eager or holding a random number back, and a ring turned eager with entries waiting.
     #[test]
-    fn test_only_published_entries_show_though_later_ones_carry_their_flags() {
+    fn test_only_published_entries_show_and_held_ones_carry_no_used_flag() {
         let (g, mut r, mut q) = setup(8, false);
         let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
         let mut waiting = std::collections::VecDeque::new();
-        let (mut eager_seen, mut batches) = (false, 0);
-        for round in 0..400u64 {
+        let (mut eager_seen, mut held_rounds, mut batches) = (false, 0, 0);
+        // The used position of pushed entry number k (the first waiting one's is published_at).
+        let pos_of = |q: &MockPackedDevice, k: u16| {
+            if k == q.ring.published {
+                q.ring.published_at
+            } else {
+                q.ring.after[(k.wrapping_sub(1) & q.ring.cap_mask) as usize]
+            }
+        };
+        let shows_used = |q: &MockPackedDevice, pos: u16| {
+            let f = q.ring.flags_atomic(q.ring.slot(pos)).load(Ordering::Relaxed);
+            f & (DESC_F_AVAIL | DESC_F_USED) == used_flags(pos)
+        };
+        for round in 0..600u64 {
             while r.free() >= 3 && (waiting.len() < 6 || next() % 2 == 0) {
                 let n = if next() % 4 == 0 { 1 + (next() % 3) as usize } else { 1 };
                 let bufs: Vec<(u64, u32, u16)> =
@@ -709,36 +754,51 @@ mod tests {
                 let id = r.add_chain(&g, &bufs);
                 waiting.push_back(id);
             }
+            let hold = next() % 3 == 0;
+            // As the datapath does: not eager while a queue may hold entries back.
+            q.ring.set_eager(!hold);
             let scanned = q.ring.avail_pending_fresh().unwrap();
             batches += usize::from(scanned >= 4);
+            let start = q.ring.pushed;
             let mut pushed = Vec::new();
-            for _ in 0..scanned {
+            let switch_at = if hold { u16::MAX } else { (next() % (scanned as u64 + 1)) as u16 };
+            for k in 0..scanned {
+                if !hold && k == switch_at {
+                    // The rest pushed while not eager; turned eager again after, those get
+                    // their flags then.
+                    q.ring.set_eager(false);
+                }
                 let h = q.ring.pop_head();
                 let id = waiting.pop_front().unwrap();
                 q.ring.push_used(h, 7000 + u32::from(id));
                 pushed.push(id);
             }
-            // Pushed, not published: the first's flags are unwritten, so none shows; a later
-            // one's are written already.
-            assert!(r.take_used(&g).is_empty(), "round {round}: shown before publishing");
-            if pushed.len() >= 2 {
-                let second = q.ring.after
-                    [(q.ring.pushed.wrapping_sub(pushed.len() as u16) & q.ring.cap_mask) as usize];
-                let f = q.ring.flags_atomic(q.ring.slot(second)).load(Ordering::Relaxed);
-                eager_seen |= f & (DESC_F_AVAIL | DESC_F_USED) == used_flags(second);
+            if !hold {
+                q.ring.set_eager(true);
             }
-            let held = (next() % (pushed.len() as u64 + 1)) as u16;
+            // Pushed, not published: the first's flags are unwritten, so none shows.
+            assert!(r.take_used(&g).is_empty(), "round {round}: shown before publishing");
+            if pushed.len() >= 2 && !hold {
+                eager_seen |= shows_used(&q, pos_of(&q, start.wrapping_add(1)));
+            }
+            let held = if hold { (next() % (pushed.len() as u64 + 1)) as u16 } else { 0 };
+            held_rounds += usize::from(held > 0 && (held as usize) < pushed.len());
             q.ring.publish_used_but(held);
             let shown = pushed.len() - held as usize;
             let want: Vec<(u16, u32)> =
                 pushed[..shown].iter().map(|id| (*id, 7000 + u32::from(*id))).collect();
             assert_eq!(r.take_used(&g), want, "round {round}: held {held} of {}", pushed.len());
+            for k in shown..pushed.len() {
+                let pos = pos_of(&q, start.wrapping_add(k as u16));
+                assert!(!shows_used(&q, pos), "round {round}: held entry {k} shows a used flag");
+            }
             q.ring.publish_used();
             let rest: Vec<(u16, u32)> =
                 pushed[shown..].iter().map(|id| (*id, 7000 + u32::from(*id))).collect();
             assert_eq!(r.take_used(&g), rest, "round {round}: the held ones released");
         }
         assert!(eager_seen, "no entry after the first carried its flags before publishing");
+        assert!(held_rounds > 50, "only {held_rounds} rounds held some entries back");
         assert!(batches > 50, "only {batches} scans of four or more");
     }
 

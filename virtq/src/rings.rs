@@ -106,7 +106,7 @@ impl Ring {
 
     /// Starts loading head `head`'s first descriptor: a split ring's, found through its
     /// available entry. Not a packed ring's: the scan that counted its chains read each one's
-    /// flags, so its descriptors are in this CPU's cache already (and four share a line).
+    /// flags, so its descriptors are usually in this CPU's cache already (four to a line).
     #[inline(always)]
     pub fn prefetch_desc(&self, head: u16) {
         if let Ring::Split(r) = self {
@@ -172,6 +172,15 @@ impl Ring {
     #[inline(always)]
     pub fn push_used(&mut self, head: u16, len: u32) {
         either!(self, r => r.push_used(head, len))
+    }
+
+    /// Whether a packed ring writes used entries' flags as they are pushed (see
+    /// [`PackedRing::set_eager`]; a split ring's used index is its one publish).
+    #[inline(always)]
+    pub fn set_eager(&mut self, on: bool) {
+        if let Ring::Packed(r) = self {
+            r.set_eager(on)
+        }
     }
 
     /// Publishes every queued used entry.

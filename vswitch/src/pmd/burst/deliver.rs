@@ -211,6 +211,8 @@ impl Datapath {
         c: &mut SrcCounts,
     ) {
         let shaped = d.port.policy.egress_on();
+        // A queue that may hold entries back shows none before its publish.
+        rq.ring.set_eager(!shaped && rq.held == 0);
         let t = Tally::default();
         // The shaper, if any: taken after the queue's lock, released with it.
         let mut eg = if shaped { Some(d.port.policy.egress.lock()) } else { None };
