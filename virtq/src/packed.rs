@@ -747,14 +747,14 @@ mod tests {
             f & (DESC_F_AVAIL | DESC_F_USED) == used_flags(pos)
         };
         for round in 0..600u64 {
-            while r.free() >= 3 && (waiting.len() < 6 || next() % 2 == 0) {
-                let n = if next() % 4 == 0 { 1 + (next() % 3) as usize } else { 1 };
+            while r.free() >= 3 && (waiting.len() < 6 || next().is_multiple_of(2)) {
+                let n = if next().is_multiple_of(4) { 1 + (next() % 3) as usize } else { 1 };
                 let bufs: Vec<(u64, u32, u16)> =
                     (0..n).map(|k| (0x10000 + 0x100 * k as u64, 60 + k as u32, 0)).collect();
                 let id = r.add_chain(&g, &bufs);
                 waiting.push_back(id);
             }
-            let hold = next() % 3 == 0;
+            let hold = next().is_multiple_of(3);
             // As the datapath does: not eager while a queue may hold entries back.
             q.ring.set_eager(!hold);
             let scanned = q.ring.avail_pending_fresh().unwrap();
